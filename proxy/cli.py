@@ -1,0 +1,84 @@
+"""Command line: `agent-state-proxy serve | check-config | hash-key`."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from pathlib import Path
+
+from proxy.config import Config, ConfigError, hash_key, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agent-state-proxy", description="Stateful OpenAI-compatible proxy for AI agents.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    _config_flags(serve)
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8765)")
+    serve.add_argument("--model", help="litellm model string: every requested model routes to it")
+    serve.add_argument("--api-base", help="upstream base URL for --model")
+    serve.add_argument("--log-level", default=os.environ.get("ASP_LOG_LEVEL", "INFO"))
+
+    check = commands.add_parser("check-config", help="validate the configuration and exit")
+    _config_flags(check)
+
+    hashing = commands.add_parser("hash-key", help="print the sha256 of a proxy API key for tenant YAML")
+    hashing.add_argument("key", nargs="?", help="the key (prompted for when omitted)")
+
+    args = parser.parse_args(argv)
+    if args.command == "hash-key":
+        print(hash_key(args.key or getpass.getpass("proxy API key: ")))
+        return 0
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"ok: {config.source}: {len(config.tenants)} tenant(s): {', '.join(config.tenants)}")
+        return 0
+    return _serve(config, args.log_level)
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="path to proxy.yaml (default: $ASP_CONFIG, ./config/proxy.yaml, else embedded defaults)")
+    parser.add_argument("--data-dir", help="where LMDB keeps its files (default ./data)")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("ASP_CONFIG")
+    if path is None and Path("config/proxy.yaml").is_file():
+        path = "config/proxy.yaml"
+    overrides = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "data_dir": args.data_dir,
+        "model": getattr(args, "model", None),
+        "api_base": getattr(args, "api_base", None),
+    }
+    return load_config(path, overrides)
+
+
+def _serve(config: Config, log_level: str) -> int:
+    from aiohttp import web
+
+    from proxy.server.app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("agent_state_proxy")
+    log.info("config: %s; tenants: %s", config.source, ", ".join(config.tenants))
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        shutdown_timeout=30,  # drain in-flight requests on SIGTERM/SIGINT
+        print=lambda _: log.info("serving on http://%s:%d/v1", config.host, config.port),
+        access_log=None,
+    )
+    return 0

@@ -1,0 +1,355 @@
+"""Configuration: YAML files (proxy.yaml + tenants/*.yaml) validated into frozen values."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import yaml
+
+HISTORY_MODES = ("auto", "client", "proxy")
+CONCURRENCY_MODES = ("serialize", "reject")
+UPSTREAM_PATHS = ("auto", "direct", "litellm")
+_TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+# The embedded defaults: what `agent-state-proxy serve` runs on when no config file is found.
+# config/proxy.yaml and config/tenants/default.yaml in the repository spell out the same values.
+DEFAULTS: dict[str, Any] = {
+    "server": {
+        "host": "127.0.0.1",
+        "port": 8765,
+        "max_body_bytes": 8 * 1024 * 1024,
+        "janitor_interval_seconds": 300,
+    },
+    "storage": {"data_dir": "./data", "map_size_mb": 1024},
+    "tenant_defaults": {
+        "api_key_sha256": [],
+        "allow_unauthenticated": False,
+        "allowed_clients": ["127.0.0.1/32", "::1/128"],
+        "session_ttl_seconds": 7 * 24 * 3600,
+        "history": "auto",
+        "concurrency": "serialize",
+        "upstream_timeout_seconds": 600,
+        "models": {},
+    },
+}
+DEFAULT_TENANT: dict[str, Any] = {
+    "name": "default",
+    "allow_unauthenticated": True,
+    "models": {
+        "*": {
+            "model": "openai/{model}",
+            "api_base": "${ASP_UPSTREAM_BASE:-https://api.openai.com/v1}",
+            "api_key_env": "OPENAI_API_KEY",
+        }
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value that breaks a rule; the message names file, key and rule."""
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """Where one model alias of a tenant goes upstream."""
+
+    alias: str
+    model: str  # litellm model string; may contain {model} for the "*" alias
+    api_base: str | None
+    api_key: str | None = field(repr=False)  # resolved at load, never logged
+    path: str = "auto"  # auto | direct | litellm
+    params: Mapping[str, Any] = field(default_factory=dict)  # extra litellm kwargs
+
+    def resolve(self, requested: str) -> ResolvedModel:
+        model = self.model.replace("{model}", requested)
+        direct_ok = model.startswith("openai/") and self.api_base is not None
+        if self.path == "direct" and not direct_ok:
+            raise ConfigError(f"model {self.alias!r}: path 'direct' needs an openai/ model and api_base")
+        use_direct = self.path == "direct" or (self.path == "auto" and direct_ok and not self.params)
+        return ResolvedModel(
+            requested=requested,
+            model=model,
+            upstream_model=model.removeprefix("openai/"),
+            api_base=self.api_base.rstrip("/") if self.api_base else None,
+            api_key=self.api_key,
+            direct=use_direct,
+            params=self.params,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    requested: str
+    model: str
+    upstream_model: str
+    api_base: str | None
+    api_key: str | None = field(repr=False)
+    direct: bool
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    api_key_hashes: frozenset[str] = field(repr=False)
+    allow_unauthenticated: bool
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    models: Mapping[str, ModelRoute]
+    session_ttl: float
+    history: str
+    concurrency: str
+    upstream_timeout: float
+
+    def route(self, requested: str) -> ResolvedModel | None:
+        route = self.models.get(requested) or self.models.get("*")
+        return route.resolve(requested) if route else None
+
+    def admits_anonymous(self, peer: str | None) -> bool:
+        if not self.allow_unauthenticated or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self.allowed_clients)
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(r.api_key for r in self.models.values() if r.api_key)
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    max_body_bytes: int
+    janitor_interval: float
+    data_dir: Path
+    map_size: int
+    tenants: Mapping[str, TenantConfig]
+    source: str  # where it came from, for logs
+
+    def tenant_for_key(self, api_key: str) -> TenantConfig | None:
+        digest = hash_key(api_key)
+        for tenant in self.tenants.values():
+            if digest in tenant.api_key_hashes:
+                return tenant
+        return None
+
+    def anonymous_tenant(self, peer: str | None) -> TenantConfig | None:
+        for tenant in self.tenants.values():
+            if tenant.admits_anonymous(peer):
+                return tenant
+        return None
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for t in self.tenants.values() for s in t.secrets())
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load and validate configuration.
+
+    ``path`` is proxy.yaml; its tenants live in ``tenants/`` beside it. Without a path, the
+    embedded defaults are used (one open tenant on localhost). ``overrides`` come from CLI flags.
+    """
+    raw = copy.deepcopy(DEFAULTS)
+    tenant_docs: list[tuple[str, dict[str, Any]]] = []
+    source = "embedded defaults"
+    if path is not None:
+        file = Path(path)
+        source = str(file)
+        doc = _read_yaml(file)
+        _check_keys(doc, set(DEFAULTS) | {"tenants_dir"}, str(file), "")
+        for section in DEFAULTS:
+            if section in doc:
+                value = doc[section]
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{file}: {section}: must be a mapping")
+                _check_keys(value, set(DEFAULTS[section]), str(file), section + ".")
+                raw[section].update(value)
+        tenants_dir = file.parent / str(doc.get("tenants_dir", "tenants"))
+        if tenants_dir.is_dir():
+            for tenant_file in sorted(tenants_dir.glob("*.yaml")) + sorted(tenants_dir.glob("*.yml")):
+                tenant_docs.append((str(tenant_file), _read_yaml(tenant_file) | {"_stem": tenant_file.stem}))
+    if not tenant_docs:
+        tenant_docs.append(("embedded default tenant", copy.deepcopy(DEFAULT_TENANT)))
+    overrides = dict(overrides or {})
+    for key in ("host", "port"):
+        if overrides.get(key) is not None:
+            raw["server"][key] = overrides[key]
+    if overrides.get("data_dir") is not None:
+        raw["storage"]["data_dir"] = overrides["data_dir"]
+    if overrides.get("model"):
+        # Like `litellm --model`: every requested model name goes to this one model.
+        route = {"model": overrides["model"]}
+        if overrides.get("api_base"):
+            route["api_base"] = overrides["api_base"]
+        route["api_key_env"] = _provider_key_env(overrides["model"])
+        default = next((d for _, d in tenant_docs if d.get("name", d.get("_stem")) == "default"), None)
+        if default is None:
+            default = copy.deepcopy(DEFAULT_TENANT)
+            tenant_docs.append(("--model", default))
+        default["models"] = {"*": route}
+    return _build(raw, tenant_docs, source)
+
+
+def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], source: str) -> Config:
+    server, storage = raw["server"], raw["storage"]
+    where = source
+    tenants: dict[str, TenantConfig] = {}
+    for file, doc in tenant_docs:
+        tenant = _build_tenant(file, doc, raw["tenant_defaults"])
+        if tenant.name in tenants:
+            raise ConfigError(f"{file}: name: tenant {tenant.name!r} is defined twice")
+        tenants[tenant.name] = tenant
+    return Config(
+        host=_string(server["host"], where, "server.host"),
+        port=_int(server["port"], where, "server.port", 0, 65535),
+        max_body_bytes=_int(server["max_body_bytes"], where, "server.max_body_bytes", 1024, 1 << 31),
+        janitor_interval=float(_int(server["janitor_interval_seconds"], where, "server.janitor_interval_seconds", 1, 1 << 31)),
+        data_dir=Path(_string(storage["data_dir"], where, "storage.data_dir")),
+        map_size=_int(storage["map_size_mb"], where, "storage.map_size_mb", 1, 1 << 24) * 1024 * 1024,
+        tenants=MappingProxyType(tenants),
+        source=source,
+    )
+
+
+def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> TenantConfig:
+    stem = doc.pop("_stem", None)
+    allowed = set(defaults) | {"name"}
+    _check_keys(doc, allowed, file, "")
+    merged = copy.deepcopy(defaults) | doc
+    name = merged.get("name", stem)
+    if not isinstance(name, str) or not _TENANT_NAME.match(name):
+        raise ConfigError(f"{file}: name: must match {_TENANT_NAME.pattern} (got {name!r})")
+    hashes = merged["api_key_sha256"]
+    if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+        raise ConfigError(f"{file}: api_key_sha256: must be a list of lowercase sha256 hex digests")
+    if not isinstance(merged["allow_unauthenticated"], bool):
+        raise ConfigError(f"{file}: allow_unauthenticated: must be true or false")
+    try:
+        nets = tuple(ipaddress.ip_network(str(n), strict=False) for n in merged["allowed_clients"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{file}: allowed_clients: must be a list of IP networks ({exc})") from None
+    if not hashes and not merged["allow_unauthenticated"]:
+        raise ConfigError(f"{file}: api_key_sha256: a tenant needs a key unless allow_unauthenticated is true")
+    if merged["history"] not in HISTORY_MODES:
+        raise ConfigError(f"{file}: history: must be one of {', '.join(HISTORY_MODES)}")
+    if merged["concurrency"] not in CONCURRENCY_MODES:
+        raise ConfigError(f"{file}: concurrency: must be one of {', '.join(CONCURRENCY_MODES)}")
+    models = merged["models"]
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"{file}: models: must map at least one model alias to an upstream")
+    routes = {str(alias): _build_route(file, str(alias), spec) for alias, spec in models.items()}
+    return TenantConfig(
+        name=name,
+        api_key_hashes=frozenset(hashes),
+        allow_unauthenticated=merged["allow_unauthenticated"],
+        allowed_clients=nets,
+        models=MappingProxyType(routes),
+        session_ttl=float(_int(merged["session_ttl_seconds"], file, "session_ttl_seconds", 1, 1 << 40)),
+        history=merged["history"],
+        concurrency=merged["concurrency"],
+        upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
+    )
+
+
+def _build_route(file: str, alias: str, spec: Any) -> ModelRoute:
+    key = f"models.{alias}"
+    if isinstance(spec, str):
+        spec = {"model": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{file}: {key}: must be a litellm model string or a mapping")
+    _check_keys(spec, {"model", "api_base", "api_key", "api_key_env", "path", "params"}, file, key + ".")
+    model = _string(_interpolate(spec.get("model"), file, key + ".model"), file, key + ".model")
+    api_base = _interpolate(spec.get("api_base"), file, key + ".api_base")
+    if api_base is not None and not re.match(r"^https?://", str(api_base)):
+        raise ConfigError(f"{file}: {key}.api_base: must be an http(s) URL")
+    api_key = _interpolate(spec.get("api_key"), file, key + ".api_key")
+    if api_key is None and spec.get("api_key_env"):
+        api_key = os.environ.get(str(spec["api_key_env"]))
+    if model.startswith("openai/") and api_base is None:
+        api_base = "https://api.openai.com/v1"
+    path = spec.get("path", "auto")
+    if path not in UPSTREAM_PATHS:
+        raise ConfigError(f"{file}: {key}.path: must be one of {', '.join(UPSTREAM_PATHS)}")
+    params = spec.get("params", {})
+    if not isinstance(params, dict) or {"api_base", "base_url", "api_key"} & set(params):
+        raise ConfigError(f"{file}: {key}.params: must be a mapping without api_base/base_url/api_key")
+    return ModelRoute(alias, model, api_base, api_key, path, MappingProxyType(dict(params)))
+
+
+def _provider_key_env(model: str) -> str:
+    provider = model.split("/", 1)[0] if "/" in model else "openai"
+    return {
+        "anthropic": "ANTHROPIC_API_KEY",
+        "gemini": "GEMINI_API_KEY",
+        "mistral": "MISTRAL_API_KEY",
+        "groq": "GROQ_API_KEY",
+        "together_ai": "TOGETHERAI_API_KEY",
+        "openrouter": "OPENROUTER_API_KEY",
+        "deepseek": "DEEPSEEK_API_KEY",
+        "azure": "AZURE_API_KEY",
+    }.get(provider, "OPENAI_API_KEY")
+
+
+def _read_yaml(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: invalid YAML: {exc}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{file}: top level must be a mapping")
+    return doc
+
+
+def _check_keys(doc: dict[str, Any], allowed: set[str], file: str, prefix: str) -> None:
+    unknown = sorted(str(k) for k in doc if k not in allowed and k != "_stem")
+    if unknown:
+        raise ConfigError(f"{file}: {prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _interpolate(value: Any, file: str, key: str) -> Any:
+    """Replace ${VAR} and ${VAR:-default} from the environment; secrets stay out of YAML."""
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{file}: {key}: environment variable {name} is not set")
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _string(value: Any, file: str, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{file}: {key}: must be a non-empty string")
+    return value
+
+
+def _int(value: Any, file: str, key: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{file}: {key}: must be an integer between {low} and {high}")
+    return value

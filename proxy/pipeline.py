@@ -1,0 +1,209 @@
+"""The chat request pipeline: identify → load state → reconcile history → call upstream → record.
+
+Each stage lives in its own module; this one puts them in order, so the whole flow of a
+request reads top to bottom in ``Pipeline.prepare`` and ``Pipeline.complete``/``stream``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Mapping
+
+from proxy import tokens, transcript
+from proxy.config import ResolvedModel, TenantConfig
+from proxy.errors import NotFound, ProxyError
+from proxy.records import Message, Session
+from proxy.sessions import SessionLocks, SessionRef, identify, strip_proxy_fields
+from proxy.storage.base import Store
+from proxy.upstream import Upstream
+from proxy.validate import chat_body
+
+
+@dataclass
+class Turn:
+    """Everything one chat request carries through the pipeline."""
+
+    tenant: TenantConfig
+    ref: SessionRef
+    route: ResolvedModel
+    body: dict[str, Any]  # what goes upstream
+    session: Session
+    stored: list[Message]
+    plan: transcript.Plan
+    request_id: str
+    started: float
+    headers: dict[str, str] = field(default_factory=dict)  # response headers for the client
+
+
+class Pipeline:
+    def __init__(self, store: Store, upstream: Upstream, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.locks = SessionLocks()
+        self.clock = clock
+
+    def session_lock(self, tenant: TenantConfig, ref: SessionRef):
+        return self.locks.hold(tenant.name, ref.id, refuse_when_busy=tenant.concurrency == "reject")
+
+    def identify(self, tenant: TenantConfig, headers: Mapping[str, str], path_session: str | None, body: Any) -> tuple[SessionRef, dict[str, Any], ResolvedModel]:
+        body = chat_body(body)
+        route = tenant.route(body["model"])
+        if route is None:
+            raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
+        return identify(tenant.name, headers, path_session, body), body, route
+
+    async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel) -> Turn:
+        """Load the session (call under the session lock) and decide what goes upstream."""
+        now = self.clock()
+        session = await self.store.get_session(tenant.name, ref.id)
+        if session is not None and session.last_active + tenant.session_ttl < now:
+            await self.store.delete_session(tenant.name, ref.id)  # expired: start over
+            session = None
+        stored = await self.store.get_messages(tenant.name, ref.id) if session else []
+        if session is None:
+            session = Session(tenant=tenant.name, id=ref.id, created_at=now, last_active=now, user_id=ref.user_id, implicit=ref.implicit)
+        plan = transcript.reconcile(stored, session.head, body["messages"], tenant.history)
+        upstream_body = strip_proxy_fields(body)
+        if plan.restored:
+            upstream_body = upstream_body | {"messages": plan.upstream_messages}
+        turn = Turn(tenant, ref, route, upstream_body, session, stored, plan, "req-" + uuid.uuid4().hex, now)
+        turn.headers = {"X-Session-ID": ref.id, "X-Request-ID": turn.request_id}
+        if plan.restored:
+            turn.headers["X-History-Restored"] = str(plan.restored)
+        return turn
+
+    async def complete(self, turn: Turn) -> dict[str, Any]:
+        try:
+            response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
+        except ProxyError:
+            await self._record(turn, [], outcome="error")
+            raise
+        choices = response.get("choices") or []
+        assistant = [c.get("message") or {} for c in choices if isinstance(c, dict)]
+        finish = choices[0].get("finish_reason") if choices else None
+        await self._record(turn, assistant, outcome="ok", finish_reason=finish, usage=response.get("usage"), model=response.get("model"))
+        return response
+
+    async def stream(self, turn: Turn) -> AsyncIterator[dict[str, Any]]:
+        """Relay the provider's chunks; record the response when the stream ends, however it ends."""
+        collected = _StreamCollector()
+        outcome = "aborted"
+        try:
+            # aclosing: a client that goes away closes this generator, which must close the
+            # provider's stream (and its connection) now, not whenever it is garbage-collected.
+            upstream = self.upstream.stream(turn.route, turn.body, turn.tenant.upstream_timeout)
+            async with contextlib.aclosing(upstream) as chunks:
+                async for chunk in chunks:
+                    collected.add(chunk)
+                    yield chunk
+            outcome = "ok"
+        except ProxyError:
+            outcome = "error"
+            raise
+        finally:
+            # Runs on success, on upstream failure and when the client disconnects (the
+            # generator is closed), so a partial answer is kept with its outcome.
+            await self._record(
+                turn, collected.messages(), outcome=outcome, finish_reason=collected.finish_reason(),
+                usage=collected.usage, model=collected.model,
+            )
+
+    async def _record(self, turn: Turn, assistant: list[dict[str, Any]], *, outcome: str, finish_reason: str | None = None, usage: dict[str, Any] | None = None, model: str | None = None) -> None:
+        session, plan, now = turn.session, turn.plan, self.clock()
+        parent = plan.parent.seq if plan.parent else None
+        chain = plan.parent.chain if plan.parent else transcript.ROOT_CHAIN
+        branch = session.branches + 1 if plan.branched else (plan.parent.branch if plan.parent else 0)
+        records: list[Message] = []
+
+        def append(body: dict[str, Any], **meta: Any) -> None:
+            nonlocal parent, chain
+            chain = transcript.chain_hash(chain, body)
+            message = Message(
+                seq=session.next_seq, parent=parent, chain=chain, role=str(body.get("role")), body=body,
+                ts=now, request_id=turn.request_id, branch=branch, **meta,
+            )
+            session.next_seq += 1
+            parent = message.seq
+            records.append(message)
+
+        for body in plan.new_messages:
+            append(body, tokens=tokens.count_message(body), outcome="error" if outcome == "error" else "ok")
+        if assistant and (assistant[0].get("content") or assistant[0].get("tool_calls") or outcome == "ok"):
+            reply = _clean_assistant(assistant[0])
+            completion_tokens = (usage or {}).get("completion_tokens")
+            append(
+                reply,
+                tokens=completion_tokens if isinstance(completion_tokens, int) else tokens.count_message(reply),
+                model=model or turn.route.requested,
+                latency_ms=round((now - turn.started) * 1000, 3),
+                finish_reason=finish_reason,
+                outcome=outcome,
+                alternatives=[_clean_assistant(a) for a in assistant[1:]] or None,
+            )
+        if plan.branched and records:
+            session.branches += 1
+        if records:
+            session.head = parent
+        session.last_active = now
+        session.turns += 1
+        if ref_user := turn.ref.user_id:
+            session.user_id = ref_user
+        if isinstance(usage, dict):
+            session.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            session.completion_tokens += int(usage.get("completion_tokens") or 0)
+        await self.store.commit(session, records)
+
+
+def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:
+    """The assistant message as a client will resend it: role, content, tool calls; no nulls."""
+    cleaned: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    for key in ("tool_calls", "function_call", "refusal", "audio", "name"):
+        if message.get(key):
+            cleaned[key] = message[key]
+    return cleaned
+
+
+class _StreamCollector:
+    """Reassembles streamed chunks into the messages the provider sent."""
+
+    def __init__(self) -> None:
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.model = chunk.get("model") or self.model
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            state = self.choices.setdefault(choice.get("index", 0), {"content": [], "tool_calls": {}, "finish": None})
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                state["content"].append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                slot = state["tool_calls"].setdefault(call.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                if call.get("id"):
+                    slot["id"] = call["id"]
+                function = call.get("function") or {}
+                if function.get("name"):
+                    slot["function"]["name"] += function["name"]
+                if function.get("arguments"):
+                    slot["function"]["arguments"] += function["arguments"]
+            if choice.get("finish_reason"):
+                state["finish"] = choice["finish_reason"]
+
+    def messages(self) -> list[dict[str, Any]]:
+        result = []
+        for index in sorted(self.choices):
+            state = self.choices[index]
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(state["content"]) or None}
+            if state["tool_calls"]:
+                message["tool_calls"] = [state["tool_calls"][i] for i in sorted(state["tool_calls"])]
+            result.append(message)
+        return result
+
+    def finish_reason(self) -> str | None:
+        return self.choices[0]["finish"] if 0 in self.choices else None

@@ -1,0 +1,67 @@
+"""The records the proxy stores: sessions and the messages of their transcripts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+OUTCOMES = ("ok", "error", "aborted")
+
+
+@dataclass(slots=True)
+class Message:
+    """One message of a session's transcript, as recorded.
+
+    Transcripts are trees: every message points at its parent, so an edited or regenerated
+    history becomes a branch instead of overwriting what was recorded. ``chain`` is a hash of
+    the whole path up to and including this message, which is how a resent history is matched
+    against what is already stored.
+    """
+
+    seq: int  # unique and increasing within the session; also the storage key
+    parent: int | None  # seq of the previous message on this path (None for the first)
+    chain: str  # hex hash of the path root..this message
+    role: str
+    body: dict[str, Any]  # the OpenAI message exactly as sent or received
+    ts: float
+    tokens: int = 0
+    request_id: str = ""
+    branch: int = 0  # 0 for the first line of the conversation, +1 for every divergence
+    model: str | None = None
+    latency_ms: float | None = None
+    finish_reason: str | None = None
+    outcome: str = "ok"  # ok | error | aborted
+    alternatives: list[dict[str, Any]] | None = None  # the other choices when n > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Message:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(slots=True)
+class Session:
+    """A session's metadata; its messages are stored separately, one record each."""
+
+    tenant: str
+    id: str
+    created_at: float
+    last_active: float
+    user_id: str | None = None
+    implicit: bool = False  # inferred from the conversation rather than named by the client
+    head: int | None = None  # seq of the newest message on the active branch
+    next_seq: int = 0
+    branches: int = 0
+    turns: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Session:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})

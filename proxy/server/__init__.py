@@ -1,0 +1,1 @@
+"""The HTTP layer: aiohttp app factory, routes, auth and error rendering."""

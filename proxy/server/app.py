@@ -1,0 +1,85 @@
+"""The aiohttp application factory: every resource the process owns is opened and closed here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from proxy import janitor
+from proxy.config import Config
+from proxy.pipeline import Pipeline
+from proxy.server import keys
+from proxy.server.http import errors_middleware
+from proxy.server.routes import setup_routes
+from proxy.storage.base import Store
+from proxy.upstream import Upstream, import_litellm
+
+log = logging.getLogger("agent_state_proxy")
+
+
+def create_app(config: Config, store: Store | None = None) -> web.Application:
+    """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one)."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
+    app[keys.CONFIG] = config
+    app[keys.READY] = False
+    app[keys.STARTED] = time.time()
+    app.cleanup_ctx.append(_storage(store))
+    app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_pipeline)
+    app.cleanup_ctx.append(_background)
+    setup_routes(app)
+    return app
+
+
+def _storage(given: Store | None):
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        config = app[keys.CONFIG]
+        if given is not None:
+            app[keys.STORE] = given
+        else:
+            from proxy.storage.lmdb_store import LmdbStore
+
+            path = config.data_dir / "lmdb"
+            app[keys.STORE] = await asyncio.to_thread(LmdbStore.open, str(path), map_size=config.map_size)
+            log.info("store open at %s", path)
+        yield
+        app[keys.READY] = False
+        await app[keys.STORE].close()
+
+    return context
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    upstream = Upstream(secrets=app[keys.CONFIG].secrets())
+    await upstream.start()
+    app[keys.UPSTREAM] = upstream
+    yield
+    await upstream.close()
+
+
+async def _pipeline(app: web.Application) -> AsyncIterator[None]:
+    app[keys.PIPELINE] = Pipeline(app[keys.STORE], app[keys.UPSTREAM])
+    app[keys.READY] = True
+    yield
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    config = app[keys.CONFIG]
+    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval))]
+    needs_litellm = any(
+        not route.resolve("warmup").direct for tenant in config.tenants.values() for route in tenant.models.values()
+    )
+    if needs_litellm:
+        # litellm takes seconds to import: do it now, off the event loop, not on a first request.
+        tasks.append(asyncio.create_task(asyncio.to_thread(import_litellm)))
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,17 @@
+"""Typed keys for what the aiohttp application holds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.pipeline import Pipeline
+from proxy.storage.base import Store
+from proxy.upstream import Upstream
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+UPSTREAM = web.AppKey("upstream", Upstream)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+READY = web.AppKey("ready", bool)
+STARTED = web.AppKey("started", float)

@@ -1,0 +1,150 @@
+"""Route handlers: the OpenAI endpoints, health, and the admin session API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import NotFound, ProxyError
+from proxy.pipeline import Pipeline
+from proxy.server import keys
+from proxy.server.http import authenticate, json_response, read_json
+from proxy.sessions import SessionRef
+from proxy.transcript import active_path
+from proxy.validate import embeddings_body
+
+log = logging.getLogger("agent_state_proxy.server")
+
+
+def setup_routes(app: web.Application) -> None:
+    for prefix in ("", "/s/{session_id}"):
+        app.router.add_post(prefix + "/v1/chat/completions", chat_completions)
+        app.router.add_get(prefix + "/v1/models", list_models)
+        app.router.add_post(prefix + "/v1/embeddings", embeddings)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/admin/sessions", admin_list_sessions)
+    app.router.add_get("/admin/sessions/{session_id}", admin_get_session)
+    app.router.add_delete("/admin/sessions/{session_id}", admin_delete_session)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
+    tenant = authenticate(config, request)
+    body = await read_json(request, config.max_body_bytes)
+    ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
+    async with pipeline.session_lock(tenant, ref):
+        turn = await pipeline.prepare(tenant, ref, body, route)
+        if not body.get("stream"):
+            response = await pipeline.complete(turn)
+            return json_response(response, headers=turn.headers)
+        return await _relay_stream(request, pipeline, turn)
+
+
+async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.StreamResponse:
+    """SSE relay. Errors before the first chunk get a normal HTTP error; after, an error event."""
+    chunks = pipeline.stream(turn)
+    response: web.StreamResponse | None = None
+    try:
+        async for chunk in chunks:
+            if response is None:
+                response = web.StreamResponse(headers={
+                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers,
+                })
+                await response.prepare(request)
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if response is None:  # the provider sent no chunk at all: still a well-formed stream
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **turn.headers})
+            await response.prepare(request)
+        await response.write(b"data: [DONE]\n\n")
+    except ProxyError as error:
+        if response is None:
+            raise
+        await _write_quietly(response, b"data: " + orjson.dumps(error.body()) + b"\n\n")
+    except (ConnectionResetError, ConnectionError):
+        log.info("client went away mid-stream (session %s, request %s)", turn.ref.id, turn.request_id)
+    finally:
+        await chunks.aclose()  # records the (possibly partial) response
+    if response is not None:
+        await _write_eof_quietly(response)
+    return response
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionResetError, ConnectionError):
+        pass
+
+
+async def _write_eof_quietly(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        pass
+
+
+async def list_models(request: web.Request) -> web.Response:
+    tenant = authenticate(request.app[keys.CONFIG], request)
+    created = int(request.app[keys.STARTED])
+    data = [{"id": alias, "object": "model", "created": created, "owned_by": tenant.name} for alias in tenant.models if alias != "*"]
+    return json_response({"object": "list", "data": data})
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    config = request.app[keys.CONFIG]
+    tenant = authenticate(config, request)
+    body = embeddings_body(await read_json(request, config.max_body_bytes))
+    route = tenant.route(body["model"])
+    if route is None:
+        raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
+    result = await request.app[keys.UPSTREAM].embeddings(route, body, tenant.upstream_timeout)
+    return json_response(result)
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    if not request.app[keys.READY]:
+        return json_response({"status": "starting"}, status=503)
+    return json_response({"status": "ready", "uptime_seconds": round(time.time() - request.app[keys.STARTED], 1)})
+
+
+async def admin_list_sessions(request: web.Request) -> web.Response:
+    tenant = authenticate(request.app[keys.CONFIG], request)
+    sessions = await request.app[keys.STORE].list_sessions(tenant.name)
+    return json_response({"object": "list", "data": [s.to_dict() for s in sessions]})
+
+
+async def admin_get_session(request: web.Request) -> web.Response:
+    tenant = authenticate(request.app[keys.CONFIG], request)
+    store, session_id = request.app[keys.STORE], request.match_info["session_id"]
+    session = await store.get_session(tenant.name, session_id)
+    if session is None:
+        raise NotFound(f"no session '{session_id}' for this tenant", code="session_not_found")
+    messages = await store.get_messages(tenant.name, session_id)
+    active = {m.seq for m in active_path(messages, session.head)}
+    return json_response({
+        "session": session.to_dict(),
+        "messages": [m.to_dict() | {"active": m.seq in active} for m in messages],
+    })
+
+
+async def admin_delete_session(request: web.Request) -> web.Response:
+    tenant = authenticate(request.app[keys.CONFIG], request)
+    session_id = request.match_info["session_id"]
+    ref = SessionRef(session_id, False, None, "admin")
+    pipeline = request.app[keys.PIPELINE]
+    async with pipeline.locks.hold(tenant.name, ref.id, refuse_when_busy=False):
+        deleted = await request.app[keys.STORE].delete_session(tenant.name, session_id)
+    if not deleted:
+        raise NotFound(f"no session '{session_id}' for this tenant", code="session_not_found")
+    return json_response({"id": session_id, "object": "session", "deleted": True})
+
+

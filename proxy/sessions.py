@@ -1,0 +1,117 @@
+"""Which session a request belongs to, and per-session ordering of concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from proxy.errors import BadRequest, Conflict
+
+MAX_SESSION_ID = 512
+
+
+@dataclass(frozen=True)
+class SessionRef:
+    id: str
+    implicit: bool
+    user_id: str | None
+    source: str  # header | path | metadata | implicit
+
+
+def identify(
+    tenant: str,
+    headers: Mapping[str, str],
+    path_session: str | None,
+    body: dict[str, Any],
+) -> SessionRef:
+    """First match wins: X-Session-ID header, /s/{id}/ path prefix, metadata.session_id, implicit."""
+    user_id = _clean(headers.get("X-User-ID"), "X-User-ID header")
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    if user_id is None and isinstance(metadata.get("user_id"), str):
+        user_id = _clean(metadata["user_id"], "metadata.user_id")
+    for source, value in (
+        ("header", headers.get("X-Session-ID")),
+        ("path", path_session),
+        ("metadata", metadata.get("session_id")),
+    ):
+        if value is not None:
+            if not isinstance(value, str):
+                raise BadRequest(f"session id from {source} must be a string", code="invalid_session_id")
+            return SessionRef(_clean(value, f"session id from {source}"), False, user_id, source)
+    return SessionRef(implicit_session_id(tenant, body.get("messages") or []), True, user_id, "implicit")
+
+
+def implicit_session_id(tenant: str, messages: list[Any]) -> str:
+    """One session per conversation: tenant + system prompt + first user message."""
+    system = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
+    first_user = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    seed = repr((tenant, system[:1], first_user)).encode()
+    return "implicit-" + hashlib.sha256(seed).hexdigest()[:32]
+
+
+def strip_proxy_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """Remove what only the proxy reads before the body goes upstream."""
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and ({"session_id", "user_id"} & metadata.keys()):
+        rest = {k: v for k, v in metadata.items() if k not in ("session_id", "user_id")}
+        body = dict(body)
+        if rest:
+            body["metadata"] = rest
+        else:
+            body.pop("metadata")
+    return body
+
+
+def _clean(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if not value or len(value) > MAX_SESSION_ID or not value.isprintable():
+        raise BadRequest(f"{what} must be 1-{MAX_SESSION_ID} printable characters", code="invalid_session_id")
+    return value
+
+
+class SessionLocks:
+    """Serialise requests of one session, or refuse the second with 409, per tenant choice."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._users: dict[tuple[str, str], int] = {}
+
+    def hold(self, tenant: str, session_id: str, refuse_when_busy: bool) -> _Held:
+        return _Held(self, (tenant, session_id), refuse_when_busy)
+
+    def busy(self, tenant: str, session_id: str) -> bool:
+        return (tenant, session_id) in self._locks
+
+
+class _Held:
+    def __init__(self, owner: SessionLocks, key: tuple[str, str], refuse: bool) -> None:
+        self._owner, self._key, self._refuse = owner, key, refuse
+
+    async def __aenter__(self) -> None:
+        owner, key = self._owner, self._key
+        lock = owner._locks.get(key)
+        if lock is None:
+            lock = owner._locks[key] = asyncio.Lock()
+        if self._refuse and lock.locked():
+            raise Conflict("another request of this session is in progress; retry when it completes")
+        owner._users[key] = owner._users.get(key, 0) + 1
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._release_user()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._owner._locks[self._key].release()
+        self._release_user()
+
+    def _release_user(self) -> None:
+        owner, key = self._owner, self._key
+        owner._users[key] -= 1
+        if owner._users[key] == 0:
+            # Forget idle sessions' locks so a long-running proxy does not accumulate them.
+            del owner._users[key]
+            del owner._locks[key]

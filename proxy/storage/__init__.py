@@ -1,0 +1,1 @@
+"""Persistent state behind one small async interface (see base.Store)."""

@@ -1,0 +1,131 @@
+"""History reconciliation: match a resent conversation against the stored transcript tree."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.records import Message
+
+# Fields that define a message's identity; anything else the client adds (e.g. cache hints)
+# must not make a resent message look new.
+_IDENTITY_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
+
+
+def message_hash(body: dict[str, Any]) -> bytes:
+    identity = {k: body.get(k) for k in _IDENTITY_FIELDS if body.get(k) is not None}
+    if identity.get("role") == "assistant" and isinstance(identity.get("tool_calls"), list):
+        # SDKs echo tool calls back with or without optional keys; keep only what defines them.
+        identity["tool_calls"] = [
+            {"id": c.get("id"), "function": (c.get("function") or {})}
+            for c in identity["tool_calls"]
+            if isinstance(c, dict)
+        ]
+    if identity.get("content") == "":
+        identity.pop("content")
+    return hashlib.blake2b(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+def chain_hash(parent_chain: str, body: dict[str, Any]) -> str:
+    """Hash of a path: the parent's chain plus this message."""
+    return hashlib.blake2b(bytes.fromhex(parent_chain) + message_hash(body), digest_size=16).hexdigest()
+
+
+ROOT_CHAIN = ""
+
+
+@dataclass
+class Plan:
+    """What to send upstream and what to record, given the stored tree and a request."""
+
+    upstream_messages: list[dict[str, Any]]
+    new_messages: list[dict[str, Any]]  # incoming messages not yet stored, to record in order
+    parent: Message | None  # stored message the new ones attach to
+    restored: int = 0  # stored messages put back in front of what the client sent
+    branched: bool = False  # the new messages start a branch off the active path
+    replayed: bool = False  # nothing new: the client resent a history already stored
+    notes: list[str] = field(default_factory=list)
+
+
+def active_path(messages: list[Message], head: int | None) -> list[Message]:
+    """Messages from the root to ``head``, following parent links."""
+    by_seq = {m.seq: m for m in messages}
+    path: list[Message] = []
+    seq = head
+    while seq is not None and seq in by_seq:
+        message = by_seq[seq]
+        path.append(message)
+        seq = message.parent
+    path.reverse()
+    return path
+
+
+def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, Any]], mode: str) -> Plan:
+    """Decide how a request relates to what the session already holds.
+
+    ``mode`` is the tenant's history policy: ``client`` trusts the client's history as sent;
+    ``auto`` restores the stored history when the client sends only new messages (no assistant
+    turns: an agent that restarted and forgot); ``proxy`` always treats the client's unknown
+    messages as new turns appended to the stored history.
+    """
+    by_chain = {m.chain: m for m in stored}
+    parent: Message | None = None
+    chain = ROOT_CHAIN
+    matched = 0
+    for body in incoming:
+        candidate = by_chain.get(chain_hash(chain, body))
+        if candidate is None:
+            break
+        parent, chain, matched = candidate, candidate.chain, matched + 1
+    remainder = incoming[matched:]
+    head_message = next((m for m in stored if m.seq == head), None) if head is not None else None
+
+    if not remainder:
+        return Plan(list(incoming), [], parent, replayed=True, branched=bool(parent and parent.seq != head))
+
+    at_head = (parent is None and head_message is None) or (parent is not None and parent.seq == head)
+    prefix_is_system_only = all(_is_system(b) for b in incoming[:matched])
+    if at_head or head_message is None or mode == "client" or not prefix_is_system_only:
+        return Plan(list(incoming), list(remainder), parent, branched=bool(stored) and not at_head)
+
+    # The client holds less than the store: either nothing (it restarted and sends only new
+    # messages) or the tail of the conversation (it restarted earlier, or trims its own
+    # history). Put the stored part it lacks back in front.
+    path = active_path(stored, head)
+    stored_rest = [m for m in path if not _is_system(m.body)]
+    client_rest = [b for b in remainder if not _is_system(b)]
+    overlap = _tail_overlap(stored_rest, client_rest)
+    if overlap == 0 and mode == "auto" and any(b.get("role") in ("assistant", "tool") for b in client_rest):
+        # A different conversation with assistant turns of its own: an edit, not amnesia.
+        return Plan(list(incoming), list(remainder), parent, branched=True)
+    client_system = [b for b in incoming if _is_system(b)]
+    stored_system = [m.body for m in path if _is_system(m.body)]
+    upstream = (client_system or stored_system) + [m.body for m in stored_rest] + client_rest[overlap:]
+    plan = Plan(upstream, client_rest[overlap:], head_message, restored=len(path) - overlap)
+    if client_system and stored_system and client_system != stored_system:
+        plan.notes.append("system prompt differs from the stored one; sent the client's")
+    if not plan.new_messages:
+        plan.replayed = True
+    return plan
+
+
+def _is_system(body: dict[str, Any]) -> bool:
+    return body.get("role") in ("system", "developer")
+
+
+def _tail_overlap(stored: list[Message], client: list[dict[str, Any]]) -> int:
+    """Length of the longest run that ends the stored path and begins the client's messages."""
+    if not stored or not client:
+        return 0
+    first = message_hash(client[0])
+    stored_hashes = [message_hash(m.body) for m in stored]
+    for start, digest in enumerate(stored_hashes):
+        size = len(stored_hashes) - start
+        if digest != first or size > len(client):
+            continue
+        if all(stored_hashes[start + i] == message_hash(client[i]) for i in range(size)):
+            return size
+    return 0
