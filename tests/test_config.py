@@ -1,0 +1,118 @@
+"""Configuration loading and validation: every error names the file, the key and the rule."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.cli import main
+from proxy.config import ConfigError, hash_key, load_config
+from tests.harness import REPO, keyed_tenant, open_tenant, write_config
+
+
+def test_embedded_defaults_have_one_open_local_tenant() -> None:
+    config = load_config(None)
+    assert list(config.tenants) == ["default"]
+    tenant = config.tenants["default"]
+    assert tenant.admits_anonymous("127.0.0.1") and not tenant.admits_anonymous("10.0.0.5")
+    assert config.port == 8765 and config.host == "127.0.0.1"
+
+
+def test_repository_config_matches_embedded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ASP_UPSTREAM_BASE", raising=False)
+    from_files, embedded = load_config(REPO / "config" / "proxy.yaml"), load_config(None)
+    assert from_files.tenants["default"].route("gpt-4o") == embedded.tenants["default"].route("gpt-4o")
+    assert (from_files.port, from_files.max_body_bytes, from_files.map_size) == (embedded.port, embedded.max_body_bytes, embedded.map_size)
+
+
+def test_example_tenant_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZURE_API_BASE", "https://example.openai.azure.com")
+    monkeypatch.setenv("AZURE_API_KEY", "azure-secret")
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    example = tmp_path / "config" / "tenants" / "example-team.yaml.example"
+    example.rename(example.with_suffix(""))
+    config = load_config(tmp_path / "config" / "proxy.yaml")
+    team = config.tenants["example-team"]
+    assert team.concurrency == "reject"
+    assert not team.route("claude").direct and team.route("gpt-4o-mini").direct
+    assert "azure-secret" not in repr(config)
+
+
+def test_env_interpolation_and_key_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UP", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("MY_KEY", "sk-from-env-123456")
+    path = write_config(tmp_path, {"t": {"allow_unauthenticated": True, "models": {"m": {"model": "openai/x", "api_base": "${UP}", "api_key_env": "MY_KEY"}}}})
+    route = load_config(path).tenants["t"].route("m")
+    assert route.api_base == "http://127.0.0.1:9/v1" and route.api_key == "sk-from-env-123456"
+    assert "sk-from-env" not in repr(route)
+
+
+def test_tenant_key_lookup(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"a": keyed_tenant("http://h/v1", "key-a"), "b": keyed_tenant("http://h/v1", "key-b")})
+    config = load_config(path)
+    assert config.tenant_for_key("key-b").name == "b"
+    assert config.tenant_for_key("nope") is None and config.anonymous_tenant("127.0.0.1") is None
+
+
+def test_cli_model_flag_routes_every_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "anthropic-secret")
+    config = load_config(None, {"model": "anthropic/claude-x", "port": 9100})
+    route = config.tenants["default"].route("whatever-the-agent-asks")
+    assert route.model == "anthropic/claude-x" and not route.direct and route.api_key == "anthropic-secret"
+    assert config.port == 9100
+
+
+@pytest.mark.parametrize(
+    ("tenant", "message"),
+    [
+        ({"models": {"m": "openai/x"}}, "api_key_sha256: a tenant needs a key"),
+        ({"allow_unauthenticated": True, "models": {}}, "models: must map at least one"),
+        ({"allow_unauthenticated": True, "history": "sometimes", "models": {"m": "x"}}, "history: must be one of"),
+        ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "api_base": "ftp://x"}}}, "models.m.api_base: must be an http(s) URL"),
+        ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "colour": 1}}}, "models.m.colour: unknown key"),
+        ({"allow_unauthenticated": "yes", "models": {"m": "x"}}, "allow_unauthenticated: must be true or false"),
+        ({"allow_unauthenticated": True, "session_ttl_seconds": -1, "models": {"m": "x"}}, "session_ttl_seconds: must be an integer"),
+        ({"api_key_sha256": ["plaintext-key"], "models": {"m": "x"}}, "api_key_sha256: must be a list of lowercase sha256"),
+        ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "api_base": "${NOT_SET_ANYWHERE}"}}}, "environment variable NOT_SET_ANYWHERE is not set"),
+    ],
+)
+def test_invalid_tenant_names_file_key_and_rule(tmp_path: Path, tenant: dict, message: str) -> None:
+    path = write_config(tmp_path, {"bad": tenant})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert message in str(error.value)
+    assert "bad.yaml" in str(error.value)
+
+
+def test_invalid_proxy_yaml(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"t": open_tenant("http://h/v1")}, server={"port": "eighty"})
+    with pytest.raises(ConfigError, match=r"proxy.yaml: server.port: must be an integer"):
+        load_config(path)
+    path.write_text("server: [unclosed")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(path)
+
+
+def test_yaml_tags_are_not_executed(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {})
+    path.write_text("server: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(path)
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write_config(tmp_path / "good", {"t": open_tenant("http://h/v1")})
+    assert main(["check-config", "--config", str(good)]) == 0
+    assert "1 tenant(s): t" in capsys.readouterr().out
+    bad = write_config(tmp_path / "bad", {"t": {"models": {"m": "x"}}})
+    assert main(["check-config", "--config", str(bad)]) == 2
+    assert "t.yaml: api_key_sha256" in capsys.readouterr().err
+
+
+def test_hash_key_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hash-key", "secret"]) == 0
+    assert capsys.readouterr().out.strip() == hash_key("secret")
+    assert yaml.safe_load(f"- {hash_key('secret')}") == [hash_key("secret")]
