@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "history": "auto",
         "concurrency": "serialize",
         "upstream_timeout_seconds": 600,
+        "stateless": False,
         "models": {},
     },
 }
@@ -108,6 +109,7 @@ class TenantConfig:
     history: str
     concurrency: str
     upstream_timeout: float
+    stateless: bool = False  # plain proxying: no session state is read or recorded
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
@@ -237,8 +239,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
     hashes = merged["api_key_sha256"]
     if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
         raise ConfigError(f"{file}: api_key_sha256: must be a list of lowercase sha256 hex digests")
-    if not isinstance(merged["allow_unauthenticated"], bool):
-        raise ConfigError(f"{file}: allow_unauthenticated: must be true or false")
+    _bool(merged["allow_unauthenticated"], file, "allow_unauthenticated")
     try:
         nets = tuple(ipaddress.ip_network(str(n), strict=False) for n in merged["allowed_clients"])
     except (TypeError, ValueError) as exc:
@@ -263,6 +264,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         history=merged["history"],
         concurrency=merged["concurrency"],
         upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
+        stateless=_bool(merged["stateless"], file, "stateless"),
     )
 
 
@@ -352,4 +354,10 @@ def _string(value: Any, file: str, key: str) -> str:
 def _int(value: Any, file: str, key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{file}: {key}: must be an integer between {low} and {high}")
+    return value
+
+
+def _bool(value: Any, file: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{file}: {key}: must be true or false")
     return value

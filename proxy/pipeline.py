@@ -58,6 +58,11 @@ class Pipeline:
     async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel) -> Turn:
         """Load the session (call under the session lock) and decide what goes upstream."""
         now = self.clock()
+        if tenant.stateless:
+            session = Session(tenant=tenant.name, id=ref.id, created_at=now, last_active=now)
+            plan = transcript.Plan(body["messages"], [], None)
+            return Turn(tenant, ref, route, strip_proxy_fields(body), session, [], plan, "req-" + uuid.uuid4().hex, now,
+                        headers={"X-Session-ID": ref.id})
         session = await self.store.get_session(tenant.name, ref.id)
         if session is not None and session.last_active + tenant.session_ttl < now:
             await self.store.delete_session(tenant.name, ref.id)  # expired: start over
@@ -112,6 +117,8 @@ class Pipeline:
             )
 
     async def _record(self, turn: Turn, assistant: list[dict[str, Any]], *, outcome: str, finish_reason: str | None = None, usage: dict[str, Any] | None = None, model: str | None = None) -> None:
+        if turn.tenant.stateless:
+            return
         session, plan, now = turn.session, turn.plan, self.clock()
         parent = plan.parent.seq if plan.parent else None
         chain = plan.parent.chain if plan.parent else transcript.ROOT_CHAIN

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Config, TenantConfig
+from proxy.storage.base import StorageError
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, Unauthorized
 
 log = logging.getLogger("agent_state_proxy.server")
@@ -30,6 +31,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return await handler(request)
     except ProxyError as error:
         return error_response(error)
+    except StorageError as exc:
+        log.critical("storage failure on %s %s: %s", request.method, request.path, exc)
+        return error_response(ProxyError("the proxy could not persist state; nothing was acknowledged", status=503, code="storage_error"))
     except web.HTTPRequestEntityTooLarge:
         return error_response(PayloadTooLarge("request body is larger than the configured limit"))
     except web.HTTPException as exc:

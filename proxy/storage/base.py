@@ -3,16 +3,62 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from proxy.records import Message, Session
 
 
+class StorageError(Exception):
+    """The store failed to persist or read (disk full, I/O error): fatal for the write."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """An auxiliary record (checkpoint, summary, memory, idempotent response...).
+
+    Session-scoped records (``session_id`` set) are erased with their session.
+    ``value=None`` deletes the record.
+    """
+
+    kind: str
+    key: str
+    value: dict[str, Any] | None
+    session_id: str | None = None
+
+
+@dataclass
+class Write:
+    """One unit of a transaction: a session upsert, its new or changed messages, records."""
+
+    tenant: str
+    session: Session | None = None
+    messages: Sequence[Message] = ()
+    records: Sequence[Record] = ()
+    delete_session: str | None = None
+
+
+@dataclass
+class Quarantined:
+    tenant: str
+    key: str
+    reason: str
+    ts: float
+    raw_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class Store(ABC):
-    """Tenant-scoped storage of sessions and their messages.
+    """Tenant-scoped storage of sessions, their messages and auxiliary records.
 
     Every method takes the tenant explicitly and never returns another tenant's data.
-    One write call is one transaction: it is durable (or has failed loudly) when it returns.
+    ``apply`` is one transaction: durable (or failed loudly with StorageError) when it returns.
+    A stored record that cannot be decoded is quarantined (moved aside and reported), never
+    returned and never allowed to crash a read.
     """
+
+    @abstractmethod
+    async def apply(self, writes: Sequence[Write]) -> None: ...
 
     @abstractmethod
     async def get_session(self, tenant: str, session_id: str) -> Session | None: ...
@@ -22,15 +68,35 @@ class Store(ABC):
         """All messages of a session, every branch, in ``seq`` order."""
 
     @abstractmethod
-    async def commit(self, session: Session, messages: list[Message]) -> None:
-        """Upsert the session record and insert ``messages`` (new seqs) atomically."""
-
-    @abstractmethod
-    async def delete_session(self, tenant: str, session_id: str) -> bool:
-        """Erase a session and all its messages; False when it did not exist."""
-
-    @abstractmethod
     async def list_sessions(self, tenant: str) -> list[Session]: ...
+
+    @abstractmethod
+    async def get_record(self, tenant: str, kind: str, key: str, session_id: str | None = None) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+        """Records of one kind (and session, if given) whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    async def quarantined(self, tenant: str | None = None) -> list[Quarantined]: ...
+
+    # Conveniences over apply -------------------------------------------------------------
+
+    async def commit(self, session: Session, messages: Sequence[Message], records: Sequence[Record] = ()) -> None:
+        """Upsert the session, insert or overwrite ``messages`` and write ``records`` atomically."""
+        await self.apply([Write(session.tenant, session, messages, records)])
+
+    async def put_records(self, tenant: str, records: Sequence[Record]) -> None:
+        await self.apply([Write(tenant, records=records)])
+
+    async def delete_session(self, tenant: str, session_id: str) -> bool:
+        """Erase a session, its messages and its records; False when it did not exist."""
+        existed = await self.get_session(tenant, session_id) is not None
+        await self.apply([Write(tenant, delete_session=session_id)])
+        return existed
 
     async def close(self) -> None:
         return None
+
+    def stats(self) -> dict[str, Any]:
+        return {}

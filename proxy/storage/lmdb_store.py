@@ -1,0 +1,130 @@
+"""The LMDB backend: durable, transactional, one environment per process.
+
+Writes run on one dedicated thread (LMDB has a single writer anyway), so an fsync never
+blocks the event loop; reads run inline on the caller's thread, they take microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, TypeVar
+
+import lmdb
+
+from proxy.storage.base import StorageError
+from proxy.storage.kv import KVStore
+
+log = logging.getLogger("agent_state_proxy.storage")
+T = TypeVar("T")
+
+_open_paths: set[str] = set()
+_open_paths_lock = threading.Lock()
+
+
+class _LmdbTxn:
+    def __init__(self, txn: lmdb.Transaction) -> None:
+        self._txn = txn
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self._txn.get(key)
+        return bytes(value) if value is not None else None
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._txn.put(key, value)
+
+    def delete(self, key: bytes) -> None:
+        self._txn.delete(key)
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        cursor = self._txn.cursor()
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield bytes(key), bytes(value)
+
+
+class LmdbStore(KVStore):
+    def __init__(self, env: lmdb.Environment, path: str) -> None:
+        self._env = env
+        self._path = path
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
+        # Growing the map (set_mapsize) is only safe while no transaction of this process is
+        # open, so reads share this lock with the resize; uncontended it costs ~100 ns.
+        self._resize_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str, map_size: int = 1 << 30, max_readers: int = 126) -> LmdbStore:
+        """Open (creating) the environment at ``path``. LMDB allows one per path per process."""
+        real = os.path.realpath(path)
+        with _open_paths_lock:
+            if real in _open_paths:
+                raise StorageError(f"LMDB environment {path} is already open in this process")
+            os.makedirs(real, exist_ok=True)
+            try:
+                env = lmdb.open(
+                    real, map_size=map_size, max_readers=max_readers, max_dbs=0, subdir=True,
+                    sync=True, metasync=True, readahead=False, writemap=False, lock=True,
+                )
+            except lmdb.Error as exc:
+                raise StorageError(f"cannot open LMDB at {path}: {exc}") from exc
+            _open_paths.add(real)
+        return cls(env, real)
+
+    async def _read(self, fn: Callable[[_LmdbTxn], T]) -> T:
+        with self._resize_lock:
+            try:
+                with self._env.begin(write=False, buffers=False) as txn:
+                    return fn(_LmdbTxn(txn))
+            except lmdb.Error as exc:
+                raise StorageError(f"LMDB read failed: {exc}") from exc
+
+    async def _write(self, fn: Callable[[_LmdbTxn], T]) -> T:
+        if self._closed:
+            raise StorageError("store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write_now, fn)
+
+    def _write_now(self, fn: Callable[[_LmdbTxn], T]) -> T:
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    return fn(_LmdbTxn(txn))  # commits (and fsyncs) on leaving the block
+            except lmdb.MapFullError:
+                with self._resize_lock:
+                    size = self._env.info()["map_size"] * 2
+                    self._env.set_mapsize(size)
+                log.info("LMDB map grown to %d MiB", size >> 20)
+            except lmdb.Error as exc:
+                # Disk full, I/O error, failed fsync: never report such a write as done.
+                log.critical("LMDB write failed: %s", exc)
+                raise StorageError(f"storage write failed: {exc}") from exc
+
+    def sync_write(self, fn: Callable[[_LmdbTxn], T]) -> T:
+        """Run a write transaction on the calling thread (start-up and tools only)."""
+        return self._write_now(fn)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.shutdown(wait=True)
+        with self._resize_lock:
+            self._env.close()
+        with _open_paths_lock:
+            _open_paths.discard(self._path)
+
+    def stats(self) -> dict[str, Any]:
+        info, stat = self._env.info(), self._env.stat()
+        return {
+            "path": self._path,
+            "map_size": info["map_size"],
+            "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+            "entries": stat["entries"],
+            "readers": info["num_readers"],
+        }
