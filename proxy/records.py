@@ -32,6 +32,9 @@ class Message:
     finish_reason: str | None = None
     outcome: str = "ok"  # ok | error | aborted
     alternatives: list[dict[str, Any]] | None = None  # the other choices when n > 1
+    tags: list[str] | None = None  # importance: decision, commitment, preference, fact, ...
+    reverted: bool = False  # rolled back: kept for audit, excluded from context and memory
+    injected: list[str] | None = None  # memory ids injected into the request that produced this
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
