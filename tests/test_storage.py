@@ -1,0 +1,184 @@
+"""Store conformance: every backend (in-memory and LMDB) must pass these."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import AsyncIterator
+
+import lmdb
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import codec
+from proxy.codec import CorruptRecord
+from proxy.records import Message, Session
+from proxy.storage.base import Record, StorageError, Store, Write
+from proxy.storage.kv import messages_prefix
+from proxy.storage.lmdb_store import LmdbStore
+from proxy.storage.memory import InMemoryStore
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    backend = InMemoryStore() if request.param == "memory" else LmdbStore.open(str(tmp_path / "lmdb"))
+    yield backend
+    await backend.close()
+
+
+def session(tenant: str = "t", sid: str = "s1", **fields) -> Session:
+    return Session(tenant=tenant, id=sid, created_at=1.0, last_active=2.0, **fields)
+
+
+def message(seq: int, content: object = "hello", **fields) -> Message:
+    return Message(seq=seq, parent=seq - 1 if seq else None, chain=f"{seq:032x}", role="user", body={"role": "user", "content": content}, ts=3.0, **fields)
+
+
+async def test_round_trip_keeps_every_field(store: Store) -> None:
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"ü": [1, 2]}'}}]
+    stored = Message(
+        seq=0, parent=None, chain="ab" * 16, role="assistant", body={"role": "assistant", "content": None, "tool_calls": calls},
+        ts=1.5, tokens=12, request_id="req-1", branch=2, model="m", latency_ms=3.25, finish_reason="tool_calls",
+        outcome="aborted", alternatives=[{"role": "assistant", "content": "x"}], tags=["decision"], reverted=True, injected=["mem-1"],
+    )
+    meta = session(user_id="u", implicit=True, head=0, next_seq=1, branches=2, turns=3, prompt_tokens=4, completion_tokens=5, extra={"k": [1]})
+    await store.commit(meta, [stored])
+    assert await store.get_session("t", "s1") == meta
+    assert await store.get_messages("t", "s1") == [stored]
+
+
+async def test_messages_come_back_in_seq_order_across_commits(store: Store) -> None:
+    for batch in ([2, 0], [1], [10, 3]):
+        await store.commit(session(), [message(i, f"m{i}") for i in batch])
+    assert [m.seq for m in await store.get_messages("t", "s1")] == [0, 1, 2, 3, 10]
+
+
+async def test_upsert_overwrites_session_and_messages(store: Store) -> None:
+    await store.commit(session(turns=1), [message(0)])
+    await store.commit(session(turns=2), [message(0, reverted=True)])
+    assert (await store.get_session("t", "s1")).turns == 2
+    assert [m.reverted for m in await store.get_messages("t", "s1")] == [True]
+
+
+async def test_tenants_are_isolated(store: Store) -> None:
+    await store.commit(session("alpha", "same"), [message(0, "alpha data")])
+    await store.commit(session("beta", "same"), [message(0, "beta data")])
+    await store.put_records("alpha", [Record("memory", "m1", {"text": "alpha"})])
+    assert [m.body["content"] for m in await store.get_messages("beta", "same")] == ["beta data"]
+    assert await store.get_record("beta", "memory", "m1") is None
+    assert await store.scan_records("beta", "memory") == []
+    assert await store.delete_session("alpha", "same") is True
+    assert await store.get_session("alpha", "same") is None
+    assert [s.tenant for s in await store.list_sessions("beta")] == ["beta"]
+    assert await store.get_messages("beta", "same") != []
+
+
+async def test_tenant_names_that_prefix_each_other_do_not_leak(store: Store) -> None:
+    await store.commit(session("ab", "x"), [message(0)])
+    await store.commit(session("a", "x"), [message(0)])
+    assert [s.tenant for s in await store.list_sessions("a")] == ["a"]
+
+
+@pytest.mark.parametrize("sid", ["x" * 10_000, "ünïcødé 🚀 id", "with\nnewline and \0 nul", "s1/../../etc"])
+async def test_arbitrary_session_ids(store: Store, sid: str) -> None:
+    await store.commit(session(sid=sid), [message(0)])
+    assert (await store.get_session("t", sid)).id == sid
+    assert len(await store.get_messages("t", sid)) == 1
+    assert await store.delete_session("t", sid) is True
+
+
+async def test_unknown_things_are_empty(store: Store) -> None:
+    assert await store.get_session("t", "nope") is None
+    assert await store.get_messages("t", "nope") == []
+    assert await store.delete_session("t", "nope") is False
+    assert await store.list_sessions("t") == []
+
+
+async def test_records_scoped_and_erased_with_their_session(store: Store) -> None:
+    await store.commit(session(), [message(0)], [Record("checkpoint", "0001", {"n": 1}, "s1"), Record("checkpoint", "0002", {"n": 2}, "s1")])
+    await store.put_records("t", [Record("memory", "m1", {"text": "kept"})])
+    assert [k for k, _ in await store.scan_records("t", "checkpoint", "s1")] == ["0001", "0002"]
+    assert await store.get_record("t", "checkpoint", "0002", "s1") == {"n": 2}
+    await store.put_records("t", [Record("checkpoint", "0001", None, "s1")])  # None deletes
+    assert [k for k, _ in await store.scan_records("t", "checkpoint", "s1")] == ["0002"]
+    await store.delete_session("t", "s1")
+    assert await store.scan_records("t", "checkpoint", "s1") == []
+    assert await store.get_record("t", "memory", "m1") == {"text": "kept"}
+
+
+async def test_one_apply_is_one_transaction(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.apply([Write("t", session(), [message(0)]), Write("t", records=[Record("k", "x" * 1000, {})])])
+    assert await store.get_session("t", "s1") is None
+
+
+async def test_concurrent_commits_all_land(store: Store) -> None:
+    await asyncio.gather(*(store.commit(session(sid=f"s{i}"), [message(0, i)]) for i in range(50)))
+    assert len(await store.list_sessions("t")) == 50
+
+
+async def test_corrupt_message_is_quarantined_and_reads_go_on(store: Store) -> None:
+    await store.commit(session(), [message(0), message(1), message(2)])
+    key = messages_prefix("t", "s1") + (1).to_bytes(8, "big")
+    await store._write(lambda txn: txn.put(key, b"\x01{garbage"))  # type: ignore[attr-defined]
+    assert [m.seq for m in await store.get_messages("t", "s1")] == [0, 2]
+    found = await store.quarantined("t")
+    assert len(found) == 1 and found[0].key == key.hex()
+    assert [m.seq for m in await store.get_messages("t", "s1")] == [0, 2]
+
+
+async def test_lmdb_survives_reopen_and_grows_its_map(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    store = LmdbStore.open(path, map_size=64 * 1024)
+    with pytest.raises(StorageError):
+        LmdbStore.open(path)  # one environment per path per process
+    big = "x" * 20_000
+    for i in range(100):
+        await store.commit(session(), [message(i, big)])
+    await store.close()
+    reopened = LmdbStore.open(path)
+    assert len(await reopened.get_messages("t", "s1")) == 100
+    assert reopened.stats()["map_size"] > 64 * 1024
+    await reopened.close()
+
+
+async def test_lmdb_write_failure_is_loud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LmdbStore.open(str(tmp_path / "db"))
+
+    original = store._write_now
+
+    def disk_full(txn):
+        raise lmdb.DiskError("No space left on device")
+
+    def full_disk(fn):  # the failure happens inside the real write transaction
+        return original(disk_full)
+
+    monkeypatch.setattr(store, "_write_now", full_disk)
+    with pytest.raises(StorageError, match="No space left"):
+        await store.commit(session(), [message(0)])
+    monkeypatch.undo()
+    assert await store.get_session("t", "s1") is None
+    await store.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decoding_arbitrary_bytes_raises_only_corrupt_record(raw: bytes) -> None:
+    try:
+        assert isinstance(codec.decode(raw), dict)
+    except CorruptRecord:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
+def test_encode_decode_round_trip(record: dict) -> None:
+    assert codec.decode(codec.encode(record)) == record
