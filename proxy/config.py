@@ -17,6 +17,8 @@ import yaml
 HISTORY_MODES = ("auto", "client", "proxy")
 CONCURRENCY_MODES = ("serialize", "reject")
 UPSTREAM_PATHS = ("auto", "direct", "litellm")
+PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
+CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "all")
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -29,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "max_body_bytes": 8 * 1024 * 1024,
         "janitor_interval_seconds": 300,
     },
-    "storage": {"data_dir": "./data", "map_size_mb": 1024},
+    "storage": {"data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50, "write_queue_max": 10000},
     "tenant_defaults": {
         "api_key_sha256": [],
         "allow_unauthenticated": False,
@@ -39,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
         "concurrency": "serialize",
         "upstream_timeout_seconds": 600,
         "stateless": False,
+        "persistence": {},
         "models": {},
     },
 }
@@ -99,6 +102,25 @@ class ResolvedModel:
 
 
 @dataclass(frozen=True)
+class Persistence:
+    """How a tenant's turns reach the disk (see README, Persistence)."""
+
+    mode: str = "hybrid"  # hybrid | sync | async | checkpoint
+    critical: frozenset[str] = frozenset({"decision", "commitment", "preference", "tool_calls", "idempotent"})
+    checkpoint_every_messages: int = 50
+    checkpoint_every_seconds: float = 300.0
+    keep_checkpoints: int = 5
+
+    def durable(self, tags: set[str]) -> bool:
+        """Whether a turn with these tags must be on disk before the response completes."""
+        if self.mode == "sync":
+            return True
+        if self.mode != "hybrid":
+            return False
+        return "all" in self.critical or bool(tags & self.critical)
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     name: str
     api_key_hashes: frozenset[str] = field(repr=False)
@@ -110,6 +132,7 @@ class TenantConfig:
     concurrency: str
     upstream_timeout: float
     stateless: bool = False  # plain proxying: no session state is read or recorded
+    persistence: Persistence = Persistence()
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
@@ -136,6 +159,9 @@ class Config:
     janitor_interval: float
     data_dir: Path
     map_size: int
+    write_batch_size: int
+    flush_interval: float
+    write_queue_max: int
     tenants: Mapping[str, TenantConfig]
     source: str  # where it came from, for logs
 
@@ -223,6 +249,9 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         janitor_interval=float(_int(server["janitor_interval_seconds"], where, "server.janitor_interval_seconds", 1, 1 << 31)),
         data_dir=Path(_string(storage["data_dir"], where, "storage.data_dir")),
         map_size=_int(storage["map_size_mb"], where, "storage.map_size_mb", 1, 1 << 24) * 1024 * 1024,
+        write_batch_size=_int(storage["write_batch_size"], where, "storage.write_batch_size", 1, 1 << 20),
+        flush_interval=_int(storage["flush_interval_ms"], where, "storage.flush_interval_ms", 1, 3_600_000) / 1000,
+        write_queue_max=_int(storage["write_queue_max"], where, "storage.write_queue_max", 1, 1 << 30),
         tenants=MappingProxyType(tenants),
         source=source,
     )
@@ -265,6 +294,27 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         concurrency=merged["concurrency"],
         upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
         stateless=_bool(merged["stateless"], file, "stateless"),
+        persistence=_build_persistence(file, merged["persistence"]),
+    )
+
+
+def _build_persistence(file: str, spec: Any) -> Persistence:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{file}: persistence: must be a mapping")
+    _check_keys(spec, {"mode", "critical", "checkpoint_every_messages", "checkpoint_every_seconds", "keep_checkpoints"}, file, "persistence.")
+    default = Persistence()
+    mode = spec.get("mode", default.mode)
+    if mode not in PERSISTENCE_MODES:
+        raise ConfigError(f"{file}: persistence.mode: must be one of {', '.join(PERSISTENCE_MODES)}")
+    critical = spec.get("critical", sorted(default.critical))
+    if not isinstance(critical, list) or not set(critical) <= set(CRITICAL_KINDS):
+        raise ConfigError(f"{file}: persistence.critical: must be a list of {', '.join(CRITICAL_KINDS)}")
+    return Persistence(
+        mode=mode,
+        critical=frozenset(critical),
+        checkpoint_every_messages=_int(spec.get("checkpoint_every_messages", default.checkpoint_every_messages), file, "persistence.checkpoint_every_messages", 1, 1 << 30),
+        checkpoint_every_seconds=float(_int(spec.get("checkpoint_every_seconds", int(default.checkpoint_every_seconds)), file, "persistence.checkpoint_every_seconds", 1, 1 << 30)),
+        keep_checkpoints=_int(spec.get("keep_checkpoints", default.keep_checkpoints), file, "persistence.keep_checkpoints", 1, 1000),
     )
 
 

@@ -7,19 +7,25 @@ request reads top to bottom in ``Pipeline.prepare`` and ``Pipeline.complete``/``
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
-from proxy import tokens, transcript
+from proxy import checkpoints, tokens, transcript
 from proxy.config import ResolvedModel, TenantConfig
 from proxy.errors import NotFound, ProxyError
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, identify, strip_proxy_fields
-from proxy.storage.base import Store
+from proxy.storage.base import Record, Write
+from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
 from proxy.validate import chat_body
+
+log = logging.getLogger("agent_state_proxy.pipeline")
+IDEMPOTENCY_KIND = "idempotency"
 
 
 @dataclass
@@ -36,13 +42,16 @@ class Turn:
     request_id: str
     started: float
     headers: dict[str, str] = field(default_factory=dict)  # response headers for the client
+    idempotency_key: str | None = None  # hashed Idempotency-Key header
+    replay: dict[str, Any] | None = None  # the recorded response for a repeated Idempotency-Key
 
 
 class Pipeline:
-    def __init__(self, store: Store, upstream: Upstream, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: WriteBehindStore, upstream: Upstream, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.upstream = upstream
         self.locks = SessionLocks()
+        self.repaired: list[dict[str, Any]] = []  # sessions repaired at load since start, for the admin API
         self.clock = clock
 
     def session_lock(self, tenant: TenantConfig, ref: SessionRef):
@@ -55,7 +64,7 @@ class Pipeline:
             raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
         return identify(tenant.name, headers, path_session, body), body, route
 
-    async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel) -> Turn:
+    async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel, idempotency_key: str | None = None) -> Turn:
         """Load the session (call under the session lock) and decide what goes upstream."""
         now = self.clock()
         if tenant.stateless:
@@ -63,22 +72,42 @@ class Pipeline:
             plan = transcript.Plan(body["messages"], [], None)
             return Turn(tenant, ref, route, strip_proxy_fields(body), session, [], plan, "req-" + uuid.uuid4().hex, now,
                         headers={"X-Session-ID": ref.id})
-        session = await self.store.get_session(tenant.name, ref.id)
-        if session is not None and session.last_active + tenant.session_ttl < now:
-            await self.store.delete_session(tenant.name, ref.id)  # expired: start over
-            session = None
-        stored = await self.store.get_messages(tenant.name, ref.id) if session else []
-        if session is None:
-            session = Session(tenant=tenant.name, id=ref.id, created_at=now, last_active=now, user_id=ref.user_id, implicit=ref.implicit)
-        plan = transcript.reconcile(stored, session.head, body["messages"], tenant.history)
+        session, stored = await self._load(tenant, ref, now)
+        idempotency = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else None
+        if idempotency is not None:
+            replay = await self.store.get_record(tenant.name, IDEMPOTENCY_KIND, idempotency, ref.id)
+            if replay is not None:  # a client retry: answer with what was recorded, call nothing
+                plan = transcript.Plan(body["messages"], [], None, replayed=True)
+                headers = {"X-Session-ID": ref.id, "X-Request-ID": replay["request_id"], "Idempotent-Replayed": "true"}
+                return Turn(tenant, ref, route, body, session, stored, plan, replay["request_id"], now, headers, idempotency, replay)
+        live = [m for m in stored if not m.reverted]  # rolled-back turns never match or return
+        plan = transcript.reconcile(live, session.head, body["messages"], tenant.history)
         upstream_body = strip_proxy_fields(body)
         if plan.restored:
             upstream_body = upstream_body | {"messages": plan.upstream_messages}
-        turn = Turn(tenant, ref, route, upstream_body, session, stored, plan, "req-" + uuid.uuid4().hex, now)
+        turn = Turn(tenant, ref, route, upstream_body, session, stored, plan, "req-" + uuid.uuid4().hex, now, idempotency_key=idempotency)
         turn.headers = {"X-Session-ID": ref.id, "X-Request-ID": turn.request_id}
         if plan.restored:
             turn.headers["X-History-Restored"] = str(plan.restored)
         return turn
+
+    async def _load(self, tenant: TenantConfig, ref: SessionRef, now: float) -> tuple[Session, list[Message]]:
+        """The session and its messages; expired ones start over, inconsistent ones are repaired."""
+        session = await self.store.get_session(tenant.name, ref.id)
+        if session is not None and session.last_active + tenant.session_ttl < now:
+            await self.store.delete_session(tenant.name, ref.id)  # expired: start over
+            session = None
+        stored = await self.store.get_messages(tenant.name, ref.id)
+        problem = checkpoints.inconsistency(session, stored)
+        if problem is not None:
+            saved = await self.store.scan_records(tenant.name, checkpoints.KIND, ref.id)
+            session = checkpoints.repair(tenant.name, ref.id, session, stored, saved, now)
+            log.warning("session %s of tenant %s repaired (%s): head %s, next seq %d", ref.id, tenant.name, problem, session.head, session.next_seq)
+            self.repaired.append({"tenant": tenant.name, "session": ref.id, "problem": problem, "ts": now})
+            await self.store.commit(session, [])
+        if session is None:
+            session = Session(tenant=tenant.name, id=ref.id, created_at=now, last_active=now, user_id=ref.user_id, implicit=ref.implicit)
+        return session, stored
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
         try:
@@ -89,12 +118,12 @@ class Pipeline:
         choices = response.get("choices") or []
         assistant = [c.get("message") or {} for c in choices if isinstance(c, dict)]
         finish = choices[0].get("finish_reason") if choices else None
-        await self._record(turn, assistant, outcome="ok", finish_reason=finish, usage=response.get("usage"), model=response.get("model"))
+        await self._record(turn, assistant, outcome="ok", finish_reason=finish, usage=response.get("usage"), model=response.get("model"), response=response)
         return response
 
     async def stream(self, turn: Turn) -> AsyncIterator[dict[str, Any]]:
         """Relay the provider's chunks; record the response when the stream ends, however it ends."""
-        collected = _StreamCollector()
+        collected = _StreamCollector(keep_chunks=turn.idempotency_key is not None)
         outcome = "aborted"
         try:
             # aclosing: a client that goes away closes this generator, which must close the
@@ -113,10 +142,15 @@ class Pipeline:
             # generator is closed), so a partial answer is kept with its outcome.
             await self._record(
                 turn, collected.messages(), outcome=outcome, finish_reason=collected.finish_reason(),
-                usage=collected.usage, model=collected.model,
+                usage=collected.usage, model=collected.model, chunks=collected.chunks if outcome == "ok" else None,
             )
 
-    async def _record(self, turn: Turn, assistant: list[dict[str, Any]], *, outcome: str, finish_reason: str | None = None, usage: dict[str, Any] | None = None, model: str | None = None) -> None:
+    async def _record(
+        self, turn: Turn, assistant: list[dict[str, Any]], *, outcome: str, finish_reason: str | None = None,
+        usage: dict[str, Any] | None = None, model: str | None = None,
+        response: dict[str, Any] | None = None, chunks: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Append the new messages and the answer; durable now or batched, per the tenant's policy."""
         if turn.tenant.stateless:
             return
         session, plan, now = turn.session, turn.plan, self.clock()
@@ -161,7 +195,34 @@ class Pipeline:
         if isinstance(usage, dict):
             session.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             session.completion_tokens += int(usage.get("completion_tokens") or 0)
-        await self.store.commit(session, records)
+
+        aux: list[Record] = []
+        tags = {tag for m in records for tag in (m.tags or ())}
+        if any(m.body.get("tool_calls") for m in records):
+            tags.add("tool_calls")
+        if turn.idempotency_key and (response is not None or chunks is not None):
+            tags.add("idempotent")
+            replay = {"request_id": turn.request_id, "response": response, "chunks": chunks}
+            aux.append(Record(IDEMPOTENCY_KIND, turn.idempotency_key, replay, session.id))
+        aux += self._checkpoint_if_due(turn.tenant, session, records, now)
+        write = Write(session.tenant, session, records, aux)
+        if turn.tenant.persistence.durable(tags):
+            await self.store.apply([write])
+        else:
+            await self.store.apply_later([write])
+
+    def _checkpoint_if_due(self, tenant: TenantConfig, session: Session, records: list[Message], now: float) -> list[Record]:
+        policy = tenant.persistence
+        last = session.extra.get("checkpoint") or {"seq": 0, "ts": session.created_at}
+        if session.next_seq - last["seq"] < policy.checkpoint_every_messages and now - last["ts"] < policy.checkpoint_every_seconds:
+            return []
+        head_chain = next((m.chain for m in reversed(records) if m.seq == session.head), None)
+        key, value = checkpoints.make(session, head_chain, now)
+        kept = session.extra.get("checkpoints", []) + [key]
+        session.extra["checkpoints"] = kept[-policy.keep_checkpoints:]
+        session.extra["checkpoint"] = {"seq": session.next_seq, "ts": now, "key": key}
+        expired = [Record(checkpoints.KIND, old, None, session.id) for old in kept[:-policy.keep_checkpoints]]
+        return [Record(checkpoints.KIND, key, value, session.id)] + expired
 
 
 def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:
@@ -176,12 +237,15 @@ def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:
 class _StreamCollector:
     """Reassembles streamed chunks into the messages the provider sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_chunks: bool = False) -> None:
+        self.chunks: list[dict[str, Any]] | None = [] if keep_chunks else None  # for idempotent replays
         self.choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None
 
     def add(self, chunk: dict[str, Any]) -> None:
+        if self.chunks is not None:
+            self.chunks.append(chunk)
         self.model = chunk.get("model") or self.model
         if chunk.get("usage"):
             self.usage = chunk["usage"]

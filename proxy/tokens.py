@@ -12,10 +12,37 @@ import orjson
 
 # Per-message framing overhead in OpenAI's chat format (role markers, separators).
 _MESSAGE_OVERHEAD = 4
+# The encoding used when a model has no tiktoken encoding of its own (any non-OpenAI model):
+# an approximation of the provider's tokenizer, documented as such.
+DEFAULT_ENCODING = "cl100k_base"
+# Encodings litellm bundles, so they load without network access.
+_BUNDLED = ("cl100k_base", "o200k_base", "p50k_base")
+
+
+def encoding_for(model: str | None) -> str:
+    """Name of the tiktoken encoding of ``model`` (a litellm model string or a bare name).
+
+    OpenAI models get their own encoding; every other model gets ``DEFAULT_ENCODING``, an
+    approximation (no other tokenizer ships offline with litellm).
+    """
+    if not model:
+        return DEFAULT_ENCODING
+    return _encoding_name(model.removeprefix("openai/").removeprefix("azure/"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _encoding_name(name: str) -> str:
+    try:
+        from tiktoken.model import encoding_name_for_model
+
+        found = encoding_name_for_model(name)
+    except Exception:  # unknown model, or tiktoken missing
+        return DEFAULT_ENCODING
+    return found if found in _BUNDLED else DEFAULT_ENCODING
 
 
 @functools.cache
-def _encoding():
+def _encoding(name: str = DEFAULT_ENCODING):
     if "TIKTOKEN_CACHE_DIR" not in os.environ:
         spec = importlib.util.find_spec("litellm")
         if spec and spec.submodule_search_locations:
@@ -25,19 +52,19 @@ def _encoding():
     try:
         import tiktoken
 
-        return tiktoken.get_encoding("cl100k_base")
+        return tiktoken.get_encoding(name)
     except Exception:  # no bundled encoding and no network: fall back to an estimate
         return None
 
 
-def count_text(text: str) -> int:
-    encoding = _encoding()
+def count_text(text: str, encoding_name: str = DEFAULT_ENCODING) -> int:
+    encoding = _encoding(encoding_name)
     if encoding is None:
         return max(1, len(text) // 4) if text else 0
     return len(encoding.encode(text, disallowed_special=()))
 
 
-def count_message(body: dict[str, Any]) -> int:
+def count_message(body: dict[str, Any], encoding_name: str = DEFAULT_ENCODING) -> int:
     """Tokens one chat message costs in a prompt (content, tool calls and framing)."""
     content = body.get("content")
     if isinstance(content, str):
@@ -50,4 +77,4 @@ def count_message(body: dict[str, Any]) -> int:
         text += orjson.dumps(body["tool_calls"]).decode()
     if body.get("name"):
         text += " " + str(body["name"])
-    return count_text(text) + _MESSAGE_OVERHEAD
+    return count_text(text, encoding_name) + _MESSAGE_OVERHEAD

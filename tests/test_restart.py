@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyProcess, open_tenant, write_config
 
 
-def test_conversation_continues_across_kill_9(tmp_path: Path, upstream: FakeUpstream) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
+@pytest.mark.parametrize("mode", ["sync", "hybrid"])
+def test_conversation_continues_across_kill_9(tmp_path: Path, upstream: FakeUpstream, mode: str) -> None:
+    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url, persistence={"mode": mode})})
     proxy = ProxyProcess(config).start()
     sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
     headers = {"X-Session-ID": "survivor"}
@@ -22,6 +25,8 @@ def test_conversation_continues_across_kill_9(tmp_path: Path, upstream: FakeUpst
             history.append({"role": "user", "content": f"fact {turn}"})
             answer = sdk.chat.completions.create(model="fake-model", messages=history, extra_headers=headers)
             history.append({"role": "assistant", "content": answer.choices[0].message.content})
+        if mode == "hybrid":
+            time.sleep(0.3)  # routine turns are batched: wait out the documented loss window (50 ms)
         proxy.kill()  # SIGKILL: no shutdown hook runs
         proxy.start()
         # The agent restarted too and only sends its new question: the proxy restores the rest.

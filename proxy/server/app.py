@@ -17,6 +17,7 @@ from proxy.server import keys
 from proxy.server.http import errors_middleware
 from proxy.server.routes import setup_routes
 from proxy.storage.base import Store
+from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream, import_litellm
 
 log = logging.getLogger("agent_state_proxy")
@@ -40,16 +41,20 @@ def _storage(given: Store | None):
     async def context(app: web.Application) -> AsyncIterator[None]:
         config = app[keys.CONFIG]
         if given is not None:
-            app[keys.STORE] = given
+            inner = given
         else:
             from proxy.storage.lmdb_store import LmdbStore
 
             path = config.data_dir / "lmdb"
-            app[keys.STORE] = await asyncio.to_thread(LmdbStore.open, str(path), map_size=config.map_size)
+            inner = await asyncio.to_thread(LmdbStore.open, str(path), map_size=config.map_size)
             log.info("store open at %s", path)
+        store = WriteBehindStore(inner, batch_size=config.write_batch_size, flush_interval=config.flush_interval, queue_max=config.write_queue_max)
+        await store.start()
+        app[keys.STORE] = store
         yield
         app[keys.READY] = False
-        await app[keys.STORE].close()
+        await store.close()  # flushes every queued write before the process exits
+        log.info("store flushed and closed")
 
     return context
 

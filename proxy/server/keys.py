@@ -6,11 +6,11 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.pipeline import Pipeline
-from proxy.storage.base import Store
+from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", Store)
+STORE = web.AppKey("store", WriteBehindStore)
 UPSTREAM = web.AppKey("upstream", Upstream)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 READY = web.AppKey("ready", bool)

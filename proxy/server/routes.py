@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import NotFound, ProxyError
+from proxy import checkpoints, rollback
+from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys
 from proxy.server.http import authenticate, json_response, read_json
@@ -30,6 +32,10 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/admin/sessions", admin_list_sessions)
     app.router.add_get("/admin/sessions/{session_id}", admin_get_session)
     app.router.add_delete("/admin/sessions/{session_id}", admin_delete_session)
+    app.router.add_get("/admin/sessions/{session_id}/checkpoints", admin_checkpoints)
+    app.router.add_post("/admin/sessions/{session_id}/rollback", admin_rollback)
+    app.router.add_post("/admin/sessions/{session_id}/fork", admin_fork)
+    app.router.add_get("/admin/recovery", admin_recovery)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -38,7 +44,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, config.max_body_bytes)
     ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
     async with pipeline.session_lock(tenant, ref):
-        turn = await pipeline.prepare(tenant, ref, body, route)
+        turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
+        if turn.replay is not None:
+            return await _replay(request, turn)
         if not body.get("stream"):
             response = await pipeline.complete(turn)
             return json_response(response, headers=turn.headers)
@@ -71,6 +79,20 @@ async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.S
         await chunks.aclose()  # records the (possibly partial) response
     if response is not None:
         await _write_eof_quietly(response)
+    return response
+
+
+async def _replay(request: web.Request, turn) -> web.StreamResponse:
+    """Answer a repeated Idempotency-Key with the recorded response, in the form it was asked."""
+    recorded = turn.replay
+    if recorded.get("response") is not None:
+        return json_response(recorded["response"], headers=turn.headers)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers})
+    await response.prepare(request)
+    for chunk in recorded.get("chunks") or ():
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
     return response
 
 
@@ -148,3 +170,50 @@ async def admin_delete_session(request: web.Request) -> web.Response:
     return json_response({"id": session_id, "object": "session", "deleted": True})
 
 
+
+
+async def _session_for_admin(request: web.Request):
+    tenant = authenticate(request.app[keys.CONFIG], request)
+    store, session_id = request.app[keys.STORE], request.match_info["session_id"]
+    session = await store.get_session(tenant.name, session_id)
+    if session is None:
+        raise NotFound(f"no session '{session_id}' for this tenant", code="session_not_found")
+    return tenant, store, session
+
+
+async def admin_checkpoints(request: web.Request) -> web.Response:
+    _, store, session = await _session_for_admin(request)
+    found = await store.scan_records(session.tenant, checkpoints.KIND, session.id)
+    data = [{"id": key, "seq": value.get("seq"), "ts": value.get("ts"), "head": (value.get("session") or {}).get("head"),
+             "valid": checkpoints.problem(value) is None} for key, value in found]
+    return json_response({"object": "list", "data": data})
+
+
+async def admin_rollback(request: web.Request) -> web.Response:
+    tenant, store, session = await _session_for_admin(request)
+    spec = await read_json(request, request.app[keys.CONFIG].max_body_bytes)
+    if not isinstance(spec, dict):
+        raise BadRequest("body must be a JSON object", code="invalid_body")
+    async with request.app[keys.PIPELINE].locks.hold(tenant.name, session.id, refuse_when_busy=False):
+        session = await store.get_session(tenant.name, session.id) or session
+        messages = await store.get_messages(tenant.name, session.id)
+        report = await rollback.rollback(store, session, messages, spec, time.time())
+    return json_response(report)
+
+
+async def admin_fork(request: web.Request) -> web.Response:
+    tenant, store, session = await _session_for_admin(request)
+    spec = await read_json(request, request.app[keys.CONFIG].max_body_bytes) if request.can_read_body else {}
+    if not isinstance(spec, dict):
+        raise BadRequest("body must be a JSON object", code="invalid_body")
+    async with request.app[keys.PIPELINE].locks.hold(tenant.name, session.id, refuse_when_busy=False):
+        messages = await store.get_messages(tenant.name, session.id)
+        forked = await rollback.fork(store, session, messages, spec, time.time())
+    return json_response({"id": forked.id, "object": "session", "source": session.id, "messages": forked.next_seq}, status=201)
+
+
+async def admin_recovery(request: web.Request) -> web.Response:
+    tenant = authenticate(request.app[keys.CONFIG], request)
+    store = request.app[keys.STORE]
+    quarantined = [dataclasses.asdict(q) for q in await store.quarantined(tenant.name)]
+    return json_response({"quarantined": quarantined, "store": store.stats(), "repaired_sessions": request.app[keys.PIPELINE].repaired})

@@ -1,4 +1,4 @@
-"""The storage interface every backend implements; tests/test_store_conformance.py checks it."""
+"""The storage interface every backend implements; tests/test_storage.py checks it."""
 
 from __future__ import annotations
 

@@ -113,6 +113,9 @@ class LmdbStore(KVStore):
         if self._closed:
             return
         self._closed = True
+        await asyncio.to_thread(self._close_now)  # waits for queued fsyncs off the event loop
+
+    def _close_now(self) -> None:
         self._writer.shutdown(wait=True)
         with self._resize_lock:
             self._env.close()
@@ -120,7 +123,10 @@ class LmdbStore(KVStore):
             _open_paths.discard(self._path)
 
     def stats(self) -> dict[str, Any]:
-        info, stat = self._env.info(), self._env.stat()
+        if self._closed:
+            return {"path": self._path, "closed": True}
+        with self._resize_lock:
+            info, stat = self._env.info(), self._env.stat()
         return {
             "path": self._path,
             "map_size": info["map_size"],

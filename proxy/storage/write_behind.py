@@ -1,0 +1,211 @@
+"""Write-behind buffering over a Store: durable writes now, routine writes batched later.
+
+Routine writes are acknowledged once queued and reach the store in batches (one transaction
+per batch); reads see them immediately through an overlay. A durable write first drains the
+queue into the same transaction, so the store never holds a later write without an earlier
+one: a crash loses at most the tail of the queue, never the middle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+from proxy.records import Message, Session
+from proxy.storage.base import Quarantined, Store, StorageError, Write
+
+log = logging.getLogger("agent_state_proxy.storage")
+
+_SessionKey = tuple[str, str]
+_RecordKey = tuple[str, str, str | None, str]
+
+
+class WriteBehindStore(Store):
+    def __init__(self, inner: Store, *, batch_size: int = 256, flush_interval: float = 0.05, queue_max: int = 10_000) -> None:
+        self.inner = inner
+        self.batch_size, self.flush_interval, self.queue_max = batch_size, flush_interval, queue_max
+        self._queue: collections.deque[Write] = collections.deque()
+        self._sessions: dict[_SessionKey, Session | None] = {}  # None: deleted
+        self._messages: dict[_SessionKey, dict[int, Message]] = {}
+        self._records: dict[_RecordKey, dict[str, Any] | None] = {}
+        self._lock = asyncio.Lock()  # one flush at a time, in queue order
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self.failure: Exception | None = None  # the last flush failure, until a flush succeeds
+        self.flushed_batches = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._flusher(), name="write-behind-flusher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.flush()
+        await self.inner.close()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def apply(self, writes: Sequence[Write]) -> None:
+        """Durable: returns once these writes (and everything queued before) are committed."""
+        async with self._lock:
+            queued = len(self._queue)
+            await self.inner.apply(list(self._queue) + list(writes))
+            self._forget(queued)
+        await self._notify_drained()
+
+    async def apply_later(self, writes: Sequence[Write]) -> None:
+        """Routine: queued (visible to reads at once), committed by the next batch."""
+        if len(self._queue) >= self.queue_max:
+            # Backpressure instead of unbounded memory: wait for the flusher to make room.
+            self._wakeup.set()
+            async with self._drained:
+                await self._drained.wait_for(lambda: len(self._queue) < self.queue_max)
+        for write in writes:
+            write = _frozen_copy(write)
+            self._queue.append(write)
+            self._overlay(write)
+        if len(self._queue) >= self.batch_size:
+            self._wakeup.set()
+
+    async def flush(self) -> None:
+        while self._queue:
+            async with self._lock:
+                count = min(len(self._queue), self.batch_size)
+                batch = [self._queue[i] for i in range(count)]
+                await self.inner.apply(batch)
+                self._forget(count)
+                self.flushed_batches += 1
+        self.failure = None
+        await self._notify_drained()
+
+    async def _flusher(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.flush_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+            try:
+                await self.flush()
+            except StorageError as exc:
+                # Loud, and the writes stay queued: they are retried, never dropped.
+                self.failure = exc
+                log.critical("write-behind flush failed (%d writes pending): %s", len(self._queue), exc)
+                await asyncio.sleep(1.0)
+
+    def _forget(self, count: int) -> None:
+        """Drop committed writes from the queue; overlay entries go once nothing newer replaced them."""
+        for _ in range(count):
+            write = self._queue.popleft()
+            key = (write.tenant, write.session.id) if write.session else None
+            if key and self._sessions.get(key) is write.session:
+                del self._sessions[key]
+            if key and write.messages:
+                overlay = self._messages.get(key, {})
+                for message in write.messages:
+                    if overlay.get(message.seq) is message:
+                        del overlay[message.seq]
+                if not overlay:
+                    self._messages.pop(key, None)
+            for record in write.records:
+                rkey = (write.tenant, record.kind, record.session_id, record.key)
+                if rkey in self._records and self._records[rkey] is record.value:
+                    del self._records[rkey]
+            if write.delete_session is not None:
+                dkey = (write.tenant, write.delete_session)
+                if dkey in self._sessions and self._sessions[dkey] is None:
+                    del self._sessions[dkey]
+
+    async def _notify_drained(self) -> None:
+        async with self._drained:
+            self._drained.notify_all()
+
+    def _overlay(self, write: Write) -> None:
+        if write.delete_session is not None:
+            key = (write.tenant, write.delete_session)
+            self._sessions[key] = None
+            self._messages.pop(key, None)
+            for rkey in [k for k in self._records if k[0] == write.tenant and k[2] == write.delete_session]:
+                del self._records[rkey]
+        if write.session is not None:
+            key = (write.tenant, write.session.id)
+            self._sessions[key] = write.session
+            if write.messages:
+                self._messages.setdefault(key, {}).update({m.seq: m for m in write.messages})
+        for record in write.records:
+            self._records[(write.tenant, record.kind, record.session_id, record.key)] = record.value
+
+    # -- reads (store + overlay) -------------------------------------------------------------
+
+    async def get_session(self, tenant: str, session_id: str) -> Session | None:
+        key = (tenant, session_id)
+        if key in self._sessions:
+            found = self._sessions[key]
+            return dataclasses.replace(found, extra=dict(found.extra)) if found else None
+        return await self.inner.get_session(tenant, session_id)
+
+    async def get_messages(self, tenant: str, session_id: str) -> list[Message]:
+        key = (tenant, session_id)
+        if key in self._sessions and self._sessions[key] is None:
+            return []
+        stored = await self.inner.get_messages(tenant, session_id)
+        overlay = self._messages.get(key)
+        if not overlay:
+            return stored
+        merged = {m.seq: m for m in stored} | {seq: dataclasses.replace(m) for seq, m in overlay.items()}
+        return [merged[seq] for seq in sorted(merged)]
+
+    async def list_sessions(self, tenant: str) -> list[Session]:
+        sessions = {s.id: s for s in await self.inner.list_sessions(tenant)}
+        for (owner, sid), session in self._sessions.items():
+            if owner == tenant:
+                if session is None:
+                    sessions.pop(sid, None)
+                else:
+                    sessions[sid] = dataclasses.replace(session)
+        return list(sessions.values())
+
+    async def get_record(self, tenant: str, kind: str, key: str, session_id: str | None = None) -> dict[str, Any] | None:
+        rkey = (tenant, kind, session_id, key)
+        if rkey in self._records:
+            return self._records[rkey]
+        if session_id is not None and self._sessions.get((tenant, session_id), 1) is None:
+            return None
+        return await self.inner.get_record(tenant, kind, key, session_id)
+
+    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+        if session_id is not None and self._sessions.get((tenant, session_id), 1) is None:
+            return []
+        found = dict(await self.inner.scan_records(tenant, kind, session_id, prefix))
+        for (owner, rkind, rsid, rkey), value in self._records.items():
+            if owner == tenant and rkind == kind and rsid == session_id and rkey.startswith(prefix):
+                if value is None:
+                    found.pop(rkey, None)
+                else:
+                    found[rkey] = value
+        return sorted(found.items())
+
+    async def quarantined(self, tenant: str | None = None) -> list[Quarantined]:
+        return await self.inner.quarantined(tenant)
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats() | {"pending_writes": len(self._queue), "flushed_batches": self.flushed_batches,
+                                     "flush_failure": str(self.failure) if self.failure else None}
+
+
+def _frozen_copy(write: Write) -> Write:
+    """Queue a snapshot: callers keep mutating their Session objects after handing them over."""
+    session = dataclasses.replace(write.session, extra=dict(write.session.extra)) if write.session else None
+    return Write(write.tenant, session, list(write.messages), list(write.records), write.delete_session)
