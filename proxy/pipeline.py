@@ -19,7 +19,7 @@ from proxy.config import ResolvedModel, TenantConfig
 from proxy.errors import NotFound, ProxyError
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, identify, strip_proxy_fields
-from proxy.storage.base import Record, Write
+from proxy.storage.base import Record, StorageError, Write
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
 from proxy.validate import chat_body
@@ -206,10 +206,14 @@ class Pipeline:
             aux.append(Record(IDEMPOTENCY_KIND, turn.idempotency_key, replay, session.id))
         aux += self._checkpoint_if_due(turn.tenant, session, records, now)
         write = Write(session.tenant, session, records, aux)
-        if turn.tenant.persistence.durable(tags):
-            await self.store.apply([write])
-        else:
-            await self.store.apply_later([write])
+        try:
+            if turn.tenant.persistence.durable(tags):
+                await self.store.apply([write])
+            else:
+                await self.store.apply_later([write])
+        except StorageError as exc:
+            log.critical("could not record turn %s of session %s: %s", turn.request_id, session.id, exc)
+            raise ProxyError("the proxy could not persist this turn; it was not acknowledged", status=503, code="storage_error") from exc
 
     def _checkpoint_if_due(self, tenant: TenantConfig, session: Session, records: list[Message], now: float) -> list[Record]:
         policy = tenant.persistence

@@ -164,3 +164,27 @@ def test_async_mode_flushes_on_sigterm(tmp_path: Path, upstream: FakeUpstream) -
         assert len(httpx.get(f"{proxy.url}/admin/sessions/drain").json()["messages"]) == 6
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_full_disk_is_loud_and_never_acknowledged(tmp_path: Path, upstream: FakeUpstream, stream: bool) -> None:
+    import lmdb
+
+    with running(tmp_path, upstream, persistence={"mode": "sync"}) as proxy:
+        from proxy.server import keys
+
+        inner = proxy.app[keys.STORE].inner
+        real_write = inner._write_now
+
+        def failing_put(txn):
+            raise lmdb.DiskError("No space left on device")
+
+        inner._write_now = lambda fn: real_write(failing_put)  # fails inside a real transaction
+        body = {"model": "fake-model", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        response = httpx.post(f"{proxy.base_url}/chat/completions", json=body, headers={"X-Session-ID": "full"})
+        if stream:
+            assert response.status_code == 200
+            events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+            assert "storage_error" in events[-1] and "[DONE]" not in response.text
+        else:
+            assert response.status_code == 503 and response.json()["error"]["code"] == "storage_error"
