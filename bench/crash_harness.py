@@ -51,6 +51,7 @@ class Report:
     critical_acknowledged: int = 0
     lost_critical: list[str] = field(default_factory=list)
     lost_routine_in_window: int = 0
+    lost_routine_max_age_s: float = 0.0  # the oldest acknowledgement among the lost routine turns
     lost_routine_outside_window: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     interleaved: list[str] = field(default_factory=list)
@@ -127,6 +128,8 @@ def audit(url: str, acks: list[Ack], kill_times: list[float], window: float, rep
                 report.lost_critical.append(ack.user)
             elif any(0 <= kill - ack.at <= window for kill in kill_times):
                 report.lost_routine_in_window += 1
+                age = min(kill - ack.at for kill in kill_times if kill >= ack.at)
+                report.lost_routine_max_age_s = round(max(report.lost_routine_max_age_s, age), 4)
             else:
                 report.lost_routine_outside_window.append(ack.user)
 
