@@ -14,11 +14,17 @@ from typing import Any, Mapping
 
 import yaml
 
+from proxy.context.settings import ContextSettings, parse as parse_context
+
 HISTORY_MODES = ("auto", "client", "proxy")
 CONCURRENCY_MODES = ("serialize", "reject")
 UPSTREAM_PATHS = ("auto", "direct", "litellm")
 PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
 CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "all")
+MEMORY_SCOPES = ("user", "session", "tenant")
+MEMORY_ANONYMOUS = ("session", "shared")
+MEMORY_KEYS = {"enabled", "embedder", "scope", "anonymous", "episodic", "inject", "top_k", "min_score",
+               "recency_half_life_days", "latency_budget_ms", "max_inject_tokens", "procedural"}
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -42,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "upstream_timeout_seconds": 600,
         "stateless": False,
         "persistence": {},
+        "context": {},
+        "memory": {},
         "models": {},
     },
 }
@@ -121,6 +129,24 @@ class Persistence:
 
 
 @dataclass(frozen=True)
+class MemorySettings:
+    """A tenant's long-term memory (see README, Memory)."""
+
+    enabled: bool = True
+    embedder: str = "local"  # local | a model alias of the tenant routed to an embedding model
+    scope: str = "user"  # user | session | tenant: whose memories a request may recall
+    anonymous: str = "session"  # requests without a user id: session | shared (one anonymous user)
+    episodic: bool = True  # remember recorded user and assistant messages
+    inject: bool = True  # add recalled memories to the system prompt
+    top_k: int = 5
+    min_score: float = 0.25  # minimum cosine similarity of a recalled memory
+    recency_half_life_days: float | None = None
+    latency_budget_ms: int = 30  # retrieval slower than this is skipped (and counted)
+    max_inject_tokens: int = 1200
+    procedural: tuple[str, ...] = ()  # tenant-wide standing preferences, always injected
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     name: str
     api_key_hashes: frozenset[str] = field(repr=False)
@@ -133,6 +159,8 @@ class TenantConfig:
     upstream_timeout: float
     stateless: bool = False  # plain proxying: no session state is read or recorded
     persistence: Persistence = Persistence()
+    context: ContextSettings = ContextSettings()  # context management (proxy/context)
+    memory: MemorySettings = MemorySettings()  # long-term memory (proxy/memory)
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
@@ -295,6 +323,66 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
         stateless=_bool(merged["stateless"], file, "stateless"),
         persistence=_build_persistence(file, merged["persistence"]),
+        context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
+        memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),
+    )
+
+
+def _build_context(file: str, defaults: Any, own: Any, routes: dict[str, ModelRoute]) -> ContextSettings:
+    """The tenant's ``context`` over tenant_defaults.context (mappings merge key by key)."""
+    raw = (defaults | own) if isinstance(defaults, dict) and isinstance(own, dict) else own
+    try:
+        settings = parse_context(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{file}: context{'' if str(exc).startswith(':') else '.'}{exc}") from None
+    for key in ("summarizer_model", "tagger_model"):
+        alias = getattr(settings, key)
+        if alias is not None and alias not in routes and "*" not in routes:
+            raise ConfigError(f"{file}: context.{key}: {alias!r} is not a model alias of this tenant (models: {', '.join(routes)})")
+    return settings
+
+
+def _build_memory(file: str, defaults: Any, own: Any, routes: Mapping[str, ModelRoute]) -> MemorySettings:
+    """The tenant's ``memory`` over tenant_defaults.memory (mappings merge key by key)."""
+    for value in (defaults, own):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: memory: must be a mapping")
+        _check_keys(value, MEMORY_KEYS, file, "memory.")
+    spec = defaults | own
+    default = MemorySettings()
+    embedder = spec.get("embedder", default.embedder)
+    if not isinstance(embedder, str) or not embedder:
+        raise ConfigError(f"{file}: memory.embedder: must be 'local' or a model alias of this tenant")
+    if embedder != "local" and embedder not in routes and "*" not in routes:
+        raise ConfigError(f"{file}: memory.embedder: must be 'local' or a model alias of this tenant (models: {', '.join(routes)})")
+    scope = spec.get("scope", default.scope)
+    if scope not in MEMORY_SCOPES:
+        raise ConfigError(f"{file}: memory.scope: must be one of {', '.join(MEMORY_SCOPES)}")
+    anonymous = spec.get("anonymous", default.anonymous)
+    if anonymous not in MEMORY_ANONYMOUS:
+        raise ConfigError(f"{file}: memory.anonymous: must be one of {', '.join(MEMORY_ANONYMOUS)}")
+    min_score = spec.get("min_score", default.min_score)
+    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not -1.0 <= min_score <= 1.0:
+        raise ConfigError(f"{file}: memory.min_score: must be a number between -1 and 1 (a cosine similarity)")
+    half_life = spec.get("recency_half_life_days", default.recency_half_life_days)
+    if half_life is not None and (isinstance(half_life, bool) or not isinstance(half_life, (int, float)) or half_life <= 0):
+        raise ConfigError(f"{file}: memory.recency_half_life_days: must be null or a number of days above 0")
+    procedural = spec.get("procedural", [])
+    if not isinstance(procedural, list) or len(procedural) > 100 or not all(isinstance(p, str) and 0 < len(p) <= 4000 for p in procedural):
+        raise ConfigError(f"{file}: memory.procedural: must be a list of at most 100 non-empty strings of at most 4000 characters")
+    return MemorySettings(
+        enabled=_bool(spec.get("enabled", default.enabled), file, "memory.enabled"),
+        embedder=embedder,
+        scope=scope,
+        anonymous=anonymous,
+        episodic=_bool(spec.get("episodic", default.episodic), file, "memory.episodic"),
+        inject=_bool(spec.get("inject", default.inject), file, "memory.inject"),
+        top_k=_int(spec.get("top_k", default.top_k), file, "memory.top_k", 1, 100),
+        min_score=float(min_score),
+        recency_half_life_days=float(half_life) if half_life is not None else None,
+        latency_budget_ms=_int(spec.get("latency_budget_ms", default.latency_budget_ms), file, "memory.latency_budget_ms", 1, 60_000),
+        max_inject_tokens=_int(spec.get("max_inject_tokens", default.max_inject_tokens), file, "memory.max_inject_tokens", 50, 100_000),
+        procedural=tuple(procedural),
     )
 
 

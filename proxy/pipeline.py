@@ -12,10 +12,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
 
 from proxy import checkpoints, tokens, transcript
 from proxy.config import ResolvedModel, TenantConfig
+from proxy.context.importance import tag_message
+from proxy.context.manager import ContextManager
 from proxy.errors import NotFound, ProxyError
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, identify, strip_proxy_fields
@@ -23,6 +25,9 @@ from proxy.storage.base import Record, StorageError, Write
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
 from proxy.validate import chat_body
+
+if TYPE_CHECKING:
+    from proxy.memory.service import MemoryService
 
 log = logging.getLogger("agent_state_proxy.pipeline")
 IDEMPOTENCY_KIND = "idempotency"
@@ -44,12 +49,15 @@ class Turn:
     headers: dict[str, str] = field(default_factory=dict)  # response headers for the client
     idempotency_key: str | None = None  # hashed Idempotency-Key header
     replay: dict[str, Any] | None = None  # the recorded response for a repeated Idempotency-Key
+    injected: list[str] | None = None  # ids of the long-term memories added to the prompt
 
 
 class Pipeline:
-    def __init__(self, store: WriteBehindStore, upstream: Upstream, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: WriteBehindStore, upstream: Upstream, clock: Callable[[], float] = time.time, context: ContextManager | None = None) -> None:
         self.store = store
         self.upstream = upstream
+        self.context = context  # fits what goes upstream to the model's token budget
+        self.memory: MemoryService | None = None  # long-term memory, set by the app when enabled
         self.locks = SessionLocks()
         self.repaired: list[dict[str, Any]] = []  # sessions repaired at load since start, for the admin API
         self.clock = clock
@@ -89,6 +97,10 @@ class Pipeline:
         turn.headers = {"X-Session-ID": ref.id, "X-Request-ID": turn.request_id}
         if plan.restored:
             turn.headers["X-History-Restored"] = str(plan.restored)
+        if self.memory is not None:
+            await self.memory.recall(turn)  # relevant long-term memories into the system prompt
+        if self.context is not None:
+            await self.context.shape(turn)  # assemble the context within the token budget
         return turn
 
     async def _load(self, tenant: TenantConfig, ref: SessionRef, now: float) -> tuple[Session, list[Message]]:
@@ -158,31 +170,32 @@ class Pipeline:
         chain = plan.parent.chain if plan.parent else transcript.ROOT_CHAIN
         branch = session.branches + 1 if plan.branched else (plan.parent.branch if plan.parent else 0)
         records: list[Message] = []
+        encoding = tokens.encoding_for(turn.route.model)
 
         def append(body: dict[str, Any], **meta: Any) -> None:
             nonlocal parent, chain
             chain = transcript.chain_hash(chain, body)
             message = Message(
                 seq=session.next_seq, parent=parent, chain=chain, role=str(body.get("role")), body=body,
-                ts=now, request_id=turn.request_id, branch=branch, **meta,
+                ts=now, request_id=turn.request_id, branch=branch, tokens=tokens.count_message(body, encoding),
+                tokenizer=encoding, tags=tag_message(body), **meta,
             )
             session.next_seq += 1
             parent = message.seq
             records.append(message)
 
         for body in plan.new_messages:
-            append(body, tokens=tokens.count_message(body), outcome="error" if outcome == "error" else "ok")
+            append(body, outcome="error" if outcome == "error" else "ok")
         if assistant and (assistant[0].get("content") or assistant[0].get("tool_calls") or outcome == "ok"):
             reply = _clean_assistant(assistant[0])
-            completion_tokens = (usage or {}).get("completion_tokens")
             append(
                 reply,
-                tokens=completion_tokens if isinstance(completion_tokens, int) else tokens.count_message(reply),
                 model=model or turn.route.requested,
                 latency_ms=round((now - turn.started) * 1000, 3),
                 finish_reason=finish_reason,
                 outcome=outcome,
                 alternatives=[_clean_assistant(a) for a in assistant[1:]] or None,
+                injected=turn.injected,
             )
         if plan.branched and records:
             session.branches += 1
@@ -214,6 +227,10 @@ class Pipeline:
         except StorageError as exc:
             log.critical("could not record turn %s of session %s: %s", turn.request_id, session.id, exc)
             raise ProxyError("the proxy could not persist this turn; it was not acknowledged", status=503, code="storage_error") from exc
+        if self.context is not None:
+            self.context.after_record(turn, records)  # background summaries, off the request path
+        if self.memory is not None:
+            self.memory.after_record(turn, records)  # background indexing, off the request path
 
     def _checkpoint_if_due(self, tenant: TenantConfig, session: Session, records: list[Message], now: float) -> list[Record]:
         policy = tenant.persistence

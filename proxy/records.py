@@ -25,6 +25,7 @@ class Message:
     body: dict[str, Any]  # the OpenAI message exactly as sent or received
     ts: float
     tokens: int = 0
+    tokenizer: str | None = None  # the encoding ``tokens`` was counted with (None: unknown)
     request_id: str = ""
     branch: int = 0  # 0 for the first line of the conversation, +1 for every divergence
     model: str | None = None

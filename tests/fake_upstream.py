@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import json
 import re
+import signal
 import struct
 import threading
 import time
@@ -402,6 +403,7 @@ class FakeUpstream:
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         head = {
             "id": f"chatcmpl-fake-{next(self._ids)}",
+            "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model") or DEFAULT_MODEL,
             "system_fingerprint": SYSTEM_FINGERPRINT,
@@ -415,7 +417,7 @@ class FakeUpstream:
             message = {k: v for k, v in m.items() if k != "finish_reason"}
             message.setdefault("refusal", None)
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": m["finish_reason"]})
-        payload = {"object": "chat.completion", **head, "choices": choices, "usage": usage}
+        payload = {**head, "choices": choices, "usage": usage}
         return web.Response(body=_dumps(payload), content_type="application/json")
 
     @staticmethod
@@ -423,7 +425,7 @@ class FakeUpstream:
         """chat.completion.chunk objects in the order OpenAI sends them."""
 
         def chunk(choices: list[dict]) -> dict:
-            data = {"object": "chat.completion.chunk", **head, "choices": choices}
+            data = {**head, "object": "chat.completion.chunk", "choices": choices}
             if usage is not None:
                 data["usage"] = None  # OpenAI sends usage: null on every chunk but the last
             return data
@@ -450,7 +452,7 @@ class FakeUpstream:
                     yield chunk([choice(i, {"content": piece})])
             yield chunk([choice(i, {}, m["finish_reason"])])
         if usage is not None:
-            yield {"object": "chat.completion.chunk", **head, "choices": [], "usage": usage}
+            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
 
     async def _stream(self, request: web.Request, head: dict, messages: list[dict], usage: dict | None) -> web.StreamResponse:
         cut_after = self._pop("_mid_stream_failures")
@@ -606,7 +608,10 @@ def main(argv: list[str] | None = None) -> None:
             embedding_dim=args.embedding_dim,
         ) as fake:
             print(f"fake upstream listening on {fake.base_url}", flush=True)
-            await asyncio.Event().wait()
+            stop = asyncio.Event()
+            # Benchmarks stop it with SIGTERM; shut down cleanly rather than die mid-write.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())

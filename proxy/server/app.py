@@ -12,9 +12,11 @@ from aiohttp import web
 
 from proxy import janitor, tokens
 from proxy.config import Config
+from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
 from proxy.server import keys
 from proxy.server.http import errors_middleware
+from proxy.server.memory_routes import setup_memory_routes
 from proxy.server.routes import setup_routes
 from proxy.storage.base import Store
 from proxy.storage.write_behind import WriteBehindStore
@@ -32,8 +34,10 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app.cleanup_ctx.append(_storage(store))
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_pipeline)
+    app.cleanup_ctx.append(_memory)
     app.cleanup_ctx.append(_background)
     setup_routes(app)
+    setup_memory_routes(app)
     return app
 
 
@@ -68,14 +72,40 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
-    app[keys.PIPELINE] = Pipeline(app[keys.STORE], app[keys.UPSTREAM])
+    # The context manager owns background summarization tasks: stopped here, before the
+    # upstream and the store they use are closed.
+    context = ContextManager(app[keys.STORE], app[keys.UPSTREAM])
+    app[keys.PIPELINE] = Pipeline(app[keys.STORE], app[keys.UPSTREAM], context=context)
     app[keys.READY] = True
     yield
+    await context.close()
+
+
+async def _memory(app: web.Application) -> AsyncIterator[None]:
+    # Long-term memory loads its indexes and embedder in the background: the proxy serves at
+    # once (requests go on without memories until a tenant's memory is ready).
+    config = app[keys.CONFIG]
+    if not any(t.memory.enabled and not t.stateless for t in config.tenants.values()):
+        yield
+        return
+    from proxy.memory.service import MemoryService  # numpy and usearch only when some tenant remembers
+
+    service = MemoryService(app[keys.STORE], app[keys.UPSTREAM], config.tenants.values(), config.data_dir / "index")
+    await service.start()
+    app[keys.PIPELINE].memory = service
+    yield
+    await service.close()  # before the store: queued memories are written, indexes saved
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
-    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval))]
+    pipeline = app[keys.PIPELINE]
+
+    async def forget(tenant: str, session_id: str) -> None:
+        if pipeline.memory is not None:
+            await pipeline.memory.forget_session(tenant, session_id)
+
+    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=forget))]
     # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
     tasks.append(asyncio.create_task(asyncio.to_thread(tokens.count_text, "warm up")))
     needs_litellm = any(

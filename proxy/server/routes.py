@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from proxy import checkpoints, rollback
+from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys
@@ -155,6 +156,7 @@ async def admin_get_session(request: web.Request) -> web.Response:
     return json_response({
         "session": session.to_dict(),
         "messages": [m.to_dict() | {"active": m.seq in active} for m in messages],
+        "summaries": await context_summaries.for_admin(store, tenant.name, session_id),  # with the seqs each covers
     })
 
 
@@ -165,6 +167,8 @@ async def admin_delete_session(request: web.Request) -> web.Response:
     pipeline = request.app[keys.PIPELINE]
     async with pipeline.locks.hold(tenant.name, ref.id, refuse_when_busy=False):
         deleted = await request.app[keys.STORE].delete_session(tenant.name, session_id)
+    if pipeline.memory is not None:
+        await pipeline.memory.forget_session(tenant.name, session_id)  # LMDB erased them with the session
     if not deleted:
         raise NotFound(f"no session '{session_id}' for this tenant", code="session_not_found")
     return json_response({"id": session_id, "object": "session", "deleted": True})
@@ -198,6 +202,9 @@ async def admin_rollback(request: web.Request) -> web.Response:
         session = await store.get_session(tenant.name, session.id) or session
         messages = await store.get_messages(tenant.name, session.id)
         report = await rollback.rollback(store, session, messages, spec, time.time())
+    memory = request.app[keys.PIPELINE].memory
+    if memory is not None:  # reverted turns leave long-term memory too
+        await memory.forget_messages(tenant.name, session.id, report["reverted"])
     return json_response(report)
 
 

@@ -1,0 +1,235 @@
+"""LoCoMo retrieval benchmark of long-term memory, through the real proxy.
+
+Each LoCoMo conversation is replayed into the proxy as one user's sessions (the fake upstream
+plays the other speaker, message by message), then every question that has evidence is asked
+in a new session of that user, and the memories the proxy injected (X-Memory-Ids, in rank
+order) are mapped back to dialogue turns. R@k is the fraction of a question's evidence turns
+among the first k injected, averaged over questions (the LoCoMo paper's Table 3 metric).
+
+    python bench/memory_locomo.py                         # the real thing, ~5-10 min on 2 cores
+    python bench/memory_locomo.py --conversations 1       # one conversation, ~2 min
+    python bench/memory_locomo.py --offline               # retrieval only, no HTTP (ablations)
+    python bench/memory_locomo.py --offline --variant dense|lexical|hybrid
+
+Data: /work/shared/data/locomo/locomo-dev.json (CC BY-NC 4.0, see its README); --data PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_DATA = Path("/work/shared/data/locomo/locomo-dev.json")
+KS = (5, 10, 25)
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
+
+
+def turn_text(turn: dict[str, Any]) -> str:
+    text = turn["text"]
+    if turn.get("blip_caption"):
+        text += f" [shares an image: {turn['blip_caption']}]"
+    return text
+
+
+def sessions_of(sample: dict[str, Any]) -> list[tuple[int, str, list[dict[str, Any]]]]:
+    conversation = sample["conversation"]
+    numbers = sorted(int(k.split("_")[1]) for k in conversation if re.fullmatch(r"session_\d+", k))
+    return [(n, conversation.get(f"session_{n}_date_time", ""), conversation[f"session_{n}"]) for n in numbers if conversation[f"session_{n}"]]
+
+
+def evidence_of(qa: dict[str, Any]) -> list[str]:
+    found = []
+    for item in qa.get("evidence") or []:
+        found += [part.strip() for part in re.split(r"[;,]", str(item)) if re.fullmatch(r"D\d+:\d+", part.strip())]
+    return list(dict.fromkeys(found))
+
+
+def recall_at(ranked: list[str], evidence: list[str], k: int) -> float:
+    top = set(ranked[:k])
+    return sum(1 for e in evidence if e in top) / len(evidence)
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_category[CATEGORIES.get(row["category"], str(row["category"]))].append(row)
+    table: dict[str, Any] = {}
+    for name, group in [("overall", rows)] + sorted(by_category.items()):
+        table[name] = {"questions": len(group)} | {f"R@{k}": round(100 * statistics.fmean(r[f"R@{k}"] for r in group), 1) for k in KS}
+        table[name]["tokens"] = round(statistics.fmean(r["tokens"] for r in group), 1)
+    return table
+
+
+def print_table(table: dict[str, Any], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'category':<14}{'questions':>10}" + "".join(f"{'R@' + str(k):>8}" for k in KS) + f"{'tokens':>9}")
+    for name, row in table.items():
+        print(f"{name:<14}{row['questions']:>10}" + "".join(f"{row[f'R@{k}']:>8}" for k in KS) + f"{row['tokens']:>9}")
+
+
+# -- through the proxy ---------------------------------------------------------------------
+
+
+def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    import openai
+
+    from proxy.config import load_config
+    from proxy.server import keys
+    from tests.fake_upstream import FakeUpstream
+    from tests.harness import ProxyThread, open_tenant, write_config
+
+    rows: list[dict[str, Any]] = []
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="asp-locomo-") as tmp, FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key") as fake:
+        memory = {"top_k": max(KS), "max_inject_tokens": 8000, "latency_budget_ms": args.budget_ms, "min_score": args.min_score}
+        path = write_config(Path(tmp), {"bench": open_tenant(fake.base_url, memory=memory)})
+        with ProxyThread(load_config(path)) as proxy:
+            sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0, timeout=120)
+            service = proxy.app[keys.PIPELINE].memory
+            started = time.perf_counter()
+            turns = 0
+            id_to_dia: dict[str, str] = {}
+            for sample in samples:
+                user = f"locomo-{sample['sample_id']}"
+                for number, _, session in sessions_of(sample):
+                    sid = f"{sample['sample_id']}-session-{number}"
+                    first = session[0]["speaker"]
+                    history: list[dict[str, Any]] = []
+                    sent: list[str] = []  # dia_id of each recorded message, in order
+                    i = 0
+                    while i < len(session):
+                        turn = session[i]
+                        message = {"role": "user", "content": turn_text(turn), "name": re.sub(r"[^A-Za-z0-9_-]", "_", turn["speaker"])}
+                        reply_turn = session[i + 1] if i + 1 < len(session) and session[i + 1]["speaker"] != first else None
+                        fake.script_reply(turn_text(reply_turn) if reply_turn else "OK.")
+                        answer = sdk.chat.completions.create(model="fake-model", messages=history + [message],
+                                                             extra_headers={"X-User-ID": user, "X-Session-ID": sid})
+                        history += [message, {"role": "assistant", "content": answer.choices[0].message.content}]
+                        sent += [turn["dia_id"], reply_turn["dia_id"] if reply_turn else ""]
+                        turns += 2 if reply_turn else 1
+                        i += 2 if reply_turn else 1
+                    proxy.call(service.drain(), timeout=600)
+                    listed = httpx.get(f"{proxy.url}/v1/memories", params={"session_id": sid, "limit": 1000}).json()["data"]
+                    for item in listed:
+                        if item["seq"] is not None and item["seq"] < len(sent) and sent[item["seq"]]:
+                            id_to_dia[item["id"]] = sent[item["seq"]]
+                print(f"  replayed {sample['sample_id']}: {len(id_to_dia)} memories so far", file=sys.stderr)
+            timings["replay_s"] = round(time.perf_counter() - started, 1)
+            timings["turns"] = turns
+            proxy.call(service.drain(), timeout=600)
+            stats_before = httpx.get(f"{proxy.url}/admin/memory").json()
+            started = time.perf_counter()
+            for sample in samples:
+                user = f"locomo-{sample['sample_id']}"
+                for j, qa in enumerate(sample["qa"]):
+                    evidence = evidence_of(qa)
+                    if not evidence:
+                        continue
+                    sid = f"{sample['sample_id']}-question-{j}"
+                    raw = sdk.chat.completions.with_raw_response.create(
+                        model="fake-model", messages=[{"role": "user", "content": qa["question"]}],
+                        extra_headers={"X-User-ID": user, "X-Session-ID": sid},
+                    )
+                    ids = [i for i in (raw.headers.get("x-memory-ids") or "").split(",") if i]
+                    ranked = [id_to_dia.get(i, "") for i in ids]
+                    row = {"sample": sample["sample_id"], "category": qa["category"], "evidence": evidence, "ranked": ranked,
+                           "tokens": int(raw.headers.get("x-memory-tokens") or 0), "status": raw.headers.get("x-memory-status")}
+                    row |= {f"R@{k}": recall_at(ranked, evidence, k) for k in KS}
+                    rows.append(row)
+                    # The question itself must not become a memory the next question finds.
+                    httpx.delete(f"{proxy.url}/admin/sessions/{sid}")
+            timings["questions_s"] = round(time.perf_counter() - started, 1)
+            stats = httpx.get(f"{proxy.url}/admin/memory").json()
+    misses = sum(1 for r in rows if r["status"] == "budget-exceeded")
+    return {"rows": rows, "timings": timings, "budget_misses": misses, "stats": stats, "stats_after_replay": stats_before}
+
+
+# -- offline: the same retrieval code without HTTP (for ablations) -------------------------
+
+
+def run_offline(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from proxy.memory.model import EPISODIC, Memory, Scope
+    from proxy.memory.remote import local_model
+    from proxy.memory.tenant import TenantMemory, index_text
+
+    model = local_model()
+    rows: list[dict[str, Any]] = []
+    for sample in samples:
+        mem = TenantMemory("offline")
+        memories = []
+        for number, _, session in sessions_of(sample):
+            first = session[0]["speaker"]
+            for seq, turn in enumerate(session):
+                user_side = turn["speaker"] == first
+                previous = session[seq - 1] if seq else None
+                context = None
+                if previous is not None:  # what the proxy indexes with a message: the one before it
+                    context = (f"{previous['speaker']}: " if not user_side else "") + turn_text(previous)
+                memories.append(Memory(id=turn["dia_id"], type=EPISODIC, text=turn_text(turn), ts=0.0, key=len(memories), user="u",
+                                       session=f"s{number}", session_created=0.0, seq=seq, context=context,
+                                       role="user" if user_side else "assistant", name=turn["speaker"] if user_side else None))
+        vectors = model.embed([index_text(m) for m in memories])
+        for memory, vector in zip(memories, vectors):
+            memory.vector = vector
+            mem.insert(memory)
+        questions = [qa for qa in sample["qa"] if evidence_of(qa)]
+        qvecs = model.embed([qa["question"] for qa in questions])
+        for qa, qvec in zip(questions, qvecs):
+            evidence = evidence_of(qa)
+            scope = Scope("user", "u", "q")
+            if args.variant == "dense":
+                slots, _ = mem.dense(qvec, scope, mem.admit(scope), max(KS))
+                ranked = [mem.ids[s] for s in slots]
+            elif args.variant == "lexical":
+                hits = mem.search(qa["question"], None, scope, top_k=max(KS), min_score=args.min_score)
+                ranked = [h.id for h in hits]
+            else:
+                hits = mem.search(qa["question"], qvec, scope, top_k=max(KS), min_score=args.min_score)
+                ranked = [h.id for h in hits]
+            row = {"sample": sample["sample_id"], "category": qa["category"], "evidence": evidence, "ranked": ranked, "tokens": 0}
+            row |= {f"R@{k}": recall_at(ranked, evidence, k) for k in KS}
+            rows.append(row)
+        print(f"  {sample['sample_id']}: {len(memories)} turns, {len(questions)} questions", file=sys.stderr)
+    return {"rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--conversations", type=int, default=0, help="only the first N conversations")
+    parser.add_argument("--offline", action="store_true", help="retrieval code only, no proxy")
+    parser.add_argument("--variant", default="hybrid", choices=("hybrid", "dense", "lexical"), help="offline only")
+    parser.add_argument("--budget-ms", type=int, default=30, help="memory.latency_budget_ms of the tenant")
+    parser.add_argument("--min-score", type=float, default=0.3, help="memory.min_score of the tenant")
+    parser.add_argument("--json", type=Path, help="write per-question rows and the summary here")
+    args = parser.parse_args()
+    samples = json.loads(args.data.read_text())
+    if args.conversations:
+        samples = samples[: args.conversations]
+    result = run_offline(samples, args) if args.offline else run_proxy(samples, args)
+    table = summarise(result["rows"])
+    title = f"LoCoMo retrieval ({'offline ' + args.variant if args.offline else 'through the proxy'}), {len(samples)} conversations"
+    print_table(table, title)
+    if not args.offline:
+        print(f"\nreplay {result['timings']}; questions {result['timings']['questions_s']} s; budget misses {result['budget_misses']}")
+        print("recall latency (proxy stats):", json.dumps(result["stats"]["recall_latency_ms"]))
+        print("counters:", json.dumps(result["stats"]["counters"]))
+    if args.json:
+        args.json.write_text(json.dumps({"summary": table} | {k: v for k, v in result.items()}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

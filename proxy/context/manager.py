@@ -1,0 +1,546 @@
+"""The context stage of the pipeline: shape each request to its budget, summarize in the background.
+
+``ContextManager.shape(turn)`` runs in Pipeline.prepare after history reconciliation: it counts
+the request (reusing the token counts stored with each message), and when the conversation
+exceeds the budget replaces ``turn.body["messages"]`` with what ``assemble`` chooses. Stored
+messages are never touched. ``after_record(turn, records)`` runs once a turn is committed: it
+schedules segment and session summaries (and the optional LLM tagger) as tracked background
+tasks, which only read the store and write derived Records, never holding the session lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
+
+from proxy import tokens
+from proxy.context import importance, summaries as summary_store, summarizer
+from proxy.context.assemble import Assembly, ContextTooLarge, Policy, assemble, window_start
+from proxy.context.budget import Budget, budget_for, request_overhead
+from proxy.context.retrieval import Candidate, LexicalRetriever, Retriever
+from proxy.context.settings import ContextSettings
+from proxy.context.summaries import Summary
+from proxy.context.units import Item, Segment, View, build_view, text_of
+from proxy.errors import BadRequest, ProxyError
+from proxy.records import Message
+from proxy.storage.base import Record, Store
+from proxy.transcript import active_path, message_hash
+from proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from proxy.config import TenantConfig
+    from proxy.pipeline import Turn
+
+log = logging.getLogger("agent_state_proxy.context")
+
+TAGS_KIND = "tags"
+_HOT_LLM_SEGMENTS = 4  # a request waits for the summarizer on at most this many segments
+_RETRIEVE_LIMIT = 16
+_CONCURRENT_SUMMARIES = 4  # summarizer calls in flight per process
+
+
+@dataclass(frozen=True)
+class _Session:
+    """Which session (and which incarnation of it) a background task works for."""
+
+    tenant: TenantConfig
+    id: str
+    created_at: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant.name, self.id)
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_fresh(self, key: Hashable) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class ContextManager:
+    """Keeps requests within their token budget; owns the background summarization tasks."""
+
+    def __init__(self, store: Store, upstream: Upstream, retriever: Retriever | None = None) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.retriever: Retriever = retriever or LexicalRetriever()
+        self._tasks: set[asyncio.Task] = set()
+        self._jobs: dict[tuple[str, str], asyncio.Task] = {}
+        self._again: set[tuple[str, str]] = set()
+        self._inflight: dict[tuple[str, str, str], asyncio.Task] = {}
+        self._summaries = _LRU(1024)  # (tenant, session) → (created_at, {key: Summary})
+        self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
+        self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
+        self._texts = _LRU(100_000)  # (tenant, session, created_at, first seq, last seq) → exchange text
+        self._passes = _LRU(10_000)  # (tenant, session) → (created_at, next_seq when last summarized)
+        self._limit: asyncio.Semaphore | None = None
+        self._closed = False
+
+    # -- the request path ------------------------------------------------------------------
+
+    async def shape(self, turn: Turn) -> None:
+        """Fit ``turn.body["messages"]`` to the budget; set headers and session statistics."""
+        settings: ContextSettings = turn.tenant.context
+        if not settings.enabled or turn.tenant.stateless:
+            return
+        body = turn.body
+        budget = budget_for(settings, turn.route.requested, turn.route.model, body)
+        encoding = budget.encoding
+        overhead = request_overhead(body, encoding)
+        llm_tags = await self._llm_tags(turn) if settings.tagger_model else None
+        items = self._items(turn, body.get("messages") or [], encoding, llm_tags)
+        full = overhead + sum(i.tokens for i in items)
+        if full <= budget.prompt:
+            self._account(turn, budget, Assembly([], full, full))
+            return
+        view = build_view(items, settings.segment_turns, importance.PRIORITY if settings.uses("importance") else None)
+        available = await self._available(turn) if settings.uses("summaries") else {}
+        ranked = await self._rank(turn, view, settings) if settings.uses("retrieval") and settings.retrieval_share else ()
+        policy = policy_for(settings, budget.prompt)
+        hint = (turn.session.extra.get("context") or {}).get("frontier")
+        try:
+            result = assemble(view, available, budget.prompt, policy, overhead=overhead, encoding=encoding, hint_seq=hint, ranked=ranked)
+            if policy.summaries and (result.missing or result.fold):
+                # Nothing fits without summaries that do not exist yet: wait for them (bounded).
+                available = await self._fill(_ref(turn), view, available, result, settings, budget)
+                result = assemble(view, available, budget.prompt, policy, overhead=overhead, encoding=encoding, hint_seq=hint, ranked=ranked)
+        except ContextTooLarge as exc:
+            raise _too_large(exc, budget, turn.route.requested) from None
+        turn.body = body | {"messages": result.messages}
+        self._account(turn, budget, result)
+
+    def _items(self, turn: Turn, messages: list[dict[str, Any]], encoding: str, llm_tags: dict[int, list[str]] | None) -> list[Item]:
+        """The request's messages with token counts and tags, taken from the stored messages they match."""
+        plan = turn.plan
+        path = active_path(turn.stored, plan.parent.seq) if plan.parent is not None else []
+        items: list[Item] = []
+        j = 0
+        for body in messages:
+            stored: Message | None = None
+            while j < len(path):
+                candidate = path[j]
+                if candidate.body is body or candidate.body == body or message_hash(candidate.body) == message_hash(body):
+                    stored = candidate
+                    j += 1
+                    break
+                if candidate.role in ("system", "developer"):
+                    j += 1  # the client sent its own system prompt instead of the stored one
+                    continue
+                break
+            if stored is not None:
+                tags = tuple(stored.tags or ())
+                if llm_tags and stored.seq in llm_tags:
+                    tags = tuple(dict.fromkeys(tags + tuple(llm_tags[stored.seq])))
+                items.append(Item(body, self._stored_tokens(stored, encoding), stored.seq, tags, _chars(body)))
+            else:
+                items.append(Item(body, self._fresh_tokens(body, encoding), None, tuple(importance.tag_message(body) or ()), _chars(body)))
+        return items
+
+    def _stored_tokens(self, message: Message, encoding: str) -> int:
+        if message.tokens and getattr(message, "tokenizer", None) == encoding:
+            return message.tokens
+        key = (encoding, message.chain)
+        count = self._counts.get_fresh(key)
+        if count is None:
+            count = tokens.count_message(message.body, encoding)
+            self._counts.put(key, count)
+        return count
+
+    def _fresh_tokens(self, body: dict[str, Any], encoding: str) -> int:
+        key = (encoding, message_hash(body))
+        count = self._counts.get_fresh(key)
+        if count is None:
+            count = tokens.count_message(body, encoding)
+            self._counts.put(key, count)
+        return count
+
+    async def _rank(self, turn: Turn, view: View, settings: ContextSettings) -> list[int]:
+        if view.last_user < 0:
+            return []
+        query = text_of(view.items[view.units[view.last_user].start].body)
+        end = window_start(view, policy_for(settings, 1 << 40), 1 << 40)  # the window itself never needs retrieving
+        # Candidates are exchanges: a user message and what followed it, up to the next one.
+        units, items, limit = view.units, view.items, min(end, view.last_user)
+        candidates = []
+        for u in range(view.head, limit):
+            if units[u].role != "user":
+                continue
+            v = u + 1
+            while v < limit and units[v].role != "user":
+                v += 1
+            first, last = items[units[u].start].seq, items[units[v - 1].end - 1].seq
+            key = (turn.tenant.name, turn.ref.id, turn.session.created_at, first, last) if first is not None and last is not None else None
+            text = self._texts.get_fresh(key) if key else None
+            if text is None:
+                text = " ".join(text_of(i.body) for i in items[units[u].start:units[v - 1].end])
+                if key:
+                    self._texts.put(key, text)
+            candidates.append(Candidate(u, first, text))
+        if not candidates:
+            return []
+        try:
+            order = await self.retriever.rank(turn.tenant.name, turn.ref.id, query, candidates, _RETRIEVE_LIMIT)
+        except Exception:  # a plugged-in retriever must never fail the request
+            log.exception("retriever failed; continuing without retrieval")
+            return []
+        return [candidates[i].unit for i in order if 0 <= i < len(candidates)]
+
+    def _account(self, turn: Turn, budget: Budget, result: Assembly) -> None:
+        sent, full = result.tokens, result.full_tokens
+        turn.headers["X-Context-Tokens"] = str(sent)
+        turn.headers["X-Context-Tokens-Saved"] = str(full - sent)
+        turn.headers["X-Context-Budget"] = str(budget.prompt)
+        stats = turn.session.extra.setdefault("context", {})
+        stats["requests"] = stats.get("requests", 0) + 1
+        stats["compressed"] = stats.get("compressed", 0) + int(result.changed)
+        stats["tokens_sent"] = stats.get("tokens_sent", 0) + sent
+        stats["tokens_full"] = stats.get("tokens_full", 0) + full
+        stats["tokens_saved"] = stats.get("tokens_saved", 0) + full - sent
+        stats["frontier"] = result.frontier_seq if result.changed else None
+        stats["last"] = {
+            "tokens": sent, "full_tokens": full, "budget": budget.prompt, "window": budget.window,
+            "window_known": budget.window_known, "encoding": budget.encoding, "summaries": result.used,
+            "covered": result.covered, "pinned": result.pinned, "retrieved": result.retrieved, "omitted": result.omitted,
+        }
+
+    # -- summaries -------------------------------------------------------------------------
+
+    async def _available(self, turn: Turn) -> dict[str, Summary]:
+        return await self._summaries_of(_ref(turn))
+
+    async def _summaries_of(self, ref: _Session) -> dict[str, Summary]:
+        cached = self._summaries.get_fresh(ref.key)
+        if cached is not None and cached[0] == ref.created_at:
+            return cached[1]
+        found = await summary_store.load(self.store, ref.tenant.name, ref.id)
+        self._summaries.put(ref.key, (ref.created_at, found))
+        return found
+
+    async def _fill(self, ref: _Session, view: View, available: dict[str, Summary], result: Assembly,
+                    settings: ContextSettings, budget: Budget) -> dict[str, Summary]:
+        """Make the summaries ``result`` lacks: the first few with the LLM, the rest extractive."""
+        encoding = budget.encoding
+        merged = dict(available)
+        waits = []
+        for rank, index in enumerate(result.missing):
+            segment = view.segments[index]
+            if segment.seqs and rank < _HOT_LLM_SEGMENTS:
+                waits.append(self._segment_summary(ref, segment, view, encoding, budget.prompt))
+            else:  # not storable (unrecorded messages) or too many to wait for: this request only
+                size = segment_size(settings, budget.prompt)
+                merged[segment.key] = _extractive_segment(segment, view, size, encoding, stored=False)
+        for summary in await asyncio.gather(*waits):
+            merged[summary.key] = summary
+        if len(result.missing) > _HOT_LLM_SEGMENTS:
+            self._schedule(ref, encoding, budget.prompt)  # the background makes the rest properly
+        if result.fold and result.segments:
+            folded = await self._fold(ref, view, result.segments, merged, encoding, budget.prompt)
+            if folded is not None:
+                merged[folded.key] = folded
+        return merged
+
+    def _segment_summary(self, ref: _Session, segment: Segment, view: View, encoding: str, budget: int) -> asyncio.Future[Summary]:
+        """The summary of ``segment``: made once (concurrent askers share the one computation)."""
+        return self._once(ref, segment.key, lambda: self._make_segment(ref, segment, view, encoding, budget))
+
+    def _once(self, ref: _Session, key: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> asyncio.Future[Any]:
+        """Run ``make()`` unless a computation of ``key`` is already running; share its result."""
+        slot = (ref.tenant.name, ref.id, key)
+        task = self._inflight.get(slot)
+        if task is None:
+            task = self._spawn(make())
+            self._inflight[slot] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(slot, None))
+        return asyncio.shield(task)
+
+    async def _make_segment(self, ref: _Session, segment: Segment, view: View, encoding: str, budget: int) -> Summary:
+        existing = await self.store.get_record(ref.tenant.name, summary_store.KIND, segment.key, ref.id)
+        if existing is not None and (found := Summary.from_value(segment.key, existing)) is not None:
+            await self._remember(ref, found)
+            return found
+        settings: ContextSettings = ref.tenant.context
+        size = segment_size(settings, budget)
+        messages = _segment_messages(segment, view)
+        text, method, model = None, "extractive", None
+        if settings.summarizer_model:
+            request = summarizer.segment_request(settings.summarizer_model, summarizer.render(messages), size)
+            text = await self._llm(ref.tenant, settings, request)
+            if text is not None:
+                text, method, model = summarizer.fit(text, size * 3 // 2, encoding), "llm", settings.summarizer_model
+        if not text:
+            summary = _extractive_segment(segment, view, size, encoding, stored=True)
+        else:
+            summary = summary_store.make(segment.key, "segment", text, encoding, segment.seqs, method, model=model)
+        await self._save(ref, summary)
+        return summary
+
+    async def _fold(self, ref: _Session, view: View, upto: int, available: dict[str, Summary],
+                    encoding: str, budget: int) -> Summary | None:
+        """The session summary of segments 0..upto-1 (made once; see _make_fold)."""
+        segments = view.segments[:upto]
+        if not segments or not segments[-1].seqs:
+            return None
+        key = segments[-1].session_key
+        if key in available:
+            return available[key]
+        return await self._once(ref, key, lambda: self._make_fold(ref, segments, key, available, encoding, budget))
+
+    async def _make_fold(self, ref: _Session, segments: list[Segment], key: str, available: dict[str, Summary],
+                         encoding: str, budget: int) -> Summary | None:
+        """Fold the newest session summary before ``segments[-1]`` and the segment summaries since."""
+        upto = len(segments)
+        start = 0
+        parts: list[Summary] = []
+        for k in range(upto - 1, 0, -1):
+            if segments[k - 1].session_key in available:
+                start = k
+                parts.append(available[segments[k - 1].session_key])
+                break
+        for segment in segments[start:]:
+            part = available.get(segment.key)
+            if part is None:
+                return None
+            parts.append(part)
+        if len(parts) < 2:
+            return None
+        seqs = sorted({s for p in parts for s in p.seqs})
+        settings: ContextSettings = ref.tenant.context
+        limit = session_size(settings, budget)
+        text, method, model = None, "extractive", None
+        if settings.summarizer_model:
+            text = await self._llm(ref.tenant, settings, summarizer.fold_request(settings.summarizer_model, [p.text for p in parts], limit))
+            if text is not None:
+                text, method, model = summarizer.fit(text, limit * 3 // 2, encoding), "llm", settings.summarizer_model
+        if not text:
+            text = summarizer.extractive_fold([p.text for p in parts], limit, encoding) or summarizer.fit("\n".join(p.text for p in parts), limit, encoding)
+        summary = summary_store.make(key, "session", text, encoding, seqs, method, model=model, parts=[p.key for p in parts])
+        await self._save(ref, summary)
+        return summary
+
+    async def _llm(self, tenant: TenantConfig, settings: ContextSettings, request: dict[str, Any]) -> str | None:
+        """One summarizer call; None when it fails (the caller falls back to extractive)."""
+        route = tenant.route(request["model"])
+        if route is None:
+            return None
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(_CONCURRENT_SUMMARIES)
+        try:
+            async with self._limit:
+                response = await asyncio.wait_for(
+                    self.upstream.complete(route, request, settings.summarizer_timeout), settings.summarizer_timeout
+                )
+        except (ProxyError, asyncio.TimeoutError) as exc:
+            log.warning("summarizer %s failed (%s); using an extractive summary", request["model"], exc)
+            return None
+        return summarizer.reply_text(response)
+
+    async def _save(self, ref: _Session, summary: Summary) -> None:
+        session = await self.store.get_session(ref.tenant.name, ref.id)
+        if session is None or session.created_at != ref.created_at:
+            return  # erased (or replaced) meanwhile: its summaries must not outlive it
+        await summary_store.save(self.store, ref.tenant.name, ref.id, summary)
+        await self._remember(ref, summary)
+
+    async def _remember(self, ref: _Session, summary: Summary) -> None:
+        found = await self._summaries_of(ref)
+        found[summary.key] = summary
+
+    # -- after a turn is recorded: background work -------------------------------------------
+
+    def after_record(self, turn: Turn, records: Sequence[Message]) -> None:
+        """Schedule background summarization (when the session nears its budget) and LLM tagging."""
+        settings: ContextSettings = turn.tenant.context
+        if self._closed or not settings.enabled or turn.tenant.stateless or not records:
+            return
+        last = (turn.session.extra.get("context") or {}).get("last")
+        if not last:
+            return
+        ref = _ref(turn)
+        if settings.tagger_model:
+            self._spawn(self._tag(ref, settings, list(records)))
+        if not settings.uses("summaries"):
+            return
+        recorded = {m.seq for m in records}
+        reply = sum(m.tokens for m in records if m.role == "assistant" and m.seq == max(recorded))
+        if last["full_tokens"] + reply < settings.summarize_at_fraction * last["budget"]:
+            return
+        previous = self._passes.get_fresh(ref.key)
+        if previous and previous[0] == ref.created_at and turn.session.next_seq - previous[1] < 2 * settings.segment_turns:
+            return  # no new segment can have closed since the last pass
+        self._passes.put(ref.key, (ref.created_at, turn.session.next_seq))
+        self._schedule(ref, last["encoding"], last["budget"])
+
+    def _schedule(self, ref: _Session, encoding: str, budget: int) -> None:
+        if self._closed:
+            return
+        if ref.key in self._jobs:
+            self._again.add(ref.key)  # it runs once more when the current pass ends
+            return
+        task = self._spawn(self._summarize(ref, encoding, budget))
+        self._jobs[ref.key] = task
+        task.add_done_callback(lambda _t: self._jobs.pop(ref.key, None))
+
+    async def _summarize(self, ref: _Session, encoding: str, budget: int) -> None:
+        settings: ContextSettings = ref.tenant.context
+        while True:
+            self._again.discard(ref.key)
+            session = await self.store.get_session(ref.tenant.name, ref.id)
+            if session is None or session.created_at != ref.created_at:
+                return
+            messages = await self.store.get_messages(ref.tenant.name, ref.id)
+            path = active_path(messages, session.head)
+            items = [Item(m.body, self._stored_tokens(m, encoding), m.seq, (), _chars(m.body)) for m in path]
+            view = build_view(items, settings.segment_turns)
+            available = await self._summaries_of(ref)
+            policy = policy_for(settings, budget)
+            end = window_start(view, policy, budget)
+            closed = [s for s in view.segments if s.hi <= end and s.seqs]
+            folded = max((s.index + 1 for s in closed if s.session_key in available), default=0)
+            todo = [s for s in closed[folded:] if s.key not in available]
+            await asyncio.gather(*(self._segment_summary(ref, s, view, encoding, budget) for s in todo))
+            available = await self._summaries_of(ref)
+            unfolded = closed[folded:]
+            size = sum(available[s.key].tokens_in(encoding) for s in unfolded if s.key in available)
+            if folded:
+                size += available[closed[folded - 1].session_key].tokens_in(encoding)
+            if size > fold_threshold(settings) * budget and len(unfolded) >= 2:
+                upto = len(closed) - 1 if len(unfolded) >= 3 else len(closed)  # keep the newest segment in detail
+                await self._fold(ref, view, upto, available, encoding, budget)
+            if ref.key not in self._again:
+                return
+
+    async def _tag(self, ref: _Session, settings: ContextSettings, records: list[Message]) -> None:
+        wanted = [(m.seq, m.body) for m in records if m.role in ("user", "assistant") and text_of(m.body).strip()]
+        route = ref.tenant.route(settings.tagger_model or "")
+        if not wanted or route is None:
+            return
+        request = importance.tagger_request(settings.tagger_model or "", wanted)
+        try:
+            response = await asyncio.wait_for(self.upstream.complete(route, request, settings.summarizer_timeout), settings.summarizer_timeout)
+        except (ProxyError, asyncio.TimeoutError) as exc:
+            log.warning("tagger %s failed (%s); rule tags only", settings.tagger_model, exc)
+            return
+        found = importance.parse_tagger_reply(response, [seq for seq, _ in wanted])
+        if not found:
+            return
+        session = await self.store.get_session(ref.tenant.name, ref.id)
+        if session is None or session.created_at != ref.created_at:
+            return
+        records_out = [Record(TAGS_KIND, f"{seq:010d}", {"tags": tags, "model": settings.tagger_model}, ref.id) for seq, tags in found.items()]
+        await summary_store.put_derived(self.store, ref.tenant.name, records_out)
+        cached = self._tags.get_fresh(ref.key)
+        if cached is not None and cached[0] == ref.created_at:
+            cached[1].update(found)
+
+    async def _llm_tags(self, turn: Turn) -> dict[int, list[str]]:
+        ref = _ref(turn)
+        cached = self._tags.get_fresh(ref.key)
+        if cached is not None and cached[0] == ref.created_at:
+            return cached[1]
+        found: dict[int, list[str]] = {}
+        for key, value in await self.store.scan_records(ref.tenant.name, TAGS_KIND, ref.id):
+            if key.isdigit() and isinstance(value.get("tags"), list):
+                found[int(key)] = [str(t) for t in value["tags"]]
+        self._tags.put(ref.key, (ref.created_at, found))
+        return found
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("context background task failed", exc_info=task.exception())
+
+    async def idle(self) -> None:
+        """Wait until no background task is running (tests and benchmarks)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel background work and wait for it to stop (the app's shutdown)."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def policy_for(settings: ContextSettings, budget: int) -> Policy:
+    return Policy(
+        window_turns=settings.window_turns if settings.uses("window") else None,
+        window_share=settings.window_share,
+        summaries=settings.uses("summaries"),
+        pin_share=settings.pin_share if settings.uses("importance") else 0.0,
+        retrieval_share=settings.retrieval_share if settings.uses("retrieval") else 0.0,
+        summary_estimate=segment_size(settings, budget),
+    )
+
+
+def segment_size(settings: ContextSettings, budget: int) -> int:
+    """Target tokens of one segment summary: summary_tokens, less under a small budget."""
+    return min(settings.summary_tokens, max(32, int(budget * 0.06)))
+
+
+def session_size(settings: ContextSettings, budget: int) -> int:
+    """Target tokens of a session summary: it must leave room in the summaries' share for newer segments."""
+    return min(2 * settings.summary_tokens, max(64, int(fold_threshold(settings) * budget * 0.6)))
+
+
+def fold_threshold(settings: ContextSettings) -> float:
+    """Share of the budget the summaries may take before older ones are folded into a session summary."""
+    return max(0.1, 1.0 - settings.window_share - settings.pin_share - settings.retrieval_share / 2)
+
+
+def _ref(turn: Turn) -> _Session:
+    return _Session(turn.tenant, turn.ref.id, turn.session.created_at)
+
+
+def _chars(body: dict[str, Any]) -> int:
+    content = body.get("content")
+    if isinstance(content, str) and not body.get("tool_calls"):
+        return len(content)
+    return len(text_of(body))
+
+
+def _segment_messages(segment: Segment, view: View) -> list[tuple[int | None, dict[str, Any]]]:
+    first, last = view.units[segment.lo].start, view.units[segment.hi - 1].end
+    return [(i.seq, i.body) for i in view.items[first:last]]
+
+
+def _extractive_segment(segment: Segment, view: View, size: int, encoding: str, *, stored: bool) -> Summary:
+    messages = _segment_messages(segment, view)
+    text = summarizer.extractive_segment(messages, size, encoding) or summarizer.fit(summarizer.render(messages), size, encoding)
+    seqs = segment.seqs or tuple(s for s, _ in messages if s is not None)
+    return summary_store.make(segment.key, "segment", text, encoding, seqs, "extractive", stored=stored)
+
+
+def _too_large(exc: ContextTooLarge, budget: Budget, alias: str) -> BadRequest:
+    window = f"window {budget.window}" + ("" if budget.window_known else " (assumed: the model is unknown to litellm; set context.context_window)")
+    return BadRequest(
+        f"the system prompt and the newest messages need {exc.needed} prompt tokens, but the context budget of "
+        f"model '{alias}' allows {budget.prompt} (max_context_tokens {budget.total} minus {budget.total - budget.prompt} "
+        f"reserved for the completion; {window}). Shorten the newest message or raise context.max_context_tokens.",
+        code="context_length_exceeded",
+    )

@@ -1,0 +1,134 @@
+"""What a memory is, how it is stored as a Record, and who may see it (scopes)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+KIND = "memory"  # Record kind of every memory; session-scoped for memories of a session
+EPISODIC, SEMANTIC, PROCEDURAL = "episodic", "semantic", "procedural"
+TYPES = (EPISODIC, SEMANTIC, PROCEDURAL)
+SCOPES = ("user", "session", "tenant")
+ANONYMOUS_USER = "\x00anonymous"  # never a valid X-User-ID (not printable): cannot be spoofed
+
+
+@dataclass
+class Memory:
+    """One remembered item: a recorded message (episodic), a fact or document (semantic), or a
+    standing preference or procedure (procedural)."""
+
+    id: str
+    type: str
+    text: str
+    ts: float
+    key: int  # usearch key, never reused within the tenant
+    user: str | None = None  # None: visible to every user of the tenant
+    session: str | None = None  # set: erased with that session
+    session_created: float | None = None  # tells a session apart from a later one with the same id
+    seq: int | None = None  # the recorded message, for episodic memories
+    role: str | None = None
+    name: str | None = None  # the speaker's name when the message carried one
+    context: str | None = None  # the message this one answered: indexed with it, never injected
+    metadata: dict[str, Any] | None = None
+    model: str | None = None  # embedder that produced ``vector``
+    vector: np.ndarray | None = field(default=None, repr=False)
+    embedded: bool = False  # stored with a vector (even when ``vector`` was not decoded)
+
+    def to_record(self) -> dict[str, Any]:
+        value: dict[str, Any] = {
+            "id": self.id, "type": self.type, "text": self.text, "ts": self.ts, "key": self.key,
+            "user": self.user, "session": self.session, "session_created": self.session_created,
+            "seq": self.seq, "role": self.role, "name": self.name, "metadata": self.metadata,
+        }
+        if self.context:
+            value["context"] = self.context
+        if self.seq is not None:
+            value["covers"] = [self.seq]  # lets a rollback find and drop what it reverts
+        if self.vector is not None and self.model:
+            value["model"] = self.model
+            value["vec"] = base64.b64encode(np.asarray(self.vector, dtype="<f4").tobytes()).decode()
+        return value
+
+    @classmethod
+    def from_record(cls, value: dict[str, Any], with_vector: bool = True) -> Memory:
+        """Decode a stored memory; ValueError (or KeyError/TypeError) when it is malformed."""
+        vector = None
+        if value.get("vec") and with_vector:
+            vector = np.frombuffer(base64.b64decode(value["vec"]), dtype="<f4").astype(np.float32)
+        if value["type"] not in TYPES or not isinstance(value["text"], str):
+            raise ValueError("not a memory record")
+        return cls(
+            id=str(value["id"]), type=value["type"], text=value["text"], ts=float(value["ts"]), key=int(value["key"]),
+            user=value.get("user"), session=value.get("session"), session_created=value.get("session_created"),
+            seq=value.get("seq"), role=value.get("role"), name=value.get("name"), metadata=value.get("metadata"),
+            context=value.get("context"),
+            model=value.get("model") if vector is not None else None, vector=vector, embedded=bool(value.get("vec")),
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The API view (no vector, no internal key)."""
+        user = None if self.user == ANONYMOUS_USER else self.user
+        return {
+            "id": self.id, "object": "memory", "type": self.type, "content": self.text,
+            "created_at": self.ts, "user_id": user, "session_id": self.session, "seq": self.seq,
+            "role": self.role, "name": self.name, "metadata": self.metadata or {},
+            "indexed": self.embedded or self.vector is not None,  # False: found by keywords only so far
+        }
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose memories a retrieval may see.
+
+    ``user``: the user's memories from all of their sessions; ``session``: this session's only;
+    ``tenant``: every user's (only when the tenant configures it). In every scope the tenant-wide
+    memories (added without a user) are visible, and in user and session scope the user's own
+    session-less memories (added through the API) are too.
+    """
+
+    kind: str
+    user: str | None
+    session: str | None
+
+    def describe(self) -> str:
+        return self.kind
+
+
+def episodic_id(tenant: str, session: str, created: float, seq: int) -> str:
+    seed = f"{tenant}\0{session}\0{created!r}\0{seq}".encode("utf-8", "surrogatepass")
+    return "mem_" + hashlib.blake2b(seed, digest_size=10).hexdigest()
+
+
+def new_id() -> str:
+    """Time-ordered (uuid7-style): 48-bit milliseconds then 32 random bits."""
+    return "mem_" + f"{int(time.time() * 1000):012x}" + os.urandom(4).hex()
+
+
+def text_hash(text: str) -> int:
+    """Hash of a text with whitespace and case normalised, for de-duplication."""
+    normal = " ".join(text.lower().split())
+    return int.from_bytes(hashlib.blake2b(normal.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True)
+
+
+def message_text(body: dict[str, Any]) -> str:
+    """The text of an OpenAI message worth remembering: content parts and tool calls."""
+    content = body.get("content")
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        text = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in ("text", "input_text"))
+    else:
+        text = ""
+    calls = body.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            function = (call or {}).get("function") or {}
+            if function.get("name"):
+                text += f" [calls {function.get('name')}({str(function.get('arguments') or '')[:500]})]"
+    return text.strip()

@@ -1,0 +1,381 @@
+"""One tenant's searchable memory: slot metadata, BM25, exact vector copies and the HNSW index,
+and hybrid retrieval over them (dense + lexical, reciprocal rank fusion, recency, threshold).
+
+Everything here runs on the event loop thread except ``VectorIndex`` insertions, which the
+service's writer thread performs; it holds no text beyond hashes (texts are read from LMDB for
+the few memories that are returned).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from proxy.memory import lexical
+from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, TYPES, Memory, Scope, text_hash
+from proxy.memory.vectors import EXACT_MAX, Mirror, VectorIndex
+
+_TYPE_CODE = {t: i for i, t in enumerate(TYPES)}
+_NONE = -1
+_TENANT_GROUP = -1
+# Fusion constants, chosen on LoCoMo (docs/MEMORY.md): a small RRF k favours the top of each
+# list, the lexical list weighs twice the dense one (MiniLM misses names and rare words BM25
+# nails), and the neighbours (previous and next message of the same session) of the ten best
+# hits share half their score, since a conversation spreads one topic over adjacent turns.
+RRF_K = 10
+LEXICAL_WEIGHT = 2.0
+NEIGHBOUR_SHARE = 0.5
+NEIGHBOUR_SOURCES = 10
+CANDIDATES = 50  # per ranker, before fusion
+STRONG_LEXICAL = 0.5  # a lexical match this complete passes without a dense score
+LEXICAL_ONLY_MIN = 0.2  # without a query vector (embedder down), the bar for a lexical match
+
+
+@dataclass
+class Hit:
+    slot: int
+    id: str
+    score: float  # fused
+    cosine: float | None
+    lexical: float  # BM25 score normalised to [0, 1] by the query's best possible score
+
+
+class _Columns:
+    """Per-slot metadata as growable numpy arrays (vectorised scope checks)."""
+
+    def __init__(self) -> None:
+        self.capacity = 0
+        self.user = np.empty(0, dtype=np.int32)
+        self.session = np.empty(0, dtype=np.int32)
+        self.kind = np.empty(0, dtype=np.int8)
+        self.ts = np.empty(0, dtype=np.float64)
+        self.alive = np.empty(0, dtype=bool)
+        self.texthash = np.empty(0, dtype=np.int64)
+        self.ukey = np.empty(0, dtype=np.uint64)
+        self.seq = np.empty(0, dtype=np.int64)
+
+    def ensure(self, slot: int) -> None:
+        if slot < self.capacity:
+            return
+        size = max(1024, self.capacity * 2, slot + 1)
+        for name, fill in (("user", _NONE), ("session", _NONE), ("kind", 0), ("ts", 0.0), ("alive", False), ("texthash", 0), ("ukey", 0), ("seq", -1)):
+            old = getattr(self, name)
+            new = np.full(size, fill, dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+        self.capacity = size
+
+
+class TenantMemory:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cols = _Columns()
+        self.bm25 = lexical.BM25()
+        self.mirror: Mirror | None = None  # created with the first vector (its size is the dim)
+        self.vectors: VectorIndex | None = None
+        self.hnsw_ready = False  # the index holds every vector (loaded or rebuilt)
+        self.ids: list[str | None] = []
+        self.id_slot: dict[str, int] = {}
+        self.key_slot: dict[int, int] = {}
+        self.where: list[tuple[str | None, str | None] | None] = []  # slot -> (session id, type)
+        self._users: dict[str, int] = {}
+        self._sessions: dict[tuple[str, float | None], int] = {}
+        self.session_ids: list[tuple[str, float | None]] = []
+        self.session_slots: dict[int, set[int]] = {}
+        self.sessionless: dict[int, set[int]] = {}  # user code -> API memories without a session
+        self.procedural: dict[int, set[int]] = {}  # user code (-1 tenant) -> procedural slots
+        self.tenant_wide: set[int] = set()  # memories without user and session
+        self.by_position: dict[tuple[int, int], int] = {}  # (session code, seq) -> slot
+        self.alive = 0
+        self.next_key = 0
+        self.unembedded: set[str] = set()  # ids stored without a vector (embedder was down)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def user_code(self, user: str | None, create: bool = False) -> int:
+        if user is None:
+            return _NONE
+        code = self._users.get(user)
+        if code is None and create:
+            code = self._users[user] = len(self._users)
+        return _NONE - 1 if code is None else code  # -2 matches nothing
+
+    def session_code(self, session: str | None, created: float | None, create: bool = False) -> int:
+        if session is None:
+            return _NONE
+        code = self._sessions.get((session, created))
+        if code is None and create:
+            code = self._sessions[(session, created)] = len(self.session_ids)
+            self.session_ids.append((session, created))
+        return _NONE - 1 if code is None else code
+
+    def sessions_named(self, session: str) -> list[int]:
+        return [code for (sid, _), code in self._sessions.items() if sid == session]
+
+    def insert(self, memory: Memory) -> int:
+        """Make ``memory`` searchable (lexically at once, densely when it has a vector)."""
+        if memory.id in self.id_slot:
+            self.remove(memory.id)
+        slot = len(self.ids)
+        self.cols.ensure(slot)
+        user = self.user_code(memory.user, create=True)
+        session = self.session_code(memory.session, memory.session_created, create=True)
+        cols = self.cols
+        cols.user[slot], cols.session[slot] = user, session
+        cols.kind[slot] = _TYPE_CODE[memory.type]
+        cols.ts[slot] = memory.ts
+        cols.alive[slot] = True
+        cols.texthash[slot] = text_hash(memory.text)
+        cols.ukey[slot] = memory.key
+        cols.seq[slot] = -1 if memory.seq is None else memory.seq
+        self.ids.append(memory.id)
+        self.where.append((memory.session, memory.type))
+        self.id_slot[memory.id] = slot
+        self.key_slot[memory.key] = slot
+        self.next_key = max(self.next_key, memory.key + 1)
+        if session != _NONE:
+            self.session_slots.setdefault(session, set()).add(slot)
+            if memory.seq is not None:
+                self.by_position[(session, memory.seq)] = slot
+        elif user != _NONE:
+            self.sessionless.setdefault(user, set()).add(slot)
+        else:
+            self.tenant_wide.add(slot)
+        if memory.type == PROCEDURAL:
+            self.procedural.setdefault(user, set()).add(slot)
+        self.bm25.add(slot, lexical.tokenize(index_text(memory)))
+        if memory.vector is not None:
+            if self.mirror is None:
+                self.mirror = Mirror(len(memory.vector))
+            if len(memory.vector) == self.mirror.dim:
+                self.mirror.add(slot, self.group_of(user, session), memory.vector)
+                self.unembedded.discard(memory.id)
+        else:
+            self.unembedded.add(memory.id)
+        self.alive += 1
+        return slot
+
+    def attach_vector(self, memory_id: str, vector: np.ndarray) -> int | None:
+        """A memory stored without a vector got one: add it to the exact copies."""
+        slot = self.id_slot.get(memory_id)
+        if slot is None:
+            return None
+        if self.mirror is None:
+            self.mirror = Mirror(len(vector))
+        if slot in self.mirror:
+            return slot
+        self.mirror.add(slot, self.group_of(int(self.cols.user[slot]), int(self.cols.session[slot])), vector)
+        self.unembedded.discard(memory_id)
+        return slot
+
+    @staticmethod
+    def group_of(user: int, session: int) -> int:
+        if user != _NONE:
+            return user
+        if session != _NONE:
+            return -2 - session  # an anonymous session is its own group
+        return _TENANT_GROUP
+
+    def remove(self, memory_id: str) -> int | None:
+        """Forget one memory; returns its usearch key (for the writer to remove) or None."""
+        slot = self.id_slot.pop(memory_id, None)
+        if slot is None:
+            return None
+        cols = self.cols
+        cols.alive[slot] = False
+        key = int(cols.ukey[slot])
+        self.key_slot.pop(key, None)
+        self.ids[slot] = None
+        session, user = int(cols.session[slot]), int(cols.user[slot])
+        self.session_slots.get(session, set()).discard(slot)
+        if self.by_position.get((session, int(cols.seq[slot]))) == slot:
+            del self.by_position[(session, int(cols.seq[slot]))]
+        self.sessionless.get(user, set()).discard(slot)
+        self.procedural.get(user, set()).discard(slot)
+        self.tenant_wide.discard(slot)
+        self.bm25.remove(slot)
+        if self.mirror is not None:
+            self.mirror.remove(slot)
+        self.unembedded.discard(memory_id)
+        self.alive -= 1
+        return key
+
+    def session_memories(self, session: str) -> list[str]:
+        found = []
+        for code in self.sessions_named(session):
+            found += [self.ids[s] for s in self.session_slots.get(code, ()) if self.ids[s]]
+        return found
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def admit(self, scope: Scope, types: Iterable[str] = (EPISODIC, SEMANTIC)):
+        """A vectorised predicate: which of these slots the scope may see."""
+        cols = self.cols
+        type_codes = np.array([_TYPE_CODE[t] for t in types], dtype=np.int8)
+        user = self.user_code(scope.user)
+        if scope.kind == "session":
+            sessions = np.array(self.sessions_named(scope.session) if scope.session else [], dtype=np.int32)
+
+        def check(slots: np.ndarray) -> np.ndarray:
+            ok = cols.alive[slots] & np.isin(cols.kind[slots], type_codes)
+            if scope.kind == "tenant":
+                return ok
+            owner, session = cols.user[slots], cols.session[slots]
+            visible = (owner == _NONE) & (session == _NONE)  # tenant-wide
+            if scope.kind == "user":
+                visible |= owner == user
+            else:
+                visible |= np.isin(session, sessions)
+                if scope.user is not None:
+                    visible |= (owner == user) & (session == _NONE)
+            return ok & visible
+
+        return check
+
+    def _groups(self, scope: Scope) -> list[int] | None:
+        if scope.kind == "tenant":
+            return None
+        if scope.kind == "user":
+            return [self.user_code(scope.user), _TENANT_GROUP]
+        return []  # session scope enumerates slots instead
+
+    def _session_scope_slots(self, scope: Scope) -> np.ndarray:
+        slots: set[int] = set()
+        for code in self.sessions_named(scope.session) if scope.session else []:
+            slots |= self.session_slots.get(code, set())
+        if scope.user is not None:
+            slots |= self.sessionless.get(self.user_code(scope.user), set())
+        slots |= self.tenant_wide
+        return np.fromiter(slots, dtype=np.int64, count=len(slots))
+
+    def dense(self, query: np.ndarray, scope: Scope, admit, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``limit`` admitted slots by cosine: exact for small scopes, HNSW for large ones."""
+        mirror = self.mirror
+        if mirror is None or len(query) != mirror.dim:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        if scope.kind == "session":
+            slots = self._session_scope_slots(scope)
+            slots = slots[admit(slots)] if len(slots) else slots
+            sims = mirror.score(query, slots)
+            order = np.argsort(-sims, kind="stable")[:limit]
+            return slots[order], sims[order]
+        groups = self._groups(scope)
+        size = mirror.size(groups) if groups is not None else self.alive
+        if size <= EXACT_MAX or not self.hnsw_ready or self.vectors is None:
+            return mirror.search(query, groups, limit, admit)
+        return self._hnsw(query, admit, limit, size)
+
+    def _hnsw(self, query: np.ndarray, admit, limit: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self.vectors is not None
+        total = max(len(self.vectors), 1)
+        fraction = max(size / total, 1e-4)
+        count = min(total, max(limit * 2, int(limit / fraction * 1.5)))
+        while True:
+            keys, sims = self.vectors.search(query, count)
+            slots = np.fromiter((self.key_slot.get(int(k), -1) for k in keys), dtype=np.int64, count=len(keys))
+            keep = slots >= 0
+            slots, sims = slots[keep], sims[keep]
+            if len(slots):
+                keep = admit(slots)
+                slots, sims = slots[keep], sims[keep]
+            if len(slots) >= limit or count >= total or count >= 8192:
+                return slots[:limit], sims[:limit]
+            count = min(total, count * 4)
+
+    def search(
+        self, text: str, query: np.ndarray | None, scope: Scope, *, top_k: int, min_score: float,
+        half_life_days: float | None = None, exclude_hashes: frozenset[int] | set[int] = frozenset(),
+        types: Iterable[str] = (EPISODIC, SEMANTIC), now: float | None = None,
+    ) -> list[Hit]:
+        """Hybrid retrieval: dense and BM25 candidates fused by reciprocal rank."""
+        if self.alive == 0:
+            return []
+        admit = self.admit(scope, types)
+        terms = lexical.tokenize(text)
+        lex_slots, lex_scores = self.bm25.search(terms, admit, CANDIDATES)
+        best_lexical = self.bm25.max_score(terms) * (self.bm25.k1 + 1.0)
+        fused: dict[int, float] = {}
+        cosine: dict[int, float] = {}
+        lexical_score: dict[int, float] = {}
+        for rank, (slot, score) in enumerate(zip(lex_slots.tolist(), lex_scores.tolist())):
+            fused[slot] = LEXICAL_WEIGHT / (RRF_K + rank)
+            lexical_score[slot] = score / best_lexical if best_lexical > 0 else 0.0
+        if query is not None:
+            dense_slots, dense_sims = self.dense(query, scope, admit, CANDIDATES)
+            for rank, (slot, sim) in enumerate(zip(dense_slots.tolist(), dense_sims.tolist())):
+                fused[slot] = fused.get(slot, 0.0) + 1.0 / (RRF_K + rank)
+                cosine[slot] = sim
+        via = self._share_with_neighbours(fused, admit)
+        if query is not None:
+            missing = [s for s in fused if s not in cosine]
+            if missing and self.mirror is not None and len(query) == self.mirror.dim:
+                for slot, sim in zip(missing, self.mirror.score(query, np.array(missing, dtype=np.int64)).tolist()):
+                    cosine[slot] = sim
+        now = time.time() if now is None else now
+        ranked = sorted(fused.items(), key=lambda item: -item[1])
+        hits: list[Hit] = []
+        seen: set[int] = set(exclude_hashes)
+
+        def relevant(slot: int) -> bool:
+            sim, lex = cosine.get(slot), lexical_score.get(slot, 0.0)
+            return (sim is not None and sim >= min_score) or lex >= STRONG_LEXICAL or (query is None and lex >= LEXICAL_ONLY_MIN)
+
+        for slot, score in ranked:
+            sim = cosine.get(slot)
+            lex = lexical_score.get(slot, 0.0)
+            if not relevant(slot) and not (slot in via and relevant(via[slot])):
+                continue  # below the bar, and not the neighbour of a hit above it
+            digest = int(self.cols.texthash[slot])
+            if digest in seen:
+                continue  # already in the context being sent, or a duplicate of a better hit
+            seen.add(digest)
+            if half_life_days:
+                age_days = max(0.0, now - float(self.cols.ts[slot])) / 86400.0
+                score *= 0.5 + 0.5 * math.pow(0.5, age_days / half_life_days)
+            hits.append(Hit(slot, self.ids[slot] or "", score, sim, lex))
+        hits.sort(key=lambda h: -h.score)
+        return hits[:top_k]
+
+    def _share_with_neighbours(self, fused: dict[int, float], admit) -> dict[int, int]:
+        """Give the neighbours of the best hits a share of their score; returns neighbour -> hit."""
+        best = sorted(fused.items(), key=lambda item: -item[1])[:NEIGHBOUR_SOURCES]
+        cols = self.cols
+        via: dict[int, int] = {}
+        for slot, score in best:
+            session, seq = int(cols.session[slot]), int(cols.seq[slot])
+            if session == _NONE or seq < 0:
+                continue
+            for other in (seq - 1, seq + 1):
+                neighbour = self.by_position.get((session, other))
+                if neighbour is not None and admit(np.array([neighbour]))[0]:
+                    fused[neighbour] = fused.get(neighbour, 0.0) + NEIGHBOUR_SHARE * score
+                    via.setdefault(neighbour, slot)
+        return via
+
+    def procedural_for(self, user: str | None) -> list[int]:
+        """Slots of the procedural memories that apply to ``user`` (tenant-wide ones first)."""
+        found = sorted(self.procedural.get(_TENANT_GROUP, set()))
+        if user is not None:
+            found += sorted(self.procedural.get(self.user_code(user), set()))
+        return [s for s in found if self.cols.alive[s]]
+
+    def stats(self) -> dict[str, int]:
+        counts = {t: 0 for t in TYPES}
+        alive = self.cols.alive[: len(self.ids)]
+        for t, code in _TYPE_CODE.items():
+            counts[t] = int(np.count_nonzero(alive & (self.cols.kind[: len(self.ids)] == code)))
+        return {
+            "memories": self.alive, **counts, "users": len(self._users), "unembedded": len(self.unembedded),
+            "hnsw_entries": len(self.vectors) if self.vectors is not None else 0,
+            "mirror_bytes": self.mirror.nbytes() if self.mirror is not None else 0,
+        }
+
+
+def index_text(memory: Memory) -> str:
+    """What is embedded and indexed: the message it answered, the speaker's name, the text."""
+    text = f"{memory.name}: {memory.text}" if memory.name else memory.text
+    return f"{memory.context}\n{text}" if memory.context else text

@@ -1,0 +1,52 @@
+"""Helpers shared by the memory tests: wait for background indexing, read headers and stats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+
+from proxy.server import keys
+from tests.harness import ProxyThread
+
+SLOW_OK = 5000  # ms: a generous latency budget so a busy test machine never skips retrieval
+
+
+def drain(proxy: ProxyThread) -> None:
+    """Wait until every recorded message is embedded, stored and indexed."""
+    assert proxy.app is not None
+    memory = proxy.app[keys.PIPELINE].memory
+    assert memory is not None
+    proxy.call(memory.drain(), timeout=60)
+
+
+def chat(proxy: ProxyThread, text: str, *, user: str | None = None, session: str | None = None, key: str = "local-key",
+         history: list[dict[str, Any]] | None = None) -> tuple[str, dict[str, str]]:
+    """One chat turn through the official SDK; returns the answer and the response headers."""
+    sdk = openai.OpenAI(base_url=proxy.base_url, api_key=key, max_retries=0)
+    headers = {}
+    if user is not None:
+        headers["X-User-ID"] = user
+    if session is not None:
+        headers["X-Session-ID"] = session
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="fake-model", messages=(history or []) + [{"role": "user", "content": text}], extra_headers=headers,
+    )
+    return raw.parse().choices[0].message.content or "", dict(raw.headers)
+
+
+def injected_ids(headers: dict[str, str]) -> list[str]:
+    value = headers.get("x-memory-ids")
+    return value.split(",") if value else []
+
+
+def memory_stats(proxy: ProxyThread, key: str = "local-key") -> dict[str, Any]:
+    response = httpx.get(f"{proxy.url}/admin/memory", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def system_prompt(request: dict[str, Any]) -> str:
+    first = request["messages"][0]
+    return first["content"] if first["role"] == "system" else ""

@@ -1,0 +1,50 @@
+"""Smoke run of the side-by-side benchmark (bench/run.py --quick) so it never rots.
+
+No timing assertions: only that every target runs and produces numbers. LiteLLM is skipped
+(its own virtualenv takes minutes to build); "full" mode may be skipped by the bench itself
+until the proxy has its config keys, and then it must say why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = ["direct", "passthrough", "stateless", "state", "full"]
+
+
+def test_bench_quick_produces_numbers_for_every_target(tmp_path: Path) -> None:
+    out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "bench/run.py", "--quick", "--no-install",
+            "--targets", ",".join(TARGETS),
+            "--latency-seconds", "0.25", "--step-seconds", "0.25", "--warmup-seconds", "0.1",
+            "--concurrency", "1,4", "--out", str(out), "--json", str(raw),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(raw.read_text())
+    summary, skipped = results["summary"], results["skipped"]
+    for name in TARGETS:
+        if name == "full" and name in skipped:
+            assert skipped[name], "a skipped target must say why"
+            continue
+        assert name in summary, f"{name}: no results ({skipped.get(name)})"
+        s = summary[name]
+        for key in ("json_ttlb_p50", "json_ttlb_p99", "sse_ttfb_p50", "sse_ttlb_p50", "max_rps", "peak_rps", "json_cpu_per_1k"):
+            assert isinstance(s[key], (int, float)) and math.isfinite(s[key]), (name, key, s[key])
+        assert s["peak_rps"] > 0, name
+        assert s["json_errors"] == s["sse_errors"] == s["sweep_errors"] == 0, (name, s)
+        if name != "direct":
+            assert s["peak_rss_mb"] and s["peak_rss_mb"] > 0, name
+    # The stateful target recognised every resent history (nothing recorded twice).
+    check = results["state_check"]["state"]
+    assert check["branches"] == 0 and check["turns"] > 0, check
+    text = out.read_text()
+    assert "Added latency over direct" in text and "Machine" in text

@@ -1,0 +1,214 @@
+"""Context assembly: the integrity rules hold for any conversation and any budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import tokens
+from proxy.context import summaries
+from proxy.context.assemble import ContextTooLarge, Policy, assemble
+from proxy.context.importance import PRIORITY, tag_message
+from proxy.context.units import Item, View, build_view
+
+ENC = tokens.DEFAULT_ENCODING
+SYSTEM = {"role": "system", "content": "You are a careful assistant."}
+FULL = Policy(window_turns=4, window_share=0.5, summaries=True, pin_share=0.25, retrieval_share=0.1, summary_estimate=40)
+
+
+def conversation(turns: int, *, tool_every: int = 0, pin_at: tuple[int, ...] = (), words: int = 12) -> list[dict[str, Any]]:
+    messages = [SYSTEM]
+    for t in range(turns):
+        filler = " ".join(f"word{t}x{i}" for i in range(words))
+        text = f"My name is Ada and my locker code is {4400 + t}." if t in pin_at else f"Turn {t} question: {filler}"
+        messages.append({"role": "user", "content": text})
+        if tool_every and t % tool_every == tool_every - 1:
+            calls = [{"id": f"call_{t}_{k}", "type": "function", "function": {"name": "lookup", "arguments": f'{{"q": {t}, "k": {k}}}'}} for k in range(2)]
+            messages.append({"role": "assistant", "content": None, "tool_calls": calls})
+            for call in calls:
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": f"result of {call['id']}: {filler}"})
+        messages.append({"role": "assistant", "content": f"Answer {t}: {filler}"})
+    return messages
+
+
+def view_of(messages: list[dict[str, Any]], segment_turns: int = 3) -> View:
+    items = [
+        Item(m, tokens.count_message(m, ENC), seq, tuple(tag_message(m) or ()), len(m.get("content") or ""))
+        for seq, m in enumerate(messages)
+    ]
+    return build_view(items, segment_turns, PRIORITY)
+
+
+def segment_summaries(view: View, every: int = 1) -> dict[str, summaries.Summary]:
+    found = {}
+    for segment in view.segments[::every]:
+        text = f"Segment {segment.index}: the user asked questions {segment.seqs[0]}–{segment.seqs[-1]}."
+        found[segment.key] = summaries.make(segment.key, "segment", text, ENC, segment.seqs, "llm")
+    return found
+
+
+def sent_tokens(messages: list[dict[str, Any]]) -> int:
+    return sum(tokens.count_message(m, ENC) for m in messages)
+
+
+def check_integrity(original: list[dict[str, Any]], result: list[dict[str, Any]]) -> None:
+    """System first, newest user verbatim, order kept, tool calls with all their results."""
+    assert result[0] is original[0]
+    newest_user = next(m for m in reversed(original) if m["role"] == "user")
+    assert any(m is newest_user for m in result)
+    assert result[-1] is original[-1]
+    positions = {id(m): i for i, m in enumerate(original)}
+    kept = [positions[id(m)] for m in result if id(m) in positions]
+    assert kept == sorted(kept), "messages reordered"
+    added = [m for m in result if id(m) not in positions]
+    assert all(m["role"] == "system" and m["content"].startswith("<context-") for m in added)
+    assert len(added) <= 1
+    for i, message in enumerate(result):
+        if message.get("tool_calls"):
+            ids = [c["id"] for c in message["tool_calls"]]
+            following = [m.get("tool_call_id") for m in result[i + 1:i + 1 + len(ids)]]
+            assert following == ids, "a tool call lost its results"
+        if message["role"] == "tool":
+            j = i - 1
+            while result[j]["role"] == "tool":
+                j -= 1
+            assert message["tool_call_id"] in [c["id"] for c in result[j].get("tool_calls") or ()], "orphan tool result"
+
+
+def test_a_conversation_that_fits_is_sent_unchanged() -> None:
+    messages = conversation(5)
+    view = view_of(messages)
+    result = assemble(view, {}, 10_000, FULL)
+    assert result.messages == messages and not result.changed
+    assert result.tokens == result.full_tokens == sent_tokens(messages)
+
+
+def test_over_budget_uses_summaries_and_keeps_the_window_verbatim() -> None:
+    messages = conversation(60)
+    view = view_of(messages)
+    available = segment_summaries(view)
+    result = assemble(view, available, 1500, FULL)
+    check_integrity(messages, result.messages)
+    assert sent_tokens(result.messages) <= result.tokens <= 1500
+    assert result.used and set(result.used) <= set(available)
+    block = result.messages[1]["content"]
+    assert block.startswith('<context-summary source="agent-state-proxy">') and block.endswith("</context-summary>")
+    assert "## Segment of messages 1–" in block
+    assert result.messages[-8:] == messages[-8:]  # the last four turns, verbatim
+
+
+def test_summaries_are_reused_and_the_frontier_is_sticky() -> None:
+    messages = conversation(60)
+    view = view_of(messages)
+    available = segment_summaries(view)
+    first = assemble(view, available, 1500, FULL)
+    grown = messages + [{"role": "user", "content": "one more question"}]
+    second = assemble(view_of(grown), available, 1500, FULL, hint_seq=first.frontier_seq)
+    assert second.used == first.used  # same summaries, same prefix: the previous frontier still fits
+    assert second.messages[:len(first.messages) - 1] == first.messages[:-1]
+    assert not second.missing
+
+
+def test_missing_summaries_are_reported_not_invented() -> None:
+    messages = conversation(60)
+    view = view_of(messages)
+    result = assemble(view, {}, 1500, FULL)
+    assert result.missing  # the manager makes these (LLM or extractive) and assembles again
+    assert sent_tokens(result.messages) <= 1500
+    check_integrity(messages, result.messages)
+
+
+def test_pinned_messages_stay_verbatim_while_they_fit() -> None:
+    messages = conversation(60, pin_at=(2, 7))
+    view = view_of(messages)
+    result = assemble(view, segment_summaries(view), 1500, FULL)
+    pinned = [m for m in messages if "locker code" in str(m.get("content"))]
+    assert len(pinned) == 2 and all(any(m is p for m in result.messages) for p in pinned)
+    assert result.pinned == 2
+    no_pins = assemble(view, segment_summaries(view), 1500, FULL.__class__(**{**FULL.__dict__, "pin_share": 0.0}))
+    assert not any("locker code" in str(m.get("content")) for m in no_pins.messages)
+
+
+def test_tool_calls_and_results_are_kept_or_dropped_together() -> None:
+    messages = conversation(40, tool_every=3)
+    view = view_of(messages)
+    for budget in (700, 900, 1300, 2000):
+        result = assemble(view, segment_summaries(view), budget, FULL)
+        check_integrity(messages, result.messages)
+        assert sent_tokens(result.messages) <= budget
+
+
+def test_window_only_drops_the_oldest_turns_with_a_note() -> None:
+    window_only = Policy(window_turns=4, window_share=0.5, summaries=False, pin_share=0.0, retrieval_share=0.0, summary_estimate=40)
+    messages = conversation(40)
+    result = assemble(view_of(messages), {}, 1200, window_only)
+    check_integrity(messages, result.messages)
+    assert sent_tokens(result.messages) <= 1200
+    note = result.messages[1]["content"]
+    assert note.startswith('<context-note source="agent-state-proxy">') and "earlier messages" in note
+    assert result.omitted > 0 and result.messages[-8:] == messages[-8:]
+
+
+def test_retrieved_units_come_back_in_order() -> None:
+    messages = conversation(60)
+    view = view_of(messages)
+    wanted = [u for u in range(view.head, len(view.units)) if view.items[view.units[u].start].body["content"].startswith("Turn 5 ")]
+    result = assemble(view, segment_summaries(view), 2000, FULL, ranked=wanted)
+    question = view.units[wanted[0]].start
+    assert result.retrieved == 2  # the question and the answer that followed it
+    assert [m for m in result.messages if m is messages[question] or m is messages[question + 1]] == messages[question:question + 2]
+    check_integrity(messages, result.messages)
+
+
+def test_a_newest_message_larger_than_the_budget_is_refused_not_truncated() -> None:
+    messages = conversation(3) + [{"role": "user", "content": "big " * 2000}]
+    with pytest.raises(ContextTooLarge) as error:
+        assemble(view_of(messages), {}, 500, FULL)
+    assert error.value.needed > 500 and error.value.budget == 500
+
+
+def test_session_summaries_replace_the_segments_they_fold() -> None:
+    messages = conversation(60)
+    view = view_of(messages)
+    available = segment_summaries(view)
+    folded_upto = view.segments[5]
+    seqs = [s for segment in view.segments[:6] for s in segment.seqs]
+    available[folded_upto.session_key] = summaries.make(folded_upto.session_key, "session", "Everything until turn 18.", ENC, seqs, "llm")
+    result = assemble(view, available, 1500, FULL)
+    assert result.used[0] == folded_upto.session_key
+    assert not set(result.used) & {s.key for s in view.segments[:6]}
+    assert "## Summary of messages 1–" in result.messages[1]["content"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    turns=st.integers(3, 45),
+    tool_every=st.integers(0, 4),
+    pins=st.lists(st.integers(0, 44), max_size=4),
+    every=st.integers(1, 3),
+    slack=st.floats(0.0, 1.2),
+    hint=st.booleans(),
+    policy=st.sampled_from([
+        FULL,
+        Policy(window_turns=4, window_share=0.5, summaries=False, pin_share=0.0, retrieval_share=0.0, summary_estimate=40),
+        Policy(window_turns=None, window_share=0.5, summaries=True, pin_share=0.0, retrieval_share=0.0, summary_estimate=40),
+        Policy(window_turns=2, window_share=0.3, summaries=False, pin_share=0.4, retrieval_share=0.2, summary_estimate=40),
+    ]),
+)
+def test_any_conversation_any_budget_integrity_holds(turns: int, tool_every: int, pins: list[int], every: int, slack: float, hint: bool, policy: Policy) -> None:
+    messages = conversation(turns, tool_every=tool_every, pin_at=tuple(pins), words=6)
+    view = view_of(messages)
+    available = segment_summaries(view, every)
+    mandatory = sent_tokens([messages[0]]) + sum(view.units[u].tokens for u in {view.last_user, len(view.units) - 1})
+    budget = int(mandatory + slack * (view.tokens - mandatory))
+    hint_seq = view.items[view.units[len(view.units) // 2].start].seq if hint else None
+    ranked = list(range(len(view.units) - 1, view.head - 1, -3))
+    result = assemble(view, available, budget, policy, hint_seq=hint_seq, ranked=ranked)
+    if view.tokens <= budget:
+        assert result.messages == messages
+        return
+    check_integrity(messages, result.messages)
+    assert sent_tokens(result.messages) <= result.tokens <= budget

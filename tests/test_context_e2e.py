@@ -1,0 +1,235 @@
+"""Context management end to end: the real proxy, the fake provider, the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from proxy import tokens
+from proxy.context.budget import request_tokens
+from proxy.context.summarizer import PROMPT_MARKER
+from proxy.server import keys
+from tests.fake_upstream import FakeUpstream
+from tests.harness import ProxyThread, keyed_tenant, open_tenant, start_thread, write_config
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+PIN = "My name is Ada Lovelace and my locker code is 4417."
+BUDGET = {"max_context_tokens": 1200, "reserve_completion_tokens": 200}  # 1000 prompt tokens
+PROMPT_BUDGET = 1000
+ENCODING = tokens.encoding_for("openai/fake-model")
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"item": {"type": "integer"}}}}}]
+
+
+class Summarizer:
+    """The fake provider's answers to the proxy's summarizer prompt; counts the calls."""
+
+    def __init__(self) -> None:
+        self.inputs: list[str] = []
+        self.down = False
+        self._lock = threading.Lock()
+
+    def __call__(self, body: dict[str, Any]) -> str | None:
+        messages = body.get("messages") or []
+        if not is_summarizer_call(body):
+            return None  # a client request: the fake's default echo
+        with self._lock:
+            self.inputs.append(messages[1]["content"])
+        if self.down:
+            raise RuntimeError("summarizer is down")  # the fake answers 500
+        numbers = sorted({w.strip(".,:") for w in messages[1]["content"].split() if w.strip(".,:").isdigit()}, key=int)
+        return "- The user discussed items " + ", ".join(numbers[:12]) + "."
+
+
+def is_summarizer_call(body: dict[str, Any]) -> bool:
+    messages = body.get("messages") or []
+    return bool(messages) and messages[0].get("role") == "system" and str(messages[0].get("content")).startswith(PROMPT_MARKER)
+
+
+def client_requests(fake: FakeUpstream) -> list[dict[str, Any]]:
+    return [b for b in fake.chat_requests if not is_summarizer_call(b)]
+
+
+@pytest.fixture
+def summarizer(upstream: FakeUpstream) -> Summarizer:
+    upstream.responder = Summarizer()
+    return upstream.responder
+
+
+def tenant(upstream: FakeUpstream, **context: Any) -> dict[str, Any]:
+    spec = open_tenant(upstream.base_url)
+    spec["models"]["summarizer"] = {"model": "openai/fake-summarizer", "api_base": upstream.base_url, "api_key": "upstream-secret-key"}
+    spec["context"] = {**BUDGET, "window_turns": 4, "segment_turns": 4, "summary_tokens": 64, "summarizer_model": "summarizer"} | context
+    return spec
+
+
+@pytest.fixture
+def context_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
+    with start_thread(write_config(tmp_path, {"local": tenant(upstream)})) as running:
+        yield running
+
+
+def sdk(proxy: ProxyThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.base_url, api_key="local", max_retries=0)
+
+
+def admin_session(proxy: ProxyThread, session_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{proxy.url}/admin/sessions/{session_id}", headers={"Authorization": "Bearer local"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for_background(proxy: ProxyThread) -> None:
+    proxy.call(proxy.app[keys.PIPELINE].context.idle())
+
+
+def converse(proxy: ProxyThread, session: str, turns: int, *, tool_every: int = 0) -> list[Any]:
+    """An agent that keeps only its last few turns itself (the proxy restores the rest)."""
+    client, history, headers, raw_responses = sdk(proxy), [], {"X-Session-ID": session}, []
+    for t in range(turns):
+        text = PIN if t == 2 else f"Turn {t}: tell me about item {t}, which costs {t * 3} dollars and ships on day {t % 28 + 1}."
+        if tool_every and t % tool_every == tool_every - 1:
+            history.append({"role": "user", "content": f'CALL_TOOL:lookup {{"item": {t}}}'})
+            call = client.chat.completions.create(model="fake-model", messages=[SYSTEM, *history], tools=TOOLS, extra_headers=headers)
+            message = call.choices[0].message
+            calls = [c.model_dump() for c in message.tool_calls]
+            history.append({"role": "assistant", "content": None, "tool_calls": calls})
+            history.append({"role": "tool", "tool_call_id": calls[0]["id"], "content": f"item {t} is in stock: {t * 7} units"})
+        else:
+            history.append({"role": "user", "content": text})
+        raw = client.chat.completions.with_raw_response.create(model="fake-model", messages=[SYSTEM, *history], extra_headers=headers)
+        raw_responses.append(raw)
+        history.append({"role": "assistant", "content": raw.parse().choices[0].message.content})
+        while sum(m["role"] == "user" for m in history) > 3:  # drop the oldest turn, whole
+            history.pop(0)
+            while history and history[0]["role"] != "user":
+                history.pop(0)
+    return raw_responses
+
+
+def assert_tool_pairs_intact(messages: list[dict[str, Any]]) -> None:
+    for i, message in enumerate(messages):
+        if message.get("tool_calls"):
+            ids = [c["id"] for c in message["tool_calls"]]
+            assert [m.get("tool_call_id") for m in messages[i + 1:i + 1 + len(ids)]] == ids
+        if message.get("role") == "tool":
+            assert messages[i - 1].get("tool_calls") and message["tool_call_id"] in [c["id"] for c in messages[i - 1]["tool_calls"]]
+
+
+def test_300_turns_stay_within_budget_keep_pins_and_tool_pairs_and_reuse_summaries(
+    context_proxy: ProxyThread, upstream: FakeUpstream, summarizer: Summarizer
+) -> None:
+    responses = converse(context_proxy, "long", 300, tool_every=10)
+    wait_for_background(context_proxy)
+
+    forwarded = client_requests(upstream)
+    assert len(forwarded) == 330  # 300 turns, 30 of them with a tool call first
+    for body in forwarded:
+        assert request_tokens(body, ENCODING) <= PROMPT_BUDGET
+        assert body["messages"][0] == SYSTEM
+        assert_tool_pairs_intact(body["messages"])
+    pin_index = next(i for i, b in enumerate(forwarded) if b["messages"][-1].get("content") == PIN)
+    for body in forwarded[pin_index:]:
+        assert {"role": "user", "content": PIN} in body["messages"]  # pinned: verbatim in every request
+    assert any("context-summary" in str(b["messages"][1].get("content")) for b in forwarded)
+
+    # Every summary was computed once: no summarizer input repeats, and each call left one record.
+    assert summarizer.inputs and len(summarizer.inputs) == len(set(summarizer.inputs))
+    view = admin_session(context_proxy, "long")
+    stored = view["summaries"]
+    assert len(stored) == len(summarizer.inputs)
+    assert {s["method"] for s in stored} == {"llm"} and {s["level"] for s in stored} == {"segment", "session"}
+    for summary in stored:
+        assert summary["seqs"] and summary["first"] == summary["seqs"][0] and summary["last"] == summary["seqs"][-1]
+
+    last = responses[-1].headers
+    assert int(last["x-context-tokens"]) <= PROMPT_BUDGET and int(last["x-context-tokens-saved"]) > 0
+    stats = view["session"]["extra"]["context"]
+    assert stats["requests"] == 330 and stats["compressed"] > 200
+    assert stats["tokens_saved"] == stats["tokens_full"] - stats["tokens_sent"] > stats["tokens_sent"]
+    # The client's own messages are stored as sent: the summaries never replace them.
+    contents = [m["body"].get("content") for m in view["messages"]]
+    assert PIN in contents and not any("context-summary" in str(c) for c in contents)
+    assert next(m for m in view["messages"] if m["body"].get("content") == PIN)["tags"] == ["fact"]
+
+
+def test_summarizer_down_falls_back_to_extractive_summaries(
+    context_proxy: ProxyThread, upstream: FakeUpstream, summarizer: Summarizer
+) -> None:
+    summarizer.down = True
+    converse(context_proxy, "down", 80)
+    wait_for_background(context_proxy)
+    forwarded = client_requests(upstream)
+    assert len(forwarded) == 80 and summarizer.inputs  # the summarizer was asked, and failed
+    assert all(request_tokens(b, ENCODING) <= PROMPT_BUDGET for b in forwarded)
+    assert {"role": "user", "content": PIN} in forwarded[-1]["messages"]
+    stored = admin_session(context_proxy, "down")["summaries"]
+    assert stored and {s["method"] for s in stored} == {"extractive"}
+    # Extractive summaries keep the numbers the conversation named.
+    assert any("dollars" in s["text"] for s in stored)
+
+
+def test_short_conversations_are_forwarded_unchanged(context_proxy: ProxyThread, upstream: FakeUpstream) -> None:
+    messages = [SYSTEM, {"role": "user", "content": "hello"}]
+    raw = sdk(context_proxy).chat.completions.with_raw_response.create(model="fake-model", messages=messages, extra_headers={"X-Session-ID": "short"})
+    assert upstream.chat_requests[-1]["messages"] == messages
+    assert raw.headers["x-context-tokens-saved"] == "0"
+    assert int(raw.headers["x-context-tokens"]) == request_tokens({"messages": messages}, ENCODING)
+
+
+def test_a_newest_message_larger_than_the_budget_is_a_clear_error(context_proxy: ProxyThread, upstream: FakeUpstream) -> None:
+    huge = " ".join(f"word{i}" for i in range(3000))
+    with pytest.raises(openai.BadRequestError) as error:
+        sdk(context_proxy).chat.completions.create(model="fake-model", messages=[SYSTEM, {"role": "user", "content": huge}])
+    body = error.value.body
+    assert error.value.status_code == 400 and body["code"] == "context_length_exceeded"
+    assert "max_context_tokens 1200" in body["message"] and "unknown to litellm" in body["message"]
+    assert not upstream.chat_requests  # nothing was truncated and sent
+
+
+def test_context_off_and_stateless_tenants_forward_everything(tmp_path: Path, upstream: FakeUpstream) -> None:
+    off = tenant(upstream, strategy="off")
+    stateless = keyed_tenant(upstream.base_url, "k2", stateless=True, context=BUDGET)
+    with start_thread(write_config(tmp_path, {"off": off, "plain": stateless})) as proxy:
+        long = [SYSTEM] + [{"role": "user", "content": f"message {i} " + "filler " * 40} for i in range(40)]
+        for key in ("local", "k2"):
+            raw = openai.OpenAI(base_url=proxy.base_url, api_key=key, max_retries=0).chat.completions.with_raw_response.create(
+                model="fake-model", messages=long
+            )
+            assert upstream.chat_requests[-1]["messages"] == long
+            assert "x-context-tokens" not in raw.headers
+
+
+def test_shutdown_cancels_background_summaries(tmp_path: Path, upstream: FakeUpstream) -> None:
+    with FakeUpstream.run_in_thread() as slow:
+        slow.hang_next(1000)  # the summarizer never answers
+        spec = tenant(upstream, summarize_at_fraction=0.3, summarizer_timeout_seconds=600)
+        spec["models"]["summarizer"] = {"model": "openai/slow", "api_base": slow.base_url, "api_key": "x"}
+        proxy = start_thread(write_config(tmp_path, {"local": spec}))
+        with proxy:
+            converse(proxy, "bg", 16)
+            context = proxy.app[keys.PIPELINE].context
+            assert context._tasks  # summarizing in the background, not in the requests
+            assert all(request_tokens(b, ENCODING) <= PROMPT_BUDGET for b in client_requests(upstream))
+        assert not context._tasks and slow.chat_requests
+
+
+def test_llm_tagger_adds_tags_in_the_background(tmp_path: Path, upstream: FakeUpstream) -> None:
+    def responder(body: dict[str, Any]) -> str | None:
+        if "importance tagger" in str(body["messages"][0].get("content")):
+            numbers = [line.split("]")[0].strip("[") for line in body["messages"][1]["content"].splitlines()]
+            return json.dumps({"labels": {numbers[0]: ["decision"]}})
+        return None
+
+    upstream.responder = responder
+    spec = tenant(upstream, tagger_model="summarizer")
+    with start_thread(write_config(tmp_path, {"local": spec})) as proxy:
+        sdk(proxy).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "ok then"}], extra_headers={"X-Session-ID": "tags"})
+        wait_for_background(proxy)
+        tags = proxy.call(proxy.app[keys.STORE].scan_records("local", "tags", "tags"))
+    assert tags == [("0000000000", {"tags": ["decision"], "model": "summarizer"})]

@@ -1,0 +1,201 @@
+"""The vector index: saved atomically, reloaded at start, rebuilt from LMDB when the file is
+missing, corrupt or stale; searched through HNSW for large scopes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from proxy.config import load_config
+from proxy.memory import tenant as tenant_module
+from proxy.memory.vectors import IndexFileError, VectorIndex
+from proxy.server import keys
+from tests.fake_upstream import FakeUpstream
+from tests.harness import ProxyThread, open_tenant, write_config
+from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats
+
+FACTS = [
+    "The staging database runs PostgreSQL 16 on host pg-stage-3.",
+    "Our on-call rotation changes every Tuesday at 10:00 CET.",
+    "The mobile app release train ships every second Thursday.",
+    "Invoices above 10k EUR need approval from Dana in finance.",
+    "The design system lives in the repository called loom-ui.",
+]
+
+
+def _unit(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_saved_index_round_trips_and_corruption_is_detected(tmp_path: Path) -> None:
+    index = VectorIndex(32)
+    vectors = _unit(200)
+    index.add(np.arange(200, dtype=np.uint64), vectors)
+    path = tmp_path / "t.usearch"
+    digest = index.save(path)
+    assert not list(tmp_path.glob("*.tmp-*"))  # the temporary file was renamed over
+    loaded = VectorIndex.load(path, digest, 32, "f16")
+    keys, sims = loaded.search(vectors[17], 1)
+    assert int(keys[0]) == 17 and sims[0] > 0.99
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IndexFileError, match="does not match its manifest"):
+        VectorIndex.load(path, digest, 32, "f16")
+    path.write_bytes(bytes(raw[:100]))
+    with pytest.raises(IndexFileError):
+        VectorIndex.load(path, digest, 32, "f16")
+    path.unlink()
+    with pytest.raises(IndexFileError, match="cannot read"):
+        VectorIndex.load(path, digest, 32, "f16")
+
+
+def test_removed_keys_are_never_found_and_adding_twice_is_harmless() -> None:
+    index = VectorIndex(32)
+    vectors = _unit(50, seed=1)
+    index.add(np.arange(50, dtype=np.uint64), vectors)
+    index.add(np.array([3], dtype=np.uint64), vectors[3:4])
+    index.remove([3, 4])
+    keys, _ = index.search(vectors[3], 10)
+    assert 3 not in set(keys.tolist()) and 4 not in set(keys.tolist())
+    assert len(index) == 48
+
+
+def _start(config_path: Path) -> ProxyThread:
+    return ProxyThread(load_config(config_path))
+
+
+def _memory(proxy: ProxyThread):
+    assert proxy.app is not None
+    return proxy.app[keys.PIPELINE].memory
+
+
+def _hnsw_keys(proxy: ProxyThread, tenant: str = "local") -> set[int]:
+    mem = _memory(proxy).memories[tenant]
+    assert mem.vectors is not None and mem.hnsw_ready
+    return {int(k) for k in mem.vectors.keys()}
+
+
+def _alive_keys(proxy: ProxyThread, tenant: str = "local") -> set[int]:
+    mem = _memory(proxy).memories[tenant]
+    return {int(mem.cols.ukey[slot]) for slot in mem.key_slot.values()}
+
+
+def _add_facts(proxy: ProxyThread, facts: list[str]) -> list[str]:
+    ids = []
+    for fact in facts:
+        response = httpx.post(f"{proxy.url}/v1/memories", json={"content": fact, "user_id": "ops"})
+        assert response.status_code == 200, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def _search_top(proxy: ProxyThread, query: str) -> str:
+    found = httpx.post(f"{proxy.url}/v1/memories/search", json={"query": query, "user_id": "ops", "top_k": 1}).json()
+    return found["data"][0]["content"] if found["data"] else ""
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, upstream: FakeUpstream) -> Path:
+    return write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK})})
+
+
+@pytest.fixture
+def through_hnsw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Search large-scope style (HNSW) even with a handful of memories."""
+    monkeypatch.setattr(tenant_module, "EXACT_MAX", 0)
+
+
+def test_index_is_saved_at_shutdown_and_loaded_at_start(config_path: Path, through_hnsw: None) -> None:
+    with _start(config_path) as proxy:
+        _add_facts(proxy, FACTS)
+        chat(proxy, "Remind me: the staging database host is pg-stage-3", user="ops", session="s1")
+        drain(proxy)
+        before = _alive_keys(proxy)
+    index_file = config_path.parent / "data" / "index" / "local.usearch"
+    assert index_file.is_file()
+    with _start(config_path) as proxy:
+        drain(proxy)
+        assert _hnsw_keys(proxy) == _alive_keys(proxy) == before
+        counters = memory_stats(proxy)["counters"]
+        assert counters.get("index_rebuilds", 0) == 0 and counters.get("index_reconciled", 0) == 0
+        assert _search_top(proxy, "Who approves large invoices?") == FACTS[3]
+        _, headers = chat(proxy, "which host runs the staging database?", user="ops", session="s2")
+        assert injected_ids(headers)
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt", "truncate"])
+def test_index_is_rebuilt_from_lmdb_when_the_file_is_missing_or_corrupt(config_path: Path, through_hnsw: None, damage: str) -> None:
+    with _start(config_path) as proxy:
+        _add_facts(proxy, FACTS)
+        drain(proxy)
+        before = _alive_keys(proxy)
+    index_file = config_path.parent / "data" / "index" / "local.usearch"
+    if damage == "delete":
+        index_file.unlink()
+    elif damage == "corrupt":
+        raw = bytearray(index_file.read_bytes())
+        for i in range(64, len(raw), 97):
+            raw[i] ^= 0x5A
+        index_file.write_bytes(bytes(raw))
+    else:
+        index_file.write_bytes(index_file.read_bytes()[:300])
+    with _start(config_path) as proxy:
+        drain(proxy)
+        assert _hnsw_keys(proxy) == before
+        assert memory_stats(proxy)["counters"]["index_rebuilds"] == 1
+        assert _search_top(proxy, "When does the on-call rotation change?") == FACTS[1]
+    assert index_file.stat().st_size > 300  # saved again, whole
+
+
+def _manifest(config_path: Path, value: dict | None = None) -> dict | None:
+    """Read (or overwrite) the index manifest in LMDB while the proxy is stopped."""
+    from proxy.storage.base import Record
+    from proxy.storage.lmdb_store import LmdbStore
+
+    async def run() -> dict | None:
+        store = LmdbStore.open(str(config_path.parent / "data" / "lmdb"))
+        try:
+            if value is not None:
+                await store.put_records("local", [Record("memory_index", "manifest", value)])
+            return await store.get_record("local", "memory_index", "manifest")
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def test_a_stale_index_is_reconciled_with_lmdb(config_path: Path, through_hnsw: None) -> None:
+    with _start(config_path) as proxy:
+        ids = _add_facts(proxy, FACTS[:3])
+        drain(proxy)
+    index_file = config_path.parent / "data" / "index" / "local.usearch"
+    old_file, old_manifest = index_file.read_bytes(), _manifest(config_path)
+    with _start(config_path) as proxy:
+        drain(proxy)
+        httpx.delete(f"{proxy.url}/v1/memories/{ids[0]}")
+        _add_facts(proxy, FACTS[3:])
+        drain(proxy)
+        current = _alive_keys(proxy)
+    # Put back the older index and its manifest: intact, but it misses two memories and still
+    # holds a deleted one (a crash between two saves leaves this).
+    index_file.write_bytes(old_file)
+    assert old_manifest is not None
+    _manifest(config_path, old_manifest | {"next_key": 0})
+    with _start(config_path) as proxy:
+        drain(proxy)
+        assert _hnsw_keys(proxy) == current
+        stats = memory_stats(proxy)
+        assert stats["counters"]["index_reconciled"] == 3 and stats["counters"].get("index_rebuilds", 0) == 0
+        assert _search_top(proxy, "Where is the design system?") == FACTS[4]
+        found = httpx.post(f"{proxy.url}/v1/memories/search", json={"query": FACTS[0], "user_id": "ops"}).json()
+        assert ids[0] not in [m["id"] for m in found["data"]]
+        # Keys are never reused, even with an old manifest: new memories get fresh ones.
+        new = _add_facts(proxy, ["The VPN gateway is vpn-2.example.net."])
+        drain(proxy)
+        assert len(_hnsw_keys(proxy)) == len(current) + 1 and new
