@@ -188,3 +188,22 @@ def test_full_disk_is_loud_and_never_acknowledged(tmp_path: Path, upstream: Fake
             assert "storage_error" in events[-1] and "[DONE]" not in response.text
         else:
             assert response.status_code == 503 and response.json()["error"]["code"] == "storage_error"
+
+
+async def test_transcript_cache_follows_every_write() -> None:
+    import dataclasses
+
+    store = WriteBehindStore(InMemoryStore(), flush_interval=10.0)
+    await store.start()
+    session = Session(tenant="t", id="s", created_at=1, last_active=1, next_seq=1, head=0)
+    first = Message(seq=0, parent=None, chain="0", role="user", body={"role": "user", "content": "a"}, ts=1)
+    await store.apply([Write("t", session, [first])])
+    assert [m.seq for m in await store.get_messages("t", "s")] == [0]  # now cached
+    second = Message(seq=1, parent=0, chain="1", role="assistant", body={"role": "assistant", "content": "b"}, ts=1)
+    await store.apply_later([Write("t", session, [second])])
+    assert [m.seq for m in await store.get_messages("t", "s")] == [0, 1]
+    await store.apply([Write("t", session, [dataclasses.replace(second, reverted=True)])])
+    assert [m.reverted for m in await store.get_messages("t", "s")] == [False, True]
+    await store.delete_session("t", "s")
+    assert await store.get_messages("t", "s") == []
+    await store.close()

@@ -24,8 +24,14 @@ _RecordKey = tuple[str, str, str | None, str]
 
 
 class WriteBehindStore(Store):
-    def __init__(self, inner: Store, *, batch_size: int = 256, flush_interval: float = 0.05, queue_max: int = 10_000) -> None:
+    def __init__(self, inner: Store, *, batch_size: int = 256, flush_interval: float = 0.05, queue_max: int = 10_000, cached_sessions: int = 256) -> None:
         self.inner = inner
+        # Decoded transcripts of recently used sessions. This process is the only writer of its
+        # LMDB environment and every write passes through here, so the cache stays exact; it
+        # saves decoding a whole transcript on every request of a long session.
+        self._transcripts: collections.OrderedDict[_SessionKey, dict[int, Message]] = collections.OrderedDict()
+        self.cached_sessions = cached_sessions
+        self._writes_seen = 0  # bumped by every write, to detect one racing a cache fill
         self.batch_size, self.flush_interval, self.queue_max = batch_size, flush_interval, queue_max
         self._queue: collections.deque[Write] = collections.deque()
         self._sessions: dict[_SessionKey, Session | None] = {}  # None: deleted
@@ -63,6 +69,8 @@ class WriteBehindStore(Store):
             queued = len(self._queue)
             await self.inner.apply(list(self._queue) + list(writes))
             self._forget(queued)
+            for write in writes:
+                self._remember(write)
         await self._notify_drained()
 
     async def apply_later(self, writes: Sequence[Write]) -> None:
@@ -76,6 +84,7 @@ class WriteBehindStore(Store):
             write = _frozen_copy(write)
             self._queue.append(write)
             self._overlay(write)
+            self._remember(write)
         if len(self._queue) >= self.batch_size:
             self._wakeup.set()
 
@@ -128,6 +137,16 @@ class WriteBehindStore(Store):
                 if dkey in self._sessions and self._sessions[dkey] is None:
                     del self._sessions[dkey]
 
+    def _remember(self, write: Write) -> None:
+        """Keep cached transcripts in step with a write."""
+        self._writes_seen += 1
+        if write.delete_session is not None:
+            self._transcripts.pop((write.tenant, write.delete_session), None)
+        if write.session is not None and write.messages:
+            cached = self._transcripts.get((write.tenant, write.session.id))
+            if cached is not None:
+                cached.update({m.seq: m for m in write.messages})
+
     async def _notify_drained(self) -> None:
         async with self._drained:
             self._drained.notify_all()
@@ -160,12 +179,25 @@ class WriteBehindStore(Store):
         key = (tenant, session_id)
         if key in self._sessions and self._sessions[key] is None:
             return []
+        cached = self._transcripts.get(key)
+        if cached is not None:
+            self._transcripts.move_to_end(key)
+            return [cached[seq] for seq in sorted(cached)]
+        writes_before = self._writes_seen
         stored = await self.inner.get_messages(tenant, session_id)
+        if self._writes_seen == writes_before and len(stored) <= 5000:
+            self._cache_transcript(key, stored)
         overlay = self._messages.get(key)
         if not overlay:
             return stored
         merged = {m.seq: m for m in stored} | {seq: dataclasses.replace(m) for seq, m in overlay.items()}
         return [merged[seq] for seq in sorted(merged)]
+
+    def _cache_transcript(self, key: _SessionKey, stored: list[Message]) -> None:
+        merged = {m.seq: m for m in stored} | dict(self._messages.get(key, {}))
+        self._transcripts[key] = merged
+        while len(self._transcripts) > self.cached_sessions:
+            self._transcripts.popitem(last=False)
 
     async def list_sessions(self, tenant: str) -> list[Session]:
         sessions = {s.id: s for s in await self.inner.list_sessions(tenant)}
