@@ -150,10 +150,11 @@ def main() -> None:
                 "embed_p50": round(percentile(embed, 50), 2), "embed_p99": round(percentile(embed, 99), 2),
                 "search_p50": round(percentile(search, 50), 2), "search_p99": round(percentile(search, 99), 2)}
 
+    n = f"{args.memories // 1000}k"
     layouts = {
-        "one user, 100k memories (user scope, HNSW)": (single, lambda i: Scope("user", "user-0", "q")),
-        "100 users x 1k (user scope, exact)": (spread, lambda i: Scope("user", f"user-{i % 100}", "q")),
-        "tenant scope over 100k (HNSW)": (spread, lambda i: Scope("tenant", "user-0", "q")),
+        f"one user holding all {n} (user scope, HNSW)": (single, lambda i: Scope("user", "user-0", "q")),
+        f"100 users x {args.memories // 100} (user scope, exact)": (spread, lambda i: Scope("user", f"user-{i % 100}", "q")),
+        f"tenant scope over all {n} (HNSW)": (spread, lambda i: Scope("tenant", "user-0", "q")),
     }
     results["latency_ms"] = {name: asyncio.run(timed(mem, scope)) for name, (mem, scope) in layouts.items()}
 

@@ -92,10 +92,14 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="asp-locomo-") as tmp, FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key") as fake:
-        memory = {"top_k": max(KS), "max_inject_tokens": 8000, "latency_budget_ms": args.budget_ms, "min_score": args.min_score}
+        memory = {"top_k": max(KS), "max_inject_tokens": 8000, "latency_budget_ms": args.budget_ms}
+        if args.min_score is not None:
+            memory["min_score"] = args.min_score
         path = write_config(Path(tmp), {"bench": open_tenant(fake.base_url, memory=memory)})
         with ProxyThread(load_config(path)) as proxy:
             sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0, timeout=120)
+            while proxy.app[keys.PIPELINE].memory is None:  # memory starts in the background
+                time.sleep(0.01)
             service = proxy.app[keys.PIPELINE].memory
             started = time.perf_counter()
             turns = 0
@@ -147,8 +151,10 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
                            "tokens": int(raw.headers.get("x-memory-tokens") or 0), "status": raw.headers.get("x-memory-status")}
                     row |= {f"R@{k}": recall_at(ranked, evidence, k) for k in KS}
                     rows.append(row)
-                    # The question itself must not become a memory the next question finds.
+                    # The question itself must not become a memory the next question finds; and
+                    # its indexing must not compete with the next question's retrieval.
                     httpx.delete(f"{proxy.url}/admin/sessions/{sid}")
+                    proxy.call(service.drain(), timeout=600)
             timings["questions_s"] = round(time.perf_counter() - started, 1)
             stats = httpx.get(f"{proxy.url}/admin/memory").json()
     misses = sum(1 for r in rows if r["status"] == "budget-exceeded")
@@ -212,13 +218,19 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=0, help="only the first N conversations")
     parser.add_argument("--offline", action="store_true", help="retrieval code only, no proxy")
     parser.add_argument("--variant", default="hybrid", choices=("hybrid", "dense", "lexical"), help="offline only")
-    parser.add_argument("--budget-ms", type=int, default=30, help="memory.latency_budget_ms of the tenant")
-    parser.add_argument("--min-score", type=float, default=0.3, help="memory.min_score of the tenant")
+    parser.add_argument("--budget-ms", type=int, default=1000,
+                        help="memory.latency_budget_ms (default 1000: measure retrieval quality, not this machine's load; "
+                             "the product default is 30)")
+    parser.add_argument("--min-score", type=float, default=None, help="memory.min_score (default: the product default)")
     parser.add_argument("--json", type=Path, help="write per-question rows and the summary here")
     args = parser.parse_args()
     samples = json.loads(args.data.read_text())
     if args.conversations:
         samples = samples[: args.conversations]
+    if args.offline and args.min_score is None:
+        from proxy.config import MemorySettings
+
+        args.min_score = MemorySettings().min_score
     result = run_offline(samples, args) if args.offline else run_proxy(samples, args)
     table = summarise(result["rows"])
     title = f"LoCoMo retrieval ({'offline ' + args.variant if args.offline else 'through the proxy'}), {len(samples)} conversations"

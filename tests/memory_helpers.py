@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -16,9 +17,11 @@ SLOW_OK = 5000  # ms: a generous latency budget so a busy test machine never ski
 def drain(proxy: ProxyThread) -> None:
     """Wait until every recorded message is embedded, stored and indexed."""
     assert proxy.app is not None
-    memory = proxy.app[keys.PIPELINE].memory
-    assert memory is not None
-    proxy.call(memory.drain(), timeout=60)
+    deadline = time.monotonic() + 30
+    while proxy.app[keys.PIPELINE].memory is None:  # memory starts in the background
+        assert time.monotonic() < deadline, "long-term memory never started"
+        time.sleep(0.01)
+    proxy.call(proxy.app[keys.PIPELINE].memory.drain(), timeout=60)
 
 
 def chat(proxy: ProxyThread, text: str, *, user: str | None = None, session: str | None = None, key: str = "local-key",

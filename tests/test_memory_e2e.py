@@ -149,3 +149,18 @@ def test_stateless_and_disabled_tenants_skip_memory(tmp_path: Path, upstream: Fa
         assert memory_stats(proxy)["enabled"] is False
         response = httpx.get(f"{proxy.url}/v1/memories", headers={"Authorization": "Bearer off-key"})
         assert response.status_code == 400 and response.json()["error"]["code"] == "memory_disabled"
+
+
+def test_messages_recorded_while_memory_was_off_are_remembered_at_the_next_start(tmp_path: Path, upstream: FakeUpstream) -> None:
+    off = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False})})
+    with start_thread(off) as proxy:
+        chat(proxy, HOTEL, user="alice", session="planning")
+    on = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK})})
+    with start_thread(on) as proxy:
+        drain(proxy)
+        assert memory_stats(proxy)["index"]["episodic"] == 2
+        _, headers = chat(proxy, "Which hotel did we pick for the Lisbon offsite?", user="alice", session="later")
+        assert injected_ids(headers) and "Alfama Lighthouse" in system_prompt(upstream.chat_requests[-1])
+    with start_thread(on) as proxy:  # caught up once: nothing indexed twice on the next start
+        drain(proxy)
+        assert memory_stats(proxy)["index"]["episodic"] == 4

@@ -67,16 +67,6 @@ class View:
     last_user: int  # unit index of the newest user message, -1 when there is none
     suffix: list[int] = field(default_factory=list)  # suffix[u] = tokens of units u..end
 
-    def seq_range(self, lo: int, hi: int) -> tuple[int | None, int | None]:
-        """First and last stored seq among units [lo, hi)."""
-        first = last = None
-        for u in range(lo, hi):
-            for item in self.items[self.units[u].start:self.units[u].end]:
-                if item.seq is not None:
-                    first = item.seq if first is None else first
-                    last = item.seq
-        return first, last
-
 
 def text_of(body: dict[str, Any]) -> str:
     """The readable text of a message: content, tool calls as name(arguments)."""

@@ -104,16 +104,13 @@ class MemoryService:
         self._ops: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._dirty: set[str] = set()
         self._opening: set[str] = set()  # tenants whose saved index is not opened yet
+        self._reembedding: set[str] = set()  # ids queued for a vector they are missing
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index")
         self._tasks: list[asyncio.Task[Any]] = []
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Schedule loading in the background and return at once (start-up stays fast)."""
-        for name, settings in self.settings.items():
+        for name in self.settings:
             self.memories[name] = TenantMemory(name)
             self.ready[name] = asyncio.Event()
             self.counters[name] = collections.Counter()
@@ -122,23 +119,32 @@ class MemoryService:
             key = self._embedder_key(name)
             if key not in self._embedders:
                 self._embedders[key] = _Embedder(key, self._model_name(name))
-                self._tasks.append(asyncio.create_task(self._init_embedder(name, self._embedders[key]), name=f"memory-embedder-{key}"))
+
+    async def start(self) -> None:
+        """Schedule loading in the background and return at once (start-up stays fast)."""
         if not self.settings:
             return
+        started: set[str] = set()
+        for name in self.settings:
+            key = self._embedder_key(name)
+            if key not in started:
+                started.add(key)
+                self._tasks.append(asyncio.create_task(self._init_embedder(name, self._embedders[key]), name=f"memory-embedder-{key}"))
         for name in self.settings:
             self._tasks.append(asyncio.create_task(self._load(name), name=f"memory-load-{name}"))
         self._tasks.append(asyncio.create_task(self._indexer(), name="memory-indexer"))
         self._tasks.append(asyncio.create_task(self._index_worker(), name="memory-index-worker"))
         self._tasks.append(asyncio.create_task(self._maintenance(), name="memory-maintenance"))
 
-    async def close(self, drain_timeout: float = 10.0) -> None:
-        """Finish queued indexing (bounded), save changed indexes, stop the workers."""
+    async def close(self, drain_timeout: float = 3.0) -> None:
+        """Finish queued indexing (briefly: what is left is caught up at the next start from the
+        transcripts), save changed indexes, stop the workers."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.drain(), drain_timeout)
         for name in list(self._dirty):
             await self._ops.put(("save", name))
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._ops.join(), drain_timeout)
+            await asyncio.wait_for(self._ops.join(), 20.0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -176,8 +182,8 @@ class MemoryService:
             return
         mem = self.memories[name]
         user = self._user(settings, turn.ref.user_id or turn.session.user_id)
-        procedural = list(settings.procedural) + [self._procedural[name][mem.ids[s]] for s in mem.procedural_for(user) if mem.ids[s] in self._procedural[name]]
-        procedural_ids = [mem.ids[s] for s in mem.procedural_for(user) if mem.ids[s]]
+        procedural_ids = [i for i in (mem.ids[s] for s in mem.procedural_for(user)) if i and i in self._procedural[name]]
+        procedural = list(settings.procedural) + [self._procedural[name][i] for i in procedural_ids]
         query = _query_text(turn.body.get("messages") or [])
         searchable = mem.alive - sum(len(v) for v in mem.procedural.values())
         memories: list[Memory] = []
@@ -568,8 +574,7 @@ class MemoryService:
         self._opening.add(tenant)
         await self._ops.put(("open", tenant, manifest))
         log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
-        for memory_id in list(mem.unembedded):
-            self._jobs.put_nowait(_Job(tenant, None, reembed=memory_id))
+        self._queue_reembedding(tenant)
         for session, indexed in catch_up:
             await self._catch_up(tenant, session, indexed)
 
@@ -618,9 +623,14 @@ class MemoryService:
     async def _index(self, tenant: str, jobs: list[_Job]) -> None:
         mem = self.memories[tenant]
         embedder = self._embedders[self._embedder_key(tenant)]
+        if embedder.key == "local" and embedder.index is None and embedder.error is None:
+            with contextlib.suppress(asyncio.TimeoutError):  # the local model is still loading (~0.3 s)
+                await asyncio.wait_for(embedder.ready.wait(), 30)
         reembed = [j.reembed for j in jobs if j.reembed]
-        fresh = [j for j in jobs if j.memory is not None and j.memory.id not in mem.id_slot]
-        memories = [j.memory for j in fresh]
+        for memory_id in reembed:
+            self._reembedding.discard(memory_id)
+        fresh = {j.memory.id: j.memory for j in jobs if j.memory is not None and j.memory.id not in mem.id_slot}
+        memories = list(fresh.values())  # a message queued twice (recorded during start-up) counts once
         for memory_id in reembed:
             slot = mem.id_slot.get(memory_id)
             value = await self.store.get_record(tenant, KIND, memory_id, mem.where[slot][0]) if slot is not None else None
@@ -812,12 +822,21 @@ class MemoryService:
             try:
                 for tenant in list(self._dirty):
                     self._ops.put_nowait(("save", tenant))
+                for tenant in self.settings:
+                    self._queue_reembedding(tenant)  # memories stored while the embedder was down
                 if time.monotonic() - last_vacuum >= self.vacuum_interval:
                     last_vacuum = time.monotonic()
                     for tenant in self.settings:
                         await self.vacuum(tenant)
             except Exception:
                 log.exception("memory: maintenance failed")
+
+    def _queue_reembedding(self, tenant: str, limit: int = 2000) -> None:
+        if self._embedders[self._embedder_key(tenant)].index is None and self._embedders[self._embedder_key(tenant)].error:
+            return  # still down: the next round tries again
+        for memory_id in list(self.memories[tenant].unembedded - self._reembedding)[:limit]:
+            self._reembedding.add(memory_id)
+            self._jobs.put_nowait(_Job(tenant, None, reembed=memory_id))
 
     async def vacuum(self, tenant: str) -> int:
         """Forget memories of sessions that no longer exist (deleted by any path) or were rolled back."""

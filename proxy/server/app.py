@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import time
 from typing import AsyncIterator
@@ -84,17 +85,24 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
 async def _memory(app: web.Application) -> AsyncIterator[None]:
     # Long-term memory loads its indexes and embedder in the background: the proxy serves at
     # once (requests go on without memories until a tenant's memory is ready).
-    config = app[keys.CONFIG]
+    config, pipeline = app[keys.CONFIG], app[keys.PIPELINE]
     if not any(t.memory.enabled and not t.stateless for t in config.tenants.values()):
         yield
         return
-    from proxy.memory.service import MemoryService  # numpy and usearch only when some tenant remembers
 
-    service = MemoryService(app[keys.STORE], app[keys.UPSTREAM], config.tenants.values(), config.data_dir / "index")
-    await service.start()
-    app[keys.PIPELINE].memory = service
+    async def start() -> None:
+        # numpy and usearch take ~0.3 s to import: off the loop, after the proxy serves.
+        module = await asyncio.to_thread(importlib.import_module, "proxy.memory.service")
+        service = module.MemoryService(app[keys.STORE], app[keys.UPSTREAM], config.tenants.values(), config.data_dir / "index")
+        pipeline.memory = service  # from now on every recorded message is queued; earlier ones are caught up
+        await service.start()
+
+    starting = asyncio.create_task(start(), name="memory-start")
     yield
-    await service.close()  # before the store: queued memories are written, indexes saved
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await starting
+    if pipeline.memory is not None:
+        await pipeline.memory.close()  # before the store: queued memories are written, indexes saved
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
