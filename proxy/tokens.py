@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 
 # Per-message framing overhead in OpenAI's chat format (role markers, separators).
 _MESSAGE_OVERHEAD = 4
+MESSAGE_OVERHEAD = _MESSAGE_OVERHEAD  # what an empty message costs
 # The encoding used when a model has no tiktoken encoding of its own (any non-OpenAI model):
 # an approximation of the provider's tokenizer, documented as such.
 DEFAULT_ENCODING = "cl100k_base"
@@ -41,8 +43,42 @@ def _encoding_name(name: str) -> str:
     return found if found in _BUNDLED else DEFAULT_ENCODING
 
 
-@functools.cache
-def _encoding(name: str = DEFAULT_ENCODING):
+_encodings: dict[str, Any] = {}  # loaded encodings (None: unavailable)
+_warming: set[str] = set()  # encodings being loaded in the background
+_lock = threading.Lock()
+
+
+def begin_warming(name: str = DEFAULT_ENCODING) -> None:
+    """Mark an encoding as loading: until ``warm`` finishes, counts are estimates, not waits."""
+    with _lock:
+        if name not in _encodings:
+            _warming.add(name)
+
+
+def warm(name: str = DEFAULT_ENCODING) -> None:
+    """Load an encoding now (start-up calls this in a thread: it takes ~0.3 s)."""
+    with _lock:
+        if name in _encodings:
+            return
+    encoding = _load(name)
+    with _lock:
+        _encodings[name] = encoding
+        _warming.discard(name)
+
+
+def _encoding(name: str = DEFAULT_ENCODING) -> Any:
+    if name in _encodings:
+        return _encodings[name]
+    if name in _warming:
+        return _ESTIMATE  # the first requests after start do not wait for the tables
+    warm(name)
+    return _encodings[name]
+
+
+_ESTIMATE = object()
+
+
+def _load(name: str) -> Any:
     if "TIKTOKEN_CACHE_DIR" not in os.environ:
         spec = importlib.util.find_spec("litellm")
         if spec and spec.submodule_search_locations:
@@ -59,8 +95,10 @@ def _encoding(name: str = DEFAULT_ENCODING):
 
 def count_text(text: str, encoding_name: str = DEFAULT_ENCODING) -> int:
     encoding = _encoding(encoding_name)
-    if encoding is None:
-        return max(1, len(text) // 4) if text else 0
+    if encoding is None or encoding is _ESTIMATE:
+        # Without the tokenizer (or while it loads): half the UTF-8 bytes, which over-counts
+        # English about 2× and CJK a little, so budgets err on the safe side.
+        return len(text.encode("utf-8", "replace")) // 2 + 1 if text else 0
     return len(encoding.encode(text, disallowed_special=()))
 
 

@@ -115,7 +115,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
     tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=forget))]
     # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
-    tasks.append(asyncio.create_task(asyncio.to_thread(tokens.count_text, "warm up")))
+    tokens.begin_warming()
+    tasks.append(asyncio.create_task(asyncio.to_thread(tokens.warm)))
     needs_litellm = any(
         not route.resolve("warmup").direct for tenant in config.tenants.values() for route in tenant.models.values()
     )
