@@ -70,7 +70,9 @@ def main() -> int:
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="recovery-"))
     with FakeUpstream.run_in_thread() as upstream:
-        config = write_config(directory, {"local": open_tenant(upstream.base_url)})
+        # Memory off: the store is written directly, without the memory index marks the proxy keeps,
+        # so a memory-enabled proxy would (rightly) start re-indexing all 1M messages in the background.
+        config = write_config(directory, {"local": open_tenant(upstream.base_url, memory={"enabled": False})})
         started = time.monotonic()
         build(directory / "data" / "lmdb", args.sessions, args.messages_per_session)
         build_seconds = time.monotonic() - started

@@ -108,6 +108,8 @@ class Pipeline:
         session = await self.store.get_session(tenant.name, ref.id)
         if session is not None and session.last_active + tenant.session_ttl < now:
             await self.store.delete_session(tenant.name, ref.id)  # expired: start over
+            if self.memory is not None:
+                await self.memory.forget_session(tenant.name, ref.id)
             session = None
         stored = await self.store.get_messages(tenant.name, ref.id)
         problem = checkpoints.inconsistency(session, stored)
