@@ -73,19 +73,24 @@ def corpus(model, cache: Path) -> tuple[list[str], np.ndarray, list[str]]:
     return sentences, vectors, questions
 
 
-def build(n: int, users: int, sentences: list[str], vectors: np.ndarray, rng: np.random.Generator) -> tuple[TenantMemory, np.ndarray]:
-    mem = TenantMemory("bench")
-    all_vectors = np.empty((n, vectors.shape[1]), dtype=np.float32)
+def synthesise(n: int, sentences: list[str], vectors: np.ndarray, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+    texts, out = [], np.empty((n, vectors.shape[1]), dtype=np.float32)
     for i in range(n):
         parts = rng.integers(0, len(sentences), size=int(rng.integers(1, 4)))
         vector = vectors[parts].sum(axis=0) + rng.standard_normal(vectors.shape[1]).astype(np.float32) * 0.02
-        vector /= np.linalg.norm(vector)
-        all_vectors[i] = vector
+        out[i] = vector / np.linalg.norm(vector)
+        texts.append(" ".join(sentences[p] for p in parts))
+    return texts, out
+
+
+def build(users: int, texts: list[str], all_vectors: np.ndarray) -> TenantMemory:
+    mem = TenantMemory("bench")
+    for i, text in enumerate(texts):
         user = f"user-{i % users}"
-        mem.insert(Memory(id=f"m{i}", type=EPISODIC, text=" ".join(sentences[p] for p in parts), ts=time.time() - i,
-                          key=i, user=user, session=f"{user}-s{i // 50}", session_created=0.0, seq=i % 50,
-                          role="user" if i % 2 == 0 else "assistant", vector=vector))
-    return mem, all_vectors
+        mem.insert(Memory(id=f"m{i}", type=EPISODIC, text=text, ts=time.time() - i, key=i, user=user,
+                          session=f"{user}-s{i // 50}", session_created=0.0, seq=i % 50,
+                          role="user" if i % 2 == 0 else "assistant", vector=all_vectors[i]))
+    return mem
 
 
 def main() -> None:
@@ -102,11 +107,12 @@ def main() -> None:
     questions = [questions[i] for i in rng.permutation(len(questions))[: args.queries]]
     results: dict[str, object] = {"memories": args.memories, "queries": len(questions)}
 
+    texts, all_vectors = synthesise(args.memories, sentences, vectors, rng)
     base = rss_bytes()
     started = time.perf_counter()
-    single, all_vectors = build(args.memories, 1, sentences, vectors, rng)
+    single = build(1, texts, all_vectors)
     results["ingest_structures_per_s"] = round(args.memories / (time.perf_counter() - started))
-    results["rss_structures_mb"] = round((rss_bytes() - base) / 2**20, 1)
+    results["rss_structures_per_100k_mb"] = round((rss_bytes() - base) / 2**20 * 100_000 / args.memories, 1)
 
     index = VectorIndex(vectors.shape[1], "f16")
     keys = np.arange(args.memories, dtype=np.uint64)
@@ -117,7 +123,7 @@ def main() -> None:
     results["hnsw_build_s"] = round(seconds, 1)
     results["hnsw_bytes_per_100k_mb"] = round(index.memory_usage() / args.memories * 100_000 / 2**20, 1)
     results["mirror_bytes_per_100k_mb"] = round(single.mirror.nbytes() / args.memories * 100_000 / 2**20, 1)
-    results["rss_total_mb"] = round((rss_bytes() - base) / 2**20, 1)
+    results["rss_total_per_100k_mb"] = round((rss_bytes() - base) / 2**20 * 100_000 / args.memories, 1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.usearch"
         started = time.perf_counter()
@@ -130,7 +136,7 @@ def main() -> None:
     single.vectors, single.hnsw_ready = index, True
 
     # Same memories, spread over users: user scopes are small enough for exact search.
-    spread, _ = build(args.memories, 100, sentences, vectors, np.random.default_rng(7))
+    spread = build(100, texts, all_vectors)
     spread.vectors, spread.hnsw_ready = index, True
 
     async def timed(mem: TenantMemory, scope_of) -> dict[str, float]:

@@ -17,6 +17,7 @@ Data: /work/shared/data/locomo/locomo-dev.json (CC BY-NC 4.0, see its README); -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -116,13 +117,23 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
                         turn = session[i]
                         message = {"role": "user", "content": turn_text(turn), "name": re.sub(r"[^A-Za-z0-9_-]", "_", turn["speaker"])}
                         reply_turn = session[i + 1] if i + 1 < len(session) and session[i + 1]["speaker"] != first else None
-                        fake.script_reply(turn_text(reply_turn) if reply_turn else "OK.")
+                        if reply_turn is None:
+                            # The session ends on this speaker: the provider fails, so the message is
+                            # recorded (outcome error) without an invented reply.
+                            fake.fail_next(503, "no reply in the dataset")
+                            with contextlib.suppress(openai.APIStatusError):
+                                sdk.chat.completions.create(model="fake-model", messages=history + [message],
+                                                            extra_headers={"X-User-ID": user, "X-Session-ID": sid})
+                            sent.append(turn["dia_id"])
+                            turns += 1
+                            break
+                        fake.script_reply(turn_text(reply_turn))
                         answer = sdk.chat.completions.create(model="fake-model", messages=history + [message],
                                                              extra_headers={"X-User-ID": user, "X-Session-ID": sid})
                         history += [message, {"role": "assistant", "content": answer.choices[0].message.content}]
-                        sent += [turn["dia_id"], reply_turn["dia_id"] if reply_turn else ""]
-                        turns += 2 if reply_turn else 1
-                        i += 2 if reply_turn else 1
+                        sent += [turn["dia_id"], reply_turn["dia_id"]]
+                        turns += 2
+                        i += 2
                     proxy.call(service.drain(), timeout=600)
                     listed = httpx.get(f"{proxy.url}/v1/memories", params={"session_id": sid, "limit": 1000}).json()["data"]
                     for item in listed:

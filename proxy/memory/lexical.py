@@ -156,43 +156,44 @@ class BM25:
     def __len__(self) -> int:
         return self.docs
 
-    def search(self, terms: Iterable[str], admit: Callable[[np.ndarray], np.ndarray], limit: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``limit`` slots (and scores) admitted by ``admit(slots) -> bool mask``, best first."""
+    def search(self, terms: Iterable[str], admit: Callable[[np.ndarray], np.ndarray], limit: int,
+               docs: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """Top ``limit`` slots (and scores) admitted by ``admit(slots) -> bool mask``, best first,
+        and the score of an ideal match (every query term, for normalising).
+
+        Document frequencies are counted within what ``admit`` lets through, out of ``docs``
+        documents (the scope's size): a user's vocabulary is weighed against the user's own
+        memories, not against every other user's of the tenant.
+        """
+        empty = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), 0.0
         if self.docs <= 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+            return empty
+        total = max(docs if docs is not None else self.docs, 1)
         avg = max(self._total / self.docs, 1e-6)
         scores: np.ndarray | None = None
+        ideal = 0.0
         for term in set(terms):
             postings = self._postings.get(term)
-            df = self._df.get(term, 0)
-            if postings is None or df <= 0:
+            if postings is None or self._df.get(term, 0) <= 0:
                 continue
-            idf = math.log(1.0 + (self.docs - df + 0.5) / (df + 0.5))
             slots = postings.slots[: postings.n]
-            tf = postings.tfs[: postings.n]
+            keep = admit(slots)
+            df = int(np.count_nonzero(keep))
+            if df == 0:
+                continue
+            slots, tf = slots[keep], postings.tfs[: postings.n][keep]
+            idf = math.log(1.0 + max(total - df + 0.5, 0.5) / (df + 0.5))
+            ideal += idf * (self.k1 + 1.0)
             norm = tf + self.k1 * (1.0 - self.b + self.b * self._length[slots] / avg)
             if scores is None:
                 scores = np.zeros(len(self._length), dtype=np.float32)
             scores[slots] += (idf * (self.k1 + 1.0)) * tf / norm
         if scores is None:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+            return empty
         found = np.flatnonzero(scores)
-        if len(found):
-            found = found[admit(found)]
         if len(found) > limit:
             part = np.argpartition(-scores[found], limit - 1)[:limit]
             found = found[part]
         order = np.argsort(-scores[found], kind="stable")
         found = found[order]
-        return found, scores[found]
-
-    def max_score(self, terms: Iterable[str]) -> float:
-        """The score a document matching every query term once would roughly get (for thresholds)."""
-        if self.docs <= 0:
-            return 0.0
-        total = 0.0
-        for term in set(terms):
-            df = self._df.get(term, 0)
-            if df > 0:
-                total += math.log(1.0 + (self.docs - df + 0.5) / (df + 0.5))
-        return total
+        return found, scores[found], ideal

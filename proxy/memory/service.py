@@ -49,6 +49,8 @@ MAX_TEXT = 8000
 _QUEUE_MAX = 100_000
 _EMBED_CHUNK = 16
 _CONTEXT_CHARS = 500  # of the previous message, indexed with each message
+_INDEX_CHUNK = 8  # texts per background embedding call (~0.25 s of CPU)
+_QUERY_CHARS = 240  # embedded of a long query (head and tail): a 35-piece query already costs ~20 ms
 
 
 @dataclass
@@ -268,7 +270,7 @@ class MemoryService:
             degraded = "embedder-unavailable" if embedder.error else "embedder-loading"
         else:
             try:
-                vector = await embedder.query.embed(query[:4000])
+                vector = await embedder.query.embed(_shorten(query))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -643,7 +645,9 @@ class MemoryService:
         if memories and embedder.index is not None:
             texts = [index_text(m)[:4000] for m in memories]
             try:
-                vectors = await embedder.index.embed_many(texts)
+                vectors = []
+                for start in range(0, len(texts), _INDEX_CHUNK):
+                    vectors.extend(await embedder.index.embed_many(texts[start:start + _INDEX_CHUNK]))
                 for memory, vector in zip(memories, vectors):
                     memory.vector, memory.model = vector, embedder.model_name
             except Exception as exc:
@@ -921,6 +925,13 @@ def _visible(scope: Scope, memory: Memory) -> bool:
     if memory.session is not None:
         return memory.session == scope.session
     return scope.user is not None and memory.user == scope.user
+
+
+def _shorten(query: str) -> str:
+    """What of a query is embedded: all of a short one, head and tail of a long one (BM25 sees it all)."""
+    if len(query) <= _QUERY_CHARS:
+        return query
+    return query[: _QUERY_CHARS * 2 // 3] + " … " + query[-_QUERY_CHARS // 3:]
 
 
 def _query_text(messages: list[Any]) -> str:

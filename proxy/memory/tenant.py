@@ -90,6 +90,7 @@ class TenantMemory:
         self.procedural: dict[int, set[int]] = {}  # user code (-1 tenant) -> procedural slots
         self.tenant_wide: set[int] = set()  # memories without user and session
         self.by_position: dict[tuple[int, int], int] = {}  # (session code, seq) -> slot
+        self.group_sizes: dict[int, int] = {}  # user code -> live memories
         self.alive = 0
         self.next_key = 0
         self.unembedded: set[str] = set()  # ids stored without a vector (embedder was down)
@@ -148,6 +149,8 @@ class TenantMemory:
         if memory.type == PROCEDURAL:
             self.procedural.setdefault(user, set()).add(slot)
         self.bm25.add(slot, lexical.tokenize(index_text(memory)))
+        if user != _NONE:
+            self.group_sizes[user] = self.group_sizes.get(user, 0) + 1
         if memory.vector is not None:
             if self.mirror is None:
                 self.mirror = Mirror(len(memory.vector))
@@ -197,6 +200,8 @@ class TenantMemory:
         self.sessionless.get(user, set()).discard(slot)
         self.procedural.get(user, set()).discard(slot)
         self.tenant_wide.discard(slot)
+        if user != _NONE:
+            self.group_sizes[user] -= 1
         self.bm25.remove(slot)
         if self.mirror is not None:
             self.mirror.remove(slot)
@@ -215,13 +220,14 @@ class TenantMemory:
     def admit(self, scope: Scope, types: Iterable[str] = (EPISODIC, SEMANTIC)):
         """A vectorised predicate: which of these slots the scope may see."""
         cols = self.cols
-        type_codes = np.array([_TYPE_CODE[t] for t in types], dtype=np.int8)
+        type_ok = np.zeros(len(TYPES), dtype=bool)  # a lookup table: np.isin is slow on small arrays
+        type_ok[[_TYPE_CODE[t] for t in types]] = True
         user = self.user_code(scope.user)
         if scope.kind == "session":
             sessions = np.array(self.sessions_named(scope.session) if scope.session else [], dtype=np.int32)
 
         def check(slots: np.ndarray) -> np.ndarray:
-            ok = cols.alive[slots] & np.isin(cols.kind[slots], type_codes)
+            ok = cols.alive[slots] & type_ok[cols.kind[slots]]
             if scope.kind == "tenant":
                 return ok
             owner, session = cols.user[slots], cols.session[slots]
@@ -229,7 +235,7 @@ class TenantMemory:
             if scope.kind == "user":
                 visible |= owner == user
             else:
-                visible |= np.isin(session, sessions)
+                visible |= (session == sessions[0]) if len(sessions) == 1 else np.isin(session, sessions)
                 if scope.user is not None:
                     visible |= (owner == user) & (session == _NONE)
             return ok & visible
@@ -296,8 +302,7 @@ class TenantMemory:
             return []
         admit = self.admit(scope, types)
         terms = lexical.tokenize(text)
-        lex_slots, lex_scores = self.bm25.search(terms, admit, CANDIDATES)
-        best_lexical = self.bm25.max_score(terms) * (self.bm25.k1 + 1.0)
+        lex_slots, lex_scores, best_lexical = self.bm25.search(terms, admit, CANDIDATES, self.scope_size(scope))
         fused: dict[int, float] = {}
         cosine: dict[int, float] = {}
         lexical_score: dict[int, float] = {}
@@ -340,20 +345,39 @@ class TenantMemory:
         hits.sort(key=lambda h: -h.score)
         return hits[:top_k]
 
+    def scope_size(self, scope: Scope) -> int:
+        """How many memories the scope covers (the document count of its BM25 statistics)."""
+        if scope.kind == "tenant":
+            return self.alive
+        size = len(self.tenant_wide)
+        if scope.kind == "user":
+            return size + self.group_sizes.get(self.user_code(scope.user), 0)
+        size += sum(len(self.session_slots.get(code, ())) for code in self.sessions_named(scope.session)) if scope.session else 0
+        if scope.user is not None:
+            size += len(self.sessionless.get(self.user_code(scope.user), ()))
+        return size
+
     def _share_with_neighbours(self, fused: dict[int, float], admit) -> dict[int, int]:
         """Give the neighbours of the best hits a share of their score; returns neighbour -> hit."""
         best = sorted(fused.items(), key=lambda item: -item[1])[:NEIGHBOUR_SOURCES]
         cols = self.cols
-        via: dict[int, int] = {}
+        pairs: list[tuple[int, int, float]] = []  # (neighbour, hit, hit's score)
         for slot, score in best:
             session, seq = int(cols.session[slot]), int(cols.seq[slot])
             if session == _NONE or seq < 0:
                 continue
             for other in (seq - 1, seq + 1):
                 neighbour = self.by_position.get((session, other))
-                if neighbour is not None and admit(np.array([neighbour]))[0]:
-                    fused[neighbour] = fused.get(neighbour, 0.0) + NEIGHBOUR_SHARE * score
-                    via.setdefault(neighbour, slot)
+                if neighbour is not None:
+                    pairs.append((neighbour, slot, score))
+        via: dict[int, int] = {}
+        if not pairs:
+            return via
+        allowed = admit(np.array([p[0] for p in pairs], dtype=np.int64))
+        for (neighbour, slot, score), ok in zip(pairs, allowed.tolist()):
+            if ok:
+                fused[neighbour] = fused.get(neighbour, 0.0) + NEIGHBOUR_SHARE * score
+                via.setdefault(neighbour, slot)
         return via
 
     def procedural_for(self, user: str | None) -> list[int]:

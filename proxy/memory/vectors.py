@@ -217,10 +217,10 @@ class Mirror:
     def score(self, query: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Cosine of ``query`` with each of ``slots`` (0 for a slot without a vector)."""
         out = np.zeros(len(slots), dtype=np.float32)
-        for i, slot in enumerate(slots):
-            vector = self.vector(int(slot))
-            if vector is not None:
-                out[i] = float(vector @ query)
+        found = [(i, self.vector(int(slot))) for i, slot in enumerate(slots)]
+        found = [(i, v) for i, v in found if v is not None]
+        if found:
+            out[[i for i, _ in found]] = np.stack([v for _, v in found]) @ query
         return out
 
     def nbytes(self) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import MemorySettings
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, NotReady
 from proxy.memory.model import EPISODIC, PROCEDURAL, SCOPES, SEMANTIC, TYPES, Scope
 from proxy.memory.service import MemoryService
 from proxy.server import keys
@@ -30,9 +30,11 @@ def setup_memory_routes(app: web.Application) -> None:
 
 def _service(request: web.Request) -> tuple[MemoryService, str, MemorySettings]:
     tenant = authenticate(request.app[keys.CONFIG], request)
-    service = request.app[keys.PIPELINE].memory
-    if service is None or not service.enabled(tenant.name):
+    if not tenant.memory.enabled or tenant.stateless:
         raise BadRequest("long-term memory is disabled for this tenant (memory.enabled, stateless)", code="memory_disabled")
+    service = request.app[keys.PIPELINE].memory
+    if service is None:  # it starts in the background, right after the proxy begins serving
+        raise NotReady("long-term memory is starting; retry shortly")
     return service, tenant.name, service.settings[tenant.name]
 
 
