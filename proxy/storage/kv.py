@@ -112,28 +112,24 @@ class KVStore(Store):
     async def get_messages(self, tenant: str, session_id: str) -> list[Message]:
         prefix = messages_prefix(tenant, session_id)
         rows = await self._read(lambda txn: list(txn.scan(prefix)))
-        messages, corrupt = [], []
-        for key, raw in rows:
-            try:
-                messages.append(Message.from_dict(codec.decode(raw)))
-            except (CorruptRecord, TypeError, KeyError) as exc:
-                corrupt.append((key, raw, str(exc)))
-        if corrupt:
-            await self._quarantine(tenant, corrupt)
-        return messages
+        return await self._decode_rows(tenant, rows, Message.from_dict)
 
     async def list_sessions(self, tenant: str) -> list[Session]:
         prefix = b"s" + _tenant(tenant)
         rows = await self._read(lambda txn: list(txn.scan(prefix)))
-        sessions, corrupt = [], []
+        return await self._decode_rows(tenant, rows, Session.from_dict)
+
+    async def _decode_rows(self, tenant: str, rows: list[tuple[bytes, bytes]], build: Callable[[dict[str, Any]], T]) -> list[T]:
+        """Decode stored rows; the undecodable ones are quarantined instead of failing the read."""
+        found, corrupt = [], []
         for key, raw in rows:
             try:
-                sessions.append(Session.from_dict(codec.decode(raw)))
+                found.append(build(codec.decode(raw)))
             except (CorruptRecord, TypeError, KeyError) as exc:
                 corrupt.append((key, raw, str(exc)))
         if corrupt:
             await self._quarantine(tenant, corrupt)
-        return sessions
+        return found
 
     async def get_record(self, tenant: str, kind: str, key: str, session_id: str | None = None) -> dict[str, Any] | None:
         full = record_key(tenant, kind, key, session_id)
