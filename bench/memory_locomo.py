@@ -176,7 +176,6 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
 
 
 def run_offline(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
 
     from proxy.memory.model import EPISODIC, Memory, Scope
     from proxy.memory.remote import local_model

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import httpx
 import openai
 
 from proxy.server import keys
-from tests.harness import ProxyThread
+from tests.harness import ProxyThread, start_thread
 
 SLOW_OK = 5000  # ms: a generous latency budget so a busy test machine never skips retrieval
 
@@ -53,3 +55,20 @@ def memory_stats(proxy: ProxyThread, key: str = "local-key") -> dict[str, Any]:
 def system_prompt(request: dict[str, Any]) -> str:
     first = request["messages"][0]
     return first["content"] if first["role"] == "system" else ""
+
+
+def wait_for_embedder(proxy: ProxyThread, key: str = "local-key") -> None:
+    """Wait until the tenant's embedder answered its first call (a remote one is probed at start)."""
+    deadline = time.monotonic() + 30
+    while not memory_stats(proxy, key).get("embedder", {}).get("ready"):
+        assert time.monotonic() < deadline, "the embedder never became ready"
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def running(config_path: Path) -> Iterator[ProxyThread]:
+    """The proxy from this config, once its long-term memory (started in the background) is ready."""
+    with start_thread(config_path) as proxy:
+        if any(t.memory.enabled and not t.stateless for t in proxy.config.tenants.values()):
+            drain(proxy)
+        yield proxy

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, keyed_tenant, start_thread, write_config
-from tests.memory_helpers import SLOW_OK
+from tests.harness import ProxyThread, keyed_tenant, write_config
+from tests.memory_helpers import SLOW_OK, running
 
 AUTH = {"Authorization": "Bearer alpha-key"}
 
@@ -18,8 +18,8 @@ AUTH = {"Authorization": "Bearer alpha-key"}
 @pytest.fixture
 def proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
     tenants = {"alpha": keyed_tenant(upstream.base_url, "alpha-key", memory={"latency_budget_ms": SLOW_OK})}
-    with start_thread(write_config(tmp_path, tenants)) as running:
-        yield running
+    with running(write_config(tmp_path, tenants)) as started:
+        yield started
 
 
 def _error(response: httpx.Response, status: int, *fragments: str) -> dict:

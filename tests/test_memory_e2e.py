@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, free_port, open_tenant, start_thread, write_config
-from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, system_prompt
+from tests.harness import ProxyThread, free_port, open_tenant, write_config
+from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, running, system_prompt, wait_for_embedder
 
 HOTEL = "For the Lisbon offsite we settled on the Alfama Lighthouse hotel and a budget of 4200 euros."
 
@@ -19,8 +19,8 @@ HOTEL = "For the Lisbon offsite we settled on the Alfama Lighthouse hotel and a 
 @pytest.fixture
 def memory_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
     tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "top_k": 3})
-    with start_thread(write_config(tmp_path, {"local": tenant})) as running:
-        yield running
+    with running(write_config(tmp_path, {"local": tenant})) as started:
+        yield started
 
 
 def test_remember_when_we_discussed_across_two_sessions_of_a_user(memory_proxy: ProxyThread, upstream: FakeUpstream) -> None:
@@ -82,7 +82,7 @@ def test_embedder_down_still_answers_from_keywords_and_says_so(tmp_path: Path, u
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: every embedding call fails
     tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "embedder": "emb"})
     tenant["models"]["emb"] = {"model": "openai/text-embedding-3-small", "api_base": dead, "api_key": "k"}
-    with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
+    with running(write_config(tmp_path, {"local": tenant})) as proxy:
         chat(proxy, HOTEL, user="alice", session="planning")
         drain(proxy)
         answer, headers = chat(proxy, "Which Lisbon hotel did we settle on for the offsite?", user="alice", session="later")
@@ -100,10 +100,10 @@ def test_embedder_down_still_answers_from_keywords_and_says_so(tmp_path: Path, u
 
 def test_a_failing_query_embedding_falls_back_to_keywords(tmp_path: Path, upstream: FakeUpstream) -> None:
     tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "embedder": "fake-embedding"})
-    with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
+    with running(write_config(tmp_path, {"local": tenant})) as proxy:
+        wait_for_embedder(proxy)
         chat(proxy, HOTEL, user="alice", session="planning")
         drain(proxy)
-        assert memory_stats(proxy)["embedder"]["ready"] is True
         upstream.fail_next(503, "embedding service overloaded")  # taken by the query embedding
         answer, headers = chat(proxy, "Which Lisbon hotel did we settle on?", user="alice", session="later")
         assert answer.startswith("echo:") and headers["x-memory-degraded"] == "embedder-unavailable"
@@ -114,7 +114,8 @@ def test_a_failing_query_embedding_falls_back_to_keywords(tmp_path: Path, upstre
 def test_retrieval_over_budget_goes_on_without_memories_and_is_counted(tmp_path: Path) -> None:
     with FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key", latency=0.3) as slow:
         tenant = open_tenant(slow.base_url, memory={"latency_budget_ms": 50, "embedder": "fake-embedding"})
-        with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
+        with running(write_config(tmp_path, {"local": tenant})) as proxy:
+            wait_for_embedder(proxy)
             chat(proxy, HOTEL, user="alice", session="planning")
             drain(proxy)
             answer, headers = chat(proxy, "Which Lisbon hotel did we settle on?", user="alice", session="later")
@@ -126,7 +127,7 @@ def test_retrieval_over_budget_goes_on_without_memories_and_is_counted(tmp_path:
 
 def test_procedural_memories_from_config_and_api_are_always_injected(tmp_path: Path, upstream: FakeUpstream) -> None:
     tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "procedural": ["Quote prices in euros."]})
-    with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
+    with running(write_config(tmp_path, {"local": tenant})) as proxy:
         added = httpx.post(f"{proxy.url}/v1/memories", json={"content": "Alice wants answers in bullet points.", "type": "procedural", "user_id": "alice"})
         assert added.status_code == 200
         _, headers = chat(proxy, "What is the weather like?", user="alice", session="s")
@@ -143,7 +144,7 @@ def test_stateless_and_disabled_tenants_skip_memory(tmp_path: Path, upstream: Fa
         "plain": open_tenant(upstream.base_url, stateless=True),
         "off": open_tenant(upstream.base_url, memory={"enabled": False}, allow_unauthenticated=False, api_key_sha256=[__import__("proxy.config", fromlist=["hash_key"]).hash_key("off-key")]),
     }
-    with start_thread(write_config(tmp_path, tenants)) as proxy:
+    with running(write_config(tmp_path, tenants)) as proxy:
         _, headers = chat(proxy, HOTEL, user="alice", session="x")
         assert "x-memory-ids" not in headers
         assert memory_stats(proxy)["enabled"] is False
@@ -153,14 +154,14 @@ def test_stateless_and_disabled_tenants_skip_memory(tmp_path: Path, upstream: Fa
 
 def test_messages_recorded_while_memory_was_off_are_remembered_at_the_next_start(tmp_path: Path, upstream: FakeUpstream) -> None:
     off = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False})})
-    with start_thread(off) as proxy:
+    with running(off) as proxy:
         chat(proxy, HOTEL, user="alice", session="planning")
     on = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK})})
-    with start_thread(on) as proxy:
+    with running(on) as proxy:
         drain(proxy)
         assert memory_stats(proxy)["index"]["episodic"] == 2
         _, headers = chat(proxy, "Which hotel did we pick for the Lisbon offsite?", user="alice", session="later")
         assert injected_ids(headers) and "Alfama Lighthouse" in system_prompt(upstream.chat_requests[-1])
-    with start_thread(on) as proxy:  # caught up once: nothing indexed twice on the next start
+    with running(on) as proxy:  # caught up once: nothing indexed twice on the next start
         drain(proxy)
         assert memory_stats(proxy)["index"]["episodic"] == 4

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import httpx
 
-from proxy.config import load_config
 from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, open_tenant, write_config
-from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, system_prompt
+from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, running, system_prompt
 
 SECRET = "My passport number is X9931-227 and it expires in March."
 ASK = "What is my passport number?"
@@ -34,7 +33,7 @@ def _indexed_keys(proxy: ProxyThread) -> int:
 
 def test_deleting_a_session_erases_its_memories_everywhere(tmp_path: Path, upstream: FakeUpstream) -> None:
     path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory=MEMORY)})
-    with ProxyThread(load_config(path)) as proxy:
+    with running(path) as proxy:
         chat(proxy, SECRET, user="alice", session="travel")
         chat(proxy, "Book the 9:40 train to Ghent.", user="alice", session="other")
         drain(proxy)
@@ -50,7 +49,7 @@ def test_deleting_a_session_erases_its_memories_everywhere(tmp_path: Path, upstr
         _, headers = chat(proxy, ASK, user="alice", session="asking")
         assert "X9931" not in system_prompt(upstream.chat_requests[-1])
     # And after a restart (LMDB is the source of truth) they stay gone.
-    with ProxyThread(load_config(path)) as proxy:
+    with running(path) as proxy:
         drain(proxy)
         assert not travel & _memory_ids(proxy)
         chat(proxy, ASK, user="alice", session="asking-again")
@@ -60,7 +59,7 @@ def test_deleting_a_session_erases_its_memories_everywhere(tmp_path: Path, upstr
 def test_ttl_expiry_by_the_janitor_erases_memories(tmp_path: Path, upstream: FakeUpstream) -> None:
     tenant = open_tenant(upstream.base_url, memory=MEMORY, session_ttl_seconds=1)
     path = write_config(tmp_path, {"local": tenant}, server={"janitor_interval_seconds": 1})
-    with ProxyThread(load_config(path)) as proxy:
+    with running(path) as proxy:
         chat(proxy, SECRET, user="alice", session="travel")
         drain(proxy)
         assert _indexed_keys(proxy) == 2
@@ -77,7 +76,7 @@ def test_a_session_deleted_behind_the_index_is_never_recalled(tmp_path: Path, up
     # Any path that deletes a session (here the store directly, like the expiry in the pipeline)
     # erases the records; recall validates against LMDB and drops what is gone.
     path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory=MEMORY)})
-    with ProxyThread(load_config(path)) as proxy:
+    with running(path) as proxy:
         chat(proxy, SECRET, user="alice", session="travel")
         drain(proxy)
         assert proxy.call(proxy.app[keys.STORE].delete_session("local", "travel"))
@@ -88,7 +87,7 @@ def test_a_session_deleted_behind_the_index_is_never_recalled(tmp_path: Path, up
 
 def test_rolled_back_turns_are_never_recalled(tmp_path: Path, upstream: FakeUpstream) -> None:
     path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory=MEMORY)})
-    with ProxyThread(load_config(path)) as proxy:
+    with running(path) as proxy:
         chat(proxy, "We will fly to Lisbon on the 3rd.", user="alice", session="trip")
         chat(proxy, SECRET, user="alice", session="trip", history=[
             {"role": "user", "content": "We will fly to Lisbon on the 3rd."},

@@ -10,13 +10,12 @@ import httpx
 import numpy as np
 import pytest
 
-from proxy.config import load_config
 from proxy.memory import tenant as tenant_module
 from proxy.memory.vectors import IndexFileError, VectorIndex
 from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, open_tenant, write_config
-from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats
+from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, running
 
 FACTS = [
     "The staging database runs PostgreSQL 16 on host pg-stage-3.",
@@ -66,8 +65,8 @@ def test_removed_keys_are_never_found_and_adding_twice_is_harmless() -> None:
     assert len(index) == 48
 
 
-def _start(config_path: Path) -> ProxyThread:
-    return ProxyThread(load_config(config_path))
+def _start(config_path: Path):
+    return running(config_path)
 
 
 def _memory(proxy: ProxyThread):

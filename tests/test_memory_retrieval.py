@@ -1,0 +1,85 @@
+"""Hybrid retrieval over one tenant's memory (no model: hand-made vectors)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from proxy.memory import lexical
+from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, Memory, Scope, text_hash
+from proxy.memory.tenant import TenantMemory
+
+DIM = 8
+
+
+def _vec(*hot: int) -> np.ndarray:
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[list(hot)] = 1.0
+    return vector / np.linalg.norm(vector)
+
+
+def _memory(mem: TenantMemory, text: str, vector: np.ndarray | None, *, user: str | None = "alice", session: str | None = "s1",
+            seq: int | None = None, type: str = EPISODIC, ts: float = 0.0) -> Memory:
+    memory = Memory(id=f"m{len(mem.ids)}", type=type, text=text, ts=ts, key=len(mem.ids), user=user, session=session,
+                    session_created=0.0 if session else None, seq=seq, vector=vector)
+    mem.insert(memory)
+    return memory
+
+
+def test_tokenizer_stems_and_drops_stop_words_and_small_talk() -> None:
+    assert lexical.tokenize("Caroline's paintings were painted in the mornings") == ["caroline", "paint", "paint", "morn"]
+    assert not lexical.has_content("Thanks, that's great!") and lexical.has_content("Who is Bob?")
+
+
+def test_scopes_filter_dense_and_lexical_candidates() -> None:
+    mem = TenantMemory("t")
+    mine = _memory(mem, "alice likes the harbour walk", _vec(0), user="alice", session="a1")
+    other = _memory(mem, "alice likes the harbour walk too", _vec(0), user="bob", session="b1")
+    shared = _memory(mem, "the harbour walk starts at pier 4", _vec(0, 1), user=None, session=None, type=SEMANTIC)
+    query = _vec(0)
+    ids = lambda scope: {h.id for h in mem.search("harbour walk", query, scope, top_k=10, min_score=0.1)}  # noqa: E731
+    assert ids(Scope("user", "alice", "x")) == {mine.id, shared.id}
+    assert ids(Scope("user", "bob", "x")) == {other.id, shared.id}
+    assert ids(Scope("session", None, "a1")) == {mine.id, shared.id}
+    assert ids(Scope("session", None, "elsewhere")) == {shared.id}
+    assert ids(Scope("tenant", "carol", "x")) == {mine.id, other.id, shared.id}
+    assert ids(Scope("user", "mallory", "x")) == {shared.id}
+
+
+def test_threshold_dedup_against_context_and_lexical_only() -> None:
+    mem = TenantMemory("t")
+    hit = _memory(mem, "the invoice number is 4471", _vec(0))
+    _memory(mem, "unrelated chatter about weather", _vec(5))
+    scope = Scope("user", "alice", "x")
+    found = mem.search("invoice number", _vec(0), scope, top_k=5, min_score=0.5)
+    assert [h.id for h in found] == [hit.id]
+    assert mem.search("invoice number", _vec(0), scope, top_k=5, min_score=0.5, exclude_hashes={text_hash("The invoice  number is 4471")}) == []
+    lexical_only = mem.search("invoice number", None, scope, top_k=5, min_score=0.5)
+    assert [h.id for h in lexical_only] == [hit.id] and lexical_only[0].cosine is None
+
+
+def test_neighbours_of_a_hit_come_along_and_procedural_memories_are_not_ranked() -> None:
+    mem = TenantMemory("t")
+    question = _memory(mem, "where did you go on holiday", _vec(1), seq=0)
+    answer = _memory(mem, "yes, last summer", _vec(2), seq=1)
+    _memory(mem, "always answer in French", _vec(1), session=None, type=PROCEDURAL)
+    found = mem.search("holiday", _vec(1), Scope("user", "alice", "x"), top_k=5, min_score=0.5)
+    assert [h.id for h in found] == [question.id, answer.id]  # the answer rides with its question
+    assert len(mem.procedural_for("alice")) == 1
+
+
+def test_recency_weighting_prefers_newer_memories() -> None:
+    mem = TenantMemory("t")
+    old = _memory(mem, "the office wifi password is tulip", _vec(3), session="s1", ts=0.0)
+    new = _memory(mem, "the office wifi password is orchid", _vec(3), session="s2", ts=86400.0 * 60)
+    scope = Scope("user", "alice", "x")
+    plain = mem.search("office wifi password", _vec(3), scope, top_k=2, min_score=0.1, now=86400.0 * 61)
+    recent = mem.search("office wifi password", _vec(3), scope, top_k=2, min_score=0.1, half_life_days=7, now=86400.0 * 61)
+    assert [h.id for h in plain][0] == old.id and [h.id for h in recent][0] == new.id
+
+
+def test_removed_memories_are_not_found() -> None:
+    mem = TenantMemory("t")
+    gone = _memory(mem, "the launch code is 0000", _vec(4))
+    mem.remove(gone.id)
+    assert mem.search("launch code", _vec(4), Scope("user", "alice", "x"), top_k=5, min_score=0.0) == []
+    assert mem.alive == 0
