@@ -146,11 +146,8 @@ async def admin_list_sessions(request: web.Request) -> web.Response:
 
 
 async def admin_get_session(request: web.Request) -> web.Response:
-    tenant = authenticate(request.app[keys.CONFIG], request)
-    store, session_id = request.app[keys.STORE], request.match_info["session_id"]
-    session = await store.get_session(tenant.name, session_id)
-    if session is None:
-        raise NotFound(f"no session '{session_id}' for this tenant", code="session_not_found")
+    tenant, store, session = await _session_for_admin(request)
+    session_id = session.id
     messages = await store.get_messages(tenant.name, session_id)
     active = {m.seq for m in active_path(messages, session.head)}
     return json_response({
