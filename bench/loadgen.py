@@ -14,6 +14,11 @@ step against one target and answers one JSON line on stdout:
 previous one finished) until ``duration`` has passed and at least ``min_requests`` were
 sent (never more than ``max_requests``). Conversations (bench/workload.py)
 persist per target across steps, so sessions keep growing like a real agent's.
+
+Optional fields: ``"workload": "window"`` with ``"stored_turns": N`` plays
+WindowConversation clients (the full target: one long seeded session per stream);
+``"extra_headers"`` are added to this target's requests. Each answer also counts the
+requests whose response carried ``X-History-Restored`` (``"restored"``).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Conversation, expected_reply  # noqa: E402
+from workload import Conversation, WindowConversation, expected_reply, stream_prefix  # noqa: E402
 
 _sessions: dict[str, aiohttp.ClientSession] = {}
-_conversations: dict[str, list[Conversation]] = {}
+_conversations: dict[str, list[Conversation | WindowConversation]] = {}
 
 
 def _http(target: str) -> aiohttp.ClientSession:
@@ -41,14 +46,15 @@ def _http(target: str) -> aiohttp.ClientSession:
     return _sessions[target]
 
 
-async def _one(http: aiohttp.ClientSession, url: str, conv: Conversation, stream: bool, headers: dict[str, str]) -> tuple[float, float] | str:
-    """One chat request; (ttfb, ttlb) in seconds, or an error description."""
+async def _one(http: aiohttp.ClientSession, url: str, conv: Conversation | WindowConversation, stream: bool, headers: dict[str, str]) -> tuple[float, float, bool] | str:
+    """One chat request; (ttfb, ttlb in seconds, history restored), or an error description."""
     session_id, body, user_text = conv.next_request(stream)
     request_headers = {**headers, "Content-Type": "application/json", "X-Session-ID": session_id}
     reply = expected_reply(user_text)
     started = time.perf_counter()
     try:
         async with http.post(url, data=body, headers=request_headers) as response:
+            restored = "X-History-Restored" in response.headers
             if response.status != 200:
                 text = (await response.read())[:300].decode("utf-8", "replace")
                 conv.abandon()
@@ -75,7 +81,7 @@ async def _one(http: aiohttp.ClientSession, url: str, conv: Conversation, stream
         conv.abandon()
         return f"{type(exc).__name__}: {exc}"
     conv.record_reply(user_text, reply)
-    return (first or done) - started, done - started
+    return (first or done) - started, done - started, restored
 
 
 async def run_step(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -84,20 +90,25 @@ async def run_step(cmd: dict[str, Any]) -> dict[str, Any]:
     duration = float(cmd.get("duration", 1.0))
     max_requests = int(cmd.get("max_requests", 10**9))
     min_requests = int(cmd.get("min_requests", 0))
-    headers = dict(cmd.get("headers") or {})
+    headers = dict(cmd.get("headers") or {}) | dict(cmd.get("extra_headers") or {})
     http = _http(target)
     convs = _conversations.setdefault(target, [])
     while len(convs) < concurrency:
-        convs.append(Conversation(f"{cmd.get('run_id', 'bench')}-{target}-c{len(convs)}"))
+        prefix = stream_prefix(cmd.get("run_id", "bench"), target, len(convs))
+        if cmd.get("workload") == "window":
+            convs.append(WindowConversation(prefix, int(cmd["stored_turns"])))
+        else:
+            convs.append(Conversation(prefix))
     ttfb: list[float] = []
     ttlb: list[float] = []
     errors: list[str] = []
+    restored = 0
     issued = 0
     started = time.perf_counter()
     deadline = started + duration
 
-    async def stream_loop(conv: Conversation) -> None:
-        nonlocal issued
+    async def stream_loop(conv: Conversation | WindowConversation) -> None:
+        nonlocal issued, restored
         while issued < max_requests and (time.perf_counter() < deadline or issued < min_requests):
             issued += 1
             result = await _one(http, url, conv, stream, headers)
@@ -106,6 +117,7 @@ async def run_step(cmd: dict[str, Any]) -> dict[str, Any]:
             else:
                 ttfb.append(round(result[0] * 1000, 4))
                 ttlb.append(round(result[1] * 1000, 4))
+                restored += result[2]
 
     await asyncio.gather(*(stream_loop(convs[i]) for i in range(concurrency)))
     elapsed = time.perf_counter() - started
@@ -114,6 +126,7 @@ async def run_step(cmd: dict[str, Any]) -> dict[str, Any]:
         "errors": len(errors),
         "error_sample": errors[0] if errors else None,
         "elapsed": elapsed,
+        "restored": restored,
         "ttfb_ms": ttfb,
         "ttlb_ms": ttlb,
     }

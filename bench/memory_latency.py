@@ -50,7 +50,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def corpus(model, cache: Path) -> tuple[list[str], np.ndarray, list[str]]:
+def locomo_sentences() -> tuple[list[str], list[str]]:
+    """The distinct sentences (over 12 characters) of every LoCoMo conversation, and its questions."""
     samples = json.loads(DATA.read_text())
     sentences, questions = [], []
     for sample in samples:
@@ -60,7 +61,11 @@ def corpus(model, cache: Path) -> tuple[list[str], np.ndarray, list[str]]:
                 for turn in value:
                     sentences += [s for s in re.split(r"(?<=[.!?])\s+", turn["text"]) if len(s) > 12]
         questions += [qa["question"] for qa in sample["qa"]]
-    sentences = list(dict.fromkeys(sentences))
+    return list(dict.fromkeys(sentences)), questions
+
+
+def corpus(model, cache: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    sentences, questions = locomo_sentences()
     if cache.exists():
         vectors = np.load(cache)
         if len(vectors) == len(sentences):

@@ -18,8 +18,11 @@ Targets (``--targets``, comma separated, default all):
                LMDB recording with the default persistence policy; context management and
                long-term memory turned off
   state-sync   the same with ``persistence: {mode: sync}``: every turn fsynced before the reply
-  full         state + context compression + memory retrieval (``full_tenant``); skipped
-               while the proxy lacks those config keys
+  full         state + context compression + memory retrieval (``full_tenant``) for a user
+               with a history: before it starts, bench/seed_full.py stores one long session
+               per client stream (--full-turns, default 500 turns) and the user's memories
+               (--full-memories, default 100k); its clients send only the tail of their
+               session (workload.WindowConversation). Skipped while the proxy lacks the keys
   state-tmpfs  (only when named) "state" with LMDB on /dev/shm, where fsync costs nothing
   litellm      LiteLLM proxy (``litellm[proxy]==1.106.12``) in its own virtualenv,
                bench/.venv-litellm, created on first use
@@ -65,13 +68,16 @@ LABELS = {
     "state": "agent-state-proxy, state only",
     "state-sync": "agent-state-proxy, state only, every turn synced",
     "state-tmpfs": "agent-state-proxy, state only, LMDB on tmpfs",
-    "full": "agent-state-proxy, full (state + compression + memory)",
+    "full": "agent-state-proxy, full (state + compression + memory, 500-turn sessions, 100k memories)",
     "litellm": "LiteLLM proxy 1.106.12",
 }
 LITELLM_VERSION = "1.106.12"
 LITELLM_VENV = BENCH / ".venv-litellm"
 UPSTREAM_KEY = "upstream-secret-key"
 P99_LIMIT_MS = 50.0
+FULL_TURNS, FULL_MEMORIES = 500, 100_000  # the full target's seeded history (issue #6)
+QUICK_FULL_TURNS, QUICK_FULL_MEMORIES = 50, 2_000
+FULL_MEMORY_TIMEOUT = 420.0  # seconds for the full proxy to load its memories and build the index
 CONCURRENCIES = (1, 2, 4, 8, 16, 32, 64)
 # A target's sweep stops once this many consecutive steps were over the p99 limit (or had
 # errors) and the last one did not raise requests/s by more than 5 % over the best so far:
@@ -202,6 +208,11 @@ def http_status(url: str, timeout: float = 1.0, headers: dict[str, str] | None =
         return None
 
 
+def http_json(url: str, headers: dict[str, str], timeout: float = 30.0) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+        return json.loads(response.read())
+
+
 @dataclass
 class Server:
     name: str
@@ -214,8 +225,10 @@ class Server:
     proc: subprocess.Popen | None = None
     pids: list[int] = field(default_factory=list)
     max_anon_kb: int = 0  # largest RssAnon seen by sample_memory()
+    started_at: float = 0.0  # time.monotonic() at start()
 
     def start(self) -> Server:
+        self.started_at = time.monotonic()
         logfile = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.cmd, cwd=self.cwd, env=self.environment(),
@@ -261,6 +274,12 @@ class Server:
             except ProcessLookupError:
                 pass
 
+    def tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
     def stop(self, timeout: float = 15) -> None:
         """SIGTERM, wait, then SIGKILL the group if it is still there."""
         if self.proc is None or self.proc.poll() is not None:
@@ -284,12 +303,6 @@ def stop_all(servers: list[Server]) -> None:
         server.terminate()
     for server in servers:
         server.stop(max(1.0, 15 - (time.monotonic() - started)))
-
-    def tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
 
 
 class LoadGen:
@@ -378,11 +391,11 @@ FULL_MAX_CONTEXT_TOKENS = 3072
 def full_tenant(upstream_base: str) -> tuple[dict[str, Any] | None, str]:
     """The tenant YAML for "full" mode: state + context compression + memory retrieval.
 
-    TODO(full mode): this is the one place that defines full mode; adjust it as the context
-    and memory features settle. Now: the proxy's defaults for both (context: every strategy,
-    extractive summaries as no summarizer model is set; memory: enabled, local embedder,
-    episodic memories, injection into the system prompt), with ``max_context_tokens`` small
-    enough that compression runs on every request. Returns (tenant, "") or (None, why skipped).
+    The proxy's defaults for both (context: every strategy, extractive summaries as no
+    summarizer model is set; memory: enabled, local embedder, user scope, episodic memories,
+    injection into the system prompt), with ``max_context_tokens`` small enough that
+    compression runs on every request. Its store is seeded (bench/seed_full.py) before it
+    starts. Returns (tenant, "") or (None, why skipped).
     """
     from tests.harness import open_tenant
 
@@ -456,13 +469,78 @@ class Target:
     name: str
     chat_url: str
     server: Server | None  # the process(es) whose CPU and memory are measured
+    load: dict[str, Any] = field(default_factory=dict)  # extra loadgen command fields (workload, headers)
 
 
-def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_origin: str, master_key: str, install_litellm: bool, cleanup: list[Path], started: list[Server]) -> tuple[list[Target], dict[str, str]]:
+@dataclass
+class FullSeed:
+    """The full target's seeded history (bench/seed_full.py): sizes in, timings out."""
+
+    run_id: str
+    streams: int  # client streams the full target can use in this run, one session each
+    turns: int
+    memories: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def sessions(self) -> list[str]:
+        from seed_full import session_ids
+
+        return session_ids(self.run_id, self.streams)
+
+    def load(self) -> dict[str, Any]:
+        """What the loadgen needs to play the full target's clients."""
+        from workload import BENCH_USER
+
+        return {"workload": "window", "stored_turns": self.turns, "extra_headers": {"X-User-ID": BENCH_USER}}
+
+
+def seed_full_store(config: Path, seed: FullSeed) -> None:
+    """Store the long sessions and the user's memories before the full proxy starts."""
+    from seed_full import seed as write_seed
+
+    log(f"seeding full: {seed.streams} sessions x {seed.turns} turns, {seed.memories} memories")
+    seed.report = write_seed(config, "bench", seed.sessions(), seed.turns, seed.memories)
+    log(f"seeded in {seed.report['total_s']:.1f} s ({seed.report})")
+
+
+def wait_memory_indexed(target: Target, headers: dict[str, str], seed: FullSeed, timeout: float) -> None:
+    """Block until the full proxy has loaded every seeded memory, from their stored vectors,
+    and built its HNSW index: before that, retrieval is exact or lexical and measures nothing."""
+    from seed_full import model_name
+
+    url = target.chat_url.replace("/v1/chat/completions", "/admin/memory")
+    assert target.server is not None
+    deadline = target.server.started_at + timeout
+    stats: Any = None
+    while time.monotonic() < deadline:
+        if target.server.proc is not None and target.server.proc.poll() is not None:
+            raise RuntimeError(f"full exited while loading its memories:\n{target.server.tail()}")
+        try:
+            stats = http_json(url, headers, timeout=10)
+        except (OSError, ValueError) as exc:  # 503 while memory starts
+            stats = {"error": str(exc)}
+        index = stats.get("index") or {}
+        embedder = (stats.get("embedder") or {}).get("name")
+        if embedder and embedder != model_name():
+            raise RuntimeError(f"full: the proxy's embedder is {embedder!r}, the seeded vectors are {model_name()!r}: it would re-embed them")
+        if stats.get("ready") and index.get("unembedded"):
+            raise RuntimeError(f"full: {index['unembedded']} seeded memories were loaded without their vectors")
+        if stats.get("ready") and index.get("hnsw_ready") and index.get("hnsw_entries", 0) >= seed.memories:
+            seed.report["index_ready_s"] = round(time.monotonic() - target.server.started_at, 1)
+            seed.report["memories_loaded"] = index.get("memories")
+            log(f"full: {index.get('memories')} memories loaded and indexed {seed.report['index_ready_s']:.1f} s after start")
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"full: memory not ready and indexed {timeout:.0f} s after start (last /admin/memory: {stats}):\n{target.server.tail()}")
+
+
+def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_origin: str, master_key: str, install_litellm: bool, cleanup: list[Path], started: list[Server], full: FullSeed) -> tuple[list[Target], dict[str, str]]:
     """Start every requested server (in parallel) and wait until each is ready.
 
-    Every server started is appended to ``started`` at once, so the caller stops it however
-    this ends; every directory to delete afterwards goes to ``cleanup``."""
+    The full target's store is seeded before it starts, and it is ready only once its
+    memories are loaded and indexed. Every server started is appended to ``started`` at once,
+    so the caller stops it however this ends; every directory to delete afterwards goes to
+    ``cleanup``."""
     upstream_base = upstream_origin + "/v1"
     skipped: dict[str, str] = {}
     pending: list[tuple[str, Server, float, dict[str, str] | None]] = []
@@ -495,6 +573,8 @@ def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_or
             if check.returncode != 0:
                 skipped[name] = f"tenant config rejected: {check.stderr.strip() or check.stdout.strip()}"
                 continue
+            if name == "full":
+                seed_full_store(config, full)
             server = Server(name, [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)], origin + "/ready", logfile)
             pending.append((name, server, 60, None))
         elif name == "litellm":
@@ -517,7 +597,7 @@ def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_or
             pending.append((name, server, 180, None))
         else:
             raise SystemExit(f"unknown target {name!r} (known: {', '.join(KNOWN_TARGETS)})")
-        targets.append(Target(name, origin + "/v1/chat/completions", server))
+        targets.append(Target(name, origin + "/v1/chat/completions", server, full.load() if name == "full" else {}))
     for name, server, _, _ in pending:
         log(f"starting {name}")
         started.append(server)
@@ -533,6 +613,9 @@ def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_or
                 targets = [t for t in targets if t.name != name]
                 continue
             raise
+    for target in targets:
+        if target.name == "full":
+            wait_memory_indexed(target, {"Authorization": f"Bearer {master_key}"}, full, FULL_MEMORY_TIMEOUT)
     return targets, skipped
 
 
@@ -589,7 +672,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python bench/run.py " + " ".join(args.argv),
         "rounds": args.rounds, "latency_seconds": args.latency_seconds, "step_seconds": args.step_seconds,
         "concurrencies": args.concurrency, "upstream_latency": args.upstream_latency, "quick": args.quick,
-        "workdir": str(workdir),
+        "workdir": str(workdir), "full_turns": args.full_turns, "full_memories": args.full_memories,
     }
     upstream_port = free_port()
     upstream_origin = f"http://127.0.0.1:{upstream_port}"
@@ -598,10 +681,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cleanup: list[Path] = [workdir]
     loadgen: LoadGen | None = None
     results: dict[str, Any] = {"meta": meta, "targets": {}, "skipped": {}}
+    # One seeded session per client stream the full target can use: the warm-up runs 2 streams.
+    full = FullSeed(run_id, max(args.concurrency + [2]), args.full_turns, args.full_memories)
+    restored: dict[str, list[int]] = {}  # target -> [requests with X-History-Restored, requests]
     started = time.monotonic()
     try:
         upstream.start().wait_ready(30)
-        targets, skipped = build_targets(names, workdir, upstream, upstream_origin, master_key, not args.no_install, cleanup, servers)
+        targets, skipped = build_targets(names, workdir, upstream, upstream_origin, master_key, not args.no_install, cleanup, servers, full)
+        if full.report:
+            results["full_setup"] = full.report
         results["skipped"] = skipped
         for name, why in skipped.items():
             log(f"{name}: skipped: {why}")
@@ -614,8 +702,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             before = target.server.cpu() if target.server else 0.0
             res = loadgen.run(target=target.name, url=target.chat_url, stream=stream, concurrency=concurrency,
                               duration=duration, min_requests=min_requests, max_requests=max_requests,
-                              headers=headers, run_id=run_id)
+                              headers=headers, run_id=run_id, **target.load)
             res["cpu_s"] = (target.server.cpu() if target.server else 0.0) - before
+            counts = restored.setdefault(target.name, [0, 0])
+            counts[0] += res.get("restored", 0)
+            counts[1] += res["n"]
             if target.server:
                 target.server.sample_memory()
             if res["errors"]:
@@ -664,6 +755,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["state_check"] = {
             t.name: check_state_sessions(t, headers) for t in targets if t.name in PROXY_TARGETS and t.name != "stateless"
         }
+        if "full" in results["state_check"]:
+            full_target = next(t for t in targets if t.name == "full")
+            results["state_check"]["full"] |= check_full(full_target, headers, full, restored.get("full", [0, 0]))
         meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
         meta["duration_s"] = round(time.monotonic() - started, 1)
     finally:
@@ -711,6 +805,27 @@ def check_state_sessions(target: Target, headers: dict[str, str]) -> dict[str, A
         "branches": sum(s.get("branches", 0) for s in sessions),
         "messages": sum(s.get("next_seq", 0) for s in sessions),
     }
+
+
+def check_full(target: Target, headers: dict[str, str], seed: FullSeed, restored: list[int]) -> dict[str, Any]:
+    """Did the full target work as designed? Every request had its stored history restored
+    (X-History-Restored), one seeded session is still one unbranched line, and memory recalls ran."""
+    base = target.chat_url.replace("/v1/chat/completions", "")
+    check: dict[str, Any] = {"restored_requests": restored[0], "requests": restored[1]}
+    try:
+        first = seed.sessions()[0]
+        detail = http_json(f"{base}/admin/sessions/{first}", headers, timeout=60)
+        messages = detail["messages"]
+        check["first_session"] = {
+            "id": first, "messages": len(messages), "active": sum(1 for m in messages if m["active"]),
+            "branches": detail["session"]["branches"], "seeded": 1 + 2 * seed.turns,
+        }
+        memory = http_json(f"{base}/admin/memory", headers)
+        check["memory"] = {"memories": memory["index"]["memories"], "hnsw_entries": memory["index"]["hnsw_entries"],
+                           "counters": memory["counters"], "recall_latency_ms": memory["recall_latency_ms"]}
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        check["full_error"] = str(exc)
+    return check
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
@@ -907,13 +1022,38 @@ def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
     for name, check in (results.get("state_check") or {}).items():
         w(f"Sanity check of `{name}` after the run (admin API): " + (
             f"{check['sessions']} sessions, {check['turns']} turns, {check['messages']} stored messages, "
-            f"{check['branches']} branches (0 = every resent history was recognised, nothing recorded twice)." if "error" not in check else f"failed: {check['error']}") + "\n")
+            f"{check['branches']} branches (0 = every resent history was recognised, nothing recorded twice)." if "error" not in check else f"failed: {check['error']}")
+            + (" " + full_check_text(check) if name == "full" else "") + "\n")
+    if results.get("full_setup"):
+        w(full_setup_text(results["full_setup"]) + "\n")
     errors = {n: summary[n]["json_errors"] + summary[n]["sse_errors"] + summary[n]["sweep_errors"] for n in order}
     w("Request errors during measurement: " + ", ".join(f"{n} {e}" for n, e in errors.items()) + ".\n")
-    w(METHOD_NOTES)
+    w(METHOD_NOTES.format(turns=meta.get("full_turns", FULL_TURNS), messages=1 + 2 * meta.get("full_turns", FULL_TURNS),
+                          memories=meta.get("full_memories", FULL_MEMORIES), budget=FULL_MAX_CONTEXT_TOKENS))
     w(MARKER)
     text = "\n".join(out) + "\n"
     return text + (kept_notes if kept_notes else "")
+
+
+def full_check_text(check: dict[str, Any]) -> str:
+    if "full_error" in check:
+        return f"Full-mode checks failed: {check['full_error']}."
+    first, memory = check["first_session"], check["memory"]
+    counters = memory["counters"]
+    return (f"{check['restored_requests']} of {check['requests']} requests had their stored history restored "
+            f"(`X-History-Restored`); session `{first['id']}` holds {first['messages']} messages "
+            f"({first['seeded']} seeded), {first['active']} on the active path, {first['branches']} branches. "
+            f"Memory: {memory['memories']} memories, {memory['hnsw_entries']} in the HNSW index; "
+            f"{counters.get('recalls', 0)} recalls, {counters.get('injected_requests', 0)} requests with memories injected, "
+            f"{counters.get('budget_misses', 0)} over the retrieval latency budget; recall p50/p99 "
+            f"{memory['recall_latency_ms'].get('p50')}/{memory['recall_latency_ms'].get('p99')} ms.")
+
+
+def full_setup_text(setup: dict[str, Any]) -> str:
+    return (f"Full-mode set-up: {setup['sessions']} sessions × {setup['turns']} turns and {setup['memories']} memories "
+            f"seeded in {setup['total_s']:.1f} s (bench/seed_full.py: vectors {setup['synthesise_s']:.1f} s, "
+            f"sessions {setup['sessions_s']:.1f} s, memories {setup['memories_s']:.1f} s); the proxy had them loaded and "
+            f"its HNSW index built {setup.get('index_ready_s', float('nan')):.1f} s after it started. Not part of any measurement.")
 
 
 METHOD_NOTES = """## Method
@@ -927,7 +1067,22 @@ METHOD_NOTES = """## Method
   sessions start at 33 messages and grow by the user message and the provider's reply each turn
   (requests carry 34 to 48 messages, ~41 on average, ~12-17 KB), then a new session starts. Every
   client stream keeps its own session (`X-Session-ID`), so the state-only proxy finds the stored
-  history on every turn and records only the two new messages. The same requests go to every target.
+  history on every turn and records only the two new messages. The same requests go to every target
+  except `full`.
+- **Full mode** (`full`): the proxy with context management (`max_context_tokens` {budget}, so every
+  request is compressed) and long-term memory, serving a user with a history. Before it starts,
+  `bench/seed_full.py` stores, through the proxy's own storage code, one session per client stream
+  holding {turns} turns ({messages} messages) and {memories} memories of the user `bench-user`
+  (LoCoMo sentences with synthesised MiniLM vectors, as `bench/memory_latency.py` builds them; the
+  proxy loads them without re-embedding and builds its HNSW index before measuring starts). Each
+  full-mode client stream keeps its one session for the whole run (no new sessions) and, like an
+  agent that trims its own history, sends the system prompt plus its most recent messages only:
+  the same 34 to 48 messages (~12-17 KB) per request as the other targets, with `X-User-ID`. The
+  proxy recognises them as the tail of the stored transcript and restores the rest
+  (`X-History-Restored`, counted in the sanity check), then compresses it to the budget; memory
+  retrieval searches the user's {memories} memories (HNSW). The seeded sessions' messages are marked
+  as already indexed: the seeded memories stand in for that history, so the proxy does not spend
+  the run embedding it. Sessions keep growing during the run (two messages per request).
 - **Interleaving**: each round measures every target in a rotated order — c=1 JSON, c=1 SSE, then the
   throughput sweep level by level across targets — so drift on the shared machine hits all targets alike.
   Added latency is computed within a round (target minus direct), then the median over rounds is taken.
@@ -957,6 +1112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-seconds", type=float, help="duration of each throughput step (default 2.5)")
     parser.add_argument("--warmup-seconds", type=float, help="warm-up per target and mode (default 1)")
     parser.add_argument("--concurrency", help="comma-separated concurrency levels (default 1,2,4,8,16,32,64)")
+    parser.add_argument("--full-turns", type=int, help=f"stored turns of each full-target session (default {FULL_TURNS}; {QUICK_FULL_TURNS} with --quick)")
+    parser.add_argument("--full-memories", type=int, help=f"memories of the full target's user (default {FULL_MEMORIES}; {QUICK_FULL_MEMORIES} with --quick)")
     parser.add_argument("--no-install", action="store_true", help="never create bench/.venv-litellm (skip LiteLLM if missing)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs, logs and LMDB data of the run")
     args = parser.parse_args(argv)
@@ -976,6 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
     args.step_seconds = args.step_seconds or (0.4 if quick else 2.5)
     args.warmup_seconds = args.warmup_seconds or (0.2 if quick else 1.0)
     args.concurrency = [int(c) for c in args.concurrency.split(",")] if args.concurrency else ([1, 4] if quick else list(CONCURRENCIES))
+    args.full_turns = args.full_turns or (QUICK_FULL_TURNS if quick else FULL_TURNS)
+    args.full_memories = args.full_memories if args.full_memories is not None else (QUICK_FULL_MEMORIES if quick else FULL_MEMORIES)
 
     results = run(args)
     if args.json:
@@ -1006,6 +1165,11 @@ def print_summary(results: dict[str, Any]) -> None:
               f"{fmt(s['sse_ttlb_p50_added']):>11} {fmt(s['max_rps'], 0):>8} {fmt(s['peak_rps'], 0):>8} {fmt(s['json_cpu_per_1k']):>7} {fmt(s['peak_rss_mb'], 0):>7} {fmt(s['peak_anon_mb'], 0):>7}")
     for name, why in results["skipped"].items():
         print(f"{name:<12} skipped: {why}")
+    if results.get("full_setup"):
+        print(full_setup_text(results["full_setup"]))
+    check = (results.get("state_check") or {}).get("full")
+    if check:
+        print(f"full: {check.get('branches')} branches. " + full_check_text(check))
     if not results["meta"]["quick"]:
         for goal, measured, verdict in goals(results):
             print(f"{verdict:<5} {goal}: {measured}")

@@ -9,6 +9,12 @@ so the next request resends both. After ``TURNS_PER_SESSION`` turns the agent st
 new session, which keeps request sizes bounded: 34 to 48 messages (~41 on average,
 ~12-17 KB of JSON).
 
+The "full" target runs a different shape of the same sizes (``WindowConversation``): each
+client stream keeps ONE long session for the whole run, whose stored transcript already holds
+hundreds of turns (seeded by bench/seed_full.py from ``long_history``), and sends like an agent
+that trims its own history: the system prompt plus its most recent messages only, again 34 to
+48 messages. The proxy recognises them as the tail of the stored transcript and restores the rest.
+
 The fake upstream answers ``"echo: " + <last user text>`` (tests/fake_upstream.py), so the
 reply is known without parsing the body; non-streaming replies are still checked.
 """
@@ -22,6 +28,11 @@ import orjson
 MODEL = "fake-model"
 BASE_PAIRS = 16  # base history: system + 16 user/assistant pairs = 33 messages
 TURNS_PER_SESSION = 8  # requests carry 34, 36, ..., 48 messages
+MAX_MESSAGES = 1 + 2 * BASE_PAIRS + 2 * TURNS_PER_SESSION  # 49: the window never sends this many
+BENCH_USER = "bench-user"  # the user id of the full target's requests (memory scope "user")
+# Turn messages of the long sessions: a user message this long (plus its "turn N of S: "
+# prefix) and its ~equal echo make windowed requests as large as Conversation's (~12-17 KB).
+WINDOW_USER_CHARS = 300
 
 _WORDS = (
     "the agent reads the repository layout then opens the failing test and traces the call "
@@ -62,6 +73,28 @@ def expected_reply(user_text: str) -> str:
     return "echo: " + user_text
 
 
+def stream_prefix(run_id: str, target: str, index: int) -> str:
+    """Name of a client stream (loadgen) and, for the full target, of its one session."""
+    return f"{run_id}-{target}-c{index}"
+
+
+def long_history(session_id: str, turns: int, start: int = 0) -> list[dict[str, Any]]:
+    """Turns ``start``..``turns - 1`` of a long session, user and assistant messages.
+
+    Turn 0 names the session, so no two sessions share a transcript. The seeder stores
+    ``[SYSTEM] + long_history(sid, turns)``; the client resends the tail of the same list.
+    """
+    messages: list[dict[str, Any]] = []
+    for turn in range(start, turns):
+        user = _window_user(session_id, turn)
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": expected_reply(user)}]
+    return messages
+
+
+def _window_user(session_id: str, turn: int) -> str:
+    return f"turn {turn} of {session_id}: " + filler(turn, WINDOW_USER_CHARS)
+
+
 class Conversation:
     """One agent's client stream: consecutive sessions of growing conversations."""
 
@@ -100,3 +133,38 @@ class Conversation:
     def abandon(self) -> None:
         """The turn failed: start a fresh session so the stored state stays consistent."""
         self._start_session()
+
+
+class WindowConversation:
+    """One agent's client stream in ONE long session that trims its own history.
+
+    The session's first ``stored_turns`` turns are already stored (bench/seed_full.py). Every
+    request sends the system prompt, the most recent messages and one new user message; once
+    the next request would carry ``MAX_MESSAGES``, the oldest ``2 * TURNS_PER_SESSION``
+    messages are dropped, so requests carry 34 to 48 messages, as Conversation's do.
+    """
+
+    def __init__(self, session_id: str, stored_turns: int) -> None:
+        if stored_turns < BASE_PAIRS:
+            raise ValueError(f"a long session needs at least {BASE_PAIRS} stored turns")
+        self.session_id = session_id
+        self.turn = stored_turns
+        self.history = [SYSTEM] + long_history(session_id, stored_turns, stored_turns - BASE_PAIRS)
+
+    def next_request(self, stream: bool) -> tuple[str, bytes, str]:
+        """(session id, JSON body, new user text) of the next turn."""
+        user_text = _window_user(self.session_id, self.turn)
+        body: dict[str, Any] = {"model": MODEL, "messages": self.history + [{"role": "user", "content": user_text}]}
+        if stream:
+            body["stream"] = True
+        return self.session_id, orjson.dumps(body), user_text
+
+    def record_reply(self, user_text: str, reply: str) -> None:
+        self.history = self.history + [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+        self.turn += 1
+        if len(self.history) + 1 >= MAX_MESSAGES:
+            self.history = self.history[:1] + self.history[1 + 2 * TURNS_PER_SESSION:]
+
+    def abandon(self) -> None:
+        """The turn failed: keep the window. If the proxy recorded the turn anyway, the next
+        request no longer ends the stored transcript, which shows up as a branch."""
