@@ -71,17 +71,27 @@ def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, 
     turns: an agent that restarted and forgot); ``proxy`` always treats the client's unknown
     messages as new turns appended to the stored history.
     """
-    by_chain = {m.chain: m for m in stored}
+    path = active_path(stored, head)
+    by_chain: dict[str, Message] | None = None
     parent: Message | None = None
     chain = ROOT_CHAIN
     matched = 0
+    on_path = True  # every message matched so far is the active path's, from its root
     for body in incoming:
-        candidate = by_chain.get(chain_hash(chain, body))
-        if candidate is None:
-            break
+        if on_path and matched < len(path) and path[matched].body == body:
+            # The usual case: the client resends what was recorded. Equal bodies hash alike,
+            # so the stored message's chain is this one's; no hashing needed.
+            candidate: Message | None = path[matched]
+        else:
+            if by_chain is None:
+                by_chain = {m.chain: m for m in stored}
+            candidate = by_chain.get(chain_hash(chain, body))
+            if candidate is None:
+                break
+            on_path = on_path and matched < len(path) and candidate is path[matched]
         parent, chain, matched = candidate, candidate.chain, matched + 1
     remainder = incoming[matched:]
-    head_message = next((m for m in stored if m.seq == head), None) if head is not None else None
+    head_message = path[-1] if path else None  # active_path starts at head (empty when head is unknown)
 
     if not remainder:
         return Plan(list(incoming), [], parent, replayed=True, branched=bool(parent and parent.seq != head))
@@ -94,7 +104,6 @@ def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, 
     # The client holds less than the store: either nothing (it restarted and sends only new
     # messages) or the tail of the conversation (it restarted earlier, or trims its own
     # history). Put the stored part it lacks back in front.
-    path = active_path(stored, head)
     stored_rest = [m for m in path if not _is_system(m.body)]
     client_rest = [b for b in remainder if not _is_system(b)]
     overlap = _tail_overlap(stored_rest, client_rest)
@@ -120,12 +129,18 @@ def _tail_overlap(stored: list[Message], client: list[dict[str, Any]]) -> int:
     """Length of the longest run that ends the stored path and begins the client's messages."""
     if not stored or not client:
         return 0
-    first = message_hash(client[0])
-    stored_hashes = [message_hash(m.body) for m in stored]
-    for start, digest in enumerate(stored_hashes):
-        size = len(stored_hashes) - start
-        if digest != first or size > len(client):
-            continue
-        if all(stored_hashes[start + i] == message_hash(client[i]) for i in range(size)):
-            return size
+    tail = stored[-len(client):]  # a longer run cannot begin the client's messages
+    hashes: dict[int, bytes] = {}  # index into client → hash, computed only when bodies differ
+
+    def same(message: Message, index: int) -> bool:
+        body = client[index]
+        if message.body == body:
+            return True
+        if index not in hashes:
+            hashes[index] = message_hash(body)
+        return message_hash(message.body) == hashes[index]
+
+    for start in range(len(tail)):
+        if all(same(tail[start + i], i) for i in range(len(tail) - start)):
+            return len(tail) - start
     return 0

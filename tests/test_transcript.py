@@ -107,3 +107,82 @@ def test_active_path_follows_parents() -> None:
     stored = store(U1, A1, {"role": "assistant", "content": "other"}, parent_of={2: 0})
     assert [m.seq for m in active_path(stored, 2)] == [0, 2]
     assert [m.seq for m in active_path(stored, 1)] == [0, 1]
+
+
+# -- the fast paths agree with plain hashing ---------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from proxy.transcript import Plan, _is_system, message_hash  # noqa: E402
+
+
+def _reference_reconcile(stored: list[Message], head: int | None, incoming: list[dict], mode: str) -> Plan:
+    """reconcile() as first written: every incoming and stored message hashed, no shortcuts."""
+    by_chain = {m.chain: m for m in stored}
+    parent, chain, matched = None, ROOT_CHAIN, 0
+    for body in incoming:
+        candidate = by_chain.get(chain_hash(chain, body))
+        if candidate is None:
+            break
+        parent, chain, matched = candidate, candidate.chain, matched + 1
+    remainder = incoming[matched:]
+    head_message = next((m for m in stored if m.seq == head), None) if head is not None else None
+    if not remainder:
+        return Plan(list(incoming), [], parent, replayed=True, branched=bool(parent and parent.seq != head))
+    at_head = (parent is None and head_message is None) or (parent is not None and parent.seq == head)
+    if at_head or head_message is None or mode == "client" or not all(_is_system(b) for b in incoming[:matched]):
+        return Plan(list(incoming), list(remainder), parent, branched=bool(stored) and not at_head)
+    path = active_path(stored, head)
+    stored_rest = [m for m in path if not _is_system(m.body)]
+    client_rest = [b for b in remainder if not _is_system(b)]
+    overlap = 0
+    if stored_rest and client_rest:
+        hashes = [message_hash(m.body) for m in stored_rest]
+        for start, digest in enumerate(hashes):
+            size = len(hashes) - start
+            if digest == message_hash(client_rest[0]) and size <= len(client_rest) and all(
+                    hashes[start + i] == message_hash(client_rest[i]) for i in range(size)):
+                overlap = size
+                break
+    if overlap == 0 and mode == "auto" and any(b.get("role") in ("assistant", "tool") for b in client_rest):
+        return Plan(list(incoming), list(remainder), parent, branched=True)
+    client_system = [b for b in incoming if _is_system(b)]
+    stored_system = [m.body for m in path if _is_system(m.body)]
+    upstream = (client_system or stored_system) + [m.body for m in stored_rest] + client_rest[overlap:]
+    plan = Plan(upstream, client_rest[overlap:], head_message, restored=len(path) - overlap)
+    if client_system and stored_system and client_system != stored_system:
+        plan.notes.append("system prompt differs from the stored one; sent the client's")
+    if not plan.new_messages:
+        plan.replayed = True
+    return plan
+
+
+_BODIES = [SYS, U1, A1, U2, A2, U3, {"role": "user", "content": "hi", "cache_control": {"type": "ephemeral"}},
+           {"role": "assistant", "content": ""}, {"role": "assistant", "content": None}]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    bodies=st.lists(st.sampled_from(_BODIES), min_size=0, max_size=8),
+    forks=st.lists(st.integers(0, 7), max_size=3),
+    head_pick=st.integers(0, 20),
+    start=st.integers(0, 8),
+    stop=st.integers(0, 9),
+    extra=st.lists(st.sampled_from(_BODIES), max_size=3),
+    mode=st.sampled_from(["auto", "client", "proxy"]),
+)
+def test_reconcile_matches_the_plain_hashing_reference(bodies, forks, head_pick, start, stop, extra, mode) -> None:
+    # A stored tree: a line, with some messages re-parented to make branches.
+    parent_of = {seq: (fork % seq if seq else None) for seq, fork in zip(range(1, len(bodies)), forks)}
+    stored = store(*bodies, parent_of=parent_of) if bodies else []
+    if len({m.chain for m in stored}) < len(stored):
+        return  # the pipeline never records a path twice (a resent one matches)
+    head = stored[head_pick % len(stored)].seq if stored else None
+    line = [m.body for m in active_path(stored, head)]
+    incoming = line[:1] * (start % 2) + line[start:stop] + extra  # prefixes, tails, edits, cache hints
+    if not incoming:
+        return
+    got, want = reconcile(stored, head, incoming, mode), _reference_reconcile(stored, head, incoming, mode)
+    assert (got.upstream_messages, got.new_messages, got.parent, got.restored, got.branched, got.replayed, got.notes) == (
+        want.upstream_messages, want.new_messages, want.parent, want.restored, want.branched, want.replayed, want.notes)

@@ -44,6 +44,18 @@ _RULES: dict[str, re.Pattern[str]] = {
         r"\bimportant\s*:|\b\d{4}-\d{2}-\d{2}\b|\b[\w.+-]+@[\w-]+\.[\w.]+\b",
     ),
 }
+# Substrings every match of a rule contains (at least one of them). A message containing none
+# of a rule's triggers cannot match it, so the regex runs only when one is present: a C-speed
+# substring scan instead of trying each alternation at every position (~60 → ~5 µs a message
+# for text that matches nothing). tests/test_importance.py checks the triggers stay necessary.
+_TRIGGERS: dict[str, tuple[str, ...]] = {
+    "decision": ("decided", "go with", "we'll", "we will", "decision", "agreed", "settled", "plan is", "chose", "final"),
+    "commitment": ("promise", "commit", "remind me", "deadline", "due ", "action item", "to-do", "todo", "'ll", "will",
+                   "shall", "going to"),
+    "preference": ("prefer", "like", "love", "hate", "enjoy", "stand", "fav", "rather", "want", "always", "never"),
+    "fact": ("my ", "i'm ", "i am ", "i live", "i work", "i grew up", "i was born", "i moved", "i studied", "remember",
+             "note that", "important", "-", "@"),
+}
 _TAGGED_ROLES = ("user", "assistant")
 _MAX_RULE_CHARS = 4000  # tag from the beginning of long messages only: rules must stay fast
 
@@ -55,7 +67,8 @@ def tag_message(body: dict[str, Any]) -> list[str] | None:
     text = text_of(body)[:_MAX_RULE_CHARS].lower()
     if not text:
         return None
-    found = [tag for tag, rule in _RULES.items() if rule.search(text)]
+    found = [tag for tag, rule in _RULES.items()
+             if any(map(text.__contains__, _TRIGGERS[tag])) and rule.search(text)]
     return found or None
 
 

@@ -193,10 +193,10 @@ def _encode_write(write: Write) -> tuple[list[bytes], list[tuple[bytes, bytes | 
     if write.session is not None:
         if write.session.tenant != tenant:
             raise ValueError("session belongs to another tenant than the write")
-        puts.append((session_key(tenant, write.session.id), codec.encode(write.session.to_dict())))
+        puts.append((session_key(tenant, write.session.id), codec.encode(write.session)))
         prefix = messages_prefix(tenant, write.session.id)
         for message in write.messages:
-            puts.append((prefix + message.seq.to_bytes(8, "big"), codec.encode(message.to_dict())))
+            puts.append((prefix + message.seq.to_bytes(8, "big"), codec.encode(message)))
     elif write.messages:
         raise ValueError("messages need their session in the same write")
     for record in write.records:
