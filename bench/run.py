@@ -68,7 +68,7 @@ LABELS = {
     "state": "agent-state-proxy, state only",
     "state-sync": "agent-state-proxy, state only, every turn synced",
     "state-tmpfs": "agent-state-proxy, state only, LMDB on tmpfs",
-    "full": "agent-state-proxy, full (state + compression + memory, 500-turn sessions, 100k memories)",
+    "full": "agent-state-proxy, full (state + compression + memory)",  # + sizes: full_label()
     "litellm": "LiteLLM proxy 1.106.12",
 }
 LITELLM_VERSION = "1.106.12"
@@ -919,8 +919,15 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 # ------------------------------------------------------------------------------- reporting
 
 
+def full_label(meta: dict[str, Any]) -> str:
+    turns, memories = meta.get("full_turns", FULL_TURNS), meta.get("full_memories", FULL_MEMORIES)
+    size = f"{memories // 1000}k" if memories >= 1000 else str(memories)
+    return f"agent-state-proxy, full (state + compression + memory; {turns}-turn sessions, {size} memories)"
+
+
 def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
     meta, summary, skipped = results["meta"], results["summary"], results["skipped"]
+    labels = LABELS | {"full": full_label(meta)}
     order = [n for n in KNOWN_TARGETS if n in summary]
     lite = summary.get("litellm")
     rounds = meta["rounds"]
@@ -950,9 +957,9 @@ def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
     for name in order:
         s = summary[name]
         if name == "direct":
-            w(f"| {LABELS[name]} (absolute) | " + " | ".join(fmt(s[c]) for c in cols) + " |")
+            w(f"| {labels[name]} (absolute) | " + " | ".join(fmt(s[c]) for c in cols) + " |")
         else:
-            w(f"| {LABELS[name]} | " + " | ".join(signed(s[c + "_added"]) for c in cols) + " |")
+            w(f"| {labels[name]} | " + " | ".join(signed(s[c + "_added"]) for c in cols) + " |")
     w("")
     w(f"## Throughput, CPU and memory\n")
     w(f"Throughput: the highest requests/s (JSON, closed-loop clients) whose p99 stayed under {P99_LIMIT_MS:g} ms, over "
@@ -968,7 +975,7 @@ def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
         s = summary[name]
         cs = ",".join(str(c) if c else "–" for c in s["max_rps_at_c"])
         peak_cs = ",".join(str(c) for c in s["peak_rps_at_c"])
-        w(f"| {LABELS[name]} | {fmt(s['max_rps'], 0)} | {cs} | {fmt(s['peak_rps'], 0)} | {peak_cs} | {fmt(s['json_cpu_per_1k'])} | {fmt(s['sse_cpu_per_1k'])} | {fmt(s['peak_rss_mb'], 0)} | {fmt(s['peak_anon_mb'], 0)} |")
+        w(f"| {labels[name]} | {fmt(s['max_rps'], 0)} | {cs} | {fmt(s['peak_rps'], 0)} | {peak_cs} | {fmt(s['json_cpu_per_1k'])} | {fmt(s['sse_cpu_per_1k'])} | {fmt(s['peak_rss_mb'], 0)} | {fmt(s['peak_anon_mb'], 0)} |")
     w("")
     if lite:
         w("## Ratios vs LiteLLM proxy (same run)\n")
@@ -979,7 +986,7 @@ def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
             if name in ("direct", "litellm"):
                 continue
             s = summary[name]
-            w(f"| {LABELS[name]} | {fmt(ratio(s['json_ttlb_p50_added'], lite['json_ttlb_p50_added']), 3)}× "
+            w(f"| {labels[name]} | {fmt(ratio(s['json_ttlb_p50_added'], lite['json_ttlb_p50_added']), 3)}× "
               f"| {fmt(ratio(s['json_ttlb_p99_added'], lite['json_ttlb_p99_added']), 3)}× "
               f"| {fmt(ratio(s['sse_ttlb_p50_added'], lite['sse_ttlb_p50_added']), 3)}× "
               f"| {fmt(ratio(s['max_rps'], lite['max_rps']))}× / {fmt(ratio(s['peak_rps'], lite['peak_rps']))}× "
@@ -996,7 +1003,7 @@ def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
     if skipped:
         w("## Skipped targets\n")
         for name, why in skipped.items():
-            w(f"- **{name}** ({LABELS.get(name, name)}): {why}")
+            w(f"- **{name}** ({labels.get(name, name)}): {why}")
         w("")
     w("## Throughput sweep (JSON; median over rounds: req/s, p50 / p99 ms)\n")
     levels = meta["concurrencies"]
@@ -1050,7 +1057,7 @@ def full_check_text(check: dict[str, Any]) -> str:
 
 
 def full_setup_text(setup: dict[str, Any]) -> str:
-    return (f"Full-mode set-up: {setup['sessions']} sessions × {setup['turns']} turns and {setup['memories']} memories "
+    return (f"Full-mode set-up: {setup['sessions']} sessions × {setup['turns']} turns and {setup['memories']:,} memories "
             f"seeded in {setup['total_s']:.1f} s (bench/seed_full.py: vectors {setup['synthesise_s']:.1f} s, "
             f"sessions {setup['sessions_s']:.1f} s, memories {setup['memories_s']:.1f} s); the proxy had them loaded and "
             f"its HNSW index built {setup.get('index_ready_s', float('nan')):.1f} s after it started. Not part of any measurement.")
@@ -1072,7 +1079,7 @@ METHOD_NOTES = """## Method
 - **Full mode** (`full`): the proxy with context management (`max_context_tokens` {budget}, so every
   request is compressed) and long-term memory, serving a user with a history. Before it starts,
   `bench/seed_full.py` stores, through the proxy's own storage code, one session per client stream
-  holding {turns} turns ({messages} messages) and {memories} memories of the user `bench-user`
+  holding {turns} turns ({messages} messages) and {memories:,} memories of the user `bench-user`
   (LoCoMo sentences with synthesised MiniLM vectors, as `bench/memory_latency.py` builds them; the
   proxy loads them without re-embedding and builds its HNSW index before measuring starts). Each
   full-mode client stream keeps its one session for the whole run (no new sessions) and, like an
@@ -1080,7 +1087,7 @@ METHOD_NOTES = """## Method
   the same 34 to 48 messages (~12-17 KB) per request as the other targets, with `X-User-ID`. The
   proxy recognises them as the tail of the stored transcript and restores the rest
   (`X-History-Restored`, counted in the sanity check), then compresses it to the budget; memory
-  retrieval searches the user's {memories} memories (HNSW). The seeded sessions' messages are marked
+  retrieval searches the user's {memories:,} memories (HNSW). The seeded sessions' messages are marked
   as already indexed: the seeded memories stand in for that history, so the proxy does not spend
   the run embedding it. Sessions keep growing during the run (two messages per request).
 - **Interleaving**: each round measures every target in a rotated order — c=1 JSON, c=1 SSE, then the
