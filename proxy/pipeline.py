@@ -135,8 +135,9 @@ class Pipeline:
         await self._record(turn, assistant, outcome="ok", finish_reason=finish, usage=response.get("usage"), model=response.get("model"), response=response)
         return response
 
-    async def stream(self, turn: Turn) -> AsyncIterator[dict[str, Any]]:
-        """Relay the provider's chunks; record the response when the stream ends, however it ends."""
+    async def stream(self, turn: Turn) -> AsyncIterator[list[dict[str, Any]]]:
+        """Relay the provider's chunks (in the batches they arrived in); record the response when
+        the stream ends, however it ends."""
         collected = _StreamCollector(keep_chunks=turn.idempotency_key is not None)
         outcome = "aborted"
         try:
@@ -144,9 +145,10 @@ class Pipeline:
             # provider's stream (and its connection) now, not whenever it is garbage-collected.
             upstream = self.upstream.stream(turn.route, turn.body, turn.tenant.upstream_timeout)
             async with contextlib.aclosing(upstream) as chunks:
-                async for chunk in chunks:
-                    collected.add(chunk)
-                    yield chunk
+                async for batch in chunks:
+                    for chunk in batch:
+                        collected.add(chunk)
+                    yield batch
             outcome = "ok"
         except ProxyError:
             outcome = "error"

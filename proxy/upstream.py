@@ -46,21 +46,23 @@ class Upstream:
             result = await litellm.acompletion(**self._litellm_args(route, body, timeout))
             return _litellm_dict(result)
 
-    async def stream(self, route: ResolvedModel, body: dict[str, Any], timeout: float) -> AsyncIterator[dict[str, Any]]:
-        """Yield the provider's chunks as dicts; raises UpstreamError before or during the stream."""
+    async def stream(self, route: ResolvedModel, body: dict[str, Any], timeout: float) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yield the provider's chunks as dicts, in batches: all the chunks that arrived together
+        (one network read), so the relay writes them with one send; raises UpstreamError before
+        or during the stream."""
         if route.direct:
             with self._translate(timeout):
                 async with self._post(route, "/chat/completions", body, timeout) as response:
                     if response.status != 200:
                         await self._json_or_raise(response)
-                    async for chunk in _read_sse(response):
-                        yield chunk
+                    async for batch in _read_sse(response):
+                        yield batch
             return
         litellm = await self._import_litellm()
         with self._translate(timeout):
             result = await litellm.acompletion(**self._litellm_args(route, body, timeout))
             async for chunk in result:
-                yield _litellm_dict(chunk)
+                yield [_litellm_dict(chunk)]
 
     # -- embeddings --------------------------------------------------------------------------
 
@@ -174,24 +176,49 @@ def import_litellm() -> Any:
     return litellm
 
 
-async def _read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    async for raw_line in response.content:
-        line = raw_line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            return
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("upstream sent a malformed stream chunk", status=502, code="upstream_malformed") from None
-        if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-            raise UpstreamError(
-                f"upstream error during stream: {_error_message(chunk)}", status=502, code="upstream_stream_error"
-            )
-        yield chunk
+async def _read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict[str, Any]]]:
+    """The ``data:`` events of an SSE body, parsed, one list per network read."""
+    pending = b""
+    async for data in response.content.iter_any():
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()  # an incomplete line waits for the next read
+        batch = []
+        for raw_line in lines:
+            chunk = _sse_event(raw_line)
+            if chunk is _DONE:
+                if batch:
+                    yield batch
+                return
+            if chunk is not None:
+                batch.append(chunk)
+        if batch:
+            yield batch
+    line = pending.strip()
+    if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":  # without a final newline
+        return
     raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+
+
+_DONE: Any = object()
+
+
+def _sse_event(raw_line: bytes) -> dict[str, Any] | None:
+    """The chunk of one SSE line; None for blank lines, comments and other fields; _DONE at the end."""
+    line = raw_line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return _DONE
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("upstream sent a malformed stream chunk", status=502, code="upstream_malformed") from None
+    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+        raise UpstreamError(
+            f"upstream error during stream: {_error_message(chunk)}", status=502, code="upstream_stream_error"
+        )
+    return chunk
 
 
 def _litellm_dict(result: Any) -> dict[str, Any]:

@@ -55,31 +55,42 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.StreamResponse:
-    """SSE relay. Errors before the first chunk get a normal HTTP error; after, an error event."""
-    chunks = pipeline.stream(turn)
+    """SSE relay. Errors before the first chunk get a normal HTTP error; after, an error event.
+
+    The stream ends ([DONE] and the end of the body, in one send) only once the turn is recorded,
+    so a client that saw [DONE] holds an answer the proxy has accepted; if recording fails the
+    stream ends with an error event instead.
+    """
+    batches = pipeline.stream(turn)
     response: web.StreamResponse | None = None
+    ending: bytes | None = b"data: [DONE]\n\n"
     try:
-        async for chunk in chunks:
+        async for batch in batches:
             if response is None:
                 response = web.StreamResponse(headers={
                     "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers,
                 })
                 await response.prepare(request)
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await response.write(_events(batch))  # one send for what arrived together
         if response is None:  # the provider sent no chunk at all: still a well-formed stream
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **turn.headers})
             await response.prepare(request)
-        await response.write(b"data: [DONE]\n\n")
     except ProxyError as error:
         if response is None:
             raise
-        await _write_quietly(response, b"data: " + orjson.dumps(error.body()) + b"\n\n")
+        ending = _events([error.body()])
     except (ConnectionResetError, ConnectionError):
         log.info("client went away mid-stream (session %s, request %s)", turn.ref.id, turn.request_id)
+        ending = None
     finally:
-        await chunks.aclose()  # records the (possibly partial) response
+        try:
+            await batches.aclose()  # records the (possibly partial) response
+        except ProxyError as error:
+            if response is None:
+                raise
+            ending = _events([error.body()]) if ending is not None else None
     if response is not None:
-        await _write_eof_quietly(response)
+        await _end_quietly(response, ending)
     return response
 
 
@@ -90,23 +101,18 @@ async def _replay(request: web.Request, turn) -> web.StreamResponse:
         return json_response(recorded["response"], headers=turn.headers)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers})
     await response.prepare(request)
-    for chunk in recorded.get("chunks") or ():
-        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
+    await response.write(_events(recorded.get("chunks") or ()) + b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 
 
-async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
-    try:
-        await response.write(data)
-    except (ConnectionResetError, ConnectionError):
-        pass
+def _events(chunks) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
 
 
-async def _write_eof_quietly(response: web.StreamResponse) -> None:
+async def _end_quietly(response: web.StreamResponse, last: bytes | None) -> None:
     try:
-        await response.write_eof()
+        await response.write_eof(last or b"")
     except (ConnectionResetError, ConnectionError):
         pass
 
