@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
 
-from proxy import checkpoints, tokens, transcript
+from proxy import checkpoints, priority, tokens, transcript
 from proxy.config import ResolvedModel, TenantConfig
 from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
@@ -97,10 +97,20 @@ class Pipeline:
         turn.headers = {"X-Session-ID": ref.id, "X-Request-ID": turn.request_id}
         if plan.restored:
             turn.headers["X-History-Restored"] = str(plan.restored)
-        if self.memory is not None:
-            await self.memory.recall(turn)  # relevant long-term memories into the system prompt
-        if self.context is not None:
-            await self.context.shape(turn)  # assemble the context within the token budget
+        with priority.requests.request():  # background indexing yields the CPU meanwhile
+            # The query embedding (the slowest step) runs on the embedder's thread while the
+            # context is assembled, which keeps the memory block's tokens free.
+            recall = self.memory.begin_recall(turn) if self.memory is not None else None
+            try:
+                if self.context is not None:
+                    room = await self.context.shape(turn, reserve=recall.room if recall else 0)
+                    if recall is not None:
+                        recall.room = room
+                if recall is not None:
+                    await self.memory.finish_recall(turn, recall)  # memories into the system prompt
+            finally:
+                if recall is not None:
+                    recall.cancel()  # shaping failed: the embedding is not needed any more
         return turn
 
     async def _load(self, tenant: TenantConfig, ref: SessionRef, now: float) -> tuple[Session, list[Message]]:

@@ -182,3 +182,26 @@ json_values = st.recursive(
 @given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
 def test_encode_decode_round_trip(record: dict) -> None:
     assert codec.decode(codec.encode(record)) == record
+
+
+@pytest.mark.parametrize("limit", [1, 3, 7, 50])
+async def test_paged_scan_reads_everything_once_even_with_queued_writes(store: Store, limit: int) -> None:
+    from proxy.storage.write_behind import WriteBehindStore
+
+    await store.put_records("t", [Record("memory", f"k{i:03d}", {"i": i}) for i in range(0, 40, 2)])
+    await store.put_records("t", [Record("memory", "other", {"i": -1}), Record("note", "k001", {"i": -2})])
+    behind = WriteBehindStore(store, flush_interval=3600)  # never flushes by itself here
+    queued = [Record("memory", f"k{i:03d}", {"i": i}) for i in range(1, 40, 4)]  # new keys between stored ones
+    queued += [Record("memory", f"k{i:03d}", None) for i in range(4, 30, 2)]  # deletes whole pages of stored ones
+    await behind.apply_later([Write("t", records=queued)])
+    expected = await behind.scan_records("t", "memory", prefix="k")
+    assert [k for k, _ in expected] == sorted({f"k{i:03d}" for i in (0, 2, 30, 32, 34, 36, 38)} | {f"k{i:03d}" for i in range(1, 40, 4)})
+    for reader in (behind, store):
+        pages, after = [], ""
+        while page := await reader.scan_records("t", "memory", prefix="k", after=after, limit=limit):
+            assert len(page) <= limit or reader is behind
+            pages.append(page)
+            after = page[-1][0]
+        got = [row for page in pages for row in page]
+        want = expected if reader is behind else await store.scan_records("t", "memory", prefix="k")
+        assert got == want

@@ -38,6 +38,7 @@ class Budget:
     reserve: int  # kept free for the completion
     prompt: int  # what the prompt (messages + tools) may take
     encoding: str  # tiktoken encoding used to count
+    kept_free: int = 0  # of the asked reserve, kept out of ``prompt`` for content added later
 
 
 @functools.cache
@@ -72,12 +73,14 @@ def context_window(model: str) -> int | None:
     return None
 
 
-def budget_for(settings: ContextSettings, alias: str, model: str, body: dict[str, Any]) -> Budget:
+def budget_for(settings: ContextSettings, alias: str, model: str, body: dict[str, Any], keep_free: int = 0) -> Budget:
     """The budget of a request for model alias ``alias`` routed to litellm model ``model``.
 
     Prompt budget = min(max_context_tokens − reserve_completion_tokens, window − the
     request's own max_tokens), where max_context_tokens defaults to
-    context_window_fraction × the window.
+    context_window_fraction × the window; less ``keep_free`` tokens for content added after
+    assembly (the long-term memory block), at most a quarter of it: the conversation itself
+    keeps most of the budget.
     """
     window = settings.window_override(alias)
     known = window is not None
@@ -103,7 +106,8 @@ def budget_for(settings: ContextSettings, alias: str, model: str, body: dict[str
             "or raise context.max_context_tokens / context.context_window",
             code="context_length_exceeded",
         )
-    return Budget(model, window, known, total, reserve, prompt, tokens.encoding_for(model))
+    kept_free = min(max(keep_free, 0), prompt // 4)
+    return Budget(model, window, known, total, reserve, prompt - kept_free, tokens.encoding_for(model), kept_free)
 
 
 def _requested_completion(body: dict[str, Any]) -> int | None:

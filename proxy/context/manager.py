@@ -94,13 +94,16 @@ class ContextManager:
 
     # -- the request path ------------------------------------------------------------------
 
-    async def shape(self, turn: Turn) -> None:
-        """Fit ``turn.body["messages"]`` to the budget; set headers and session statistics."""
+    async def shape(self, turn: Turn, reserve: int = 0) -> int:
+        """Fit ``turn.body["messages"]`` to the budget, less up to ``reserve`` tokens kept free
+        for what is added after (the long-term memory block); set headers and session
+        statistics. Returns how many tokens were kept free (all of ``reserve`` when the context
+        is not managed)."""
         settings: ContextSettings = turn.tenant.context
         if not settings.enabled or turn.tenant.stateless:
-            return
+            return reserve
         body = turn.body
-        budget = budget_for(settings, turn.route.requested, turn.route.model, body)
+        budget = budget_for(settings, turn.route.requested, turn.route.model, body, reserve)
         encoding = budget.encoding
         overhead = request_overhead(body, encoding)
         llm_tags = await self._llm_tags(turn) if settings.tagger_model else None
@@ -108,7 +111,7 @@ class ContextManager:
         full = overhead + sum(i.tokens for i in items)
         if full <= budget.prompt:
             self._account(turn, budget, Assembly([], full, full))
-            return
+            return budget.kept_free
         view = build_view(items, settings.segment_turns, importance.PRIORITY if settings.uses("importance") else None)
         available = await self._available(turn) if settings.uses("summaries") else {}
         ranked = await self._rank(turn, view, settings) if settings.uses("retrieval") and settings.retrieval_share else ()
@@ -124,6 +127,7 @@ class ContextManager:
             raise _too_large(exc, budget, turn.route.requested) from None
         turn.body = body | {"messages": result.messages}
         self._account(turn, budget, result)
+        return budget.kept_free
 
     def _items(self, turn: Turn, messages: list[dict[str, Any]], encoding: str, llm_tags: dict[int, list[str]] | None) -> list[Item]:
         """The request's messages with token counts and tags, taken from the stored messages they match."""

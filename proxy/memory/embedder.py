@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -231,8 +231,13 @@ class LocalMiniLM:
 
     # ------------------------------------------------------------ inference
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed ``texts`` -> ``(n, dim)`` float32, L2-normalised rows."""
+    pausable = True  # embed() takes ``between_layers`` (EmbeddingBatcher's ``background``)
+
+    def embed(self, texts: Sequence[str], between_layers: Callable[[], None] | None = None) -> np.ndarray:
+        """Embed ``texts`` -> ``(n, dim)`` float32, L2-normalised rows.
+
+        ``between_layers`` is called before each encoder layer (a background caller pauses
+        there for requests, see proxy/priority.py)."""
         if isinstance(texts, str):
             raise TypeError("embed() takes a list of strings, not a str")
         texts = list(texts)
@@ -261,11 +266,11 @@ class LocalMiniLM:
                 real = real_new
                 end += 1
             idx = order[start:end]
-            out[idx] = self._forward([ids[i] for i in idx])
+            out[idx] = self._forward([ids[i] for i in idx], between_layers)
             start = end
         return out
 
-    def _forward(self, batch: list[list[int]]) -> np.ndarray:
+    def _forward(self, batch: list[list[int]], between_layers: Callable[[], None] | None = None) -> np.ndarray:
         """Run the encoder on one padded bucket; returns pooled unit vectors."""
         B = len(batch)
         T = max(len(s) for s in batch)
@@ -288,6 +293,8 @@ class LocalMiniLM:
             key_bias = np.where(mask, _F32(0.0), _F32(-1e9)).astype(_F32)[:, None, None, :]
 
         for L in self._layers:
+            if between_layers is not None:
+                between_layers()
             qkv = x @ L.w_qkv
             qkv += L.b_qkv
             qkv = qkv.reshape(B, T, 3, nh, hd)
@@ -358,8 +365,12 @@ class EmbeddingBatcher:
         *,
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
+        background: Callable[[], None] | None = None,
     ) -> None:
         self.embedder = embedder
+        # Background batchers (indexing) pass this to a pausable embedder, which calls it
+        # between layers: e.g. proxy.priority.requests.pause_for_requests.
+        self.background = background if getattr(embedder, "pausable", False) else None
         self.dim = int(embedder.dim)
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
@@ -439,7 +450,10 @@ class EmbeddingBatcher:
         self.batches_run += 1
         self.texts_embedded += len(texts)
         try:
-            inflight = self._loop.run_in_executor(self._executor, self.embedder.embed, texts)
+            if self.background is not None:
+                inflight = self._loop.run_in_executor(self._executor, self.embedder.embed, texts, self.background)
+            else:
+                inflight = self._loop.run_in_executor(self._executor, self.embedder.embed, texts)
         except BaseException as exc:  # executor shut down, etc.
             self._busy = False
             self._resolve(batch, unique, None, exc)

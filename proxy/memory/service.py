@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from proxy import priority
 from proxy.config import MemorySettings, TenantConfig
 from proxy.errors import BadRequest, NotFound, NotReady
 from proxy.memory import inject, lexical
@@ -50,7 +52,35 @@ _QUEUE_MAX = 100_000
 _EMBED_CHUNK = 16
 _CONTEXT_CHARS = 500  # of the previous message, indexed with each message
 _INDEX_CHUNK = 8  # texts per background embedding call (~0.25 s of CPU)
-_QUERY_CHARS = 240  # embedded of a long query (head and tail): a 35-piece query already costs ~20 ms
+_LOAD_PAGE = 4096  # memory records decoded at a time at start-up
+_QUERY_CHARS = 160  # embedded of a long query (head and tail; BM25 sees it all): ~37 word pieces, ~16 ms on one core
+
+
+@dataclass
+class Recall:
+    """One request's recall in progress (MemoryService.begin_recall → finish_recall)."""
+
+    settings: MemorySettings
+    started: float  # time.perf_counter() when it began: the latency budget counts from here
+    procedural_ids: list[str]
+    procedural: list[str]  # standing preferences and procedures, always injected
+    query: str | None = None  # None: nothing to search (small talk, no memories)
+    scope: Scope | None = None
+    vector: asyncio.Future[np.ndarray] | None = None  # the query embedding, computing
+    degraded: str | None = None  # why the search is lexical only
+
+    room: int = -1  # tokens the memory block may take (the context keeps them free)
+
+    def __post_init__(self) -> None:
+        if self.room < 0:
+            self.room = self.settings.max_inject_tokens
+
+    def remaining(self) -> float:
+        return max(0.0, self.settings.latency_budget_ms / 1000 - (time.perf_counter() - self.started))
+
+    def cancel(self) -> None:
+        if self.vector is not None and not self.vector.done():
+            self.vector.cancel()
 
 
 @dataclass
@@ -77,7 +107,7 @@ class _Embedder:
     def set(self, embedder: Any) -> None:
         self.dim = int(embedder.dim)
         self.query = EmbeddingBatcher(embedder, max_batch=16)
-        self.index = EmbeddingBatcher(embedder, max_batch=_EMBED_CHUNK)
+        self.index = EmbeddingBatcher(embedder, max_batch=_EMBED_CHUNK, background=priority.requests.pause_for_requests)
         self.error = None
         self.ready.set()
 
@@ -168,55 +198,75 @@ class MemoryService:
 
     # -- the request path --------------------------------------------------------------------
 
-    async def recall(self, turn: Any) -> None:
-        """Add the memories relevant to this request to its system prompt (within the budget).
+    def begin_recall(self, turn: Any) -> Recall | None:
+        """Start recalling for this request; None when there is nothing to recall.
 
-        Sets ``turn.injected`` (recorded on the answer) and the X-Memory-* response headers.
+        The query embedding starts now on the embedder's thread, so the caller can assemble the
+        context meanwhile (reserving ``Recall.reserve`` tokens for the memory block);
+        ``finish_recall`` then searches and adds the memories to the system prompt.
         """
         name = turn.tenant.name
         settings = self.settings.get(name)
         if settings is None or not settings.inject:
-            return
+            return None
         counters = self.counters[name]
         if not self.ready[name].is_set():
             counters["not_ready"] += 1
             turn.headers["X-Memory-Status"] = "loading"
-            return
+            return None
         mem = self.memories[name]
         user = self._user(settings, turn.ref.user_id or turn.session.user_id)
         procedural_ids = [i for i in (mem.ids[s] for s in mem.procedural_for(user)) if i and i in self._procedural[name]]
-        procedural = list(settings.procedural) + [self._procedural[name][i] for i in procedural_ids]
+        recall = Recall(settings, time.perf_counter(), procedural_ids,
+                        list(settings.procedural) + [self._procedural[name][i] for i in procedural_ids])
         query = _query_text(turn.body.get("messages") or [])
         searchable = mem.alive - sum(len(v) for v in mem.procedural.values())
-        memories: list[Memory] = []
-        degraded = None
         if query and searchable > 0 and not lexical.has_content(query):
             counters["small_talk"] += 1  # "thanks!" recalls every other thanks: nothing worth it
         elif query and searchable > 0:
             counters["recalls"] += 1
-            scope = self.scope_for(settings, user, turn.session.id)
+            recall.query, recall.scope = query, self.scope_for(settings, user, turn.session.id)
+            recall.vector, recall.degraded = self._start_query_embedding(name, query)
+        if recall.query is None and not recall.procedural:
+            return None
+        return recall
+
+    async def finish_recall(self, turn: Any, recall: Recall) -> None:
+        """Search, read back and inject the memories; sets ``turn.injected`` (recorded on the
+        answer) and the X-Memory-* response headers. The whole recall, embedding included,
+        stays within the tenant's latency budget."""
+        name, settings = turn.tenant.name, recall.settings
+        counters = self.counters[name]
+        memories: list[Memory] = []
+        if recall.query is not None:
             context = {text_hash(message_text(m)) for m in turn.body.get("messages") or [] if isinstance(m, dict) and message_text(m)}
-            started = time.perf_counter()
+            degraded = recall.degraded
             try:
-                async with asyncio.timeout(settings.latency_budget_ms / 1000):
-                    hits, degraded = await self._search(name, query, scope, settings.top_k, settings.min_score,
-                                                        settings.recency_half_life_days, context)
-                    memories = await self._fetch(name, hits, scope, settings.top_k)
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + recall.remaining()):
+                    mem = self.memories[name]
+                    lexical_part = mem.lexical(recall.query, recall.scope)  # while the embedding computes
+                    vector, degraded = await self._query_vector(name, recall)
+                    hits = mem.search(recall.query, vector, recall.scope, top_k=settings.top_k * 2 + 2,
+                                      min_score=settings.min_score, half_life_days=settings.recency_half_life_days,
+                                      exclude_hashes=context, lexical_part=lexical_part)
+                    memories = await self._fetch(name, hits, recall.scope, settings.top_k)
             except TimeoutError:
+                recall.cancel()
                 counters["budget_misses"] += 1
                 turn.headers["X-Memory-Status"] = "budget-exceeded"
                 memories, degraded = [], None
-            self.latencies[name].append((time.perf_counter() - started) * 1000)
+            self.latencies[name].append((time.perf_counter() - recall.started) * 1000)
             if degraded:
                 counters["degraded"] += 1
+                counters["lexical_only"] += 1
                 turn.headers["X-Memory-Degraded"] = degraded
-        if not memories and not procedural:
+        if not memories and not recall.procedural:
             return
-        block, kept = inject.render(memories, procedural, settings.max_inject_tokens)
+        block, kept = inject.render(memories, recall.procedural, min(settings.max_inject_tokens, recall.room))
         if not block:
             return
         turn.body = inject.inject(turn.body, block)
-        ids = procedural_ids + [m.id for m in kept]
+        ids = recall.procedural_ids + [m.id for m in kept]
         turn.injected = ids or None
         if ids:
             turn.headers["X-Memory-Ids"] = ",".join(ids)
@@ -225,6 +275,31 @@ class MemoryService:
             counters["memories_injected"] += len(kept)
         counters["tokens_injected"] += (tokens := _count(block))
         turn.headers["X-Memory-Tokens"] = str(tokens)
+
+    async def recall(self, turn: Any) -> None:
+        """Both phases at once (callers with nothing to overlap with the query embedding)."""
+        recall = self.begin_recall(turn)
+        if recall is not None:
+            await self.finish_recall(turn, recall)
+
+    def _start_query_embedding(self, name: str, query: str) -> tuple[asyncio.Future[np.ndarray] | None, str | None]:
+        """The query's embedding, started (or why there is none: the search is lexical only)."""
+        embedder = self._embedders[self._embedder_key(name)]
+        if embedder.query is None:
+            return None, "embedder-unavailable" if embedder.error else "embedder-loading"
+        return asyncio.ensure_future(embedder.query.embed(_shorten(query))), None
+
+    async def _query_vector(self, name: str, recall: Recall) -> tuple[np.ndarray | None, str | None]:
+        if recall.vector is None:
+            return None, recall.degraded
+        try:
+            return await recall.vector, None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters[name]["embedder_errors"] += 1
+            log.warning("memory: query embedding failed for tenant %s: %s", name, exc)
+            return None, "embedder-unavailable"
 
     def after_record(self, turn: Any, messages: list[Message]) -> None:
         """Queue the recorded user and assistant messages for indexing; returns at once."""
@@ -263,24 +338,13 @@ class MemoryService:
 
     async def _search(self, name: str, query: str, scope: Scope, top_k: int, min_score: float,
                       half_life: float | None, exclude: set[int], types: Iterable[str] = (EPISODIC, SEMANTIC)) -> tuple[list[Hit], str | None]:
-        mem = self.memories[name]
-        embedder = self._embedders[self._embedder_key(name)]
-        vector, degraded = None, None
-        if embedder.query is None:
-            degraded = "embedder-unavailable" if embedder.error else "embedder-loading"
-        else:
-            try:
-                vector = await embedder.query.embed(_shorten(query))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.counters[name]["embedder_errors"] += 1
-                log.warning("memory: query embedding failed for tenant %s: %s", name, exc)
-                degraded = "embedder-unavailable"
+        recall = Recall(self.settings[name], time.perf_counter(), [], [], query, scope)
+        recall.vector, recall.degraded = self._start_query_embedding(name, query)
+        vector, degraded = await self._query_vector(name, recall)
         if degraded:
             self.counters[name]["lexical_only"] += 1
-        hits = mem.search(query, vector, scope, top_k=top_k * 2 + 2, min_score=min_score,
-                          half_life_days=half_life, exclude_hashes=exclude, types=types)
+        hits = self.memories[name].search(query, vector, scope, top_k=top_k * 2 + 2, min_score=min_score,
+                                          half_life_days=half_life, exclude_hashes=exclude, types=types)
         return hits, degraded
 
     async def _fetch(self, name: str, hits: list[Hit], scope: Scope, top_k: int) -> list[Memory]:
@@ -556,29 +620,37 @@ class MemoryService:
         mem = self.memories[tenant]
         model = self._model_name(tenant)
         sessions = {s.id: s for s in await self.store.list_sessions(tenant)}
-        rows = [(None, value) for _, value in await self.store.scan_records(tenant, KIND)]
+        await self._load_records(tenant, None, sessions, model)
         catch_up: list[tuple[Any, int]] = []
         for sid, session in sessions.items():
-            rows += [(sid, value) for _, value in await self.store.scan_records(tenant, KIND, sid)]
+            await self._load_records(tenant, sid, sessions, model)
             mark = await self.store.get_record(tenant, MARK_KIND, MARK_KEY, sid)
             indexed = int(mark["next"]) if mark and mark.get("created") == session.created_at else 0
             if session.next_seq > indexed and self.settings[tenant].episodic:
                 catch_up.append((session, indexed))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # LMDB reads do not suspend: let requests in between sessions
         manifest = await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
-        memories, doomed = await asyncio.to_thread(_decode_all, rows, sessions, model)
-        if doomed:  # orphans of sessions replaced meanwhile, or rolled back: erase them
-            await self.store.apply([Write(tenant, records=doomed)])
-        for start in range(0, len(memories), 1000):
-            self._insert_loaded(tenant, memories[start:start + 1000])
-            await asyncio.sleep(0)
         mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))
+        _release_freed_memory()  # the decoded pages are gone: give their memory back to the OS
         self._opening.add(tenant)
         await self._ops.put(("open", tenant, manifest))
         log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
         self._queue_reembedding(tenant)
         for session, indexed in catch_up:
             await self._catch_up(tenant, session, indexed)
+
+    async def _load_records(self, tenant: str, session_id: str | None, sessions: dict[str, Any], model: str) -> None:
+        """Load the memory records of a tenant (session_id None) or of one session, a page at a
+        time: 100k records decoded at once would hold ~0.6 GB for a moment."""
+        after = ""
+        while page := await self.store.scan_records(tenant, KIND, session_id, after=after, limit=_LOAD_PAGE):
+            after = page[-1][0]
+            memories, doomed = await asyncio.to_thread(_decode_all, [(session_id, value) for _, value in page], sessions, model)
+            if doomed:  # orphans of sessions replaced meanwhile, or rolled back: erase them
+                await self.store.apply([Write(tenant, records=doomed)])
+            for start in range(0, len(memories), 1000):
+                self._insert_loaded(tenant, memories[start:start + 1000])
+                await asyncio.sleep(0)
 
     def _insert_loaded(self, tenant: str, memories: list[Memory]) -> None:
         mem = self.memories[tenant]
@@ -805,6 +877,7 @@ class MemoryService:
             await loop.run_in_executor(self._executor, index.remove, dead)
         mem.vectors, mem.hnsw_ready = index, True
         self._dirty.add(tenant)
+        _release_freed_memory()
         log.info("memory: index of tenant %s rebuilt from LMDB: %d vectors in %.1f s", tenant, len(index), time.perf_counter() - started)
 
     async def _save(self, loop: asyncio.AbstractEventLoop, tenant: str) -> None:
@@ -863,6 +936,15 @@ class MemoryService:
         if doomed:
             self._forget(tenant, doomed)
         return len(doomed)
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise: after loading a large
+    tenant that is hundreds of MB of RSS the process no longer uses). No-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _episodic(tenant: str, session: str, created: float, user: str | None, message: Message, parent: Message | None = None) -> Memory | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -33,6 +33,13 @@ NEIGHBOUR_SOURCES = 10
 CANDIDATES = 50  # per ranker, before fusion
 STRONG_LEXICAL = 0.5  # a lexical match this complete passes without a dense score
 LEXICAL_ONLY_MIN = 0.2  # without a query vector (embedder down), the bar for a lexical match
+
+
+class Lexical(NamedTuple):
+    admit: Callable[[np.ndarray], np.ndarray]  # the scope (and type) filter of the search
+    slots: np.ndarray
+    scores: np.ndarray
+    best: float  # the query's best possible BM25 score
 
 
 @dataclass
@@ -292,17 +299,22 @@ class TenantMemory:
                 return slots[:limit], sims[:limit]
             count = min(total, count * 4)
 
+    def lexical(self, text: str, scope: Scope, types: Iterable[str] = (EPISODIC, SEMANTIC)) -> Lexical:
+        """The BM25 half of a search; it needs no query vector, so it runs while that is computed."""
+        admit = self.admit(scope, types)
+        return Lexical(admit, *self.bm25.search(lexical.tokenize(text), admit, CANDIDATES, self.scope_size(scope)))
+
     def search(
         self, text: str, query: np.ndarray | None, scope: Scope, *, top_k: int, min_score: float,
         half_life_days: float | None = None, exclude_hashes: frozenset[int] | set[int] = frozenset(),
-        types: Iterable[str] = (EPISODIC, SEMANTIC), now: float | None = None,
+        types: Iterable[str] = (EPISODIC, SEMANTIC), now: float | None = None, lexical_part: Lexical | None = None,
     ) -> list[Hit]:
-        """Hybrid retrieval: dense and BM25 candidates fused by reciprocal rank."""
+        """Hybrid retrieval: dense and BM25 candidates fused by reciprocal rank.
+
+        ``lexical_part``: ``self.lexical(text, scope, types)`` computed beforehand."""
         if self.alive == 0:
             return []
-        admit = self.admit(scope, types)
-        terms = lexical.tokenize(text)
-        lex_slots, lex_scores, best_lexical = self.bm25.search(terms, admit, CANDIDATES, self.scope_size(scope))
+        admit, lex_slots, lex_scores, best_lexical = lexical_part or self.lexical(text, scope, types)
         fused: dict[int, float] = {}
         cosine: dict[int, float] = {}
         lexical_score: dict[int, float] = {}

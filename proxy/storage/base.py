@@ -74,8 +74,13 @@ class Store(ABC):
     async def get_record(self, tenant: str, kind: str, key: str, session_id: str | None = None) -> dict[str, Any] | None: ...
 
     @abstractmethod
-    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
-        """Records of one kind (and session, if given) whose key starts with ``prefix``, in key order."""
+    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "",
+                           after: str = "", limit: int = 0) -> list[tuple[str, dict[str, Any]]]:
+        """Records of one kind (and session, if given) whose key starts with ``prefix``, in key order.
+
+        Paged when ``limit`` > 0: at most ``limit`` records with keys after ``after``; an empty
+        page means there are no more (a large kind is read without holding all of it at once).
+        """
 
     @abstractmethod
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]: ...

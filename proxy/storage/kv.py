@@ -11,6 +11,7 @@ Key layout (every key starts with a kind byte and the tenant, so no scan crosses
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import time
 from abc import abstractmethod
@@ -30,7 +31,9 @@ class Txn(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
     def put(self, key: bytes, value: bytes) -> None: ...
     def delete(self, key: bytes) -> None: ...
-    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
+    def scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Keys with ``prefix``, in order, from ``start`` (inclusive) if given."""
+        ...
 
 
 def _tenant(tenant: str) -> bytes:
@@ -142,9 +145,11 @@ class KVStore(Store):
             await self._quarantine(tenant, [(full, raw, str(exc))])
             return None
 
-    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "",
+                           after: str = "", limit: int = 0) -> list[tuple[str, dict[str, Any]]]:
         base = record_prefix(tenant, kind, session_id)
-        rows = await self._read(lambda txn: list(txn.scan(base + prefix.encode())))
+        start = base + after.encode() + b"\0" if after else None  # the first key past ``after``
+        rows = await self._read(lambda txn: list(itertools.islice(txn.scan(base + prefix.encode(), start), limit or None)))
         result, corrupt = [], []
         for key, raw in rows:
             try:

@@ -39,9 +39,9 @@ class _LmdbTxn:
     def delete(self, key: bytes) -> None:
         self._txn.delete(key)
 
-    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         cursor = self._txn.cursor()
-        if not cursor.set_range(prefix):
+        if not cursor.set_range(max(prefix, start or prefix)):
             return
         for key, value in cursor:
             if not key.startswith(prefix):

@@ -27,8 +27,8 @@ class _DictTxn:
         if self._data.pop(key, None) is not None:
             del self._keys[bisect.bisect_left(self._keys, key)]
 
-    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        index = bisect.bisect_left(self._keys, prefix)
+    def scan(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        index = bisect.bisect_left(self._keys, max(prefix, start or prefix))
         while index < len(self._keys) and self._keys[index].startswith(prefix):
             key = self._keys[index]
             yield key, self._data[key]

@@ -217,17 +217,25 @@ class WriteBehindStore(Store):
             return None
         return await self.inner.get_record(tenant, kind, key, session_id)
 
-    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "",
+                           after: str = "", limit: int = 0) -> list[tuple[str, dict[str, Any]]]:
         if session_id is not None and self._sessions.get((tenant, session_id), 1) is None:
             return []
-        found = dict(await self.inner.scan_records(tenant, kind, session_id, prefix))
-        for (owner, rkind, rsid, rkey), value in self._records.items():
-            if owner == tenant and rkind == kind and rsid == session_id and rkey.startswith(prefix):
-                if value is None:
-                    found.pop(rkey, None)
-                else:
-                    found[rkey] = value
-        return sorted(found.items())
+        while True:
+            stored = await self.inner.scan_records(tenant, kind, session_id, prefix, after, limit)
+            # A full page covers keys up to its last one; queued writes beyond it belong to later pages.
+            last = stored[-1][0] if limit and len(stored) == limit else None
+            found = dict(stored)
+            for (owner, rkind, rsid, rkey), value in self._records.items():
+                if (owner == tenant and rkind == kind and rsid == session_id and rkey.startswith(prefix)
+                        and rkey > after and (last is None or rkey <= last)):
+                    if value is None:
+                        found.pop(rkey, None)
+                    else:
+                        found[rkey] = value
+            if found or last is None:  # queued deletions may empty a page that is not the last
+                return sorted(found.items())
+            after = last
 
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]:
         return await self.inner.quarantined(tenant)

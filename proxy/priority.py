@@ -1,0 +1,55 @@
+"""Requests first: background CPU work (indexing embeddings) pauses while a request is prepared.
+
+On a small machine the local embedder indexing recorded messages and a request's own work
+(its query embedding, retrieval, context assembly) compete for the same cores and the GIL.
+A request marks its foreground section; background work calls ``pause_for_requests`` at safe
+points (between the embedder's layers) and waits there while a request is in one, but never
+longer than ``max_pause`` after the newest request began: a request still in its section by
+then is waiting on I/O (a summarizer model), not using the CPU, and under a steady stream of
+requests background work still advances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+MAX_PAUSE = 0.2  # seconds after a request began that background work keeps out of its way
+
+
+class ForegroundGate:
+    def __init__(self, max_pause: float = MAX_PAUSE) -> None:
+        self.max_pause = max_pause
+        self._active = 0
+        self._newest = 0.0  # time.monotonic() when the newest request section began
+        self._idle = threading.Condition()
+        self.pauses = 0  # background waits that found a request in progress (stats)
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Mark a request's foreground section (any thread; nests and overlaps)."""
+        with self._idle:
+            self._active += 1
+            self._newest = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
+
+    def pause_for_requests(self) -> None:
+        """Called by background work at a safe point: wait while a request is in progress."""
+        if not self._active:  # the common case, without taking the lock
+            return
+        with self._idle:
+            remaining = self._newest + self.max_pause - time.monotonic()
+            if self._active and remaining > 0:
+                self.pauses += 1
+                self._idle.wait_for(lambda: not self._active, timeout=remaining)
+
+
+requests = ForegroundGate()  # one per process: the cores are shared by every tenant
