@@ -26,6 +26,9 @@ import numpy as np
 __all__ = ["Embedder", "LocalMiniLM", "EmbeddingBatcher", "default_model_dir"]
 
 _F32 = np.float32
+# Tokens per forward pass of background (pausable) embedding: a 256-token layer is ~10 ms on one
+# core, a 4096-token one (the default bucket) ~150 ms, too long for a request to wait behind.
+_BACKGROUND_BUCKET_TOKENS = 256
 
 
 @runtime_checkable
@@ -120,6 +123,27 @@ class _Layer:
                  "w_in", "b_in", "w_out", "b_out", "ln2_g", "ln2_b")
 
 
+def _mapped(file: Path, name: str) -> np.ndarray | None:
+    """A little-endian float32 tensor of a safetensors file as a read-only memory map, or None
+    (other dtype, unexpected layout: the caller copies it instead)."""
+    import json
+    import struct
+
+    try:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(size)).get(name)
+        if not entry or entry.get("dtype") != "F32":
+            return None
+        start, end = entry["data_offsets"]
+        shape = tuple(int(n) for n in entry["shape"])
+        if end - start != 4 * math.prod(shape):
+            return None
+        return np.memmap(file, dtype="<f4", mode="r", offset=8 + size + start, shape=shape)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
 def _ro(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=_F32)
     a.flags.writeable = False
@@ -182,7 +206,12 @@ class LocalMiniLM:
             def get(name: str) -> np.ndarray:
                 return f.get_tensor(prefix + name).astype(_F32, copy=False)
 
-            self._word = _ro(get("embeddings.word_embeddings.weight"))
+            # The largest tensor (30522 × 384, 47 MB) is only ever gathered a few rows at a
+            # time: map it from the file instead of copying it (shared, evictable page cache;
+            # only the rows of tokens seen are read).
+            self._word = _mapped(path / "model.safetensors", prefix + "embeddings.word_embeddings.weight")
+            if self._word is None:
+                self._word = _ro(get("embeddings.word_embeddings.weight"))
             self._pos = _ro(get("embeddings.position_embeddings.weight"))
             self._type0 = _ro(get("embeddings.token_type_embeddings.weight")[0])
             self._emb_ln_g = _ro(get("embeddings.LayerNorm.weight"))
@@ -252,6 +281,8 @@ class LocalMiniLM:
         # holds at most max_batch texts and max_batch_tokens padded tokens, and
         # grows only while padding is at most as much as real tokens (with a
         # little slack, since each extra bucket has fixed per-call costs).
+        # Background work pauses between layers, so its layers must be short: small buckets.
+        bucket_tokens = self.max_batch_tokens if between_layers is None else min(self.max_batch_tokens, _BACKGROUND_BUCKET_TOKENS)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         start = 0
         while start < len(order):
@@ -261,7 +292,7 @@ class LocalMiniLM:
                 longest = len(ids[order[end]])  # sorted: the newcomer is the longest
                 padded = longest * (end - start + 1)
                 real_new = real + longest
-                if padded > self.max_batch_tokens or padded - real_new > max(real_new, 64):
+                if padded > bucket_tokens or padded - real_new > max(real_new, 64):
                     break
                 real = real_new
                 end += 1
@@ -313,6 +344,8 @@ class LocalMiniLM:
             attn += L.b_o
             attn += x
             x = _layer_norm(attn, L.ln1_g, L.ln1_b, self.eps)
+            if between_layers is not None:
+                between_layers()  # and between attention and feed-forward: ~2-5 ms apart
             h = x @ L.w_in
             h += L.b_in
             _gelu_(h)
