@@ -16,7 +16,7 @@ sent (never more than ``max_requests``). Conversations (bench/workload.py)
 persist per target across steps, so sessions keep growing like a real agent's.
 
 Optional fields: ``"workload": "window"`` with ``"stored_turns": N`` plays
-WindowConversation clients (the full target: one long seeded session per stream);
+RotatingWindows clients (the full target: a few long seeded sessions per stream);
 ``"extra_headers"`` are added to this target's requests. Each answer also counts the
 requests whose response carried ``X-History-Restored`` (``"restored"``).
 """
@@ -33,10 +33,10 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Conversation, WindowConversation, expected_reply, stream_prefix  # noqa: E402
+from workload import Conversation, RotatingWindows, expected_reply, stream_prefix, window_sessions  # noqa: E402
 
 _sessions: dict[str, aiohttp.ClientSession] = {}
-_conversations: dict[str, list[Conversation | WindowConversation]] = {}
+_conversations: dict[str, list[Conversation | RotatingWindows]] = {}
 
 
 def _http(target: str) -> aiohttp.ClientSession:
@@ -46,7 +46,7 @@ def _http(target: str) -> aiohttp.ClientSession:
     return _sessions[target]
 
 
-async def _one(http: aiohttp.ClientSession, url: str, conv: Conversation | WindowConversation, stream: bool, headers: dict[str, str]) -> tuple[float, float, bool] | str:
+async def _one(http: aiohttp.ClientSession, url: str, conv: Conversation | RotatingWindows, stream: bool, headers: dict[str, str]) -> tuple[float, float, bool] | str:
     """One chat request; (ttfb, ttlb in seconds, history restored), or an error description."""
     session_id, body, user_text = conv.next_request(stream)
     request_headers = {**headers, "Content-Type": "application/json", "X-Session-ID": session_id}
@@ -94,11 +94,10 @@ async def run_step(cmd: dict[str, Any]) -> dict[str, Any]:
     http = _http(target)
     convs = _conversations.setdefault(target, [])
     while len(convs) < concurrency:
-        prefix = stream_prefix(cmd.get("run_id", "bench"), target, len(convs))
         if cmd.get("workload") == "window":
-            convs.append(WindowConversation(prefix, int(cmd["stored_turns"])))
+            convs.append(RotatingWindows(window_sessions(cmd.get("run_id", "bench"), len(convs)), int(cmd["stored_turns"])))
         else:
-            convs.append(Conversation(prefix))
+            convs.append(Conversation(stream_prefix(cmd.get("run_id", "bench"), target, len(convs))))
     ttfb: list[float] = []
     ttlb: list[float] = []
     errors: list[str] = []
@@ -107,7 +106,7 @@ async def run_step(cmd: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     deadline = started + duration
 
-    async def stream_loop(conv: Conversation | WindowConversation) -> None:
+    async def stream_loop(conv: Conversation | RotatingWindows) -> None:
         nonlocal issued, restored
         while issued < max_requests and (time.perf_counter() < deadline or issued < min_requests):
             issued += 1

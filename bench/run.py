@@ -479,7 +479,7 @@ class FullSeed:
     """The full target's seeded history (bench/seed_full.py): sizes in, timings out."""
 
     run_id: str
-    streams: int  # client streams the full target can use in this run, one session each
+    streams: int  # client streams the full target can use in this run (a few sessions each)
     turns: int
     memories: int
     report: dict[str, Any] = field(default_factory=dict)
@@ -500,7 +500,7 @@ def seed_full_store(config: Path, seed: FullSeed) -> None:
     """Store the long sessions and the user's memories before the full proxy starts."""
     from seed_full import seed as write_seed
 
-    log(f"seeding full: {seed.streams} sessions x {seed.turns} turns, {seed.memories} memories")
+    log(f"seeding full: {len(seed.sessions())} sessions ({seed.streams} client streams) x {seed.turns} turns, {seed.memories} memories")
     seed.report = write_seed(config, "bench", seed.sessions(), seed.turns, seed.memories)
     log(f"seeded in {seed.report['total_s']:.1f} s ({seed.report})")
     seed.report["query_embedding_floor_ms"] = query_embedding_floor(seed)
@@ -1137,18 +1137,20 @@ METHOD_NOTES = """## Method
   except `full`.
 - **Full mode** (`full`): the proxy with context management (`max_context_tokens` {budget}, so every
   request is compressed) and long-term memory, serving a user with a history. Before it starts,
-  `bench/seed_full.py` stores, through the proxy's own storage code, one session per client stream
-  holding {turns} turns ({messages} messages) and {memories:,} memories of the user `bench-user`
+  `bench/seed_full.py` stores, through the proxy's own storage code, sessions for every client stream
+  (16 for stream 0, which carries the c=1 measurements, 2 for each other stream) holding {turns} turns ({messages} messages) and {memories:,} memories of the user `bench-user`
   (LoCoMo sentences with synthesised MiniLM vectors, as `bench/memory_latency.py` builds them; the
   proxy loads them without re-embedding and builds its HNSW index before measuring starts). Each
-  full-mode client stream keeps its one session for the whole run (no new sessions) and, like an
-  agent that trims its own history, sends the system prompt plus its most recent messages only:
+  full-mode client stream sends its turns round-robin to its sessions (an agent per session, no new
+  sessions) and, like an agent that trims its own history, sends the system prompt plus its most recent messages only:
   the same 34 to 48 messages (~12-17 KB) per request as the other targets, with `X-User-ID`. The
   proxy recognises them as the tail of the stored transcript and restores the rest
   (`X-History-Restored`, counted in the sanity check), then compresses it to the budget; memory
   retrieval searches the user's {memories:,} memories (HNSW). The seeded sessions' messages are marked
   as already indexed: the seeded memories stand in for that history, so the proxy does not spend
-  the run embedding it. Sessions keep growing during the run (two messages per request).
+  the run embedding it. Sessions grow by two messages per request; spread over their sessions,
+  the streams keep each near its seeded length for the whole run (the sanity check reports the
+  first session's size at the end).
 - **Interleaving**: each round measures every target in a rotated order — c=1 JSON, c=1 SSE, then the
   throughput sweep level by level across targets — so drift on the shared machine hits all targets alike.
   Added latency is computed within a round (target minus direct), then the median over rounds is taken.

@@ -3,7 +3,7 @@
 
 What the "full" target of bench/run.py measures is a proxy at work for a user with a history:
 
-* one session per client stream, already holding ``turns`` turns (system prompt + 2 × turns
+* a few sessions per client stream (workload.window_sessions), each already holding ``turns`` turns (system prompt + 2 × turns
   messages, bench/workload.py ``long_history``), whose tail the client resends;
 * ``memories`` long-term memories of that user (``workload.BENCH_USER``), enough to make
   user-scope retrieval search the HNSW index rather than the exact path (≤ 8192 vectors).
@@ -36,7 +36,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from memory_latency import DATA, locomo_sentences, synthesise  # noqa: E402
-from workload import BENCH_USER, MODEL, SYSTEM, filler, long_history, stream_prefix  # noqa: E402
+from workload import BENCH_USER, MODEL, SYSTEM, filler, long_history, window_sessions  # noqa: E402
 
 from proxy import tokens  # noqa: E402
 from proxy.config import load_config  # noqa: E402
@@ -62,8 +62,9 @@ def model_name() -> str:
 
 
 def session_ids(run_id: str, streams: int) -> list[str]:
-    """The full target's sessions: one per client stream, named as bench/loadgen.py names them."""
-    return [stream_prefix(run_id, "full", i) for i in range(streams)]
+    """The full target's sessions: a few per client stream (workload.window_sessions), named as
+    bench/loadgen.py's clients will use them."""
+    return [session for i in range(streams) for session in window_sessions(run_id, i)]
 
 
 def seed(config_path: Path, tenant: str, sessions: list[str], turns: int, memories: int, cache_dir: Path = CACHE_DIR) -> dict[str, Any]:
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="proxy.yaml of the proxy that will serve the seeded store (not running yet)")
     parser.add_argument("--tenant", default="bench")
     parser.add_argument("--run-id", required=True, help="bench/run.py's run id: sessions are named <run-id>-full-c<i>")
-    parser.add_argument("--streams", type=int, default=64, help="client streams, one session each (default 64)")
+    parser.add_argument("--streams", type=int, default=64, help="client streams (default 64; sessions: workload.window_sessions)")
     parser.add_argument("--turns", type=int, default=500, help="stored turns per session (default 500)")
     parser.add_argument("--memories", type=int, default=100_000, help="memories of the user (default 100000)")
     args = parser.parse_args()

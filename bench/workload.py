@@ -135,6 +135,40 @@ class Conversation:
         self._start_session()
 
 
+# The full target's client streams spread their turns over a few seeded sessions each, so that
+# over a whole run no session grows far past its seeded length (the benchmark's "session with
+# 500 stored turns"). Stream 0 carries every c=1 latency measurement (~1 500 turns a run).
+LATENCY_STREAM_SESSIONS = 16
+OTHER_STREAM_SESSIONS = 2
+
+
+def window_sessions(run_id: str, index: int) -> list[str]:
+    """The sessions client stream ``index`` of the full target uses (bench/seed_full.py seeds them)."""
+    prefix = stream_prefix(run_id, "full", index)
+    count = LATENCY_STREAM_SESSIONS if index == 0 else OTHER_STREAM_SESSIONS
+    return [f"{prefix}-s{j}" for j in range(count)]
+
+
+class RotatingWindows:
+    """One client stream of the full target: its turns go round-robin to its long sessions,
+    each played by a WindowConversation (an agent per session, one request at a time)."""
+
+    def __init__(self, sessions: list[str], stored_turns: int) -> None:
+        self.windows = [WindowConversation(session, stored_turns) for session in sessions]
+        self.current = 0
+
+    def next_request(self, stream: bool) -> tuple[str, bytes, str]:
+        return self.windows[self.current].next_request(stream)
+
+    def record_reply(self, user_text: str, reply: str) -> None:
+        self.windows[self.current].record_reply(user_text, reply)
+        self.current = (self.current + 1) % len(self.windows)
+
+    def abandon(self) -> None:
+        self.windows[self.current].abandon()
+        self.current = (self.current + 1) % len(self.windows)
+
+
 class WindowConversation:
     """One agent's client stream in ONE long session that trims its own history.
 

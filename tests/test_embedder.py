@@ -305,3 +305,37 @@ async def test_batcher_aclose_waits_for_inflight(model: LocalMiniLM) -> None:
     await asyncio.to_thread(counting.started.wait, 10)
     await batcher.aclose()
     assert task.done() and task.result().shape == (384,)
+
+
+async def test_expected_wait_counts_the_queue_ahead_at_the_measured_rate() -> None:
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from proxy.memory.embedder import EmbeddingBatcher
+
+    release = threading.Event()
+
+    class Slow:
+        dim = 4
+
+        def embed(self, texts):
+            release.wait(5)
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    batcher = EmbeddingBatcher(Slow(), max_batch=2)
+    assert batcher.expected_wait() == 0.0  # idle, nothing measured: never refuse
+    first = asyncio.ensure_future(batcher.embed("a"))
+    await asyncio.sleep(0.05)
+    release.set()
+    await first
+    assert batcher.seconds_per_text > 0.04  # one text took ~0.05 s
+    release.clear()
+    queued = [asyncio.ensure_future(batcher.embed(t)) for t in ("b", "c", "d", "e", "f")]
+    await asyncio.sleep(0.02)
+    assert batcher.expected_wait() >= 4 * batcher.seconds_per_text  # 2 in flight + 3 waiting, minus rounding
+    release.set()
+    await asyncio.gather(*queued)
+    assert batcher.expected_wait() == 0.0
+    await batcher.aclose()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -416,10 +417,19 @@ class EmbeddingBatcher:
         self._closed = False
         self.batches_run = 0  # stats: model calls made
         self.texts_embedded = 0
+        self.seconds_per_text = 0.0  # moving average of model time per text (0: not measured yet)
+        self._inflight_texts = 0
+        self._dispatched_at = 0.0
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def expected_wait(self) -> float:
+        """Seconds a text queued now would wait behind the others (the batch in flight and the
+        queue ahead of it) at the measured time per text; 0 when the embedder is idle."""
+        waiting = sum(1 for _, fut in self._queue if not fut.done())
+        return (self._inflight_texts + waiting) * self.seconds_per_text
 
     async def embed(self, text: str) -> np.ndarray:
         if self._closed:
@@ -482,6 +492,7 @@ class EmbeddingBatcher:
         self._busy = True
         self.batches_run += 1
         self.texts_embedded += len(texts)
+        self._inflight_texts, self._dispatched_at = len(texts), time.perf_counter()
         try:
             if self.background is not None:
                 inflight = self._loop.run_in_executor(self._executor, self.embedder.embed, texts, self.background)
@@ -497,6 +508,9 @@ class EmbeddingBatcher:
     def _on_done(self, f: asyncio.Future[Any], batch: list, unique: dict[str, int]) -> None:
         self._busy = False
         self._inflight = None
+        per_text = (time.perf_counter() - self._dispatched_at) / max(self._inflight_texts, 1)
+        self.seconds_per_text = per_text if not self.seconds_per_text else 0.8 * self.seconds_per_text + 0.2 * per_text
+        self._inflight_texts = 0
         if f.cancelled():
             self._resolve(batch, unique, None, RuntimeError("embedding batch was cancelled"))
         elif f.exception() is not None:

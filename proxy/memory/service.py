@@ -228,7 +228,7 @@ class MemoryService:
         elif query and searchable > 0:
             counters["recalls"] += 1
             recall.query, recall.scope = query, self.scope_for(settings, user, turn.session.id)
-            recall.vector, recall.degraded = self._start_query_embedding(name, query)
+            recall.vector, recall.degraded = self._start_query_embedding(name, query, settings.latency_budget_ms / 1000)
             if recall.vector is not None:  # how long the embedding itself took (admin stats)
                 recall.vector.add_done_callback(lambda f, began=recall.started: f.cancelled() or self.embedding_latencies[name].append(
                     (time.perf_counter() - began) * 1000))
@@ -287,11 +287,18 @@ class MemoryService:
         if recall is not None:
             await self.finish_recall(turn, recall)
 
-    def _start_query_embedding(self, name: str, query: str) -> tuple[asyncio.Future[np.ndarray] | None, str | None]:
-        """The query's embedding, started (or why there is none: the search is lexical only)."""
+    def _start_query_embedding(self, name: str, query: str, budget: float | None = None) -> tuple[asyncio.Future[np.ndarray] | None, str | None]:
+        """The query's embedding, started (or why there is none: the search is lexical only).
+
+        With a ``budget`` (seconds), a query that would wait longer than that behind the queries
+        already queued (or in flight) is not embedded at all: under a burst the embedder cannot keep up, and
+        a lexical-only search now beats a dense one after the request gave up on it."""
         embedder = self._embedders[self._embedder_key(name)]
         if embedder.query is None:
             return None, "embedder-unavailable" if embedder.error else "embedder-loading"
+        if budget is not None and embedder.query.expected_wait() > budget:
+            self.counters[name]["embedder_busy"] += 1
+            return None, "embedder-busy"
         return asyncio.ensure_future(embedder.query.embed(_shorten(query))), None
 
     async def _query_vector(self, name: str, recall: Recall) -> tuple[np.ndarray | None, str | None]:
