@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import logging
 import os
@@ -73,6 +74,10 @@ def _serve(config: Config, log_level: str) -> int:
     log = logging.getLogger("agent_state_proxy")
     log.info("config: %s; tenants: %s", config.source, ", ".join(config.tenants))
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    # A long-running server with a large long-lived heap: full (generation 2) collections are
+    # what costs, 30-110 ms each with a 100k-memory tenant loaded (benchmark p99). Collect the
+    # older generations 25× less often; reference counting still frees all acyclic garbage.
+    gc.set_threshold(700, 50, 50)
     web.run_app(
         create_app(config),
         host=config.host,

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -639,7 +640,7 @@ class MemoryService:
             await asyncio.sleep(0)  # LMDB reads do not suspend: let requests in between sessions
         manifest = await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
         mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))
-        _release_freed_memory()  # the decoded pages are gone: give their memory back to the OS
+        _settle_heap()  # the decoded pages are gone: free them, and keep the index out of GC scans
         self._opening.add(tenant)
         await self._ops.put(("open", tenant, manifest))
         log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
@@ -952,6 +953,16 @@ def _percentiles(values: Iterable[float]) -> dict[str, Any]:
         return {"count": 0, "p50": None, "p99": None}
     return {"count": len(ordered), "p50": round(ordered[len(ordered) // 2], 3),
             "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3)}
+
+
+def _settle_heap() -> None:
+    """After loading a tenant's memory: collect the garbage of the load, then freeze what is
+    left, which is mostly the index (100k-entry dicts and lists that live as long as the
+    process): the collector stops traversing them, and a full collection in a busy proxy took
+    70-110 ms (benchmark p99) while they were tracked. Freed heap goes back to the OS."""
+    gc.collect()
+    gc.freeze()
+    _release_freed_memory()
 
 
 def _release_freed_memory() -> None:
