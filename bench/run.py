@@ -941,14 +941,17 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     floor_alone = (results.get("full_setup") or {}).get("query_embedding_floor_ms")
     if full:
         added, added99 = full["json_ttlb_p50_added"], full["json_ttlb_p99_added"]
-        floor = (f"; its query embedding alone: {fmt(floor_proxy)} ms p50 in the proxy under this load, "
-                 f"{fmt(floor_alone)} ms on an idle core" if floor_proxy or floor_alone else "")
+        # The floor is the embedding alone on an idle core. The proxy's own figure counts only
+        # the embeddings that finished within the retrieval budget (the others are cancelled),
+        # from the start of the recall: it is shown, not subtracted.
+        floor = (f"; the query embedding alone takes {fmt(floor_alone)} ms on an idle core (in the proxy under this "
+                 f"load, of those finished within the budget: {fmt(floor_proxy)} ms p50)" if floor_alone else "")
         rows.append((f"full added p50 (JSON, c=1) ≤ {GOAL_FULL_P50_MS:g} ms", f"{fmt(added)} ms{floor}",
                      "PASS" if added <= GOAL_FULL_P50_MS else "FAIL"))
-        if floor_proxy:
+        if floor_alone:
             rows.append((f"full added p50 less the query-embedding floor ≤ {GOAL_FULL_P50_MS:g} ms",
-                         f"{fmt(added)} − {fmt(floor_proxy)} = {fmt(added - floor_proxy)} ms",
-                         "PASS" if added - floor_proxy <= GOAL_FULL_P50_MS else "FAIL"))
+                         f"{fmt(added)} − {fmt(floor_alone)} = {fmt(added - floor_alone)} ms",
+                         "PASS" if added - floor_alone <= GOAL_FULL_P50_MS else "FAIL"))
         rows.append((f"full added p99 (JSON, c=1) ≤ {GOAL_FULL_P99_MS:g} ms", f"{fmt(added99)} ms",
                      "PASS" if added99 <= GOAL_FULL_P99_MS else "FAIL"))
     if full and lite:
@@ -1184,8 +1187,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-memories", type=int, help=f"memories of the full target's user (default {FULL_MEMORIES}; {QUICK_FULL_MEMORIES} with --quick)")
     parser.add_argument("--no-install", action="store_true", help="never create bench/.venv-litellm (skip LiteLLM if missing)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs, logs and LMDB data of the run")
+    parser.add_argument("--render", metavar="JSON", help="measure nothing: rewrite --out from these raw results (after a change to the report)")
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        print_summary(results)
+        write_report(results, args.out)
+        return 0
 
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -1211,8 +1220,14 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(results, indent=1, default=str))
         log(f"raw results: {path}")
     print_summary(results)
-    if args.out:
-        out = Path(args.out)
+    write_report(results, args.out)
+    return 0
+
+
+def write_report(results: dict[str, Any], out_path: str | None) -> None:
+    """Render the Markdown report, keeping the hand-written part below MARKER."""
+    if out_path:
+        out = Path(out_path)
         kept = ""
         if out.exists():
             text = out.read_text()
@@ -1221,7 +1236,6 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_markdown(results, kept))
         log(f"report: {out}")
-    return 0
 
 
 def print_summary(results: dict[str, Any]) -> None:
