@@ -127,3 +127,13 @@ def test_lexical_retrieval_ranks_the_relevant_turn_first() -> None:
         Candidate(3, 3, "Lunch was pasta."),
     ]
     assert rank_lexical("when does the password rotation happen?", candidates, 2) == [1]
+
+
+def test_room_kept_free_for_the_memory_block_is_at_most_a_quarter_of_the_prompt() -> None:
+    settings = parse({"max_context_tokens": {"small": 2000, "*": None}})
+    prompt = 2000 - 1024
+    kept = budget_for(settings, "small", "openai/gpt-4o", {}, keep_free=100)
+    assert (kept.prompt, kept.kept_free) == (prompt - 100, 100)
+    capped = budget_for(settings, "small", "openai/gpt-4o", {}, keep_free=1200)  # memory's default max_inject_tokens
+    assert (capped.prompt, capped.kept_free) == (prompt - prompt // 4, prompt // 4)
+    assert budget_for(settings, "small", "openai/gpt-4o", {}).kept_free == 0
