@@ -110,7 +110,7 @@ class Pipeline:
                     await self.memory.finish_recall(turn, recall)  # memories into the system prompt
             finally:
                 if recall is not None:
-                    recall.cancel()  # shaping failed: the embedding is not needed any more
+                    recall.cancel()  # a no-op once finished; if shaping failed, drops the embedding
         return turn
 
     async def _load(self, tenant: TenantConfig, ref: SessionRef, now: float) -> tuple[Session, list[Message]]:

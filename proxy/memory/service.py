@@ -251,7 +251,7 @@ class MemoryService:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + recall.remaining()):
                     mem = self.memories[name]
                     lexical_part = mem.lexical(recall.query, recall.scope)  # while the embedding computes
-                    vector, degraded = await self._query_vector(name, recall)
+                    vector, degraded = await self._query_vector(name, recall.vector, recall.degraded)
                     hits = mem.search(recall.query, vector, recall.scope, top_k=settings.top_k * 2 + 2,
                                       min_score=settings.min_score, half_life_days=settings.recency_half_life_days,
                                       exclude_hashes=context, lexical_part=lexical_part)
@@ -302,11 +302,12 @@ class MemoryService:
             return None, "embedder-busy"
         return asyncio.ensure_future(embedder.query.embed(_shorten(query))), None
 
-    async def _query_vector(self, name: str, recall: Recall) -> tuple[np.ndarray | None, str | None]:
-        if recall.vector is None:
-            return None, recall.degraded
+    async def _query_vector(self, name: str, embedding: asyncio.Future[np.ndarray] | None, degraded: str | None) -> tuple[np.ndarray | None, str | None]:
+        """The query vector once computed, or None and why (the search is then lexical only)."""
+        if embedding is None:
+            return None, degraded
         try:
-            return await recall.vector, None
+            return await embedding, None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -351,9 +352,7 @@ class MemoryService:
 
     async def _search(self, name: str, query: str, scope: Scope, top_k: int, min_score: float,
                       half_life: float | None, exclude: set[int], types: Iterable[str] = (EPISODIC, SEMANTIC)) -> tuple[list[Hit], str | None]:
-        recall = Recall(self.settings[name], time.perf_counter(), [], [], query, scope)
-        recall.vector, recall.degraded = self._start_query_embedding(name, query)
-        vector, degraded = await self._query_vector(name, recall)
+        vector, degraded = await self._query_vector(name, *self._start_query_embedding(name, query))
         if degraded:
             self.counters[name]["lexical_only"] += 1
         hits = self.memories[name].search(query, vector, scope, top_k=top_k * 2 + 2, min_score=min_score,
