@@ -182,6 +182,8 @@ async def _read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict
     async for data in response.content.iter_any():
         lines = (pending + data).split(b"\n")
         pending = lines.pop()  # an incomplete line waits for the next read
+        if len(pending) > _MAX_SSE_LINE:
+            raise UpstreamError("upstream sent a stream line over 8 MiB", status=502, code="upstream_malformed")
         batch = []
         for raw_line in lines:
             chunk = _sse_event(raw_line)
@@ -200,6 +202,7 @@ async def _read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict
 
 
 _DONE: Any = object()
+_MAX_SSE_LINE = 8 << 20  # a provider that never ends its line must not grow our buffer forever
 
 
 def _sse_event(raw_line: bytes) -> dict[str, Any] | None:

@@ -64,3 +64,8 @@ def test_malformed_and_error_events_raise_upstream_errors() -> None:
         _read([b"data: {not json\n\n"])
     with pytest.raises(UpstreamError, match="overloaded"):
         _read([b'data: {"error": {"message": "overloaded"}}\n\n'])
+
+
+def test_a_line_that_never_ends_is_refused_not_buffered_forever() -> None:
+    with pytest.raises(UpstreamError, match="over 8 MiB"):
+        _read([b"data: " + b"x" * (1 << 20)] * 9)
