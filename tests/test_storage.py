@@ -205,3 +205,21 @@ async def test_paged_scan_reads_everything_once_even_with_queued_writes(store: S
         got = [row for page in pages for row in page]
         want = expected if reader is behind else await store.scan_records("t", "memory", prefix="k")
         assert got == want
+
+
+async def test_write_behind_transcript_cache_is_bounded_by_messages_and_stays_exact() -> None:
+    from proxy.storage.write_behind import WriteBehindStore
+
+    behind = WriteBehindStore(InMemoryStore(), cached_messages=10, flush_interval=3600)
+    for sid in ("a", "b", "c"):
+        await behind.apply([Write("t", session(sid=sid, next_seq=6), [message(i, f"{sid}{i}") for i in range(6)])])
+        assert [m.body["content"] for m in await behind.get_messages("t", sid)] == [f"{sid}{i}" for i in range(6)]
+        assert behind._cached_count == sum(len(t) for t in behind._transcripts.values()) <= 10
+    assert list(behind._transcripts) == [("t", "c")]  # the newest stays; older ones were dropped
+    # A queued (not yet flushed) write reaches a cached transcript and an evicted one alike.
+    await behind.apply_later([Write("t", session(sid="a", next_seq=7), [message(6, "a6")])])
+    await behind.apply_later([Write("t", session(sid="c", next_seq=7), [message(6, "c6")])])
+    assert behind._cached_count == sum(len(t) for t in behind._transcripts.values()) <= 10
+    assert [m.body["content"] for m in await behind.get_messages("t", "a")][-2:] == ["a5", "a6"]
+    assert [m.body["content"] for m in await behind.get_messages("t", "c")][-2:] == ["c5", "c6"]
+    await behind.close()

@@ -24,13 +24,17 @@ _RecordKey = tuple[str, str, str | None, str]
 
 
 class WriteBehindStore(Store):
-    def __init__(self, inner: Store, *, batch_size: int = 256, flush_interval: float = 0.05, queue_max: int = 10_000, cached_sessions: int = 256) -> None:
+    def __init__(self, inner: Store, *, batch_size: int = 256, flush_interval: float = 0.05, queue_max: int = 10_000,
+                 cached_sessions: int = 256, cached_messages: int = 100_000) -> None:
         self.inner = inner
         # Decoded transcripts of recently used sessions. This process is the only writer of its
         # LMDB environment and every write passes through here, so the cache stays exact; it
         # saves decoding a whole transcript on every request of a long session.
         self._transcripts: collections.OrderedDict[_SessionKey, dict[int, Message]] = collections.OrderedDict()
-        self.cached_sessions = cached_sessions
+        # Bounded by sessions and by messages (~1 KB each decoded): 256 sessions of 5 000
+        # messages would otherwise hold over a gigabyte.
+        self.cached_sessions, self.cached_messages = cached_sessions, cached_messages
+        self._cached_count = 0  # messages in self._transcripts
         self._writes_seen = 0  # bumped by every write, to detect one racing a cache fill
         self.batch_size, self.flush_interval, self.queue_max = batch_size, flush_interval, queue_max
         self._queue: collections.deque[Write] = collections.deque()
@@ -141,11 +145,15 @@ class WriteBehindStore(Store):
         """Keep cached transcripts in step with a write."""
         self._writes_seen += 1
         if write.delete_session is not None:
-            self._transcripts.pop((write.tenant, write.delete_session), None)
+            self._cached_count -= len(self._transcripts.pop((write.tenant, write.delete_session), ()))
         if write.session is not None and write.messages:
-            cached = self._transcripts.get((write.tenant, write.session.id))
+            key = (write.tenant, write.session.id)
+            cached = self._transcripts.get(key)
             if cached is not None:
+                before = len(cached)
                 cached.update({m.seq: m for m in write.messages})
+                self._cached_count += len(cached) - before
+                self._evict(keep=key)
 
     async def _notify_drained(self) -> None:
         async with self._drained:
@@ -195,9 +203,18 @@ class WriteBehindStore(Store):
 
     def _cache_transcript(self, key: _SessionKey, stored: list[Message]) -> None:
         merged = {m.seq: m for m in stored} | dict(self._messages.get(key, {}))
+        self._cached_count += len(merged) - len(self._transcripts.pop(key, ()))
         self._transcripts[key] = merged
-        while len(self._transcripts) > self.cached_sessions:
-            self._transcripts.popitem(last=False)
+        self._evict(keep=key)
+
+    def _evict(self, keep: _SessionKey) -> None:
+        """Drop the least recently used transcripts beyond either bound (never ``keep``)."""
+        while len(self._transcripts) > 1 and (len(self._transcripts) > self.cached_sessions or self._cached_count > self.cached_messages):
+            oldest = next(iter(self._transcripts))
+            if oldest == keep:
+                self._transcripts.move_to_end(keep)
+                continue
+            self._cached_count -= len(self._transcripts.pop(oldest))
 
     async def list_sessions(self, tenant: str) -> list[Session]:
         sessions = {s.id: s for s in await self.inner.list_sessions(tenant)}
