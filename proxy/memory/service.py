@@ -22,7 +22,7 @@ import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -70,11 +70,10 @@ class Recall:
     vector: asyncio.Future[np.ndarray] | None = None  # the query embedding, computing
     degraded: str | None = None  # why the search is lexical only
 
-    room: int = -1  # tokens the memory block may take (the context keeps them free)
+    room: int = field(init=False)  # tokens the memory block may take (the context keeps them free)
 
     def __post_init__(self) -> None:
-        if self.room < 0:
-            self.room = self.settings.max_inject_tokens
+        self.room = self.settings.max_inject_tokens  # until the context says how much it kept
 
     def remaining(self) -> float:
         return max(0.0, self.settings.latency_budget_ms / 1000 - (time.perf_counter() - self.started))
@@ -268,7 +267,7 @@ class MemoryService:
                 turn.headers["X-Memory-Degraded"] = degraded
         if not memories and not recall.procedural:
             return
-        block, kept = inject.render(memories, recall.procedural, min(settings.max_inject_tokens, recall.room))
+        block, kept = inject.render(memories, recall.procedural, recall.room)
         if not block:
             return
         turn.body = inject.inject(turn.body, block)
