@@ -1,11 +1,12 @@
-"""Micro-benchmark for the local numpy all-MiniLM-L6-v2 embedder.
+"""The local embedder's engines side by side: ``local-exact`` (float32 numpy, the baseline) and
+``local`` (int8 on ONNX Runtime, the default), in interleaved rounds in one process.
 
-Prints model load time, RSS after load, the median latency of a single short
-query, of a batch of 32 short queries, and of 32 concurrent requests through
-:class:`EmbeddingBatcher`.  Single-threaded BLAS by default (``--threads N``
-to change), since that is the per-core figure we care about.
+Per round and engine: the median time of a single query (short and long, shortened the way
+the proxy embeds it), of indexing 32 message-length texts, and of one 256-word-piece text;
+the report is the median over rounds and the ratio baseline / int8. One BLAS thread (as the
+proxy runs it). Agreement: cosine between the two engines' vectors of the same texts.
 
-    python bench/embedder_bench.py [--threads 1] [--repeat 200]
+    python bench/embedder_bench.py [--rounds 5]
 
 Reports only; nothing here asserts on timings.
 """
@@ -13,110 +14,77 @@ Reports only; nothing here asserts on timings.
 from __future__ import annotations
 
 import argparse
-import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
-
-def _parse() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
-    ap.add_argument("--repeat", type=int, default=200, help="single-query repetitions")
-    ap.add_argument("--batch-repeat", type=int, default=20, help="batch repetitions")
-    return ap.parse_args()
-
-
-ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None:
-    # Must be set before numpy (and its BLAS) is imported.
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(ARGS.threads)
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import asyncio  # noqa: E402
-import statistics  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from proxy.memory.embedder import EmbeddingBatcher, LocalMiniLM  # noqa: E402
+from proxy.memory.remote import local_model  # noqa: E402
+from proxy.memory.service import _shorten  # noqa: E402
 
-QUERIES = [
-    "What is the capital of France?",
-    "user prefers dark mode",
-    "How do I reset my password?",
-    "summarise yesterday's meeting notes",
-]
-
-
-def _rss_mib() -> float:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
+ENGINES = ("local-exact", "local")
+SHORT_QUERY = "What did Caroline say about the adoption agency?"
+LONG_QUERY = ("Can you go back over everything we decided about the release plan last week, including who owns "
+              "the migration, what the rollback procedure is if the canary fails, and which customers we promised "
+              "early access to, then draft the announcement?")
+MESSAGES = [f"Message {i}: I went hiking near the lake with my sister on Sunday, then we cooked dinner and talked about "
+            f"her new job in Paris and the trip we are planning for the {i}th of next month." for i in range(32)]
+LONG_TEXT = "word pieces keep coming " * 80  # truncated to 256 word pieces
 
 
-def _median_ms(fn, repeat: int) -> float:
-    fn()  # warm-up
+def median_ms(fn, repeat: int) -> float:
+    fn()
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000.0
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
-def main() -> int:
-    args = ARGS or _parse()
-    rss0 = _rss_mib()
-    t0 = time.perf_counter()
-    model = LocalMiniLM()
-    load_s = time.perf_counter() - t0
-    print(f"model load: {load_s * 1000:.0f} ms, RSS {_rss_mib():.0f} MiB "
-          f"(+{_rss_mib() - rss0:.0f} MiB for the model)")
-    print(f"BLAS threads: {args.threads}")
-    try:
-        from threadpoolctl import threadpool_info
+def measure(model, repeat: int) -> dict[str, float]:
+    short, long = _shorten(SHORT_QUERY), _shorten(LONG_QUERY)
+    return {
+        f"query, {len(model.tokenize([short])[0])} word pieces": median_ms(lambda: model.embed([short]), repeat),
+        f"query, {len(model.tokenize([long])[0])} word pieces (shortened)": median_ms(lambda: model.embed([long]), repeat),
+        "index 32 messages": median_ms(lambda: model.embed(MESSAGES), max(3, repeat // 20)),
+        "one 256-word-piece text": median_ms(lambda: model.embed([LONG_TEXT]), max(3, repeat // 10)),
+    }
 
-        for info in threadpool_info():
-            print(f"  {info.get('internal_api')} {info.get('version')} "
-                  f"{info.get('architecture')} threads={info.get('num_threads')}")
-    except ImportError:
-        pass
 
-    for q in QUERIES:
-        n_tok = len(model.tokenize([q])[0])
-        ms = _median_ms(lambda q=q: model.embed([q]), args.repeat)
-        print(f"single query ({n_tok:2d} tokens) {q!r}: median {ms:.2f} ms")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=60, help="repetitions of a query per round")
+    args = parser.parse_args()
 
-    batch = [f"{QUERIES[i % len(QUERIES)]} (variant {i})" for i in range(32)]
-    ms = _median_ms(lambda: model.embed(batch), args.batch_repeat)
-    print(f"batch of 32 short queries: median {ms:.1f} ms ({ms / 32:.2f} ms/query)")
+    started = {}
+    for engine in ENGINES:
+        t0 = time.perf_counter()
+        local_model(engine)
+        started[engine] = (time.perf_counter() - t0) * 1000
+    rounds: dict[str, list[dict[str, float]]] = {engine: [] for engine in ENGINES}
+    for _ in range(args.rounds):
+        for engine in ENGINES:
+            rounds[engine].append(measure(local_model(engine), args.repeat))
 
-    long_text = "The agent stores durable memories about the user. " * 40
-    ms = _median_ms(lambda: model.embed([long_text]), max(5, args.batch_repeat // 2))
-    print(f"single long text (256 tokens, truncated): median {ms:.1f} ms")
+    exact, quant = (local_model(engine) for engine in ENGINES)
+    texts = [SHORT_QUERY, _shorten(LONG_QUERY), *MESSAGES[:8], LONG_TEXT]
+    cosines = np.sum(exact.embed(texts) * quant.embed(texts), axis=1)
 
-    async def concurrent() -> tuple[float, int]:
-        async with EmbeddingBatcher(model, max_batch=32) as batcher:
-            await batcher.embed("warm-up")
-            runs = batcher.batches_run
-            t = time.perf_counter()
-            vecs = await asyncio.gather(*(batcher.embed(text) for text in batch))
-            elapsed = time.perf_counter() - t
-            assert np.stack(vecs).shape == (32, model.dim)
-            return elapsed * 1000.0, batcher.batches_run - runs
-
-    ms, calls = asyncio.run(concurrent())
-    print(f"32 concurrent batcher.embed calls: {ms:.1f} ms total in {calls} model call(s)")
-    print(f"RSS at end: {_rss_mib():.0f} MiB")
-    return 0
+    print(f"| measure (ms, median of {args.rounds} rounds) | local-exact (numpy f32) | local (int8 ORT) | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| load (once) | {started['local-exact']:.0f} | {started['local']:.0f} | |")
+    for key in rounds["local"][0]:
+        base = statistics.median(r[key] for r in rounds["local-exact"])
+        fast = statistics.median(r[key] for r in rounds["local"])
+        print(f"| {key} | {base:.2f} | {fast:.2f} | {base / fast:.2f}× |")
+    print(f"\nagreement: cosine(exact, int8) over {len(texts)} texts: min {cosines.min():.4f}, median {np.median(cosines):.4f}")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

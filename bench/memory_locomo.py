@@ -181,7 +181,7 @@ def run_offline(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict
     from proxy.memory.remote import local_model
     from proxy.memory.tenant import TenantMemory, index_text
 
-    model = local_model()
+    model = local_model(args.embedder)
     rows: list[dict[str, Any]] = []
     for sample in samples:
         mem = TenantMemory("offline")
@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--conversations", type=int, default=0, help="only the first N conversations")
     parser.add_argument("--offline", action="store_true", help="retrieval code only, no proxy")
+    parser.add_argument("--embedder", default="local", choices=("local", "local-exact"), help="offline only: the local engine")
     parser.add_argument("--variant", default="hybrid", choices=("hybrid", "dense", "lexical"), help="offline only")
     parser.add_argument("--budget-ms", type=int, default=1000,
                         help="memory.latency_budget_ms (default 1000: measure retrieval quality, not this machine's load; "

@@ -41,7 +41,7 @@ from workload import BENCH_USER, MODEL, SYSTEM, filler, long_history, window_ses
 from proxy import tokens  # noqa: E402
 from proxy.config import load_config  # noqa: E402
 from proxy.context.importance import tag_message  # noqa: E402
-from proxy.memory.embedder import LocalMiniLM  # noqa: E402
+from proxy.memory.remote import LOCAL_ENGINES  # noqa: E402
 from proxy.memory.model import KIND, SEMANTIC, Memory  # noqa: E402
 from proxy.memory.service import MARK_KEY, MARK_KIND  # noqa: E402
 from proxy.records import Message, Session  # noqa: E402
@@ -57,8 +57,8 @@ TURN_SECONDS = 30.0  # seeded turns are this far apart
 
 
 def model_name() -> str:
-    """The name the proxy gives the local embedder's vectors (MemoryService._model_name)."""
-    return f"local/{LocalMiniLM.name}"
+    """The name the proxy gives the default local embedder's vectors (MemoryService._model_name)."""
+    return f"local/{LOCAL_ENGINES['local'].name}"
 
 
 def session_ids(run_id: str, streams: int) -> list[str]:

@@ -23,6 +23,8 @@ PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
 CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "all")
 MEMORY_SCOPES = ("user", "session", "tenant")
 MEMORY_ANONYMOUS = ("session", "shared")
+# The bundled all-MiniLM-L6-v2: int8 on ONNX Runtime (fast, the default) or float32 numpy (exact).
+LOCAL_EMBEDDERS = ("local", "local-exact")
 MEMORY_KEYS = {"enabled", "embedder", "scope", "anonymous", "episodic", "inject", "top_k", "min_score",
                "recency_half_life_days", "latency_budget_ms", "max_inject_tokens", "procedural"}
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -133,7 +135,7 @@ class MemorySettings:
     """A tenant's long-term memory (see README, Memory)."""
 
     enabled: bool = True
-    embedder: str = "local"  # local | a model alias of the tenant routed to an embedding model
+    embedder: str = "local"  # local | local-exact | a model alias of the tenant routed to an embedding model
     scope: str = "user"  # user | session | tenant: whose memories a request may recall
     anonymous: str = "session"  # requests without a user id: session | shared (one anonymous user)
     episodic: bool = True  # remember recorded user and assistant messages
@@ -352,9 +354,9 @@ def _build_memory(file: str, defaults: Any, own: Any, routes: Mapping[str, Model
     default = MemorySettings()
     embedder = spec.get("embedder", default.embedder)
     if not isinstance(embedder, str) or not embedder:
-        raise ConfigError(f"{file}: memory.embedder: must be 'local' or a model alias of this tenant")
-    if embedder != "local" and embedder not in routes and "*" not in routes:
-        raise ConfigError(f"{file}: memory.embedder: must be 'local' or a model alias of this tenant (models: {', '.join(routes)})")
+        raise ConfigError(f"{file}: memory.embedder: must be 'local', 'local-exact' or a model alias of this tenant")
+    if embedder not in LOCAL_EMBEDDERS and embedder not in routes and "*" not in routes:
+        raise ConfigError(f"{file}: memory.embedder: must be 'local', 'local-exact' or a model alias of this tenant (models: {', '.join(routes)})")
     scope = spec.get("scope", default.scope)
     if scope not in MEMORY_SCOPES:
         raise ConfigError(f"{file}: memory.scope: must be one of {', '.join(MEMORY_SCOPES)}")

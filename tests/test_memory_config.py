@@ -42,7 +42,10 @@ def test_invalid_values_name_file_key_and_rule(tmp_path: Path, memory: dict, mes
 def test_embedder_must_be_local_or_a_model_alias(tmp_path: Path) -> None:
     tenant = open_tenant(BASE, memory={"embedder": "embed"})
     tenant["models"] = {"chat": {"model": "openai/gpt-4o-mini", "api_base": BASE}}
-    with pytest.raises(ConfigError, match=r"t\.yaml: memory\.embedder: must be 'local' or a model alias of this tenant"):
+    with pytest.raises(ConfigError, match=r"t\.yaml: memory\.embedder: must be 'local', 'local-exact' or a model alias of this tenant"):
         load_config(write_config(tmp_path, {"t": tenant}))
     tenant["models"]["embed"] = {"model": "openai/text-embedding-3-small", "api_base": BASE}
     assert load_config(write_config(tmp_path, {"t": tenant})).tenants["t"].memory.embedder == "embed"
+    for local in ("local", "local-exact"):
+        tenant["memory"] = {"embedder": local}
+        assert load_config(write_config(tmp_path, {"t": tenant})).tenants["t"].memory.embedder == local

@@ -9,6 +9,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, free_port, open_tenant, write_config
 from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, running, system_prompt, wait_for_embedder
@@ -165,3 +166,28 @@ def test_messages_recorded_while_memory_was_off_are_remembered_at_the_next_start
     with running(on) as proxy:  # caught up once: nothing indexed twice on the next start
         drain(proxy)
         assert memory_stats(proxy)["index"]["episodic"] == 4
+
+
+def test_switching_the_local_engine_re_embeds_the_memories(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # local-exact (float32) and local (int8) vectors are different models' vectors: after a
+    # switch, what was stored is re-embedded by the new engine, and recall goes on.
+    tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "top_k": 3, "embedder": "local-exact"})
+    question = "Which hotel did we pick for the offsite?"
+    with running(write_config(tmp_path, {"local": tenant})) as proxy:
+        assert memory_stats(proxy)["embedder"]["name"] == "local/all-MiniLM-L6-v2"
+        chat(proxy, HOTEL, user="alice", session="planning")
+        drain(proxy)
+        _, headers = chat(proxy, question, user="alice", session="q1")
+        before = injected_ids(headers)
+        assert before and "x-memory-degraded" not in headers
+    tenant["memory"]["embedder"] = "local"
+    with running(write_config(tmp_path, {"local": tenant})) as proxy:
+        stats = memory_stats(proxy)
+        assert stats["embedder"]["name"] == "local/all-MiniLM-L6-v2-int8"
+        assert stats["index"]["unembedded"] == 0 and stats["index"]["hnsw_entries"] == stats["index"]["memories"]
+        store = proxy.app[keys.STORE]
+        stored = [value for session in ("planning", "q1") for _, value in proxy.call(store.scan_records("local", "memory", session))]
+        assert len(stored) == 4 and {value["model"] for value in stored} == {"local/all-MiniLM-L6-v2-int8"}
+        _, headers = chat(proxy, question, user="alice", session="q2")
+        assert "x-memory-degraded" not in headers
+        assert before[0] in injected_ids(headers)

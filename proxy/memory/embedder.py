@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Embedder", "LocalMiniLM", "EmbeddingBatcher", "default_model_dir"]
+__all__ = ["Embedder", "MiniLM", "MiniLMWeights", "LocalMiniLM", "EmbeddingBatcher", "default_model_dir"]
 
 _F32 = np.float32
 # Tokens per forward pass of background (pausable) embedding: a 256-token layer is ~10 ms on one
@@ -151,16 +151,77 @@ def _ro(a: np.ndarray) -> np.ndarray:
     return a
 
 
-class LocalMiniLM:
-    """all-MiniLM-L6-v2 in pure numpy (float32), parity with sentence-transformers.
+class MiniLMWeights:
+    """The all-MiniLM-L6-v2 weights, laid out for inference: linear weights pre-transposed to
+    (in, out), Q/K/V fused into one (hidden, 3 * hidden) matrix, the word table memory-mapped."""
 
-    Weights are loaded once at construction.  :meth:`embed` keeps no mutable
-    state besides the tokenizer (guarded by a lock), so it may be called from
-    worker threads; numpy releases the GIL inside the heavy kernels.
-    """
+    def __init__(self, path: Path, n_layers: int) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+            keys = set(f.keys())
+            prefix = "bert." if "bert.embeddings.word_embeddings.weight" in keys else ""
+
+            def get(name: str) -> np.ndarray:
+                return f.get_tensor(prefix + name).astype(_F32, copy=False)
+
+            # The largest tensor (30522 × 384, 47 MB) is only ever gathered a few rows at a
+            # time: map it from the file instead of copying it (shared, evictable page cache;
+            # only the rows of tokens seen are read).
+            self.word = _mapped(path / "model.safetensors", prefix + "embeddings.word_embeddings.weight")
+            if self.word is None:
+                self.word = _ro(get("embeddings.word_embeddings.weight"))
+            self.pos = _ro(get("embeddings.position_embeddings.weight"))
+            self.type0 = _ro(get("embeddings.token_type_embeddings.weight")[0])
+            self.emb_ln_g = _ro(get("embeddings.LayerNorm.weight"))
+            self.emb_ln_b = _ro(get("embeddings.LayerNorm.bias"))
+            layers = []
+            for i in range(n_layers):
+                p = f"encoder.layer.{i}."
+                L = _Layer()
+                L.w_qkv = _ro(np.concatenate([
+                    get(p + "attention.self.query.weight").T,
+                    get(p + "attention.self.key.weight").T,
+                    get(p + "attention.self.value.weight").T,
+                ], axis=1))
+                L.b_qkv = _ro(np.concatenate([
+                    get(p + "attention.self.query.bias"),
+                    get(p + "attention.self.key.bias"),
+                    get(p + "attention.self.value.bias"),
+                ]))
+                L.w_o = _ro(get(p + "attention.output.dense.weight").T)
+                L.b_o = _ro(get(p + "attention.output.dense.bias"))
+                L.ln1_g = _ro(get(p + "attention.output.LayerNorm.weight"))
+                L.ln1_b = _ro(get(p + "attention.output.LayerNorm.bias"))
+                L.w_in = _ro(get(p + "intermediate.dense.weight").T)
+                L.b_in = _ro(get(p + "intermediate.dense.bias"))
+                L.w_out = _ro(get(p + "output.dense.weight").T)
+                L.b_out = _ro(get(p + "output.dense.bias"))
+                L.ln2_g = _ro(get(p + "output.LayerNorm.weight"))
+                L.ln2_b = _ro(get(p + "output.LayerNorm.bias"))
+                layers.append(L)
+            self.layers: tuple[_Layer, ...] = tuple(layers)
+
+    def embeddings(self, ids: np.ndarray) -> np.ndarray:
+        """Word + position + token-type embeddings of ``(B, T)`` ids, before the layer norm."""
+        x = self.word[ids]  # (B, T, H) -- fancy indexing copies
+        x += self.pos[: ids.shape[1]]
+        x += self.type0
+        return x
+
+
+class MiniLM:
+    """The all-MiniLM-L6-v2 text side shared by its engines: configuration, tokenizer, and
+    length-bucketed batching. An engine implements :meth:`_forward` on one padded bucket and
+    returns mean-pooled (over the attention mask), L2-normalised vectors, as
+    sentence-transformers does (inputs truncated to 256 word pieces)."""
 
     dim: int = 384
     name: str = "all-MiniLM-L6-v2"
+    pausable = True  # embed() takes ``between_layers`` (EmbeddingBatcher's ``background``)
+    # Tokens per forward pass of background (pausable) embedding, so a request never waits long
+    # behind one.
+    background_bucket_tokens = _BACKGROUND_BUCKET_TOKENS
 
     def __init__(
         self,
@@ -172,7 +233,6 @@ class LocalMiniLM:
     ) -> None:
         import json
 
-        from safetensors import safe_open
         from tokenizers import Tokenizer
 
         path = Path(model_dir) if model_dir is not None else default_model_dir()
@@ -199,55 +259,6 @@ class LocalMiniLM:
         tok.enable_truncation(max_length=self.max_seq_length)
         self._tok = tok
         self._tok_lock = threading.Lock()
-
-        with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
-            keys = set(f.keys())
-            prefix = "bert." if "bert.embeddings.word_embeddings.weight" in keys else ""
-
-            def get(name: str) -> np.ndarray:
-                return f.get_tensor(prefix + name).astype(_F32, copy=False)
-
-            # The largest tensor (30522 × 384, 47 MB) is only ever gathered a few rows at a
-            # time: map it from the file instead of copying it (shared, evictable page cache;
-            # only the rows of tokens seen are read).
-            self._word = _mapped(path / "model.safetensors", prefix + "embeddings.word_embeddings.weight")
-            if self._word is None:
-                self._word = _ro(get("embeddings.word_embeddings.weight"))
-            self._pos = _ro(get("embeddings.position_embeddings.weight"))
-            self._type0 = _ro(get("embeddings.token_type_embeddings.weight")[0])
-            self._emb_ln_g = _ro(get("embeddings.LayerNorm.weight"))
-            self._emb_ln_b = _ro(get("embeddings.LayerNorm.bias"))
-            scale = _F32(1.0 / math.sqrt(self.head_dim))
-            layers = []
-            for i in range(self.n_layers):
-                p = f"encoder.layer.{i}."
-                L = _Layer()
-                # nn.Linear stores (out, in); pre-transpose once to (in, out)
-                # so the hot path is a plain 2-D (tokens, in) @ (in, out).
-                # Q/K/V are fused into one (hidden, 3*hidden) matmul.
-                L.w_qkv = _ro(np.concatenate([
-                    get(p + "attention.self.query.weight").T,
-                    get(p + "attention.self.key.weight").T,
-                    get(p + "attention.self.value.weight").T,
-                ], axis=1))
-                L.b_qkv = _ro(np.concatenate([
-                    get(p + "attention.self.query.bias"),
-                    get(p + "attention.self.key.bias"),
-                    get(p + "attention.self.value.bias"),
-                ]))
-                L.w_o = _ro(get(p + "attention.output.dense.weight").T)
-                L.b_o = _ro(get(p + "attention.output.dense.bias"))
-                L.ln1_g = _ro(get(p + "attention.output.LayerNorm.weight"))
-                L.ln1_b = _ro(get(p + "attention.output.LayerNorm.bias"))
-                L.w_in = _ro(get(p + "intermediate.dense.weight").T)
-                L.b_in = _ro(get(p + "intermediate.dense.bias"))
-                L.w_out = _ro(get(p + "output.dense.weight").T)
-                L.b_out = _ro(get(p + "output.dense.bias"))
-                L.ln2_g = _ro(get(p + "output.LayerNorm.weight"))
-                L.ln2_b = _ro(get(p + "output.LayerNorm.bias"))
-                layers.append(L)
-            self._layers: tuple[_Layer, ...] = tuple(layers)
-        self._scale = scale
         self.model_dir = path
 
     # ------------------------------------------------------------ tokenizing
@@ -261,13 +272,11 @@ class LocalMiniLM:
 
     # ------------------------------------------------------------ inference
 
-    pausable = True  # embed() takes ``between_layers`` (EmbeddingBatcher's ``background``)
-
     def embed(self, texts: Sequence[str], between_layers: Callable[[], None] | None = None) -> np.ndarray:
         """Embed ``texts`` -> ``(n, dim)`` float32, L2-normalised rows.
 
-        ``between_layers`` is called before each encoder layer (a background caller pauses
-        there for requests, see proxy/priority.py)."""
+        ``between_layers`` is called between units of work, every few milliseconds (a
+        background caller pauses there for requests, see proxy/priority.py)."""
         if isinstance(texts, str):
             raise TypeError("embed() takes a list of strings, not a str")
         texts = list(texts)
@@ -283,7 +292,7 @@ class LocalMiniLM:
         # grows only while padding is at most as much as real tokens (with a
         # little slack, since each extra bucket has fixed per-call costs).
         # Background work pauses between layers, so its layers must be short: small buckets.
-        bucket_tokens = self.max_batch_tokens if between_layers is None else min(self.max_batch_tokens, _BACKGROUND_BUCKET_TOKENS)
+        bucket_tokens = self.max_batch_tokens if between_layers is None else min(self.max_batch_tokens, self.background_bucket_tokens)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         start = 0
         while start < len(order):
@@ -303,21 +312,44 @@ class LocalMiniLM:
         return out
 
     def _forward(self, batch: list[list[int]], between_layers: Callable[[], None] | None = None) -> np.ndarray:
-        """Run the encoder on one padded bucket; returns pooled unit vectors."""
-        B = len(batch)
-        T = max(len(s) for s in batch)
-        H, nh, hd = self.hidden, self.n_heads, self.head_dim
-        ids = np.zeros((B, T), dtype=np.int64)
-        mask = np.zeros((B, T), dtype=bool)
+        raise NotImplementedError
+
+    @staticmethod
+    def _pad(batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(B, T)`` ids and a boolean mask of the real tokens."""
+        ids = np.zeros((len(batch), max(len(s) for s in batch)), dtype=np.int64)
+        mask = np.zeros(ids.shape, dtype=bool)
         for b, s in enumerate(batch):
             ids[b, : len(s)] = s
             mask[b, : len(s)] = True
-        padded = not bool(mask.all())
+        return ids, mask
 
-        x = self._word[ids]  # (B, T, H) -- fancy indexing copies
-        x += self._pos[:T]
-        x += self._type0
-        x = _layer_norm(x.reshape(B * T, H), self._emb_ln_g, self._emb_ln_b, self.eps)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dir={str(self.model_dir)!r}, max_seq_length={self.max_seq_length})"
+
+
+class LocalMiniLM(MiniLM):
+    """all-MiniLM-L6-v2 in pure numpy (float32): the exact engine, parity with
+    sentence-transformers (cosine 1.0 on the stored reference).
+
+    :meth:`embed` keeps no mutable state besides the tokenizer (guarded by a lock), so it may be
+    called from worker threads; numpy releases the GIL inside the heavy kernels.
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(model_dir, **kwargs)
+        w = self._weights = MiniLMWeights(self.model_dir, self.n_layers)
+        self._layers = w.layers
+        self._scale = _F32(1.0 / math.sqrt(self.head_dim))
+
+    def _forward(self, batch: list[list[int]], between_layers: Callable[[], None] | None = None) -> np.ndarray:
+        """Run the encoder on one padded bucket; returns pooled unit vectors."""
+        ids, mask = self._pad(batch)
+        B, T = ids.shape
+        H, nh, hd = self.hidden, self.n_heads, self.head_dim
+        padded = not bool(mask.all())
+        w = self._weights
+        x = _layer_norm(w.embeddings(ids).reshape(B * T, H), w.emb_ln_g, w.emb_ln_b, self.eps)
 
         # Additive key mask: padded keys get a huge negative score before softmax.
         key_bias = None
@@ -367,9 +399,6 @@ class LocalMiniLM:
         pooled = summed / counts
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         return (pooled / np.maximum(norms, _F32(1e-12))).astype(_F32, copy=False)
-
-    def __repr__(self) -> str:
-        return f"LocalMiniLM(dir={str(self.model_dir)!r}, max_seq_length={self.max_seq_length})"
 
 
 # --------------------------------------------------------------------------- batcher

@@ -11,24 +11,28 @@ from typing import Any, Sequence
 import numpy as np
 
 from proxy.config import ResolvedModel
-from proxy.memory.embedder import LocalMiniLM
+from proxy.memory.embedder import LocalMiniLM, MiniLM
+from proxy.memory.minilm_int8 import QuantizedMiniLM
 from proxy.upstream import Upstream
 
 log = logging.getLogger("agent_state_proxy.memory")
 
-_local: LocalMiniLM | None = None
+# The bundled all-MiniLM-L6-v2 by engine: ``local`` (int8 on ONNX Runtime, the default: ~3.5x
+# faster) and ``local-exact`` (float32 numpy, exactly sentence-transformers' vectors).
+LOCAL_ENGINES: dict[str, type[MiniLM]] = {"local": QuantizedMiniLM, "local-exact": LocalMiniLM}
+
+_local: dict[str, MiniLM] = {}
 _local_lock = threading.Lock()
 
 
-def local_model() -> LocalMiniLM:
-    """The bundled all-MiniLM-L6-v2, loaded once per process (~150 ms; call off the event loop)."""
-    global _local
+def local_model(engine: str = "local") -> MiniLM:
+    """A bundled embedder, loaded once per process (~0.4 s; call off the event loop)."""
     with _local_lock:
-        if _local is None:
+        if engine not in _local:
             _limit_blas_threads()
-            _local = LocalMiniLM()
-            log.info("local embedder %s loaded", _local.name)
-        return _local
+            _local[engine] = LOCAL_ENGINES[engine]()
+            log.info("local embedder %s loaded", _local[engine].name)
+        return _local[engine]
 
 
 def _limit_blas_threads() -> None:

@@ -1,0 +1,143 @@
+"""all-MiniLM-L6-v2 with int8 weights on ONNX Runtime: the default local embedder.
+
+The graph is built at start-up from the same safetensors weights as the numpy engine
+(proxy/memory/embedder.py), so nothing is downloaded or cached. Every linear layer is
+dynamically quantised the way ``onnxruntime.quantization.quantize_dynamic`` does it (int8
+weights with a scale per output channel, uint8 activations with a scale per call); attention,
+layer norms and pooling stay float32. On a 2-core AMD EPYC (AVX-512 VNNI) a 22-word-piece query
+takes ~2.4 ms instead of 8.5 ms in numpy, and indexing ~2.3x less time; vectors keep a
+cosine >= 0.99 with sentence-transformers' (tests/test_embedder_int8.py). ONNX Runtime also
+holds no GIL while it runs, so a query embedding does not stall the event loop.
+
+The word table is gathered in numpy from the memory-mapped weights file (47 MB that stay page
+cache, not heap); the graph takes the summed embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from proxy.memory.embedder import MiniLM, MiniLMWeights
+
+__all__ = ["QuantizedMiniLM"]
+
+_F32 = np.float32
+
+
+class QuantizedMiniLM(MiniLM):
+    """all-MiniLM-L6-v2 with int8 linear layers (ONNX Runtime, one thread per call)."""
+
+    name = "all-MiniLM-L6-v2-int8"
+
+    def __init__(self, model_dir: str | Path | None = None, **kwargs: Any) -> None:
+        import onnxruntime as ort
+
+        super().__init__(model_dir, **kwargs)
+        # One text per run. Activations are quantised with one scale per run, so a batch would
+        # make a text's vector depend on its batch companions (cosine down to 0.97 measured);
+        # alone it is deterministic, needs no padding, and costs the same (within ±10 % per text
+        # from 10 to 120 words).
+        self.max_batch = 1
+        weights = MiniLMWeights(self.model_dir, self.n_layers)
+        self._word, self._pos, self._type0 = weights.word, weights.pos, weights.type0
+        graph = _build_graph(weights, self.n_heads, self.eps)
+        options = ort.SessionOptions()
+        # One thread per run: queries and indexing run on their own threads, and a sidecar must
+        # not take every core of its host.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+    def _forward(self, batch: list[list[int]], between_layers: Callable[[], None] | None = None) -> np.ndarray:
+        if between_layers is not None:
+            between_layers()
+        ids, mask = self._pad(batch)
+        x = self._word[ids]
+        x += self._pos[: ids.shape[1]]
+        x += self._type0
+        (out,) = self._session.run(None, {"embeddings": x, "mask": mask.astype(_F32)})  # no padding: all ones
+        return out
+
+
+def _quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column: ``w ≈ q * scale``."""
+    scale = np.abs(w).max(axis=0) / _F32(127.0)
+    scale = np.where(scale > 0, scale, _F32(1.0)).astype(_F32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _build_graph(w: MiniLMWeights, n_heads: int, eps: float) -> bytes:
+    """The encoder (after the embedding lookup) and the pooling, as a serialized ONNX model:
+    inputs ``embeddings`` (B, T, H) float32 and ``mask`` (B, T) float32 (1 = real token);
+    output ``embedding`` (B, H), L2-normalised."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = w.pos.shape[1]
+    head_dim = hidden // n_heads
+    initializers: list[Any] = []
+    nodes: list[Any] = []
+
+    def const(name: str, value: Any) -> str:
+        initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(kind: str, *inputs: str, outputs: int = 1, **attrs: Any) -> Any:
+        names = [f"{kind}_{len(nodes)}_{i}" for i in range(outputs)]
+        nodes.append(helper.make_node(kind, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def linear(x: str, weight: np.ndarray, bias: np.ndarray, name: str) -> str:
+        # The pattern quantize_dynamic emits, which ORT fuses into one DynamicQuantizeMatMul.
+        q, scale = _quantize_columns(weight)
+        xq, x_scale, x_zero = op("DynamicQuantizeLinear", x, outputs=3)
+        product = op("MatMulInteger", xq, const(f"{name}.q", q), x_zero, const(f"{name}.zero", np.zeros(q.shape[1], np.int8)))
+        scaled = op("Mul", op("Cast", product, to=TensorProto.FLOAT), op("Mul", x_scale, const(f"{name}.scale", scale)))
+        return op("Add", scaled, const(f"{name}.bias", bias))
+
+    def layer_norm(x: str, gamma: np.ndarray, beta: np.ndarray, name: str) -> str:
+        return op("LayerNormalization", x, const(f"{name}.g", gamma), const(f"{name}.b", beta), axis=-1, epsilon=eps)
+
+    x = layer_norm("embeddings", w.emb_ln_g, w.emb_ln_b, "emb_ln")
+    # Padded keys get a large negative score before the softmax: (B, 1, 1, T).
+    key_bias = op("Mul", op("Sub", const("one", np.array(1.0, _F32)), "mask"), const("masked", np.array(-1e9, _F32)))
+    key_bias = op("Unsqueeze", key_bias, const("axes_1_2", np.array([1, 2], np.int64)))
+    heads = const("shape_heads", np.array([0, 0, n_heads, head_dim], np.int64))
+    merged = const("shape_merged", np.array([0, 0, hidden], np.int64))
+    scale = const("attention_scale", np.array(1.0 / math.sqrt(head_dim), _F32))
+    half, root2 = const("half", np.array(0.5, _F32)), const("sqrt2", np.array(math.sqrt(2.0), _F32))
+    for i, L in enumerate(w.layers):
+        qkv = linear(x, np.asarray(L.w_qkv), np.asarray(L.b_qkv), f"l{i}.qkv")
+        q, k, v = op("Split", qkv, const(f"l{i}.split", np.array([hidden] * 3, np.int64)), outputs=3, axis=-1)
+        q = op("Transpose", op("Reshape", q, heads), perm=[0, 2, 1, 3])  # (B, nh, T, hd)
+        k = op("Transpose", op("Reshape", k, heads), perm=[0, 2, 3, 1])  # (B, nh, hd, T)
+        v = op("Transpose", op("Reshape", v, heads), perm=[0, 2, 1, 3])
+        probs = op("Softmax", op("Add", op("Mul", op("MatMul", q, k), scale), key_bias), axis=-1)
+        context = op("Reshape", op("Transpose", op("MatMul", probs, v), perm=[0, 2, 1, 3]), merged)
+        x = layer_norm(op("Add", linear(context, np.asarray(L.w_o), np.asarray(L.b_o), f"l{i}.o"), x), L.ln1_g, L.ln1_b, f"l{i}.ln1")
+        h = linear(x, np.asarray(L.w_in), np.asarray(L.b_in), f"l{i}.in")
+        gelu = op("Mul", op("Mul", h, half), op("Add", op("Erf", op("Div", h, root2)), "one"))  # exact GELU (ORT fuses it)
+        x = layer_norm(op("Add", linear(gelu, np.asarray(L.w_out), np.asarray(L.b_out), f"l{i}.out"), x), L.ln2_g, L.ln2_b, f"l{i}.ln2")
+    # Mean pooling over the real tokens, then L2 normalisation.
+    weights = op("Unsqueeze", "mask", const("axes_2", np.array([2], np.int64)))
+    summed = op("ReduceSum", op("Mul", x, weights), const("axes_1", np.array([1], np.int64)), keepdims=0)
+    counts = op("Max", op("ReduceSum", "mask", "axes_1", keepdims=1), const("tiny", np.array(1e-9, _F32)))
+    nodes.append(helper.make_node("LpNormalization", [op("Div", summed, counts)], ["embedding"], axis=-1, p=2))
+    graph = helper.make_graph(
+        nodes, "all-MiniLM-L6-v2-int8",
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", "tokens", hidden]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "tokens"])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", hidden])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by every ONNX Runtime release that runs opset 17
+    return model.SerializeToString()

@@ -1,0 +1,110 @@
+"""The int8 ONNX Runtime MiniLM (the default local embedder) against sentence-transformers'
+stored reference vectors and the exact numpy engine."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from proxy.config import LOCAL_EMBEDDERS
+from proxy.memory.embedder import Embedder, LocalMiniLM
+from proxy.memory.minilm_int8 import QuantizedMiniLM
+from proxy.memory.remote import LOCAL_ENGINES
+
+FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.json"
+
+
+@pytest.fixture(scope="module")
+def model() -> QuantizedMiniLM:
+    return QuantizedMiniLM()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return json.loads(FIXTURE.read_text(encoding="utf-8"))
+
+
+def _texts(reference: dict) -> list[str]:
+    return [item["text"] for item in reference["items"]]
+
+
+def test_protocol_and_engine_registry(model: QuantizedMiniLM) -> None:
+    assert isinstance(model, Embedder)
+    assert model.dim == 384 and model.max_seq_length == 256
+    # Its vectors are not the float32 model's: stored memories record which model made them.
+    assert model.name != LocalMiniLM.name
+    assert set(LOCAL_ENGINES) == set(LOCAL_EMBEDDERS)
+    assert LOCAL_ENGINES["local"] is QuantizedMiniLM and LOCAL_ENGINES["local-exact"] is LocalMiniLM
+
+
+def test_close_to_sentence_transformers(model: QuantizedMiniLM, reference: dict) -> None:
+    ref = np.array([item["vector"] for item in reference["items"]], dtype=np.float32)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    got = model.embed(_texts(reference))
+    cos = np.sum(got * ref, axis=1)
+    # Measured: 0.985 .. 0.996 (the shortest texts lose the most to int8 weights).
+    assert cos.min() >= 0.98, cos
+    assert cos.mean() >= 0.99, cos
+
+
+def test_ranks_like_the_exact_model(model: QuantizedMiniLM, reference: dict) -> None:
+    # What retrieval needs: for each text as a query, the order of the others is (nearly) the
+    # exact model's.
+    texts = _texts(reference) + [
+        "The cat sits on the mat.", "A kitten is resting on a rug.", "Quarterly revenue grew by 12 percent.",
+        "We agreed to ship the release on Friday.", "The deadline for the launch is the end of the week.",
+        "My sister lives in Paris.", "I adopted a dog last spring.",
+    ]
+    exact = LocalMiniLM().embed(texts)
+    quant = model.embed(texts)
+    for i in range(len(texts)):
+        best_exact = np.argsort(-(exact @ exact[i]))[1:4]
+        best_quant = np.argsort(-(quant @ quant[i]))[1:4]
+        assert best_exact[0] in best_quant, (texts[i], best_exact, best_quant)
+
+
+def test_a_text_gets_the_same_vector_alone_or_in_a_batch(model: QuantizedMiniLM, reference: dict) -> None:
+    # Activations are quantised per run: texts run alone, so companions never change a vector.
+    texts = _texts(reference) + ["short", "a bit longer text than that", "x " * 40]
+    batched = model.embed(texts)
+    single = np.stack([model.embed([t])[0] for t in texts])
+    np.testing.assert_array_equal(batched, single)
+
+
+def test_background_embedding_yields_between_texts(model: QuantizedMiniLM) -> None:
+    calls = []
+    texts = ["one", "two words", "three words here"]
+    out = model.embed(texts, lambda: calls.append(1))
+    assert len(calls) == len(texts)
+    np.testing.assert_array_equal(out, model.embed(texts))
+
+
+def test_output_shape_norm_and_bad_inputs(model: QuantizedMiniLM) -> None:
+    out = model.embed(["one", "two three", "", "  ", "word " * 1000])
+    assert out.dtype == np.float32 and out.shape == (5, 384)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert np.isfinite(out).all()
+    assert model.embed([]).shape == (0, 384)
+    with pytest.raises(TypeError):
+        model.embed("not a list")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        model.embed([None])  # type: ignore[list-item]
+
+
+def test_semantics_sanity(model: QuantizedMiniLM) -> None:
+    a, b, c = model.embed(["The cat sits on the mat.", "A kitten is resting on a rug.", "Quarterly revenue grew by 12 percent."])
+    assert a @ b > a @ c + 0.2
+
+
+def test_thread_safety(model: QuantizedMiniLM, reference: dict) -> None:
+    texts = _texts(reference)[:10]
+    expected = {t: model.embed([t])[0] for t in texts}
+    jobs = [texts[i % len(texts)] for i in range(24)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda t: model.embed([t])[0], jobs))
+    for t, v in zip(jobs, results):
+        np.testing.assert_array_equal(v, expected[t])
