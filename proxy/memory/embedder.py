@@ -2,10 +2,12 @@
 
 * :class:`Embedder` -- the generic protocol (``dim``, ``name``, ``embed``) so a
   remote (e.g. litellm-backed) embedder can be dropped in later.
-* :class:`LocalMiniLM` -- sentence-transformers/all-MiniLM-L6-v2 run with
-  ``tokenizers`` + ``safetensors`` + numpy only (no torch).  Output matches
-  sentence-transformers (mean pooling over the attention mask, L2-normalised,
-  inputs truncated to 256 word pieces).
+* :class:`MiniLM` -- all-MiniLM-L6-v2's tokenizer and length-bucketed batching, shared by its
+  engines; :class:`MiniLMWeights` -- its weights, laid out for inference.
+* :class:`LocalMiniLM` -- the float32 engine, ``tokenizers`` + ``safetensors`` + numpy only (no
+  torch).  Output matches sentence-transformers (mean pooling over the attention mask,
+  L2-normalised, inputs truncated to 256 word pieces).  The int8 engine, the default, is
+  proxy/memory/minilm_int8.py.
 * :class:`EmbeddingBatcher` -- asyncio micro-batcher: concurrent ``await
   batcher.embed(text)`` calls are computed together in one model call on a
   single worker thread.
