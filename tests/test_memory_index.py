@@ -198,3 +198,16 @@ def test_a_stale_index_is_reconciled_with_lmdb(config_path: Path, through_hnsw: 
         new = _add_facts(proxy, ["The VPN gateway is vpn-2.example.net."])
         drain(proxy)
         assert len(_hnsw_keys(proxy)) == len(current) + 1 and new
+
+
+def test_an_i8_index_round_trips_and_an_index_of_another_dtype_is_not_misread(tmp_path: Path) -> None:
+    index = VectorIndex(32, "i8")
+    vectors = _unit(200, seed=2)
+    index.add(np.arange(200, dtype=np.uint64), vectors)
+    path = tmp_path / "t.usearch"
+    digest = index.save(path)
+    loaded = VectorIndex.load(path, digest, 32, "i8")
+    keys, sims = loaded.search(vectors[42], 3)
+    assert int(keys[0]) == 42 and abs(sims[0] - 1.0) < 0.01
+    with pytest.raises(IndexFileError, match="expected f16"):
+        VectorIndex.load(path, digest, 32, "f16")
