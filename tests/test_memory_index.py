@@ -209,5 +209,7 @@ def test_an_i8_index_round_trips_and_an_index_of_another_dtype_is_not_misread(tm
     loaded = VectorIndex.load(path, digest, 32, "i8")
     keys, sims = loaded.search(vectors[42], 3)
     assert int(keys[0]) == 42 and abs(sims[0] - 1.0) < 0.01
+    assert np.allclose(loaded.vectors(np.array([42, 999])), [vectors[42], np.zeros(32)], atol=0.02)
+    assert loaded.contains(np.array([0, 199, 200])).tolist() == [True, True, False]
     with pytest.raises(IndexFileError, match="expected f16"):
         VectorIndex.load(path, digest, 32, "f16")

@@ -83,3 +83,43 @@ def test_removed_memories_are_not_found() -> None:
     mem.remove(gone.id)
     assert mem.search("launch code", _vec(4), Scope("user", "alice", "x"), top_k=5, min_score=0.0) == []
     assert mem.alive == 0
+
+
+def test_a_large_group_drops_its_exact_copies_once_indexed_and_is_still_searched(monkeypatch) -> None:
+    from proxy.memory import tenant as tenant_module
+    from proxy.memory.vectors import VectorIndex
+
+    monkeypatch.setattr(tenant_module, "EXACT_MAX", 20)
+    monkeypatch.setattr(tenant_module, "RELEASE_BATCH", 4)
+    rng = np.random.default_rng(3)
+    mem = TenantMemory("t")
+    vectors = rng.standard_normal((60, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for i, vector in enumerate(vectors):
+        _memory(mem, f"note number {i} about topic{i}", vector, session=None)
+    exact = mem.dense(vectors[7], Scope("user", "alice", "x"), mem.admit(Scope("user", "alice", "x")), 5)
+    index = VectorIndex(DIM, "i8")
+    index.add(mem.cols.ukey[:60], vectors)
+    mem.vectors, mem.hnsw_ready = index, True
+    assert mem.mirror is not None and mem.mirror.held(mem.user_code("alice")) == 0  # all released
+    scope = Scope("user", "alice", "x")
+    slots, sims = mem.dense(vectors[7], scope, mem.admit(scope), 5)
+    assert slots.tolist() == exact[0].tolist() and np.allclose(sims, exact[1], atol=0.02)
+    # A cosine outside of a search (a lexical-only candidate) is read back from the index.
+    assert abs(float(mem.mirror.score(vectors[7], np.array([7]))[0]) - 1.0) < 0.02
+    hits = mem.search("topic31", vectors[7], scope, top_k=60, min_score=-1.0)
+    assert any(h.id == "m31" and h.cosine is not None and abs(h.cosine - float(vectors[31] @ vectors[7])) < 0.02 for h in hits)
+    # Even while a rebuild is under way (hnsw_ready False), the index set meanwhile is searched.
+    mem.hnsw_ready = False
+    assert mem.dense(vectors[7], scope, mem.admit(scope), 5)[0].tolist() == exact[0].tolist()
+    # New memories are held until the index has them, then released too; removals are forgotten.
+    for i in range(60, 66):
+        vector = rng.standard_normal(DIM).astype(np.float32)
+        _memory(mem, f"note number {i}", vector / np.linalg.norm(vector), session=None)
+    assert mem.mirror.held(mem.user_code("alice")) == 6  # the index holds none of them yet
+    index.add(mem.cols.ukey[60:66], np.stack([mem.mirror.vector(s) for s in range(60, 66)]))
+    _memory(mem, "note number 66", vectors[0], session=None)
+    assert mem.mirror.held(mem.user_code("alice")) == 1
+    mem.remove("m7")
+    assert 7 not in mem.mirror and mem.mirror.size([mem.user_code("alice")]) == 66
+    assert mem.dense(vectors[7], scope, mem.admit(scope), 5)[0].tolist()[:4] == exact[0].tolist()[1:5]

@@ -31,6 +31,7 @@ LEXICAL_WEIGHT = 2.0
 NEIGHBOUR_SHARE = 0.5
 NEIGHBOUR_SOURCES = 10
 CANDIDATES = 50  # per ranker, before fusion
+RELEASE_BATCH = 1024  # copies a released group gathers (new memories) before they are released too
 STRONG_LEXICAL = 0.5  # a lexical match this complete passes without a dense score
 LEXICAL_ONLY_MIN = 0.2  # without a query vector (embedder down), the bar for a lexical match
 
@@ -83,7 +84,7 @@ class TenantMemory:
         self.cols = _Columns()
         self.bm25 = lexical.BM25()
         self.mirror: Mirror | None = None  # created with the first vector (its size is the dim)
-        self.vectors: VectorIndex | None = None
+        self._vectors: VectorIndex | None = None
         self.hnsw_ready = False  # the index holds every vector (loaded or rebuilt)
         self.ids: list[str | None] = []
         self.id_slot: dict[str, int] = {}
@@ -101,6 +102,43 @@ class TenantMemory:
         self.alive = 0
         self.next_key = 0
         self.unembedded: set[str] = set()  # ids stored without a vector (embedder was down)
+
+    @property
+    def vectors(self) -> VectorIndex | None:
+        """The HNSW index; the service sets it once loaded or built (or None)."""
+        return self._vectors
+
+    @vectors.setter
+    def vectors(self, index: VectorIndex | None) -> None:
+        self._vectors = index
+        self._release_copies(list(self.mirror._groups) if self.mirror is not None else [])
+
+    def _release_copies(self, groups: list[int]) -> None:
+        """Drop the exact copies of groups only ever searched through the index (over EXACT_MAX)
+        for the vectors the index holds; vectors it does not hold yet stay until a next round."""
+        index, mirror = self._vectors, self.mirror
+        if index is None or mirror is None:
+            return
+        for code in groups:
+            if mirror.size([code]) > EXACT_MAX:
+                mirror.release(code, lambda slots: index.contains(self.cols.ukey[slots]))
+
+    def _indexed_vectors(self, slots: np.ndarray) -> np.ndarray:
+        """Mirror.lookup: released vectors, read back from the index."""
+        assert self.mirror is not None
+        if self._vectors is None:
+            return np.zeros((len(slots), self.mirror.dim), dtype=np.float32)
+        return self._vectors.vectors(self.cols.ukey[slots])
+
+    def _add_vector(self, slot: int, group: int, vector: np.ndarray) -> None:
+        if self.mirror is None:
+            self.mirror = Mirror(len(vector))
+            self.mirror.lookup = self._indexed_vectors
+        if len(vector) != self.mirror.dim:
+            return
+        self.mirror.add(slot, group, vector)
+        if self.mirror.released([group]) and self.mirror.held(group) >= RELEASE_BATCH:
+            self._release_copies([group])
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -159,10 +197,8 @@ class TenantMemory:
         if user != _NONE:
             self.group_sizes[user] = self.group_sizes.get(user, 0) + 1
         if memory.vector is not None:
-            if self.mirror is None:
-                self.mirror = Mirror(len(memory.vector))
-            if len(memory.vector) == self.mirror.dim:
-                self.mirror.add(slot, self.group_of(user, session), memory.vector)
+            self._add_vector(slot, self.group_of(user, session), memory.vector)
+            if self.mirror is not None and slot in self.mirror:
                 self.unembedded.discard(memory.id)
         else:
             self.unembedded.add(memory.id)
@@ -174,11 +210,9 @@ class TenantMemory:
         slot = self.id_slot.get(memory_id)
         if slot is None:
             return None
-        if self.mirror is None:
-            self.mirror = Mirror(len(vector))
-        if slot in self.mirror:
+        if self.mirror is not None and slot in self.mirror:
             return slot
-        self.mirror.add(slot, self.group_of(int(self.cols.user[slot]), int(self.cols.session[slot])), vector)
+        self._add_vector(slot, self.group_of(int(self.cols.user[slot]), int(self.cols.session[slot])), vector)
         self.unembedded.discard(memory_id)
         return slot
 
@@ -278,9 +312,11 @@ class TenantMemory:
             return slots[order], sims[order]
         groups = self._groups(scope)
         size = mirror.size(groups) if groups is not None else self.alive
-        if size <= EXACT_MAX or not self.hnsw_ready or self.vectors is None:
-            return mirror.search(query, groups, limit, admit)
-        return self._hnsw(query, admit, limit, size)
+        # A group whose copies were released is searched through the index whatever its size,
+        # even while a new one is being built (the one set is complete meanwhile).
+        if self._vectors is not None and (mirror.released(groups) or (self.hnsw_ready and size > EXACT_MAX)):
+            return self._hnsw(query, admit, limit, size)
+        return mirror.search(query, groups, limit, admit)
 
     def _hnsw(self, query: np.ndarray, admit, limit: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         assert self.vectors is not None

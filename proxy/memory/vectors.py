@@ -17,7 +17,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -79,9 +79,31 @@ class VectorIndex:
             keys, distances = np.array(found.keys, dtype=np.uint64), np.array(found.distances, dtype=np.float32)
         return keys, 1.0 - distances
 
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """A bool mask: which of ``keys`` the index holds."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        if not len(keys):
+            return np.zeros(0, dtype=bool)
+        with self.lock:
+            return np.asarray(self._index.contains(keys), dtype=bool).reshape(len(keys))
+
     def keys(self) -> np.ndarray:
         with self.lock:
             return np.array(self._index.keys, dtype=np.uint64)
+
+    def vectors(self, keys: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``keys`` as unit float32 rows (zeros for a key not held)."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        out = np.zeros((len(keys), self.dim), dtype=np.float32)
+        if not len(keys):
+            return out
+        with self.lock:
+            found = self._index.get(keys, dtype=np.float32)
+        for row, vector in enumerate(found):
+            if vector is not None:
+                norm = float(np.linalg.norm(vector))
+                out[row] = vector / norm if norm > 0 else 0.0
+        return out
 
     def memory_usage(self) -> int:
         with self.lock:
@@ -168,20 +190,29 @@ def quantize(vector: np.ndarray) -> tuple[np.ndarray, float]:
     return np.round(vector / scale).astype(np.int8), scale
 
 
+_ABSENT, _RELEASED = -1, -2  # Mirror._row values besides a row number
+
+
 class Mirror:
     """Exact copies of the vectors, grouped (by user), for exact search of small scopes.
 
-    Stored as int8 with a scale per vector (~0.4 KB a memory instead of 1.5 KB: at 100k memories
-    that is 40 MB instead of 150). Mutated and read on the event loop thread only.
+    Stored as int8 with a scale per vector (~0.4 KB a memory instead of 1.5 KB). A group too
+    large ever to be searched exactly can ``release`` the copies the HNSW index also holds (40 MB
+    at 100k memories): those vectors are read back from the index through ``lookup`` for the
+    few memories that need a cosine outside of an HNSW search. Mutated and read on the event
+    loop thread only.
     """
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._groups: dict[int, _Group] = {}
-        self._where: dict[int, tuple[int, int]] = {}  # slot -> (group, row)
+        self._group = np.empty(0, dtype=np.int32)  # slot -> its group
+        self._row = np.empty(0, dtype=np.int32)  # slot -> its row in the group, _ABSENT or _RELEASED
+        self._released: dict[int, int] = {}  # group -> live vectors released to the index
+        self.lookup: Callable[[np.ndarray], np.ndarray] | None = None  # slots -> released vectors
 
     def __contains__(self, slot: int) -> bool:
-        return slot in self._where
+        return slot < len(self._row) and self._row[slot] != _ABSENT
 
     def add(self, slot: int, group: int, vector: np.ndarray) -> None:
         found = self._groups.get(group)
@@ -191,40 +222,88 @@ class Mirror:
             found = self._groups[group] = found.resize(found.n * 2, slice(0, found.n))
         found.vectors[found.n], found.scales[found.n] = quantize(vector)
         found.slots[found.n] = slot
-        self._where[slot] = (group, found.n)
+        if slot >= len(self._row):
+            size = max(1024, 2 * len(self._row), slot + 1)
+            self._group = np.resize(self._group, size)
+            self._row = np.concatenate([self._row, np.full(size - len(self._row), _ABSENT, dtype=np.int32)])
+        self._group[slot], self._row[slot] = group, found.n
         found.n += 1
 
     def remove(self, slot: int) -> None:
-        where = self._where.pop(slot, None)
-        if where is None:
+        if slot not in self:
             return
-        group = self._groups[where[0]]
-        group.slots[where[1]] = -1
-        group.vectors[where[1]] = 0
-        group.scales[where[1]] = 0.0
+        code, row = int(self._group[slot]), int(self._row[slot])
+        self._row[slot] = _ABSENT
+        if row == _RELEASED:
+            self._released[code] -= 1
+            return
+        group = self._groups[code]
+        group.slots[row] = -1
+        group.vectors[row] = 0
+        group.scales[row] = 0.0
         group.dead += 1
         if group.dead > 64 and group.dead * 2 > group.n:
-            self._compact(where[0], group)
+            self._compact(code, group, np.flatnonzero(group.slots[: group.n] >= 0))
 
-    def _compact(self, code: int, group: _Group) -> None:
-        live = np.flatnonzero(group.slots[: group.n] >= 0)
-        fresh = self._groups[code] = group.resize(max(16, 1 << int(len(live)).bit_length()), live)
-        for row, slot in enumerate(fresh.slots[: fresh.n]):
-            self._where[int(slot)] = (code, row)
+    def _compact(self, code: int, group: _Group, rows: np.ndarray) -> None:
+        """Keep only ``rows`` of the group."""
+        fresh = self._groups[code] = group.resize(max(16, 1 << int(len(rows)).bit_length()), rows)
+        self._row[fresh.slots[: fresh.n]] = np.arange(fresh.n, dtype=np.int32)
+
+    def release(self, code: int, indexed: Callable[[np.ndarray], np.ndarray]) -> int:
+        """Drop the group's copies of the vectors whose slots ``indexed(slots) -> bool mask``
+        says the index holds; returns how many were dropped."""
+        group = self._groups.get(code)
+        if group is None:
+            return 0
+        rows = np.flatnonzero(group.slots[: group.n] >= 0)
+        held = indexed(group.slots[rows]) if len(rows) else np.zeros(0, dtype=bool)
+        if not held.any():
+            return 0
+        self._row[group.slots[rows[held]]] = _RELEASED
+        self._released[code] = self._released.get(code, 0) + int(held.sum())
+        self._compact(code, group, rows[~held])
+        return int(held.sum())
+
+    def released(self, groups: Iterable[int] | None) -> bool:
+        """Whether any of ``groups`` (all when None) has vectors only in the index."""
+        codes = self._released.keys() if groups is None else groups
+        return any(self._released.get(code, 0) > 0 for code in codes)
+
+    def held(self, code: int) -> int:
+        """Rows of copies the group holds (live or not yet compacted away)."""
+        group = self._groups.get(code)
+        return 0 if group is None else group.n
 
     def vector(self, slot: int) -> np.ndarray | None:
         """The stored vector, restored to float32 (unit length within the quantisation error)."""
-        where = self._where.get(slot)
-        if where is None:
+        if slot not in self:
             return None
-        group = self._groups[where[0]]
-        return group.vectors[where[1]].astype(np.float32) * group.scales[where[1]]
+        return self.vectors(np.array([slot], dtype=np.int64))[0]
+
+    def vectors(self, slots: np.ndarray) -> np.ndarray:
+        """The vectors of ``slots`` as float32 rows (zeros for a slot without one)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        out = np.zeros((len(slots), self.dim), dtype=np.float32)
+        present = slots < len(self._row)
+        rows = np.full(len(slots), _ABSENT, dtype=np.int32)
+        rows[present] = self._row[slots[present]]
+        released = np.flatnonzero(rows == _RELEASED)
+        if len(released) and self.lookup is not None:
+            out[released] = self.lookup(slots[released])
+        codes = self._group[slots[rows >= 0]]
+        for code in np.unique(codes).tolist():
+            where = np.flatnonzero(rows >= 0)[codes == code]
+            group = self._groups[code]
+            out[where] = group.vectors[rows[where]].astype(np.float32) * group.scales[rows[where], None]
+        return out
 
     def size(self, groups: Iterable[int]) -> int:
-        return sum(self._groups[g].n - self._groups[g].dead for g in groups if g in self._groups)
+        return sum(self._groups[g].n - self._groups[g].dead + self._released.get(g, 0) for g in groups if g in self._groups)
 
     def search(self, query: np.ndarray, groups: Iterable[int] | None, limit: int, admit=None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top ``limit`` slots of ``groups`` (all when None) by cosine, best first."""
+        """Exact top ``limit`` slots of ``groups`` (all when None) by cosine, best first; only
+        over the copies held (see ``released``)."""
         slots_parts, sims_parts = [], []
         codes = self._groups.keys() if groups is None else groups
         for code in codes:
@@ -251,12 +330,8 @@ class Mirror:
 
     def score(self, query: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Cosine of ``query`` with each of ``slots`` (0 for a slot without a vector)."""
-        out = np.zeros(len(slots), dtype=np.float32)
-        found = [(i, self.vector(int(slot))) for i, slot in enumerate(slots)]
-        found = [(i, v) for i, v in found if v is not None]
-        if found:
-            out[[i for i, _ in found]] = np.stack([v for _, v in found]) @ query
-        return out
+        return self.vectors(slots) @ np.asarray(query, dtype=np.float32)
 
     def nbytes(self) -> int:
-        return sum(g.vectors.nbytes + g.scales.nbytes + g.slots.nbytes for g in self._groups.values())
+        held = sum(g.vectors.nbytes + g.scales.nbytes + g.slots.nbytes for g in self._groups.values())
+        return held + self._group.nbytes + self._row.nbytes
