@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from proxy.memory import lexical
 from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, Memory, Scope, text_hash
@@ -83,6 +84,22 @@ def test_removed_memories_are_not_found() -> None:
     mem.remove(gone.id)
     assert mem.search("launch code", _vec(4), Scope("user", "alice", "x"), top_k=5, min_score=0.0) == []
     assert mem.alive == 0
+
+
+def test_bm25_document_frequencies_count_only_live_documents() -> None:
+    index = lexical.BM25()
+    for slot in range(4):
+        index.add(slot, ["launch", f"word{slot}"])
+    index.add(4, ["rare"])
+    alive = np.ones(5, dtype=bool)
+    before = index.search(["launch"], lambda slots: alive[slots], 5)
+    index.remove(1), index.remove(2)
+    alive[[1, 2]] = False
+    slots, scores, best = index.search(["launch"], lambda slots: alive[slots], 5)
+    assert sorted(slots.tolist()) == [0, 3] and len(index) == 3
+    assert scores[0] > before[1][0]  # rarer among the live documents: a higher idf
+    with pytest.raises(ValueError):
+        index.add(0, ["again"])
 
 
 def test_a_large_group_drops_its_exact_copies_once_indexed_and_is_still_searched(monkeypatch) -> None:

@@ -2,7 +2,8 @@
 
 Postings are growable numpy arrays per term, so a query costs a few vectorised operations per
 query term whatever the number of memories. Removed slots stay in the postings until the index
-is rebuilt (at start-up); callers mask them out, and document frequencies are kept exact.
+is rebuilt (at start-up); callers mask them out, and document frequencies are counted over what
+the mask lets through. So the index keeps no per-memory list of terms (15 MB at 100k memories).
 """
 
 from __future__ import annotations
@@ -118,41 +119,39 @@ class BM25:
     def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
         self.k1, self.b = k1, b
         self._postings: dict[str, _Postings] = {}
-        self._df: dict[str, int] = {}
-        self._terms: dict[int, tuple[str, ...]] = {}  # slot -> its distinct terms, for remove
         self._length = np.zeros(1024, dtype=np.float32)
+        self._present = np.zeros(1024, dtype=bool)
         self._total = 0.0
         self.docs = 0
 
     def add(self, slot: int, terms: Iterable[str]) -> None:
+        """Index a new slot. Slots are never reused: a removed one stays in the postings."""
+        if slot < len(self._present) and self._present[slot]:
+            raise ValueError(f"slot {slot} is already indexed")
         counts: dict[str, int] = {}
         for term in terms:
             term = sys.intern(term)  # one string per distinct term, not per occurrence (~25 MB at 100k)
             counts[term] = counts.get(term, 0) + 1
-        if slot in self._terms:
-            self.remove(slot)
         if slot >= len(self._length):
-            self._length = np.resize(self._length, max(slot + 1, len(self._length) * 2))
+            size = max(slot + 1, len(self._length) * 2)
+            self._length = np.concatenate([self._length, np.zeros(size - len(self._length), dtype=np.float32)])
+            self._present = np.concatenate([self._present, np.zeros(size - len(self._present), dtype=bool)])
         length = float(sum(counts.values()))
-        self._length[slot] = length
+        self._length[slot], self._present[slot] = length, True
         self._total += length
         self.docs += 1
-        self._terms[slot] = tuple(counts)
         for term, tf in counts.items():
             postings = self._postings.get(term)
             if postings is None:
                 postings = self._postings[term] = _Postings()
             postings.append(slot, tf)
-            self._df[term] = self._df.get(term, 0) + 1
 
     def remove(self, slot: int) -> None:
-        terms = self._terms.pop(slot, None)
-        if terms is None:
+        if slot >= len(self._present) or not self._present[slot]:
             return
+        self._present[slot] = False
         self._total -= float(self._length[slot])
         self.docs -= 1
-        for term in terms:
-            self._df[term] -= 1
         # Postings keep the slot; searches mask removed slots out. Rebuilt at start-up.
 
     def __len__(self) -> int:
@@ -176,7 +175,7 @@ class BM25:
         ideal = 0.0
         for term in set(terms):
             postings = self._postings.get(term)
-            if postings is None or self._df.get(term, 0) <= 0:
+            if postings is None:
                 continue
             slots = postings.slots[: postings.n]
             keep = admit(slots)
