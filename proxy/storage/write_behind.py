@@ -25,14 +25,16 @@ _RecordKey = tuple[str, str, str | None, str]
 
 class WriteBehindStore(Store):
     def __init__(self, inner: Store, *, batch_size: int = 256, flush_interval: float = 0.05, queue_max: int = 10_000,
-                 cached_sessions: int = 256, cached_messages: int = 100_000) -> None:
+                 cached_sessions: int = 256, cached_messages: int = 50_000) -> None:
         self.inner = inner
         # Decoded transcripts of recently used sessions. This process is the only writer of its
         # LMDB environment and every write passes through here, so the cache stays exact; it
         # saves decoding a whole transcript on every request of a long session.
         self._transcripts: collections.OrderedDict[_SessionKey, dict[int, Message]] = collections.OrderedDict()
-        # Bounded by sessions and by messages (~1 KB each decoded): 256 sessions of 5 000
-        # messages would otherwise hold over a gigabyte.
+        # Bounded by sessions and by messages (~1.5 KB each decoded, ~75 MB at the bound): 256
+        # sessions of 5 000 messages would otherwise hold almost 2 GB. A miss costs ~6 ms per
+        # 1 000 messages. 50k holds the full benchmark's sessions up to 8 concurrent streams
+        # (30 sessions of ~1 200 messages); its 142 sessions at 64 streams miss even at 100k.
         self.cached_sessions, self.cached_messages = cached_sessions, cached_messages
         self._cached_count = 0  # messages in self._transcripts
         self._writes_seen = 0  # bumped by every write, to detect one racing a cache fill
