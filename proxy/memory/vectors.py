@@ -101,9 +101,9 @@ class VectorIndex:
             found = self._index.get(keys, dtype=np.float32)
         for row, vector in enumerate(found):
             if vector is not None:
-                norm = float(np.linalg.norm(vector))
-                out[row] = vector / norm if norm > 0 else 0.0
-        return out
+                out[row] = vector
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return np.divide(out, norms, out=out, where=norms > 0)
 
     def memory_usage(self) -> int:
         with self.lock:
@@ -279,7 +279,11 @@ class Mirror:
         """The stored vector, restored to float32 (unit length within the quantisation error)."""
         if slot not in self:
             return None
-        return self.vectors(np.array([slot], dtype=np.int64))[0]
+        row = int(self._row[slot])
+        if row == _RELEASED:
+            return self.lookup(np.array([slot], dtype=np.int64))[0] if self.lookup is not None else None
+        group = self._groups[int(self._group[slot])]
+        return group.vectors[row].astype(np.float32) * group.scales[row]
 
     def vectors(self, slots: np.ndarray) -> np.ndarray:
         """The vectors of ``slots`` as float32 rows (zeros for a slot without one)."""
