@@ -339,3 +339,20 @@ async def test_expected_wait_counts_the_queue_ahead_at_the_measured_rate() -> No
     await asyncio.gather(*queued)
     assert batcher.expected_wait() == 0.0
     await batcher.aclose()
+
+
+async def test_submit_now_starts_on_an_idle_worker_without_waiting_for_the_loop(model: LocalMiniLM) -> None:
+    # A request submits its query and goes on with CPU work that does not yield: the embedding
+    # must already be computing meanwhile, not start at the next loop tick.
+    counting = CountingEmbedder(model)
+    async with EmbeddingBatcher(counting) as batcher:
+        later = batcher.submit("queued for the next tick")
+        assert not counting.started.wait(0.3)  # the loop has not run: not dispatched yet
+        assert (await later).shape == (384,)
+        counting.started.clear()
+        now = batcher.submit("started at once", now=True)
+        assert counting.started.wait(5)  # dispatched while this coroutine still holds the loop
+        busy = batcher.submit("behind it", now=True)  # worker busy: queued, runs next
+        np.testing.assert_allclose(await now, model.embed(["started at once"])[0], atol=2e-6, rtol=0)
+        assert (await busy).shape == (384,)
+        assert counting.calls[-2:] == [["started at once"], ["behind it"]]

@@ -463,6 +463,15 @@ class EmbeddingBatcher:
         return (self._inflight_texts + waiting) * self.seconds_per_text
 
     async def embed(self, text: str) -> np.ndarray:
+        return await self.submit(text)
+
+    def submit(self, text: str, *, now: bool = False) -> asyncio.Future[np.ndarray]:
+        """Queue ``text`` and return the future of its vector (call on the event loop).
+
+        ``now``: if the worker is idle, start this text at once instead of at the end of the
+        current event-loop tick. A request's query embedding uses it: the request goes on
+        with CPU work that does not yield (context assembly, BM25), and a dispatch waiting for
+        the tick would start the embedding only after all of that (measured: ~5 ms later)."""
         if self._closed:
             raise RuntimeError("EmbeddingBatcher is closed")
         if not isinstance(text, str):
@@ -475,8 +484,13 @@ class EmbeddingBatcher:
             self._scheduled = None
         fut: asyncio.Future[np.ndarray] = loop.create_future()
         self._queue.append((text, fut))
-        self._kick()
-        return await fut
+        if now and not self._busy:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+            self._dispatch()
+        else:
+            self._kick()
+        return fut
 
     async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
         """Embed several texts through the batcher -> ``(n, dim)`` array."""

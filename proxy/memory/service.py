@@ -299,7 +299,7 @@ class MemoryService:
         if budget is not None and embedder.query.expected_wait() > budget:
             self.counters[name]["embedder_busy"] += 1
             return None, "embedder-busy"
-        return asyncio.ensure_future(embedder.query.embed(_shorten(query))), None
+        return embedder.query.submit(_shorten(query), now=True), None
 
     async def _query_vector(self, name: str, embedding: asyncio.Future[np.ndarray] | None, degraded: str | None) -> tuple[np.ndarray | None, str | None]:
         """The query vector once computed, or None and why (the search is then lexical only)."""
