@@ -228,6 +228,27 @@ def test_shutdown_cancels_background_summaries(tmp_path: Path, upstream: FakeUps
         assert not context._tasks and slow.chat_requests
 
 
+def test_room_kept_for_memories_never_makes_a_request_wait_for_summaries(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # With memory on, the context keeps room for the memory block. At this small budget that
+    # room alone would need a summary at once, from a summarizer that never answers: the
+    # request must use the whole budget instead and give the memory block what is left.
+    from tests.memory_helpers import drain
+
+    with FakeUpstream.run_in_thread() as slow:
+        slow.hang_next(1000)
+        spec = tenant(upstream, summarize_at_fraction=0.3, summarizer_timeout_seconds=600)
+        spec["models"]["summarizer"] = {"model": "openai/slow", "api_base": slow.base_url, "api_key": "x"}
+        with start_thread(write_config(tmp_path, {"local": spec})) as proxy:
+            drain(proxy)  # memory loaded: from now on the context keeps room for its block
+            done = []
+            worker = threading.Thread(target=lambda: done.append(converse(proxy, "room", 16)), daemon=True)
+            worker.start()
+            worker.join(60)  # waiting on the summarizer would take 600 s
+            assert done, "a request waited for the hung summarizer"
+            assert all(request_tokens(b, ENCODING) <= PROMPT_BUDGET for b in client_requests(upstream))
+            assert slow.chat_requests  # summaries were asked for, in the background
+
+
 def test_llm_tagger_adds_tags_in_the_background(tmp_path: Path, upstream: FakeUpstream) -> None:
     def responder(body: dict[str, Any]) -> str | None:
         if "importance tagger" in str(body["messages"][0].get("content")):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
 
 from proxy import tokens
@@ -119,6 +119,14 @@ class ContextManager:
         hint = (turn.session.extra.get("context") or {}).get("frontier")
         try:
             result = assemble(view, available, budget.prompt, policy, overhead=overhead, encoding=encoding, hint_seq=hint, ranked=ranked)
+            if policy.summaries and (result.missing or result.fold) and budget.kept_free:
+                # Room kept for the memory block must not make the request wait for summaries:
+                # if the whole budget needs none, use it, and the memory block gets what is left.
+                whole = replace(budget, prompt=budget.prompt + budget.kept_free, kept_free=0)
+                policy_whole = policy_for(settings, whole.prompt)
+                retry = assemble(view, available, whole.prompt, policy_whole, overhead=overhead, encoding=encoding, hint_seq=hint, ranked=ranked)
+                if not (retry.missing or retry.fold):
+                    budget, policy, result = replace(whole, kept_free=min(budget.kept_free, whole.prompt - retry.tokens)), policy_whole, retry
             if policy.summaries and (result.missing or result.fold):
                 # Nothing fits without summaries that do not exist yet: wait for them (bounded).
                 available = await self._fill(_ref(turn), view, available, result, settings, budget)
