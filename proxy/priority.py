@@ -12,6 +12,7 @@ requests background work still advances.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from typing import Iterator
@@ -53,3 +54,13 @@ class ForegroundGate:
 
 
 requests = ForegroundGate()  # one per process: the cores are shared by every tenant
+
+
+def background_thread() -> None:
+    """Lower the calling thread's scheduling priority to nice 19 (a ThreadPoolExecutor
+    ``initializer`` for background workers). On Linux the nice value is per thread; elsewhere,
+    or where it is not allowed, this does nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass

@@ -39,3 +39,42 @@ def test_no_wait_without_requests_and_never_past_max_pause() -> None:
             started = time.monotonic()
             gate.pause_for_requests()
             assert 0.05 < time.monotonic() - started < 0.5
+
+
+def test_background_threads_run_at_the_lowest_priority_and_requests_do_not() -> None:
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from proxy.priority import background_thread
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = nice()
+    with ThreadPoolExecutor(max_workers=1, initializer=background_thread) as pool:
+        assert pool.submit(nice).result() == 19
+    assert nice() == mine  # per thread: the event loop's thread keeps its priority
+
+
+async def test_the_indexing_batcher_embeds_on_a_lowered_priority_thread() -> None:
+    import os
+
+    import numpy as np
+
+    from proxy.memory.embedder import EmbeddingBatcher
+    from proxy.priority import background_thread
+
+    seen = []
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    class Probe:
+        dim, name = 2, "probe"
+
+        def embed(self, texts):
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return np.ones((len(texts), 2), dtype=np.float32) / np.sqrt(2)
+
+    async with EmbeddingBatcher(Probe(), worker_initializer=background_thread) as index, EmbeddingBatcher(Probe()) as query:
+        await index.embed("indexed in the background")
+        await query.embed("a request's query")
+    assert seen == [19, base]

@@ -431,7 +431,10 @@ class EmbeddingBatcher:
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         background: Callable[[], None] | None = None,
+        worker_initializer: Callable[[], None] | None = None,
     ) -> None:
+        """``background``: called between units of work (see above); ``worker_initializer``: run
+        once on the worker thread when it starts (e.g. proxy.priority.background_thread)."""
         self.embedder = embedder
         # Background batchers (indexing) pass this to a pausable embedder, which calls it
         # between layers: e.g. proxy.priority.requests.pause_for_requests.
@@ -439,7 +442,7 @@ class EmbeddingBatcher:
         self.dim = int(embedder.dim)
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder", initializer=worker_initializer)
         self._queue: deque[tuple[str, asyncio.Future[np.ndarray]]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = False

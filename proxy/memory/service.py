@@ -107,7 +107,8 @@ class _Embedder:
     def set(self, embedder: Any) -> None:
         self.dim = int(embedder.dim)
         self.query = EmbeddingBatcher(embedder, max_batch=16)
-        self.index = EmbeddingBatcher(embedder, max_batch=_EMBED_CHUNK, background=priority.requests.pause_for_requests)
+        self.index = EmbeddingBatcher(embedder, max_batch=_EMBED_CHUNK, background=priority.requests.pause_for_requests,
+                                      worker_initializer=priority.background_thread)
         self.error = None
         self.ready.set()
 
@@ -138,7 +139,7 @@ class MemoryService:
         self._dirty: set[str] = set()
         self._opening: set[str] = set()  # tenants whose saved index is not opened yet
         self._reembedding: set[str] = set()  # ids queued for a vector they are missing
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index", initializer=priority.background_thread)
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
