@@ -140,3 +140,14 @@ def test_a_large_group_drops_its_exact_copies_once_indexed_and_is_still_searched
     mem.remove("m7")
     assert 7 not in mem.mirror and mem.mirror.size([mem.user_code("alice")]) == 66
     assert mem.dense(vectors[7], scope, mem.admit(scope), 5)[0].tolist()[:4] == exact[0].tolist()[1:5]
+
+
+def test_key_slots_map_near_and_far_keys_and_forget_removed_ones() -> None:
+    from proxy.memory.tenant import _KeySlots
+
+    mapping = _KeySlots()
+    mapping[5], mapping[2**40], mapping[0] = 50, 60, 70
+    assert len(mapping) == 3 and mapping.get(5) == 50 and 2**40 in mapping and 6 not in mapping
+    assert mapping.lookup(np.array([0, 5, 6, 2**40, 2**41], dtype=np.uint64)).tolist() == [70, 50, -1, 60, -1]
+    assert mapping.pop(5) == 50 and mapping.pop(5) is None and 5 not in mapping
+    assert sorted(mapping.values()) == [60, 70] and len(mapping) == 2

@@ -78,6 +78,64 @@ class _Columns:
         self.capacity = size
 
 
+class _KeySlots:
+    """usearch key -> slot, for live memories: an int32 array indexed by key (keys are handed
+    out in sequence), not a dict of 100k ints (6.4 MB). A key far beyond the others (a record
+    written elsewhere) goes to a dict instead of stretching the array."""
+
+    def __init__(self) -> None:
+        self._slots = np.full(0, -1, dtype=np.int32)
+        self._far: dict[int, int] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, key: int) -> bool:
+        return self.get(key) is not None
+
+    def get(self, key: int, default: int | None = None) -> int | None:
+        if 0 <= key < len(self._slots):
+            slot = int(self._slots[key])
+            return default if slot < 0 else slot
+        return self._far.get(key, default)
+
+    def __setitem__(self, key: int, slot: int) -> None:
+        self.pop(key)
+        if 0 <= key < max(1 << 20, 4 * self._count):
+            if key >= len(self._slots):
+                size = min(max(key + 1, 2 * len(self._slots), 1024), max(1 << 20, 4 * self._count))
+                self._slots = np.concatenate([self._slots, np.full(size - len(self._slots), -1, dtype=np.int32)])
+            self._slots[key] = slot
+        else:
+            self._far[key] = slot
+        self._count += 1
+
+    def pop(self, key: int, default: int | None = None) -> int | None:
+        slot = self.get(key)
+        if slot is None:
+            return default
+        if 0 <= key < len(self._slots):
+            self._slots[key] = -1
+        else:
+            del self._far[key]
+        self._count -= 1
+        return slot
+
+    def values(self) -> list[int]:
+        return self._slots[self._slots >= 0].tolist() + list(self._far.values())
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Slots of ``keys`` (-1 for a key without a live memory), vectorised."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        near = keys < len(self._slots)
+        found = np.full(len(keys), -1, dtype=np.int64)
+        found[near] = self._slots[keys[near].astype(np.int64)]
+        for i in np.flatnonzero(~near).tolist():
+            found[i] = self._far.get(int(keys[i]), -1)
+        return found
+
+
 class _Where:
     """slot -> (session id, type), read from the columns: a tuple per memory cost 6 MB at 100k."""
 
@@ -103,7 +161,7 @@ class TenantMemory:
         self.hnsw_ready = False  # the index holds every vector (loaded or rebuilt)
         self.ids: list[str | None] = []
         self.id_slot: dict[str, int] = {}
-        self.key_slot: dict[int, int] = {}
+        self.key_slot = _KeySlots()
         self.where = _Where(self)  # slot -> (session id, type)
         self._users: dict[str, int] = {}
         self._sessions: dict[tuple[str, float | None], int] = {}
@@ -339,7 +397,7 @@ class TenantMemory:
         count = min(total, max(limit * 2, int(limit / fraction * 1.5)))
         while True:
             keys, sims = self.vectors.search(query, count)
-            slots = np.fromiter((self.key_slot.get(int(k), -1) for k in keys), dtype=np.int64, count=len(keys))
+            slots = self.key_slot.lookup(keys)
             keep = slots >= 0
             slots, sims = slots[keep], sims[keep]
             if len(slots):
