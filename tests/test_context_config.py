@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy import tokens
 from proxy.config import ConfigError, load_config
@@ -127,6 +129,44 @@ def test_lexical_retrieval_ranks_the_relevant_turn_first() -> None:
         Candidate(3, 3, "Lunch was pasta."),
     ]
     assert rank_lexical("when does the password rotation happen?", candidates, 2) == [1]
+
+
+_VOCABULARY = ["password", "rotation", "database", "oslo", "weather", "pasta", "lunch", "deploy", "friday", "budget", "the", "and"]
+
+
+def _rank_model(query: str, candidates: list[Candidate], limit: int, k1: float = 1.2) -> list[int]:
+    """BM25 with binary tf, one candidate at a time in plain Python: what rank_lexical computes."""
+    import math
+
+    from proxy.context.retrieval import terms
+
+    wanted = terms(query)
+    docs = [terms(c.text) for c in candidates]
+    df = {t: sum(t in d for d in docs) for t in wanted}
+    scored = []
+    for position, doc in enumerate(docs):
+        common = sorted(doc & wanted, key=hash)
+        if common:
+            total = 0.0
+            for t in common:
+                total += math.log1p((len(docs) - df[t] + 0.5) / (df[t] + 0.5))
+            scored.append((total * ((k1 + 1) / (1 + k1 * (1 + 0.5 * len(doc) / 40))), position))
+    scored.sort(key=lambda s: (-s[0], -s[1]))
+    return [position for _, position in scored[:limit]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from(_VOCABULARY), max_size=12), max_size=40),
+    st.lists(st.sampled_from(_VOCABULARY), max_size=8),
+    st.integers(min_value=0, max_value=10),
+)
+def test_lexical_ranking_matches_the_per_candidate_model(texts: list[list[str]], query: list[str], limit: int) -> None:
+    # A small vocabulary: many candidates share terms and tie, so ties must break the same way
+    # (the later candidate first).
+    candidates = [Candidate(i, i, " ".join(words)) for i, words in enumerate(texts)]
+    text = " ".join(query)
+    assert rank_lexical(text, candidates, limit) == _rank_model(text, candidates, limit)
 
 
 def test_room_kept_free_for_the_memory_block_is_at_most_a_quarter_of_the_prompt() -> None:

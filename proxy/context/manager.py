@@ -87,7 +87,7 @@ class ContextManager:
         self._summaries = _LRU(1024)  # (tenant, session) → (created_at, {key: Summary})
         self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
         self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
-        self._texts = _LRU(100_000)  # (tenant, session, created_at, first seq, last seq) → exchange text
+        self._texts = _LRU(32_768)  # (tenant, session, created_at, first seq, last seq) → exchange text (as many as retrieval.term_hashes caches)
         self._passes = _LRU(10_000)  # (tenant, session) → (created_at, next_seq when last summarized)
         self._limit: asyncio.Semaphore | None = None
         self._closed = False

@@ -8,10 +8,11 @@ default ``LexicalRetriever`` scores the session's own older messages with BM25 o
 from __future__ import annotations
 
 import functools
-import math
 import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
+
+import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +40,17 @@ _STOP = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=65536)
 def terms(text: str) -> frozenset[str]:
     return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP)
+
+
+@functools.lru_cache(maxsize=32768)
+def term_hashes(text: str) -> np.ndarray:
+    """The text's terms as sorted 64-bit hashes (cached per exchange text): 8 bytes a term
+    instead of a str in a frozenset (~100), and a whole session's candidates compare against
+    the query in a few numpy calls. Sorted, so equal term sets sum their weights in one order
+    and tie exactly."""
+    return np.sort(np.fromiter(map(hash, terms(text)), dtype=np.int64))
 
 
 class LexicalRetriever:
@@ -54,24 +63,25 @@ class LexicalRetriever:
 
 
 def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: float = 1.2) -> list[int]:
+    """Positions of the best ``limit`` candidates for ``query``, best first (ties: the later
+    one). Binary term frequency with length normalisation: short, on-topic turns win."""
     wanted = terms(query)
     if not wanted or not candidates or limit <= 0:
         return []
-    matches: list[tuple[int, frozenset[str], int]] = []  # (position, query terms it holds, its size)
-    df: dict[str, int] = {}
-    for position, candidate in enumerate(candidates):
-        doc = terms(candidate.text)
-        common = doc & wanted
-        if common:
-            matches.append((position, common, len(doc)))
-            for term in common:
-                df[term] = df.get(term, 0) + 1
+    docs = [term_hashes(candidate.text) for candidate in candidates]
+    sizes = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    flat = np.concatenate(docs)
+    query = np.sort(np.fromiter(map(hash, wanted), dtype=np.int64, count=len(wanted)))
+    term = np.minimum(np.searchsorted(query, flat), len(query) - 1)  # the query term it could be
+    hit = query[term] == flat
+    if not hit.any():
+        return []
+    owner, term = np.repeat(np.arange(len(docs)), sizes)[hit], term[hit]
     total = len(candidates)
-    idf = {t: math.log(1 + (total - n + 0.5) / (n + 0.5)) for t, n in df.items()}
-    scored = []
-    for position, common, size in matches:
-        # Binary term frequency with length normalisation: short, on-topic turns win.
-        norm = 1 + 0.5 * size / 40
-        scored.append((sum(idf[t] for t in common) * (k1 + 1) / (1 + k1 * norm), position))
-    scored.sort(key=lambda s: (-s[0], -s[1]))
-    return [position for _, position in scored[:limit]]
+    df = np.bincount(term, minlength=len(query))
+    idf = np.log1p((total - df + 0.5) / (df + 0.5))
+    score = np.bincount(owner, weights=idf[term], minlength=total)
+    score *= (k1 + 1) / (1 + k1 * (1 + 0.5 * sizes / 40))
+    matched = np.unique(owner)
+    order = np.lexsort((-matched, -score[matched]))  # score, then the later position, descending
+    return matched[order[:limit]].tolist()
