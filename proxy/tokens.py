@@ -102,6 +102,20 @@ def count_text(text: str, encoding_name: str = DEFAULT_ENCODING) -> int:
     return len(encoding.encode(text, disallowed_special=()))
 
 
+def count_recurring(text: str, encoding_name: str = DEFAULT_ENCODING) -> int:
+    """``count_text`` for texts that come back request after request (a recalled memory's line,
+    a fixed header): cached once the tokenizer is loaded, never the estimate."""
+    encoding = _encoding(encoding_name)
+    if encoding is None or encoding is _ESTIMATE:
+        return count_text(text, encoding_name)
+    return _count_cached(text, encoding_name)
+
+
+@functools.lru_cache(maxsize=8192)
+def _count_cached(text: str, encoding_name: str) -> int:
+    return count_text(text, encoding_name)
+
+
 def count_message(body: dict[str, Any], encoding_name: str = DEFAULT_ENCODING) -> int:
     """Tokens one chat message costs in a prompt (content, tool calls and framing)."""
     content = body.get("content")

@@ -268,7 +268,7 @@ class MemoryService:
                 turn.headers["X-Memory-Degraded"] = degraded
         if not memories and not recall.procedural:
             return
-        block, kept = inject.render(memories, recall.procedural, recall.room)
+        block, kept, tokens = inject.render(memories, recall.procedural, recall.room)
         if not block:
             return
         turn.body = inject.inject(turn.body, block)
@@ -279,7 +279,7 @@ class MemoryService:
         if kept:
             counters["injected_requests"] += 1
             counters["memories_injected"] += len(kept)
-        counters["tokens_injected"] += (tokens := _count(block))
+        counters["tokens_injected"] += tokens
         turn.headers["X-Memory-Tokens"] = str(tokens)
 
     async def recall(self, turn: Any) -> None:
@@ -1048,9 +1048,3 @@ def _query_text(messages: list[Any]) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             return message_text(message)
     return ""
-
-
-def _count(text: str) -> int:
-    from proxy import tokens
-
-    return tokens.count_text(text)
