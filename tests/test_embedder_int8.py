@@ -108,3 +108,20 @@ def test_thread_safety(model: QuantizedMiniLM, reference: dict) -> None:
         results = list(pool.map(lambda t: model.embed([t])[0], jobs))
     for t, v in zip(jobs, results):
         np.testing.assert_array_equal(v, expected[t])
+
+
+def test_the_embedder_works_whichever_loads_first_index_or_embedder() -> None:
+    # The proxy loads a tenant's vector index and the embedder on two threads, in no set order.
+    # onnxruntime breaks when loaded after usearch (proxy.memory.vectors guards the order):
+    # each order runs in a fresh interpreter, as a proxy would start.
+    import subprocess
+    import sys
+
+    index_first = ("from proxy.memory.vectors import VectorIndex; VectorIndex(8, 'i8'); "
+                   "from proxy.memory.minilm_int8 import QuantizedMiniLM; v = QuantizedMiniLM().embed(['hello world'])")
+    embedder_first = ("from proxy.memory.minilm_int8 import QuantizedMiniLM; v = QuantizedMiniLM().embed(['hello world']); "
+                      "from proxy.memory.vectors import VectorIndex; VectorIndex(8, 'i8')")
+    for code in (index_first, embedder_first):
+        done = subprocess.run([sys.executable, "-c", code + "; print(round(float(v[0] @ v[0]), 3))"],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+        assert done.returncode == 0 and done.stdout.strip() == "1.0", (code, done.returncode, done.stderr[-800:])

@@ -58,11 +58,11 @@ class QuantizedMiniLM(MiniLM):
     def _forward(self, batch: list[list[int]], between_layers: Callable[[], None] | None = None) -> np.ndarray:
         if between_layers is not None:
             between_layers()
-        ids, mask = self._pad(batch)
+        ids = np.array(batch, dtype=np.int64)  # one text (max_batch = 1): nothing to pad or mask
         x = self._word[ids]
         x += self._pos[: ids.shape[1]]
         x += self._type0
-        (out,) = self._session.run(None, {"embeddings": x, "mask": mask.astype(_F32)})  # no padding: all ones
+        (out,) = self._session.run(None, {"embeddings": x})
         return out
 
 
@@ -76,8 +76,8 @@ def _quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _build_graph(w: MiniLMWeights, n_heads: int, eps: float) -> bytes:
     """The encoder (after the embedding lookup) and the pooling, as a serialized ONNX model:
-    inputs ``embeddings`` (B, T, H) float32 and ``mask`` (B, T) float32 (1 = real token);
-    output ``embedding`` (B, H), L2-normalised."""
+    input ``embeddings`` (B, T, H) float32 of unpadded texts (every token is real: the engine
+    runs one text at a time); output ``embedding`` (B, H), L2-normalised."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -107,9 +107,7 @@ def _build_graph(w: MiniLMWeights, n_heads: int, eps: float) -> bytes:
         return op("LayerNormalization", x, const(f"{name}.g", gamma), const(f"{name}.b", beta), axis=-1, epsilon=eps)
 
     x = layer_norm("embeddings", w.emb_ln_g, w.emb_ln_b, "emb_ln")
-    # Padded keys get a large negative score before the softmax: (B, 1, 1, T).
-    key_bias = op("Mul", op("Sub", const("one", np.array(1.0, _F32)), "mask"), const("masked", np.array(-1e9, _F32)))
-    key_bias = op("Unsqueeze", key_bias, const("axes_1_2", np.array([1, 2], np.int64)))
+    one = const("one", np.array(1.0, _F32))
     heads = const("shape_heads", np.array([0, 0, n_heads, head_dim], np.int64))
     merged = const("shape_merged", np.array([0, 0, hidden], np.int64))
     scale = const("attention_scale", np.array(1.0 / math.sqrt(head_dim), _F32))
@@ -120,21 +118,18 @@ def _build_graph(w: MiniLMWeights, n_heads: int, eps: float) -> bytes:
         q = op("Transpose", op("Reshape", q, heads), perm=[0, 2, 1, 3])  # (B, nh, T, hd)
         k = op("Transpose", op("Reshape", k, heads), perm=[0, 2, 3, 1])  # (B, nh, hd, T)
         v = op("Transpose", op("Reshape", v, heads), perm=[0, 2, 1, 3])
-        probs = op("Softmax", op("Add", op("Mul", op("MatMul", q, k), scale), key_bias), axis=-1)
+        probs = op("Softmax", op("Mul", op("MatMul", q, k), scale), axis=-1)
         context = op("Reshape", op("Transpose", op("MatMul", probs, v), perm=[0, 2, 1, 3]), merged)
         x = layer_norm(op("Add", linear(context, np.asarray(L.w_o), np.asarray(L.b_o), f"l{i}.o"), x), L.ln1_g, L.ln1_b, f"l{i}.ln1")
         h = linear(x, np.asarray(L.w_in), np.asarray(L.b_in), f"l{i}.in")
-        gelu = op("Mul", op("Mul", h, half), op("Add", op("Erf", op("Div", h, root2)), "one"))  # exact GELU (ORT fuses it)
+        gelu = op("Mul", op("Mul", h, half), op("Add", op("Erf", op("Div", h, root2)), one))  # exact GELU (ORT fuses it)
         x = layer_norm(op("Add", linear(gelu, np.asarray(L.w_out), np.asarray(L.b_out), f"l{i}.out"), x), L.ln2_g, L.ln2_b, f"l{i}.ln2")
-    # Mean pooling over the real tokens, then L2 normalisation.
-    weights = op("Unsqueeze", "mask", const("axes_2", np.array([2], np.int64)))
-    summed = op("ReduceSum", op("Mul", x, weights), const("axes_1", np.array([1], np.int64)), keepdims=0)
-    counts = op("Max", op("ReduceSum", "mask", "axes_1", keepdims=1), const("tiny", np.array(1e-9, _F32)))
-    nodes.append(helper.make_node("LpNormalization", [op("Div", summed, counts)], ["embedding"], axis=-1, p=2))
+    # Mean pooling over the tokens (all real), then L2 normalisation.
+    pooled = op("ReduceMean", x, axes=[1], keepdims=0)  # opset 17: axes is an attribute
+    nodes.append(helper.make_node("LpNormalization", [pooled], ["embedding"], axis=-1, p=2))
     graph = helper.make_graph(
         nodes, "all-MiniLM-L6-v2-int8",
-        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", "tokens", hidden]),
-         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "tokens"])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", "tokens", hidden])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", hidden])],
         initializers,
     )

@@ -32,11 +32,28 @@ class IndexFileError(Exception):
     """The saved index file is missing, corrupt or does not fit the tenant's settings."""
 
 
+def _usearch_index() -> type:
+    """usearch's Index class, with ONNX Runtime (the local embedder's engine) loaded first.
+
+    Loaded after usearch, onnxruntime breaks: 1.22 builds corrupt graphs ("Type parameter (T)
+    of Optype (Mul) bound to different types"), 1.23 and later crash the process in libstdc++
+    at import. The proxy loads its index and its embedder on two threads in no set order, so
+    the one module that imports usearch imports onnxruntime before it (tests/test_embedder_int8.py).
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:  # not installed: nothing to protect
+        pass
+    from usearch.index import Index
+
+    return Index
+
+
 class VectorIndex:
     """A cosine HNSW index over unit vectors, keyed by uint64."""
 
     def __init__(self, dim: int, dtype: str = "f16", *, connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 96) -> None:
-        from usearch.index import Index
+        Index = _usearch_index()
 
         if dtype not in DTYPES:
             raise ValueError(f"index dtype must be one of {DTYPES}")
