@@ -152,6 +152,31 @@ def test_index_is_rebuilt_from_lmdb_when_the_file_is_missing_or_corrupt(config_p
     assert index_file.stat().st_size > 300  # saved again, whole
 
 
+def test_an_index_saved_with_another_dtype_is_rebuilt_once_in_the_current_one(config_path: Path, through_hnsw: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An index file from a release that saved f16 is refused by the i8 release (never misread),
+    # rebuilt from LMDB once, and saved again as i8.
+    from proxy.memory import service as service_module
+
+    monkeypatch.setattr(service_module, "INDEX_DTYPE", "f16")
+    with _start(config_path) as proxy:
+        _add_facts(proxy, FACTS)
+        drain(proxy)
+        before = _alive_keys(proxy)
+        assert memory_stats(proxy)["index"]["dtype"] == "f16"
+    assert _manifest(config_path)["dtype"] == "f16"
+    monkeypatch.setattr(service_module, "INDEX_DTYPE", "i8")
+    with _start(config_path) as proxy:
+        drain(proxy)
+        assert _hnsw_keys(proxy) == before
+        assert memory_stats(proxy)["counters"]["index_rebuilds"] == 1
+        assert _search_top(proxy, "When does the on-call rotation change?") == FACTS[1]
+    assert _manifest(config_path)["dtype"] == "i8"
+    with _start(config_path) as proxy:  # and from then on it loads
+        drain(proxy)
+        assert memory_stats(proxy)["counters"].get("index_rebuilds", 0) == 0
+        assert _search_top(proxy, "Who approves large invoices?") == FACTS[3]
+
+
 def _manifest(config_path: Path, value: dict | None = None) -> dict | None:
     """Read (or overwrite) the index manifest in LMDB while the proxy is stopped."""
     from proxy.storage.base import Record

@@ -47,7 +47,7 @@ log = logging.getLogger("agent_state_proxy.memory")
 
 MANIFEST_KIND, MANIFEST_KEY = "memory_index", "manifest"  # tenant-wide: what the index file holds
 MARK_KIND, MARK_KEY = "memory_mark", "next"  # session-scoped: messages below this seq were indexed
-INDEX_DTYPE = "f16"
+INDEX_DTYPE = "i8"
 MAX_TEXT = 8000
 _QUEUE_MAX = 100_000
 _EMBED_CHUNK = 16
@@ -833,7 +833,7 @@ class MemoryService:
         index = None
         if manifest.get("digest") and manifest.get("model") == self._model_name(tenant) and manifest.get("dim") == mem.mirror.dim:
             try:
-                index = await loop.run_in_executor(self._executor, VectorIndex.load, path, manifest["digest"], mem.mirror.dim, manifest.get("dtype", INDEX_DTYPE))
+                index = await loop.run_in_executor(self._executor, VectorIndex.load, path, manifest["digest"], mem.mirror.dim, INDEX_DTYPE)
             except IndexFileError as exc:
                 log.warning("memory: index of tenant %s unusable (%s); rebuilding from LMDB", tenant, exc)
                 self.counters[tenant]["index_rebuilds"] += 1
@@ -876,7 +876,7 @@ class MemoryService:
             if not chunk:
                 continue
             keys = mem.cols.ukey[chunk].astype(np.uint64)
-            vectors = np.stack([mem.mirror.vector(s) for s in chunk])
+            vectors = mem.mirror.vectors(np.array(chunk, dtype=np.int64))  # released ones in one read of the index
             await loop.run_in_executor(self._executor, index.add, keys, vectors)
         # Vectors added or removed while we built are applied by the ops queued behind us;
         # removals that happened meanwhile are settled here.
