@@ -1,0 +1,150 @@
+"""A quick look at full mode: one seeded proxy, JSON requests at concurrency 1.
+
+    python bench/full_probe.py --requests 300 [--rounds 3] [--workdir DIR]
+
+Seeds a store the way bench/run.py's `full` target is seeded (bench/seed_full.py: 100k memories
+of the benchmark user, 500-turn sessions; built once under --workdir and copied per round),
+starts the fake upstream and the proxy on it, waits for its HNSW index, then sends --requests
+JSON requests at concurrency 1 from the benchmark's window client (the tail of a stored session,
+rotating over 2 client streams' sessions). Prints per round the absolute latency percentiles,
+the proxy's CPU per request, its anonymous RSS, and its memory counters (recalls over budget,
+degradations, episodic messages indexed during the round).
+
+For before/after checks of one change in a minute, not a substitute for bench/run.py (no
+interleaving with other targets, no direct baseline: compare runs made back to back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import aiohttp  # noqa: E402
+
+import run as bench  # noqa: E402
+from seed_full import seed, session_ids  # noqa: E402
+from workload import BENCH_USER, WindowConversation  # noqa: E402
+
+RUN_ID = "probe"
+TURNS = 500
+
+
+def _status_mb(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+
+
+def _wait_ready(proxy: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proxy.poll() is not None:
+            raise SystemExit(f"the proxy exited:\n{log.read_text()[-3000:]}")
+        try:
+            stats = bench.http_json(f"{url}/admin/memory", {}, timeout=10)
+            index = stats.get("index") or {}
+            if stats.get("ready") and index.get("hnsw_ready") and index.get("hnsw_entries", 0) > 0:
+                return time.monotonic() - started
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the proxy's memory was not ready in time")
+
+
+async def _drive(url: str, requests: int, sessions: list[str]) -> list[float]:
+    conversations = [WindowConversation(session, TURNS) for session in sessions]
+    latencies = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(requests):
+            conversation = conversations[i % len(conversations)]
+            session, body, text = conversation.next_request(False)
+            started = time.perf_counter()
+            async with http.post(f"{url}/v1/chat/completions", data=body, headers={
+                    "Content-Type": "application/json", "X-Session-ID": session, "X-User-ID": BENCH_USER}) as response:
+                raw = await response.read()
+                if response.status != 200:
+                    raise SystemExit(f"HTTP {response.status}: {raw[:300]!r}")
+            latencies.append((time.perf_counter() - started) * 1000)
+            conversation.record_reply(text, "echo: " + text)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--memories", type=int, default=100_000)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asp-full-probe")
+    parser.add_argument("--port", type=int, default=18902)
+    args = parser.parse_args()
+
+    work: Path = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    upstream_port = args.port - 1
+    upstream_url, url = f"http://127.0.0.1:{upstream_port}/v1", f"http://127.0.0.1:{args.port}"
+    tenant, _ = bench.full_tenant(upstream_url)
+    sessions = [s for s in session_ids(RUN_ID, 2)]
+    template = work / f"template-{args.memories}"
+    if not template.exists():
+        config = bench.write_proxy_config(work / "seed-config", tenant, work / "seeding")
+        shutil.rmtree(work / "seeding", ignore_errors=True)
+        print("seeding:", seed(config, "bench", sessions, TURNS, args.memories), flush=True)
+        shutil.move(str(work / "seeding"), template)
+
+    log = work / "probe.log"
+    for round_number in range(1, args.rounds + 1):
+        data = work / "data"
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.copytree(template, data)
+        config = bench.write_proxy_config(work / "config", tenant, data)
+        upstream = _start([str(ROOT / "bench" / "upstream.py"), "--port", str(upstream_port)], log)
+        proxy = _start(["-m", "proxy", "serve", "--config", str(config), "--port", str(args.port)], log)
+        try:
+            ready = _wait_ready(proxy, url, log)
+            asyncio.run(_drive(url, 20, sessions))  # warm-up
+            before = bench.cpu_seconds(proxy.pid)
+            latencies = sorted(asyncio.run(_drive(url, args.requests, sessions)))
+            cpu_ms = (bench.cpu_seconds(proxy.pid) - before) / args.requests * 1000
+            stats = bench.http_json(f"{url}/admin/memory", {}, timeout=10)
+            n = len(latencies)
+            print(json.dumps({
+                "round": round_number, "ready_s": round(ready, 1), "requests": n,
+                "p50_ms": round(statistics.median(latencies), 2), "p90_ms": round(latencies[int(n * 0.9)], 2),
+                "p99_ms": round(latencies[min(n - 1, int(n * 0.99))], 2), "cpu_ms_per_request": round(cpu_ms, 2),
+                "anon_mb": _status_mb(proxy.pid, "RssAnon"), "hwm_mb": _status_mb(proxy.pid, "VmHWM"),
+                "memory_counters": stats.get("counters"), "recall_latency_ms": stats.get("recall_latency_ms"),
+            }), flush=True)
+        finally:
+            _stop(proxy)
+            _stop(upstream)
+
+
+if __name__ == "__main__":
+    main()
