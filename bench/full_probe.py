@@ -102,12 +102,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--memories", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asp-full-probe")
-    parser.add_argument("--port", type=int, default=18902)
+    parser.add_argument("--port", type=int, default=18902, help="the proxy's")
+    parser.add_argument("--upstream-port", type=int, default=18901, help="the fake upstream's")
     args = parser.parse_args()
 
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    upstream_port = args.port - 1
+    upstream_port = args.upstream_port
     upstream_url, url = f"http://127.0.0.1:{upstream_port}/v1", f"http://127.0.0.1:{args.port}"
     tenant, _ = bench.full_tenant(upstream_url)
     sessions = [s for s in session_ids(RUN_ID, 2)]
