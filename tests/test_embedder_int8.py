@@ -3,7 +3,6 @@ stored reference vectors and the exact numpy engine."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,21 +14,12 @@ from proxy.memory.embedder import Embedder, LocalMiniLM
 from proxy.memory.minilm_int8 import QuantizedMiniLM
 from proxy.memory.remote import LOCAL_ENGINES
 
-FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.json"
+from tests.test_embedder import _texts, reference  # noqa: F401 (the stored reference, a fixture)
 
 
 @pytest.fixture(scope="module")
 def model() -> QuantizedMiniLM:
     return QuantizedMiniLM()
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    return json.loads(FIXTURE.read_text(encoding="utf-8"))
-
-
-def _texts(reference: dict) -> list[str]:
-    return [item["text"] for item in reference["items"]]
 
 
 def test_protocol_and_engine_registry(model: QuantizedMiniLM) -> None:
