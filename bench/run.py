@@ -160,9 +160,23 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
+        "embedder": _embedder_versions(),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
         "commit": head_commit(),
     }
+
+
+def _embedder_versions() -> str:
+    """The full target's local embedder and the runtime it runs on."""
+    import importlib.metadata
+
+    from proxy.memory.remote import LOCAL_ENGINES
+
+    try:
+        runtime = f"onnxruntime {importlib.metadata.version('onnxruntime')}"
+    except importlib.metadata.PackageNotFoundError:
+        runtime = "onnxruntime not installed"
+    return f"{LOCAL_ENGINES['local'].name} ({runtime})"
 
 
 def head_commit() -> str:
@@ -1002,7 +1016,8 @@ def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
     w("## Machine\n")
     w(f"- {meta['nproc']} cores (`nproc`), CPU: {meta['cpu_model']} (from /proc/cpuinfo), {meta['memory_gb']} GB RAM, Linux {meta['kernel']}")
     w(f"- code: commit `{meta.get('commit', '?')}` plus the working tree at the time of the run")
-    w(f"- Python {meta['python']}, aiohttp {meta['aiohttp']}" + (f", LiteLLM proxy {meta['litellm']} (own virtualenv, uvicorn, 1 worker)" if meta.get("litellm") else ""))
+    w(f"- Python {meta['python']}, aiohttp {meta['aiohttp']}" + (f", LiteLLM proxy {meta['litellm']} (own virtualenv, uvicorn, 1 worker)" if meta.get("litellm") else "")
+      + (f"; full mode's local embedder {meta['embedder']}" if meta.get("embedder") else ""))
     w(f"- shared and noisy: load average {' '.join(meta['loadavg_start'])} at start, {' '.join(meta.get('loadavg_end', ['?']))} at end; "
       "the client, the fake upstream and the server under test share the 2 cores\n")
     w("## Added latency over direct, concurrency 1 (ms)\n")
@@ -1071,7 +1086,7 @@ def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
         sweep = summary[name]["sweep"]
         cells = []
         for c in levels:
-            p = sweep.get(c)
+            p = sweep.get(c) or sweep.get(str(c))  # keys are strings once the results went through JSON (--render)
             cells.append(f"{fmt(p['rps'], 0)} ({fmt(p['p50_ms'], 1)}/{fmt(p['p99_ms'], 1)})" + ("" if p["rounds"] == rounds else f" [{p['rounds']}r]") if p else "stopped")
         w(f"| {name} | " + " | ".join(cells) + " |")
     w(f"\n`stopped`: the target's sweep stopped after {SWEEP_STOP_AFTER} consecutive steps over the p99 limit "

@@ -48,6 +48,12 @@ def test_bench_quick_produces_numbers_for_every_target(tmp_path: Path) -> None:
     assert check["branches"] == 0 and check["turns"] > 0, check
     text = out.read_text()
     assert "Added latency over direct" in text and "Machine" in text
+    # The report rebuilt from the raw results (--render) is the one written by the run.
+    again = tmp_path / "again.md"
+    rendered = subprocess.run([sys.executable, "bench/run.py", "--render", str(raw), "--out", str(again)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert again.read_text() == text
 
 
 def test_full_probe_runs_a_seeded_proxy_and_reports(tmp_path: Path) -> None:
