@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -42,7 +43,20 @@ class Message:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Message:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        values = {name: data[name] for name in _MESSAGE_FIELDS if name in data}
+        # Decoded transcripts stay cached (storage/write_behind.py): one string per distinct
+        # role, model, tokenizer... instead of one per message (~275 bytes a message).
+        for name in _INTERNED:
+            if isinstance(value := values.get(name), str):
+                values[name] = sys.intern(value)
+        body = values.get("body")
+        if isinstance(body, dict) and isinstance(role := body.get("role"), str):
+            body["role"] = sys.intern(role)
+        return cls(**values)
+
+
+_MESSAGE_FIELDS = tuple(f.name for f in fields(Message))
+_INTERNED = ("role", "tokenizer", "model", "finish_reason", "outcome")
 
 
 @dataclass(slots=True)

@@ -223,3 +223,20 @@ async def test_write_behind_transcript_cache_is_bounded_by_messages_and_stays_ex
     assert [m.body["content"] for m in await behind.get_messages("t", "a")][-2:] == ["a5", "a6"]
     assert [m.body["content"] for m in await behind.get_messages("t", "c")][-2:] == ["c5", "c6"]
     await behind.close()
+
+
+def test_decoded_messages_share_their_repeated_strings() -> None:
+    import orjson
+
+    from proxy.records import Message
+
+    def decoded(seq: int) -> Message:
+        record = {"seq": seq, "parent": None, "chain": f"c{seq}", "role": "assistant", "ts": 1.0, "tokens": 3,
+                  "tokenizer": "o200k_base", "model": "openai/gpt-4o-mini", "finish_reason": "stop", "outcome": "ok",
+                  "body": {"role": "assistant", "content": f"reply {seq}"}}
+        return Message.from_dict(orjson.loads(orjson.dumps(record)))
+
+    a, b = decoded(1), decoded(2)
+    assert a.role is b.role and a.tokenizer is b.tokenizer and a.model is b.model and a.outcome is b.outcome
+    assert a.body["role"] is b.body["role"] and a.finish_reason is b.finish_reason
+    assert a.body["content"] == "reply 1" and b.seq == 2 and a == decoded(1)
