@@ -205,7 +205,7 @@ class MemoryService:
         """Start recalling for this request; None when there is nothing to recall.
 
         The query embedding starts now on the embedder's thread, so the caller can assemble the
-        context meanwhile (reserving ``Recall.reserve`` tokens for the memory block);
+        context meanwhile (keeping ``Recall.room`` tokens free for the memory block);
         ``finish_recall`` then searches and adds the memories to the system prompt.
         """
         name = turn.tenant.name
@@ -854,7 +854,7 @@ class MemoryService:
         if extra:
             await loop.run_in_executor(self._executor, index.remove, extra)
         if missing:
-            vectors = np.stack([mem.mirror.vector(wanted[k]) for k in missing])
+            vectors = mem.mirror.vectors(np.array([wanted[k] for k in missing], dtype=np.int64))
             await loop.run_in_executor(self._executor, index.add, np.array(missing, dtype=np.uint64), vectors)
         mem.vectors, mem.hnsw_ready = index, True
         if extra or missing:
