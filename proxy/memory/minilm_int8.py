@@ -45,8 +45,9 @@ class QuantizedMiniLM(MiniLM):
         # from 10 to 120 words).
         self.max_batch = 1
         weights = MiniLMWeights(self.model_dir, self.n_layers)
-        self._word, self._pos, self._type0 = weights.word, weights.pos, weights.type0
         graph = _build_graph(weights, self.n_heads, self.eps)
+        weights.layers = ()  # now in the graph, quantised: only the embedding lookup stays here
+        self._weights = weights
         options = ort.SessionOptions()
         # One thread per run: queries and indexing run on their own threads, and a sidecar must
         # not take every core of its host.
@@ -61,10 +62,7 @@ class QuantizedMiniLM(MiniLM):
         if between_layers is not None:
             between_layers()
         ids = np.array(batch, dtype=np.int64)  # one text (max_batch = 1): nothing to pad or mask
-        x = self._word[ids]
-        x += self._pos[: ids.shape[1]]
-        x += self._type0
-        (out,) = self._session.run(None, {"embeddings": x})
+        (out,) = self._session.run(None, {"embeddings": self._weights.embeddings(ids)})
         return out
 
 
