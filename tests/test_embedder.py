@@ -146,14 +146,18 @@ def test_semantics_sanity(model: LocalMiniLM) -> None:
     assert a @ b > a @ c + 0.2
 
 
-def test_thread_safety(model: LocalMiniLM, reference: dict) -> None:
-    texts = _texts(reference)[:10]
+def embedded_concurrently(model, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(vector from 4 threads at once, vector alone) for 24 jobs over ``texts``."""
     expected = {t: model.embed([t])[0] for t in texts}
     jobs = [texts[i % len(texts)] for i in range(24)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda t: model.embed([t])[0], jobs))
-    for t, v in zip(jobs, results):
-        np.testing.assert_allclose(v, expected[t], atol=2e-6, rtol=0)
+    return [(v, expected[t]) for t, v in zip(jobs, results)]
+
+
+def test_thread_safety(model: LocalMiniLM, reference: dict) -> None:
+    for got, alone in embedded_concurrently(model, _texts(reference)[:10]):
+        np.testing.assert_allclose(got, alone, atol=2e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- batcher

@@ -3,7 +3,6 @@ stored reference vectors and the exact numpy engine."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from proxy.memory.embedder import Embedder, LocalMiniLM
 from proxy.memory.minilm_int8 import QuantizedMiniLM
 from proxy.memory.remote import LOCAL_ENGINES
 
-from tests.test_embedder import _texts, reference  # noqa: F401 (the stored reference, a fixture)
+from tests.test_embedder import _texts, embedded_concurrently, reference  # noqa: F401 (reference: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +90,8 @@ def test_semantics_sanity(model: QuantizedMiniLM) -> None:
 
 
 def test_thread_safety(model: QuantizedMiniLM, reference: dict) -> None:
-    texts = _texts(reference)[:10]
-    expected = {t: model.embed([t])[0] for t in texts}
-    jobs = [texts[i % len(texts)] for i in range(24)]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda t: model.embed([t])[0], jobs))
-    for t, v in zip(jobs, results):
-        np.testing.assert_array_equal(v, expected[t])
+    for got, alone in embedded_concurrently(model, _texts(reference)[:10]):
+        np.testing.assert_array_equal(got, alone)
 
 
 def test_the_embedder_works_whichever_loads_first_index_or_embedder() -> None:
