@@ -212,3 +212,38 @@ def test_any_conversation_any_budget_integrity_holds(turns: int, tool_every: int
         return
     check_integrity(messages, result.messages)
     assert sent_tokens(result.messages) <= result.tokens <= budget
+
+
+def _unit_fields(view: View) -> list[tuple[Any, ...]]:
+    return [(u.start, u.end, u.tokens, u.chars, u.role, u.priority) for u in view.units]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    script=st.lists(st.tuples(st.integers(0, 12), st.lists(st.tuples(
+        st.sampled_from(["user", "assistant", "tool", "system"]), st.integers(1, 300), st.integers(0, 5000), st.booleans(),
+        st.sampled_from([(), ("decision",), ("fact", "preference")])), max_size=12)), min_size=1, max_size=6),
+    segment_turns=st.integers(1, 4),
+)
+def test_a_view_grown_from_the_previous_one_is_the_view_built_from_scratch(script: list[Any], segment_turns: int) -> None:
+    """Each step keeps all but up to ``drop`` items of the previous request (the same objects,
+    as the manager reuses them) and adds new ones; reusing the previous view's units and
+    segments must give exactly what building the view from nothing gives."""
+    items: list[Item] = []
+    previous: View | None = None
+    seq = 0
+    for drop, added in script:
+        kept = items[:max(0, len(items) - drop)]
+        fresh = []
+        for role, size, chars, stored, tags in added:
+            fresh.append(Item({"role": role, "content": "x"}, size, seq if stored else None, tags, chars))
+            seq += 1
+        items = kept + fresh
+        grown = build_view(items, segment_turns, PRIORITY, previous)
+        scratch = build_view(list(items), segment_turns, PRIORITY)
+        assert _unit_fields(grown) == _unit_fields(scratch)
+        assert grown.segments == scratch.segments
+        assert (grown.head, grown.tokens, grown.last_user, grown.suffix) == (scratch.head, scratch.tokens, scratch.last_user, scratch.suffix)
+        if previous is not None:  # the previous view is left as it was
+            assert _unit_fields(previous) == _unit_fields(build_view(list(previous.items), segment_turns, PRIORITY))
+        previous = grown

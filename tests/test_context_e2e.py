@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -263,3 +264,45 @@ def test_llm_tagger_adds_tags_in_the_background(tmp_path: Path, upstream: FakeUp
         wait_for_background(proxy)
         tags = proxy.call(proxy.app[keys.STORE].scan_records("local", "tags", "tags"))
     assert tags == [("0000000000", {"tags": ["decision"], "model": "summarizer"})]
+
+
+def test_reusing_the_previous_requests_view_changes_nothing_sent(tmp_path: Path, upstream: FakeUpstream, monkeypatch) -> None:
+    """The manager builds each request's view from the session's previous one (the Items and
+    units of the history both share). Through trimmed histories, tool calls, an edited early
+    turn (a branch) and sessions taking turns, what goes upstream is what a proxy without that cache
+    sends. Summaries and memory are off so that background timing cannot differ between the two."""
+    from proxy.context import manager
+
+    def run(cached_views: int, directory: Path) -> list[list[dict[str, Any]]]:
+        monkeypatch.setattr(manager, "_CACHED_VIEWS", cached_views)
+        before = len(client_requests(upstream))
+        spec = tenant(upstream, strategy=["window", "importance", "retrieval"], segment_turns=3)
+        spec["memory"] = {"enabled": False}  # its block would depend on when its index is ready
+        with start_thread(write_config(directory, {"local": spec})) as proxy:
+            converse(proxy, "first", 14, tool_every=4)
+            # An agent that keeps its whole history, then edits an early turn: a branch.
+            client, history, headers = sdk(proxy), [SYSTEM], {"X-Session-ID": "edited"}
+
+            def ask(text: str) -> None:
+                history.append({"role": "user", "content": text})
+                answer = client.chat.completions.create(model="fake-model", messages=history, extra_headers=headers)
+                history.append({"role": "assistant", "content": answer.choices[0].message.content})
+
+            for t in range(24):
+                ask(f"Turn {t}: what about item {t}, priced {t * 5} dollars, delivered on day {t + 2} to warehouse {t % 3}?")
+            # It rewrites turn 6 and resends everything after it: the branch forks far back.
+            history[1 + 2 * 6] = {"role": "user", "content": "Turn 6, edited: what about the zeppelin hangar instead?"}
+            for t in range(24, 30):  # the first asks about the edited turn: retrieval should find it
+                ask("So the zeppelin hangar: which one, again?" if t == 24 else f"Turn {t}: what about item {t}, priced {t * 5} dollars?")
+            converse(proxy, "second", 6)
+            converse(proxy, "first", 3)
+        sent = json.dumps([b["messages"] for b in client_requests(upstream)[before:]])
+        ids: dict[str, str] = {}  # the fake numbers tool calls across runs: number them per run
+        return json.loads(re.sub(r"call_fake_\d+_\d+", lambda m: ids.setdefault(m.group(0), f"call_{len(ids)}"), sent))
+
+    cached, uncached = run(64, tmp_path / "cached"), run(0, tmp_path / "uncached")
+    assert len(cached) == len(uncached) == 14 + 3 + 24 + 6 + 6 + 3  # 3 tool calls
+    branch = cached[17 + 24:17 + 30]
+    assert all(len(m) < 49 for m in branch)  # the budget shaped the branch's requests
+    assert any("zeppelin hangar instead" in str(m.get("content")) for m in branch[0][:-1])  # retrieved: the edited text
+    assert cached == uncached

@@ -23,7 +23,7 @@ from proxy.context.budget import Budget, budget_for, request_overhead
 from proxy.context.retrieval import Candidate, LexicalRetriever, Retriever
 from proxy.context.settings import ContextSettings
 from proxy.context.summaries import Summary
-from proxy.context.units import Item, Segment, View, build_view, text_of
+from proxy.context.units import Item, Segment, View, build_view, shared_prefix, text_of
 from proxy.errors import BadRequest, ProxyError
 from proxy.records import Message
 from proxy.storage.base import Record, Store
@@ -40,6 +40,16 @@ TAGS_KIND = "tags"
 _HOT_LLM_SEGMENTS = 4  # a request waits for the summarizer on at most this many segments
 _RETRIEVE_LIMIT = 16
 _CONCURRENT_SUMMARIES = 4  # summarizer calls in flight per process
+_CACHED_VIEWS = 64  # sessions whose latest context view is kept for the next request
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedView:
+    """A session's latest view and the stored message of each of its items (None: not stored)."""
+
+    view: View
+    stored: list[Message | None]
+    exchanges: list[tuple[int, int, Candidate]]  # see ContextManager._rank
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,9 @@ class ContextManager:
         self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
         self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
         self._texts = _LRU(32_768)  # (tenant, session, created_at, first seq, last seq) → exchange text (as many as retrieval.term_hashes caches)
+        # (tenant, session, created_at, encoding, segment turns, importance) → the view of its
+        # latest request: ~0.2 MB for a 1,000-message session, so only the most recent sessions.
+        self._views = _LRU(_CACHED_VIEWS)
         self._passes = _LRU(10_000)  # (tenant, session) → (created_at, next_seq when last summarized)
         self._limit: asyncio.Semaphore | None = None
         self._closed = False
@@ -107,14 +120,24 @@ class ContextManager:
         encoding = budget.encoding
         overhead = request_overhead(body, encoding)
         llm_tags = await self._llm_tags(turn) if settings.tagger_model else None
-        items = self._items(turn, body.get("messages") or [], encoding, llm_tags)
+        # The previous request's view of this session: its items and units are reused where
+        # this request repeats them (the whole stored history, in a long session).
+        cache_key = (turn.tenant.name, turn.ref.id, turn.session.created_at, encoding, settings.segment_turns, settings.uses("importance"))
+        previous = self._views.get_fresh(cache_key) if llm_tags is None else None
+        items, stored = self._items(turn, body.get("messages") or [], encoding, llm_tags, previous)
         full = overhead + sum(i.tokens for i in items)
         if full <= budget.prompt:
             self._account(turn, budget, Assembly([], full, full))
             return budget.kept_free
-        view = build_view(items, settings.segment_turns, importance.PRIORITY if settings.uses("importance") else None)
+        view = build_view(items, settings.segment_turns, importance.PRIORITY if settings.uses("importance") else None,
+                          previous.view if previous is not None else None)
         available = await self._available(turn) if settings.uses("summaries") else {}
-        ranked = await self._rank(turn, view, settings) if settings.uses("retrieval") and settings.retrieval_share else ()
+        ranked: Sequence[int] = ()
+        exchanges: list[tuple[int, int, Candidate]] = []
+        if settings.uses("retrieval") and settings.retrieval_share:
+            ranked, exchanges = await self._rank(turn, view, settings, previous)
+        if llm_tags is None:
+            self._views.put(cache_key, _CachedView(view, stored, exchanges))
         policy = policy_for(settings, budget.prompt)
         hint = (turn.session.extra.get("context") or {}).get("frontier")
         try:
@@ -137,11 +160,17 @@ class ContextManager:
         self._account(turn, budget, result)
         return budget.kept_free
 
-    def _items(self, turn: Turn, messages: list[dict[str, Any]], encoding: str, llm_tags: dict[int, list[str]] | None) -> list[Item]:
-        """The request's messages with token counts and tags, taken from the stored messages they match."""
+    def _items(self, turn: Turn, messages: list[dict[str, Any]], encoding: str, llm_tags: dict[int, list[str]] | None,
+               previous: _CachedView | None = None) -> tuple[list[Item], list[Message | None]]:
+        """The request's messages with token counts and tags, taken from the stored messages they
+        match, and those stored messages (None for a message not stored yet). The Item of
+        ``previous`` (the view of the session's previous request) is reused where the same
+        stored message and body come back at the same place."""
         plan = turn.plan
         path = active_path(turn.stored, plan.parent.seq) if plan.parent is not None else []
         items: list[Item] = []
+        stored_of: list[Message | None] = []
+        old_items, old_stored = (previous.view.items, previous.stored) if previous is not None else ((), ())
         j = 0
         for body in messages:
             stored: Message | None = None
@@ -155,14 +184,22 @@ class ContextManager:
                     j += 1  # the client sent its own system prompt instead of the stored one
                     continue
                 break
-            if stored is not None:
+            i = len(items)
+            if stored is not None and i < len(old_items) and old_stored[i] is stored and (
+                    (reused := old_items[i]).body is body or reused.body == body):
+                # The client resends its system prompt and recent turns as new objects: the Item
+                # now carries this request's (the previous view is not used again).
+                reused.body = body
+                items.append(reused)
+            elif stored is not None:
                 tags = tuple(stored.tags or ())
                 if llm_tags and stored.seq in llm_tags:
                     tags = tuple(dict.fromkeys(tags + tuple(llm_tags[stored.seq])))
                 items.append(Item(body, self._stored_tokens(stored, encoding), stored.seq, tags, _chars(body)))
             else:
                 items.append(Item(body, self._fresh_tokens(body, encoding), None, tuple(importance.tag_message(body) or ()), _chars(body)))
-        return items
+            stored_of.append(stored)
+        return items, stored_of
 
     def _stored_tokens(self, message: Message, encoding: str) -> int:
         if message.tokens and getattr(message, "tokenizer", None) == encoding:
@@ -182,15 +219,28 @@ class ContextManager:
             self._counts.put(key, count)
         return count
 
-    async def _rank(self, turn: Turn, view: View, settings: ContextSettings) -> list[int]:
+    async def _rank(self, turn: Turn, view: View, settings: ContextSettings, previous: _CachedView | None = None) -> tuple[list[int], list[tuple[int, int, Candidate]]]:
+        """The older units worth bringing back, best first, and the complete exchanges they were
+        chosen from as (first unit, next user unit, candidate): ``previous`` (the session's
+        previous view) lends the ones over units this view shares with it."""
         if view.last_user < 0:
-            return []
+            return [], []
         query = text_of(view.items[view.units[view.last_user].start].body)
         end = window_start(view, policy_for(settings, 1 << 40), 1 << 40)  # the window itself never needs retrieving
         # Candidates are exchanges: a user message and what followed it, up to the next one.
         units, items, limit = view.units, view.items, min(end, view.last_user)
-        candidates = []
-        for u in range(view.head, limit):
+        exchanges: list[tuple[int, int, Candidate]] = []
+        start = view.head
+        if previous is not None and previous.exchanges:
+            shared = shared_prefix(previous.view.units, units)
+            for exchange in previous.exchanges:
+                if exchange[1] >= shared or exchange[1] > limit:
+                    break
+                exchanges.append(exchange)
+            if exchanges:
+                start = exchanges[-1][1]
+        candidates = [exchange[2] for exchange in exchanges]
+        for u in range(start, limit):
             if units[u].role != "user":
                 continue
             v = u + 1
@@ -203,15 +253,18 @@ class ContextManager:
                 text = " ".join(text_of(i.body) for i in items[units[u].start:units[v - 1].end])
                 if key:
                     self._texts.put(key, text)
-            candidates.append(Candidate(u, first, text))
+            candidate = Candidate(u, first, text)
+            candidates.append(candidate)
+            if v < limit and key:  # ends where the next exchange begins, whatever the window: reusable
+                exchanges.append((u, v, candidate))
         if not candidates:
-            return []
+            return [], exchanges
         try:
             order = await self.retriever.rank(turn.tenant.name, turn.ref.id, query, candidates, _RETRIEVE_LIMIT)
         except Exception:  # a plugged-in retriever must never fail the request
             log.exception("retriever failed; continuing without retrieval")
-            return []
-        return [candidates[i].unit for i in order if 0 <= i < len(candidates)]
+            return [], exchanges
+        return [candidates[i].unit for i in order if 0 <= i < len(candidates)], exchanges
 
     def _account(self, turn: Turn, budget: Budget, result: Assembly) -> None:
         sent, full = result.tokens, result.full_tokens

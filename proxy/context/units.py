@@ -11,6 +11,8 @@ can be reused forever.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -93,10 +95,15 @@ def is_system(body: dict[str, Any]) -> bool:
     return body.get("role") in _SYSTEM_ROLES
 
 
-def build_units(items: Sequence[Item], priorities: dict[str, int] | None = None) -> list[Unit]:
-    """Group items into units: tool results stay with the assistant message that called them."""
-    units: list[Unit] = []
-    for index, item in enumerate(items):
+def build_units(items: Sequence[Item], priorities: dict[str, int] | None = None,
+                units: list[Unit] | None = None) -> list[Unit]:
+    """Group items into units: tool results stay with the assistant message that called them.
+
+    ``units``: those of a prefix of ``items`` already grouped (closed: see ``build_view``);
+    grouping goes on from where they end."""
+    units = [] if units is None else units
+    for index in range(units[-1].end if units else 0, len(items)):
+        item = items[index]
         role = item.body.get("role")
         if role in _RESULT_ROLES and units and units[-1].end == index:
             unit = units[-1]  # a tool result joins the call before it (or the preceding unit)
@@ -111,8 +118,25 @@ def build_units(items: Sequence[Item], priorities: dict[str, int] | None = None)
     return units
 
 
-def build_view(items: list[Item], segment_turns: int, priorities: dict[str, int] | None = None) -> View:
-    units = build_units(items, priorities)
+def build_view(items: list[Item], segment_turns: int, priorities: dict[str, int] | None = None,
+               previous: View | None = None) -> View:
+    """The view of ``items``. ``previous``: the view of an earlier request of the same
+    conversation, built with the same settings; its units and closed segments over the items
+    both requests share (the same Item objects, in the same places) are reused, so a long
+    session costs per request what its new messages do, not what its whole history does."""
+    units: list[Unit] = []
+    segments: list[Segment] = []
+    if previous is not None:
+        shared = shared_prefix(previous.items, items)
+        # A unit ending before the shared items do saw the same next item, so it is closed the
+        # same way: kept as is (never mutated again, since grouping resumes after it).
+        keep = 0
+        while keep < len(previous.units) and previous.units[keep].end < shared:
+            keep += 1
+        units = previous.units[:keep]
+        # A segment closes on the unit after it: it is the same if that unit is a kept one.
+        segments = [s for s in previous.segments if s.hi < keep]
+    units = build_units(items, priorities, units)
     head = 0
     while head < len(units) and units[head].role in _SYSTEM_ROLES:
         head += 1
@@ -121,22 +145,34 @@ def build_view(items: list[Item], segment_turns: int, priorities: dict[str, int]
         if units[u].role == "user":
             last_user = u
             break
-    suffix = [0] * (len(units) + 1)
-    for u in range(len(units) - 1, -1, -1):
-        suffix[u] = suffix[u + 1] + units[u].tokens
+    suffix = list(itertools.accumulate((u.tokens for u in reversed(units)), initial=0))
+    suffix.reverse()
     view = View(items, units, head, [], suffix[0], last_user, suffix)
-    view.segments = _segments(view, segment_turns)
+    view.segments = _segments(view, segment_turns, segments)
     return view
 
 
-def _segments(view: View, segment_turns: int) -> list[Segment]:
-    """Closed segments, greedily from the first non-system unit (see the module docstring)."""
+def shared_prefix(old: Sequence[Any], new: Sequence[Any]) -> int:
+    """How many leading elements ``old`` and ``new`` share (the same objects)."""
+    n = min(len(old), len(new))
+    if n and old[n - 1] is new[n - 1] and all(map(operator.is_, old[:n], new[:n])):
+        return n
+    shared = 0
+    while shared < n and old[shared] is new[shared]:
+        shared += 1
+    return shared
+
+
+def _segments(view: View, segment_turns: int, closed: list[Segment] | None = None) -> list[Segment]:
+    """Closed segments, greedily from the first non-system unit (see the module docstring);
+    ``closed``: the first ones, already known (``build_view``): the greedy pass resumes after
+    the last of them."""
     units, items = view.units, view.items
-    segments: list[Segment] = []
-    chain = b""
-    lo = view.head
+    segments: list[Segment] = list(closed or ())
+    chain = bytes.fromhex(segments[-1].session_key.rsplit(":", 1)[1]) if segments else b""
+    lo = segments[-1].hi if segments else view.head
     turns = chars = tokens = 0
-    for u in range(view.head, len(units)):
+    for u in range(lo, len(units)):
         unit = units[u]
         starts_turn = unit.role == "user"
         if u > lo and ((starts_turn and turns >= segment_turns) or chars >= SEGMENT_CHARS):
