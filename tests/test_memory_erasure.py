@@ -102,3 +102,39 @@ def test_rolled_back_turns_are_never_recalled(tmp_path: Path, upstream: FakeUpst
         assert "X9931" not in system_prompt(upstream.chat_requests[-1])
         _, headers = chat(proxy, "When do we fly to Lisbon?", user="alice", session="later2")
         assert "Lisbon on the 3rd" in system_prompt(upstream.chat_requests[-1])
+
+
+def test_a_session_deleted_while_its_memories_are_being_indexed_leaves_none_behind(tmp_path: Path, upstream: FakeUpstream, monkeypatch) -> None:
+    """Indexing makes a batch searchable a few memories at a time, yielding to requests in
+    between; a session erased in one of those pauses keeps none of the rest."""
+    import asyncio
+
+    from proxy.memory import service as service_module
+
+    monkeypatch.setattr(service_module, "_INSERT_SLICE", 1)
+    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory=MEMORY)})
+    with running(path) as proxy:
+        drain(proxy)
+        memory = proxy.app[keys.PIPELINE].memory
+        insert, erased = memory._insert, []
+
+        def insert_then_erase(tenant: str, memories: list) -> None:
+            insert(tenant, memories)
+            if memories and not erased:  # the admin API's deletion, in the first pause
+                async def delete() -> None:
+                    await proxy.app[keys.STORE].delete_session("local", "travel")
+                    await memory.forget_session("local", "travel")
+                erased.append(asyncio.get_running_loop().create_task(delete()))
+
+        monkeypatch.setattr(memory, "_insert", insert_then_erase)
+        earlier = [{"role": role, "content": f"Packing list item {i}: socks number {i}."}
+                   for i in range(12) for role in ("user", "assistant")]
+        chat(proxy, SECRET, user="alice", session="travel", history=earlier)  # 26 memories, one batch
+        drain(proxy)
+        async def erasure() -> None:
+            await erased[0]
+
+        proxy.call(erasure())
+        assert memory_stats(proxy)["index"]["memories"] == 0 and _stored(proxy, "travel") == []
+        _, headers = chat(proxy, ASK, user="alice", session="asking")
+        assert injected_ids(headers) == [] and "X9931" not in system_prompt(upstream.chat_requests[-1])
