@@ -1,12 +1,15 @@
 """A quick look at full mode: one seeded proxy, JSON requests at concurrency 1.
 
-    python bench/full_probe.py --requests 300 [--rounds 3] [--workdir DIR]
+    python bench/full_probe.py --requests 300 [--rounds 3] [--burst 600] [--workdir DIR]
 
 Seeds a store the way bench/run.py's `full` target is seeded (bench/seed_full.py: 100k memories
 of the benchmark user, 500-turn sessions; built once under --workdir and copied per round),
 starts the fake upstream and the proxy on it, waits for its HNSW index, then sends --requests
 JSON requests at concurrency 1 from the benchmark's window client (the tail of a stored session,
-rotating over 2 client streams' sessions). Prints per round the absolute latency percentiles,
+rotating over 2 client streams' sessions). With --burst N, the measured requests follow at once
+a burst of N requests sent concurrently (one client per seeded session), as bench/run.py's c=1
+steps follow its throughput sweeps: it shows what the indexing backlog left by a burst costs
+the next requests. Prints per round the absolute latency percentiles,
 the proxy's CPU per request, its anonymous RSS, and its memory counters (recalls over budget,
 degradations, episodic messages indexed during the round).
 
@@ -78,8 +81,8 @@ def _wait_ready(proxy: subprocess.Popen, url: str, log: Path, timeout: float = 6
     raise SystemExit("the proxy's memory was not ready in time")
 
 
-async def _drive(url: str, requests: int, sessions: list[str]) -> list[float]:
-    conversations = [WindowConversation(session, TURNS) for session in sessions]
+async def _drive(url: str, requests: int, conversations: list[WindowConversation]) -> list[float]:
+    """``requests`` requests one after the other, round-robin over ``conversations``."""
     latencies = []
     async with aiohttp.ClientSession() as http:
         for i in range(requests):
@@ -96,10 +99,17 @@ async def _drive(url: str, requests: int, sessions: list[str]) -> list[float]:
     return latencies
 
 
+async def _burst(url: str, requests: int, conversations: list[WindowConversation]) -> None:
+    """``requests`` requests spread over the conversations, all of them at once."""
+    share = max(1, requests // len(conversations))
+    await asyncio.gather(*(_drive(url, share, [conversation]) for conversation in conversations))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--burst", type=int, default=0, help="requests sent concurrently right before the measured ones")
     parser.add_argument("--memories", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asp-full-probe")
     parser.add_argument("--port", type=int, default=18902, help="the proxy's")
@@ -129,9 +139,12 @@ def main() -> None:
         proxy = _start(["-m", "proxy", "serve", "--config", str(config), "--port", str(args.port)], log)
         try:
             ready = _wait_ready(proxy, url, log)
-            asyncio.run(_drive(url, 20, sessions))  # warm-up
+            conversations = [WindowConversation(session, TURNS) for session in sessions]
+            asyncio.run(_drive(url, 20, conversations))  # warm-up
+            if args.burst:
+                asyncio.run(_burst(url, args.burst, conversations))
             before = bench.cpu_seconds(proxy.pid)
-            latencies = sorted(asyncio.run(_drive(url, args.requests, sessions)))
+            latencies = sorted(asyncio.run(_drive(url, args.requests, conversations)))
             cpu_ms = (bench.cpu_seconds(proxy.pid) - before) / args.requests * 1000
             stats = bench.http_json(f"{url}/admin/memory", {}, timeout=10)
             n = len(latencies)

@@ -60,11 +60,11 @@ def test_full_probe_runs_a_seeded_proxy_and_reports(tmp_path: Path) -> None:
     from tests.harness import free_port
 
     proc = subprocess.run(
-        [sys.executable, "bench/full_probe.py", "--requests", "10", "--memories", "500",
+        [sys.executable, "bench/full_probe.py", "--requests", "10", "--memories", "500", "--burst", "18",
          "--workdir", str(tmp_path), "--port", str(free_port()), "--upstream-port", str(free_port())],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["requests"] == 10 and 0 < report["p50_ms"] <= report["p99_ms"]
-    assert report["anon_mb"] > 0 and report["memory_counters"]["recalls"] == 30  # 20 warm-up + 10
+    assert report["anon_mb"] > 0 and report["memory_counters"]["recalls"] == 48  # 20 warm-up + 18 burst + 10
