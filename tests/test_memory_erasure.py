@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -106,7 +107,8 @@ def test_rolled_back_turns_are_never_recalled(tmp_path: Path, upstream: FakeUpst
 
 def test_a_session_deleted_while_its_memories_are_being_indexed_leaves_none_behind(tmp_path: Path, upstream: FakeUpstream, monkeypatch) -> None:
     """Indexing makes a batch searchable a few memories at a time, yielding to requests in
-    between; a session erased in one of those pauses keeps none of the rest."""
+    between; a session erased in one of those pauses keeps none of the rest. (The erasure is
+    made to complete within the first pause, so the test does not depend on timing.)"""
     import asyncio
 
     from proxy.memory import service as service_module
@@ -121,12 +123,24 @@ def test_a_session_deleted_while_its_memories_are_being_indexed_leaves_none_behi
         def insert_then_erase(tenant: str, memories: list) -> None:
             insert(tenant, memories)
             if memories and not erased:  # the admin API's deletion, in the first pause
-                async def delete() -> None:
-                    await proxy.app[keys.STORE].delete_session("local", "travel")
+                async def delete() -> None:  # as admin_delete_session does
+                    async with proxy.app[keys.PIPELINE].locks.hold("local", "travel", refuse_when_busy=False):
+                        assert await proxy.app[keys.STORE].delete_session("local", "travel")
                     await memory.forget_session("local", "travel")
                 erased.append(asyncio.get_running_loop().create_task(delete()))
 
+        class PauseUntilErased:  # the service's asyncio, whose pauses last until the erasure is done
+            def __getattr__(self, name: str) -> Any:
+                return getattr(asyncio, name)
+
+            @staticmethod
+            async def sleep(delay: float, result: Any = None) -> Any:
+                if erased and not erased[0].done():
+                    await asyncio.shield(erased[0])
+                return await asyncio.sleep(delay, result)
+
         monkeypatch.setattr(memory, "_insert", insert_then_erase)
+        monkeypatch.setattr(service_module, "asyncio", PauseUntilErased())
         earlier = [{"role": role, "content": f"Packing list item {i}: socks number {i}."}
                    for i in range(12) for role in ("user", "assistant")]
         chat(proxy, SECRET, user="alice", session="travel", history=earlier)  # 26 memories, one batch

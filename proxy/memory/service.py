@@ -757,15 +757,14 @@ class MemoryService:
         new = [m for m in memories if m.id not in mem.id_slot]
         forgotten = self._sessions_forgotten
         for start in range(0, len(new), _INSERT_SLICE):
-            part = new[start:start + _INSERT_SLICE]
             if self._sessions_forgotten != forgotten:  # a session was erased while we yielded
                 forgotten = self._sessions_forgotten
                 gone = await self._gone(tenant, sessions)
-                part = [m for m in part if (m.session, m.session_created) not in gone or m.session is None]
+                new = new[:start] + [m for m in new[start:] if (m.session, m.session_created) not in gone or m.session is None]
                 memories = [m for m in memories if (m.session, m.session_created) not in gone or m.session is None]
             # Tokenizing and indexing take ~0.1 ms a memory: in slices, never one long stall
             # for the requests.
-            self._insert(tenant, part)
+            self._insert(tenant, new[start:start + _INSERT_SLICE])
             await asyncio.sleep(0)
         keys, vectors = [], []
         for memory in memories:
