@@ -238,3 +238,31 @@ def test_an_i8_index_round_trips_and_an_index_of_another_dtype_is_not_misread(tm
     assert loaded.contains(np.array([0, 199, 200])).tolist() == [True, True, False]
     with pytest.raises(IndexFileError, match="expected f16"):
         VectorIndex.load(path, digest, 32, "f16")
+
+
+def test_stored_vectors_are_half_precision_and_records_fit_an_lmdb_node() -> None:
+    """A memory record stores its vector in float16: it must read back within float16 rounding
+    (the indexes keep 8 bits a component), records of before (float32, "vec") must still read,
+    and a typical record must stay under LMDB's ~2 KB node limit so it is not given an overflow
+    page of its own."""
+    import base64
+
+    import orjson
+
+    from proxy.memory.model import EPISODIC, Memory
+
+    vector = _unit(1, 384, seed=7)[0]
+    memory = Memory(id="mem_0123456789abcdef0123", type=EPISODIC, text="I moved to Lisbon in March; the flat is near Alfama. " * 3,
+                    ts=1764000000.123, key=123456, user="alice", session="s-42", session_created=1764000000.0, seq=1200,
+                    role="user", context="Where do you live these days? " * 4, model="all-MiniLM-L6-v2-int8", vector=vector)
+    record = memory.to_record()
+    assert "vec" not in record and len(orjson.dumps(record)) < 1900
+    back = Memory.from_record(record)
+    assert back.vector is not None and back.vector.dtype == np.float32 and back.embedded and back.model == memory.model
+    assert np.abs(back.vector - vector).max() < 1e-3 and float(back.vector @ vector) > 0.9999
+    assert not np.array_equal(back.vector, vector)  # really rounded: the test is not comparing a vector with itself
+    legacy = {k: v for k, v in record.items() if k != "vec16"} | {"vec": base64.b64encode(vector.astype("<f4").tobytes()).decode()}
+    assert np.array_equal(Memory.from_record(legacy).vector, vector) and Memory.from_record(legacy).embedded
+    unembedded = Memory.from_record({k: v for k, v in record.items() if k not in ("vec16", "model")})
+    assert unembedded.vector is None and not unembedded.embedded
+    assert Memory.from_record(record, with_vector=False).vector is None and Memory.from_record(record, with_vector=False).embedded

@@ -52,15 +52,19 @@ class Memory:
             value["covers"] = [self.seq]  # lets a rollback find and drop what it reverts
         if self.vector is not None and self.model:
             value["model"] = self.model
-            value["vec"] = base64.b64encode(np.asarray(self.vector, dtype="<f4").tobytes()).decode()
+            # Half precision: the indexes keep 8 bits a component anyway, and a memory record
+            # stays under LMDB's ~2 KB node limit (a float32 vector alone, in base64, is 2 KB:
+            # every record took a whole 4 KB overflow page, read in full at start-up).
+            value["vec16"] = base64.b64encode(np.asarray(self.vector, dtype="<f2").tobytes()).decode()
         return value
 
     @classmethod
     def from_record(cls, value: dict[str, Any], with_vector: bool = True) -> Memory:
         """Decode a stored memory; ValueError (or KeyError/TypeError) when it is malformed."""
         vector = None
-        if value.get("vec") and with_vector:
-            vector = np.frombuffer(base64.b64decode(value["vec"]), dtype="<f4").astype(np.float32)
+        encoded, dtype = (value.get("vec16"), "<f2") if value.get("vec16") else (value.get("vec"), "<f4")  # "vec": before 2026-11-25
+        if encoded and with_vector:
+            vector = np.frombuffer(base64.b64decode(encoded), dtype=dtype).astype(np.float32)
         if value["type"] not in TYPES or not isinstance(value["text"], str):
             raise ValueError("not a memory record")
         return cls(
@@ -68,7 +72,7 @@ class Memory:
             user=value.get("user"), session=value.get("session"), session_created=value.get("session_created"),
             seq=value.get("seq"), role=value.get("role"), name=value.get("name"), metadata=value.get("metadata"),
             context=value.get("context"),
-            model=value.get("model") if vector is not None else None, vector=vector, embedded=bool(value.get("vec")),
+            model=value.get("model") if vector is not None else None, vector=vector, embedded=bool(encoded),
         )
 
     def public(self) -> dict[str, Any]:
