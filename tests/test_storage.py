@@ -240,3 +240,38 @@ def test_decoded_messages_share_their_repeated_strings() -> None:
     assert a.role is b.role and a.tokenizer is b.tokenizer and a.model is b.model and a.outcome is b.outcome
     assert a.body["role"] is b.body["role"] and a.finish_reason is b.finish_reason
     assert a.body["content"] == "reply 1" and b.seq == 2 and a == decoded(1)
+
+
+def _mapped_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) >= 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_pages_read_from_lmdb_can_be_released_from_the_process_and_read_again(tmp_path: Path) -> None:
+    """A bulk read leaves the data file's pages mapped (in RSS); release_mapped_pages drops
+    them from the process without changing what a later read returns."""
+    store = LmdbStore.open(str(tmp_path / "db"))
+    data = tmp_path / "db" / "data.mdb"
+    records = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]
+
+    async def scenario() -> None:
+        await store.put_records("t", records)
+        assert store.release_mapped_pages() > 0  # writes do not go through the mapping anyway
+        before = await store.scan_records("t", "memory", limit=10_000)
+        assert len(before) == 6000 and _mapped_kb(data) > 6000  # ~8 MB of records, mapped by the read
+        assert store.release_mapped_pages() >= data.stat().st_size
+        assert _mapped_kb(data) < 200
+        assert await store.scan_records("t", "memory", limit=10_000) == before  # mapped again, same bytes
+        await store.close()
+        assert store.release_mapped_pages() == 0  # closed: nothing mapped, nothing done
+
+    asyncio.run(scenario())

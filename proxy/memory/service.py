@@ -646,6 +646,7 @@ class MemoryService:
         manifest = await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
         mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))
         _settle_heap()  # the decoded pages are gone: free them, and keep the index out of GC scans
+        self.store.release_mapped_pages()  # and the LMDB pages they were read from
         self._opening.add(tenant)
         await self._ops.put(("open", tenant, manifest))
         log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
@@ -659,6 +660,8 @@ class MemoryService:
         after = ""
         while page := await self.store.scan_records(tenant, KIND, session_id, after=after, limit=_LOAD_PAGE):
             after = page[-1][0]
+            if len(page) == _LOAD_PAGE:  # a bulk read: its LMDB pages are not needed mapped
+                self.store.release_mapped_pages()
             memories, doomed = await asyncio.to_thread(_decode_all, [(session_id, value) for _, value in page], sessions, model)
             if doomed:  # orphans of sessions replaced meanwhile, or rolled back: erase them
                 await self.store.apply([Write(tenant, records=doomed)])

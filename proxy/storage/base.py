@@ -103,5 +103,10 @@ class Store(ABC):
     async def close(self) -> None:
         return None
 
+    def release_mapped_pages(self) -> int:
+        """After a bulk read, let go of what it mapped into the process (LMDB: the pages of its
+        data file); 0 when there is nothing such."""
+        return 0
+
     def stats(self) -> dict[str, Any]:
         return {}

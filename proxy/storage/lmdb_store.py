@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import lmdb
 
+from proxy.storage import mapped
 from proxy.storage.base import StorageError
 from proxy.storage.kv import KVStore
 
@@ -121,6 +122,14 @@ class LmdbStore(KVStore):
             self._env.close()
         with _open_paths_lock:
             _open_paths.discard(self._path)
+
+    def release_mapped_pages(self) -> int:
+        """After a bulk read: drop the read pages from this process's mapping of the data file
+        (they stay in the page cache; see proxy/storage/mapped.py). Returns the bytes covered."""
+        if self._closed:
+            return 0
+        with self._resize_lock:  # the mapping does not move meanwhile
+            return mapped.release(os.path.join(self._path, "data.mdb"))
 
     def stats(self) -> dict[str, Any]:
         if self._closed:

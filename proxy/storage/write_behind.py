@@ -259,6 +259,9 @@ class WriteBehindStore(Store):
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]:
         return await self.inner.quarantined(tenant)
 
+    def release_mapped_pages(self) -> int:
+        return self.inner.release_mapped_pages()
+
     def stats(self) -> dict[str, Any]:
         return self.inner.stats() | {"pending_writes": len(self._queue), "flushed_batches": self.flushed_batches,
                                      "flush_failure": str(self.failure) if self.failure else None}
