@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.memory import lexical
-from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, Memory, Scope, text_hash
+from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, TYPES, Memory, Scope, text_hash
 from proxy.memory.tenant import TenantMemory
 
 DIM = 8
@@ -100,6 +105,142 @@ def test_bm25_document_frequencies_count_only_live_documents() -> None:
     assert scores[0] > before[1][0]  # rarer among the live documents: a higher idf
     with pytest.raises(ValueError):
         index.add(0, ["again"])
+
+
+_TERMS = ["harbour", "walk", "pier", "tulip", "orchid", "invoice", "launch", "code"]
+
+
+def _bm25_model(docs: dict[int, list[str]], present: set[int], terms: list[str], admitted: np.ndarray, limit: int,
+                scope_docs: int | None) -> tuple[list[tuple[int, float]], dict[int, float], float]:
+    """BM25.search as it was written, term by term in plain Python from the documents themselves:
+    the top ``limit`` (slot, score) pairs (equal scores by slot), every admitted match's score,
+    and the ideal score."""
+    k1, b = 1.2, 0.75
+    if not present:
+        return [], {}, 0.0
+    total = max(scope_docs if scope_docs is not None else len(present), 1)
+    avg = max(sum(len(docs[slot]) for slot in present) / len(present), 1e-6)
+    scores: dict[int, float] = {}
+    ideal = 0.0
+    for term in set(terms):
+        matches = [slot for slot, words in docs.items() if term in words and admitted[slot]]
+        if not matches:
+            continue
+        df = len(matches)
+        idf = math.log(1.0 + max(total - df + 0.5, 0.5) / (df + 0.5))
+        ideal += idf * (k1 + 1.0)
+        for slot in matches:
+            tf = docs[slot].count(term)
+            scores[slot] = scores.get(slot, 0.0) + idf * (k1 + 1.0) * tf / (tf + k1 * (1.0 - b + b * len(docs[slot]) / avg))
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:limit], scores, ideal
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_TERMS), max_size=10), max_size=40)
+       | st.lists(st.lists(st.sampled_from(_TERMS), min_size=1, max_size=10), min_size=25, max_size=60), st.data())
+def test_bm25_search_matches_the_term_by_term_model(texts: list[list[str]], data: st.DataObject) -> None:
+    # Slots spread out and added in any order; removals; an admit mask that may or may not hide
+    # the removed slots; a scope size or none; small samples (``sample``) so that small indexes
+    # take the top-``limit`` threshold path of large ones too.
+    slots = data.draw(st.lists(st.integers(0, 3 * len(texts) + 2), min_size=len(texts), max_size=len(texts), unique=True))
+    docs = dict(zip(slots, texts))
+    index = lexical.BM25()
+    index.sample = data.draw(st.sampled_from([2048, 1, 2, 3, 5, 8]))
+    for slot, words in docs.items():
+        index.add(slot, words)
+    removed = data.draw(st.sets(st.sampled_from(slots))) if slots else set()
+    for slot in removed:
+        index.remove(slot)
+    present = set(slots) - removed
+    end = max(slots, default=0) + 1
+    mode = data.draw(st.sampled_from(["present", "random", "random-present", "all-but-a-few", "everything"]))
+    admitted = np.ones(end, dtype=bool)
+    if mode.startswith("random"):
+        admitted = np.array(data.draw(st.lists(st.booleans(), min_size=end, max_size=end)), dtype=bool)
+    elif mode == "all-but-a-few" and slots:
+        admitted[sorted(data.draw(st.sets(st.sampled_from(slots), min_size=1, max_size=3)))] = False
+    if mode.endswith("present"):
+        admitted &= np.isin(np.arange(end), sorted(present))
+    query = data.draw(st.lists(st.sampled_from([*_TERMS, "unknown"]), max_size=12)
+                      | st.lists(st.sampled_from(_TERMS), min_size=3))
+    limit = data.draw(st.integers(0, 12) | st.integers(0, 3))
+    scope_docs = data.draw(st.none() | st.integers(0, 60))
+
+    found, scores, ideal = index.search(query, lambda s: admitted[s], limit, scope_docs)
+    ranked, every, best = _bm25_model(docs, present, query, admitted, limit, scope_docs)
+
+    assert found.dtype == np.int64 and scores.dtype == np.float32 and found.shape == scores.shape
+    assert math.isclose(ideal, best, rel_tol=1e-6)
+    assert len(found) == len(ranked) and len(set(found.tolist())) == len(found)
+    for position, (slot, score) in enumerate(zip(found.tolist(), scores.tolist())):
+        expected_slot, expected = ranked[position]
+        assert math.isclose(score, expected, rel_tol=1e-5)
+        if slot != expected_slot:  # another slot only if its score is the same up to float rounding
+            assert math.isclose(every[slot], expected, rel_tol=1e-5)
+    for (slot, score), (after, later) in zip(zip(found.tolist(), scores.tolist()), zip(found[1:].tolist(), scores[1:].tolist())):
+        assert score > later or (score == later and slot < after)  # best first, equal scores by slot
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 200), st.integers(0, 15), st.sampled_from([2048, 1, 2, 3, 5, 8]), st.data())
+def test_bm25_top_slots_are_the_best_scores_equal_ones_by_slot(size: int, limit: int, sample: int, data: st.DataObject) -> None:
+    # The selection alone, with many ties and samples small enough to be unlucky (fewer than
+    # ``limit`` slots at or above the sampled threshold).
+    values = st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0]) | st.floats(0.0, 4.0, width=32)
+    scores = np.array(data.draw(st.lists(values, min_size=size, max_size=size)), dtype=np.float32)
+    if data.draw(st.booleans()):
+        scores = np.sort(scores)[:: data.draw(st.sampled_from([1, -1]))]  # best first: a sample of the best
+    index = lexical.BM25()
+    index.sample = sample
+    expected = sorted(np.flatnonzero(scores).tolist(), key=lambda slot: (-scores[slot], slot))[:limit]
+    found, top = index._top(scores.copy(), size, limit)
+    assert found.tolist() == expected and top.tolist() == scores[expected].tolist()
+
+
+def test_bm25_top_slots_when_the_sample_holds_only_the_best() -> None:
+    index = lexical.BM25()
+    index.sample = 1  # one slot sampled, the best: a threshold only it reaches
+    scores = np.linspace(4.0, 1.0, 40, dtype=np.float32)
+    assert index._top(scores.copy(), len(scores), 3)[0].tolist() == [0, 1, 2]
+
+
+def _admitted_model(memory: Memory, alive: bool, scope: Scope, types: tuple[str, ...]) -> bool:
+    """TenantMemory.admit's rule for one memory, from the memory's fields (Scope's docstring)."""
+    if not alive or memory.type not in types:
+        return False
+    tenant_wide = memory.user is None and memory.session is None
+    if scope.kind == "tenant" or tenant_wide:
+        return True
+    if scope.kind == "user":
+        return memory.user == scope.user
+    return bool(scope.session) and memory.session == scope.session or (
+        scope.user is not None and memory.user == scope.user and memory.session is None)
+
+
+def test_admit_matches_the_scope_rules_for_every_scope_and_type_set() -> None:
+    # Every kind of memory (owner, session, its creation time: two sessions share a name, type,
+    # removed or not), checked in a shuffled order with repeats under every scope and type set.
+    mem = TenantMemory("t")
+    memories, alive = [], []
+    for user, session, created, type, gone in itertools.product(
+            [None, "alice", "bob"], [None, "s1", "s2"], [0.0, 1.0], TYPES, [False, True]):
+        if session is None and created:
+            continue
+        memory = Memory(id=f"m{len(memories)}", type=type, text="note", ts=0.0, key=len(memories), user=user, session=session,
+                        session_created=created if session else None)
+        mem.insert(memory)
+        if gone:
+            mem.remove(memory.id)
+        memories.append(memory)
+        alive.append(not gone)
+    slots = np.random.default_rng(3).permutation(np.concatenate([np.arange(len(memories)), np.arange(0, len(memories), 7)]))
+    for kind, user, session in itertools.product(["user", "session", "tenant"], [None, "alice", "bob", "carol"],
+                                                 [None, "", "s1", "s2", "s3"]):
+        scope = Scope(kind, user, session)
+        for count in range(len(TYPES) + 1):
+            for types in itertools.combinations(TYPES, count):
+                expected = [_admitted_model(memories[s], alive[s], scope, types) for s in slots.tolist()]
+                assert mem.admit(scope, types)(slots).tolist() == expected, (scope, types)
 
 
 def test_a_large_group_drops_its_exact_copies_once_indexed_and_is_still_searched(monkeypatch) -> None:

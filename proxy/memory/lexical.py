@@ -1,9 +1,10 @@
 """Lexical retrieval: a tokenizer and an incremental in-memory BM25 index over memory slots.
 
-Postings are growable numpy arrays per term, so a query costs a few vectorised operations per
-query term whatever the number of memories. Removed slots stay in the postings until the index
-is rebuilt (at start-up); callers mask them out, and document frequencies are counted over what
-the mask lets through. So the index keeps no per-memory list of terms (15 MB at 100k memories).
+Postings are growable numpy arrays per term, so a query costs a few dozen vectorised operations
+over the postings of all its terms at once, whatever the number of memories or terms. Removed
+slots stay in the postings until the index is rebuilt (at start-up); callers mask them out, and
+document frequencies are counted over what the mask lets through. So the index keeps no
+per-memory list of terms (15 MB at 100k memories).
 """
 
 from __future__ import annotations
@@ -116,12 +117,15 @@ class _Postings:
 class BM25:
     """Okapi BM25 over slots; ``add``/``remove`` are incremental, ``search`` is vectorised."""
 
+    sample = 2048  # scores sampled for a top-``limit`` threshold (``_top``)
+
     def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
         self.k1, self.b = k1, b
         self._postings: dict[str, _Postings] = {}
         self._length = np.zeros(1024, dtype=np.float32)
         self._present = np.zeros(1024, dtype=bool)
         self._total = 0.0
+        self._end = 0  # 1 + the highest slot ever indexed
         self.docs = 0
 
     def add(self, slot: int, terms: Iterable[str]) -> None:
@@ -138,6 +142,7 @@ class BM25:
             self._present = np.concatenate([self._present, np.zeros(size - len(self._present), dtype=bool)])
         length = float(sum(counts.values()))
         self._length[slot], self._present[slot] = length, True
+        self._end = max(self._end, slot + 1)
         self._total += length
         self.docs += 1
         for term, tf in counts.items():
@@ -159,42 +164,80 @@ class BM25:
 
     def search(self, terms: Iterable[str], admit: Callable[[np.ndarray], np.ndarray], limit: int,
                docs: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-        """Top ``limit`` slots (and scores) admitted by ``admit(slots) -> bool mask``, best first,
-        and the score of an ideal match (every query term, for normalising).
+        """Top ``limit`` slots (and scores) admitted by ``admit(slots) -> bool mask``, best first
+        (equal scores by slot), and the score of an ideal match (every query term, for normalising).
 
         Document frequencies are counted within what ``admit`` lets through, out of ``docs``
         documents (the scope's size): a user's vocabulary is weighed against the user's own
         memories, not against every other user's of the tenant.
+
+        One pass over the postings of all the query's terms at once (``admit`` is called once):
+        a few dozen numpy calls per query however many terms it has.
         """
         empty = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), 0.0
         if self.docs <= 0:
             return empty
-        total = max(docs if docs is not None else self.docs, 1)
-        avg = max(self._total / self.docs, 1e-6)
-        scores: np.ndarray | None = None
-        ideal = 0.0
-        for term in set(terms):
-            postings = self._postings.get(term)
-            if postings is None:
-                continue
-            slots = postings.slots[: postings.n]
-            keep = admit(slots)
-            df = int(np.count_nonzero(keep))
-            if df == 0:
-                continue
-            slots, tf = slots[keep], postings.tfs[: postings.n][keep]
-            idf = math.log(1.0 + max(total - df + 0.5, 0.5) / (df + 0.5))
-            ideal += idf * (self.k1 + 1.0)
-            norm = tf + self.k1 * (1.0 - self.b + self.b * self._length[slots] / avg)
-            if scores is None:
-                scores = np.zeros(len(self._length), dtype=np.float32)
-            scores[slots] += (idf * (self.k1 + 1.0)) * tf / norm
-        if scores is None:
+        postings = [p for p in map(self._postings.get, set(terms)) if p is not None]
+        if not postings:
             return empty
-        found = np.flatnonzero(scores)
-        if len(found) > limit:
-            part = np.argpartition(-scores[found], limit - 1)[:limit]
-            found = found[part]
-        order = np.argsort(-scores[found], kind="stable")
+        # Entries in term order, each term's in slot order (int64: admit's gathers need no cast).
+        counts = [p.n for p in postings]
+        slots = np.concatenate([p.slots[: p.n] for p in postings], dtype=np.int64)
+        keep = admit(slots)
+        df = np.add.reduceat(keep, np.cumsum([0] + counts[:-1]), dtype=np.int64)  # admitted entries per term
+        total = max(docs if docs is not None else self.docs, 1)
+        # Per term as term by term (0 for a term nothing admitted matches), so the same floats.
+        weight = [math.log(1.0 + max(total - d + 0.5, 0.5) / (d + 0.5)) * (self.k1 + 1.0) if d else 0.0 for d in df.tolist()]
+        ideal = 0.0
+        for w in weight:
+            ideal += w  # as term by term (sum() compensates rounding from Python 3.12 on)
+        if ideal == 0.0:
+            return empty
+        tf = np.concatenate([p.tfs[: p.n] for p in postings])
+        admitted = int(df.sum())
+        compress = 5 * admitted < 4 * len(slots)  # else the few others are scored 0, not dropped
+        if compress:
+            slots, tf, counts = slots[keep], tf[keep], df
+        # The score of each entry, in the same float32 operations as term by term.
+        avg = max(self._total / self.docs, 1e-6)
+        norm = self._length[slots]
+        norm *= self.b
+        norm /= avg
+        norm += 1.0 - self.b
+        norm *= self.k1
+        norm += tf
+        part = np.repeat(np.array(weight, dtype=np.float32), counts)
+        part *= tf
+        if not compress:
+            part *= keep
+        part /= norm
+        scores = np.zeros(self._end, dtype=np.float32)
+        np.add.at(scores, slots, part)  # in term order per slot: the same sums as term by term
+        return (*self._top(scores, len(slots), limit), ideal)
+
+    def _top(self, scores: np.ndarray, matched: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``limit`` best-scoring slots (positive scores only), best first and equal scores
+        by slot; ``matched``: how many slots may have a positive score, at most."""
+        if limit <= 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        found = None
+        if matched > 8 * limit and len(scores) >= 2 * self.sample:
+            # A threshold at most the limit-th best score keeps few candidates without
+            # partitioning all the matches: a sample of every slot's score (0 if unmatched)
+            # whose rank puts about four times the limit above it.
+            stride = len(scores) // self.sample
+            sample = scores[::stride]
+            rank = min(len(sample) - 1, -(-4 * limit // stride))
+            threshold = np.partition(sample, len(sample) - 1 - rank)[len(sample) - 1 - rank]
+            if threshold > 0:
+                found = np.flatnonzero(scores >= threshold)
+                if len(found) < limit:  # an unlucky sample: keep them all
+                    found = None
+        if found is None:
+            found = np.flatnonzero(scores > 0)
+            if len(found) > limit:  # the limit-th best score: keep what is not below it
+                top = scores[found]
+                found = found[top >= np.partition(top, len(top) - limit)[len(top) - limit]]
+        order = np.argsort(-scores[found], kind="stable")[:limit]
         found = found[order]
-        return found, scores[found], ideal
+        return found, scores[found]

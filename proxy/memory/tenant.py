@@ -333,25 +333,45 @@ class TenantMemory:
     def admit(self, scope: Scope, types: Iterable[str] = (EPISODIC, SEMANTIC)):
         """A vectorised predicate: which of these slots the scope may see."""
         cols = self.cols
-        type_ok = np.zeros(len(TYPES), dtype=bool)  # a lookup table: np.isin is slow on small arrays
-        type_ok[[_TYPE_CODE[t] for t in types]] = True
+        codes = {_TYPE_CODE[t] for t in types}
+        # The type test is one comparison of the gathered codes where it can be (a lookup table
+        # indexed by them would cast them first), and none when every type is wanted.
+        type_test: Callable[[np.ndarray], np.ndarray] | None = None
+        if len(codes) == 1:
+            (only,) = codes
+            type_test = lambda kind: kind == only  # noqa: E731
+        elif len(codes) == len(TYPES) - 1:
+            (other,) = set(_TYPE_CODE.values()) - codes
+            type_test = lambda kind: kind != other  # noqa: E731
+        elif len(codes) < len(TYPES):
+            type_ok = np.zeros(len(TYPES), dtype=bool)
+            type_ok[list(codes)] = True
+            type_test = lambda kind: type_ok[kind]  # noqa: E731
         user = self.user_code(scope.user)
         if scope.kind == "session":
             sessions = np.array(self.sessions_named(scope.session) if scope.session else [], dtype=np.int32)
 
         def check(slots: np.ndarray) -> np.ndarray:
-            ok = cols.alive[slots] & type_ok[cols.kind[slots]]
+            ok = cols.alive[slots]
+            if type_test is not None:
+                ok &= type_test(cols.kind[slots])
             if scope.kind == "tenant":
                 return ok
-            owner, session = cols.user[slots], cols.session[slots]
-            visible = (owner == _NONE) & (session == _NONE)  # tenant-wide
+            owner = cols.user[slots]
             if scope.kind == "user":
-                visible |= owner == user
+                visible = owner == user
+                # Or tenant-wide (no user, no session): only the user-less slots' sessions are read.
+                anonymous = np.flatnonzero(owner == _NONE)
+                if len(anonymous):
+                    visible[anonymous] |= cols.session[slots[anonymous]] == _NONE
             else:
+                session = cols.session[slots]
+                visible = (owner == _NONE) & (session == _NONE)  # tenant-wide
                 visible |= (session == sessions[0]) if len(sessions) == 1 else np.isin(session, sessions)
                 if scope.user is not None:
                     visible |= (owner == user) & (session == _NONE)
-            return ok & visible
+            ok &= visible
+            return ok
 
         return check
 
