@@ -9,6 +9,7 @@ per-memory list of terms (15 MB at 100k memories).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
@@ -83,18 +84,22 @@ def stem(word: str) -> str:
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased, stop-worded, stemmed terms of ``text`` (possessives dropped)."""
-    terms = []
-    for raw in _WORD.findall(text.lower()):
-        raw = raw.replace("’", "'")
-        if raw.endswith("'s"):
-            raw = raw[:-2]
-        if raw in STOPWORDS or not raw:
-            continue
-        word = raw.replace("'", "")
-        if word in STOPWORDS:
-            continue
-        terms.append(stem(word))
-    return terms
+    return [term for raw in _WORD.findall(text.lower()) if (term := _term(raw)) is not None]
+
+
+@functools.lru_cache(maxsize=32768)
+def _term(raw: str) -> str | None:
+    """The term of one lower-cased word, None for a stop word. Cached: a conversation repeats
+    its vocabulary, and stemming was ~80 % of indexing a memory (0.2 ms for 160 words)."""
+    raw = raw.replace("’", "'")
+    if raw.endswith("'s"):
+        raw = raw[:-2]
+    if raw in STOPWORDS or not raw:
+        return None
+    word = raw.replace("'", "")
+    if word in STOPWORDS:
+        return None
+    return sys.intern(stem(word))
 
 
 class _Postings:
