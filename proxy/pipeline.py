@@ -27,7 +27,7 @@ from proxy.upstream import Upstream
 from proxy.validate import chat_body
 
 if TYPE_CHECKING:
-    from proxy.memory.service import MemoryService
+    from proxy.memory.service import MemoryService, QueryEmbedding
 
 log = logging.getLogger("agent_state_proxy.pipeline")
 IDEMPOTENCY_KIND = "idempotency"
@@ -80,11 +80,24 @@ class Pipeline:
             plan = transcript.Plan(body["messages"], [], None)
             return Turn(tenant, ref, route, strip_proxy_fields(body), session, [], plan, "req-" + uuid.uuid4().hex, now,
                         headers={"X-Session-ID": ref.id})
+        # The query embedding (the slowest step of the request) starts before anything else.
+        early = self.memory.embed_query(tenant.name, body) if self.memory is not None else None
+        try:
+            return await self._prepare(tenant, ref, body, route, idempotency_key, now, early)
+        except BaseException:
+            if early is not None:
+                early.cancel()
+            raise
+
+    async def _prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel,
+                       idempotency_key: str | None, now: float, early: QueryEmbedding | None) -> Turn:
         session, stored = await self._load(tenant, ref, now)
         idempotency = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else None
         if idempotency is not None:
             replay = await self.store.get_record(tenant.name, IDEMPOTENCY_KIND, idempotency, ref.id)
             if replay is not None:  # a client retry: answer with what was recorded, call nothing
+                if early is not None:
+                    early.cancel()
                 plan = transcript.Plan(body["messages"], [], None, replayed=True)
                 headers = {"X-Session-ID": ref.id, "X-Request-ID": replay["request_id"], "Idempotent-Replayed": "true"}
                 return Turn(tenant, ref, route, body, session, stored, plan, replay["request_id"], now, headers, idempotency, replay)
@@ -100,7 +113,7 @@ class Pipeline:
         with priority.requests.request():  # background indexing yields the CPU meanwhile
             # The query embedding (the slowest step) runs on the embedder's thread while the
             # context is assembled, which keeps the memory block's tokens free.
-            recall = self.memory.begin_recall(turn) if self.memory is not None else None
+            recall = self.memory.begin_recall(turn, early) if self.memory is not None else None
             try:
                 if self.context is not None:
                     room = await self.context.shape(turn, reserve=recall.room if recall else 0)

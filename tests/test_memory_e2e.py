@@ -191,3 +191,48 @@ def test_switching_the_local_engine_re_embeds_the_memories(tmp_path: Path, upstr
         _, headers = chat(proxy, question, user="alice", session="q2")
         assert "x-memory-degraded" not in headers
         assert before[0] in injected_ids(headers)
+
+
+def test_the_query_embedding_starts_before_the_session_loads_and_is_not_repeated(memory_proxy: ProxyThread, upstream: FakeUpstream, monkeypatch) -> None:
+    """The query embedding (the slowest step) starts as soon as the request is parsed; the recall
+    then uses that one. A request that recalls nothing in the end (an idempotent replay) gives
+    it up."""
+    import openai
+
+    from proxy.memory import service as service_module
+
+    chat(memory_proxy, HOTEL, user="alice", session="planning")
+    drain(memory_proxy)
+    wait_for_embedder(memory_proxy)
+    pipeline = memory_proxy.app[keys.PIPELINE]
+    memory = pipeline.memory
+    events: list[str] = []
+    start, load, cancel = memory._start_query_embedding, pipeline._load, service_module.QueryEmbedding.cancel
+
+    def started(*args, **kwargs):
+        events.append("embedding")
+        return start(*args, **kwargs)
+
+    async def loaded(*args, **kwargs):
+        events.append("load")
+        return await load(*args, **kwargs)
+
+    def cancelled(self) -> None:
+        events.append("cancelled")
+        cancel(self)
+
+    monkeypatch.setattr(memory, "_start_query_embedding", started)
+    monkeypatch.setattr(pipeline, "_load", loaded)
+    monkeypatch.setattr(service_module.QueryEmbedding, "cancel", cancelled)
+    _, headers = chat(memory_proxy, "Which hotel did we pick for the offsite?", user="alice", session="later")
+    assert events == ["embedding", "load"]  # one embedding, before the session was loaded
+    assert injected_ids(headers) and "x-memory-degraded" not in headers  # and the recall used its vector
+
+    events.clear()
+    sdk = openai.OpenAI(base_url=memory_proxy.base_url, api_key="local-key", max_retries=0)
+    ask = {"model": "fake-model", "messages": [{"role": "user", "content": "And the offsite budget?"}],
+           "extra_headers": {"X-User-ID": "alice", "X-Session-ID": "budget", "Idempotency-Key": "retry-1"}}
+    first = sdk.chat.completions.with_raw_response.create(**ask)
+    again = sdk.chat.completions.with_raw_response.create(**ask)
+    assert again.headers.get("idempotent-replayed") == "true" and again.parse().id == first.parse().id
+    assert events == ["embedding", "load", "embedding", "load", "cancelled"]  # the replay's is given up

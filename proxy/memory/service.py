@@ -88,6 +88,20 @@ class Recall:
 
 
 @dataclass
+class QueryEmbedding:
+    """A request's query embedding, started before its session is loaded (MemoryService.embed_query)."""
+
+    query: str
+    started: float  # time.perf_counter()
+    vector: asyncio.Future[np.ndarray] | None
+    degraded: str | None  # why there is no vector
+
+    def cancel(self) -> None:
+        if self.vector is not None and not self.vector.done():
+            self.vector.cancel()
+
+
+@dataclass
 class _Job:
     tenant: str
     memory: Memory | None  # a new episodic memory (None: only advance the mark)
@@ -206,13 +220,40 @@ class MemoryService:
 
     # -- the request path --------------------------------------------------------------------
 
-    def begin_recall(self, turn: Any) -> Recall | None:
+    def embed_query(self, tenant: str, body: dict[str, Any]) -> QueryEmbedding | None:
+        """Start embedding what the request will recall for, as soon as it is parsed: the
+        embedding is the slowest step of a recall, so whatever runs before it (loading the
+        session, reconciling its history) would add to the request. None when there will be no
+        recall (or no vector to wait for). Hand it to ``begin_recall``, or cancel it."""
+        settings = self.settings.get(tenant)
+        if settings is None or not settings.inject or not self.ready[tenant].is_set():
+            return None
+        query = _query_text(body.get("messages") or [])
+        mem = self.memories[tenant]
+        if not query or mem.alive - sum(len(v) for v in mem.procedural.values()) <= 0 or not lexical.has_content(query):
+            return None
+        started = time.perf_counter()
+        return QueryEmbedding(query, started, *self._start_query_embedding(tenant, query, settings.latency_budget_ms / 1000))
+
+    def begin_recall(self, turn: Any, early: QueryEmbedding | None = None) -> Recall | None:
         """Start recalling for this request; None when there is nothing to recall.
 
-        The query embedding starts now on the embedder's thread, so the caller can assemble the
-        context meanwhile (keeping ``Recall.room`` tokens free for the memory block);
-        ``finish_recall`` then searches and adds the memories to the system prompt.
+        The query embedding starts now on the embedder's thread (or was started by
+        ``embed_query``: ``early``, taken over here), so the caller can assemble the context
+        meanwhile (keeping ``Recall.room`` tokens free for the memory block); ``finish_recall``
+        then searches and adds the memories to the system prompt.
         """
+        try:
+            recall = self._begin_recall(turn, early)
+        except BaseException:
+            if early is not None:
+                early.cancel()
+            raise
+        if early is not None and (recall is None or recall.vector is not early.vector):
+            early.cancel()  # not needed after all (another query, nothing to search)
+        return recall
+
+    def _begin_recall(self, turn: Any, early: QueryEmbedding | None) -> Recall | None:
         name = turn.tenant.name
         settings = self.settings.get(name)
         if settings is None or not settings.inject:
@@ -234,7 +275,10 @@ class MemoryService:
         elif query and searchable > 0:
             counters["recalls"] += 1
             recall.query, recall.scope = query, self.scope_for(settings, user, turn.session.id)
-            recall.vector, recall.degraded = self._start_query_embedding(name, query, settings.latency_budget_ms / 1000)
+            if early is not None and early.query == query:
+                recall.started, recall.vector, recall.degraded = early.started, early.vector, early.degraded
+            else:
+                recall.vector, recall.degraded = self._start_query_embedding(name, query, settings.latency_budget_ms / 1000)
             if recall.vector is not None:  # how long the embedding itself took (admin stats)
                 recall.vector.add_done_callback(lambda f, began=recall.started: f.cancelled() or self.embedding_latencies[name].append(
                     (time.perf_counter() - began) * 1000))
