@@ -40,7 +40,7 @@ TAGS_KIND = "tags"
 _HOT_LLM_SEGMENTS = 4  # a request waits for the summarizer on at most this many segments
 _RETRIEVE_LIMIT = 16
 _CONCURRENT_SUMMARIES = 4  # summarizer calls in flight per process
-_CACHED_VIEWS = 64  # sessions whose latest context view is kept for the next request
+_CACHED_VIEWS = 32  # sessions whose latest context view is kept for the next request (~0.35 MB per 1,000 messages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +97,11 @@ class ContextManager:
         self._summaries = _LRU(1024)  # (tenant, session) → (created_at, {key: Summary})
         self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
         self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
-        self._texts = _LRU(32_768)  # (tenant, session, created_at, first seq, last seq) → exchange text (as many as retrieval.term_hashes caches)
+        # (tenant, session, created_at, first seq, last seq) → exchange text (as many as
+        # retrieval.term_hashes caches): for sessions whose view is not cached (see _views).
+        self._texts = _LRU(16_384)
         # (tenant, session, created_at, encoding, segment turns, importance) → the view of its
-        # latest request: ~0.2 MB for a 1,000-message session, so only the most recent sessions.
+        # latest request: ~0.35 MB for a 1,000-message session, so only the most recent sessions.
         self._views = _LRU(_CACHED_VIEWS)
         self._passes = _LRU(10_000)  # (tenant, session) → (created_at, next_seq when last summarized)
         self._limit: asyncio.Semaphore | None = None

@@ -44,7 +44,7 @@ def terms(text: str) -> frozenset[str]:
     return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP)
 
 
-@functools.lru_cache(maxsize=32768)
+@functools.lru_cache(maxsize=16384)
 def term_hashes(text: str) -> np.ndarray:
     """The text's terms as sorted 64-bit hashes (cached per exchange text): 8 bytes a term
     instead of a str in a frozenset (~100), and a whole session's candidates compare against
