@@ -124,12 +124,16 @@ class VectorIndex:
             return int(self._index.memory_usage)
 
     def save(self, path: Path) -> str:
-        """Write the index atomically; returns the file's digest for the manifest. usearch
-        writes the file itself: no copy of the whole index passes through Python."""
+        """Write the index atomically (writer thread only); returns the file's digest for the
+        manifest. usearch writes the file itself: no copy of the whole index passes through
+        Python."""
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
-        with self.lock:
-            self._index.save(str(temporary))
+        # Without the lock: every change to the index runs on the writer thread, as this does,
+        # so nothing changes while it writes, and searches only read. Under the lock, the write
+        # (0.2-0.35 s for 100k i8 vectors at nice 19) stalled every request meanwhile: the
+        # event loop searches.
+        self._index.save(str(temporary))
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         digest = _file_digest(temporary)
