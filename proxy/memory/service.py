@@ -229,8 +229,7 @@ class MemoryService:
         if settings is None or not settings.inject or not self.ready[tenant].is_set():
             return None
         query = _query_text(body.get("messages") or [])
-        mem = self.memories[tenant]
-        if not query or mem.alive - sum(len(v) for v in mem.procedural.values()) <= 0 or not lexical.has_content(query):
+        if _recall_for(self.memories[tenant], query) != "search":
             return None
         started = time.perf_counter()
         return QueryEmbedding(query, started, *self._start_query_embedding(tenant, query, settings.latency_budget_ms / 1000))
@@ -269,13 +268,14 @@ class MemoryService:
         recall = Recall(settings, time.perf_counter(), procedural_ids,
                         list(settings.procedural) + [self._procedural[name][i] for i in procedural_ids])
         query = _query_text(turn.body.get("messages") or [])
-        searchable = mem.alive - sum(len(v) for v in mem.procedural.values())
-        if query and searchable > 0 and not lexical.has_content(query):
+        taken = early is not None and early.query == query  # embed_query judged this query already
+        verdict = "search" if taken else _recall_for(mem, query)
+        if verdict == "small talk":
             counters["small_talk"] += 1  # "thanks!" recalls every other thanks: nothing worth it
-        elif query and searchable > 0:
+        elif verdict == "search":
             counters["recalls"] += 1
             recall.query, recall.scope = query, self.scope_for(settings, user, turn.session.id)
-            if early is not None and early.query == query:
+            if taken:
                 recall.started, recall.vector, recall.degraded = early.started, early.vector, early.degraded
             else:
                 recall.vector, recall.degraded = self._start_query_embedding(name, query, settings.latency_budget_ms / 1000)
@@ -1105,6 +1105,14 @@ def _shorten(query: str) -> str:
     if len(query) <= _QUERY_CHARS:
         return query
     return query[: _QUERY_CHARS * 2 // 3] + " … " + query[-_QUERY_CHARS // 3:]
+
+
+def _recall_for(mem: TenantMemory, query: str) -> str | None:
+    """What a recall does for ``query``: "search", skip it as "small talk" (nothing beyond
+    greetings and thanks), or None (no query, or no memories to search besides procedures)."""
+    if not query or mem.alive - sum(len(v) for v in mem.procedural.values()) <= 0:
+        return None
+    return "search" if lexical.has_content(query) else "small talk"
 
 
 def _query_text(messages: list[Any]) -> str:
