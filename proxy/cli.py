@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import getpass
 import logging
 import os
 import sys
 from pathlib import Path
 
+from proxy import idle_gc
 from proxy.config import Config, ConfigError, hash_key, load_config
 
 
@@ -74,10 +74,10 @@ def _serve(config: Config, log_level: str) -> int:
     log = logging.getLogger("agent_state_proxy")
     log.info("config: %s; tenants: %s", config.source, ", ".join(config.tenants))
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    # A long-running server with a large long-lived heap: full (generation 2) collections are
-    # what costs, 30-110 ms each with a 100k-memory tenant loaded (benchmark p99). Collect the
-    # older generations 25× less often; reference counting still frees all acyclic garbage.
-    gc.set_threshold(700, 50, 50)
+    # A long-running server with a large long-lived heap: a full (generation 2) collection
+    # takes 70-220 ms with a 100k-memory tenant loaded. The app runs them while no request is
+    # in flight (proxy/idle_gc.py), not inside whichever request triggers one.
+    idle_gc.disable_automatic_full_collection()
     # Embedding threads (ONNX Runtime, LMDB writes) take the GIL back several times per job;
     # while the event loop runs Python each take waits up to the switch interval (5 ms by
     # default). At 0.5 ms a query embedding under a busy loop takes 4.4 ms instead of 11.8 ms.

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from proxy import janitor, tokens
+from proxy import idle_gc, janitor, tokens
 from proxy.config import Config
 from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
@@ -28,8 +28,10 @@ log = logging.getLogger("agent_state_proxy")
 
 def create_app(config: Config, store: Store | None = None) -> web.Application:
     """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one)."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
+    collector = idle_gc.IdleCollector()
+    app = web.Application(middlewares=[_in_flight(collector), errors_middleware], client_max_size=config.max_body_bytes)
     app[keys.CONFIG] = config
+    app[keys.COLLECTOR] = collector
     app[keys.READY] = False
     app[keys.STARTED] = time.time()
     app.cleanup_ctx.append(_storage(store))
@@ -40,6 +42,20 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     setup_routes(app)
     setup_memory_routes(app)
     return app
+
+
+def _in_flight(collector: idle_gc.IdleCollector):
+    """Counts the requests in flight, so full garbage collections wait for a quiet moment."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        collector.request_started()
+        try:
+            return await handler(request)
+        finally:
+            collector.request_ended()
+
+    return middleware
 
 
 def _storage(given: Store | None):
@@ -114,6 +130,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await pipeline.memory.forget_session(tenant, session_id)
 
     tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=forget))]
+    tasks.append(asyncio.create_task(app[keys.COLLECTOR].run()))
     # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
     tokens.begin_warming()
     tasks.append(asyncio.create_task(asyncio.to_thread(tokens.warm)))

@@ -1,0 +1,73 @@
+"""Full garbage collections while no request is in flight.
+
+A long-running proxy holds a large heap of long-lived objects (cached transcripts, context
+views, memory indexes). CPython's automatic full (generation 2) collection traverses all of
+it, 70-220 ms with the benchmark's full-mode tenant, and it runs inside whichever request
+happens to allocate at that moment: those were the slowest requests of a benchmark round.
+``serve`` turns the automatic full collection off (``disable_automatic_full_collection``),
+and ``IdleCollector`` runs it instead once no request has been in flight for ``idle`` seconds:
+an agent's proxy mostly waits on the model, so there are such moments. At most one every
+``min_interval`` seconds; a proxy that is never idle still collects every ``max_interval``
+seconds, so cyclic garbage cannot grow without bound. The younger generations are collected
+automatically as before (a few ms each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from typing import Callable
+
+log = logging.getLogger("agent_state_proxy.gc")
+
+# The automatic threshold of generation 2 once disabled: never reached in practice.
+_NEVER = 1 << 30
+
+
+def disable_automatic_full_collection(young: int = 700, middle: int = 50) -> None:
+    """Collect generations 0 and 1 automatically, generation 2 only when asked (process-wide)."""
+    gc.set_threshold(young, middle, _NEVER)
+
+
+class IdleCollector:
+    def __init__(self, idle: float = 0.5, min_interval: float = 60.0, max_interval: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle, self.min_interval, self.max_interval = idle, min_interval, max_interval
+        self.clock = clock
+        self.in_flight = 0
+        self._last_busy = clock()
+        self._last_collection = clock()
+        self.collections = 0
+        self.last_pause_ms: float | None = None
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        self._last_busy = self.clock()
+
+    def due(self) -> bool:
+        now = self.clock()
+        since = now - self._last_collection
+        if since >= self.max_interval:
+            return True
+        return since >= self.min_interval and self.in_flight == 0 and now - self._last_busy >= self.idle
+
+    def collect(self) -> int:
+        started = time.perf_counter()
+        found = gc.collect()
+        self.last_pause_ms = (time.perf_counter() - started) * 1000
+        self._last_collection = self.clock()
+        self.collections += 1
+        log.debug("full collection: %d unreachable objects, %.1f ms", found, self.last_pause_ms)
+        return found
+
+    async def run(self) -> None:
+        period = min(self.idle, self.min_interval) / 2 or 0.1
+        while True:
+            await asyncio.sleep(period)
+            if self.due():
+                self.collect()
