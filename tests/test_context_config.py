@@ -138,14 +138,14 @@ def _rank_model(query: str, candidates: list[Candidate], limit: int, k1: float =
     """BM25 with binary tf, one candidate at a time in plain Python: what rank_lexical computes."""
     import math
 
-    from proxy.context.retrieval import terms
+    from proxy.context.terms import term_hash, terms
 
     wanted = terms(query)
     docs = [terms(c.text) for c in candidates]
     df = {t: sum(t in d for d in docs) for t in wanted}
     scored = []
     for position, doc in enumerate(docs):
-        common = sorted(doc & wanted, key=hash)
+        common = sorted(doc & wanted, key=term_hash)
         if common:
             total = 0.0
             for t in common:

@@ -98,7 +98,7 @@ class ContextManager:
         self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
         self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
         # (tenant, session, created_at, first seq, last seq) → exchange text (as many as
-        # retrieval.term_hashes caches): for sessions whose view is not cached (see _views).
+        # retrieval's term cache holds): for sessions whose view is not cached (see _views).
         self._texts = _LRU(16_384)
         # (tenant, session, created_at, encoding, segment turns, importance) → the view of its
         # latest request: ~0.35 MB for a 1,000-message session, so only the most recent sessions.

@@ -7,12 +7,13 @@ default ``LexicalRetriever`` scores the session's own older messages with BM25 o
 
 from __future__ import annotations
 
-import functools
-import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from proxy.context.terms import hash_terms
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,27 +31,30 @@ class Retriever(Protocol):
         ...
 
 
-_WORD = re.compile(r"[a-z0-9][a-z0-9'_-]{2,}")
-_STOP = frozenset(
-    "the and for are but not you your yours with this that have has had was were will would can could "
-    "should what when where which who whom why how all any both each few more most other some such than "
-    "too very just don't i'm it's its our ours they them their there here been being into from about "
-    "also then once only own same out off over under again further yes okay well really like get got "
-    "let's she her him his hers said say says".split()
-)
+class _TermCache:
+    """Each exchange text's term hashes (see ``terms.hash_terms``), least recently used out."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        found: list[np.ndarray | None] = [self._arrays.get(text) for text in texts]
+        missing = [i for i, array in enumerate(found) if array is None]
+        if missing:  # hashed together: one numpy pass, ~4× faster than one text at a time
+            flat, sizes = hash_terms([texts[i] for i in missing])
+            for i, array in zip(missing, np.split(flat, np.cumsum(sizes)[:-1])):
+                found[i] = self._arrays[texts[i]] = array
+        for text in texts:
+            self._arrays.move_to_end(text)
+        while len(self._arrays) > self.size:
+            self._arrays.popitem(last=False)
+        return found  # type: ignore[return-value]
 
 
-def terms(text: str) -> frozenset[str]:
-    return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP)
-
-
-@functools.lru_cache(maxsize=16384)
-def term_hashes(text: str) -> np.ndarray:
-    """The text's terms as sorted 64-bit hashes (cached per exchange text): 8 bytes a term
-    instead of a str in a frozenset (~100), and a whole session's candidates compare against
-    the query in a few numpy calls. Sorted, so equal term sets sum their weights in one order
-    and tie exactly."""
-    return np.sort(np.fromiter(map(hash, terms(text)), dtype=np.int64))
+# Exchange texts' terms: 8 bytes a term instead of a str in a set (~100), and a whole
+# session's candidates compare against the query in a few numpy calls.
+_term_cache = _TermCache(16_384)
 
 
 class LexicalRetriever:
@@ -65,13 +69,12 @@ class LexicalRetriever:
 def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: float = 1.2) -> list[int]:
     """Positions of the best ``limit`` candidates for ``query``, best first (ties: the later
     one). Binary term frequency with length normalisation: short, on-topic turns win."""
-    wanted = terms(query)
-    if not wanted or not candidates or limit <= 0:
+    query, _ = hash_terms([query])
+    if not query.size or not candidates or limit <= 0:
         return []
-    docs = [term_hashes(candidate.text) for candidate in candidates]
+    docs = _term_cache.arrays([candidate.text for candidate in candidates])
     sizes = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     flat = np.concatenate(docs)
-    query = np.sort(np.fromiter(map(hash, wanted), dtype=np.int64, count=len(wanted)))
     term = np.minimum(np.searchsorted(query, flat), len(query) - 1)  # the query term it could be
     hit = query[term] == flat
     if not hit.any():
