@@ -5,11 +5,10 @@ views, memory indexes). CPython's automatic full (generation 2) collection trave
 it, 70-220 ms with the benchmark's full-mode tenant, and it runs inside whichever request
 happens to allocate at that moment: those were the slowest requests of a benchmark round.
 ``serve`` turns the automatic full collection off (``disable_automatic_full_collection``),
-and ``IdleCollector`` runs it instead once no request has been in flight for ``idle`` seconds:
-an agent's proxy mostly waits on the model, so there are such moments. At most one every
-``min_interval`` seconds; a proxy that is never idle still collects every ``max_interval``
-seconds, so cyclic garbage cannot grow without bound. The younger generations are collected
-automatically as before (a few ms each).
+and ``IdleCollector`` runs it instead once no request has been in flight for ``idle`` seconds
+(``priority.Activity``), at most one every ``min_interval`` seconds. A proxy that is never
+idle still collects every ``max_interval`` seconds, so cyclic garbage cannot grow without
+bound. The younger generations are collected automatically as before (a few ms each).
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ import gc
 import logging
 import time
 from typing import Callable
+
+from proxy.priority import Activity
 
 log = logging.getLogger("agent_state_proxy.gc")
 
@@ -32,29 +33,18 @@ def disable_automatic_full_collection(young: int = 700, middle: int = 50) -> Non
 
 
 class IdleCollector:
-    def __init__(self, idle: float = 0.5, min_interval: float = 60.0, max_interval: float = 900.0,
+    def __init__(self, activity: Activity, idle: float = 0.5, min_interval: float = 60.0, max_interval: float = 900.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.activity = activity
         self.idle, self.min_interval, self.max_interval = idle, min_interval, max_interval
         self.clock = clock
-        self.in_flight = 0
-        self._last_busy = clock()
         self._last_collection = clock()
         self.collections = 0
         self.last_pause_ms: float | None = None
 
-    def request_started(self) -> None:
-        self.in_flight += 1
-
-    def request_ended(self) -> None:
-        self.in_flight -= 1
-        self._last_busy = self.clock()
-
     def due(self) -> bool:
-        now = self.clock()
-        since = now - self._last_collection
-        if since >= self.max_interval:
-            return True
-        return since >= self.min_interval and self.in_flight == 0 and now - self._last_busy >= self.idle
+        since = self.clock() - self._last_collection
+        return since >= self.max_interval or (since >= self.min_interval and self.activity.quiet_for(self.idle))
 
     def collect(self) -> int:
         started = time.perf_counter()

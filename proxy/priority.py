@@ -11,11 +11,12 @@ requests background work still advances.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 MAX_PAUSE = 0.2  # seconds after a request began that background work keeps out of its way
 
@@ -54,6 +55,41 @@ class ForegroundGate:
 
 
 requests = ForegroundGate()  # one per process: the cores are shared by every tenant
+
+
+class Activity:
+    """HTTP requests in flight, whole requests (the upstream call included), and when the last
+    one ended. Work that holds the event loop or the GIL for tens of milliseconds or more (a
+    full garbage collection, writing the vector index) waits for a quiet moment: an agent's
+    proxy mostly waits on the model, so there are such moments. Event-loop thread only."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.in_flight = 0
+        self._last_busy = clock()
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def ended(self) -> None:
+        self.in_flight -= 1
+        self._last_busy = self.clock()
+
+    def quiet_for(self, seconds: float) -> bool:
+        """No request in flight, and none for ``seconds``."""
+        return not self.in_flight and self.clock() - self._last_busy >= seconds
+
+    async def quiet(self, seconds: float, within: float, poll: float = 0.05) -> bool:
+        """Wait until ``quiet_for(seconds)``, but at most ``within`` seconds; whether it is."""
+        deadline = self.clock() + within
+        while not self.quiet_for(seconds):
+            if self.clock() >= deadline:
+                return False
+            await asyncio.sleep(poll)
+        return True
+
+
+activity = Activity()  # one per process, like ``requests``: the event loop is shared
 
 
 def background_thread() -> None:

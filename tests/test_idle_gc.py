@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from proxy.idle_gc import IdleCollector, disable_automatic_full_collection
+from proxy.priority import Activity, activity
 from proxy.server import keys
 
 
@@ -23,15 +24,16 @@ class Clock:
 
 def test_a_full_collection_waits_for_an_idle_moment_after_the_minimum_interval() -> None:
     clock = Clock()
-    collector = IdleCollector(idle=0.5, min_interval=60, max_interval=900, clock=clock)
+    requests = Activity(clock)
+    collector = IdleCollector(requests, idle=0.5, min_interval=60, max_interval=900, clock=clock)
     clock.now += 59
     assert not collector.due()  # too soon after the last one
     clock.now += 2
     assert collector.due()  # idle since it started
-    collector.request_started()
+    requests.started()
     assert not collector.due()  # a request is in flight
     clock.now += 1
-    collector.request_ended()
+    requests.ended()
     assert not collector.due()  # the request ended just now
     clock.now += 0.5
     assert collector.due()
@@ -42,8 +44,9 @@ def test_a_full_collection_waits_for_an_idle_moment_after_the_minimum_interval()
 
 def test_a_proxy_that_is_never_idle_still_collects_every_max_interval() -> None:
     clock = Clock()
-    collector = IdleCollector(idle=0.5, min_interval=60, max_interval=900, clock=clock)
-    collector.request_started()
+    requests = Activity(clock)
+    collector = IdleCollector(requests, idle=0.5, min_interval=60, max_interval=900, clock=clock)
+    requests.started()
     clock.now += 899
     assert not collector.due()
     clock.now += 1
@@ -76,7 +79,7 @@ def test_the_proxy_collects_only_between_requests(proxy, upstream) -> None:
     before = collector.collections
     threading.Thread(target=slow, daemon=True).start()
     time.sleep(0.2)
-    assert collector.in_flight == 1
+    assert activity.in_flight == 1
     assert done.wait(10)
     during = collector.collections
     assert during == before  # nothing ran while the request was in flight
@@ -85,11 +88,11 @@ def test_the_proxy_collects_only_between_requests(proxy, upstream) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="fake-model", messages="not a list")
-    assert collector.in_flight == 0
+    assert activity.in_flight == 0
     deadline = time.monotonic() + 5
     while collector.collections == during and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert collector.collections > during and collector.in_flight == 0
+    assert collector.collections > during and activity.in_flight == 0
 
 
 async def _collector(proxy) -> IdleCollector:

@@ -295,3 +295,46 @@ def test_stored_vectors_are_half_precision_and_records_fit_an_lmdb_node() -> Non
     unembedded = Memory.from_record({k: v for k, v in record.items() if k not in ("vec16", "model")})
     assert unembedded.vector is None and not unembedded.embedded
     assert Memory.from_record(record, with_vector=False).vector is None and Memory.from_record(record, with_vector=False).embedded
+
+
+def test_periodic_saves_wait_for_a_moment_without_requests(config_path: Path, through_hnsw: None) -> None:
+    """usearch holds the GIL while it writes the index, which stalls every request: a
+    periodic save waits until no request has been in flight for a while (or too long)."""
+    from proxy.priority import activity
+
+    index_file = config_path.parent / "data" / "index" / "local.usearch"
+    with _start(config_path) as proxy:
+        service = _memory(proxy)
+        _add_facts(proxy, FACTS)
+        drain(proxy)
+        assert not index_file.exists() and service._dirty
+
+        async def save_during_a_request() -> tuple[bool, bool]:
+            activity.started()  # a request in flight
+            try:
+                saving = asyncio.ensure_future(service.save_when_quiet(within=30))
+                await asyncio.sleep(0.8)
+                held = not saving.done()
+            finally:
+                activity.ended()
+            await asyncio.wait_for(saving, 5)
+            await service._ops.join()
+            return held, index_file.exists()
+
+        held, saved = proxy.call(save_during_a_request())
+        assert held and saved  # not while the request was in flight; soon after it ended
+        assert not service._dirty
+        _add_facts(proxy, ["The build cache lives on host cache-2."])
+        drain(proxy)
+        before = index_file.stat().st_mtime_ns
+
+        async def never_quiet() -> bool:
+            activity.started()
+            try:
+                await service.save_when_quiet(within=0.3)  # waited long enough: saves regardless
+                await service._ops.join()
+            finally:
+                activity.ended()
+            return index_file.stat().st_mtime_ns != before
+
+        assert proxy.call(never_quiet())

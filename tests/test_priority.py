@@ -78,3 +78,33 @@ async def test_the_indexing_batcher_embeds_on_a_lowered_priority_thread() -> Non
         await index.embed("indexed in the background")
         await query.embed("a request's query")
     assert seen == [19, base]
+
+
+def test_activity_is_quiet_only_after_the_last_request_ended_long_enough_ago() -> None:
+    import asyncio
+
+    from proxy.priority import Activity
+
+    activity = Activity()
+
+    async def scenario() -> list[bool]:
+        activity.started()
+        waited = asyncio.ensure_future(activity.quiet(0.1, within=5))
+        await asyncio.sleep(0.3)
+        pending = not waited.done()  # a request in flight: never quiet
+        activity.ended()
+        ended = time.monotonic()
+        quiet = await waited
+        return [pending, quiet, time.monotonic() - ended >= 0.1]
+
+    assert asyncio.run(scenario()) == [True, True, True]
+
+    async def busy() -> bool:
+        activity.started()
+        try:
+            return await activity.quiet(0.1, within=0.2)
+        finally:
+            activity.ended()
+
+    started = time.monotonic()
+    assert asyncio.run(busy()) is False and time.monotonic() - started < 1

@@ -58,6 +58,11 @@ _LOAD_PAGE = 4096  # memory records decoded at a time at start-up
 # a small batch keeps them searchable soon after they are recorded (~0.3 s of embedding).
 _INDEX_BATCH = 32
 _INSERT_SLICE = 8  # memories made searchable between two yields to the event loop (~1 ms)
+# usearch holds the GIL while it writes an index (60-350 ms for 100k i8 vectors, measured),
+# stalling the event loop and every request with it: saves wait for this long without
+# requests (priority.activity), or at most _SAVE_MAX_WAIT, so a never-quiet proxy still saves.
+_SAVE_QUIET = 0.5
+_SAVE_MAX_WAIT = 600.0
 _QUERY_CHARS = 240  # embedded of a long query (head and tail; BM25 sees it all): ~55 word pieces, ~5 ms int8 on one core
 
 
@@ -189,6 +194,7 @@ class MemoryService:
         self._tasks.append(asyncio.create_task(self._indexer(), name="memory-indexer"))
         self._tasks.append(asyncio.create_task(self._index_worker(), name="memory-index-worker"))
         self._tasks.append(asyncio.create_task(self._maintenance(), name="memory-maintenance"))
+        self._tasks.append(asyncio.create_task(self._saver(), name="memory-saver"))
 
     async def close(self, drain_timeout: float = 3.0) -> None:
         """Finish queued indexing (briefly: what is left is caught up at the next start from the
@@ -879,7 +885,10 @@ class MemoryService:
             finally:
                 self._opening.discard(tenant)
         elif kind == "save":
-            await self._save(loop, tenant)
+            when_quiet = len(op) > 2 and op[2]
+            if not when_quiet or priority.activity.quiet_for(_SAVE_QUIET):
+                await self._save(loop, tenant)
+            # else a request came in meanwhile: still dirty, the next quiet moment saves it
         elif kind == "rebuild":
             await self._rebuild(loop, tenant)
 
@@ -963,13 +972,24 @@ class MemoryService:
 
     # -- maintenance -------------------------------------------------------------------------
 
+    async def _saver(self) -> None:
+        while True:
+            await asyncio.sleep(self.save_interval)
+            await self.save_when_quiet()
+
+    async def save_when_quiet(self, within: float = _SAVE_MAX_WAIT) -> None:
+        """Queue a save of every changed index once no request has been in flight for a
+        while, or after ``within`` seconds regardless."""
+        if self._dirty:
+            quiet = await priority.activity.quiet(_SAVE_QUIET, within=within)
+            for tenant in list(self._dirty):
+                self._ops.put_nowait(("save", tenant, quiet))  # if not quiet: saved now, regardless
+
     async def _maintenance(self) -> None:
         last_vacuum = time.monotonic()
         while True:
             await asyncio.sleep(min(self.save_interval, self.vacuum_interval))
             try:
-                for tenant in list(self._dirty):
-                    self._ops.put_nowait(("save", tenant))
                 for tenant in self.settings:
                     self._queue_reembedding(tenant)  # memories stored while the embedder was down
                 if time.monotonic() - last_vacuum >= self.vacuum_interval:

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from proxy import idle_gc, janitor, tokens
+from proxy import idle_gc, janitor, priority, tokens
 from proxy.config import Config
 from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
@@ -28,10 +28,9 @@ log = logging.getLogger("agent_state_proxy")
 
 def create_app(config: Config, store: Store | None = None) -> web.Application:
     """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one)."""
-    collector = idle_gc.IdleCollector()
-    app = web.Application(middlewares=[_in_flight(collector), errors_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[_in_flight(priority.activity), errors_middleware], client_max_size=config.max_body_bytes)
     app[keys.CONFIG] = config
-    app[keys.COLLECTOR] = collector
+    app[keys.COLLECTOR] = idle_gc.IdleCollector(priority.activity)
     app[keys.READY] = False
     app[keys.STARTED] = time.time()
     app.cleanup_ctx.append(_storage(store))
@@ -44,16 +43,16 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     return app
 
 
-def _in_flight(collector: idle_gc.IdleCollector):
-    """Counts the requests in flight, so full garbage collections wait for a quiet moment."""
+def _in_flight(activity: priority.Activity):
+    """Counts the requests in flight: what stalls the event loop waits for a quiet moment."""
 
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
-        collector.request_started()
+        activity.started()
         try:
             return await handler(request)
         finally:
-            collector.request_ended()
+            activity.ended()
 
     return middleware
 
