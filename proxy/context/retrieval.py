@@ -43,8 +43,9 @@ class _TermCache:
         missing = [i for i, array in enumerate(found) if array is None]
         if missing:  # hashed together: one numpy pass, ~4× faster than one text at a time
             flat, sizes = hash_terms([texts[i] for i in missing])
-            for i, array in zip(missing, np.split(flat, np.cumsum(sizes)[:-1])):
-                found[i] = self._arrays[texts[i]] = array
+            ends = np.cumsum(sizes).tolist()
+            for i, start, end in zip(missing, [0, *ends], ends):  # views of one array (np.split is ~10× slower)
+                found[i] = self._arrays[texts[i]] = flat[start:end]
         for text in texts:
             self._arrays.move_to_end(text)
         while len(self._arrays) > self.size:
