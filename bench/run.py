@@ -84,6 +84,7 @@ CONCURRENCIES = (1, 2, 4, 8, 16, 32, 64)
 # past saturation, more concurrency only adds queueing delay.
 SWEEP_STOP_AFTER = 2
 SWEEP_GAIN = 1.05
+BASELINE = "full@"  # prefix of the name of the full target run from another revision (--baseline)
 MARKER = "<!-- Everything below this line is hand-written and kept when bench/run.py rewrites the file. -->"
 
 # Targets to compare against (see docs/BENCHMARKS.md).
@@ -95,6 +96,23 @@ GOAL_FULL_P50_MS = 15.0  # full mode added p50 (the query embedding is the floor
 GOAL_FULL_P99_MS = 30.0  # full mode added p99
 
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def is_full(name: str) -> bool:
+    """The full target, or the same target run from another revision (--baseline)."""
+    return name == "full" or name.startswith(BASELINE)
+
+
+def report_order(names: Any) -> list[str]:
+    """Targets in report order; baselines follow ``full``."""
+    present = set(names)
+    order = []
+    for name in KNOWN_TARGETS:
+        if name in present:
+            order.append(name)
+        if name == "full":
+            order += sorted(n for n in present if n.startswith(BASELINE))
+    return order
 
 
 def log(message: str) -> None:
@@ -515,8 +533,11 @@ def seed_full_store(config: Path, seed: FullSeed) -> None:
     from seed_full import seed as write_seed
 
     log(f"seeding full: {len(seed.sessions())} sessions ({seed.streams} client streams) x {seed.turns} turns, {seed.memories} memories")
-    seed.report = write_seed(config, "bench", seed.sessions(), seed.turns, seed.memories)
-    log(f"seeded in {seed.report['total_s']:.1f} s ({seed.report})")
+    report = write_seed(config, "bench", seed.sessions(), seed.turns, seed.memories)
+    log(f"seeded in {report['total_s']:.1f} s ({report})")
+    if seed.report:  # a baseline's copy of the same seed: reported once
+        return
+    seed.report = report
     seed.report["query_embedding_floor_ms"] = query_embedding_floor(seed)
     log(f"query embedding floor (this process, one core, nothing else running): {seed.report['query_embedding_floor_ms']} ms")
 
@@ -556,7 +577,7 @@ def wait_memory_indexed(target: Target, headers: dict[str, str], seed: FullSeed,
     stats: Any = None
     while time.monotonic() < deadline:
         if target.server.proc is not None and target.server.proc.poll() is not None:
-            raise RuntimeError(f"full exited while loading its memories:\n{target.server.tail()}")
+            raise RuntimeError(f"{target.name} exited while loading its memories:\n{target.server.tail()}")
         try:
             stats = http_json(url, headers, timeout=10)
         except (OSError, ValueError) as exc:  # 503 while memory starts
@@ -568,21 +589,24 @@ def wait_memory_indexed(target: Target, headers: dict[str, str], seed: FullSeed,
         if stats.get("ready") and index.get("unembedded"):
             raise RuntimeError(f"full: {index['unembedded']} seeded memories were loaded without their vectors")
         if stats.get("ready") and index.get("hnsw_ready") and index.get("hnsw_entries", 0) >= seed.memories:
-            seed.report["index_ready_s"] = round(time.monotonic() - target.server.started_at, 1)
-            seed.report["memories_loaded"] = index.get("memories")
-            log(f"full: {index.get('memories')} memories loaded and indexed {seed.report['index_ready_s']:.1f} s after start")
+            ready_s = round(time.monotonic() - target.server.started_at, 1)
+            log(f"{target.name}: {index.get('memories')} memories loaded and indexed {ready_s:.1f} s after start")
+            if target.name == "full":
+                seed.report["index_ready_s"], seed.report["memories_loaded"] = ready_s, index.get("memories")
             return
         time.sleep(0.5)
     raise RuntimeError(f"full: memory not ready and indexed {timeout:.0f} s after start (last /admin/memory: {stats}):\n{target.server.tail()}")
 
 
-def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_origin: str, master_key: str, install_litellm: bool, cleanup: list[Path], started: list[Server], full: FullSeed) -> tuple[list[Target], dict[str, str]]:
+def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_origin: str, master_key: str, install_litellm: bool, cleanup: list[Path], started: list[Server], full: FullSeed,
+                  baselines: dict[str, Path] | None = None) -> tuple[list[Target], dict[str, str]]:
     """Start every requested server (in parallel) and wait until each is ready.
 
     The full target's store is seeded before it starts, and it is ready only once its
     memories are loaded and indexed. Every server started is appended to ``started`` at once,
     so the caller stops it however this ends; every directory to delete afterwards goes to
-    ``cleanup``."""
+    ``cleanup``. ``baselines``: the source tree of each baseline target (--baseline)."""
+    baselines = baselines or {}
     upstream_base = upstream_origin + "/v1"
     skipped: dict[str, str] = {}
     pending: list[tuple[str, Server, float, dict[str, str] | None]] = []
@@ -597,8 +621,9 @@ def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_or
         if name == "passthrough":
             server = Server(name, [sys.executable, str(BENCH / "passthrough.py"), "--port", str(port), "--upstream", upstream_origin, "--api-key", UPSTREAM_KEY], origin + "/health", logfile)
             pending.append((name, server, 30, None))
-        elif name in PROXY_TARGETS:
-            builder, on_tmpfs = PROXY_TARGETS[name]
+        elif name in PROXY_TARGETS or name.startswith(BASELINE):
+            builder, on_tmpfs = PROXY_TARGETS["full" if is_full(name) else name]
+            cwd = baselines.get(name, REPO)
             tenant, why = builder(upstream_base)
             if tenant is None:
                 skipped[name] = why
@@ -611,13 +636,14 @@ def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_or
                 data_dir = Path(tempfile.mkdtemp(prefix="asp-bench-lmdb-", dir="/dev/shm"))
                 cleanup.append(data_dir)
             config = write_proxy_config(workdir / name, tenant, data_dir)
-            check = subprocess.run([sys.executable, "-m", "proxy", "check-config", "--config", str(config)], cwd=REPO, capture_output=True, text=True)
+            check = subprocess.run([sys.executable, "-m", "proxy", "check-config", "--config", str(config)], cwd=cwd, capture_output=True, text=True)
             if check.returncode != 0:
                 skipped[name] = f"tenant config rejected: {check.stderr.strip() or check.stdout.strip()}"
                 continue
-            if name == "full":
+            if is_full(name):
                 seed_full_store(config, full)
-            server = Server(name, [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)], origin + "/ready", logfile)
+            # `python -m` puts the working directory first on sys.path: a baseline runs its own tree.
+            server = Server(name, [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)], origin + "/ready", logfile, cwd=cwd)
             pending.append((name, server, 60, None))
         elif name == "litellm":
             exe, why = litellm_exe(install_litellm)
@@ -639,7 +665,7 @@ def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_or
             pending.append((name, server, 180, None))
         else:
             raise SystemExit(f"unknown target {name!r} (known: {', '.join(KNOWN_TARGETS)})")
-        targets.append(Target(name, origin + "/v1/chat/completions", server, full.load() if name == "full" else {}))
+        targets.append(Target(name, origin + "/v1/chat/completions", server, full.load() if is_full(name) else {}))
     for name, server, _, _ in pending:
         log(f"starting {name}")
         started.append(server)
@@ -656,7 +682,7 @@ def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_or
                 continue
             raise
     for target in targets:
-        if target.name == "full":
+        if is_full(target.name):
             wait_memory_indexed(target, {"Authorization": f"Bearer {master_key}"}, full, FULL_MEMORY_TIMEOUT)
     return targets, skipped
 
@@ -701,6 +727,17 @@ def ratio(a: float | None, b: float | None) -> float:
 # ---------------------------------------------------------------------------------- the run
 
 
+def checkout_baseline(revision: str, workdir: Path) -> tuple[str, Path]:
+    """A detached worktree of ``revision`` in the run's workdir: (target name, its tree)."""
+    found = subprocess.run(["git", "rev-parse", "--short=7", "--verify", revision + "^{commit}"], cwd=REPO, capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SystemExit(f"--baseline {revision}: not a commit of this repository ({found.stderr.strip()})")
+    short = found.stdout.strip()
+    tree = workdir / f"baseline-{short}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), short], cwd=REPO, check=True, capture_output=True)
+    return BASELINE + short, tree
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     if "direct" not in names:
@@ -725,11 +762,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"meta": meta, "targets": {}, "skipped": {}}
     # One seeded session per client stream the full target can use: the warm-up runs 2 streams.
     full = FullSeed(run_id, max(args.concurrency + [2]), args.full_turns, args.full_memories)
+    baselines: dict[str, Path] = {}
+    if args.baseline:
+        name, tree = checkout_baseline(args.baseline, workdir)
+        baselines[name] = tree
+        names.insert(names.index("full") + 1 if "full" in names else len(names), name)
+        meta["baseline"] = {"target": name, "revision": args.baseline}
     restored: dict[str, list[int]] = {}  # target -> [requests with X-History-Restored, requests]
     started = time.monotonic()
     try:
         upstream.start().wait_ready(30)
-        targets, skipped = build_targets(names, workdir, upstream, upstream_origin, master_key, not args.no_install, cleanup, servers, full)
+        targets, skipped = build_targets(names, workdir, upstream, upstream_origin, master_key, not args.no_install, cleanup, servers, full, baselines)
         if full.report:
             results["full_setup"] = full.report
         results["skipped"] = skipped
@@ -806,6 +849,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if loadgen is not None:
             loadgen.close()
         stop_all(servers)
+        for tree in baselines.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
         if not args.keep_workdir:
             for path in cleanup:
                 shutil.rmtree(path, ignore_errors=True)
@@ -999,8 +1044,8 @@ def full_label(meta: dict[str, Any]) -> str:
 
 def render_markdown(results: dict[str, Any], kept_notes: str) -> str:
     meta, summary, skipped = results["meta"], results["summary"], results["skipped"]
-    labels = LABELS | {"full": full_label(meta)}
-    order = [n for n in KNOWN_TARGETS if n in summary]
+    labels = LABELS | {"full": full_label(meta)} | {n: f"{full_label(meta)}, at {n[len(BASELINE):]} (baseline)" for n in summary if n.startswith(BASELINE)}
+    order = report_order(summary)
     lite = summary.get("litellm")
     rounds = meta["rounds"]
     out: list[str] = []
@@ -1200,6 +1245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", help="comma-separated concurrency levels (default 1,2,4,8,16,32,64)")
     parser.add_argument("--full-turns", type=int, help=f"stored turns of each full-target session (default {FULL_TURNS}; {QUICK_FULL_TURNS} with --quick)")
     parser.add_argument("--full-memories", type=int, help=f"memories of the full target's user (default {FULL_MEMORIES}; {QUICK_FULL_MEMORIES} with --quick)")
+    parser.add_argument("--baseline", metavar="REV", help="also run the full target from git revision REV (a worktree), as full@REV, interleaved with the others: a change's before/after in one run")
     parser.add_argument("--no-install", action="store_true", help="never create bench/.venv-litellm (skip LiteLLM if missing)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs, logs and LMDB data of the run")
     parser.add_argument("--render", metavar="JSON", help="measure nothing: rewrite --out from these raw results (after a change to the report)")
@@ -1256,7 +1302,7 @@ def write_report(results: dict[str, Any], out_path: str | None) -> None:
 def print_summary(results: dict[str, Any]) -> None:
     summary = results["summary"]
     print(f"{'target':<12} {'+JSON p50':>10} {'+JSON p99':>10} {'+SSE TTFB50':>11} {'+SSE TTLB50':>11} {'max rps':>8} {'peak rps':>8} {'CPU/1k':>7} {'RSS MB':>7} {'anon MB':>7}")
-    for name in [n for n in KNOWN_TARGETS if n in summary]:
+    for name in report_order(summary):
         s = summary[name]
         print(f"{name:<12} {fmt(s['json_ttlb_p50_added']):>10} {fmt(s['json_ttlb_p99_added']):>10} {fmt(s['sse_ttfb_p50_added']):>11} "
               f"{fmt(s['sse_ttlb_p50_added']):>11} {fmt(s['max_rps'], 0):>8} {fmt(s['peak_rps'], 0):>8} {fmt(s['json_cpu_per_1k']):>7} {fmt(s['peak_rss_mb'], 0):>7} {fmt(s['peak_anon_mb'], 0):>7}")

@@ -25,6 +25,7 @@ def test_bench_quick_produces_numbers_for_every_target(tmp_path: Path) -> None:
             "--targets", ",".join(TARGETS),
             "--latency-seconds", "0.25", "--step-seconds", "0.25", "--warmup-seconds", "0.1",
             "--concurrency", "1,4", "--out", str(out), "--json", str(raw),
+            "--baseline", "HEAD",  # the full target again, from a worktree of the last commit
         ],
         cwd=REPO, capture_output=True, text=True, timeout=90,
     )
@@ -43,11 +44,15 @@ def test_bench_quick_produces_numbers_for_every_target(tmp_path: Path) -> None:
         assert s["json_errors"] == s["sse_errors"] == s["sweep_errors"] == 0, (name, s)
         if name != "direct":
             assert s["peak_rss_mb"] and s["peak_rss_mb"] > 0, name
+    baseline = results["meta"]["baseline"]["target"]
+    assert baseline.startswith("full@") and baseline in summary, summary.keys()
+    assert summary[baseline]["json_errors"] == summary[baseline]["sweep_errors"] == 0
+    assert summary[baseline]["json_ttlb_p50_added"] > 0
     # The stateful target recognised every resent history (nothing recorded twice).
     check = results["state_check"]["state"]
     assert check["branches"] == 0 and check["turns"] > 0, check
     text = out.read_text()
-    assert "Added latency over direct" in text and "Machine" in text
+    assert "Added latency over direct" in text and "Machine" in text and "(baseline)" in text
     # The report rebuilt from the raw results (--render) is the one written by the run.
     again = tmp_path / "again.md"
     rendered = subprocess.run([sys.executable, "bench/run.py", "--render", str(raw), "--out", str(again)],
