@@ -306,3 +306,49 @@ def test_reusing_the_previous_requests_view_changes_nothing_sent(tmp_path: Path,
     assert all(len(m) < 49 for m in branch)  # the budget shaped the branch's requests
     assert any("zeppelin hangar instead" in str(m.get("content")) for m in branch[0][:-1])  # retrieved: the edited text
     assert cached == uncached
+
+
+def test_a_restored_session_without_summaries_has_each_made_once(tmp_path: Path, upstream: FakeUpstream, monkeypatch) -> None:
+    """A long stored session whose summaries are missing (recorded with context management
+    off, or stored before them): the first request makes the extractive summaries it needs
+    at once, and, without a summarizer model, keeps them; the background pass must not make
+    them all again (~80 of 1.5-3 ms each for a 1,000-message session, on the event loop)."""
+    from proxy.context import manager as manager_module
+    from proxy.context import summaries as summary_store
+    from proxy.storage.base import Record, Write
+
+    spec = tenant(upstream, summarizer_model=None)
+    config = write_config(tmp_path, {"local": spec})
+    with start_thread(config) as proxy:
+        history = converse_plain(proxy, "long", 40)
+        wait_for_background(proxy)
+    with start_thread(config) as proxy:  # fresh caches; drop every stored summary
+        store = proxy.app[keys.STORE]
+        stored = proxy.call(summary_store.load(store, "local", "long"))
+        assert len(stored) > 8
+        proxy.call(store.apply([Write("local", records=[Record(summary_store.KIND, key, None, "long") for key in stored])]))
+        made: list[str] = []
+        original = manager_module._extractive_segment
+
+        def counted(segment, *args, **kwargs):
+            made.append(segment.key)
+            return original(segment, *args, **kwargs)
+
+        monkeypatch.setattr(manager_module, "_extractive_segment", counted)
+        response = sdk(proxy).chat.completions.with_raw_response.create(
+            model="fake-model", messages=[SYSTEM, *history[-6:], {"role": "user", "content": "and the next item?"}],
+            extra_headers={"X-Session-ID": "long"})
+        assert int(response.headers["X-History-Restored"]) > 60
+        wait_for_background(proxy)
+        assert len(made) > 8 and len(made) == len(set(made)), made  # each segment summarized once
+        assert set(proxy.call(summary_store.load(store, "local", "long"))) >= set(made)  # and kept
+
+
+def converse_plain(proxy: ProxyThread, session: str, turns: int) -> list[dict[str, Any]]:
+    """``turns`` turns resending the whole history (the proxy stores all of it)."""
+    client, history = sdk(proxy), []
+    for t in range(turns):
+        history.append({"role": "user", "content": f"Turn {t}: tell me about item {t}, which costs {t * 3} dollars and ships on day {t % 28 + 1}."})
+        reply = client.chat.completions.create(model="fake-model", messages=[SYSTEM, *history], extra_headers={"X-Session-ID": session})
+        history.append({"role": "assistant", "content": reply.choices[0].message.content})
+    return history

@@ -305,13 +305,21 @@ class ContextManager:
         encoding = budget.encoding
         merged = dict(available)
         waits = []
+        final: list[Summary] = []
         for rank, index in enumerate(result.missing):
             segment = view.segments[index]
             if segment.seqs and rank < _HOT_LLM_SEGMENTS:
                 waits.append(self._segment_summary(ref, segment, view, encoding, budget.prompt))
-            else:  # not storable (unrecorded messages) or too many to wait for: this request only
+            else:  # not storable (unrecorded messages) or too many to wait for: made here, extractive
                 size = segment_size(settings, budget.prompt)
-                merged[segment.key] = _extractive_segment(segment, view, size, encoding, stored=False)
+                # Without a summarizer model this is the very summary the background pass would
+                # make: kept, so the pass skips it (a restored 1,000-message session has ~80).
+                keep = bool(segment.seqs) and not settings.summarizer_model
+                summary = merged[segment.key] = _extractive_segment(segment, view, size, encoding, stored=keep)
+                if keep:
+                    final.append(summary)
+        if final:
+            await self._save(ref, *final)
         for summary in await asyncio.gather(*waits):
             merged[summary.key] = summary
         if len(result.missing) > _HOT_LLM_SEGMENTS:
@@ -417,16 +425,16 @@ class ContextManager:
             return None
         return summarizer.reply_text(response)
 
-    async def _save(self, ref: _Session, summary: Summary) -> None:
+    async def _save(self, ref: _Session, *summaries: Summary) -> None:
         session = await self.store.get_session(ref.tenant.name, ref.id)
         if session is None or session.created_at != ref.created_at:
             return  # erased (or replaced) meanwhile: its summaries must not outlive it
-        await summary_store.save(self.store, ref.tenant.name, ref.id, summary)
-        await self._remember(ref, summary)
+        await summary_store.save(self.store, ref.tenant.name, ref.id, *summaries)
+        await self._remember(ref, *summaries)
 
-    async def _remember(self, ref: _Session, summary: Summary) -> None:
+    async def _remember(self, ref: _Session, *summaries: Summary) -> None:
         found = await self._summaries_of(ref)
-        found[summary.key] = summary
+        found.update((summary.key, summary) for summary in summaries)
 
     # -- after a turn is recorded: background work -------------------------------------------
 

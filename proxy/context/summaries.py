@@ -76,8 +76,8 @@ async def load(store: Store, tenant: str, session_id: str) -> dict[str, Summary]
     return found
 
 
-async def save(store: Store, tenant: str, session_id: str, summary: Summary) -> None:
-    await put_derived(store, tenant, [Record(KIND, summary.key, summary.to_value(), session_id)])
+async def save(store: Store, tenant: str, session_id: str, *summaries: Summary) -> None:
+    await put_derived(store, tenant, [Record(KIND, summary.key, summary.to_value(), session_id) for summary in summaries])
 
 
 async def put_derived(store: Store, tenant: str, records: Sequence[Record]) -> None:
