@@ -1,10 +1,10 @@
-"""The words lexical retrieval matches on, as 64-bit hashes, for many texts in one numpy pass.
+"""The words lexical retrieval matches on, as 48-bit hashes, for many texts in one numpy pass.
 
 ``terms`` is the definition: lowercase, words of 3+ characters from ``[a-z0-9'_-]`` that
 start with a letter or digit, stop words left out. ``hash_terms`` computes each text's
 distinct terms as hashes without making a Python string per word: a session's older
-exchanges (~500 texts, ~350 KB, in a 1,000-message session) take ~3 ms this way against
-~20 ms word by word, which is what a request pays when its session's cached view is gone.
+exchanges (~500 texts, ~350 KB, in a 1,000-message session) take ~8 ms this way against
+11-19 ms word by word, which is what a request pays when its session's cached view is gone.
 ``term_hash`` is the same hash of one term.
 """
 
