@@ -17,7 +17,6 @@ import asyncio
 import gc
 import logging
 import time
-from typing import Callable
 
 from proxy.priority import Activity
 
@@ -33,31 +32,22 @@ def disable_automatic_full_collection(young: int = 700, middle: int = 50) -> Non
 
 
 class IdleCollector:
-    def __init__(self, activity: Activity, idle: float = 0.5, min_interval: float = 60.0, max_interval: float = 900.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, activity: Activity, idle: float = 0.5, min_interval: float = 60.0, max_interval: float = 900.0) -> None:
         self.activity = activity
         self.idle, self.min_interval, self.max_interval = idle, min_interval, max_interval
-        self.clock = clock
-        self._last_collection = clock()
         self.collections = 0
         self.last_pause_ms: float | None = None
 
-    def due(self) -> bool:
-        since = self.clock() - self._last_collection
-        return since >= self.max_interval or (since >= self.min_interval and self.activity.quiet_for(self.idle))
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.min_interval)
+            await self.activity.quiet(self.idle, within=self.max_interval - self.min_interval)
+            self.collect()
 
     def collect(self) -> int:
         started = time.perf_counter()
         found = gc.collect()
         self.last_pause_ms = (time.perf_counter() - started) * 1000
-        self._last_collection = self.clock()
         self.collections += 1
         log.debug("full collection: %d unreachable objects, %.1f ms", found, self.last_pause_ms)
         return found
-
-    async def run(self) -> None:
-        period = min(self.idle, self.min_interval) / 2 or 0.1
-        while True:
-            await asyncio.sleep(period)
-            if self.due():
-                self.collect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 import time
@@ -11,46 +12,46 @@ import pytest
 
 from proxy.idle_gc import IdleCollector, disable_automatic_full_collection
 from proxy.priority import Activity, activity
-from proxy.server import keys
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+def _run_for(collector: IdleCollector, steps: list[tuple[float, object]]) -> list[int]:
+    """Run the collector's loop; after each (delay, action) step, note how many collections ran."""
 
-    def __call__(self) -> float:
-        return self.now
+    async def scenario() -> list[int]:
+        task = asyncio.ensure_future(collector.run())
+        seen = []
+        try:
+            for delay, action in steps:
+                await asyncio.sleep(delay)
+                seen.append(collector.collections)
+                if callable(action):
+                    action()
+        finally:
+            task.cancel()
+        return seen
+
+    return asyncio.run(scenario())
 
 
 def test_a_full_collection_waits_for_an_idle_moment_after_the_minimum_interval() -> None:
-    clock = Clock()
-    requests = Activity(clock)
-    collector = IdleCollector(requests, idle=0.5, min_interval=60, max_interval=900, clock=clock)
-    clock.now += 59
-    assert not collector.due()  # too soon after the last one
-    clock.now += 2
-    assert collector.due()  # idle since it started
-    requests.started()
-    assert not collector.due()  # a request is in flight
-    clock.now += 1
-    requests.ended()
-    assert not collector.due()  # the request ended just now
-    clock.now += 0.5
-    assert collector.due()
-    assert collector.collect() >= 0
-    assert collector.collections == 1 and collector.last_pause_ms is not None
-    assert not collector.due()  # the interval starts over
+    requests = Activity()
+    collector = IdleCollector(requests, idle=0.2, min_interval=0.3, max_interval=60)
+    seen = _run_for(collector, [
+        (0.2, requests.started),  # too soon after the start; then a request comes in
+        (0.5, requests.ended),  # in flight all along
+        (0.1, None),  # the request ended just now
+        (0.4, None),  # quiet for long enough
+    ])
+    assert seen[:3] == [0, 0, 0] and seen[3] >= 1
+    assert collector.last_pause_ms is not None
 
 
 def test_a_proxy_that_is_never_idle_still_collects_every_max_interval() -> None:
-    clock = Clock()
-    requests = Activity(clock)
-    collector = IdleCollector(requests, idle=0.5, min_interval=60, max_interval=900, clock=clock)
+    requests = Activity()
     requests.started()
-    clock.now += 899
-    assert not collector.due()
-    clock.now += 1
-    assert collector.due()
+    collector = IdleCollector(requests, idle=0.2, min_interval=0.1, max_interval=0.4)
+    seen = _run_for(collector, [(0.3, None), (0.5, None)])
+    assert seen[0] == 0 and seen[1] >= 1
 
 
 def test_serve_collects_generation_two_only_when_asked() -> None:
@@ -66,8 +67,15 @@ def test_serve_collects_generation_two_only_when_asked() -> None:
 def test_the_proxy_collects_only_between_requests(proxy, upstream) -> None:
     """Through the real app: no collection while a slow request is in flight, one soon after
     it ended; streamed and failed requests are counted out too."""
-    collector = proxy.call(_collector(proxy))
-    collector.idle, collector.min_interval = 0.2, 0.3
+    collector = IdleCollector(activity, idle=0.2, min_interval=0.3)  # fed by the app's middleware
+    running = proxy.call(_start(collector))
+    try:
+        _requests_then_quiet(proxy, upstream, collector)
+    finally:
+        proxy.call(_stop(running))
+
+
+def _requests_then_quiet(proxy, upstream, collector: IdleCollector) -> None:
     client = openai.OpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
     upstream.latency = 1.5
     done = threading.Event()
@@ -95,5 +103,9 @@ def test_the_proxy_collects_only_between_requests(proxy, upstream) -> None:
     assert collector.collections > during and activity.in_flight == 0
 
 
-async def _collector(proxy) -> IdleCollector:
-    return proxy.app[keys.COLLECTOR]
+async def _start(collector: IdleCollector) -> asyncio.Future:
+    return asyncio.ensure_future(collector.run())
+
+
+async def _stop(running: asyncio.Future) -> None:
+    running.cancel()

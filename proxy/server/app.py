@@ -30,7 +30,6 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one)."""
     app = web.Application(middlewares=[_in_flight(priority.activity), errors_middleware], client_max_size=config.max_body_bytes)
     app[keys.CONFIG] = config
-    app[keys.COLLECTOR] = idle_gc.IdleCollector(priority.activity)
     app[keys.READY] = False
     app[keys.STARTED] = time.time()
     app.cleanup_ctx.append(_storage(store))
@@ -129,7 +128,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await pipeline.memory.forget_session(tenant, session_id)
 
     tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=forget))]
-    tasks.append(asyncio.create_task(app[keys.COLLECTOR].run()))
+    tasks.append(asyncio.create_task(idle_gc.IdleCollector(priority.activity).run()))
     # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
     tokens.begin_warming()
     tasks.append(asyncio.create_task(asyncio.to_thread(tokens.warm)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.idle_gc import IdleCollector
 from proxy.pipeline import Pipeline
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
@@ -16,4 +15,3 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 READY = web.AppKey("ready", bool)
 STARTED = web.AppKey("started", float)
-COLLECTOR = web.AppKey("collector", IdleCollector)
