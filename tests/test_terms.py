@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from proxy.context.terms import hash_terms, term_hash, terms
+from proxy.context.terms import hash_terms, query_hashes, term_hash, terms
 
 # Word bytes, the characters around them, and text that lowercases into ASCII (the Kelvin sign).
 _ALPHABET = st.sampled_from(list("abcxyzABC019'_- .,\n\t!?") + ["é", "ü", "ß", "\u212a", "日本", "İ", "\ud800"])
@@ -23,6 +23,13 @@ def test_hash_terms_finds_the_terms_of_every_text(texts: list[str]) -> None:
     assert len(sizes) == len(texts)
     for text, hashes in zip(texts, _per_text(flat, sizes)):
         assert hashes == sorted(term_hash(t) for t in terms(text))  # distinct, ascending
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_ALPHABET, max_size=80).map("".join))
+def test_a_query_hashes_as_its_text_would(text: str) -> None:
+    assert query_hashes(text).tolist() == hash_terms([text])[0].tolist()
+    assert query_hashes(text).tolist() == hash_terms([text])[0].tolist()  # from remembered terms
 
 
 def test_stop_words_short_words_and_leading_punctuation() -> None:

@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from proxy.context.terms import hash_terms
+from proxy.context.terms import hash_terms, query_hashes
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,7 @@ class LexicalRetriever:
 def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: float = 1.2) -> list[int]:
     """Positions of the best ``limit`` candidates for ``query``, best first (ties: the later
     one). Binary term frequency with length normalisation: short, on-topic turns win."""
-    query, _ = hash_terms([query])
+    query = query_hashes(query)
     if not query.size or not candidates or limit <= 0:
         return []
     docs = _term_cache.arrays([candidate.text for candidate in candidates])

@@ -134,3 +134,20 @@ def term_hash(term: str) -> int:
     """``hash_terms``' hash of one term (a member of ``terms(...)``)."""
     _, h = _word_hashes(np.frombuffer(b" " + term.encode() + b" ", dtype=np.uint8))
     return int(h[0])
+
+
+_KNOWN: dict[str, int] = {}  # term -> hash, for one text at a time (a request's query)
+_KNOWN_MAX = 1 << 16
+
+
+def query_hashes(text: str) -> np.ndarray:
+    """``hash_terms([text])[0]`` for one short text, mostly from remembered terms: ~10 µs for a
+    request's query against ~75 µs for a numpy pass over a single text."""
+    words = terms(text)
+    missing = [word for word in words if word not in _KNOWN]
+    if missing:
+        if len(_KNOWN) + len(missing) > _KNOWN_MAX:
+            _KNOWN.clear()
+        hashes, _ = hash_terms(missing)  # one term per text: one hash each, in order
+        _KNOWN.update(zip(missing, hashes.tolist()))
+    return np.sort(np.fromiter(map(_KNOWN.__getitem__, words), dtype=np.int64, count=len(words)))
