@@ -135,21 +135,26 @@ _VOCABULARY = ["password", "rotation", "database", "oslo", "weather", "pasta", "
 
 
 def _rank_model(query: str, candidates: list[Candidate], limit: int, k1: float = 1.2) -> list[int]:
-    """BM25 with binary tf, one candidate at a time in plain Python: what rank_lexical computes."""
-    import math
+    """BM25 with binary tf, one candidate at a time in plain Python: what rank_lexical computes.
+
+    The idf values come from numpy as rank_lexical's do (all query terms, in hash order):
+    np.log1p and math.log1p differ in the last bit for some inputs, and equal scores must tie
+    exactly, summed in hash order, for the later-candidate-first rule to be checked."""
+    import numpy as np
 
     from proxy.context.terms import term_hash, terms
 
-    wanted = terms(query)
+    wanted = sorted(terms(query), key=term_hash)
     docs = [terms(c.text) for c in candidates]
-    df = {t: sum(t in d for d in docs) for t in wanted}
+    df = np.array([sum(t in d for d in docs) for t in wanted], dtype=np.int64)
+    idf = dict(zip(wanted, np.log1p((len(docs) - df + 0.5) / (df + 0.5)).tolist()))
     scored = []
     for position, doc in enumerate(docs):
-        common = sorted(doc & wanted, key=term_hash)
+        common = sorted(doc & set(wanted), key=term_hash)
         if common:
             total = 0.0
             for t in common:
-                total += math.log1p((len(docs) - df[t] + 0.5) / (df[t] + 0.5))
+                total += idf[t]
             scored.append((total * ((k1 + 1) / (1 + k1 * (1 + 0.5 * len(doc) / 40))), position))
     scored.sort(key=lambda s: (-s[0], -s[1]))
     return [position for _, position in scored[:limit]]
