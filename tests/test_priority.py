@@ -50,10 +50,15 @@ def test_background_threads_run_at_the_lowest_priority_and_requests_do_not() -> 
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    mine = nice()
+    def policy() -> int:
+        return os.sched_getscheduler(0)
+
+    mine, my_policy = nice(), policy()
     with ThreadPoolExecutor(max_workers=1, initializer=background_thread) as pool:
         assert pool.submit(nice).result() == 19
-    assert nice() == mine  # per thread: the event loop's thread keeps its priority
+        assert pool.submit(policy).result() == os.SCHED_IDLE
+    # per thread: the event loop's thread keeps its priority and policy
+    assert (nice(), policy()) == (mine, my_policy) and my_policy != os.SCHED_IDLE
 
 
 async def test_the_indexing_batcher_embeds_on_a_lowered_priority_thread() -> None:
