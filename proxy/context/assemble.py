@@ -286,7 +286,8 @@ def _build(view: View, option: _Option, budget: int, policy: Policy, overhead: i
             messages.extend(i.body for i in items[units[u].start:units[u].end])
     sent = overhead + sum(units[u].tokens for u in keep)
     if block is not None:
-        sent += tokens.count_text(_header(view, parts, omitted, policy.summaries), encoding) + _MESSAGE_OVERHEAD
+        # The header changes only when the summaries or the omitted count do: counted once.
+        sent += tokens.count_recurring(_header(view, parts, omitted, policy.summaries), encoding) + _MESSAGE_OVERHEAD
         sent += sum(part_tokens(p, encoding) for p in parts)
     return Assembly(
         messages, sent, full, changed=True, frontier_seq=_seq_before(view, frontier),
