@@ -101,12 +101,20 @@ def background_thread() -> None:
     SCHED_IDLE rather than nice 19 alone: the scheduler then counts a core running only such
     threads as idle, so a request's thread that wakes up takes that core at once instead of
     queueing behind another request's thread, and a nice-19 thread still gets ~1.5 % of a
-    busy core where a SCHED_IDLE one gets ~0.3 %."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
+    busy core where a SCHED_IDLE one gets ~0.3 %. Not for work that holds the GIL for long
+    (see ``low_priority_thread``)."""
+    low_priority_thread()
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # pid 0: this thread
+    except (AttributeError, OSError):
+        pass
+
+
+def low_priority_thread() -> None:
+    """Nice 19 only (a ThreadPoolExecutor ``initializer``): for background work that holds the
+    GIL for long stretches, such as writing the usearch index. A SCHED_IDLE thread preempted
+    while holding the GIL would stall the event loop until a core fell idle."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):
         pass

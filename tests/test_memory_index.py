@@ -157,6 +157,41 @@ def test_index_is_saved_at_shutdown_and_loaded_at_start(config_path: Path, throu
         assert injected_ids(headers)
 
 
+def test_index_files_are_written_and_read_on_a_thread_that_is_never_starved(config_path: Path, through_hnsw: None,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """usearch holds the GIL for a whole save or load: on a SCHED_IDLE thread (where indexing
+    runs), a preemption in the middle would stall the event loop until a core fell idle."""
+    import os
+    import threading
+
+    from proxy.memory.vectors import VectorIndex
+
+    seen: dict[str, tuple[int, int]] = {}
+
+    def thread_state() -> tuple[int, int]:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0)
+
+    save, load = VectorIndex.save, VectorIndex.load.__func__
+
+    def recording_save(self, *args, **kwargs):
+        seen["save"] = thread_state()
+        return save(self, *args, **kwargs)
+
+    def recording_load(cls, *args, **kwargs):
+        seen["load"] = thread_state()
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(VectorIndex, "save", recording_save)
+    monkeypatch.setattr(VectorIndex, "load", classmethod(recording_load))
+    with _start(config_path) as proxy:
+        _add_facts(proxy, FACTS)
+        drain(proxy)
+    with _start(config_path) as proxy:
+        drain(proxy)
+        assert _hnsw_keys(proxy) == _alive_keys(proxy)
+    assert seen == {"save": (19, os.SCHED_OTHER), "load": (19, os.SCHED_OTHER)}
+
+
 @pytest.mark.parametrize("damage", ["delete", "corrupt", "truncate"])
 def test_index_is_rebuilt_from_lmdb_when_the_file_is_missing_or_corrupt(config_path: Path, through_hnsw: None, damage: str) -> None:
     with _start(config_path) as proxy:

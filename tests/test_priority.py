@@ -61,6 +61,19 @@ def test_background_threads_run_at_the_lowest_priority_and_requests_do_not() -> 
     assert (nice(), policy()) == (mine, my_policy) and my_policy != os.SCHED_IDLE
 
 
+def test_threads_that_hold_the_gil_get_nice_19_but_stay_schedulable() -> None:
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from proxy.priority import low_priority_thread
+
+    def state() -> tuple[int, int]:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0)
+
+    with ThreadPoolExecutor(max_workers=1, initializer=low_priority_thread) as pool:
+        assert pool.submit(state).result() == (19, os.SCHED_OTHER)
+
+
 async def test_the_indexing_batcher_embeds_on_a_lowered_priority_thread() -> None:
     import os
 

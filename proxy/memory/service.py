@@ -164,6 +164,9 @@ class MemoryService:
         self._reembedding: set[str] = set()  # ids queued for a vector they are missing
         self._sessions_forgotten = 0  # forget_session calls so far (an indexing batch checks it)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index", initializer=priority.background_thread)
+        # usearch holds the GIL for a whole save or load (63 ms to ~350 ms at 100k): not on a
+        # SCHED_IDLE thread, which could be preempted holding it (proxy/priority.py).
+        self._file_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index-file", initializer=priority.low_priority_thread)
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -213,6 +216,7 @@ class MemoryService:
         for embedder in self._embedders.values():
             await embedder.close()
         self._executor.shutdown(wait=True)
+        self._file_executor.shutdown(wait=True)
 
     async def drain(self) -> None:
         """Wait until every queued memory is indexed and every index change applied (tests, benchmarks)."""
@@ -905,7 +909,7 @@ class MemoryService:
         index = None
         if manifest.get("digest") and manifest.get("model") == self._model_name(tenant) and manifest.get("dim") == mem.mirror.dim:
             try:
-                index = await loop.run_in_executor(self._executor, VectorIndex.load, path, manifest["digest"], mem.mirror.dim, INDEX_DTYPE)
+                index = await loop.run_in_executor(self._file_executor, VectorIndex.load, path, manifest["digest"], mem.mirror.dim, INDEX_DTYPE)
             except IndexFileError as exc:
                 log.warning("memory: index of tenant %s unusable (%s); rebuilding from LMDB", tenant, exc)
                 self.counters[tenant]["index_rebuilds"] += 1
@@ -965,7 +969,7 @@ class MemoryService:
         if mem.vectors is None or not mem.hnsw_ready:
             return
         self._dirty.discard(tenant)
-        digest = await loop.run_in_executor(self._executor, mem.vectors.save, self._index_path(tenant))
+        digest = await loop.run_in_executor(self._file_executor, mem.vectors.save, self._index_path(tenant))
         manifest = {"digest": digest, "model": self._model_name(tenant), "dim": mem.vectors.dim, "dtype": mem.vectors.dtype,
                     "next_key": mem.next_key, "count": len(mem.vectors), "saved_at": time.time()}
         await self.store.apply([Write(tenant, records=[Record(MANIFEST_KIND, MANIFEST_KEY, manifest)])])
