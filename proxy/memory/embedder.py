@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +29,9 @@ import numpy as np
 __all__ = ["Embedder", "MiniLM", "MiniLMWeights", "LocalMiniLM", "EmbeddingBatcher", "default_model_dir"]
 
 _F32 = np.float32
+# One thread per tokenizer call (each embedder has its own thread already); without it,
+# tokenizers' encode_batch runs on a rayon pool with a thread per core.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokens per forward pass of background (pausable) embedding: a 256-token layer is ~10 ms on one
 # core, a 4096-token one (the default bucket) ~150 ms, too long for a request to wait behind.
 _BACKGROUND_BUCKET_TOKENS = 256
@@ -260,17 +263,17 @@ class MiniLM:
         tok.no_padding()
         tok.enable_truncation(max_length=self.max_seq_length)
         self._tok = tok
-        self._tok_lock = threading.Lock()
         self.model_dir = path
 
     # ------------------------------------------------------------ tokenizing
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Word-piece ids (with [CLS]/[SEP]), truncated to ``max_seq_length``."""
-        with self._tok_lock:
-            # encode() one by one: avoids the rayon thread pool of
-            # encode_batch (and its fork warnings); cost is ~µs per text.
-            return [self._tok.encode(t).ids for t in texts]
+        # encode_batch, unlike encode, lets go of the GIL while it works (~0.25 ms for 800
+        # characters). Indexing threads run under SCHED_IDLE (proxy/priority.py): one
+        # preempted while holding the GIL would stall the event loop until a core idles.
+        # TOKENIZERS_PARALLELISM (set at import) keeps it on the calling thread.
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
 
     # ------------------------------------------------------------ inference
 
