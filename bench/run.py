@@ -528,15 +528,21 @@ class FullSeed:
         return {"workload": "window", "stored_turns": self.turns, "extra_headers": {"X-User-ID": BENCH_USER}}
 
 
-def seed_full_store(config: Path, seed: FullSeed) -> None:
-    """Store the long sessions and the user's memories before the full proxy starts."""
+def seed_full_store(config: Path, seed: FullSeed, tree: Path | None = None) -> None:
+    """Store the long sessions and the user's memories before the full proxy starts; with a
+    baseline's ``tree``, by that tree's own seeding code, in the layout its proxy reads."""
     from seed_full import seed as write_seed
 
     log(f"seeding full: {len(seed.sessions())} sessions ({seed.streams} client streams) x {seed.turns} turns, {seed.memories} memories")
+    if tree is not None:
+        done = subprocess.run([sys.executable, "bench/seed_full.py", "--config", str(config), "--run-id", seed.run_id, "--streams", str(seed.streams),
+                               "--turns", str(seed.turns), "--memories", str(seed.memories)], cwd=tree, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"seeding from {tree} failed:\n{done.stderr[-3000:]}")
+        log(f"seeded by {tree.name}: {done.stdout.strip()}")
+        return  # the same seed as the full target's: reported once, there
     report = write_seed(config, "bench", seed.sessions(), seed.turns, seed.memories)
     log(f"seeded in {report['total_s']:.1f} s ({report})")
-    if seed.report:  # a baseline's copy of the same seed: reported once
-        return
     seed.report = report
     seed.report["query_embedding_floor_ms"] = query_embedding_floor(seed)
     log(f"query embedding floor (this process, one core, nothing else running): {seed.report['query_embedding_floor_ms']} ms")
@@ -641,7 +647,7 @@ def build_targets(names: list[str], workdir: Path, upstream: Server, upstream_or
                 skipped[name] = f"tenant config rejected: {check.stderr.strip() or check.stdout.strip()}"
                 continue
             if is_full(name):
-                seed_full_store(config, full)
+                seed_full_store(config, full, baselines.get(name))
             # `python -m` puts the working directory first on sys.path: a baseline runs its own tree.
             server = Server(name, [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)], origin + "/ready", logfile, cwd=cwd)
             pending.append((name, server, 60, None))
@@ -735,6 +741,10 @@ def checkout_baseline(revision: str, workdir: Path) -> tuple[str, Path]:
     short = found.stdout.strip()
     tree = workdir / f"baseline-{short}"
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), short], cwd=REPO, check=True, capture_output=True)
+    # The seed's sentence vectors (git-ignored, minutes to embed): the baseline seeds from them too.
+    (tree / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    for cached in (BENCH / "results").glob("seed-sentences-*.npy"):
+        shutil.copy2(cached, tree / "bench" / "results" / cached.name)
     return BASELINE + short, tree
 
 
@@ -865,6 +875,9 @@ def summarise_latency(res: dict[str, Any]) -> dict[str, Any]:
         "ttlb_p50": pct(res["ttlb_ms"], 50), "ttlb_p99": pct(res["ttlb_ms"], 99),
         "ttfb_p50": pct(res["ttfb_ms"], 50), "ttfb_p99": pct(res["ttfb_ms"], 99),
         "cpu_s": res["cpu_s"], "cpu_per_1k": res["cpu_s"] / n * 1000 if n else float("nan"),
+        # In the order sent: a tail's causes show in where its requests fall (the first ones
+        # after a sweep, a stretch mid-step, or scattered).
+        "ttlb_ms": res["ttlb_ms"],
     }
 
 
