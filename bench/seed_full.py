@@ -9,7 +9,7 @@ What the "full" target of bench/run.py measures is a proxy at work for a user wi
   user-scope retrieval search the HNSW index rather than the exact path (≤ 8192 vectors).
 
 Everything is written through the proxy's own storage code (LmdbStore, Write, Record, the
-record dataclasses, ``Memory.to_record``), as the proxy records it, in a few large
+record dataclasses, ``Memory.records``), as the proxy records it, in a few large
 transactions. Memories are synthesised as bench/memory_latency.py does (1-3 LoCoMo sentences,
 vector = normalised sum of their cached MiniLM vectors + a little noise): embedding 100k
 texts would take ~15 min. They carry the local embedder's model name, so the proxy loads
@@ -42,7 +42,7 @@ from proxy import tokens  # noqa: E402
 from proxy.config import load_config  # noqa: E402
 from proxy.context.importance import tag_message  # noqa: E402
 from proxy.memory.remote import LOCAL_ENGINES  # noqa: E402
-from proxy.memory.model import KIND, SEMANTIC, Memory  # noqa: E402
+from proxy.memory.model import SEMANTIC, Memory  # noqa: E402
 from proxy.memory.service import MARK_KEY, MARK_KIND  # noqa: E402
 from proxy.records import Message, Session  # noqa: E402
 from proxy.storage.base import Record, Write  # noqa: E402
@@ -107,12 +107,13 @@ async def _seed(config_path: Path, tenant: str, sessions: list[str], turns: int,
         name, span = model_name(), MEMORY_SPAN_DAYS * 86400 / max(memories, 1)
         for start in range(0, memories, MEMORIES_PER_TXN):
             records = [
-                Record(KIND, memory.id, memory.to_record())
+                record
                 for memory in (
                     Memory(id=_memory_id(i), type=SEMANTIC, text=texts[i], ts=now - (memories - i) * span, key=i,
                            user=BENCH_USER, model=name, vector=matrix[i])
                     for i in range(start, min(memories, start + MEMORIES_PER_TXN))
                 )
+                for record in memory.records()
             ]
             await store.apply([Write(tenant, records=records)])
         timings["memories_s"] = round(time.perf_counter() - t0, 2)

@@ -8,6 +8,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, keyed_tenant, write_config
 from tests.memory_helpers import SLOW_OK, running
@@ -112,6 +113,8 @@ def test_add_list_search_get_delete(proxy: ProxyThread) -> None:
     deleted = httpx.delete(f"{proxy.url}/v1/memories/{added[2]['id']}", headers=AUTH)
     assert deleted.status_code == 200 and deleted.json() == {"id": added[2]["id"], "object": "memory", "deleted": True}
     assert httpx.get(f"{proxy.url}/v1/memories/{added[2]['id']}", headers=AUTH).status_code == 404
+    stored = {kind: {key for key, _ in proxy.call(proxy.app[keys.STORE].scan_records("alpha", kind))} for kind in ("memory", "memory_vector")}
+    assert stored["memory"] == stored["memory_vector"] == {added[0]["id"], added[1]["id"], rule["id"]}  # the vector went too
     found = httpx.post(f"{proxy.url}/v1/memories/search", headers=AUTH, json={"query": "What is the name of Alice's cat?", "user_id": "alice"}).json()
     assert added[2]["id"] not in [m["id"] for m in found["data"]]
     stats = httpx.get(f"{proxy.url}/admin/memory", headers=AUTH).json()

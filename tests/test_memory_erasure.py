@@ -23,9 +23,11 @@ def _memory_ids(proxy: ProxyThread) -> set[str]:
     return {m["id"] for m in httpx.get(f"{proxy.url}/v1/memories?limit=1000").json()["data"]}
 
 
-def _stored(proxy: ProxyThread, session: str) -> list:
+def _stored(proxy: ProxyThread, session: str) -> list[tuple[str, str]]:
+    """(kind, key) of the session's memory records and vector records in LMDB."""
     assert proxy.app is not None
-    return proxy.call(proxy.app[keys.STORE].scan_records("local", "memory", session))
+    store = proxy.app[keys.STORE]
+    return [(kind, key) for kind in ("memory", "memory_vector") for key, _ in proxy.call(store.scan_records("local", kind, session))]
 
 
 def _indexed_keys(proxy: ProxyThread) -> int:
@@ -39,7 +41,8 @@ def test_deleting_a_session_erases_its_memories_everywhere(tmp_path: Path, upstr
         chat(proxy, "Book the 9:40 train to Ghent.", user="alice", session="other")
         drain(proxy)
         travel = {m["id"] for m in httpx.get(f"{proxy.url}/v1/memories?session_id=travel").json()["data"]}
-        assert len(travel) == 2 and len(_stored(proxy, "travel")) == 2 and _indexed_keys(proxy) == 4
+        assert len(travel) == 2 and _indexed_keys(proxy) == 4
+        assert sorted(_stored(proxy, "travel")) == sorted((kind, key) for kind in ("memory", "memory_vector") for key in travel)
 
         assert httpx.delete(f"{proxy.url}/admin/sessions/travel").status_code == 200
         drain(proxy)
@@ -98,7 +101,7 @@ def test_rolled_back_turns_are_never_recalled(tmp_path: Path, upstream: FakeUpst
         rolled = httpx.post(f"{proxy.url}/admin/sessions/trip/rollback", json={"turns": 1})
         assert rolled.status_code == 200, rolled.text
         drain(proxy)
-        assert len(_stored(proxy, "trip")) == 2  # the first turn stays remembered
+        assert len(_stored(proxy, "trip")) == 4  # the first turn stays remembered: 2 memories, 2 vectors
         _, headers = chat(proxy, ASK, user="alice", session="later")
         assert "X9931" not in system_prompt(upstream.chat_requests[-1])
         _, headers = chat(proxy, "When do we fly to Lisbon?", user="alice", session="later2")

@@ -15,7 +15,7 @@ from proxy.memory.vectors import IndexFileError, VectorIndex
 from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, open_tenant, write_config
-from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, running
+from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, running, wait_for_embedder
 
 FACTS = [
     "The staging database runs PostgreSQL 16 on host pg-stage-3.",
@@ -289,6 +289,77 @@ def test_a_stale_index_is_reconciled_with_lmdb(config_path: Path, through_hnsw: 
         assert len(_hnsw_keys(proxy)) == len(current) + 1 and new
 
 
+def _rewrite_records(config_path: Path, change) -> dict[tuple[str | None, str], dict[str, dict]]:
+    """Apply ``change(records) -> writes`` to the stopped proxy's memory records, where
+    ``records`` maps (session, kind) to {key: value} for the tenant-wide scope and session s1;
+    returns the records as they were."""
+    from proxy.storage.base import Write
+    from proxy.storage.lmdb_store import LmdbStore
+
+    async def run() -> dict:
+        store = LmdbStore.open(str(config_path.parent / "data" / "lmdb"))
+        try:
+            found = {(sid, kind): dict(await store.scan_records("local", kind, sid))
+                     for sid in (None, "s1") for kind in ("memory", "memory_vector")}
+            writes = change(found)
+            if writes:
+                await store.apply([Write("local", records=writes)])
+            return found
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def test_memory_records_of_before_keep_their_vectors_and_are_split_at_load(config_path: Path, through_hnsw: None,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store written before vectors had records of their own (each memory record held its
+    vector) loads with its vectors, so nothing is embedded again, and is rewritten in the
+    current layout: recalls then read records a quarter of the size."""
+    from proxy.memory import service as service_module
+    from proxy.storage.base import Record
+
+    with _start(config_path) as proxy:
+        wait_for_embedder(proxy)  # so that every memory is stored with its vector
+        _add_facts(proxy, FACTS)
+        chat(proxy, "Remind me: the staging database host is pg-stage-3", user="ops", session="s1")
+        drain(proxy)
+        before = _alive_keys(proxy)
+
+    def to_old_layout(found: dict) -> list[Record]:
+        writes = []
+        for sid in (None, "s1"):
+            assert found[(sid, "memory")] and found[(sid, "memory")].keys() == found[(sid, "memory_vector")].keys()
+            for key, value in found[(sid, "memory")].items():
+                writes.append(Record("memory", key, value | found[(sid, "memory_vector")][key], sid))
+                writes.append(Record("memory_vector", key, None, sid))
+        return writes
+
+    split = _rewrite_records(config_path, to_old_layout)
+    old = _rewrite_records(config_path, lambda found: [])
+    assert all("vec16" in value for sid in (None, "s1") for value in old[(sid, "memory")].values())
+    assert not old[(None, "memory_vector")] and not old[("s1", "memory_vector")]
+    (config_path.parent / "data" / "index" / "local.usearch").unlink()  # rebuilt from the vectors LMDB holds
+
+    decoded = []
+    decode = service_module._decode_all
+
+    def counting_decode(rows, sessions, model):
+        memories, writes = decode(rows, sessions, model)
+        decoded.extend(m.vector is not None for m in memories)
+        return memories, writes
+
+    monkeypatch.setattr(service_module, "_decode_all", counting_decode)
+    with _start(config_path) as proxy:
+        drain(proxy)
+        assert len(decoded) == len(before) and all(decoded)  # every vector came from LMDB
+        assert _hnsw_keys(proxy) == before and memory_stats(proxy)["counters"]["index_rebuilds"] == 1
+        assert _search_top(proxy, "Who approves large invoices?") == FACTS[3]
+        _, headers = chat(proxy, "which host runs the staging database?", user="ops", session="s2")
+        assert injected_ids(headers)
+    assert _rewrite_records(config_path, lambda found: []) == split  # the current layout, values unchanged
+
+
 def test_an_i8_index_round_trips_and_an_index_of_another_dtype_is_not_misread(tmp_path: Path) -> None:
     index = VectorIndex(32, "i8")
     vectors = _unit(200, seed=2)
@@ -304,32 +375,41 @@ def test_an_i8_index_round_trips_and_an_index_of_another_dtype_is_not_misread(tm
         VectorIndex.load(path, digest, 32, "f16")
 
 
-def test_stored_vectors_are_half_precision_and_records_fit_an_lmdb_node() -> None:
-    """A memory record stores its vector in float16: it must read back within float16 rounding
-    (the indexes keep 8 bits a component), records of before (float32, "vec") must still read,
-    and a typical record must stay under LMDB's ~2 KB node limit so it is not given an overflow
-    page of its own."""
+def test_stored_vectors_are_half_precision_in_a_record_of_their_own() -> None:
+    """A memory is stored as its record (text and metadata: what a recall reads back) and a
+    vector record in float16, which must read back within float16 rounding (the indexes keep 8
+    bits a component) and stay under LMDB's ~2 KB node limit (no overflow page of its own).
+    Records of before, which held the vector themselves (float16 "vec16", or float32 "vec"),
+    must still read."""
     import base64
 
     import orjson
 
-    from proxy.memory.model import EPISODIC, Memory
+    from proxy.memory.model import EPISODIC, KIND, VECTOR_KIND, Memory
 
     vector = _unit(1, 384, seed=7)[0]
     memory = Memory(id="mem_0123456789abcdef0123", type=EPISODIC, text="I moved to Lisbon in March; the flat is near Alfama. " * 3,
                     ts=1764000000.123, key=123456, user="alice", session="s-42", session_created=1764000000.0, seq=1200,
                     role="user", context="Where do you live these days? " * 4, model="all-MiniLM-L6-v2-int8", vector=vector)
-    record = memory.to_record()
-    assert "vec" not in record and len(orjson.dumps(record)) < 1900
-    back = Memory.from_record(record)
+    text_record, vector_record = memory.records()
+    assert (text_record.kind, vector_record.kind) == (KIND, VECTOR_KIND)
+    assert text_record.key == vector_record.key == memory.id and text_record.session_id == vector_record.session_id == "s-42"
+    assert not {"vec", "vec16"} & set(text_record.value) and len(orjson.dumps(text_record.value)) < 600
+    assert len(orjson.dumps(vector_record.value)) < 1900
+    back = Memory.from_record(text_record.value, vector_value=vector_record.value)
     assert back.vector is not None and back.vector.dtype == np.float32 and back.embedded and back.model == memory.model
     assert np.abs(back.vector - vector).max() < 1e-3 and float(back.vector @ vector) > 0.9999
     assert not np.array_equal(back.vector, vector)  # really rounded: the test is not comparing a vector with itself
-    legacy = {k: v for k, v in record.items() if k != "vec16"} | {"vec": base64.b64encode(vector.astype("<f4").tobytes()).decode()}
+    alone = Memory.from_record(text_record.value)  # what a recall reads: embedded, no vector decoded
+    assert alone.vector is None and alone.embedded and alone.text == memory.text and alone.context == memory.context
+
+    inline = text_record.value | vector_record.value  # a record of before
+    assert np.array_equal(Memory.from_record(inline).vector, back.vector)
+    legacy = {k: v for k, v in inline.items() if k != "vec16"} | {"vec": base64.b64encode(vector.astype("<f4").tobytes()).decode()}
     assert np.array_equal(Memory.from_record(legacy).vector, vector) and Memory.from_record(legacy).embedded
-    unembedded = Memory.from_record({k: v for k, v in record.items() if k not in ("vec16", "model")})
-    assert unembedded.vector is None and not unembedded.embedded
-    assert Memory.from_record(record, with_vector=False).vector is None and Memory.from_record(record, with_vector=False).embedded
+    unembedded = Memory(**{**memory.__dict__, "vector": None, "model": None})
+    assert [r.kind for r in unembedded.records()] == [KIND] and not Memory.from_record(unembedded.to_record()).embedded
+    assert Memory.from_record(inline, with_vector=False).vector is None and Memory.from_record(inline, with_vector=False).embedded
 
 
 def test_periodic_saves_wait_for_a_moment_without_requests(config_path: Path, through_hnsw: None) -> None:

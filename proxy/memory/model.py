@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from proxy.storage.base import Record
+
 KIND = "memory"  # Record kind of every memory; session-scoped for memories of a session
+# Its vector is a record of its own (same key, same scope): a recall reads back the text of a
+# handful of memories, and with the vector beside it (1 KB) a record took a third of an LMDB
+# page instead of a tenth, so recalls mapped 3-4x more of the file (the process's RSS).
+VECTOR_KIND = "memory_vector"
 EPISODIC, SEMANTIC, PROCEDURAL = "episodic", "semantic", "procedural"
 TYPES = (EPISODIC, SEMANTIC, PROCEDURAL)
 SCOPES = ("user", "session", "tenant")
@@ -41,6 +47,7 @@ class Memory:
     embedded: bool = False  # stored with a vector (even when ``vector`` was not decoded)
 
     def to_record(self) -> dict[str, Any]:
+        """The memory's record, without its vector (see ``vector_record``)."""
         value: dict[str, Any] = {
             "id": self.id, "type": self.type, "text": self.text, "ts": self.ts, "key": self.key,
             "user": self.user, "session": self.session, "session_created": self.session_created,
@@ -51,18 +58,38 @@ class Memory:
         if self.seq is not None:
             value["covers"] = [self.seq]  # lets a rollback find and drop what it reverts
         if self.vector is not None and self.model:
-            value["model"] = self.model
-            # Half precision: the indexes keep 8 bits a component anyway, and a memory record
-            # stays under LMDB's ~2 KB node limit (a float32 vector alone, in base64, is 2 KB:
-            # every record took a whole 4 KB overflow page, read in full at start-up).
-            value["vec16"] = base64.b64encode(np.asarray(self.vector, dtype="<f2").tobytes()).decode()
+            value["model"] = self.model  # its vector is stored (VECTOR_KIND), by this embedder
         return value
 
+    def vector_record(self) -> dict[str, Any] | None:
+        """The value of its VECTOR_KIND record; None when it has no vector yet."""
+        if self.vector is None or not self.model:
+            return None
+        # Half precision: the indexes keep 8 bits a component anyway, and the record stays
+        # under LMDB's ~2 KB node limit (no overflow page of its own).
+        return {"model": self.model, "vec16": base64.b64encode(np.asarray(self.vector, dtype="<f2").tobytes()).decode()}
+
+    def records(self) -> list[Record]:
+        """What stores it: its record and, once embedded, its vector's."""
+        vector = self.vector_record()
+        records = [Record(KIND, self.id, self.to_record(), self.session)]
+        if vector is not None:
+            records.append(Record(VECTOR_KIND, self.id, vector, self.session))
+        return records
+
+    @staticmethod
+    def erasure(memory_id: str, session: str | None) -> list[Record]:
+        """The writes that erase a stored memory: its record and its vector's."""
+        return [Record(KIND, memory_id, None, session), Record(VECTOR_KIND, memory_id, None, session)]
+
     @classmethod
-    def from_record(cls, value: dict[str, Any], with_vector: bool = True) -> Memory:
-        """Decode a stored memory; ValueError (or KeyError/TypeError) when it is malformed."""
+    def from_record(cls, value: dict[str, Any], with_vector: bool = True, vector_value: dict[str, Any] | None = None) -> Memory:
+        """Decode a stored memory, with the value of its vector's record if given (records of
+        before 2026-11-26 carry their vector themselves); ValueError (or KeyError/TypeError)
+        when it is malformed."""
+        source = vector_value if vector_value is not None else value
         vector = None
-        encoded, dtype = (value.get("vec16"), "<f2") if value.get("vec16") else (value.get("vec"), "<f4")  # "vec": before 2026-11-25
+        encoded, dtype = (source.get("vec16"), "<f2") if source.get("vec16") else (source.get("vec"), "<f4")  # "vec": before 2026-11-25
         if encoded and with_vector:
             vector = np.frombuffer(base64.b64decode(encoded), dtype=dtype).astype(np.float32)
         if value["type"] not in TYPES or not isinstance(value["text"], str):
@@ -72,7 +99,8 @@ class Memory:
             user=value.get("user"), session=value.get("session"), session_created=value.get("session_created"),
             seq=value.get("seq"), role=value.get("role"), name=value.get("name"), metadata=value.get("metadata"),
             context=value.get("context"),
-            model=value.get("model") if vector is not None else None, vector=vector, embedded=bool(encoded),
+            model=source.get("model") if vector is not None else None, vector=vector,
+            embedded=bool(encoded or value.get("model")),
         )
 
     def public(self) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Long-term memory of every tenant: remember recorded messages and API-added memories, recall
 the relevant ones for a request within its latency budget, keep LMDB and the index in step.
 
-LMDB is the source of truth: each memory is one Record (kind ``memory``) holding its text,
-metadata and vector; memories of a session are session-scoped records, so whatever erases a
-session erases them in the same transaction. The in-memory structures (BM25, vector copies,
+LMDB is the source of truth: each memory is a Record (kind ``memory``) holding its text and
+metadata, and once embedded a second one (kind ``memory_vector``, same key) holding its vector;
+memories of a session are session-scoped records, so whatever erases a session erases them in
+the same transaction. The in-memory structures (BM25, vector copies,
 the usearch index) are rebuilt or reconciled from LMDB at start-up, in the background.
 
 Three background tasks, one of each per process:
@@ -34,7 +35,8 @@ from proxy.errors import BadRequest, NotFound, NotReady
 from proxy.memory import inject, lexical
 from proxy.memory.embedder import EmbeddingBatcher
 from proxy.memory.model import (
-    ANONYMOUS_USER, EPISODIC, KIND, PROCEDURAL, SEMANTIC, TYPES, Memory, Scope, episodic_id, message_text, new_id, text_hash,
+    ANONYMOUS_USER, EPISODIC, KIND, PROCEDURAL, SEMANTIC, TYPES, VECTOR_KIND, Memory, Scope, episodic_id, message_text, new_id,
+    text_hash,
 )
 from proxy.memory.remote import LOCAL_ENGINES, UpstreamEmbedder, embed_remote, local_model
 from proxy.memory.tenant import Hit, TenantMemory, index_text
@@ -53,7 +55,7 @@ _QUEUE_MAX = 100_000
 _EMBED_CHUNK = 16
 _CONTEXT_CHARS = 500  # of the previous message, indexed with each message
 _INDEX_CHUNK = 8  # texts per background embedding call (~0.25 s of CPU)
-_LOAD_PAGE = 4096  # memory records decoded at a time at start-up
+_LOAD_PAGE = 1024  # memory records decoded at a time at start-up
 # Jobs indexed together: their memories become searchable together once all are embedded, so
 # a small batch keeps them searchable soon after they are recorded (~0.3 s of embedding).
 _INDEX_BATCH = 32
@@ -486,7 +488,7 @@ class MemoryService:
             except (asyncio.TimeoutError, Exception) as exc:  # stored lexically; re-embedded later
                 self.counters[tenant]["embedder_errors"] += 1
                 log.warning("memory: embedding a new memory failed for tenant %s: %s", tenant, exc)
-        await self.store.apply([Write(tenant, records=[Record(KIND, memory.id, memory.to_record(), session)])])
+        await self.store.apply([Write(tenant, records=memory.records())])
         self._insert(tenant, [memory])
         return memory
 
@@ -548,7 +550,7 @@ class MemoryService:
         slot = mem.id_slot.get(memory_id)
         if slot is None:
             raise NotFound(f"no memory '{memory_id}' for this tenant", code="memory_not_found")
-        await self.store.apply([Write(tenant, records=[Record(KIND, memory_id, None, mem.where[slot][0])])])
+        await self.store.apply([Write(tenant, records=Memory.erasure(memory_id, mem.where[slot][0]))])
         self._forget(tenant, [memory_id])
 
     async def forget_session(self, tenant: str, session_id: str) -> int:
@@ -570,7 +572,7 @@ class MemoryService:
         doomed = [(mem.ids[s], mem.where[s][0]) for code in mem.sessions_named(session_id)
                   for s in list(mem.session_slots.get(code, ())) if mem.ids[s] and int(mem.cols.seq[s]) in wanted]
         if doomed:
-            await self.store.apply([Write(tenant, records=[Record(KIND, i, None, sid) for i, sid in doomed])])
+            await self.store.apply([Write(tenant, records=[r for i, sid in doomed for r in Memory.erasure(i, sid)])])
             self._forget(tenant, [i for i, _ in doomed])
         return len(doomed)
 
@@ -709,19 +711,35 @@ class MemoryService:
             await self._catch_up(tenant, session, indexed)
 
     async def _load_records(self, tenant: str, session_id: str | None, sessions: dict[str, Any], model: str) -> None:
-        """Load the memory records of a tenant (session_id None) or of one session, a page at a
-        time: 100k records decoded at once would hold ~0.6 GB for a moment."""
+        """Load the memory records of a tenant (session_id None) or of one session, with their
+        vectors, a page at a time: 100k records decoded at once would hold ~0.6 GB for a moment."""
         after = ""
         while page := await self.store.scan_records(tenant, KIND, session_id, after=after, limit=_LOAD_PAGE):
+            vectors = await self._vector_records(tenant, session_id, after, page)
             after = page[-1][0]
             if len(page) == _LOAD_PAGE:  # a bulk read: its LMDB pages are not needed mapped
                 self.store.release_mapped_pages()
-            memories, doomed = await asyncio.to_thread(_decode_all, [(session_id, value) for _, value in page], sessions, model)
-            if doomed:  # orphans of sessions replaced meanwhile, or rolled back: erase them
-                await self.store.apply([Write(tenant, records=doomed)])
+            rows = [(session_id, value, vectors.get(key)) for key, value in page]
+            memories, writes = await asyncio.to_thread(_decode_all, rows, sessions, model)
+            if writes:  # orphans of sessions replaced meanwhile or rolled back, erased; old records split
+                await self.store.apply([Write(tenant, records=writes)])
             for start in range(0, len(memories), 1000):
                 self._insert_loaded(tenant, memories[start:start + 1000])
                 await asyncio.sleep(0)
+
+    async def _vector_records(self, tenant: str, session_id: str | None, after: str, page: list[tuple[str, Any]]) -> dict[str, Any]:
+        """The vector records of the memories in ``page`` (keys after ``after``, up to its last):
+        they are stored under the same keys, so one scan over the same range finds them."""
+        last, found = page[-1][0], {}
+        while True:
+            rows = await self.store.scan_records(tenant, VECTOR_KIND, session_id, after=after, limit=len(page))
+            for key, value in rows:
+                if key > last:
+                    return found
+                found[key] = value
+            if len(rows) < len(page):
+                return found
+            after = rows[-1][0]
 
     def _insert_loaded(self, tenant: str, memories: list[Memory]) -> None:
         mem = self.memories[tenant]
@@ -799,7 +817,7 @@ class MemoryService:
         for memory in memories:
             if memory.id not in mem.id_slot:
                 memory.key = self._allocate_key(mem)
-        records = [Record(KIND, m.id, m.to_record(), m.session) for m in memories]
+        records = [record for m in memories for record in m.records()]
         marks: dict[tuple[str, float | None], int] = {}
         for job in jobs:
             if job.mark is not None and job.session is not None and (job.session, job.created) not in gone:
@@ -1083,13 +1101,16 @@ def _episodic(tenant: str, session: str, created: float, user: str | None, messa
                   context=context)
 
 
-def _decode_all(rows: list[tuple[str | None, dict[str, Any]]], sessions: dict[str, Any], model: str) -> tuple[list[Memory], list[Record]]:
-    """Decode stored memories (worker thread); those that must not survive are returned as deletions."""
-    memories, doomed = [], []
+def _decode_all(rows: list[tuple[str | None, dict[str, Any], dict[str, Any] | None]], sessions: dict[str, Any],
+                model: str) -> tuple[list[Memory], list[Record]]:
+    """Decode stored memories (worker thread): rows of (session, record, vector record). Also
+    returns the writes to make: erasing those that must not survive, and splitting records of
+    before 2026-11-26, which held their vector, into a record and a vector record."""
+    memories, writes = [], []
     reverted_of: dict[str, set[int]] = {}
-    for sid, value in rows:
+    for sid, value, vector in rows:
         try:
-            memory = Memory.from_record(value)
+            memory = Memory.from_record(value, vector_value=vector)
         except (ValueError, KeyError, TypeError):
             log.error("memory: undecodable memory record %r skipped", value.get("id") if isinstance(value, dict) else None)
             continue
@@ -1098,12 +1119,15 @@ def _decode_all(rows: list[tuple[str | None, dict[str, Any]]], sessions: dict[st
             if sid not in reverted_of and session is not None:
                 reverted_of[sid] = _reverted(session)
             if session is None or session.created_at != memory.session_created or (memory.seq is not None and memory.seq in reverted_of.get(sid, set())):
-                doomed.append(Record(KIND, memory.id, None, sid))
+                writes += Memory.erasure(memory.id, sid)
                 continue
+        if vector is None and ("vec16" in value or "vec" in value):
+            writes.append(Record(KIND, memory.id, {k: v for k, v in value.items() if k not in ("vec16", "vec")}, sid))
+            writes.append(Record(VECTOR_KIND, memory.id, {k: value[k] for k in ("model", "vec16", "vec") if k in value}, sid))
         if memory.model != model:
             memory.vector, memory.model = None, None  # another embedder's vector: re-embedded later
         memories.append(memory)
-    return memories, doomed
+    return memories, writes
 
 
 def _reverted(session: Any) -> set[int]:
