@@ -275,3 +275,29 @@ def test_pages_read_from_lmdb_can_be_released_from_the_process_and_read_again(tm
         assert store.release_mapped_pages() == 0  # closed: nothing mapped, nothing done
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_the_writer_drops_the_mapped_pages_while_it_writes(tmp_path: Path) -> None:
+    """Copy-on-write moves every page a commit changes, so reads after writes keep mapping new
+    pages: the writer thread drops the mapping every ``release_interval`` seconds of writing,
+    and what reads return does not change."""
+    store = LmdbStore.open(str(tmp_path / "db"))
+    data = tmp_path / "db" / "data.mdb"
+    records = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]
+
+    async def scenario() -> None:
+        store.release_interval = 3600.0
+        await store.put_records("t", records)
+        everything = await store.scan_records("t", "memory", limit=10_000)
+        await store.put_records("t", [Record("memory", "m00000", {"text": "changed"})])
+        assert _mapped_kb(data) > 6000  # not yet: the interval has not passed
+        store.release_interval = 0.0
+        await store.put_records("t", [Record("memory", "m00001", {"text": "changed too"})])
+        assert _mapped_kb(data) < 200
+        after = await store.scan_records("t", "memory", limit=10_000)
+        assert after[2:] == everything[2:] and [v["text"] for _, v in after[:2]] == ["changed", "changed too"]
+        await store.close()
+
+    asyncio.run(scenario())
+
