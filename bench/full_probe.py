@@ -10,7 +10,8 @@ rotating over 2 client streams' sessions). With --burst N, the measured requests
 a burst of N requests sent concurrently (one client per seeded session), as bench/run.py's c=1
 steps follow its throughput sweeps: it shows what the indexing backlog left by a burst costs
 the next requests. Prints per round the absolute latency percentiles,
-the proxy's CPU per request, its anonymous RSS, and its memory counters (recalls over budget,
+the proxy's CPU per request, its anonymous RSS, its file-backed RSS (and how much of it is LMDB's
+data file), its peak RSS, and its memory counters (recalls over budget,
 degradations, episodic messages indexed during the round).
 
 For before/after checks of one change in a minute, not a substitute for bench/run.py (no
@@ -52,6 +53,19 @@ def _status_mb(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) // 1024
     return 0
+
+
+def _mapped_mb(pid: int, name: str) -> int:
+    """Resident MB of the process's mappings of files called ``name`` (/proc/PID/smaps)."""
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps", encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) >= 6 and fields[5].endswith("/" + name)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total // 1024
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -153,6 +167,7 @@ def main() -> None:
                 "p50_ms": round(statistics.median(latencies), 2), "p90_ms": round(latencies[int(n * 0.9)], 2),
                 "p99_ms": round(latencies[min(n - 1, int(n * 0.99))], 2), "cpu_ms_per_request": round(cpu_ms, 2),
                 "anon_mb": _status_mb(proxy.pid, "RssAnon"), "hwm_mb": _status_mb(proxy.pid, "VmHWM"),
+                "file_mb": _status_mb(proxy.pid, "RssFile"), "lmdb_mapped_mb": _mapped_mb(proxy.pid, "data.mdb"),
                 "memory_counters": stats.get("counters"), "recall_latency_ms": stats.get("recall_latency_ms"),
             }), flush=True)
         finally:
