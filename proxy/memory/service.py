@@ -737,7 +737,7 @@ class MemoryService:
                 if key > last:
                     return found
                 found[key] = value
-            if len(rows) < len(page):
+            if len(rows) < len(page) or rows[-1][0] == last:  # the range is done: no read past it
                 return found
             after = rows[-1][0]
 
