@@ -296,6 +296,9 @@ class Server:
     def rss_mb(self) -> float:
         return sum(status_kb(pid, "VmRSS") for pid in self.pids) / 1024
 
+    def anon_mb(self) -> float:
+        return sum(status_kb(pid, "RssAnon") for pid in self.pids) / 1024
+
     def sample_memory(self) -> None:
         """Track the peak of anonymous memory (heap), which VmHWM mixes with mapped files."""
         self.max_anon_kb = max(self.max_anon_kb, sum(status_kb(pid, "RssAnon") for pid in self.pids))
@@ -804,6 +807,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             counts[1] += res["n"]
             if target.server:
                 target.server.sample_memory()
+                # Where in the run the peak is reached (the summary keeps only the peak).
+                res["memory_mb"] = {"hwm": round(target.server.peak_rss_mb()), "rss": round(target.server.rss_mb()),
+                                    "anon": round(target.server.anon_mb())}
             if res["errors"]:
                 log(f"{target.name} c={concurrency} stream={stream}: {res['errors']} errors, e.g. {res['error_sample']}")
             return res
@@ -878,6 +884,7 @@ def summarise_latency(res: dict[str, Any]) -> dict[str, Any]:
         # In the order sent: a tail's causes show in where its requests fall (the first ones
         # after a sweep, a stretch mid-step, or scattered).
         "ttlb_ms": res["ttlb_ms"],
+        "memory_mb": res.get("memory_mb"),
     }
 
 
@@ -888,6 +895,7 @@ def summarise_step(res: dict[str, Any], concurrency: int) -> dict[str, Any]:
         "rps": n / res["elapsed"] if res["elapsed"] > 0 else 0.0,
         "p50_ms": pct(res["ttlb_ms"], 50), "p99_ms": pct(res["ttlb_ms"], 99),
         "cpu_per_1k": res["cpu_s"] / n * 1000 if n else float("nan"),
+        "memory_mb": res.get("memory_mb"),
     }
 
 

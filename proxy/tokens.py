@@ -88,9 +88,13 @@ def _load(name: str) -> Any:
     try:
         import tiktoken
 
-        return tiktoken.get_encoding(name)
+        encoding = tiktoken.get_encoding(name)
     except Exception:  # no bundled encoding and no network: fall back to an estimate
         return None
+    # The Python copy of the BPE ranks (14 MB for cl100k) only serves pickling; the Rust core
+    # that encodes holds its own.
+    encoding._mergeable_ranks = {}
+    return encoding
 
 
 def count_text(text: str, encoding_name: str = DEFAULT_ENCODING) -> int:

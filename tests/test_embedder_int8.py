@@ -84,6 +84,15 @@ def test_output_shape_norm_and_bad_inputs(model: QuantizedMiniLM) -> None:
         model.embed([None])  # type: ignore[list-item]
 
 
+def test_the_session_keeps_no_model_copy_and_no_arena(model: QuantizedMiniLM) -> None:
+    # A sidecar's memory: ONNX Runtime would keep the serialized graph (10 MB) and an activation
+    # arena (~15 MB) for the life of the process; neither is needed by a CPU session.
+    assert model._session._model_bytes is None
+    assert model._session.get_session_options().enable_cpu_mem_arena is False
+    first = model.embed(["arena-free runs allocate and free per call"])
+    np.testing.assert_array_equal(model.embed(["arena-free runs allocate and free per call"]), first)
+
+
 def test_semantics_sanity(model: QuantizedMiniLM) -> None:
     a, b, c = model.embed(["The cat sits on the mat.", "A kitten is resting on a rug.", "Quarterly revenue grew by 12 percent."])
     assert a @ b > a @ c + 0.2

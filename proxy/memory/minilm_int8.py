@@ -56,7 +56,14 @@ class QuantizedMiniLM(MiniLM):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # No memory arena: it kept ~15 MB of activation buffers for a model whose runs allocate
+        # little, and plain allocations cost nothing measurable per query (bench notes in
+        # docs/BENCHMARKS.md, seventh round).
+        options.enable_cpu_mem_arena = False
         self._session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        # The session keeps the serialized model (10 MB) only to rebuild itself after a failed
+        # hardware provider, which a CPU-only session never does.
+        self._session._model_bytes = None
 
     def _forward(self, batch: list[list[int]], between_layers: Callable[[], None] | None = None) -> np.ndarray:
         if between_layers is not None:
