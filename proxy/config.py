@@ -39,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
         "max_body_bytes": 8 * 1024 * 1024,
         "janitor_interval_seconds": 300,
     },
-    "storage": {"data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50, "write_queue_max": 10000},
+    "storage": {"data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50, "write_queue_max": 10000,
+                "transcript_cache_messages": 50000},
     "tenant_defaults": {
         "api_key_sha256": [],
         "allow_unauthenticated": False,
@@ -192,6 +193,7 @@ class Config:
     write_batch_size: int
     flush_interval: float
     write_queue_max: int
+    transcript_cache_messages: int
     tenants: Mapping[str, TenantConfig]
     source: str  # where it came from, for logs
 
@@ -282,6 +284,7 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         write_batch_size=_int(storage["write_batch_size"], where, "storage.write_batch_size", 1, 1 << 20),
         flush_interval=_int(storage["flush_interval_ms"], where, "storage.flush_interval_ms", 1, 3_600_000) / 1000,
         write_queue_max=_int(storage["write_queue_max"], where, "storage.write_queue_max", 1, 1 << 30),
+        transcript_cache_messages=_int(storage["transcript_cache_messages"], where, "storage.transcript_cache_messages", 0, 1 << 30),
         tenants=MappingProxyType(tenants),
         source=source,
     )

@@ -26,6 +26,7 @@ def test_repository_config_matches_embedded_defaults(monkeypatch: pytest.MonkeyP
     from_files, embedded = load_config(REPO / "config" / "proxy.yaml"), load_config(None)
     assert from_files.tenants["default"].route("gpt-4o") == embedded.tenants["default"].route("gpt-4o")
     assert (from_files.port, from_files.max_body_bytes, from_files.map_size) == (embedded.port, embedded.max_body_bytes, embedded.map_size)
+    assert from_files.transcript_cache_messages == embedded.transcript_cache_messages == 50_000
 
 
 def test_example_tenant_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,6 +92,11 @@ def test_invalid_proxy_yaml(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"t": open_tenant("http://h/v1")}, server={"port": "eighty"})
     with pytest.raises(ConfigError, match=r"proxy.yaml: server.port: must be an integer"):
         load_config(path)
+    path = write_config(tmp_path, {"t": open_tenant("http://h/v1")}, storage={"data_dir": str(tmp_path), "transcript_cache_messages": -1})
+    with pytest.raises(ConfigError, match=r"storage.transcript_cache_messages"):
+        load_config(path)
+    path = write_config(tmp_path, {"t": open_tenant("http://h/v1")}, storage={"data_dir": str(tmp_path), "transcript_cache_messages": 0})
+    assert load_config(path).transcript_cache_messages == 0  # 0: every request decodes its transcript
     path.write_text("server: [unclosed")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)

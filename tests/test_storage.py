@@ -225,6 +225,20 @@ async def test_write_behind_transcript_cache_is_bounded_by_messages_and_stays_ex
     await behind.close()
 
 
+async def test_write_behind_without_a_transcript_cache_reads_the_store_every_time() -> None:
+    from proxy.storage.write_behind import WriteBehindStore
+
+    inner = InMemoryStore()
+    behind = WriteBehindStore(inner, cached_messages=0, flush_interval=3600)
+    await behind.apply([Write("t", session(sid="a", next_seq=2), [message(0, "a0"), message(1, "a1")])])
+    assert [m.body["content"] for m in await behind.get_messages("t", "a")] == ["a0", "a1"]
+    assert not behind._transcripts and behind._cached_count == 0
+    await behind.apply_later([Write("t", session(sid="a", next_seq=3), [message(2, "a2")])])
+    assert [m.body["content"] for m in await behind.get_messages("t", "a")] == ["a0", "a1", "a2"]
+    await behind.close()
+    assert [m.body["content"] for m in await inner.get_messages("t", "a")] == ["a0", "a1", "a2"]
+
+
 def test_decoded_messages_share_their_repeated_strings() -> None:
     import orjson
 

@@ -67,7 +67,8 @@ def _storage(given: Store | None):
             path = config.data_dir / "lmdb"
             inner = await asyncio.to_thread(LmdbStore.open, str(path), map_size=config.map_size)
             log.info("store open at %s", path)
-        store = WriteBehindStore(inner, batch_size=config.write_batch_size, flush_interval=config.flush_interval, queue_max=config.write_queue_max)
+        store = WriteBehindStore(inner, batch_size=config.write_batch_size, flush_interval=config.flush_interval, queue_max=config.write_queue_max,
+                                 cached_messages=config.transcript_cache_messages)
         await store.start()
         app[keys.STORE] = store
         yield

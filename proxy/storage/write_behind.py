@@ -31,10 +31,12 @@ class WriteBehindStore(Store):
         # LMDB environment and every write passes through here, so the cache stays exact; it
         # saves decoding a whole transcript on every request of a long session.
         self._transcripts: collections.OrderedDict[_SessionKey, dict[int, Message]] = collections.OrderedDict()
-        # Bounded by sessions and by messages (~1.5 KB each decoded, ~75 MB at the bound): 256
-        # sessions of 5 000 messages would otherwise hold almost 2 GB. A miss costs ~6 ms per
-        # 1 000 messages. 50k holds the full benchmark's sessions up to 8 concurrent streams
-        # (30 sessions of ~1 200 messages); its 142 sessions at 64 streams miss even at 100k.
+        # Bounded by sessions and by messages (~1 KB each decoded, ~50 MB at the default bound,
+        # storage.transcript_cache_messages): 256 sessions of 5 000 messages would otherwise hold
+        # over 1 GB. A miss costs ~6 ms per 1 000 messages. 50k holds the full benchmark's
+        # sessions up to 8 concurrent streams (30 sessions of ~1 200 messages). At 20k, the
+        # sessions a burst had touched pushed the hot ones out: full mode's p50 went from 14 to
+        # 30 ms (bench/full_probe.py --burst 1000), reading transcripts from LMDB again.
         self.cached_sessions, self.cached_messages = cached_sessions, cached_messages
         self._cached_count = 0  # messages in self._transcripts
         self._writes_seen = 0  # bumped by every write, to detect one racing a cache fill
@@ -195,7 +197,7 @@ class WriteBehindStore(Store):
             return [cached[seq] for seq in sorted(cached)]
         writes_before = self._writes_seen
         stored = await self.inner.get_messages(tenant, session_id)
-        if self._writes_seen == writes_before and len(stored) <= 5000:
+        if self.cached_messages and self._writes_seen == writes_before and len(stored) <= 5000:
             self._cache_transcript(key, stored)
         overlay = self._messages.get(key)
         if not overlay:
