@@ -113,6 +113,9 @@ def test_corrupt_session_record_is_repaired_from_checkpoint_and_messages(tmp_pat
         inner = proxy.app[keys.STORE].inner
         key = session_key("local", "hurt")
         proxy.call(inner._write(lambda txn: txn.put(key, b"\x01{broken")))
+        # A session still cached is served from memory and its next write replaces the damaged
+        # record; one read back from LMDB (evicted, or after a restart) must be repaired.
+        proxy.app[keys.STORE]._stored_sessions.clear()
         converse(proxy, "hurt", 1, start=3)  # an agent that forgot: history must still be restored
         assert len(upstream.chat_requests[-1]["messages"]) == 7
         recovery = httpx.get(f"{proxy.url}/admin/recovery").json()

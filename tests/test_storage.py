@@ -225,6 +225,42 @@ async def test_write_behind_transcript_cache_is_bounded_by_messages_and_stays_ex
     await behind.close()
 
 
+async def test_write_behind_keeps_stored_sessions_exact_without_reading_them_back() -> None:
+    from proxy.storage.write_behind import WriteBehindStore
+
+    class Counting(InMemoryStore):
+        reads = 0
+
+        async def get_session(self, tenant: str, session_id: str) -> Session | None:
+            Counting.reads += 1
+            return await super().get_session(tenant, session_id)
+
+    inner = Counting()
+    await inner.apply([Write("t", session(sid="old", next_seq=3))])  # written before this process
+    behind = WriteBehindStore(inner, cached_sessions=2, flush_interval=3600)
+    assert (await behind.get_session("t", "old")).next_seq == 3 and Counting.reads == 1
+    got = await behind.get_session("t", "old")
+    assert Counting.reads == 1  # the second read came from memory
+    got.next_seq, got.extra["note"] = 99, "caller's own copy"
+    assert (await behind.get_session("t", "old")).next_seq == 3 and not (await behind.get_session("t", "old")).extra
+    # Writes, durable or queued then flushed, are what the next read sees.
+    await behind.apply([Write("t", session(sid="old", next_seq=4))])
+    assert (await behind.get_session("t", "old")).next_seq == 4
+    await behind.apply_later([Write("t", session(sid="old", next_seq=5))])
+    await behind.flush()
+    assert (await behind.get_session("t", "old")).next_seq == 5 and Counting.reads == 1
+    assert (await inner.get_session("t", "old")).next_seq == 5
+    await behind.delete_session("t", "old")
+    assert await behind.get_session("t", "old") is None
+    # Bounded: the least recently used session is read from the store again.
+    for sid in ("a", "b", "c"):
+        await behind.apply([Write("t", session(sid=sid, next_seq=1))])
+    reads = Counting.reads
+    assert (await behind.get_session("t", "a")).next_seq == 1 and Counting.reads == reads + 1
+    assert (await behind.get_session("t", "c")).next_seq == 1 and Counting.reads == reads + 1
+    await behind.close()
+
+
 async def test_write_behind_without_a_transcript_cache_reads_the_store_every_time() -> None:
     from proxy.storage.write_behind import WriteBehindStore
 
