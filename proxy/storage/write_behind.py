@@ -82,7 +82,7 @@ class WriteBehindStore(Store):
             await self.inner.apply(list(self._queue) + list(writes))
             self._forget(queued)
             for write in writes:
-                self._remember(write)
+                self._remember(_frozen_copy(write))
         await self._notify_drained()
 
     async def apply_later(self, writes: Sequence[Write]) -> None:
@@ -150,7 +150,8 @@ class WriteBehindStore(Store):
                     del self._sessions[dkey]
 
     def _remember(self, write: Write) -> None:
-        """Keep cached transcripts and sessions in step with a write."""
+        """Keep cached transcripts and sessions in step with a write (a frozen copy: its
+        session is this store's own)."""
         self._writes_seen += 1
         if write.delete_session is not None:
             self._cached_count -= len(self._transcripts.pop((write.tenant, write.delete_session), ()))
@@ -199,12 +200,12 @@ class WriteBehindStore(Store):
         writes_before = self._writes_seen
         found = await self.inner.get_session(tenant, session_id)
         if found is not None and self._writes_seen == writes_before:
-            self._cache_session(key, found)
+            self._cache_session(key, dataclasses.replace(found, extra=dict(found.extra)))
         return found
 
     def _cache_session(self, key: _SessionKey, session: Session) -> None:
-        """Keep a copy (callers mutate the Session objects they hold)."""
-        self._stored_sessions[key] = dataclasses.replace(session, extra=dict(session.extra))
+        """Keep ``session``, an object no caller holds (callers mutate the ones they hold)."""
+        self._stored_sessions[key] = session
         self._stored_sessions.move_to_end(key)
         while len(self._stored_sessions) > self.cached_sessions:
             self._stored_sessions.popitem(last=False)
