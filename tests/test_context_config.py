@@ -16,6 +16,7 @@ from proxy.context.budget import budget_for, context_window
 from proxy.context.importance import tag_message
 from proxy.context.retrieval import Candidate, rank_lexical
 from proxy.context.settings import OFF, ContextSettings, parse
+from proxy.context.units import text_of
 from proxy.errors import BadRequest
 from tests.harness import REPO, open_tenant, write_config
 
@@ -129,6 +130,23 @@ def test_lexical_retrieval_ranks_the_relevant_turn_first() -> None:
         Candidate(3, 3, "Lunch was pasta."),
     ]
     assert rank_lexical("when does the password rotation happen?", candidates, 2) == [1]
+
+
+def test_a_candidate_made_from_message_bodies_reads_and_ranks_as_its_text() -> None:
+    """A long session's cached view keeps ~500 candidates: they hold the bodies they were made
+    from, not their text, and the term cache knows them by key."""
+    bodies = (
+        {"role": "user", "content": "When does the password rotation happen?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "rotation"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Every 90 days, on the first Monday."},
+    )
+    lazy = Candidate(2, 7, bodies=bodies, key=("tenant", "session", 1.0, 7, 9))
+    assert lazy.text == " ".join(text_of(b) for b in bodies) and "lookup(" in lazy.text
+    assert lazy._text is None  # made when read, never kept
+    others = [Candidate(1, 1, "We talked about the weather in Oslo."), Candidate(3, 10, "Lunch was pasta.")]
+    eager = Candidate(2, 7, lazy.text)
+    query = "how often is the password rotated, every 90 days?"
+    assert rank_lexical(query, [others[0], lazy, others[1]], 3) == rank_lexical(query, [others[0], eager, others[1]], 3) == [1]
 
 
 _VOCABULARY = ["password", "rotation", "database", "oslo", "weather", "pasta", "lunch", "deploy", "friday", "budget", "the", "and"]

@@ -97,9 +97,6 @@ class ContextManager:
         self._summaries = _LRU(1024)  # (tenant, session) → (created_at, {key: Summary})
         self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
         self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
-        # (tenant, session, created_at, first seq, last seq) → exchange text (as many as
-        # retrieval's term cache holds): for sessions whose view is not cached (see _views).
-        self._texts = _LRU(16_384)
         # (tenant, session, created_at, encoding, segment turns, importance) → the view of its
         # latest request: ~0.35 MB for a 1,000-message session, so only the most recent sessions.
         self._views = _LRU(_CACHED_VIEWS)
@@ -137,7 +134,7 @@ class ContextManager:
         ranked: Sequence[int] = ()
         exchanges: list[tuple[int, int, Candidate]] = []
         if settings.uses("retrieval") and settings.retrieval_share:
-            ranked, exchanges = await self._rank(turn, view, settings, previous)
+            ranked, exchanges = await self._rank(turn, view, stored, settings, previous)
         if llm_tags is None:
             self._views.put(cache_key, _CachedView(view, stored, exchanges))
         policy = policy_for(settings, budget.prompt)
@@ -221,10 +218,13 @@ class ContextManager:
             self._counts.put(key, count)
         return count
 
-    async def _rank(self, turn: Turn, view: View, settings: ContextSettings, previous: _CachedView | None = None) -> tuple[list[int], list[tuple[int, int, Candidate]]]:
+    async def _rank(self, turn: Turn, view: View, stored: list[Message | None], settings: ContextSettings,
+                    previous: _CachedView | None = None) -> tuple[list[int], list[tuple[int, int, Candidate]]]:
         """The older units worth bringing back, best first, and the complete exchanges they were
         chosen from as (first unit, next user unit, candidate): ``previous`` (the session's
-        previous view) lends the ones over units this view shares with it."""
+        previous view) lends the ones over units this view shares with it. ``stored``: the
+        stored message of each item, whose body a candidate holds (the transcript cache's, not
+        a copy the client sent)."""
         if view.last_user < 0:
             return [], []
         query = text_of(view.items[view.units[view.last_user].start].body)
@@ -248,14 +248,12 @@ class ContextManager:
             v = u + 1
             while v < limit and units[v].role != "user":
                 v += 1
-            first, last = items[units[u].start].seq, items[units[v - 1].end - 1].seq
+            lo, hi = units[u].start, units[v - 1].end
+            first, last = items[lo].seq, items[hi - 1].seq
+            # Stored messages never change: their seqs name the exchange's text in the term cache.
             key = (turn.tenant.name, turn.ref.id, turn.session.created_at, first, last) if first is not None and last is not None else None
-            text = self._texts.get_fresh(key) if key else None
-            if text is None:
-                text = " ".join(text_of(i.body) for i in items[units[u].start:units[v - 1].end])
-                if key:
-                    self._texts.put(key, text)
-            candidate = Candidate(u, first, text)
+            bodies = tuple(items[i].body if stored[i] is None else stored[i].body for i in range(lo, hi))
+            candidate = Candidate(u, first, bodies=bodies, key=key)
             candidates.append(candidate)
             if v < limit and key:  # ends where the next exchange begins, whatever the window: reusable
                 exchanges.append((u, v, candidate))

@@ -8,21 +8,41 @@ default ``LexicalRetriever`` scores the session's own older messages with BM25 o
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Hashable, Protocol, Sequence
 
 import numpy as np
 
 from proxy.context.terms import hash_terms, query_hashes
+from proxy.context.units import text_of
 
 
-@dataclass(frozen=True, slots=True)
 class Candidate:
-    """An older unit of the conversation that could be sent again verbatim."""
+    """An older unit of the conversation that could be sent again verbatim.
 
-    unit: int  # unit index in the request's view
-    seq: int | None  # stored seq of its first message
-    text: str
+    Given ``bodies`` instead of ``text``, its text is made from them whenever it is read and
+    never kept: a long session's cached view holds ~500 candidates, and their texts were ~1 KB
+    each. ``key`` names the text for the retrieval caches (it must change when the text does);
+    without one the text itself is the key.
+    """
+
+    __slots__ = ("unit", "seq", "key", "_text", "_bodies")
+
+    def __init__(self, unit: int, seq: int | None, text: str | None = None, *,
+                 bodies: tuple[dict[str, Any], ...] = (), key: Hashable | None = None) -> None:
+        self.unit = unit  # unit index in the request's view
+        self.seq = seq  # stored seq of its first message
+        self.key = key
+        self._text = text
+        self._bodies = bodies
+
+    @property
+    def text(self) -> str:
+        if self._text is not None:
+            return self._text
+        return " ".join(text_of(body) for body in self._bodies)
+
+    def __repr__(self) -> str:
+        return f"Candidate(unit={self.unit}, seq={self.seq}, key={self.key!r})"
 
 
 class Retriever(Protocol):
@@ -32,28 +52,29 @@ class Retriever(Protocol):
 
 
 class _TermCache:
-    """Each exchange text's term hashes (see ``terms.hash_terms``), least recently used out."""
+    """Each candidate's term hashes (see ``terms.hash_terms``) by its key, least recently used out."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._arrays: OrderedDict[Hashable, np.ndarray] = OrderedDict()
 
-    def arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        found: list[np.ndarray | None] = [self._arrays.get(text) for text in texts]
+    def arrays(self, candidates: Sequence[Candidate]) -> list[np.ndarray]:
+        keys = [c.text if c.key is None else c.key for c in candidates]
+        found: list[np.ndarray | None] = [self._arrays.get(key) for key in keys]
         missing = [i for i, array in enumerate(found) if array is None]
         if missing:  # hashed together: one numpy pass, ~2× faster than one text at a time
-            flat, sizes = hash_terms([texts[i] for i in missing])
+            flat, sizes = hash_terms([candidates[i].text for i in missing])
             ends = np.cumsum(sizes).tolist()
             for i, start, end in zip(missing, [0, *ends], ends):  # views of one array (np.split is ~10× slower)
-                found[i] = self._arrays[texts[i]] = flat[start:end]
-        for text in texts:
-            self._arrays.move_to_end(text)
+                found[i] = self._arrays[keys[i]] = flat[start:end]
+        for key in keys:
+            self._arrays.move_to_end(key)
         while len(self._arrays) > self.size:
             self._arrays.popitem(last=False)
         return found  # type: ignore[return-value]
 
 
-# Exchange texts' terms: 8 bytes a term instead of a str in a set (~100), and a whole
+# Exchanges' terms: 8 bytes a term instead of a str in a set (~100), and a whole
 # session's candidates compare against the query in a few numpy calls.
 _term_cache = _TermCache(16_384)
 
@@ -73,7 +94,7 @@ def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: fl
     query = query_hashes(query)
     if not query.size or not candidates or limit <= 0:
         return []
-    docs = _term_cache.arrays([candidate.text for candidate in candidates])
+    docs = _term_cache.arrays(candidates)
     sizes = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     flat = np.concatenate(docs)
     term = np.minimum(np.searchsorted(query, flat), len(query) - 1)  # the query term it could be
