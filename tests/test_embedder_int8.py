@@ -118,3 +118,28 @@ def test_the_embedder_works_whichever_loads_first_index_or_embedder() -> None:
         done = subprocess.run([sys.executable, "-c", code + "; print(round(float(v[0] @ v[0]), 3))"],
                               capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
         assert done.returncode == 0 and done.stdout.strip() == "1.0", (code, done.returncode, done.stderr[-800:])
+
+
+def test_the_graph_is_built_in_a_child_process_the_same_as_here(model: QuantizedMiniLM, monkeypatch, caplog) -> None:
+    # Building it imports onnx and unpacks the float32 layers: a child process does that, and
+    # the proxy keeps neither. The child's model is byte for byte the one built in-process, and
+    # a child that fails leaves the build to this process.
+    import subprocess
+    import sys
+
+    from proxy.memory import minilm_int8
+    from proxy.memory.embedder import MiniLMWeights
+
+    args = (model.model_dir, model.n_layers, model.n_heads, model.eps)
+    here = minilm_int8._build_graph(MiniLMWeights(model.model_dir, model.n_layers), model.n_heads, model.eps)
+    assert minilm_int8._graph_from_child(*args) == here
+    loads = ("import sys; from proxy.memory.minilm_int8 import QuantizedMiniLM; v = QuantizedMiniLM().embed(['hello world']); "
+             "print('onnx' in sys.modules, round(float(v[0] @ v[0]), 3))")
+    done = subprocess.run([sys.executable, "-c", loads], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0 and done.stdout.split() == ["False", "1.0"], done.stderr[-800:]
+
+    monkeypatch.setattr(minilm_int8.sys, "executable", "/nonexistent/python")
+    assert minilm_int8._graph_from_child(*args) is None
+    fallback = QuantizedMiniLM()
+    np.testing.assert_array_equal(fallback.embed(["hello world"]), model.embed(["hello world"]))
+    assert "building it here" in caplog.text

@@ -12,12 +12,19 @@ embedding does not stall the event loop. It must be imported before usearch (see
 proxy/memory/vectors.py).
 
 The word table is gathered in numpy from the memory-mapped weights file (47 MB that stay page
-cache, not heap); the graph takes the summed embeddings.
+cache, not heap); the graph takes the summed embeddings. The graph is built in a child process
+(``python -m proxy.memory.minilm_int8``): building it imports the ``onnx`` package, which would
+stay imported (8 MB), and unpacks the float32 layers (~90 MB for a moment), all of it memory the
+proxy would keep for nothing or fragment.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +33,8 @@ import numpy as np
 from proxy.memory.embedder import MiniLM, MiniLMWeights
 
 __all__ = ["QuantizedMiniLM"]
+
+log = logging.getLogger("agent_state_proxy.memory")
 
 _F32 = np.float32
 
@@ -44,10 +53,12 @@ class QuantizedMiniLM(MiniLM):
         # alone it is deterministic, needs no padding, and costs the same (within ±10 % per text
         # from 10 to 120 words).
         self.max_batch = 1
-        weights = MiniLMWeights(self.model_dir, self.n_layers)
-        graph = _build_graph(weights, self.n_heads, self.eps)
-        weights.layers = ()  # now in the graph, quantised: only the embedding lookup stays here
-        self._weights = weights
+        graph = _graph_from_child(self.model_dir, self.n_layers, self.n_heads, self.eps)
+        if graph is None:
+            weights = MiniLMWeights(self.model_dir, self.n_layers)
+            graph = _build_graph(weights, self.n_heads, self.eps)
+        # The layers are in the graph, quantised: only the embedding lookup stays here.
+        self._weights = MiniLMWeights(self.model_dir, 0)
         options = ort.SessionOptions()
         # One thread per run: queries and indexing run on their own threads, and a sidecar must
         # not take every core of its host.
@@ -71,6 +82,23 @@ class QuantizedMiniLM(MiniLM):
         ids = np.array(batch, dtype=np.int64)  # one text (max_batch = 1): nothing to pad or mask
         (out,) = self._session.run(None, {"embeddings": self._weights.embeddings(ids)})
         return out
+
+
+def _graph_from_child(model_dir: Path, n_layers: int, n_heads: int, eps: float) -> bytes | None:
+    """``_build_graph``'s model, built by a child Python (None if that fails: build it here)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "proxy.memory.minilm_int8", str(model_dir), str(n_layers), str(n_heads), repr(eps)]
+    try:
+        done = subprocess.run(command, capture_output=True, env=os.environ | {"PYTHONPATH": path}, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("building the int8 embedder's graph in a child process failed (%s): building it here", exc)
+        return None
+    if done.returncode != 0 or not done.stdout:
+        error = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        log.warning("building the int8 embedder's graph in a child process failed (%s): building it here", error[0])
+        return None
+    return done.stdout
 
 
 def _quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,3 +171,8 @@ def _build_graph(w: MiniLMWeights, n_heads: int, eps: float) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by every ONNX Runtime release that runs opset 17
     return model.SerializeToString()
+
+
+if __name__ == "__main__":  # the child process of _graph_from_child: the model on stdout
+    _dir, _layers, _heads, _eps = sys.argv[1:5]
+    sys.stdout.buffer.write(_build_graph(MiniLMWeights(Path(_dir), int(_layers)), int(_heads), float(_eps)))
