@@ -292,6 +292,17 @@ def test_decoded_messages_share_their_repeated_strings() -> None:
     assert a.body["content"] == "reply 1" and b.seq == 2 and a == decoded(1)
 
 
+async def test_a_transcript_read_back_shares_its_parents_and_request_ids(store: Store) -> None:
+    turn = [message(seq, f"m{seq}", request_id=f"req-{seq // 2:024d}") for seq in range(300, 306)]
+    await store.commit(session(), turn)
+    got = await store.get_messages("t", "s1")
+    assert got == turn  # equal values...
+    for before, after in zip(got, got[1:]):
+        assert after.parent is before.seq  # ...one object each (ints above 256 are not cached)
+    assert got[0].request_id is got[1].request_id and got[2].request_id is got[3].request_id
+    assert got[1].request_id is not got[2].request_id
+
+
 def _mapped_kb(path: Path) -> int:
     """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
     total, inside = 0, False

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from proxy import codec
 from proxy.codec import CorruptRecord
-from proxy.records import Message, Session
+from proxy.records import Message, Session, share_repeated_values
 from proxy.storage.base import Quarantined, Store, Write
 
 log = logging.getLogger("agent_state_proxy.storage")
@@ -115,7 +115,7 @@ class KVStore(Store):
     async def get_messages(self, tenant: str, session_id: str) -> list[Message]:
         prefix = messages_prefix(tenant, session_id)
         rows = await self._read(lambda txn: list(txn.scan(prefix)))
-        return await self._decode_rows(tenant, rows, Message.from_dict)
+        return share_repeated_values(await self._decode_rows(tenant, rows, Message.from_dict))
 
     async def list_sessions(self, tenant: str) -> list[Session]:
         prefix = b"s" + _tenant(tenant)
