@@ -247,3 +247,18 @@ def test_a_view_grown_from_the_previous_one_is_the_view_built_from_scratch(scrip
         if previous is not None:  # the previous view is left as it was
             assert _unit_fields(previous) == _unit_fields(build_view(list(previous.items), segment_turns, PRIORITY))
         previous = grown
+
+
+async def test_summaries_loaded_together_share_their_seqs() -> None:
+    # A session summary repeats every seq of the segments it folds; loaded (and cached) as one
+    # int object per seq, equal to what was saved.
+    from proxy.storage.memory import InMemoryStore
+
+    store = InMemoryStore()
+    first = summaries.make("seg:a", "segment", "first part", tokens.DEFAULT_ENCODING, range(300, 312), "extractive")
+    second = summaries.make("seg:b", "segment", "second part", tokens.DEFAULT_ENCODING, range(312, 324), "extractive")
+    folded = summaries.make("ses:b", "session", "both parts", tokens.DEFAULT_ENCODING, range(300, 324), "extractive", parts=["seg:a", "seg:b"])
+    await summaries.save(store, "t", "s", first, second, folded)
+    loaded = await summaries.load(store, "t", "s")
+    assert {key: s.to_value() for key, s in loaded.items()} == {s.key: s.to_value() for s in (first, second, folded)}
+    assert all(a is b for a, b in zip(loaded["ses:b"].seqs, loaded["seg:a"].seqs + loaded["seg:b"].seqs))

@@ -42,12 +42,14 @@ class Summary:
         }
 
     @classmethod
-    def from_value(cls, key: str, value: dict[str, Any]) -> Summary | None:
+    def from_value(cls, key: str, value: dict[str, Any], seq_objects: dict[int, int] | None = None) -> Summary | None:
+        """``seq_objects``: the seqs already decoded (see ``load``), reused instead of copied."""
+        shared = {} if seq_objects is None else seq_objects
         try:
             return cls(
                 key=key, level=str(value["level"]), text=str(value["text"]), tokens=int(value["tokens"]),
                 encoding=str(value.get("encoding") or tokens.DEFAULT_ENCODING), first=int(value["first"]),
-                last=int(value["last"]), seqs=tuple(int(s) for s in value.get("seqs") or ()),
+                last=int(value["last"]), seqs=tuple(shared.setdefault(s, s) for s in map(int, value.get("seqs") or ())),
                 method=str(value.get("method") or "llm"), model=value.get("model"),
                 parts=tuple(str(p) for p in value.get("parts") or ()), created_at=float(value.get("created_at") or 0),
             )
@@ -69,8 +71,12 @@ def make(key: str, level: str, text: str, encoding: str, seqs: Sequence[int], me
 
 async def load(store: Store, tenant: str, session_id: str) -> dict[str, Summary]:
     found = {}
+    # A session summary covers every seq of the segments it folds, and the context manager
+    # keeps a session's summaries cached: one int object per seq, not one per summary
+    # (~250 KB less for a 1,300-message session with 8 session summaries).
+    seq_objects: dict[int, int] = {}
     for key, value in await store.scan_records(tenant, KIND, session_id):
-        summary = Summary.from_value(key, value)
+        summary = Summary.from_value(key, value, seq_objects)
         if summary is not None:
             found[key] = summary
     return found
