@@ -494,7 +494,7 @@ class MemoryService:
 
     async def get(self, tenant: str, memory_id: str) -> Memory:
         mem = self._tenant(tenant)
-        slot = mem.id_slot.get(memory_id)
+        slot = mem.ids.slot(memory_id)
         value = None
         if slot is not None:
             value = await self.store.get_record(tenant, KIND, memory_id, mem.where[slot][0])
@@ -508,7 +508,7 @@ class MemoryService:
         mem = self._tenant(tenant)
         start = 0
         if after is not None:
-            slot = mem.id_slot.get(after)
+            slot = mem.ids.slot(after)
             if slot is None:
                 raise BadRequest(f"'after': no memory '{after}' for this tenant", code="invalid_cursor")
             start = slot + 1
@@ -547,7 +547,7 @@ class MemoryService:
 
     async def delete(self, tenant: str, memory_id: str) -> None:
         mem = self._tenant(tenant)
-        slot = mem.id_slot.get(memory_id)
+        slot = mem.ids.slot(memory_id)
         if slot is None:
             raise NotFound(f"no memory '{memory_id}' for this tenant", code="memory_not_found")
         await self.store.apply([Write(tenant, records=Memory.erasure(memory_id, mem.where[slot][0]))])
@@ -792,10 +792,10 @@ class MemoryService:
         reembed = [j.reembed for j in jobs if j.reembed]
         for memory_id in reembed:
             self._reembedding.discard(memory_id)
-        fresh = {j.memory.id: j.memory for j in jobs if j.memory is not None and j.memory.id not in mem.id_slot}
+        fresh = {j.memory.id: j.memory for j in jobs if j.memory is not None and j.memory.id not in mem.ids}
         memories = list(fresh.values())  # a message queued twice (recorded during start-up) counts once
         for memory_id in reembed:
-            slot = mem.id_slot.get(memory_id)
+            slot = mem.ids.slot(memory_id)
             value = await self.store.get_record(tenant, KIND, memory_id, mem.where[slot][0]) if slot is not None else None
             if value is not None:
                 memories.append(Memory.from_record(value, with_vector=False))
@@ -815,7 +815,7 @@ class MemoryService:
                 self.counters[tenant]["embedder_errors"] += 1
                 log.warning("memory: embedding %d memories of tenant %s failed (%s); stored lexically, retried later", len(texts), tenant, exc)
         for memory in memories:
-            if memory.id not in mem.id_slot:
+            if memory.id not in mem.ids:
                 memory.key = self._allocate_key(mem)
         records = [record for m in memories for record in m.records()]
         marks: dict[tuple[str, float | None], int] = {}
@@ -829,7 +829,7 @@ class MemoryService:
             await self.store.apply([Write(tenant, records=[Record(r.kind, r.key, None, r.session_id) for r in records
                                                            if r.session_id is not None and any(r.session_id == g[0] for g in gone)])])
             memories = [m for m in memories if (m.session, m.session_created) not in gone or m.session is None]
-        new = [m for m in memories if m.id not in mem.id_slot]
+        new = [m for m in memories if m.id not in mem.ids]
         forgotten = self._sessions_forgotten
         for start in range(0, len(new), _INSERT_SLICE):
             if self._sessions_forgotten != forgotten:  # a session was erased while we yielded
@@ -843,7 +843,7 @@ class MemoryService:
             await asyncio.sleep(0)
         keys, vectors = [], []
         for memory in memories:
-            if memory.id in mem.id_slot and memory.vector is not None and memory.id in mem.unembedded:
+            if memory.id in mem.ids and memory.vector is not None and memory.id in mem.unembedded:
                 slot = mem.attach_vector(memory.id, memory.vector)
                 if slot is not None:
                     keys.append(memory.key)

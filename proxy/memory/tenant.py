@@ -16,6 +16,7 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 
 from proxy.memory import lexical
+from proxy.memory.ids import MemoryIds
 from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, TYPES, Memory, Scope, text_hash
 from proxy.memory.vectors import EXACT_MAX, Mirror, VectorIndex
 
@@ -159,8 +160,7 @@ class TenantMemory:
         self.mirror: Mirror | None = None  # created with the first vector (its size is the dim)
         self._vectors: VectorIndex | None = None
         self.hnsw_ready = False  # the index holds every vector (loaded or rebuilt)
-        self.ids: list[str | None] = []
-        self.id_slot: dict[str, int] = {}
+        self.ids = MemoryIds()  # slot -> id and back
         self.key_slot = _KeySlots()
         self.where = _Where(self)  # slot -> (session id, type)
         self._users: dict[str, int] = {}
@@ -237,7 +237,7 @@ class TenantMemory:
 
     def insert(self, memory: Memory) -> int:
         """Make ``memory`` searchable (lexically at once, densely when it has a vector)."""
-        if memory.id in self.id_slot:
+        if memory.id in self.ids:
             self.remove(memory.id)
         slot = len(self.ids)
         self.cols.ensure(slot)
@@ -252,7 +252,6 @@ class TenantMemory:
         cols.ukey[slot] = memory.key
         cols.seq[slot] = -1 if memory.seq is None else memory.seq
         self.ids.append(memory.id)
-        self.id_slot[memory.id] = slot
         self.key_slot[memory.key] = slot
         self.next_key = max(self.next_key, memory.key + 1)
         if session != _NONE:
@@ -279,7 +278,7 @@ class TenantMemory:
 
     def attach_vector(self, memory_id: str, vector: np.ndarray) -> int | None:
         """A memory stored without a vector got one: add it to the exact copies."""
-        slot = self.id_slot.get(memory_id)
+        slot = self.ids.slot(memory_id)
         if slot is None:
             return None
         if self.mirror is not None and slot in self.mirror:
@@ -298,14 +297,13 @@ class TenantMemory:
 
     def remove(self, memory_id: str) -> int | None:
         """Forget one memory; returns its usearch key (for the writer to remove) or None."""
-        slot = self.id_slot.pop(memory_id, None)
+        slot = self.ids.remove(memory_id)
         if slot is None:
             return None
         cols = self.cols
         cols.alive[slot] = False
         key = int(cols.ukey[slot])
         self.key_slot.pop(key, None)
-        self.ids[slot] = None
         session, user = int(cols.session[slot]), int(cols.user[slot])
         self.session_slots.get(session, set()).discard(slot)
         if self.by_position.get((session, int(cols.seq[slot]))) == slot:
