@@ -339,10 +339,13 @@ def test_pages_read_from_lmdb_can_be_released_from_the_process_and_read_again(tm
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_the_writer_drops_the_mapped_pages_while_it_writes(tmp_path: Path) -> None:
+def test_the_writer_drops_the_mapped_pages_while_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Copy-on-write moves every page a commit changes, so reads after writes keep mapping new
     pages: the writer thread drops the mapping every ``release_interval`` seconds of writing,
     and what reads return does not change."""
+    from proxy.storage import lmdb_store
+
+    monkeypatch.setattr(lmdb_store, "BULK_READ_ROWS", 1 << 30)  # only the timed drops here (see the next test)
     store = LmdbStore.open(str(tmp_path / "db"))
     data = tmp_path / "db" / "data.mdb"
     records = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]
@@ -362,3 +365,28 @@ def test_the_writer_drops_the_mapped_pages_while_it_writes(tmp_path: Path) -> No
 
     asyncio.run(scenario())
 
+
+
+def test_a_bulk_read_has_its_pages_dropped_without_waiting_for_a_write(tmp_path: Path) -> None:
+    """A transcript read back or a scan maps its pages and, through the kernel's fault-around,
+    their neighbours: the writer thread drops them right after, not at its next timed drop."""
+    from proxy.storage.lmdb_store import BULK_READ_ROWS
+
+    store = LmdbStore.open(str(tmp_path / "db"))
+    data = tmp_path / "db" / "data.mdb"
+    records = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]
+
+    async def scenario() -> None:
+        store.release_interval = 3600.0
+        await store.put_records("t", records)
+        writer_idle = lambda: asyncio.get_running_loop().run_in_executor(store._writer, lambda: None)  # noqa: E731
+        few = await store.scan_records("t", "memory", limit=BULK_READ_ROWS - 1)
+        await writer_idle()
+        assert len(few) == BULK_READ_ROWS - 1 and _mapped_kb(data) > (BULK_READ_ROWS - 1) * 1.2  # small reads stay mapped
+        everything = await store.scan_records("t", "memory", limit=10_000)
+        await writer_idle()
+        assert len(everything) == 6000 and _mapped_kb(data) < 200
+        assert await store.scan_records("t", "memory", limit=10_000) == everything
+        await store.close()
+
+    asyncio.run(scenario())

@@ -62,6 +62,10 @@ class _LmdbTxn:
 # Seconds between two drops of the mapped pages by the writer thread. A drop costs ~2 ms on that
 # thread, without the GIL; at 5 s the copies mapped between two drops reached ~30 MB of RSS.
 RELEASE_INTERVAL = 1.0
+# A read of this many rows or more (a transcript read back, a scan) has its pages dropped at once,
+# not at the next timed drop: the kernel maps each page's cached neighbours too, and a sweep over
+# sessions whose transcripts are not cached mapped ~30 MB between two drops (bench/run.py).
+BULK_READ_ROWS = 64
 
 
 class LmdbStore(KVStore):
@@ -71,6 +75,7 @@ class LmdbStore(KVStore):
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
         self.release_interval = RELEASE_INTERVAL
         self._released_at = time.monotonic()
+        self._release_queued = False
         # Growing the map (set_mapsize) is only safe while no transaction of this process is
         # open, so reads share this lock with the resize; uncontended it costs ~100 ns.
         self._resize_lock = threading.Lock()
@@ -132,6 +137,16 @@ class LmdbStore(KVStore):
                 # Disk full, I/O error, failed fsync: never report such a write as done.
                 log.critical("LMDB write failed: %s", exc)
                 raise StorageError(f"storage write failed: {exc}") from exc
+
+    def _read_rows(self, count: int) -> None:
+        if count >= BULK_READ_ROWS and not self._release_queued and not self._closed:
+            self._release_queued = True  # one queued drop covers every read before it runs
+            self._writer.submit(self._release_after_reads)
+
+    def _release_after_reads(self) -> None:
+        self._release_queued = False
+        self._released_at = time.monotonic()
+        self._release()
 
     def sync_write(self, fn: Callable[[_LmdbTxn], T]) -> T:
         """Run a write transaction on the calling thread (start-up and tools only)."""
