@@ -303,6 +303,16 @@ async def test_a_transcript_read_back_shares_its_parents_and_request_ids(store: 
     assert got[1].request_id is not got[2].request_id
 
 
+_MANY_PAGES = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]  # ~7 MB
+
+
+def _store_without_timed_drops(tmp_path: Path) -> tuple[LmdbStore, Path]:
+    """A new LMDB store whose writer drops no pages on a timer, and the path of its data file."""
+    store = LmdbStore.open(str(tmp_path / "db"))
+    store.release_interval = 3600.0
+    return store, tmp_path / "db" / "data.mdb"
+
+
 def _mapped_kb(path: Path) -> int:
     """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
     total, inside = 0, False
@@ -317,15 +327,16 @@ def _mapped_kb(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_pages_read_from_lmdb_can_be_released_from_the_process_and_read_again(tmp_path: Path) -> None:
+def test_pages_read_from_lmdb_can_be_released_from_the_process_and_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bulk read leaves the data file's pages mapped (in RSS); release_mapped_pages drops
     them from the process without changing what a later read returns."""
-    store = LmdbStore.open(str(tmp_path / "db"))
-    data = tmp_path / "db" / "data.mdb"
-    records = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]
+    from proxy.storage import lmdb_store
+
+    monkeypatch.setattr(lmdb_store, "BULK_READ_ROWS", 1 << 30)  # no drop of the writer's own (tested below)
+    store, data = _store_without_timed_drops(tmp_path)
 
     async def scenario() -> None:
-        await store.put_records("t", records)
+        await store.put_records("t", _MANY_PAGES)
         assert store.release_mapped_pages() > 0  # writes do not go through the mapping anyway
         before = await store.scan_records("t", "memory", limit=10_000)
         assert len(before) == 6000 and _mapped_kb(data) > 6000  # ~8 MB of records, mapped by the read
@@ -346,13 +357,10 @@ def test_the_writer_drops_the_mapped_pages_while_it_writes(tmp_path: Path, monke
     from proxy.storage import lmdb_store
 
     monkeypatch.setattr(lmdb_store, "BULK_READ_ROWS", 1 << 30)  # only the timed drops here (see the next test)
-    store = LmdbStore.open(str(tmp_path / "db"))
-    data = tmp_path / "db" / "data.mdb"
-    records = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]
+    store, data = _store_without_timed_drops(tmp_path)
 
     async def scenario() -> None:
-        store.release_interval = 3600.0
-        await store.put_records("t", records)
+        await store.put_records("t", _MANY_PAGES)
         everything = await store.scan_records("t", "memory", limit=10_000)
         await store.put_records("t", [Record("memory", "m00000", {"text": "changed"})])
         assert _mapped_kb(data) > 6000  # not yet: the interval has not passed
@@ -366,19 +374,16 @@ def test_the_writer_drops_the_mapped_pages_while_it_writes(tmp_path: Path, monke
     asyncio.run(scenario())
 
 
-
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 def test_a_bulk_read_has_its_pages_dropped_without_waiting_for_a_write(tmp_path: Path) -> None:
     """A transcript read back or a scan maps its pages and, through the kernel's fault-around,
     their neighbours: the writer thread drops them right after, not at its next timed drop."""
     from proxy.storage.lmdb_store import BULK_READ_ROWS
 
-    store = LmdbStore.open(str(tmp_path / "db"))
-    data = tmp_path / "db" / "data.mdb"
-    records = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]
+    store, data = _store_without_timed_drops(tmp_path)
 
     async def scenario() -> None:
-        store.release_interval = 3600.0
-        await store.put_records("t", records)
+        await store.put_records("t", _MANY_PAGES)
         writer_idle = lambda: asyncio.get_running_loop().run_in_executor(store._writer, lambda: None)  # noqa: E731
         few = await store.scan_records("t", "memory", limit=BULK_READ_ROWS - 1)
         await writer_idle()
