@@ -18,6 +18,7 @@ import numpy as np
 from proxy.memory import lexical
 from proxy.memory.ids import MemoryIds
 from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, TYPES, Memory, Scope, text_hash
+from proxy.memory.slots import EMPTY as NO_SLOTS, SlotSet, union as union_of
 from proxy.memory.vectors import EXACT_MAX, Mirror, VectorIndex
 
 _TYPE_CODE = {t: i for i, t in enumerate(TYPES)}
@@ -166,10 +167,10 @@ class TenantMemory:
         self._users: dict[str, int] = {}
         self._sessions: dict[tuple[str, float | None], int] = {}
         self.session_ids: list[tuple[str, float | None]] = []
-        self.session_slots: dict[int, set[int]] = {}
-        self.sessionless: dict[int, set[int]] = {}  # user code -> API memories without a session
-        self.procedural: dict[int, set[int]] = {}  # user code (-1 tenant) -> procedural slots
-        self.tenant_wide: set[int] = set()  # memories without user and session
+        self.session_slots: dict[int, SlotSet] = {}
+        self.sessionless: dict[int, SlotSet] = {}  # user code -> API memories without a session
+        self.procedural: dict[int, SlotSet] = {}  # user code (-1 tenant) -> procedural slots
+        self.tenant_wide = SlotSet()  # memories without user and session
         self.by_position: dict[tuple[int, int], int] = {}  # (session code, seq) -> slot
         self.group_sizes: dict[int, int] = {}  # user code -> live memories
         self.alive = 0
@@ -255,15 +256,15 @@ class TenantMemory:
         self.key_slot[memory.key] = slot
         self.next_key = max(self.next_key, memory.key + 1)
         if session != _NONE:
-            self.session_slots.setdefault(session, set()).add(slot)
+            self.session_slots.setdefault(session, SlotSet()).add(slot)
             if memory.seq is not None:
                 self.by_position[(session, memory.seq)] = slot
         elif user != _NONE:
-            self.sessionless.setdefault(user, set()).add(slot)
+            self.sessionless.setdefault(user, SlotSet()).add(slot)
         else:
             self.tenant_wide.add(slot)
         if memory.type == PROCEDURAL:
-            self.procedural.setdefault(user, set()).add(slot)
+            self.procedural.setdefault(user, SlotSet()).add(slot)
         self.bm25.add(slot, lexical.tokenize(index_text(memory)))
         if user != _NONE:
             self.group_sizes[user] = self.group_sizes.get(user, 0) + 1
@@ -305,11 +306,11 @@ class TenantMemory:
         key = int(cols.ukey[slot])
         self.key_slot.pop(key, None)
         session, user = int(cols.session[slot]), int(cols.user[slot])
-        self.session_slots.get(session, set()).discard(slot)
+        self.session_slots.get(session, NO_SLOTS).discard(slot)
         if self.by_position.get((session, int(cols.seq[slot]))) == slot:
             del self.by_position[(session, int(cols.seq[slot]))]
-        self.sessionless.get(user, set()).discard(slot)
-        self.procedural.get(user, set()).discard(slot)
+        self.sessionless.get(user, NO_SLOTS).discard(slot)
+        self.procedural.get(user, NO_SLOTS).discard(slot)
         self.tenant_wide.discard(slot)
         if user != _NONE:
             self.group_sizes[user] -= 1
@@ -381,13 +382,11 @@ class TenantMemory:
         return []  # session scope enumerates slots instead
 
     def _session_scope_slots(self, scope: Scope) -> np.ndarray:
-        slots: set[int] = set()
-        for code in self.sessions_named(scope.session) if scope.session else []:
-            slots |= self.session_slots.get(code, set())
+        groups = [self.session_slots.get(code, NO_SLOTS) for code in (self.sessions_named(scope.session) if scope.session else [])]
         if scope.user is not None:
-            slots |= self.sessionless.get(self.user_code(scope.user), set())
-        slots |= self.tenant_wide
-        return np.fromiter(slots, dtype=np.int64, count=len(slots))
+            groups.append(self.sessionless.get(self.user_code(scope.user), NO_SLOTS))
+        groups.append(self.tenant_wide)
+        return union_of(groups)
 
     def dense(self, query: np.ndarray, scope: Scope, admit, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``limit`` admitted slots by cosine: exact for small scopes, HNSW for large ones."""
@@ -520,9 +519,9 @@ class TenantMemory:
 
     def procedural_for(self, user: str | None) -> list[int]:
         """Slots of the procedural memories that apply to ``user`` (tenant-wide ones first)."""
-        found = sorted(self.procedural.get(_TENANT_GROUP, set()))
+        found = list(self.procedural.get(_TENANT_GROUP, NO_SLOTS))  # ascending already
         if user is not None:
-            found += sorted(self.procedural.get(self.user_code(user), set()))
+            found += list(self.procedural.get(self.user_code(user), NO_SLOTS))
         return [s for s in found if self.cols.alive[s]]
 
     def stats(self) -> dict[str, int]:
