@@ -63,7 +63,8 @@ class _TermCache:
         found: list[np.ndarray | None] = [self._arrays.get(key) for key in keys]
         missing = [i for i, array in enumerate(found) if array is None]
         if missing:  # hashed together: one numpy pass, ~2× faster than one text at a time
-            flat, sizes = hash_terms([candidates[i].text for i in missing])
+            # A keyless candidate's key is its text, made once already.
+            flat, sizes = hash_terms([keys[i] if candidates[i].key is None else candidates[i].text for i in missing])
             ends = np.cumsum(sizes).tolist()
             for i, start, end in zip(missing, [0, *ends], ends):  # views of one array (np.split is ~10× slower)
                 found[i] = self._arrays[keys[i]] = flat[start:end]
