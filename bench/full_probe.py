@@ -1,17 +1,21 @@
 """A quick look at full mode: one seeded proxy, JSON requests at concurrency 1.
 
-    python bench/full_probe.py --requests 300 [--rounds 3] [--burst 600] [--workdir DIR]
+    python bench/full_probe.py --requests 300 [--rounds 3] [--burst 600] [--streams 2] [--workdir DIR]
+    python bench/full_probe.py --requests 200 --streams 1 --burst 60 --burst-streams 16 --pause 5
 
 Seeds a store the way bench/run.py's `full` target is seeded (bench/seed_full.py: 100k memories
 of the benchmark user, 500-turn sessions; built once under --workdir and copied per round),
 starts the fake upstream and the proxy on it, waits for its HNSW index, then sends --requests
 JSON requests at concurrency 1 from the benchmark's window client (the tail of a stored session,
-rotating over 2 client streams' sessions). With --burst N, the measured requests follow at once
-a burst of N requests sent concurrently (one client per seeded session), as bench/run.py's c=1
-steps follow its throughput sweeps: it shows what the indexing backlog left by a burst costs
-the next requests. Prints per round the absolute latency percentiles,
-the proxy's CPU per request, its anonymous RSS, its file-backed RSS (and how much of it is LMDB's
-data file), its peak RSS, and its memory counters (recalls over budget,
+rotating over --streams client streams' sessions: 2 streams are 18 sessions, which the proxy's
+caches hold; 16 streams are the 46 sessions of bench/run.py's c=16 sweep step). With --burst N,
+the measured requests follow a burst of N requests sent concurrently (one client per measured
+session, or with --burst-streams K one client per stream of the first K, as bench/run.py's
+sweep step at c=K), after --pause seconds, as bench/run.py's c=1 steps follow its throughput
+sweeps: it shows what the indexing backlog and the sessions a burst pushed out of the caches
+cost the next requests (printed: the first 24 of them, in order). Prints per round the absolute
+latency percentiles, the proxy's CPU per request, its anonymous RSS, its file-backed RSS (and how
+much of it is LMDB's data file), its peak RSS, and its memory counters (recalls over budget,
 degradations, episodic messages indexed during the round).
 
 For before/after checks of one change in a minute, not a substitute for bench/run.py (no
@@ -41,7 +45,7 @@ import aiohttp  # noqa: E402
 
 import run as bench  # noqa: E402
 from seed_full import seed, session_ids  # noqa: E402
-from workload import BENCH_USER, WindowConversation  # noqa: E402
+from workload import BENCH_USER, WindowConversation, window_sessions  # noqa: E402
 
 RUN_ID = "probe"
 TURNS = 500
@@ -113,10 +117,11 @@ async def _drive(url: str, requests: int, conversations: list[WindowConversation
     return latencies
 
 
-async def _burst(url: str, requests: int, conversations: list[WindowConversation]) -> None:
-    """``requests`` requests spread over the conversations, all of them at once."""
-    share = max(1, requests // len(conversations))
-    await asyncio.gather(*(_drive(url, share, [conversation]) for conversation in conversations))
+async def _burst(url: str, requests: int, clients: list[list[WindowConversation]]) -> None:
+    """``requests`` requests spread over the clients, all of them at once; each client goes
+    round-robin over its conversations."""
+    share = max(1, requests // len(clients))
+    await asyncio.gather(*(_drive(url, share, conversations) for conversations in clients))
 
 
 def main() -> None:
@@ -125,6 +130,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--burst", type=int, default=0, help="requests sent concurrently right before the measured ones")
     parser.add_argument("--memories", type=int, default=100_000)
+    parser.add_argument("--streams", type=int, default=2, help="client streams whose sessions the requests rotate over")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between the burst and the measured requests")
+    parser.add_argument("--burst-streams", type=int, default=0, help="send the burst as this many client streams, each round-robin over its sessions, as a bench/run.py sweep step at this concurrency does (default: one client per measured session)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asp-full-probe")
     parser.add_argument("--port", type=int, default=18902, help="the proxy's")
     parser.add_argument("--upstream-port", type=int, default=18901, help="the fake upstream's")
@@ -135,8 +143,9 @@ def main() -> None:
     upstream_port = args.upstream_port
     upstream_url, url = f"http://127.0.0.1:{upstream_port}/v1", f"http://127.0.0.1:{args.port}"
     tenant, _ = bench.full_tenant(upstream_url)
-    sessions = [s for s in session_ids(RUN_ID, 2)]
-    template = work / f"template-{args.memories}"
+    seeded = max(args.streams, args.burst_streams)
+    sessions = session_ids(RUN_ID, seeded)
+    template = work / f"template-{args.memories}" if seeded == 2 else work / f"template-{args.memories}-{seeded}"
     if not template.exists():
         config = bench.write_proxy_config(work / "seed-config", tenant, work / "seeding")
         shutil.rmtree(work / "seeding", ignore_errors=True)
@@ -153,12 +162,19 @@ def main() -> None:
         proxy = _start(["-m", "proxy", "serve", "--config", str(config), "--port", str(args.port)], log)
         try:
             ready = _wait_ready(proxy, url, log)
-            conversations = [WindowConversation(session, TURNS) for session in sessions]
-            asyncio.run(_drive(url, 20, conversations))  # warm-up
+            conversations = {session: WindowConversation(session, TURNS) for session in sessions}
+            measured = [conversations[s] for s in session_ids(RUN_ID, args.streams)]
+            asyncio.run(_drive(url, 20, measured))  # warm-up
             if args.burst:
-                asyncio.run(_burst(url, args.burst, conversations))
+                if args.burst_streams:  # one client per stream, as in a bench/run.py sweep step
+                    clients = [[conversations[s] for s in window_sessions(RUN_ID, i)] for i in range(args.burst_streams)]
+                else:  # one client per session
+                    clients = [[conversation] for conversation in measured]
+                asyncio.run(_burst(url, args.burst, clients))
+                time.sleep(args.pause)  # bench/run.py's other targets take their turns in between
             before = bench.cpu_seconds(proxy.pid)
-            latencies = sorted(asyncio.run(_drive(url, args.requests, conversations)))
+            in_order = asyncio.run(_drive(url, args.requests, measured))
+            latencies = sorted(in_order)
             cpu_ms = (bench.cpu_seconds(proxy.pid) - before) / args.requests * 1000
             stats = bench.http_json(f"{url}/admin/memory", {}, timeout=10)
             n = len(latencies)
@@ -166,6 +182,7 @@ def main() -> None:
                 "round": round_number, "ready_s": round(ready, 1), "requests": n,
                 "p50_ms": round(statistics.median(latencies), 2), "p90_ms": round(latencies[int(n * 0.9)], 2),
                 "p99_ms": round(latencies[min(n - 1, int(n * 0.99))], 2), "cpu_ms_per_request": round(cpu_ms, 2),
+                "first_ms": [round(x) for x in in_order[:24]],
                 "anon_mb": _status_mb(proxy.pid, "RssAnon"), "hwm_mb": _status_mb(proxy.pid, "VmHWM"),
                 "file_mb": _status_mb(proxy.pid, "RssFile"), "lmdb_mapped_mb": _mapped_mb(proxy.pid, "data.mdb"),
                 "memory_counters": stats.get("counters"), "recall_latency_ms": stats.get("recall_latency_ms"),
