@@ -1,7 +1,7 @@
 """A quick look at full mode: one seeded proxy, JSON requests at concurrency 1.
 
     python bench/full_probe.py --requests 300 [--rounds 3] [--burst 600] [--streams 2] [--workdir DIR]
-    python bench/full_probe.py --requests 200 --streams 1 --burst 60 --burst-streams 16 --pause 5
+    python bench/full_probe.py --requests 200 --streams 1 --warmup 240 --burst 60 --burst-streams 16 --pause 5
 
 Seeds a store the way bench/run.py's `full` target is seeded (bench/seed_full.py: 100k memories
 of the benchmark user, 500-turn sessions; built once under --workdir and copied per round),
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=0, help="requests sent concurrently right before the measured ones")
     parser.add_argument("--memories", type=int, default=100_000)
     parser.add_argument("--streams", type=int, default=2, help="client streams whose sessions the requests rotate over")
+    parser.add_argument("--warmup", type=int, default=20, help="requests before the burst (bench/run.py: ~240 c=1 requests a round)")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between the burst and the measured requests")
     parser.add_argument("--burst-streams", type=int, default=0, help="send the burst as this many client streams, each round-robin over its sessions, as a bench/run.py sweep step at this concurrency does (default: one client per measured session)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asp-full-probe")
@@ -164,7 +165,7 @@ def main() -> None:
             ready = _wait_ready(proxy, url, log)
             conversations = {session: WindowConversation(session, TURNS) for session in sessions}
             measured = [conversations[s] for s in session_ids(RUN_ID, args.streams)]
-            asyncio.run(_drive(url, 20, measured))  # warm-up
+            asyncio.run(_drive(url, args.warmup, measured))  # warm-up
             if args.burst:
                 if args.burst_streams:  # one client per stream, as in a bench/run.py sweep step
                     clients = [[conversations[s] for s in window_sessions(RUN_ID, i)] for i in range(args.burst_streams)]

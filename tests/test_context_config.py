@@ -134,7 +134,7 @@ def test_lexical_retrieval_ranks_the_relevant_turn_first() -> None:
 
 def test_a_candidate_made_from_message_bodies_reads_and_ranks_as_its_text() -> None:
     """A long session's cached view keeps ~500 candidates: they hold the bodies they were made
-    from, not their text, and the term cache knows them by key."""
+    from, not their text, and their term hashes once ranked (the next request reuses both)."""
     bodies = (
         {"role": "user", "content": "When does the password rotation happen?"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "rotation"}'}}]},
@@ -147,6 +147,9 @@ def test_a_candidate_made_from_message_bodies_reads_and_ranks_as_its_text() -> N
     eager = Candidate(2, 7, lazy.text)
     query = "how often is the password rotated, every 90 days?"
     assert rank_lexical(query, [others[0], lazy, others[1]], 3) == rank_lexical(query, [others[0], eager, others[1]], 3) == [1]
+    hashed = lazy.terms
+    assert hashed is not None and sorted(hashed.tolist()) == sorted(eager.terms.tolist())
+    assert rank_lexical(query, [others[0], lazy, others[1]], 3) == [1] and lazy.terms is hashed  # not hashed again
 
 
 _VOCABULARY = ["password", "rotation", "database", "oslo", "weather", "pasta", "lunch", "deploy", "friday", "budget", "the", "and"]

@@ -273,8 +273,8 @@ def test_reusing_the_previous_requests_view_changes_nothing_sent(tmp_path: Path,
     sends. Summaries and memory are off so that background timing cannot differ between the two."""
     from proxy.context import manager
 
-    def run(cached_views: int, directory: Path) -> list[list[dict[str, Any]]]:
-        monkeypatch.setattr(manager, "_CACHED_VIEWS", cached_views)
+    def run(cached_messages: int, directory: Path) -> list[list[dict[str, Any]]]:
+        monkeypatch.setattr(manager, "_CACHED_VIEW_MESSAGES", cached_messages)
         before = len(client_requests(upstream))
         spec = tenant(upstream, strategy=["window", "importance", "retrieval"], segment_turns=3)
         spec["memory"] = {"enabled": False}  # its block would depend on when its index is ready
@@ -300,7 +300,7 @@ def test_reusing_the_previous_requests_view_changes_nothing_sent(tmp_path: Path,
         ids: dict[str, str] = {}  # the fake numbers tool calls across runs: number them per run
         return json.loads(re.sub(r"call_fake_\d+_\d+", lambda m: ids.setdefault(m.group(0), f"call_{len(ids)}"), sent))
 
-    cached, uncached = run(64, tmp_path / "cached"), run(0, tmp_path / "uncached")
+    cached, uncached = run(100_000, tmp_path / "cached"), run(0, tmp_path / "uncached")
     assert len(cached) == len(uncached) == 14 + 3 + 24 + 6 + 6 + 3  # 3 tool calls
     branch = cached[17 + 24:17 + 30]
     assert all(len(m) < 49 for m in branch)  # the budget shaped the branch's requests

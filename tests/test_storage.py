@@ -214,14 +214,41 @@ async def test_write_behind_transcript_cache_is_bounded_by_messages_and_stays_ex
     for sid in ("a", "b", "c"):
         await behind.apply([Write("t", session(sid=sid, next_seq=6), [message(i, f"{sid}{i}") for i in range(6)])])
         assert [m.body["content"] for m in await behind.get_messages("t", sid)] == [f"{sid}{i}" for i in range(6)]
-        assert behind._cached_count == sum(len(t) for t in behind._transcripts.values()) <= 10
-    assert list(behind._transcripts) == [("t", "c")]  # the newest stays; older ones were dropped
+        assert behind._transcripts.weight == sum(len(behind._transcripts.peek(k)) for k in behind._transcripts) <= 10
+    assert list(behind._transcripts) == [("t", "c")]  # the newest stays (each was read once); older ones were dropped
     # A queued (not yet flushed) write reaches a cached transcript and an evicted one alike.
     await behind.apply_later([Write("t", session(sid="a", next_seq=7), [message(6, "a6")])])
     await behind.apply_later([Write("t", session(sid="c", next_seq=7), [message(6, "c6")])])
-    assert behind._cached_count == sum(len(t) for t in behind._transcripts.values()) <= 10
+    assert behind._transcripts.weight == sum(len(behind._transcripts.peek(k)) for k in behind._transcripts) <= 10
     assert [m.body["content"] for m in await behind.get_messages("t", "a")][-2:] == ["a5", "a6"]
     assert [m.body["content"] for m in await behind.get_messages("t", "c")][-2:] == ["c5", "c6"]
+    await behind.close()
+
+
+async def test_write_behind_keeps_a_session_in_steady_use_through_a_burst_of_other_sessions() -> None:
+    from proxy.storage.write_behind import WriteBehindStore
+
+    class Counting(InMemoryStore):
+        reads: list[str] = []
+
+        async def get_messages(self, tenant: str, session_id: str) -> list:
+            Counting.reads.append(session_id)
+            return await super().get_messages(tenant, session_id)
+
+    inner = Counting()
+    for sid in ["hot"] + [f"burst{i}" for i in range(30)]:
+        await inner.apply([Write("t", session(sid=sid, next_seq=5), [message(i, f"{sid}{i}") for i in range(5)])])
+    behind = WriteBehindStore(inner, cached_messages=20, flush_interval=3600)  # room for 4 transcripts
+    for _ in range(5):
+        await behind.get_messages("t", "hot")
+    for i in range(30):  # each burst session twice: it gets in, but only in place of another burst session
+        for _ in range(2):
+            await behind.get_messages("t", f"burst{i}")
+        assert ("t", "hot") in behind._transcripts
+    Counting.reads.clear()
+    assert [m.body["content"] for m in await behind.get_messages("t", "hot")] == [f"hot{i}" for i in range(5)]
+    assert Counting.reads == []  # from memory
+    assert behind.stats()["transcript_cache"]["weight"] <= 20
     await behind.close()
 
 
@@ -268,7 +295,7 @@ async def test_write_behind_without_a_transcript_cache_reads_the_store_every_tim
     behind = WriteBehindStore(inner, cached_messages=0, flush_interval=3600)
     await behind.apply([Write("t", session(sid="a", next_seq=2), [message(0, "a0"), message(1, "a1")])])
     assert [m.body["content"] for m in await behind.get_messages("t", "a")] == ["a0", "a1"]
-    assert not behind._transcripts and behind._cached_count == 0
+    assert not behind._transcripts and behind._transcripts.weight == 0
     await behind.apply_later([Write("t", session(sid="a", next_seq=3), [message(2, "a2")])])
     assert [m.body["content"] for m in await behind.get_messages("t", "a")] == ["a0", "a1", "a2"]
     await behind.close()

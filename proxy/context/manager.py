@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
 
 from proxy import tokens
+from proxy.cache import FrequencyCache
 from proxy.context import importance, summaries as summary_store, summarizer
 from proxy.context.assemble import Assembly, ContextTooLarge, Policy, assemble, window_start
 from proxy.context.budget import Budget, budget_for, request_overhead
@@ -40,7 +41,10 @@ TAGS_KIND = "tags"
 _HOT_LLM_SEGMENTS = 4  # a request waits for the summarizer on at most this many segments
 _RETRIEVE_LIMIT = 16
 _CONCURRENT_SUMMARIES = 4  # summarizer calls in flight per process
-_CACHED_VIEWS = 32  # sessions whose latest context view is kept for the next request (~0.35 MB per 1,000 messages)
+# The latest context view of the sessions used most (proxy/cache.py), by their messages: a view
+# holds ~0.35 KB a message beyond the messages themselves, plus its exchanges' term hashes.
+_CACHED_VIEW_MESSAGES = 40_000
+_CACHED_VIEW_SESSIONS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +102,10 @@ class ContextManager:
         self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
         self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
         # (tenant, session, created_at, encoding, segment turns, importance) → the view of its
-        # latest request: ~0.35 MB for a 1,000-message session, so only the most recent sessions.
-        self._views = _LRU(_CACHED_VIEWS)
+        # latest request. A miss rebuilds it (a 1,000-message session: ~10 ms, half of it hashing
+        # its exchanges' terms), so a burst of other sessions must not push out the ones in use.
+        self._views: FrequencyCache[tuple[Any, ...], _CachedView] = FrequencyCache(
+            _CACHED_VIEW_MESSAGES, weigh=lambda cached: len(cached.view.items), max_entries=_CACHED_VIEW_SESSIONS)
         self._passes = _LRU(10_000)  # (tenant, session) → (created_at, next_seq when last summarized)
         self._limit: asyncio.Semaphore | None = None
         self._closed = False
@@ -122,7 +128,7 @@ class ContextManager:
         # The previous request's view of this session: its items and units are reused where
         # this request repeats them (the whole stored history, in a long session).
         cache_key = (turn.tenant.name, turn.ref.id, turn.session.created_at, encoding, settings.segment_turns, settings.uses("importance"))
-        previous = self._views.get_fresh(cache_key) if llm_tags is None else None
+        previous = self._views.get(cache_key) if llm_tags is None else None
         items, stored = self._items(turn, body.get("messages") or [], encoding, llm_tags, previous)
         full = overhead + sum(i.tokens for i in items)
         if full <= budget.prompt:

@@ -7,7 +7,6 @@ default ``LexicalRetriever`` scores the session's own older messages with BM25 o
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Hashable, Protocol, Sequence
 
 import numpy as np
@@ -21,17 +20,20 @@ class Candidate:
 
     Given ``bodies`` instead of ``text``, its text is made from them whenever it is read and
     never kept: a long session's cached view holds ~500 candidates, and their texts were ~1 KB
-    each. ``key`` names the text for the retrieval caches (it must change when the text does);
-    without one the text itself is the key.
+    each. ``key`` names the text for a retriever's own caches (it must change when the text
+    does). ``terms`` are its term hashes, set by the lexical retriever the first time it ranks
+    the candidate: the session's cached view lends its candidates to the next request, so a
+    stored exchange is hashed once while its session stays in use.
     """
 
-    __slots__ = ("unit", "seq", "key", "_text", "_bodies")
+    __slots__ = ("unit", "seq", "key", "terms", "_text", "_bodies")
 
     def __init__(self, unit: int, seq: int | None, text: str | None = None, *,
                  bodies: tuple[dict[str, Any], ...] = (), key: Hashable | None = None) -> None:
         self.unit = unit  # unit index in the request's view
         self.seq = seq  # stored seq of its first message
         self.key = key
+        self.terms: np.ndarray | None = None
         self._text = text
         self._bodies = bodies
 
@@ -51,35 +53,6 @@ class Retriever(Protocol):
         ...
 
 
-class _TermCache:
-    """Each candidate's term hashes (see ``terms.hash_terms``) by its key, least recently used out."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._arrays: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-
-    def arrays(self, candidates: Sequence[Candidate]) -> list[np.ndarray]:
-        keys = [c.text if c.key is None else c.key for c in candidates]
-        found: list[np.ndarray | None] = [self._arrays.get(key) for key in keys]
-        missing = [i for i, array in enumerate(found) if array is None]
-        if missing:  # hashed together: one numpy pass, ~2× faster than one text at a time
-            # A keyless candidate's key is its text, made once already.
-            flat, sizes = hash_terms([keys[i] if candidates[i].key is None else candidates[i].text for i in missing])
-            ends = np.cumsum(sizes).tolist()
-            for i, start, end in zip(missing, [0, *ends], ends):  # views of one array (np.split is ~10× slower)
-                found[i] = self._arrays[keys[i]] = flat[start:end]
-        for key in keys:
-            self._arrays.move_to_end(key)
-        while len(self._arrays) > self.size:
-            self._arrays.popitem(last=False)
-        return found  # type: ignore[return-value]
-
-
-# Exchanges' terms: 8 bytes a term instead of a str in a set (~100), and a whole
-# session's candidates compare against the query in a few numpy calls.
-_term_cache = _TermCache(16_384)
-
-
 class LexicalRetriever:
     """BM25 over the candidates' words (no index to keep: candidates are the session's own turns)."""
 
@@ -95,7 +68,7 @@ def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: fl
     query = query_hashes(query)
     if not query.size or not candidates or limit <= 0:
         return []
-    docs = _term_cache.arrays(candidates)
+    docs = _terms(candidates)
     sizes = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     flat = np.concatenate(docs)
     term = np.minimum(np.searchsorted(query, flat), len(query) - 1)  # the query term it could be
@@ -111,3 +84,14 @@ def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: fl
     matched = np.flatnonzero(np.bincount(owner, minlength=total))  # np.unique(owner), without its sort
     order = np.lexsort((-matched, -score[matched]))  # score, then the later position, descending
     return matched[order[:limit]].tolist()
+
+
+def _terms(candidates: Sequence[Candidate]) -> list[np.ndarray]:
+    """Each candidate's term hashes (``terms.hash_terms``), made for those without them."""
+    missing = [c for c in candidates if c.terms is None]
+    if missing:  # hashed together: one numpy pass, ~2× faster than one text at a time
+        flat, sizes = hash_terms([c.text for c in missing])
+        ends = np.cumsum(sizes).tolist()
+        for candidate, start, end in zip(missing, [0, *ends], ends):  # views of one array (np.split is ~10× slower)
+            candidate.terms = flat[start:end]
+    return [c.terms for c in candidates]  # type: ignore[misc]

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
+from proxy.cache import FrequencyCache
 from proxy.records import Message, Session
 from proxy.storage.base import Quarantined, Store, StorageError, Write
 
@@ -30,15 +31,15 @@ class WriteBehindStore(Store):
         # Decoded transcripts of recently used sessions. This process is the only writer of its
         # LMDB environment and every write passes through here, so the cache stays exact; it
         # saves decoding a whole transcript on every request of a long session.
-        self._transcripts: collections.OrderedDict[_SessionKey, dict[int, Message]] = collections.OrderedDict()
-        # Bounded by sessions and by messages (~1 KB each decoded, ~50 MB at the default bound,
+        # Bounded by sessions and by messages (~0.9 KB each decoded, ~45 MB at the default bound,
         # storage.transcript_cache_messages): 256 sessions of 5 000 messages would otherwise hold
-        # over 1 GB. A miss costs ~6 ms per 1 000 messages. 50k holds the full benchmark's
-        # sessions up to 8 concurrent streams (30 sessions of ~1 200 messages). At 20k, the
-        # sessions a burst had touched pushed the hot ones out: full mode's p50 went from 14 to
-        # 30 ms (bench/full_probe.py --burst 1000), reading transcripts from LMDB again.
+        # over 1 GB. A miss costs ~7 ms per 1 000 messages. Sessions used most often stay (see
+        # proxy/cache.py): under a plain LRU, the sessions a burst had touched pushed the hot ones
+        # out, which then read their transcripts from LMDB again (at a 20k bound, full mode's p50
+        # went from 14 to 30 ms after bench/full_probe.py --burst 1000).
         self.cached_sessions, self.cached_messages = cached_sessions, cached_messages
-        self._cached_count = 0  # messages in self._transcripts
+        self._transcripts: FrequencyCache[_SessionKey, dict[int, Message]] = FrequencyCache(
+            cached_messages, weigh=len, max_entries=cached_sessions)
         # Stored sessions of recently used ones, exact for the same reason: every request reads
         # its session, and an LMDB read lets go of the GIL, which the event loop then waits to
         # get back (~0.3 ms a request in full mode, py-spy).
@@ -154,18 +155,16 @@ class WriteBehindStore(Store):
         session is this store's own)."""
         self._writes_seen += 1
         if write.delete_session is not None:
-            self._cached_count -= len(self._transcripts.pop((write.tenant, write.delete_session), ()))
+            self._transcripts.pop((write.tenant, write.delete_session))
             self._stored_sessions.pop((write.tenant, write.delete_session), None)
         if write.session is not None:
             self._cache_session((write.tenant, write.session.id), write.session)
         if write.session is not None and write.messages:
             key = (write.tenant, write.session.id)
-            cached = self._transcripts.get(key)
+            cached = self._transcripts.peek(key)
             if cached is not None:
-                before = len(cached)
                 cached.update({m.seq: m for m in write.messages})
-                self._cached_count += len(cached) - before
-                self._evict(keep=key)
+                self._transcripts.put(key, cached)  # re-weighed
 
     async def _notify_drained(self) -> None:
         async with self._drained:
@@ -216,7 +215,6 @@ class WriteBehindStore(Store):
             return []
         cached = self._transcripts.get(key)
         if cached is not None:
-            self._transcripts.move_to_end(key)
             return [cached[seq] for seq in sorted(cached)]
         writes_before = self._writes_seen
         stored = await self.inner.get_messages(tenant, session_id)
@@ -229,19 +227,7 @@ class WriteBehindStore(Store):
         return [merged[seq] for seq in sorted(merged)]
 
     def _cache_transcript(self, key: _SessionKey, stored: list[Message]) -> None:
-        merged = {m.seq: m for m in stored} | dict(self._messages.get(key, {}))
-        self._cached_count += len(merged) - len(self._transcripts.pop(key, ()))
-        self._transcripts[key] = merged
-        self._evict(keep=key)
-
-    def _evict(self, keep: _SessionKey) -> None:
-        """Drop the least recently used transcripts beyond either bound (never ``keep``)."""
-        while len(self._transcripts) > 1 and (len(self._transcripts) > self.cached_sessions or self._cached_count > self.cached_messages):
-            oldest = next(iter(self._transcripts))
-            if oldest == keep:
-                self._transcripts.move_to_end(keep)
-                continue
-            self._cached_count -= len(self._transcripts.pop(oldest))
+        self._transcripts.put(key, {m.seq: m for m in stored} | dict(self._messages.get(key, {})))
 
     async def list_sessions(self, tenant: str) -> list[Session]:
         sessions = {s.id: s for s in await self.inner.list_sessions(tenant)}
@@ -289,7 +275,8 @@ class WriteBehindStore(Store):
 
     def stats(self) -> dict[str, Any]:
         return self.inner.stats() | {"pending_writes": len(self._queue), "flushed_batches": self.flushed_batches,
-                                     "flush_failure": str(self.failure) if self.failure else None}
+                                     "flush_failure": str(self.failure) if self.failure else None,
+                                     "transcript_cache": self._transcripts.stats()}
 
 
 def _frozen_copy(write: Write) -> Write:
