@@ -15,8 +15,9 @@ sweep step at c=K), after --pause seconds, as bench/run.py's c=1 steps follow it
 sweeps: it shows what the indexing backlog and the sessions a burst pushed out of the caches
 cost the next requests (printed: the first 24 of them, in order). Prints per round the absolute
 latency percentiles, the proxy's CPU per request, its anonymous RSS, its file-backed RSS (and how
-much of it is LMDB's data file), its peak RSS, and its memory counters (recalls over budget,
-degradations, episodic messages indexed during the round).
+much of it is LMDB's data file), its peak RSS, its memory counters (recalls over budget,
+degradations, episodic messages indexed during the round) and its recall and query-embedding
+latencies.
 
 For before/after checks of one change in a minute, not a substitute for bench/run.py (no
 interleaving with other targets, no direct baseline: compare runs made back to back).
@@ -187,6 +188,7 @@ def main() -> None:
                 "anon_mb": _status_mb(proxy.pid, "RssAnon"), "hwm_mb": _status_mb(proxy.pid, "VmHWM"),
                 "file_mb": _status_mb(proxy.pid, "RssFile"), "lmdb_mapped_mb": _mapped_mb(proxy.pid, "data.mdb"),
                 "memory_counters": stats.get("counters"), "recall_latency_ms": stats.get("recall_latency_ms"),
+                "query_embedding_ms": stats.get("query_embedding_ms"),
             }), flush=True)
         finally:
             _stop(proxy)
