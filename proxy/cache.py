@@ -6,18 +6,21 @@ agent comes back to every few seconds, and each of those then pays its cold path
 1,000-message session reads its transcript back (~7 ms) and rebuilds its context view and
 its exchanges' terms (~10 ms).
 
-``FrequencyCache`` counts accesses per key and halves every count after ``10 × entries``
-accesses, so popularity fades and a key that is no longer used loses its place. When room
-is needed it evicts the least used entries (least recently used among equals), and a
-newcomer is admitted only if it is used at least as often as every entry it would push out:
-TinyLFU's admission rule (Einziger et al., 2017), with exact counts instead of a sketch, since
-the keys here are sessions, a few hundred resident and a few thousand counted at most. A
-newcomer rejected now comes back with a higher count: a session in steady use gets in within a
-few requests. Eviction scans the resident entries, which is cheap at this size and only
-happens on a miss.
+``FrequencyCache`` is W-TinyLFU (Einziger et al., 2017), with exact counts instead of a sketch
+since its keys are sessions, a few hundred resident and a few thousand counted at most:
 
-Entries have weights (a transcript weighs its messages), bounded by ``capacity``; the number
-of entries is bounded by ``max_entries``. Event-loop thread only (no locking).
+- every ``get`` counts a use of its key; every ``10 × entries`` uses all counts are halved, so
+  popularity fades and keys used once are forgotten;
+- a newcomer enters a small LRU window (a tenth of the capacity), so a session that starts
+  being used is cached at once;
+- what leaves the window enters the main part only if it has been used at least as often as
+  each entry it would push out there (the least used, least recently used among equals);
+  otherwise it is dropped. A burst of one-off sessions only churns the window, and a session in
+  steady use, whose count grows, gets in over sessions that are no longer used.
+
+Entries have weights (a transcript weighs its messages), bounded by ``capacity``; the number of
+entries is bounded by ``max_entries``. Eviction scans the main part's entries, which is cheap at
+this size and only happens on a miss. Event-loop thread only (no locking).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import Callable, Generic, Hashable, Iterator, TypeVar
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-_MIN_PERIOD = 160  # accesses between two halvings when few entries are resident
+_MIN_PERIOD = 160  # uses between two halvings when few entries are resident
+_WINDOW_SHARE = 10  # the window holds 1/10 of the capacity
 
 
 class FrequencyCache(Generic[K, V]):
@@ -38,123 +42,164 @@ class FrequencyCache(Generic[K, V]):
         self.capacity = capacity
         self.max_entries = max_entries
         self._weigh = weigh
-        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()  # least recently used first
-        self._counts: Counter[K] = Counter()  # accesses since the counts were last halved, halved
-        self._accesses = 0
-        self.weight = 0
+        self._window_capacity = capacity // _WINDOW_SHARE
+        self._main_capacity = capacity - self._window_capacity
+        # key → (value, weight), least recently used first
+        self._window: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._main: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._window_weight = self._main_weight = 0
+        self._counts: Counter[K] = Counter()  # uses since the counts were last halved, halved
+        self._uses = 0
         self.hits = self.misses = self.rejected = self.evicted = 0
 
+    @property
+    def weight(self) -> int:
+        return self._window_weight + self._main_weight
+
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._window) + len(self._main)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._window or key in self._main
 
     def __iter__(self) -> Iterator[K]:
-        return iter(self._entries)
+        yield from self._window
+        yield from self._main
 
     def get(self, key: K) -> V | None:
         """The value of ``key`` (None when absent); counts as a use of ``key`` either way."""
         self._count(key)
-        found = self._entries.get(key)
-        if found is None:
+        region = self._region(key)
+        if region is None:
             self.misses += 1
             return None
         self.hits += 1
-        self._entries.move_to_end(key)
-        return found[0]
+        region.move_to_end(key)
+        return region[key][0]
 
     def peek(self, key: K) -> V | None:
         """The value of ``key`` without counting a use."""
-        found = self._entries.get(key)
-        return None if found is None else found[0]
+        region = self._region(key)
+        return None if region is None else region[key][0]
 
     def put(self, key: K, value: V) -> bool:
-        """Keep ``value`` under ``key`` if it earns its place; returns whether it is kept.
+        """Keep ``value`` under ``key``; returns whether it is kept.
 
-        A key already resident is always updated (and re-weighed). A newcomer is kept if it fits,
-        or if it has been used at least as often as each entry that would be evicted for it."""
+        A key already resident is updated (and re-weighed) in place; if that grows the window
+        past its share, the key may leave it like any other entry. A newcomer enters the
+        window; what the window then pushes out (possibly the newcomer itself, if it is
+        heavier than the window) must earn its place in the main part. A value heavier than the
+        main part (nine tenths of the capacity) is never kept."""
         weight = self._weigh(value) if self._weigh is not None else 1
-        if key in self._entries:
-            self.weight += weight - self._entries[key][1]
-            self._entries[key] = (value, weight)
-            self._entries.move_to_end(key)
-            self._make_room(keep=key)
-            return True
-        if not self._fits(weight, 1):  # alone over the bounds (or the cache is off: capacity 0)
+        region = self._region(key)
+        if region is not None and weight > self._main_capacity:  # grew past what the cache can hold
+            self.pop(key)
+            region = None
+        if region is not None:
+            delta = weight - region[key][1]
+            region[key] = (value, weight)
+            region.move_to_end(key)
+            if region is self._window:
+                self._window_weight += delta
+            else:
+                self._main_weight += delta
+                self._shrink_main(keep=key)
+            self._shrink_window()
+            return key in self
+        if weight > self._main_capacity or self.max_entries == 0:
             self.rejected += 1
             return False
-        victims = self._victims(key, weight)
-        if victims is None:
-            self.rejected += 1
-            return False
-        for victim in victims:
-            self._drop(victim)
-            self.evicted += 1
-        self._entries[key] = (value, weight)
-        self.weight += weight
-        return True
+        self._window[key] = (value, weight)
+        self._window_weight += weight
+        self._shrink_window()
+        return key in self
 
     def pop(self, key: K) -> V | None:
         """Forget ``key``'s value (its use count stays)."""
-        if key not in self._entries:
-            return None
-        return self._drop(key)
+        if key in self._window:
+            value, weight = self._window.pop(key)
+            self._window_weight -= weight
+            return value
+        if key in self._main:
+            value, weight = self._main.pop(key)
+            self._main_weight -= weight
+            return value
+        return None
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.weight = 0
+        self._window.clear()
+        self._main.clear()
+        self._window_weight = self._main_weight = 0
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._entries), "weight": self.weight, "capacity": self.capacity, "hits": self.hits,
+        return {"entries": len(self), "weight": self.weight, "capacity": self.capacity, "hits": self.hits,
                 "misses": self.misses, "rejected": self.rejected, "evicted": self.evicted}
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _region(self, key: object) -> OrderedDict[K, tuple[V, int]] | None:
+        if key in self._window:
+            return self._window
+        if key in self._main:
+            return self._main
+        return None
+
     def _count(self, key: K) -> None:
         self._counts[key] += 1
-        self._accesses += 1
-        if self._accesses >= max(_MIN_PERIOD, 10 * len(self._entries)):
-            self._accesses = 0
+        self._uses += 1
+        if self._uses >= max(_MIN_PERIOD, 10 * len(self)):
+            self._uses = 0
             # Halve: what was popular a while ago counts half as much; keys used once are forgotten.
             self._counts = Counter({k: c // 2 for k, c in self._counts.items() if c > 1})
 
-    def _fits(self, weight: int, entries: int) -> bool:
-        return weight <= self.capacity and (self.max_entries is None or entries <= self.max_entries)
+    def _too_many(self) -> bool:
+        return self.max_entries is not None and len(self) > self.max_entries
 
-    def _eviction_order(self, keep: K | None = None) -> list[K]:
-        """Resident keys, least used first (least recently used among equals)."""
-        position = {key: i for i, key in enumerate(self._entries)}
-        return sorted((k for k in self._entries if k != keep), key=lambda k: (self._counts.get(k, 0), position[k]))
+    def _shrink_window(self) -> None:
+        """Move the window's least recently used entries out while it is over its share (or
+        the cache has too many entries): into the main part if they earn it, else away."""
+        while self._window and (self._window_weight > self._window_capacity or self._too_many()):
+            key, (value, weight) = self._window.popitem(last=False)
+            self._window_weight -= weight
+            if not self._admit(key, value, weight):
+                self.rejected += 1
 
-    def _victims(self, key: K, weight: int) -> list[K] | None:
-        """The entries to evict to make room for newcomer ``key`` of ``weight`` (None: one of
-        them is used more often than ``key``, which is then not admitted)."""
-        if self._fits(self.weight + weight, len(self._entries) + 1):
-            return []
+    def _admit(self, key: K, value: V, weight: int) -> bool:
+        """Put ``key`` in the main part if it has been used at least as often as each entry
+        that must go to make room for it; evict those."""
+        if weight > self._main_capacity:
+            return False
         uses = self._counts.get(key, 0)
-        victims: list[K] = []
-        freed = 0
-        for victim in self._eviction_order():
-            if self._counts.get(victim, 0) > uses:
-                return None
-            victims.append(victim)
-            freed += self._entries[victim][1]
-            if self._fits(self.weight - freed + weight, len(self._entries) - len(victims) + 1):
+        position = {k: i for i, k in enumerate(self._main)}
+        order = sorted(self._main, key=lambda k: (self._counts.get(k, 0), position[k]))
+        victims, freed = [], 0
+        for victim in order:
+            if self._main_weight - freed + weight <= self._main_capacity and not self._too_many_with(len(victims)):
                 break
-        return victims
-
-    def _make_room(self, keep: K) -> None:
-        """Evict the least used entries (never ``keep``) until the bounds hold."""
-        if self._fits(self.weight, len(self._entries)):
-            return
-        for victim in self._eviction_order(keep):
-            self._drop(victim)
+            if self._counts.get(victim, 0) > uses:
+                return False
+            victims.append(victim)
+            freed += self._main[victim][1]
+        if self._main_weight - freed + weight > self._main_capacity or self._too_many_with(len(victims)):
+            return False
+        for victim in victims:
+            self._main_weight -= self._main.pop(victim)[1]
             self.evicted += 1
-            if self._fits(self.weight, len(self._entries)):
-                return
+        self._main[key] = (value, weight)
+        self._main_weight += weight
+        return True
 
-    def _drop(self, key: K) -> V:
-        value, weight = self._entries.pop(key)
-        self.weight -= weight
-        return value
+    def _too_many_with(self, evicted: int) -> bool:
+        """Would adding one entry to the cache, after ``evicted`` evictions, exceed max_entries?"""
+        return self.max_entries is not None and len(self) - evicted + 1 > self.max_entries
+
+    def _shrink_main(self, keep: K) -> None:
+        """Evict the main part's least used entries (never ``keep``) until it fits its share."""
+        if self._main_weight <= self._main_capacity and not self._too_many():
+            return
+        position = {k: i for i, k in enumerate(self._main)}
+        for victim in sorted((k for k in self._main if k != keep), key=lambda k: (self._counts.get(k, 0), position[k])):
+            self._main_weight -= self._main.pop(victim)[1]
+            self.evicted += 1
+            if self._main_weight <= self._main_capacity and not self._too_many():
+                return
