@@ -80,8 +80,10 @@ def _serve(config: Config, log_level: str) -> int:
     idle_gc.disable_automatic_full_collection()
     # Embedding threads (ONNX Runtime, LMDB writes) take the GIL back several times per job;
     # while the event loop runs Python each take waits up to the switch interval (5 ms by
-    # default). At 0.5 ms a query embedding under a busy loop takes 4.4 ms instead of 11.8 ms.
-    sys.setswitchinterval(0.0005)
+    # default). At 0.5 ms a query embedding under a busy loop took 4.4 ms instead of 11.8 ms;
+    # at 0.1 ms the full-mode probe's query embedding p50 is 7.7 instead of 8.4 ms and its
+    # request p50 12.4 instead of 12.7-13.0 ms, at the same CPU per request (docs/BENCHMARKS.md).
+    sys.setswitchinterval(0.0001)
     web.run_app(
         create_app(config),
         host=config.host,
