@@ -126,11 +126,6 @@ class FrequencyCache(Generic[K, V]):
             return value
         return None
 
-    def clear(self) -> None:
-        self._window.clear()
-        self._main.clear()
-        self._window_weight = self._main_weight = 0
-
     def stats(self) -> dict[str, int]:
         return {"entries": len(self), "weight": self.weight, "capacity": self.capacity, "hits": self.hits,
                 "misses": self.misses, "rejected": self.rejected, "evicted": self.evicted}
@@ -170,10 +165,8 @@ class FrequencyCache(Generic[K, V]):
         if weight > self._main_capacity:
             return False
         uses = self._counts.get(key, 0)
-        position = {k: i for i, k in enumerate(self._main)}
-        order = sorted(self._main, key=lambda k: (self._counts.get(k, 0), position[k]))
         victims, freed = [], 0
-        for victim in order:
+        for victim in self._least_used_first():
             if self._main_weight - freed + weight <= self._main_capacity and not self._too_many_with(len(victims)):
                 break
             if self._counts.get(victim, 0) > uses:
@@ -189,6 +182,11 @@ class FrequencyCache(Generic[K, V]):
         self._main_weight += weight
         return True
 
+    def _least_used_first(self, keep: K | None = None) -> list[K]:
+        """The main part's keys but ``keep``, least used first (least recently used among equals)."""
+        position = {k: i for i, k in enumerate(self._main)}
+        return sorted((k for k in self._main if k != keep), key=lambda k: (self._counts.get(k, 0), position[k]))
+
     def _too_many_with(self, evicted: int) -> bool:
         """Would adding one entry to the cache, after ``evicted`` evictions, exceed max_entries?"""
         return self.max_entries is not None and len(self) - evicted + 1 > self.max_entries
@@ -197,8 +195,7 @@ class FrequencyCache(Generic[K, V]):
         """Evict the main part's least used entries (never ``keep``) until it fits its share."""
         if self._main_weight <= self._main_capacity and not self._too_many():
             return
-        position = {k: i for i, k in enumerate(self._main)}
-        for victim in sorted((k for k in self._main if k != keep), key=lambda k: (self._counts.get(k, 0), position[k])):
+        for victim in self._least_used_first(keep):
             self._main_weight -= self._main.pop(victim)[1]
             self.evicted += 1
             if self._main_weight <= self._main_capacity and not self._too_many():
