@@ -101,10 +101,10 @@ class FrequencyCache(Generic[K, V]):
             region.move_to_end(key)
             if region is self._window:
                 self._window_weight += delta
+                self._shrink_window()
             else:
                 self._main_weight += delta
                 self._shrink_main(keep=key)
-            self._shrink_window()
             return key in self
         if weight > self._main_capacity or self.max_entries == 0:
             self.rejected += 1
@@ -165,15 +165,21 @@ class FrequencyCache(Generic[K, V]):
         if weight > self._main_capacity:
             return False
         uses = self._counts.get(key, 0)
-        victims, freed = [], 0
+        victims: list[K] = []
+        freed = 0
+
+        def fits() -> bool:  # ``key`` fits once ``victims`` are gone
+            return self._main_weight - freed + weight <= self._main_capacity and not (
+                self.max_entries is not None and len(self) - len(victims) + 1 > self.max_entries)
+
         for victim in self._least_used_first():
-            if self._main_weight - freed + weight <= self._main_capacity and not self._too_many_with(len(victims)):
+            if fits():
                 break
             if self._counts.get(victim, 0) > uses:
                 return False
             victims.append(victim)
             freed += self._main[victim][1]
-        if self._main_weight - freed + weight > self._main_capacity or self._too_many_with(len(victims)):
+        if not fits():
             return False
         for victim in victims:
             self._main_weight -= self._main.pop(victim)[1]
@@ -186,10 +192,6 @@ class FrequencyCache(Generic[K, V]):
         """The main part's keys but ``keep``, least used first (least recently used among equals)."""
         position = {k: i for i, k in enumerate(self._main)}
         return sorted((k for k in self._main if k != keep), key=lambda k: (self._counts.get(k, 0), position[k]))
-
-    def _too_many_with(self, evicted: int) -> bool:
-        """Would adding one entry to the cache, after ``evicted`` evictions, exceed max_entries?"""
-        return self.max_entries is not None and len(self) - evicted + 1 > self.max_entries
 
     def _shrink_main(self, keep: K) -> None:
         """Evict the main part's least used entries (never ``keep``) until it fits its share."""
