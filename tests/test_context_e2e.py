@@ -352,3 +352,47 @@ def converse_plain(proxy: ProxyThread, session: str, turns: int) -> list[dict[st
         reply = client.chat.completions.create(model="fake-model", messages=[SYSTEM, *history], extra_headers={"X-Session-ID": session})
         history.append({"role": "assistant", "content": reply.choices[0].message.content})
     return history
+
+
+@pytest.mark.parametrize("window_turns,segment_turns", [(8, 6), (4, 3)])
+def test_the_background_pass_makes_summaries_before_any_request_needs_them(
+    tmp_path: Path, upstream: FakeUpstream, summarizer: Summarizer, monkeypatch, window_turns: int, segment_turns: int
+) -> None:
+    """An agent that pauses between turns (the background work runs meanwhile): no request
+    waits for a summary, even as the window lets go of a segment every few turns, because each
+    pass also summarizes the segments about to leave it. The pass builds its view on the
+    cached view of the session's latest request: the same segments as a view built from scratch."""
+    from proxy.context import manager as manager_module
+    from proxy.context.units import Item, build_view
+    from proxy.transcript import active_path
+
+    waited: list[int] = []
+    original = manager_module.ContextManager._fill
+
+    async def counted(self, ref, view, available, result, settings, budget):
+        waited.append(len(result.missing))
+        return await original(self, ref, view, available, result, settings, budget)
+
+    monkeypatch.setattr(manager_module.ContextManager, "_fill", counted)
+    spec = tenant(upstream, summarize_at_fraction=0.5, window_turns=window_turns, segment_turns=segment_turns)
+    with start_thread(write_config(tmp_path, {"local": spec})) as proxy:
+        client, history, headers = sdk(proxy), [], {"X-Session-ID": "paced"}
+        compacted = 0
+        for t in range(60):
+            history.append({"role": "user", "content": f"Turn {t}: tell me about item {t}, which costs {t * 3} dollars and ships on day {t % 28 + 1}."})
+            raw = client.chat.completions.with_raw_response.create(model="fake-model", messages=[SYSTEM, *history[-7:]], extra_headers=headers)
+            history.append({"role": "assistant", "content": raw.parse().choices[0].message.content})
+            compacted += int(raw.headers["X-Context-Tokens-Saved"]) > 0
+            wait_for_background(proxy)
+        assert compacted > 40 and len(summarizer.inputs) >= 8  # the window moved on, many times
+        assert waited == []
+
+        context, store = proxy.app[keys.PIPELINE].context, proxy.app[keys.STORE]
+        session = proxy.call(store.get_session("local", "paced"))
+        path = active_path(proxy.call(store.get_messages("local", "paced")), session.head)
+        ref = manager_module._Session(proxy.app[keys.CONFIG].tenants["local"], "paced", session.created_at)
+        reused = context._stored_view(ref, path, ENCODING)
+        fresh = build_view([Item(m.body, m.tokens, m.seq, (), len(m.body["content"])) for m in path], segment_turns)
+        assert len(reused.items) == len(path) and reused.items[0] is context._views.peek(next(iter(context._views))).view.items[0]
+        assert [(s.lo, s.hi, s.key, s.session_key) for s in reused.segments] == [(s.lo, s.hi, s.key, s.session_key) for s in fresh.segments]
+        assert len(fresh.segments) >= 60 // segment_turns - 1
