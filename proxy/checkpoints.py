@@ -7,13 +7,17 @@ it checks the checksum, the schema, and that timestamps and sequence numbers onl
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
+import operator
 from typing import Any
 
 import orjson
 
 from proxy.records import Message, Session
+
+_seq = operator.attrgetter("seq")
 
 log = logging.getLogger("agent_state_proxy.recovery")
 
@@ -66,14 +70,16 @@ def newest_valid(checkpoints: list[tuple[str, dict[str, Any]]]) -> tuple[str, di
 
 
 def inconsistency(session: Session | None, messages: list[Message]) -> str | None:
-    """Why a session record does not describe its messages, or None when it does."""
+    """Why a session record does not describe its messages (in seq order), or None when it does."""
     if session is None:
         return "session record missing" if messages else None
-    seqs = {m.seq for m in messages}
-    if messages and session.next_seq <= max(seqs):
+    # ``messages`` are in seq order (Store.get_messages): no set of a long session's seqs.
+    if messages and session.next_seq <= messages[-1].seq:
         return "next_seq behind the stored messages"
-    if session.head is not None and session.head not in seqs:
-        return "head message missing"
+    if session.head is not None:
+        at = bisect.bisect_left(messages, session.head, key=_seq)
+        if at == len(messages) or messages[at].seq != session.head:
+            return "head message missing"
     if session.head is None and any(not m.reverted for m in messages):
         return "head missing"
     return None

@@ -48,6 +48,7 @@ class Plan:
     branched: bool = False  # the new messages start a branch off the active path
     replayed: bool = False  # nothing new: the client resent a history already stored
     notes: list[str] = field(default_factory=list)
+    path: list[Message] | None = None  # the stored path from the root to ``parent``, when known
 
 
 def active_path(messages: list[Message], head: int | None) -> list[Message]:
@@ -92,28 +93,31 @@ def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, 
         parent, chain, matched = candidate, candidate.chain, matched + 1
     remainder = incoming[matched:]
     head_message = path[-1] if path else None  # active_path starts at head (empty when head is unknown)
+    # The stored path to ``parent`` when every match was on the active path (the context stage
+    # reuses it instead of walking a long session's tree again).
+    parent_path = path[:matched] if on_path and matched else None
 
     if not remainder:
-        return Plan(list(incoming), [], parent, replayed=True, branched=bool(parent and parent.seq != head))
+        return Plan(list(incoming), [], parent, replayed=True, branched=bool(parent and parent.seq != head), path=parent_path)
 
     at_head = (parent is None and head_message is None) or (parent is not None and parent.seq == head)
     prefix_is_system_only = all(_is_system(b) for b in incoming[:matched])
     if at_head or head_message is None or mode == "client" or not prefix_is_system_only:
-        return Plan(list(incoming), list(remainder), parent, branched=bool(stored) and not at_head)
+        return Plan(list(incoming), list(remainder), parent, branched=bool(stored) and not at_head, path=parent_path)
 
     # The client holds less than the store: either nothing (it restarted and sends only new
     # messages) or the tail of the conversation (it restarted earlier, or trims its own
     # history). Put the stored part it lacks back in front.
-    stored_rest = [m for m in path if not _is_system(m.body)]
+    stored_rest = [m for m in path if m.role not in _SYSTEM_ROLES]  # a stored message's role is its body's
     client_rest = [b for b in remainder if not _is_system(b)]
     overlap = _tail_overlap(stored_rest, client_rest)
     if overlap == 0 and mode == "auto" and any(b.get("role") in ("assistant", "tool") for b in client_rest):
         # A different conversation with assistant turns of its own: an edit, not amnesia.
-        return Plan(list(incoming), list(remainder), parent, branched=True)
+        return Plan(list(incoming), list(remainder), parent, branched=True, path=parent_path)
     client_system = [b for b in incoming if _is_system(b)]
-    stored_system = [m.body for m in path if _is_system(m.body)]
+    stored_system = [m.body for m in path if m.role in _SYSTEM_ROLES] if len(stored_rest) < len(path) else []
     upstream = (client_system or stored_system) + [m.body for m in stored_rest] + client_rest[overlap:]
-    plan = Plan(upstream, client_rest[overlap:], head_message, restored=len(path) - overlap)
+    plan = Plan(upstream, client_rest[overlap:], head_message, restored=len(path) - overlap, path=path)
     if client_system and stored_system and client_system != stored_system:
         plan.notes.append("system prompt differs from the stored one; sent the client's")
     if not plan.new_messages:
@@ -121,8 +125,11 @@ def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, 
     return plan
 
 
+_SYSTEM_ROLES = ("system", "developer")
+
+
 def _is_system(body: dict[str, Any]) -> bool:
-    return body.get("role") in ("system", "developer")
+    return body.get("role") in _SYSTEM_ROLES
 
 
 def _tail_overlap(stored: list[Message], client: list[dict[str, Any]]) -> int:

@@ -210,3 +210,24 @@ async def test_transcript_cache_follows_every_write() -> None:
     await store.delete_session("t", "s")
     assert await store.get_messages("t", "s") == []
     await store.close()
+
+
+def test_inconsistency_names_what_a_session_record_gets_wrong_about_its_messages() -> None:
+    """The check every request makes (on messages in seq order, as stores return them)."""
+    def msg(seq: int, parent: int | None, reverted: bool = False) -> Message:
+        return Message(seq=seq, parent=parent, chain=f"c{seq}", role="user", body={"role": "user", "content": str(seq)}, ts=0.0, reverted=reverted)
+
+    messages = [msg(0, None), msg(1, 0), msg(3, 1), msg(7, 3), msg(8, 1, reverted=True)]  # gaps, a branch, a revert
+
+    def record(head: int | None, next_seq: int) -> Session:
+        return Session(tenant="t", id="s", created_at=0.0, last_active=0.0, head=head, next_seq=next_seq)
+
+    assert checkpoints.inconsistency(record(7, 9), messages) is None
+    assert checkpoints.inconsistency(record(3, 9), messages) is None  # a head inside the tree
+    assert checkpoints.inconsistency(record(7, 8), messages) == "next_seq behind the stored messages"
+    for missing in (2, 5, 9, -1):  # in a gap, past the end, before the start
+        assert checkpoints.inconsistency(record(missing, 10), messages) == "head message missing"
+    assert checkpoints.inconsistency(record(None, 9), messages) == "head missing"
+    assert checkpoints.inconsistency(record(None, 9), [msg(0, None, reverted=True)]) is None  # all rolled back
+    assert checkpoints.inconsistency(None, messages) == "session record missing"
+    assert checkpoints.inconsistency(record(None, 0), []) is None

@@ -225,6 +225,24 @@ async def test_write_behind_transcript_cache_is_bounded_by_messages_and_stays_ex
     await behind.close()
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 30), st.text(max_size=2)), max_size=6), max_size=8))
+def test_a_cached_transcript_reads_back_in_seq_order_whatever_its_writes(writes: list[list[tuple[int, str]]]) -> None:
+    """Appends keep the cached order; a rewritten or out-of-order seq rebuilds it: a read is
+    always every message's latest version, in seq order."""
+    from proxy.storage.write_behind import _Transcript
+
+    transcript, latest = _Transcript([]), {}
+    for write in writes:
+        messages = [message(seq, text) for seq, text in write]
+        transcript.update(messages)
+        latest.update((m.seq, m) for m in messages)
+        got = transcript.messages()
+        assert [m.seq for m in got] == sorted(latest) and all(m is latest[m.seq] for m in got)
+        got.clear()  # a caller's list is its own
+        assert len(transcript.messages()) == len(transcript) == len(latest)
+
+
 async def test_write_behind_keeps_a_session_in_steady_use_through_a_burst_of_other_sessions() -> None:
     from proxy.storage.write_behind import WriteBehindStore
 

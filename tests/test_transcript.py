@@ -186,3 +186,6 @@ def test_reconcile_matches_the_plain_hashing_reference(bodies, forks, head_pick,
     got, want = reconcile(stored, head, incoming, mode), _reference_reconcile(stored, head, incoming, mode)
     assert (got.upstream_messages, got.new_messages, got.parent, got.restored, got.branched, got.replayed, got.notes) == (
         want.upstream_messages, want.new_messages, want.parent, want.restored, want.branched, want.replayed, want.notes)
+    if got.path is not None:  # the path it hands the context stage is the parent's own
+        assert got.parent is not None and got.path == active_path(stored, got.parent.seq)
+

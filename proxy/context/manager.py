@@ -172,7 +172,10 @@ class ContextManager:
         ``previous`` (the view of the session's previous request) is reused where the same
         stored message and body come back at the same place."""
         plan = turn.plan
-        path = active_path(turn.stored, plan.parent.seq) if plan.parent is not None else []
+        if plan.parent is None:
+            path: list[Message] = []
+        else:
+            path = plan.path if plan.path is not None else active_path(turn.stored, plan.parent.seq)
         items: list[Item] = []
         stored_of: list[Message | None] = []
         old_items, old_stored = (previous.view.items, previous.stored) if previous is not None else ((), ())

@@ -12,7 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from proxy.cache import FrequencyCache
 from proxy.records import Message, Session
@@ -22,6 +22,37 @@ log = logging.getLogger("agent_state_proxy.storage")
 
 _SessionKey = tuple[str, str]
 _RecordKey = tuple[str, str, str | None, str]
+
+
+class _Transcript:
+    """A cached transcript: its messages by seq, and in seq order. A request appends messages
+    with new, higher seqs, so the order is kept by appending; any other change rebuilds it on
+    the next read (a sort of a 1,000-message session on every request was ~30 µs)."""
+
+    __slots__ = ("by_seq", "_ordered")
+
+    def __init__(self, messages: Iterable[Message]) -> None:
+        self.by_seq = {m.seq: m for m in messages}
+        self._ordered: list[Message] | None = None
+
+    def __len__(self) -> int:
+        return len(self.by_seq)
+
+    def update(self, messages: Iterable[Message]) -> None:
+        ordered = self._ordered
+        for message in messages:
+            if ordered is not None and (message.seq in self.by_seq or (ordered and ordered[-1].seq > message.seq)):
+                ordered = None
+            elif ordered is not None:
+                ordered.append(message)
+            self.by_seq[message.seq] = message
+        self._ordered = ordered
+
+    def messages(self) -> list[Message]:
+        """The messages in seq order (a new list: callers may change it)."""
+        if self._ordered is None:
+            self._ordered = [self.by_seq[seq] for seq in sorted(self.by_seq)]
+        return list(self._ordered)
 
 
 class WriteBehindStore(Store):
@@ -38,7 +69,7 @@ class WriteBehindStore(Store):
         # out, which then read their transcripts from LMDB again (at a 20k bound, full mode's p50
         # went from 14 to 30 ms after bench/full_probe.py --burst 1000).
         self.cached_sessions, self.cached_messages = cached_sessions, cached_messages
-        self._transcripts: FrequencyCache[_SessionKey, dict[int, Message]] = FrequencyCache(
+        self._transcripts: FrequencyCache[_SessionKey, _Transcript] = FrequencyCache(
             cached_messages, weigh=len, max_entries=cached_sessions)
         # Stored sessions of recently used ones, exact for the same reason: every request reads
         # its session, and an LMDB read lets go of the GIL, which the event loop then waits to
@@ -163,7 +194,7 @@ class WriteBehindStore(Store):
             key = (write.tenant, write.session.id)
             cached = self._transcripts.peek(key)
             if cached is not None:
-                cached.update({m.seq: m for m in write.messages})
+                cached.update(write.messages)
                 self._transcripts.put(key, cached)  # re-weighed
 
     async def _notify_drained(self) -> None:
@@ -215,7 +246,7 @@ class WriteBehindStore(Store):
             return []
         cached = self._transcripts.get(key)
         if cached is not None:
-            return [cached[seq] for seq in sorted(cached)]
+            return cached.messages()
         writes_before = self._writes_seen
         stored = await self.inner.get_messages(tenant, session_id)
         if self.cached_messages and self._writes_seen == writes_before and len(stored) <= 5000:
@@ -227,7 +258,9 @@ class WriteBehindStore(Store):
         return [merged[seq] for seq in sorted(merged)]
 
     def _cache_transcript(self, key: _SessionKey, stored: list[Message]) -> None:
-        self._transcripts.put(key, {m.seq: m for m in stored} | dict(self._messages.get(key, {})))
+        transcript = _Transcript(stored)
+        transcript.update(sorted(self._messages.get(key, {}).values(), key=lambda m: m.seq))  # writes not flushed yet
+        self._transcripts.put(key, transcript)
 
     async def list_sessions(self, tenant: str) -> list[Session]:
         sessions = {s.id: s for s in await self.inner.list_sessions(tenant)}
