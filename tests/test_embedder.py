@@ -78,6 +78,14 @@ def test_tokenization_matches_reference(model: LocalMiniLM, reference: dict) -> 
     assert max(len(x) for x in ids) == 256  # the long texts were truncated
 
 
+def test_tokenizing_on_the_loop_gives_the_same_ids(model: LocalMiniLM, reference: dict) -> None:
+    texts = _texts(reference)
+    assert model.prepare(texts, on_loop=True) == model.prepare(texts) == model.tokenize(texts)
+    np.testing.assert_array_equal(model.embed_ids(model.prepare(texts[:3], on_loop=True)), model.embed(texts[:3]))
+    with pytest.raises(TypeError):
+        model.prepare("a str, not a list", on_loop=True)
+
+
 def test_parity_with_sentence_transformers(model: LocalMiniLM, reference: dict) -> None:
     ref = _ref_vectors(reference)
     got = model.embed(_texts(reference))
@@ -360,3 +368,45 @@ async def test_submit_now_starts_on_an_idle_worker_without_waiting_for_the_loop(
         np.testing.assert_allclose(await now, model.embed(["started at once"])[0], atol=2e-6, rtol=0)
         assert (await busy).shape == (384,)
         assert counting.calls[-2:] == [["started at once"], ["behind it"]]
+
+
+class _TwoStepEmbedder:
+    """Exposes an engine's two steps (word pieces, then the model) and records the threads."""
+
+    def __init__(self, inner: LocalMiniLM) -> None:
+        self.inner, self.dim, self.name = inner, inner.dim, inner.name
+        self.prepared_on: list[str] = []
+        self.ran_on: list[str] = []
+        self.fail_prepare = False
+
+    def prepare(self, texts, *, on_loop: bool = False):
+        self.prepared_on.append(threading.current_thread().name)
+        if self.fail_prepare:
+            raise ValueError("cannot tokenize")
+        return self.inner.prepare(texts, on_loop=on_loop)
+
+    def embed_ids(self, ids):
+        self.ran_on.append(threading.current_thread().name)
+        return self.inner.embed_ids(ids)
+
+    def embed(self, texts):
+        return self.embed_ids(self.prepare(texts))
+
+
+async def test_a_lone_query_is_tokenized_on_the_loop_and_only_the_model_runs_on_the_worker(model: LocalMiniLM) -> None:
+    engine = _TwoStepEmbedder(model)
+    async with EmbeddingBatcher(engine) as batcher:
+        alone = await batcher.submit("where did I park", now=True)
+        np.testing.assert_array_equal(alone, model.embed(["where did I park"])[0])
+        assert engine.prepared_on == [threading.current_thread().name] and engine.ran_on[0].startswith("embedder")
+        # Texts batched together are tokenized on the worker (they would hold the loop longer).
+        engine.prepared_on.clear()
+        both = await asyncio.gather(batcher.embed("one text"), batcher.embed("another text"))
+        assert engine.prepared_on and all(name.startswith("embedder") for name in engine.prepared_on)
+        np.testing.assert_allclose(np.stack(both), model.embed(["one text", "another text"]), atol=2e-6, rtol=0)
+        # A failure to tokenize reaches the caller, and the batcher goes on.
+        engine.fail_prepare = True
+        with pytest.raises(ValueError, match="cannot tokenize"):
+            await batcher.submit("anything", now=True)
+        engine.fail_prepare = False
+        assert (await batcher.submit("after the failure", now=True)).shape == (384,)

@@ -282,16 +282,27 @@ class MiniLM:
 
         ``between_layers`` is called between units of work, every few milliseconds (a
         background caller pauses there for requests, see proxy/priority.py)."""
+        return self.embed_ids(self.prepare(texts), between_layers)
+
+    def prepare(self, texts: Sequence[str], *, on_loop: bool = False) -> list[list[int]]:
+        """The texts' word-piece ids: embed()'s part before the model. ``on_loop``: tokenize
+        holding the GIL, one text at a time (for the event loop's thread, which must not hand the
+        GIL to another thread in the middle)."""
         if isinstance(texts, str):
             raise TypeError("embed() takes a list of strings, not a str")
         texts = list(texts)
-        out = np.empty((len(texts), self.dim), dtype=_F32)
-        if not texts:
-            return out
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"embed() expects str items, got {type(t).__name__}")
-        ids = self.tokenize(texts)
+        if on_loop:
+            return [self._tok.encode(t).ids for t in texts]
+        return self.tokenize(texts) if texts else []
+
+    def embed_ids(self, ids: list[list[int]], between_layers: Callable[[], None] | None = None) -> np.ndarray:
+        """embed() of texts already turned into word-piece ids (``prepare``)."""
+        out = np.empty((len(ids), self.dim), dtype=_F32)
+        if not ids:
+            return out
         # Sort by length and cut into buckets so padding stays small: a bucket
         # holds at most max_batch texts and max_batch_tokens padded tokens, and
         # grows only while padding is at most as much as real tokens (with a
@@ -420,7 +431,9 @@ class EmbeddingBatcher:
       share a batch) or, if ``max_wait_ms > 0``, after at most that window;
       a full batch (``max_batch``) is dispatched at once;
     * worker busy: requests accumulate and the next batch (up to
-      ``max_batch``) starts as soon as the current one finishes.
+      ``max_batch``) starts as soon as the current one finishes;
+    * a batch of one text (a lone query) is tokenized on the loop before it goes to the
+      worker, when the engine splits ``embed`` into ``prepare`` and ``embed_ids``.
 
     A model error is delivered to every caller of that batch.  ``close()``
     fails queued requests and shuts the executor down; a batch already running
@@ -547,11 +560,17 @@ class EmbeddingBatcher:
         try:
             if self.background is not None:
                 inflight = self._loop.run_in_executor(self._executor, self.embedder.embed, texts, self.background)
+            elif len(texts) == 1 and hasattr(self.embedder, "embed_ids"):
+                # A lone query (the latency-bound case): tokenized here, so the worker goes
+                # straight into the model instead of taking the GIL back twice on the way.
+                ids = self.embedder.prepare(texts, on_loop=True)
+                inflight = self._loop.run_in_executor(self._executor, self.embedder.embed_ids, ids)
             else:
                 inflight = self._loop.run_in_executor(self._executor, self.embedder.embed, texts)
-        except BaseException as exc:  # executor shut down, etc.
+        except BaseException as exc:  # texts it cannot tokenize, executor shut down, etc.
             self._busy = False
             self._resolve(batch, unique, None, exc)
+            self._kick()  # what is queued behind them still runs
             return
         self._inflight = inflight
         inflight.add_done_callback(lambda f: self._on_done(f, batch, unique))
