@@ -109,3 +109,30 @@ async def _start(collector: IdleCollector) -> asyncio.Future:
 
 async def _stop(running: asyncio.Future) -> None:
     running.cancel()
+
+
+def test_an_idle_collection_returns_the_freed_heap_to_the_os() -> None:
+    """glibc keeps freed heap pages; the idle collection hands them back (malloc_trim)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: freeing alone must not return it here
+
+    def anon_kb() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+
+    try:
+        blocks = [libc.malloc(64 << 10) for _ in range(800)]  # 50 MB of heap (below the mmap threshold)
+        for block in blocks:
+            ctypes.memset(block, 1, 64 << 10)
+        for block in blocks[:-1]:  # the last one keeps the heap's top in place
+            libc.free(block)
+        held = anon_kb()
+        IdleCollector(Activity()).collect()
+        assert anon_kb() < held - 30_000
+        libc.free(blocks[-1])
+    finally:
+        libc.mallopt(-1, 128 << 10)  # glibc's default

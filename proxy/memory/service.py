@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import gc
 import logging
 import time
@@ -30,6 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from proxy import priority
+from proxy.idle_gc import release_freed_memory
 from proxy.config import LOCAL_EMBEDDERS, MemorySettings, TenantConfig
 from proxy.errors import BadRequest, NotFound, NotReady
 from proxy.memory import inject, lexical
@@ -979,7 +979,7 @@ class MemoryService:
             await loop.run_in_executor(self._executor, index.remove, dead)
         mem.vectors, mem.hnsw_ready = index, True
         self._dirty.add(tenant)
-        _release_freed_memory()
+        release_freed_memory()  # the build's buffers
         log.info("memory: index of tenant %s rebuilt from LMDB: %d vectors in %.1f s", tenant, len(index), time.perf_counter() - started)
 
     async def _save(self, loop: asyncio.AbstractEventLoop, tenant: str) -> None:
@@ -1068,16 +1068,7 @@ def _settle_heap() -> None:
     70-110 ms (benchmark p99) while they were tracked. Freed heap goes back to the OS."""
     gc.collect()
     gc.freeze()
-    _release_freed_memory()
-
-
-def _release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc keeps them otherwise: after loading a large
-    tenant that is hundreds of MB of RSS the process no longer uses). No-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_freed_memory()  # after loading a large tenant: hundreds of MB the process no longer uses
 
 
 def _episodic(tenant: str, session: str, created: float, user: str | None, message: Message, parent: Message | None = None) -> Memory | None:
