@@ -396,3 +396,22 @@ def test_the_background_pass_makes_summaries_before_any_request_needs_them(
         assert len(reused.items) == len(path) and reused.items[0] is context._views.peek(next(iter(context._views))).view.items[0]
         assert [(s.lo, s.hi, s.key, s.session_key) for s in reused.segments] == [(s.lo, s.hi, s.key, s.session_key) for s in fresh.segments]
         assert len(fresh.segments) >= 60 // segment_turns - 1
+
+
+def test_summaries_kept_in_memory_are_bounded_and_read_back_when_needed(
+    tmp_path: Path, upstream: FakeUpstream, summarizer: Summarizer, monkeypatch
+) -> None:
+    """The summaries cache holds a bounded number of summaries; a session whose summaries were
+    let go of reads them back from the store instead of making them again."""
+    from proxy.context import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "_CACHED_SUMMARIES", 20)
+    with start_thread(write_config(tmp_path, {"local": tenant(upstream)})) as proxy:
+        for session in ("one", "two", "three", "one"):
+            converse(proxy, session, 30)
+            wait_for_background(proxy)
+        context = proxy.app[keys.PIPELINE].context
+        assert 0 < context._summaries.weight <= 20 and len(context._summaries) < 3  # not every session's
+        stored = sum(len(admin_session(proxy, s)["summaries"]) for s in ("one", "two", "three"))
+        assert stored > 20
+        assert len(summarizer.inputs) == stored  # one summarizer call per stored summary: none made twice (the sessions say the same)
