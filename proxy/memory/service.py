@@ -29,9 +29,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from proxy import priority
-from proxy.idle_gc import release_freed_memory
 from proxy.config import LOCAL_EMBEDDERS, MemorySettings, TenantConfig
 from proxy.errors import BadRequest, NotFound, NotReady
+from proxy.idle_gc import release_freed_memory
 from proxy.memory import inject, lexical
 from proxy.memory.embedder import EmbeddingBatcher
 from proxy.memory.model import (
@@ -1068,7 +1068,7 @@ def _settle_heap() -> None:
     70-110 ms (benchmark p99) while they were tracked. Freed heap goes back to the OS."""
     gc.collect()
     gc.freeze()
-    release_freed_memory()  # after loading a large tenant: hundreds of MB the process no longer uses
+    release_freed_memory()
 
 
 def _episodic(tenant: str, session: str, created: float, user: str | None, message: Message, parent: Message | None = None) -> Memory | None:
