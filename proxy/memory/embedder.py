@@ -26,6 +26,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from proxy.memory.word_table import WordTable
+
 __all__ = ["Embedder", "MiniLM", "MiniLMWeights", "LocalMiniLM", "EmbeddingBatcher", "default_model_dir"]
 
 _F32 = np.float32
@@ -129,9 +131,9 @@ class _Layer:
                  "w_in", "b_in", "w_out", "b_out", "ln2_g", "ln2_b")
 
 
-def _mapped(file: Path, name: str) -> np.ndarray | None:
-    """A little-endian float32 tensor of a safetensors file as a read-only memory map, or None
-    (other dtype, unexpected layout: the caller copies it instead)."""
+def _word_table(file: Path, name: str) -> WordTable | None:
+    """The float32 tensor ``name`` of a safetensors file, read row by row (see
+    proxy/memory/word_table.py), or None (other dtype, unexpected layout: the caller copies it)."""
     import json
     import struct
 
@@ -143,9 +145,9 @@ def _mapped(file: Path, name: str) -> np.ndarray | None:
             return None
         start, end = entry["data_offsets"]
         shape = tuple(int(n) for n in entry["shape"])
-        if end - start != 4 * math.prod(shape):
+        if len(shape) != 2 or end - start != 4 * math.prod(shape):
             return None
-        return np.memmap(file, dtype="<f4", mode="r", offset=8 + size + start, shape=shape)
+        return WordTable(file, 8 + size + start, (shape[0], shape[1]))
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return None
 
@@ -158,7 +160,7 @@ def _ro(a: np.ndarray) -> np.ndarray:
 
 class MiniLMWeights:
     """The all-MiniLM-L6-v2 weights, laid out for inference: linear weights pre-transposed to
-    (in, out), Q/K/V fused into one (hidden, 3 * hidden) matrix, the word table memory-mapped."""
+    (in, out), Q/K/V fused into one (hidden, 3 * hidden) matrix, the word table read by row."""
 
     def __init__(self, path: Path, n_layers: int) -> None:
         from safetensors import safe_open
@@ -171,9 +173,9 @@ class MiniLMWeights:
                 return f.get_tensor(prefix + name).astype(_F32, copy=False)
 
             # The largest tensor (30522 × 384, 47 MB) is only ever gathered a few rows at a
-            # time: map it from the file instead of copying it (shared, evictable page cache;
-            # only the rows of tokens seen are read).
-            self.word = _mapped(path / "model.safetensors", prefix + "embeddings.word_embeddings.weight")
+            # time: read the rows of the tokens seen from the file instead of copying it all.
+            self.word: WordTable | np.ndarray | None = _word_table(
+                path / "model.safetensors", prefix + "embeddings.word_embeddings.weight")
             if self.word is None:
                 self.word = _ro(get("embeddings.word_embeddings.weight"))
             self.pos = _ro(get("embeddings.position_embeddings.weight"))
@@ -209,7 +211,8 @@ class MiniLMWeights:
 
     def embeddings(self, ids: np.ndarray) -> np.ndarray:
         """Word + position + token-type embeddings of ``(B, T)`` ids, before the layer norm."""
-        x = self.word[ids]  # (B, T, H) -- fancy indexing copies
+        word = self.word
+        x = word.gather(ids) if isinstance(word, WordTable) else word[ids]  # (B, T, H), a copy
         x += self.pos[: ids.shape[1]]
         x += self.type0
         return x
