@@ -440,3 +440,27 @@ def test_a_bulk_read_has_its_pages_dropped_without_waiting_for_a_write(tmp_path:
         await store.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_pages_are_still_dropped_after_the_map_grows_and_moves(tmp_path: Path) -> None:
+    """The store keeps the data file's address ranges between drops; growing the map maps the
+    file again elsewhere, and the next drop must find the new place, not the old one."""
+    store = LmdbStore.open(str(tmp_path / "db"), map_size=256 * 1024)
+    store.release_interval = 3600.0
+    data = tmp_path / "db" / "data.mdb"
+
+    async def scenario() -> None:
+        await store.put_records("t", _MANY_PAGES[:10])
+        await store.scan_records("t", "memory", limit=10)
+        store.release_mapped_pages()  # learns the first ranges
+        size = store.stats()["map_size"]
+        await store.put_records("t", _MANY_PAGES)  # ~7 MB: the map grows, more than once
+        assert store.stats()["map_size"] > size
+        everything = await store.scan_records("t", "memory", limit=10_000)
+        await asyncio.get_running_loop().run_in_executor(store._writer, lambda: None)  # the bulk read's drop
+        assert len(everything) == 6000 and _mapped_kb(data) < 200
+        assert await store.scan_records("t", "memory", limit=10_000) == everything
+        await store.close()
+
+    asyncio.run(scenario())

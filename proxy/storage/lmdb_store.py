@@ -59,9 +59,12 @@ class _LmdbTxn:
             yield bytes(key), bytes(value)
 
 
-# Seconds between two drops of the mapped pages by the writer thread. A drop costs ~2 ms on that
-# thread, without the GIL; at 5 s the copies mapped between two drops reached ~30 MB of RSS.
-RELEASE_INTERVAL = 1.0
+# Seconds between two drops of the mapped pages by the writer thread. A drop costs ~25 us per MB
+# it drops, on that thread, without the GIL. Reads map more than they read (the kernel maps a
+# page's cached neighbours too, up to its whole folio of the page cache: 64 KB to 2 MB), and a
+# request's recall reads its memories from all over the file: at 1 s, ~25 MB were mapped
+# between two drops (bench/run.py, full mode).
+RELEASE_INTERVAL = 0.25
 # A read of this many rows or more (a transcript read back, a scan) has its pages dropped at once,
 # not at the next timed drop: the kernel maps each page's cached neighbours too, and a sweep over
 # sessions whose transcripts are not cached mapped ~30 MB between two drops (bench/run.py).
@@ -82,6 +85,7 @@ class LmdbStore(KVStore):
         # Held while the map's address range is in use outside a transaction (dropping its
         # pages), so it cannot move meanwhile; reads go on.
         self._map_lock = threading.Lock()
+        self._mapped: list[tuple[int, int]] | None = None  # the data file's address ranges
         self._closed = False
 
     @classmethod
@@ -132,6 +136,7 @@ class LmdbStore(KVStore):
                 with self._map_lock, self._resize_lock:
                     size = self._env.info()["map_size"] * 2
                     self._env.set_mapsize(size)
+                    self._mapped = None  # mapped again, elsewhere
                 log.info("LMDB map grown to %d MiB", size >> 20)
             except lmdb.Error as exc:
                 # Disk full, I/O error, failed fsync: never report such a write as done.
@@ -174,7 +179,9 @@ class LmdbStore(KVStore):
 
     def _release(self) -> int:
         with self._map_lock:
-            return mapped.release(os.path.join(self._path, "data.mdb"))
+            if self._mapped is None:
+                self._mapped = mapped.ranges(os.path.join(self._path, "data.mdb"))
+            return mapped.release_ranges(self._mapped)
 
     def stats(self) -> dict[str, Any]:
         if self._closed:

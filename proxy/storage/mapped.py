@@ -26,18 +26,33 @@ _libc: ctypes.CDLL | None = None
 def release(path: str) -> int:
     """Drop this process's mapped pages of the file at ``path``; returns the bytes of mapping
     covered (0 where unsupported or not mapped)."""
-    if not sys.platform.startswith("linux"):
+    return release_ranges(ranges(path))
+
+
+def release_ranges(found: list[tuple[int, int]]) -> int:
+    """Drop the pages mapped in the address ranges ``found`` (from :func:`ranges`, still mapped:
+    the caller keeps the mapping in place meanwhile). Costs about the pages it drops, not the
+    ranges' size (~25 us per MB mapped)."""
+    if not found or not sys.platform.startswith("linux"):
         return 0
     madvise = _madvise()
     if madvise is None:
         return 0
     released = 0
-    for start, end in _ranges(os.path.realpath(path)):
+    for start, end in found:
         if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) != 0:
-            log.debug("madvise(MADV_DONTNEED) on %s failed: errno %d", path, ctypes.get_errno())
+            log.debug("madvise(MADV_DONTNEED) failed: errno %d", ctypes.get_errno())
             continue
         released += end - start
     return released
+
+
+def ranges(path: str) -> list[tuple[int, int]]:
+    """Address ranges where ``path`` is mapped shared (reading /proc/self/maps: ~1 ms in the
+    proxy, so callers keep them while the mapping cannot move)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return _ranges(os.path.realpath(path))
 
 
 def _ranges(path: str) -> list[tuple[int, int]]:
