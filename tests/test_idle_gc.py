@@ -86,7 +86,9 @@ def _requests_then_quiet(proxy, upstream, collector: IdleCollector) -> None:
 
     before = collector.collections
     threading.Thread(target=slow, daemon=True).start()
-    time.sleep(0.2)
+    arrived = time.monotonic() + 1.0  # the upstream holds the request 1.5 s once it arrives
+    while activity.in_flight == 0 and time.monotonic() < arrived:
+        time.sleep(0.01)
     assert activity.in_flight == 1
     assert done.wait(10)
     during = collector.collections
