@@ -4,9 +4,10 @@ LMDB reads through a shared, read-only mapping of its data file: every page a re
 stays mapped in the process and counts in its RSS until the kernel reclaims it. A bulk read
 (the long-term memory's start-up load reads every memory record once) would leave the whole
 file mapped: at 100k memories, ~400 MB of RSS for data the proxy has already decoded.
-``release`` drops the process's mappings of such pages (madvise MADV_DONTNEED). The file and
-the page cache are untouched, so the next read of a page maps it again from the cache: a minor
-fault, microseconds. Linux only; elsewhere it does nothing.
+``release_ranges`` drops the process's mappings of such pages (madvise MADV_DONTNEED) in the
+address ranges that ``ranges`` found for the file. The file and the page cache are untouched,
+so the next read of a page maps it again from the cache: a minor fault, microseconds. Linux
+only; elsewhere it does nothing.
 """
 
 from __future__ import annotations
@@ -23,16 +24,11 @@ _MADV_DONTNEED = 4
 _libc: ctypes.CDLL | None = None
 
 
-def release(path: str) -> int:
-    """Drop this process's mapped pages of the file at ``path``; returns the bytes of mapping
-    covered (0 where unsupported or not mapped)."""
-    return release_ranges(ranges(path))
-
-
 def release_ranges(found: list[tuple[int, int]]) -> int:
     """Drop the pages mapped in the address ranges ``found`` (from :func:`ranges`, still mapped:
-    the caller keeps the mapping in place meanwhile). Costs about the pages it drops, not the
-    ranges' size (~25 us per MB mapped)."""
+    the caller keeps the mapping in place meanwhile); returns the bytes of mapping covered (0
+    where unsupported). Costs about the pages it drops, not the ranges' size (~25 us per MB
+    mapped)."""
     if not found or not sys.platform.startswith("linux"):
         return 0
     madvise = _madvise()
@@ -48,7 +44,7 @@ def release_ranges(found: list[tuple[int, int]]) -> int:
 
 
 def ranges(path: str) -> list[tuple[int, int]]:
-    """Address ranges where ``path`` is mapped shared (reading /proc/self/maps: ~1 ms in the
+    """Address ranges where ``path`` is mapped shared (reading /proc/self/maps: 0.9 ms in the
     proxy, so callers keep them while the mapping cannot move)."""
     if not sys.platform.startswith("linux"):
         return []
