@@ -351,9 +351,9 @@ async def test_a_transcript_read_back_shares_its_parents_and_request_ids(store: 
 _MANY_PAGES = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]  # ~7 MB
 
 
-def _store_without_timed_drops(tmp_path: Path) -> tuple[LmdbStore, Path]:
+def _store_without_timed_drops(tmp_path: Path, map_size: int = 1 << 30) -> tuple[LmdbStore, Path]:
     """A new LMDB store whose writer drops no pages on a timer, and the path of its data file."""
-    store = LmdbStore.open(str(tmp_path / "db"))
+    store = LmdbStore.open(str(tmp_path / "db"), map_size=map_size)
     store.release_interval = 3600.0
     return store, tmp_path / "db" / "data.mdb"
 
@@ -446,9 +446,7 @@ def test_a_bulk_read_has_its_pages_dropped_without_waiting_for_a_write(tmp_path:
 def test_pages_are_still_dropped_after_the_map_grows_and_moves(tmp_path: Path) -> None:
     """The store keeps the data file's address ranges between drops; growing the map maps the
     file again elsewhere, and the next drop must find the new place, not the old one."""
-    store = LmdbStore.open(str(tmp_path / "db"), map_size=256 * 1024)
-    store.release_interval = 3600.0
-    data = tmp_path / "db" / "data.mdb"
+    store, data = _store_without_timed_drops(tmp_path, map_size=256 * 1024)
 
     async def scenario() -> None:
         await store.put_records("t", _MANY_PAGES[:10])
