@@ -7,16 +7,34 @@ from typing import Any
 import orjson
 
 FORMAT_VERSION = 1
+# The deepest nesting (of arrays and objects) a stored record may have. orjson reads 1,024
+# levels but writes only 255, and what is stored is later wrapped again (a message into a
+# request body, a memory into a list response): a bound well below the encoder's keeps every
+# stored value sendable.
+MAX_DEPTH = 128
+_ENCODER_DEPTH = 255  # orjson's own limit when writing
 
 
 class CorruptRecord(Exception):
     """Stored bytes that cannot be decoded into a record."""
 
 
+class Unstorable(ValueError):
+    """A value that can never be stored, read back and sent on: the writer's fault, not the disk's."""
+
+
 def encode(record: Any) -> bytes:
     """A dict, or a dataclass (Message, Session): orjson writes its fields directly, ~15× faster
-    than building the dict with dataclasses.asdict first, and the same bytes."""
-    return bytes((FORMAT_VERSION,)) + orjson.dumps(record)
+    than building the dict with dataclasses.asdict first, and the same bytes.
+
+    Raises Unstorable for a value that cannot be encoded or nests deeper than MAX_DEPTH."""
+    try:
+        data = orjson.dumps(record)
+    except orjson.JSONEncodeError as exc:
+        raise Unstorable(_reason(exc)) from None
+    if _may_be_deep(data) and too_deep(record):
+        raise Unstorable(f"nested deeper than {MAX_DEPTH} levels")
+    return bytes((FORMAT_VERSION,)) + data
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -29,4 +47,28 @@ def decode(raw: bytes) -> dict[str, Any]:
         raise CorruptRecord(str(exc)) from exc
     if not isinstance(value, dict):
         raise CorruptRecord("record is not an object")
+    if _may_be_deep(raw) and too_deep(value):  # stored before the bound: it could never be sent on
+        raise CorruptRecord(f"record nested deeper than {MAX_DEPTH} levels")
     return value
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests arrays/objects deeper than ``limit`` (at most 254): asked of
+    orjson itself, with ``value`` wrapped so that the encoder's own limit falls at ``limit``."""
+    wrapped = value
+    for _ in range(_ENCODER_DEPTH - limit):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError as exc:
+        return "Recursion limit" in str(exc)
+    return False
+
+
+def _may_be_deep(data: bytes) -> bool:
+    return data.count(b"[") + data.count(b"{") > MAX_DEPTH  # fewer brackets cannot nest that deep
+
+
+def _reason(exc: orjson.JSONEncodeError) -> str:
+    text = str(exc)
+    return f"nested deeper than {MAX_DEPTH} levels" if "Recursion limit" in text else text

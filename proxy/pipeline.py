@@ -14,14 +14,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
 
-from proxy import checkpoints, priority, tokens, transcript
+from proxy import checkpoints, codec, priority, tokens, transcript
 from proxy.config import ResolvedModel, TenantConfig
 from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
-from proxy.errors import NotFound, ProxyError
+from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, identify, strip_proxy_fields
-from proxy.storage.base import Record, StorageError, Write
+from proxy.storage.base import InvalidWrite, Record, StorageError, Write
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
 from proxy.validate import chat_body
@@ -103,6 +103,7 @@ class Pipeline:
                 return Turn(tenant, ref, route, body, session, stored, plan, replay["request_id"], now, headers, idempotency, replay)
         live = [m for m in stored if not m.reverted]  # rolled-back turns never match or return
         plan = transcript.reconcile(live, session.head, body["messages"], tenant.history)
+        _check_storable(body["messages"], plan.new_messages)  # before the upstream is called
         upstream_body = strip_proxy_fields(body)
         if plan.restored:
             upstream_body = upstream_body | {"messages": plan.upstream_messages}
@@ -173,12 +174,12 @@ class Pipeline:
                         collected.add(chunk)
                     yield batch
             outcome = "ok"
-        except ProxyError:
+        except Exception:  # the provider failed, or something here did: never "aborted"
             outcome = "error"
             raise
         finally:
-            # Runs on success, on upstream failure and when the client disconnects (the
-            # generator is closed), so a partial answer is kept with its outcome.
+            # Runs on success, on failure and when the client disconnects (the generator is
+            # closed: GeneratorExit), so a partial answer is kept with its outcome.
             await self._record(
                 turn, collected.messages(), outcome=outcome, finish_reason=collected.finish_reason(),
                 usage=collected.usage, model=collected.model, chunks=collected.chunks if outcome == "ok" else None,
@@ -254,6 +255,9 @@ class Pipeline:
         except StorageError as exc:
             log.critical("could not record turn %s of session %s: %s", turn.request_id, session.id, exc)
             raise ProxyError("the proxy could not persist this turn; it was not acknowledged", status=503, code="storage_error") from exc
+        except InvalidWrite as exc:  # the request's messages were checked: the provider's answer is at fault
+            log.error("could not record turn %s of session %s: %s", turn.request_id, session.id, exc)
+            raise UpstreamError(f"the provider's answer cannot be stored: {exc}", status=502, code="unstorable_response") from exc
         if self.context is not None:
             self.context.after_record(turn, records)  # background summaries, off the request path
         if self.memory is not None:
@@ -271,6 +275,18 @@ class Pipeline:
         session.extra["checkpoint"] = {"seq": session.next_seq, "ts": now, "key": key}
         expired = [Record(checkpoints.KIND, old, None, session.id) for old in kept[:-policy.keep_checkpoints]]
         return [Record(checkpoints.KIND, key, value, session.id)] + expired
+
+
+def _check_storable(messages: list[dict[str, Any]], new: list[dict[str, Any]]) -> None:
+    """Refuse, naming it, a new message that could not be stored as it would be read back and
+    forwarded later (the transcript keeps every message, also those the context window drops)."""
+    for message in new:
+        try:
+            codec.encode({"body": message})  # one level of wrapping, as in its Message record
+        except codec.Unstorable as exc:
+            index = next((i for i, m in enumerate(messages) if m is message), None)
+            where = f"messages[{index}]" if index is not None else "a message"
+            raise BadRequest(f"{where} cannot be stored: {exc}", code="invalid_value", param=where) from None
 
 
 def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 
 from proxy.config import ResolvedModel
-from proxy.errors import UpstreamError, redact, upstream_status
+from proxy.errors import BadRequest, UpstreamError, redact, upstream_status
 
 
 class Upstream:
@@ -86,7 +86,10 @@ class Upstream:
         headers = {"Content-Type": "application/json"}
         if route.api_key:
             headers["Authorization"] = f"Bearer {route.api_key}"
-        payload = orjson.dumps(body | {"model": route.upstream_model})
+        try:
+            payload = orjson.dumps(body | {"model": route.upstream_model})
+        except orjson.JSONEncodeError as exc:  # e.g. nested deeper than the encoder writes
+            raise BadRequest(f"the request cannot be encoded for the provider: {exc}", code="invalid_body") from None
         return self._http.post(
             f"{route.api_base}{path}",
             data=payload,
@@ -116,7 +119,7 @@ class Upstream:
         """Turn aiohttp/litellm failures into UpstreamError, once, here."""
         try:
             yield
-        except UpstreamError:
+        except (UpstreamError, BadRequest):
             raise
         except asyncio.CancelledError:
             raise

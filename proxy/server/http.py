@@ -9,11 +9,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy import codec
 from proxy.config import Config, TenantConfig
-from proxy.storage.base import StorageError
+from proxy.storage.base import InvalidWrite, StorageError
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, Unauthorized
 
 log = logging.getLogger("agent_state_proxy.server")
+# Far deeper than any real request (JSON schemas of tools included), far below what storage takes.
+MAX_BODY_DEPTH = 64
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -31,6 +34,8 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return await handler(request)
     except ProxyError as error:
         return error_response(error)
+    except InvalidWrite as exc:  # what the client sent can never be stored: its fault, nothing was written
+        return error_response(BadRequest(f"the request cannot be stored: {exc}", code="invalid_value"))
     except StorageError as exc:
         log.critical("storage failure on %s %s: %s", request.method, request.path, exc)
         return error_response(ProxyError("the proxy could not persist state; nothing was acknowledged", status=503, code="storage_error"))
@@ -58,9 +63,12 @@ async def read_json(request: web.Request, limit: int) -> Any:
     if not raw:
         raise BadRequest("request body is empty; expected JSON", code="invalid_json")
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if codec.too_deep(body, MAX_BODY_DEPTH):  # before anything hashes, counts or stores it
+        raise BadRequest(f"request body nests arrays/objects deeper than {MAX_BODY_DEPTH} levels", code="invalid_json")
+    return body
 
 
 def authenticate(config: Config, request: web.Request) -> TenantConfig:

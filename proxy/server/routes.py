@@ -142,6 +142,9 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     if not request.app[keys.READY]:
         return json_response({"status": "starting"}, status=503)
+    problem = request.app[keys.STORE].health()
+    if problem is not None:  # a replica that cannot record turns must not take traffic
+        return json_response({"status": "unavailable", "reason": problem}, status=503)
     return json_response({"status": "ready", "uptime_seconds": round(time.time() - request.app[keys.STARTED], 1)})
 
 

@@ -6,11 +6,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from proxy import codec
 from proxy.records import Message, Session
 
 
 class StorageError(Exception):
     """The store failed to persist or read (disk full, I/O error): fatal for the write."""
+
+
+class InvalidWrite(ValueError):
+    """A write no store could ever commit (a value that cannot be encoded or nests too deep):
+    the fault of whoever made it. Refused before it is queued or acknowledged."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,18 @@ class Store(ABC):
 
     @abstractmethod
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]: ...
+
+    def check(self, writes: Sequence[Write]) -> None:
+        """Raise InvalidWrite, naming the part, if a write could never be committed."""
+        for write in writes:
+            parts: list[tuple[str, Any]] = [("session", write.session)] if write.session is not None else []
+            parts += [(f"message {m.seq} ({m.role})", m) for m in write.messages]
+            parts += [(f"{r.kind} record", r.value) for r in write.records if r.value is not None]
+            for name, value in parts:
+                try:
+                    codec.encode(value)
+                except codec.Unstorable as exc:
+                    raise InvalidWrite(f"{name} cannot be stored: {exc}") from None
 
     # Conveniences over apply -------------------------------------------------------------
 

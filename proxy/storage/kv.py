@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
-from proxy.storage.base import Quarantined, Store, Write
+from proxy.storage.base import InvalidWrite, Quarantined, Store, Write
 
 log = logging.getLogger("agent_state_proxy.storage")
 T = TypeVar("T")
@@ -84,8 +84,22 @@ class KVStore(Store):
 
     # -- writes ------------------------------------------------------------------------------
 
+    def check(self, writes: Sequence[Write]) -> None:
+        super().check(writes)
+        for write in writes:
+            try:
+                _tenant(write.tenant)
+                for record in write.records:
+                    record_key(write.tenant, record.kind, record.key, record.session_id)
+                _check_session(write)
+            except ValueError as exc:
+                raise InvalidWrite(str(exc)) from None
+
     async def apply(self, writes: Sequence[Write]) -> None:
-        encoded = [_encode_write(w) for w in writes]  # encode outside the writer thread
+        try:
+            encoded = [_encode_write(w) for w in writes]  # encode outside the writer thread
+        except ValueError as exc:  # codec.Unstorable included
+            raise InvalidWrite(str(exc)) from None
 
         def run(txn: Txn) -> None:
             for delete, puts in encoded:
@@ -197,19 +211,23 @@ def _encode_write(write: Write) -> tuple[list[bytes], list[tuple[bytes, bytes | 
     deletes: list[bytes] = []
     puts: list[tuple[bytes, bytes | None]] = []
     tenant = write.tenant
+    _check_session(write)
     if write.delete_session is not None:
         sid = write.delete_session
         deletes += [messages_prefix(tenant, sid), b"x" + _tenant(tenant) + session_digest(sid), session_key(tenant, sid)]
     if write.session is not None:
-        if write.session.tenant != tenant:
-            raise ValueError("session belongs to another tenant than the write")
         puts.append((session_key(tenant, write.session.id), codec.encode(write.session)))
         prefix = messages_prefix(tenant, write.session.id)
         for message in write.messages:
             puts.append((prefix + message.seq.to_bytes(8, "big"), codec.encode(message)))
-    elif write.messages:
-        raise ValueError("messages need their session in the same write")
     for record in write.records:
         key = record_key(tenant, record.kind, record.key, record.session_id)
         puts.append((key, None if record.value is None else codec.encode(record.value)))
     return deletes, puts
+
+
+def _check_session(write: Write) -> None:
+    if write.session is not None and write.session.tenant != write.tenant:
+        raise ValueError("session belongs to another tenant than the write")
+    if write.session is None and write.messages:
+        raise ValueError("messages need their session in the same write")

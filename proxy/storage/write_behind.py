@@ -12,6 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import time
 from typing import Any, Iterable, Sequence
 
 from proxy.cache import FrequencyCache
@@ -19,6 +20,7 @@ from proxy.records import Message, Session
 from proxy.storage.base import Quarantined, Store, StorageError, Write
 
 log = logging.getLogger("agent_state_proxy.storage")
+STALLED_AFTER = 30.0  # seconds queued writes may wait without progress before readiness fails
 
 _SessionKey = tuple[str, str]
 _RecordKey = tuple[str, str, str | None, str]
@@ -87,6 +89,10 @@ class WriteBehindStore(Store):
         self._task: asyncio.Task[None] | None = None
         self.failure: Exception | None = None  # the last flush failure, until a flush succeeds
         self.flushed_batches = 0
+        self._progress_at = time.monotonic()  # when the queue last moved (or was empty)
+        # Writes the store refused at commit (kept for inspection; a bounded number of them).
+        self.quarantined_writes: collections.deque[Quarantined] = collections.deque(maxlen=1000)
+        self.quarantined_count = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -94,36 +100,67 @@ class WriteBehindStore(Store):
         self._task = asyncio.create_task(self._flusher(), name="write-behind-flusher")
 
     async def close(self) -> None:
+        """Flush every good write, then close the inner store, whatever a flush raised."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self.flush()
-        await self.inner.close()
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.critical("closing with %d writes not flushed: %s", len(self._queue), exc)
+        finally:
+            await self.inner.close()
 
     @property
     def pending(self) -> int:
         return len(self._queue)
 
+    def health(self) -> str | None:
+        """Why this store cannot take writes now (for readiness), or None when it can."""
+        if self._task is not None and self._task.done():
+            return "the write-behind flusher has stopped"
+        if self.failure is not None:
+            return f"storage writes are failing: {self.failure}"
+        if self._queue and time.monotonic() - self._progress_at > STALLED_AFTER:
+            return f"{len(self._queue)} queued writes made no progress for over {STALLED_AFTER:g}s"
+        return None
+
     # -- writes ------------------------------------------------------------------------------
+
+    def check(self, writes: Sequence[Write]) -> None:
+        self.inner.check(writes)
 
     async def apply(self, writes: Sequence[Write]) -> None:
         """Durable: returns once these writes (and everything queued before) are committed."""
+        self.inner.check(writes)  # a bad write fails its own caller, before anything is committed
         async with self._lock:
             queued = len(self._queue)
-            await self.inner.apply(list(self._queue) + list(writes))
-            self._forget(queued)
+            try:
+                await self.inner.apply(list(self._queue) + list(writes))
+            except StorageError:
+                raise
+            except Exception as exc:  # a queued write the store refuses must not block this one
+                log.error("a queued write failed to commit (%s); committing the queue one write at a time", exc)
+                await self._commit_singly(queued)
+                await self.inner.apply(list(writes))
+            else:
+                self._forget(queued)
+            self._progress_at = time.monotonic()
             for write in writes:
                 self._remember(_frozen_copy(write))
         await self._notify_drained()
 
     async def apply_later(self, writes: Sequence[Write]) -> None:
         """Routine: queued (visible to reads at once), committed by the next batch."""
+        self.inner.check(writes)  # refused now, not found unstorable by the flusher later
         if len(self._queue) >= self.queue_max:
             # Backpressure instead of unbounded memory: wait for the flusher to make room.
             self._wakeup.set()
             async with self._drained:
                 await self._drained.wait_for(lambda: len(self._queue) < self.queue_max)
+        if not self._queue:
+            self._progress_at = time.monotonic()
         for write in writes:
             write = _frozen_copy(write)
             self._queue.append(write)
@@ -137,11 +174,50 @@ class WriteBehindStore(Store):
             async with self._lock:
                 count = min(len(self._queue), self.batch_size)
                 batch = [self._queue[i] for i in range(count)]
-                await self.inner.apply(batch)
-                self._forget(count)
+                try:
+                    await self.inner.apply(batch)
+                except StorageError:
+                    raise
+                except Exception as exc:  # one bad write: commit the others, set it aside
+                    log.error("a batch of %d writes failed to commit (%s); committing them one at a time", count, exc)
+                    await self._commit_singly(count)
+                else:
+                    self._forget(count)
+                self._progress_at = time.monotonic()
                 self.flushed_batches += 1
         self.failure = None
         await self._notify_drained()
+
+    async def _commit_singly(self, count: int) -> None:
+        """Commit the first ``count`` queued writes one transaction each, in order; a write the
+        store refuses for anything but a storage failure is quarantined and the rest go on."""
+        for _ in range(count):
+            write = self._queue[0]
+            try:
+                await self.inner.apply([write])
+            except StorageError:
+                raise
+            except Exception as exc:
+                self._quarantine(write, exc)
+            self._forget(1)
+
+    def _quarantine(self, write: Write, exc: Exception) -> None:
+        """Set aside a write the store refused: kept (summarised) for /admin/recovery, counted,
+        logged; the caches that had it are dropped, since they now differ from the store."""
+        session_id = write.session.id if write.session else write.delete_session
+        summary = {
+            "session": session_id,
+            "messages": [m.seq for m in write.messages],
+            "records": [f"{r.kind}/{r.key}" for r in write.records][:20],
+        }
+        self.quarantined_writes.append(Quarantined(write.tenant, f"write:{session_id}", f"{type(exc).__name__}: {exc}",
+                                                   time.time(), extra=summary))
+        self.quarantined_count += 1
+        log.critical("quarantined a queued write of tenant %s that the store refused (%s: %s): %s",
+                     write.tenant, type(exc).__name__, exc, summary)
+        if session_id is not None:
+            self._transcripts.pop((write.tenant, session_id))
+            self._stored_sessions.pop((write.tenant, session_id), None)
 
     async def _flusher(self) -> None:
         while True:
@@ -152,8 +228,11 @@ class WriteBehindStore(Store):
             self._wakeup.clear()
             try:
                 await self.flush()
-            except StorageError as exc:
-                # Loud, and the writes stay queued: they are retried, never dropped.
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Loud, and the writes stay queued: they are retried, never dropped. Readiness
+                # reports the failure until a flush succeeds.
                 self.failure = exc
                 log.critical("write-behind flush failed (%d writes pending): %s", len(self._queue), exc)
                 await asyncio.sleep(1.0)
@@ -301,7 +380,8 @@ class WriteBehindStore(Store):
             after = last
 
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]:
-        return await self.inner.quarantined(tenant)
+        refused = [q for q in self.quarantined_writes if tenant is None or q.tenant == tenant]
+        return await self.inner.quarantined(tenant) + refused
 
     def release_mapped_pages(self) -> int:
         return self.inner.release_mapped_pages()
@@ -309,6 +389,7 @@ class WriteBehindStore(Store):
     def stats(self) -> dict[str, Any]:
         return self.inner.stats() | {"pending_writes": len(self._queue), "flushed_batches": self.flushed_batches,
                                      "flush_failure": str(self.failure) if self.failure else None,
+                                     "writer": self.health() or "ok", "quarantined_writes": self.quarantined_count,
                                      "transcript_cache": self._transcripts.stats()}
 
 
