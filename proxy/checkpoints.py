@@ -23,15 +23,29 @@ log = logging.getLogger("agent_state_proxy.recovery")
 
 FORMAT = 1
 KIND = "checkpoint"
+NAMED = "named_checkpoints"  # session.extra: checkpoint name -> key
+MAX_NAMED = 100
 
 
-def make(session: Session, head_chain: str | None, now: float, derived: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """A checkpoint record (key, value) for the session as it is now."""
+def make(session: Session, head_chain: str | None, now: float, derived: dict[str, Any] | None = None,
+         name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A checkpoint record (key, value) for the session as it is now; ``name`` for one an
+    operator or agent asked for (kept until the session goes, never rotated out)."""
     snapshot = session.to_dict()
-    snapshot["extra"] = {k: v for k, v in snapshot["extra"].items() if k != "checkpoints"}
+    snapshot["extra"] = {k: v for k, v in snapshot["extra"].items() if k not in ("checkpoints", NAMED)}
     payload = {"format": FORMAT, "ts": now, "seq": session.next_seq, "head_chain": head_chain, "session": snapshot, "derived": derived or {}}
+    if name is not None:
+        payload["name"] = name
     payload["checksum"] = _checksum(payload)
     return f"{session.next_seq:012d}-{int(now * 1000):015d}", payload
+
+
+def named(session: Session, messages: list[Message], name: str, now: float) -> tuple[str, dict[str, Any]]:
+    """A named checkpoint of the session as it is now, registered in ``session.extra``."""
+    head_chain = next((m.chain for m in reversed(messages) if m.seq == session.head), None)
+    key, value = make(session, head_chain, now, name=name)
+    session.extra[NAMED] = session.extra.get(NAMED, {}) | {name: key}
+    return key, value
 
 
 def problem(value: Any, newer: dict[str, Any] | None = None) -> str | None:

@@ -21,6 +21,8 @@ CONCURRENCY_MODES = ("serialize", "reject")
 UPSTREAM_PATHS = ("auto", "direct", "litellm")
 PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
 CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "all")
+IMPLICIT_MODES = ("new", "resume")
+REVERTED_TURNS = ("drop", "keep")
 MEMORY_SCOPES = ("user", "session", "tenant")
 MEMORY_ANONYMOUS = ("session", "shared")
 # The bundled all-MiniLM-L6-v2: int8 on ONNX Runtime (fast, the default) or float32 numpy (exact).
@@ -51,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "upstream_timeout_seconds": 600,
         "stateless": False,
         "persistence": {},
+        "sessions": {},
         "context": {},
         "memory": {},
         "models": {},
@@ -132,6 +135,19 @@ class Persistence:
 
 
 @dataclass(frozen=True)
+class SessionSettings:
+    """How requests map onto sessions beyond explicit ids (see README, Sessions)."""
+
+    # new: an implicit session per conversation; resume: an agent (same key, system prompt, user,
+    # tools) that restarts with no assistant turns continues its latest session within the window.
+    implicit: str = "new"
+    resume_within_seconds: int = 3600
+    # drop: turns rolled back (or cut by a fork) that a client resends are not forwarded or
+    # recorded again; keep: they are, as a new branch (the behaviour before rollbacks stuck).
+    reverted_turns: str = "drop"
+
+
+@dataclass(frozen=True)
 class MemorySettings:
     """A tenant's long-term memory (see README, Memory)."""
 
@@ -162,6 +178,7 @@ class TenantConfig:
     upstream_timeout: float
     stateless: bool = False  # plain proxying: no session state is read or recorded
     persistence: Persistence = Persistence()
+    sessions: SessionSettings = SessionSettings()
     context: ContextSettings = ContextSettings()  # context management (proxy/context)
     memory: MemorySettings = MemorySettings()  # long-term memory (proxy/memory)
 
@@ -328,6 +345,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
         stateless=_bool(merged["stateless"], file, "stateless"),
         persistence=_build_persistence(file, merged["persistence"]),
+        sessions=_build_sessions(file, defaults.get("sessions", {}), doc.get("sessions", {})),
         context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
         memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),
     )
@@ -389,6 +407,22 @@ def _build_memory(file: str, defaults: Any, own: Any, routes: Mapping[str, Model
         max_inject_tokens=_int(spec.get("max_inject_tokens", default.max_inject_tokens), file, "memory.max_inject_tokens", 50, 100_000),
         procedural=tuple(procedural),
     )
+
+
+def _build_sessions(file: str, defaults: Any, own: Any) -> SessionSettings:
+    for value in (defaults, own):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: sessions: must be a mapping")
+        _check_keys(value, {"implicit", "resume_within_seconds", "reverted_turns"}, file, "sessions.")
+    spec, default = defaults | own, SessionSettings()
+    implicit = spec.get("implicit", default.implicit)
+    if implicit not in IMPLICIT_MODES:
+        raise ConfigError(f"{file}: sessions.implicit: must be one of {', '.join(IMPLICIT_MODES)}")
+    reverted = spec.get("reverted_turns", default.reverted_turns)
+    if reverted not in REVERTED_TURNS:
+        raise ConfigError(f"{file}: sessions.reverted_turns: must be one of {', '.join(REVERTED_TURNS)}")
+    window = _int(spec.get("resume_within_seconds", default.resume_within_seconds), file, "sessions.resume_within_seconds", 1, 1 << 31)
+    return SessionSettings(implicit=implicit, resume_within_seconds=window, reverted_turns=reverted)
 
 
 def _build_persistence(file: str, spec: Any) -> Persistence:

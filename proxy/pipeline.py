@@ -7,6 +7,7 @@ request reads top to bottom in ``Pipeline.prepare`` and ``Pipeline.complete``/``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -20,7 +21,7 @@ from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
 from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
 from proxy.records import Message, Session
-from proxy.sessions import SessionLocks, SessionRef, identify, strip_proxy_fields
+from proxy.sessions import SessionLocks, SessionRef, agent_identity, identify, strip_proxy_fields
 from proxy.storage.base import InvalidWrite, Record, StorageError, Write
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agent_state_proxy.pipeline")
 IDEMPOTENCY_KIND = "idempotency"
+AGENT_KIND = "agent"  # tenant-wide: an agent identity's latest implicit session (sessions.implicit: resume)
 
 
 @dataclass
@@ -70,7 +72,24 @@ class Pipeline:
         route = tenant.route(body["model"])
         if route is None:
             raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
-        return identify(tenant.name, headers, path_session, body), body, route
+        ref = identify(tenant.name, headers, path_session, body)
+        if ref.implicit and tenant.sessions.implicit == "resume" and not tenant.stateless:
+            ref = dataclasses.replace(ref, agent=agent_identity(tenant.name, headers, body, ref.user_id))
+        return ref, body, route
+
+    async def resume(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any]) -> SessionRef:
+        """The session an agent that restarted without its history continues: its latest one, if
+        recent (``sessions.implicit: resume``); otherwise ``ref`` unchanged. Call before locking."""
+        if ref.agent is None or any(m.get("role") in ("assistant", "tool") for m in body["messages"]):
+            return ref
+        latest = await self.store.get_record(tenant.name, AGENT_KIND, ref.agent)
+        if latest is None or latest.get("session") in (None, ref.id):
+            return ref
+        if self.clock() - float(latest.get("ts") or 0) > tenant.sessions.resume_within_seconds:
+            return ref
+        if await self.store.get_session(tenant.name, latest["session"]) is None:
+            return ref  # erased or expired meanwhile
+        return dataclasses.replace(ref, id=latest["session"], source="resumed")
 
     async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel, idempotency_key: str | None = None) -> Turn:
         """Load the session (call under the session lock) and decide what goes upstream."""
@@ -102,15 +121,20 @@ class Pipeline:
                 headers = {"X-Session-ID": ref.id, "X-Request-ID": replay["request_id"], "Idempotent-Replayed": "true"}
                 return Turn(tenant, ref, route, body, session, stored, plan, replay["request_id"], now, headers, idempotency, replay)
         live = [m for m in stored if not m.reverted]  # rolled-back turns never match or return
-        plan = transcript.reconcile(live, session.head, body["messages"], tenant.history)
-        _check_storable(body["messages"], plan.new_messages)  # before the upstream is called
+        incoming, rewritten = body["messages"], 0
+        if len(live) < len(stored) and tenant.sessions.reverted_turns == "drop":
+            incoming, rewritten = transcript.drop_reverted(stored, incoming)  # rollbacks stick
+        plan = transcript.reconcile(live, session.head, incoming, tenant.history)
+        _check_storable(incoming, plan.new_messages)  # before the upstream is called
         upstream_body = strip_proxy_fields(body)
-        if plan.restored:
+        if plan.restored or rewritten:
             upstream_body = upstream_body | {"messages": plan.upstream_messages}
         turn = Turn(tenant, ref, route, upstream_body, session, stored, plan, "req-" + uuid.uuid4().hex, now, idempotency_key=idempotency)
-        turn.headers = {"X-Session-ID": ref.id, "X-Request-ID": turn.request_id}
+        turn.headers = {"X-Session-ID": ref.id, "X-Request-ID": turn.request_id, "X-Session-Source": ref.source}
         if plan.restored:
             turn.headers["X-History-Restored"] = str(plan.restored)
+        if rewritten:
+            turn.headers["X-History-Rewritten"] = str(rewritten)
         with priority.requests.request():  # background indexing yields the CPU meanwhile
             # The query embedding (the slowest step) runs on the embedder's thread while the
             # context is assembled, which keeps the memory block's tokens free.
@@ -246,6 +270,8 @@ class Pipeline:
             replay = {"request_id": turn.request_id, "response": response, "chunks": chunks}
             aux.append(Record(IDEMPOTENCY_KIND, turn.idempotency_key, replay, session.id))
         aux += self._checkpoint_if_due(turn.tenant, session, records, now)
+        if turn.ref.agent is not None:  # where this agent resumes after a restart
+            aux.append(Record(AGENT_KIND, turn.ref.agent, {"session": session.id, "ts": now}))
         write = Write(session.tenant, session, records, aux)
         try:
             if turn.tenant.persistence.durable(tags):

@@ -42,6 +42,7 @@ async def resolve(store: Store, session: Session, messages: list[Message], spec:
         cut = starts[-turns]
         return Target(path[cut - 1].seq if cut else None, [m.seq for m in path[cut:]])
     key = spec["checkpoint"]
+    key = session.extra.get(checkpoints.NAMED, {}).get(key, key) if isinstance(key, str) else key  # a name works too
     value = await store.get_record(session.tenant, checkpoints.KIND, str(key), session.id) if isinstance(key, str) else None
     if value is None:
         raise NotFound(f"no checkpoint '{key}' for this session", code="checkpoint_not_found")
@@ -57,6 +58,9 @@ async def resolve(store: Store, session: Session, messages: list[Message], spec:
 async def rollback(store: Store, session: Session, messages: list[Message], spec: dict[str, Any], now: float) -> dict[str, Any]:
     target = await resolve(store, session, messages, spec)
     reverted = set(target.reverted)
+    for message in messages:  # seq order: a branch growing off a reverted message goes with it
+        if message.parent in reverted and not message.reverted:
+            reverted.add(message.seq)
     changed = [dataclasses.replace(m, reverted=True) for m in messages if m.seq in reverted]
     if target.restored is not None:
         for name in ("turns", "prompt_tokens", "completion_tokens", "branches"):
@@ -85,13 +89,17 @@ async def fork(store: Store, session: Session, messages: list[Message], spec: di
     else:
         head = session.head
     path = active_path(live, head)
+    # The source's turns after the fork point come along marked reverted: a client that keeps
+    # its own history resends them, and they must be recognised (and dropped), not recorded anew.
+    full = active_path(live, session.head)
+    cut = full[len(path):] if full[:len(path)] == path else []
     copies = []
-    for seq, message in enumerate(path):
-        copies.append(dataclasses.replace(message, seq=seq, parent=seq - 1 if seq else None, branch=0))
+    for seq, message in enumerate(path + cut):
+        copies.append(dataclasses.replace(message, seq=seq, parent=seq - 1 if seq else None, branch=0, reverted=seq >= len(path)))
     forked = Session(
         tenant=session.tenant, id=new_id, created_at=now, last_active=now, user_id=session.user_id,
-        head=len(copies) - 1 if copies else None, next_seq=len(copies),
-        turns=sum(1 for m in copies if m.role == "assistant"),
+        head=len(path) - 1 if path else None, next_seq=len(copies),
+        turns=sum(1 for m in path if m.role == "assistant"),
         extra={"forked_from": {"session": session.id, "seq": head}},
     )
     await store.apply([Write(session.tenant, forked, copies)])

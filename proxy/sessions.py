@@ -17,7 +17,8 @@ class SessionRef:
     id: str
     implicit: bool
     user_id: str | None
-    source: str  # header | path | metadata | implicit
+    source: str  # header | path | metadata | implicit | resumed
+    agent: str | None = None  # the agent identity of an implicit session, when its tenant resumes
 
 
 def identify(
@@ -49,6 +50,18 @@ def implicit_session_id(tenant: str, messages: list[Any]) -> str:
     first_user = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
     seed = repr((tenant, system[:1], first_user)).encode()
     return "implicit-" + hashlib.sha256(seed).hexdigest()[:32]
+
+
+def agent_identity(tenant: str, headers: Mapping[str, str], body: dict[str, Any], user_id: str | None) -> str:
+    """Who is asking, for agents that name no session: tenant + credential + system prompt +
+    user + tool names. The same agent restarted has the same identity; two agents with other
+    prompts or tools never share one."""
+    messages = body.get("messages") or []
+    system = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
+    tools = sorted(str(((t.get("function") or {}) if isinstance(t, dict) else {}).get("name")) for t in body.get("tools") or [])
+    credential = hashlib.sha256(headers.get("Authorization", "").encode("utf-8", "surrogateescape")).hexdigest()
+    seed = repr((tenant, credential, system[:1], user_id, tools)).encode("utf-8", "surrogatepass")
+    return "agent-" + hashlib.sha256(seed).hexdigest()[:32]
 
 
 def strip_proxy_fields(body: dict[str, Any]) -> dict[str, Any]:

@@ -125,6 +125,30 @@ def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, 
     return plan
 
 
+def drop_reverted(stored: list[Message], incoming: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The client's history without the messages a rollback (or a fork's cut) reverted, and how
+    many were dropped. An agent that keeps its own history resends them; forwarding them would
+    silently undo the rollback. Walks the client's messages along the stored tree while they
+    match; reverted messages that end the request are kept: the client is asking them again."""
+    by_chain = {m.chain: m for m in stored}
+    chain, reverted, cut = ROOT_CHAIN, [], False
+    for index, body in enumerate(incoming):
+        found = by_chain.get(chain_hash(chain, body))
+        if found is None:
+            break
+        chain = found.chain
+        cut = cut or found.reverted  # what descends from a reverted message is gone with it
+        if cut:
+            reverted.append(index)
+    tail = len(incoming)
+    while reverted and reverted[-1] == tail - 1:  # a trailing run: asked again, not resent history
+        tail = reverted.pop()
+    if not reverted:
+        return incoming, 0
+    skip = set(reverted)
+    return [body for index, body in enumerate(incoming) if index not in skip], len(skip)
+
+
 _SYSTEM_ROLES = ("system", "developer")
 
 

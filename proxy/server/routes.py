@@ -12,11 +12,12 @@ from aiohttp import web
 
 from proxy import checkpoints, rollback
 from proxy.context import summaries as context_summaries
-from proxy.errors import BadRequest, NotFound, ProxyError
+from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys
 from proxy.server.http import authenticate, json_response, read_json
 from proxy.sessions import SessionRef
+from proxy.storage.base import Record
 from proxy.transcript import active_path
 from proxy.validate import embeddings_body
 
@@ -34,6 +35,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/admin/sessions/{session_id}", admin_get_session)
     app.router.add_delete("/admin/sessions/{session_id}", admin_delete_session)
     app.router.add_get("/admin/sessions/{session_id}/checkpoints", admin_checkpoints)
+    app.router.add_post("/admin/sessions/{session_id}/checkpoints", admin_create_checkpoint)
     app.router.add_post("/admin/sessions/{session_id}/rollback", admin_rollback)
     app.router.add_post("/admin/sessions/{session_id}/fork", admin_fork)
     app.router.add_get("/admin/recovery", admin_recovery)
@@ -44,6 +46,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     tenant = authenticate(config, request)
     body = await read_json(request, config.max_body_bytes)
     ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
+    ref = await pipeline.resume(tenant, ref, body)
     async with pipeline.session_lock(tenant, ref):
         turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
         if turn.replay is not None:
@@ -194,9 +197,29 @@ async def _session_for_admin(request: web.Request):
 async def admin_checkpoints(request: web.Request) -> web.Response:
     _, store, session = await _session_for_admin(request)
     found = await store.scan_records(session.tenant, checkpoints.KIND, session.id)
-    data = [{"id": key, "seq": value.get("seq"), "ts": value.get("ts"), "head": (value.get("session") or {}).get("head"),
-             "valid": checkpoints.problem(value) is None} for key, value in found]
+    data = [{"id": key, "name": value.get("name"), "seq": value.get("seq"), "ts": value.get("ts"),
+             "head": (value.get("session") or {}).get("head"), "valid": checkpoints.problem(value) is None} for key, value in found]
     return json_response({"object": "list", "data": data})
+
+
+async def admin_create_checkpoint(request: web.Request) -> web.Response:
+    """A named checkpoint now (e.g. before a risky step), to roll back to by name later."""
+    tenant, store, session = await _session_for_admin(request)
+    spec = await read_json(request, request.app[keys.CONFIG].max_body_bytes)
+    name = spec.get("name") if isinstance(spec, dict) else None
+    if not isinstance(name, str) or not 0 < len(name) <= 128 or not name.isprintable():
+        raise BadRequest("'name' must be a printable string of 1-128 characters", code="invalid_checkpoint", param="name")
+    async with request.app[keys.PIPELINE].locks.hold(tenant.name, session.id, refuse_when_busy=False):
+        session = await store.get_session(tenant.name, session.id) or session
+        taken = session.extra.get(checkpoints.NAMED, {})
+        if name in taken:
+            raise Conflict(f"the session already has a checkpoint named '{name}'", code="checkpoint_exists")
+        if len(taken) >= checkpoints.MAX_NAMED:
+            raise BadRequest(f"a session keeps at most {checkpoints.MAX_NAMED} named checkpoints", code="too_many_checkpoints")
+        messages = await store.get_messages(tenant.name, session.id)
+        key, value = checkpoints.named(session, messages, name, time.time())
+        await store.commit(session, [], [Record(checkpoints.KIND, key, value, session.id)])
+    return json_response({"id": key, "name": name, "seq": value["seq"], "head": session.head, "object": "checkpoint"}, status=201)
 
 
 async def admin_rollback(request: web.Request) -> web.Response:
@@ -222,7 +245,8 @@ async def admin_fork(request: web.Request) -> web.Response:
     async with request.app[keys.PIPELINE].locks.hold(tenant.name, session.id, refuse_when_busy=False):
         messages = await store.get_messages(tenant.name, session.id)
         forked = await rollback.fork(store, session, messages, spec, time.time())
-    return json_response({"id": forked.id, "object": "session", "source": session.id, "messages": forked.next_seq}, status=201)
+    kept = forked.head + 1 if forked.head is not None else 0  # the rest came along reverted
+    return json_response({"id": forked.id, "object": "session", "source": session.id, "messages": kept}, status=201)
 
 
 async def admin_recovery(request: web.Request) -> web.Response:
