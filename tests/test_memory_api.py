@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -119,3 +120,38 @@ def test_add_list_search_get_delete(proxy: ProxyThread) -> None:
     assert added[2]["id"] not in [m["id"] for m in found["data"]]
     stats = httpx.get(f"{proxy.url}/admin/memory", headers=AUTH).json()
     assert stats["tenant"] == "alpha" and stats["index"]["semantic"] == 2 and stats["index"]["procedural"] == 1
+
+
+def test_a_memory_added_while_the_embedder_loads_is_embedded_once_it_is_up(tmp_path, upstream, monkeypatch) -> None:
+    """Accepted before the embedder was ready, it must still be found by meaning (no shared words)."""
+    import threading
+
+    import proxy.memory.service as service_module
+    from tests.harness import open_tenant, start_thread, write_config
+
+    gate = threading.Event()
+    real = service_module.local_model
+
+    def slow_local_model(alias):
+        assert gate.wait(60), "the test never released the embedder"
+        return real(alias)
+
+    monkeypatch.setattr(service_module, "local_model", slow_local_model)
+    with start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url)})) as proxy:
+        deadline = time.monotonic() + 30
+        while (added := httpx.post(proxy.url + "/v1/memories", json={"content": "The user's dog is named Biscuit and loves the beach"})).status_code == 503:
+            assert time.monotonic() < deadline, "memory never became ready"
+            time.sleep(0.05)
+        assert added.status_code == 200, added.text
+        stats = httpx.get(proxy.url + "/admin/memory").json()
+        assert not stats["embedder"]["ready"] and stats["index"]["unembedded"] == 1  # the case that was lost
+        gate.set()
+        deadline = time.monotonic() + 30
+        while True:
+            found = httpx.post(proxy.url + "/v1/memories/search", json={"query": "puppy at the seaside", "scope": "tenant", "min_score": 0.2})
+            assert found.status_code == 200, found.text
+            if [m["id"] for m in found.json()["data"]] == [added.json()["id"]]:
+                break
+            assert time.monotonic() < deadline, f"never found by meaning: {found.json()}"
+            time.sleep(0.2)
+        assert httpx.get(proxy.url + "/admin/memory").json()["index"]["unembedded"] == 0

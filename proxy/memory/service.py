@@ -490,6 +490,8 @@ class MemoryService:
                 log.warning("memory: embedding a new memory failed for tenant %s: %s", tenant, exc)
         await self.store.apply([Write(tenant, records=memory.records())])
         self._insert(tenant, [memory])
+        if memory.vector is None and embedder.index is not None:  # it came up meanwhile: embed now
+            self._queue_reembedding(tenant)
         return memory
 
     async def get(self, tenant: str, memory_id: str) -> Memory:
@@ -656,6 +658,8 @@ class MemoryService:
             except Exception as exc:
                 embedder.error = str(exc)
                 log.error("memory: the local embedder could not load (%s); memory is lexical only", exc)
+            else:
+                self._embed_what_waited(embedder)
             return
         config = self.configs[tenant]
         route = config.route(alias)
@@ -666,6 +670,7 @@ class MemoryService:
                 probe = await embed_remote(self.upstream, route, ["dimension probe"], timeout)
                 embedder.set(UpstreamEmbedder(self.upstream, route, int(probe.shape[1]), timeout, asyncio.get_running_loop()))
                 log.info("memory: embedder %s ready (%d dimensions)", embedder.model_name, embedder.dim)
+                self._embed_what_waited(embedder)
                 return
             except asyncio.CancelledError:
                 raise
@@ -677,6 +682,13 @@ class MemoryService:
 
     # -- start-up: LMDB -> memory structures -> index -----------------------------------------
 
+    def _embed_what_waited(self, embedder: _Embedder) -> None:
+        """Memories accepted while this embedder was loading (or down) are embedded now, not at
+        the next maintenance round: until then a search by meaning cannot find them."""
+        for tenant in self.settings:
+            if self._embedder_key(tenant) == embedder.key and self.ready[tenant].is_set():
+                self._queue_reembedding(tenant)
+
     async def _load(self, tenant: str) -> None:
         try:
             await self._load_tenant(tenant)
@@ -684,6 +696,8 @@ class MemoryService:
             log.exception("memory: loading tenant %s failed; its memory starts empty", tenant)
         finally:
             self.ready[tenant].set()
+        if self._embedders[self._embedder_key(tenant)].index is not None:
+            self._queue_reembedding(tenant)  # the embedder was up before this tenant finished loading
 
     async def _load_tenant(self, tenant: str) -> None:
         started = time.perf_counter()
