@@ -1,4 +1,4 @@
-"""Command line: `agent-state-proxy serve | check-config | hash-key`."""
+"""Command line: `agent-state-proxy serve | check-config | migrate | hash-key`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     _config_flags(check)
 
+    migrating = commands.add_parser("migrate", help="create or upgrade the PostgreSQL schema (storage.backend: postgres) and exit")
+    _config_flags(migrating)
+
     hashing = commands.add_parser("hash-key", help="print the sha256 of a proxy API key for tenant YAML")
     hashing.add_argument("key", nargs="?", help="the key (prompted for when omitted)")
 
@@ -43,7 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"ok: {config.source}: {len(config.tenants)} tenant(s): {', '.join(config.tenants)}")
         return 0
+    if args.command == "migrate":
+        return _migrate(config)
     return _serve(config, args.log_level)
+
+
+def _migrate(config: Config) -> int:
+    if config.storage_backend != "postgres" or config.postgres is None:
+        print("nothing to migrate: storage.backend is lmdb (its layout needs no migrations)")
+        return 0
+    import asyncio
+
+    from proxy.storage.base import StorageError
+    from proxy.storage.postgres import migrate_database
+
+    try:
+        ran = asyncio.run(migrate_database(config.postgres.dsn))
+    except StorageError as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: schema current ({ran} migration(s) applied)")
+    return 0
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -84,12 +107,18 @@ def _serve(config: Config, log_level: str) -> int:
     # at 0.1 ms the full-mode probe's query embedding p50 is 7.7 instead of 8.4 ms and its
     # request p50 12.4 instead of 12.7-13.0 ms, at the same CPU per request (docs/BENCHMARKS.md).
     sys.setswitchinterval(0.0001)
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        shutdown_timeout=30,  # drain in-flight requests on SIGTERM/SIGINT
-        print=lambda _: log.info("serving on http://%s:%d/v1", config.host, config.port),
-        access_log=None,
-    )
+    from proxy.storage.base import StorageError
+
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            shutdown_timeout=30,  # drain in-flight requests on SIGTERM/SIGINT
+            print=lambda _: log.info("serving on http://%s:%d/v1", config.host, config.port),
+            access_log=None,
+        )
+    except StorageError as exc:  # the store cannot open: say why in one line, no traceback
+        log.critical("cannot start: %s", exc)
+        return 1
     return 0

@@ -21,6 +21,7 @@ CONCURRENCY_MODES = ("serialize", "reject")
 UPSTREAM_PATHS = ("auto", "direct", "litellm")
 PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
 CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "all")
+STORAGE_BACKENDS = ("lmdb", "postgres")
 IMPLICIT_MODES = ("new", "resume")
 REVERTED_TURNS = ("drop", "keep")
 MEMORY_SCOPES = ("user", "session", "tenant")
@@ -41,8 +42,9 @@ DEFAULTS: dict[str, Any] = {
         "max_body_bytes": 8 * 1024 * 1024,
         "janitor_interval_seconds": 300,
     },
-    "storage": {"data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50, "write_queue_max": 10000,
-                "transcript_cache_messages": 50000},
+    "storage": {"backend": "lmdb", "data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50,
+                "write_queue_max": 10000, "transcript_cache_messages": 50000,
+                "postgres": {"dsn": "${DATABASE_URL}", "pool_size": 10, "statement_timeout_ms": 30000}},
     "tenant_defaults": {
         "api_key_sha256": [],
         "allow_unauthenticated": False,
@@ -200,6 +202,15 @@ class TenantConfig:
 
 
 @dataclass(frozen=True)
+class PostgresSettings:
+    """storage.postgres: where the state lives when storage.backend is postgres."""
+
+    dsn: str = field(repr=False)  # may hold a password: never logged
+    pool_size: int = 10
+    statement_timeout_ms: int = 30_000
+
+
+@dataclass(frozen=True)
 class Config:
     host: str
     port: int
@@ -213,6 +224,8 @@ class Config:
     transcript_cache_messages: int
     tenants: Mapping[str, TenantConfig]
     source: str  # where it came from, for logs
+    storage_backend: str = "lmdb"  # lmdb | postgres
+    postgres: PostgresSettings | None = None  # set when storage_backend is postgres
 
     def tenant_for_key(self, api_key: str) -> TenantConfig | None:
         digest = hash_key(api_key)
@@ -304,7 +317,31 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         transcript_cache_messages=_int(storage["transcript_cache_messages"], where, "storage.transcript_cache_messages", 0, 1 << 30),
         tenants=MappingProxyType(tenants),
         source=source,
+        storage_backend=_choice(storage["backend"], STORAGE_BACKENDS, where, "storage.backend"),
+        postgres=_build_postgres(storage, where) if storage["backend"] == "postgres" else None,
     )
+
+
+def _build_postgres(storage: dict[str, Any], where: str) -> PostgresSettings:
+    spec = storage["postgres"]
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: storage.postgres: must be a mapping")
+    _check_keys(spec, set(DEFAULTS["storage"]["postgres"]), where, "storage.postgres.")
+    spec = DEFAULTS["storage"]["postgres"] | spec
+    dsn = _interpolate(_string(spec["dsn"], where, "storage.postgres.dsn"), where, "storage.postgres.dsn")
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{where}: storage.postgres.dsn: must be a postgresql:// URL")
+    return PostgresSettings(
+        dsn=dsn,
+        pool_size=_int(spec["pool_size"], where, "storage.postgres.pool_size", 1, 1000),
+        statement_timeout_ms=_int(spec["statement_timeout_ms"], where, "storage.postgres.statement_timeout_ms", 100, 3_600_000),
+    )
+
+
+def _choice(value: Any, allowed: tuple[str, ...], where: str, key: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {key}: must be one of {', '.join(allowed)}")
+    return value
 
 
 def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> TenantConfig:

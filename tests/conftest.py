@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -39,3 +40,20 @@ def keyed_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]
     path = write_config(tmp_path, {"alpha": keyed_tenant(upstream.base_url, ALPHA_KEY), "beta": beta}, server={"max_body_bytes": 64 * 1024})
     with start_thread(path) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator["PostgresServer"]:
+    """One private PostgreSQL server for the whole run (started only if a test asks for it)."""
+    from tests.postgres_server import PostgresServer, required
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        server.stop()
+        if required():
+            pytest.fail(f"PostgreSQL is required (ASP_TEST_POSTGRES=required) but did not start: {exc}")
+        pytest.skip(f"PostgreSQL cannot be started here: {exc}")
+    yield server
+    server.stop()

@@ -21,12 +21,20 @@ from proxy.storage.memory import InMemoryStore
 from proxy.storage.write_behind import WriteBehindStore
 
 
-@pytest.fixture(params=["memory", "lmdb", "write-behind:memory", "write-behind:lmdb"])
+@pytest.fixture(params=["memory", "lmdb", "postgres", "write-behind:memory", "write-behind:lmdb", "write-behind:postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """Every backend, and the write-behind store the app runs over each (its queued writes and
     caches must answer exactly as the backend would)."""
     kind = request.param.removeprefix("write-behind:")
-    backend: Store = InMemoryStore() if kind == "memory" else LmdbStore.open(str(tmp_path / "lmdb"))
+    backend: Store
+    if kind == "memory":
+        backend = InMemoryStore()
+    elif kind == "lmdb":
+        backend = LmdbStore.open(str(tmp_path / "lmdb"))
+    else:
+        from proxy.storage.postgres import PostgresStore
+
+        backend = await PostgresStore.open(await request.getfixturevalue("postgres_server").new_database())
     if request.param.startswith("write-behind"):
         backend = WriteBehindStore(backend, flush_interval=0.01)
         await backend.start()
@@ -128,12 +136,24 @@ async def test_concurrent_commits_all_land(store: Store) -> None:
 async def test_corrupt_message_is_quarantined_and_reads_go_on(store: Store) -> None:
     store = getattr(store, "inner", store)  # bytes corrupted below any cache: the backend's own read
     await store.commit(session(), [message(0), message(1), message(2)])
-    key = messages_prefix("t", "s1") + (1).to_bytes(8, "big")
-    await store._write(lambda txn: txn.put(key, b"\x01{garbage"))  # type: ignore[attr-defined]
+    await corrupt_message(store, "t", "s1", 1, b"\x01{garbage")
     assert [m.seq for m in await store.get_messages("t", "s1")] == [0, 2]
     found = await store.quarantined("t")
-    assert len(found) == 1 and found[0].key == key.hex()
+    assert len(found) == 1 and "garbage" not in found[0].reason
     assert [m.seq for m in await store.get_messages("t", "s1")] == [0, 2]
+
+
+async def corrupt_message(store: Store, tenant: str, session_id: str, seq: int, raw: bytes) -> None:
+    """Overwrite a stored message's bytes below the store's interface, as a bad disk would."""
+    if hasattr(store, "_write"):
+        key = messages_prefix(tenant, session_id) + seq.to_bytes(8, "big")
+        await store._write(lambda txn: txn.put(key, raw))  # type: ignore[attr-defined]
+        return
+    from proxy.storage.kv import session_digest
+
+    async with store._connection() as connection:  # type: ignore[attr-defined]
+        await connection.execute("UPDATE asp_messages SET record = $4 WHERE tenant = $1 AND sid = $2 AND seq = $3",
+                                 tenant, session_digest(session_id), seq, raw)
 
 
 async def test_lmdb_survives_reopen_and_grows_its_map(tmp_path: Path) -> None:

@@ -61,6 +61,12 @@ def _storage(given: Store | None):
         config = app[keys.CONFIG]
         if given is not None:
             inner = given
+        elif config.storage_backend == "postgres":
+            from proxy.storage.postgres import PostgresStore
+
+            settings = config.postgres
+            inner = await PostgresStore.open(settings.dsn, pool_size=settings.pool_size, statement_timeout_ms=settings.statement_timeout_ms)
+            log.info("store open on PostgreSQL")
         else:
             from proxy.storage.lmdb_store import LmdbStore
 

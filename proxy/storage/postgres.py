@@ -1,0 +1,272 @@
+"""The PostgreSQL backend: the state in a database the operations team already runs and backs up.
+
+Records are the same bytes as in LMDB (proxy/codec.py, stored as BYTEA): one codec, one set of
+integrity checks, and the database never parses them. Every row is keyed by tenant; session ids
+are stored as their 16-byte digest (like LMDB's keys: any id, NUL bytes included, fits), and
+record keys as bytes, so a scan is in the same order on every backend.
+
+One replica at a time: the store holds a database-wide advisory lock while open, and a second
+replica refuses to start. Several replicas on one database need cross-replica session locks and
+cache invalidation (the write-behind caches assume one writer), which this backend does not do yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+
+import asyncpg
+
+from proxy import codec
+from proxy.codec import CorruptRecord
+from proxy.records import Message, Session, share_repeated_values
+from proxy.storage.base import InvalidWrite, Quarantined, Store, StorageError, Write
+from proxy.storage.kv import MAX_RECORD_KEY, session_digest
+
+log = logging.getLogger("agent_state_proxy.storage")
+T = TypeVar("T")
+
+# Versioned migrations, applied in order under a transaction-scoped advisory lock, so replicas
+# starting at once never race. Append; never edit one that shipped.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE asp_sessions (tenant text NOT NULL, sid bytea NOT NULL, record bytea NOT NULL,
+                               PRIMARY KEY (tenant, sid));
+    CREATE TABLE asp_messages (tenant text NOT NULL, sid bytea NOT NULL, seq bigint NOT NULL, record bytea NOT NULL,
+                               PRIMARY KEY (tenant, sid, seq));
+    CREATE TABLE asp_records (tenant text NOT NULL, sid bytea NOT NULL, kind text NOT NULL, key bytea NOT NULL,
+                              record bytea NOT NULL, PRIMARY KEY (tenant, sid, kind, key));
+    CREATE TABLE asp_quarantine (id bigserial PRIMARY KEY, tenant text NOT NULL, key text NOT NULL,
+                                 reason text NOT NULL, ts double precision NOT NULL, size integer NOT NULL, raw bytea NOT NULL);
+    CREATE INDEX asp_quarantine_tenant ON asp_quarantine (tenant);
+    """,
+)
+_MIGRATION_LOCK = 0x6173_7001  # pg_advisory_xact_lock key: "asp" + 1
+_REPLICA_LOCK = 0x6173_7002  # held for the store's life: one replica per database
+_TENANT_WIDE = b""  # the sid of records that belong to no session
+
+
+async def migrate(connection: asyncpg.Connection) -> int:
+    """Bring the schema to the current version; returns how many migrations ran."""
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await connection.execute("CREATE TABLE IF NOT EXISTS asp_schema (version integer NOT NULL)")
+        version = await connection.fetchval("SELECT max(version) FROM asp_schema") or 0
+        if version > len(MIGRATIONS):
+            raise StorageError(f"the database schema (version {version}) is newer than this proxy ({len(MIGRATIONS)}): upgrade the proxy")
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            await connection.execute(MIGRATIONS[number - 1])
+            await connection.execute("INSERT INTO asp_schema (version) VALUES ($1)", number)
+            log.info("database schema migrated to version %d", number)
+        return len(MIGRATIONS) - version
+
+
+async def migrate_database(dsn: str) -> int:
+    """``agent-state-proxy migrate``: connect, migrate, disconnect (safe while replicas run)."""
+    try:
+        connection = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
+    try:
+        return await migrate(connection)
+    finally:
+        await connection.close()
+
+
+class PostgresStore(Store):
+    def __init__(self, pool: asyncpg.Pool, holder: asyncpg.Connection) -> None:
+        self._pool = pool
+        self._holder = holder  # holds the replica lock
+        self._closed = False
+
+    @classmethod
+    async def open(cls, dsn: str, *, pool_size: int = 10, statement_timeout_ms: int = 30_000) -> PostgresStore:
+        """Connect, migrate, and take the replica lock; StorageError (never the DSN) on failure."""
+        settings = {"statement_timeout": str(statement_timeout_ms), "application_name": "agent-state-proxy"}
+        try:
+            holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
+        try:
+            if not await holder.fetchval("SELECT pg_try_advisory_lock($1)", _REPLICA_LOCK):
+                raise StorageError("another agent-state-proxy replica is using this database; "
+                                   "running several replicas on one database is not supported yet")
+            await migrate(holder)
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, server_settings=settings, timeout=10)
+        except BaseException:
+            await holder.close()
+            raise
+        return cls(pool, holder)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._closed:
+            raise StorageError("store is closed")
+        try:
+            async with self._pool.acquire() as connection:
+                yield connection
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.critical("PostgreSQL operation failed: %s", exc)
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from exc
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def check(self, writes: Sequence[Write]) -> None:
+        super().check(writes)
+        for write in writes:
+            if write.session is not None and write.session.tenant != write.tenant:
+                raise InvalidWrite("session belongs to another tenant than the write")
+            if write.session is None and write.messages:
+                raise InvalidWrite("messages need their session in the same write")
+            for record in write.records:
+                if len(record.key.encode()) > MAX_RECORD_KEY or not record.kind or "\0" in record.kind:
+                    raise InvalidWrite(f"invalid record {record.kind!r}/{record.key[:40]!r}: keys are at most {MAX_RECORD_KEY} bytes")
+
+    async def apply(self, writes: Sequence[Write]) -> None:
+        self.check(writes)
+        encoded = [_encode(w) for w in writes]
+        async with self._connection() as connection, connection.transaction():
+            for tenant, deleted, session, messages, puts, removals in encoded:
+                if deleted is not None:
+                    for table in ("asp_messages", "asp_records", "asp_sessions"):
+                        await connection.execute(f"DELETE FROM {table} WHERE tenant = $1 AND sid = $2", tenant, deleted)
+                if session is not None:
+                    await connection.execute(
+                        "INSERT INTO asp_sessions (tenant, sid, record) VALUES ($1, $2, $3) "
+                        "ON CONFLICT (tenant, sid) DO UPDATE SET record = EXCLUDED.record", tenant, *session)
+                if messages:
+                    await connection.executemany(
+                        "INSERT INTO asp_messages (tenant, sid, seq, record) VALUES ($1, $2, $3, $4) "
+                        "ON CONFLICT (tenant, sid, seq) DO UPDATE SET record = EXCLUDED.record", messages)
+                if puts:
+                    await connection.executemany(
+                        "INSERT INTO asp_records (tenant, sid, kind, key, record) VALUES ($1, $2, $3, $4, $5) "
+                        "ON CONFLICT (tenant, sid, kind, key) DO UPDATE SET record = EXCLUDED.record", puts)
+                if removals:
+                    await connection.executemany(
+                        "DELETE FROM asp_records WHERE tenant = $1 AND sid = $2 AND kind = $3 AND key = $4", removals)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get_session(self, tenant: str, session_id: str) -> Session | None:
+        sid = session_digest(session_id)
+        async with self._connection() as connection:
+            raw = await connection.fetchval("SELECT record FROM asp_sessions WHERE tenant = $1 AND sid = $2", tenant, sid)
+        if raw is None:
+            return None
+        found = await self._decode(tenant, [(("asp_sessions", sid, None), raw)], Session.from_dict)
+        return found[0] if found else None
+
+    async def get_messages(self, tenant: str, session_id: str) -> list[Message]:
+        sid = session_digest(session_id)
+        async with self._connection() as connection:
+            rows = await connection.fetch("SELECT seq, record FROM asp_messages WHERE tenant = $1 AND sid = $2 ORDER BY seq", tenant, sid)
+        return share_repeated_values(await self._decode(tenant, [(("asp_messages", sid, r["seq"]), r["record"]) for r in rows], Message.from_dict))
+
+    async def list_sessions(self, tenant: str) -> list[Session]:
+        async with self._connection() as connection:
+            rows = await connection.fetch("SELECT sid, record FROM asp_sessions WHERE tenant = $1 ORDER BY sid", tenant)
+        return await self._decode(tenant, [(("asp_sessions", r["sid"], None), r["record"]) for r in rows], Session.from_dict)
+
+    async def get_record(self, tenant: str, kind: str, key: str, session_id: str | None = None) -> dict[str, Any] | None:
+        sid = session_digest(session_id) if session_id is not None else _TENANT_WIDE
+        async with self._connection() as connection:
+            raw = await connection.fetchval("SELECT record FROM asp_records WHERE tenant = $1 AND sid = $2 AND kind = $3 AND key = $4",
+                                            tenant, sid, kind, key.encode())
+        if raw is None:
+            return None
+        found = await self._decode(tenant, [(("asp_records", sid, (kind, key.encode())), raw)], lambda value: value)
+        return found[0] if found else None
+
+    async def scan_records(self, tenant: str, kind: str, session_id: str | None = None, prefix: str = "",
+                           after: str = "", limit: int = 0) -> list[tuple[str, dict[str, Any]]]:
+        sid = session_digest(session_id) if session_id is not None else _TENANT_WIDE
+        raw_prefix, raw_after = prefix.encode(), after.encode()
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                "SELECT key, record FROM asp_records WHERE tenant = $1 AND sid = $2 AND kind = $3 AND key >= $4 "
+                "AND substring(key FROM 1 FOR $5) = $4 AND (length($6::bytea) = 0 OR key > $6::bytea) ORDER BY key LIMIT $7",
+                tenant, sid, kind, raw_prefix, len(raw_prefix), raw_after, limit or None)
+        result, corrupt = [], []
+        for row in rows:
+            try:
+                result.append((bytes(row["key"]).decode(), codec.decode(row["record"])))
+            except (CorruptRecord, UnicodeDecodeError) as exc:
+                corrupt.append(((("asp_records", sid, (kind, bytes(row["key"]))), row["record"]), str(exc)))
+        if corrupt:
+            await self._quarantine(tenant, corrupt)
+        return result
+
+    async def quarantined(self, tenant: str | None = None) -> list[Quarantined]:
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                "SELECT tenant, key, reason, ts, size FROM asp_quarantine WHERE $1::text IS NULL OR tenant = $1 ORDER BY id", tenant)
+        return [Quarantined(r["tenant"], r["key"], r["reason"], r["ts"], r["size"]) for r in rows]
+
+    async def _decode(self, tenant: str, rows: list[tuple[tuple[str, bytes, Any], bytes]], build: Callable[[dict[str, Any]], T]) -> list[T]:
+        """Decode stored rows; the undecodable ones are quarantined instead of failing the read."""
+        found, corrupt = [], []
+        for where, raw in rows:
+            try:
+                found.append(build(codec.decode(raw)))
+            except (CorruptRecord, TypeError, KeyError) as exc:
+                corrupt.append(((where, raw), str(exc)))
+        if corrupt:
+            await self._quarantine(tenant, corrupt)
+        return found
+
+    async def _quarantine(self, tenant: str, rows: list[tuple[tuple[tuple[str, bytes, Any], bytes], str]]) -> None:
+        """Move undecodable rows aside (if still unchanged) so reads go on; kept for inspection."""
+        async with self._connection() as connection, connection.transaction():
+            for ((table, sid, extra), raw), reason in rows:
+                if table == "asp_messages":
+                    where, args = "seq = $4", [extra]
+                elif table == "asp_records":
+                    where, args = "kind = $4 AND key = $5", list(extra)
+                else:
+                    where, args = "TRUE", []
+                moved = await connection.execute(f"DELETE FROM {table} WHERE tenant = $1 AND sid = $2 AND record = $3 AND {where}",
+                                                 tenant, sid, raw, *args)
+                if moved.endswith(" 0"):
+                    continue  # already moved or rewritten meanwhile
+                key = f"{table}:{bytes(sid).hex()}:{extra!r}"
+                log.error("quarantined corrupt record %s of tenant %s: %s", key, tenant, reason)
+                await connection.execute("INSERT INTO asp_quarantine (tenant, key, reason, ts, size, raw) VALUES ($1, $2, $3, $4, $5, $6)",
+                                         tenant, key, reason, time.time(), len(raw), raw)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._pool.close()
+        await self._holder.close()  # lets the replica lock go
+
+    def stats(self) -> dict[str, Any]:
+        return {"backend": "postgres", "pool_size": self._pool.get_size(), "pool_idle": self._pool.get_idle_size()}
+
+
+def _encode(write: Write) -> tuple[str, bytes | None, tuple[bytes, bytes] | None, list[tuple], list[tuple], list[tuple]]:
+    tenant = write.tenant
+    deleted = session_digest(write.delete_session) if write.delete_session is not None else None
+    session, messages = None, []
+    if write.session is not None:
+        sid = session_digest(write.session.id)
+        session = (sid, codec.encode(write.session))
+        messages = [(tenant, sid, m.seq, codec.encode(m)) for m in write.messages]
+    puts, removals = [], []
+    for record in write.records:
+        sid = session_digest(record.session_id) if record.session_id is not None else _TENANT_WIDE
+        if record.value is None:
+            removals.append((tenant, sid, record.kind, record.key.encode()))
+        else:
+            puts.append((tenant, sid, record.kind, record.key.encode(), codec.encode(record.value)))
+    return tenant, deleted, session, messages, puts, removals
+
+
+def _safe(exc: BaseException, dsn: str) -> str:
+    """An error message without the DSN (it may hold a password)."""
+    return str(exc).replace(dsn, "[dsn]")
