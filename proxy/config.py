@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
         "port": 8765,
         "max_body_bytes": 8 * 1024 * 1024,
         "janitor_interval_seconds": 300,
+        # GET /metrics (Prometheus): readable with an operator key, or from loopback when no key is set.
+        "metrics": {"enabled": True, "key_sha256": []},
     },
     "storage": {"data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50, "write_queue_max": 10000,
                 "transcript_cache_messages": 50000},
@@ -150,6 +152,23 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Who may read GET /metrics (see README, Operating it)."""
+
+    enabled: bool = True
+    key_hashes: frozenset[str] = field(default=frozenset(), repr=False)  # sha256 of operator keys
+
+    def allows(self, bearer_key: str, peer: str | None) -> bool:
+        """An operator key when any is configured; otherwise a loopback client."""
+        if self.key_hashes:
+            return bool(bearer_key) and hash_key(bearer_key) in self.key_hashes
+        try:
+            return peer is not None and ipaddress.ip_address(peer).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     name: str
     api_key_hashes: frozenset[str] = field(repr=False)
@@ -196,6 +215,7 @@ class Config:
     transcript_cache_messages: int
     tenants: Mapping[str, TenantConfig]
     source: str  # where it came from, for logs
+    metrics: MetricsSettings = MetricsSettings()
 
     def tenant_for_key(self, api_key: str) -> TenantConfig | None:
         digest = hash_key(api_key)
@@ -287,7 +307,19 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         transcript_cache_messages=_int(storage["transcript_cache_messages"], where, "storage.transcript_cache_messages", 0, 1 << 30),
         tenants=MappingProxyType(tenants),
         source=source,
+        metrics=_build_metrics(server["metrics"], where),
     )
+
+
+def _build_metrics(spec: Any, where: str) -> MetricsSettings:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: server.metrics: must be a mapping")
+    _check_keys(spec, set(DEFAULTS["server"]["metrics"]), where, "server.metrics.")
+    spec = DEFAULTS["server"]["metrics"] | spec
+    hashes = spec["key_sha256"]
+    if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+        raise ConfigError(f"{where}: server.metrics.key_sha256: must be a list of lowercase sha256 hex digests (`agent-state-proxy hash-key`)")
+    return MetricsSettings(enabled=_bool(spec["enabled"], where, "server.metrics.enabled"), key_hashes=frozenset(hashes))
 
 
 def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> TenantConfig:

@@ -19,6 +19,7 @@ from proxy.config import ResolvedModel, TenantConfig
 from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
 from proxy.errors import NotFound, ProxyError
+from proxy.observe import Observer
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, identify, strip_proxy_fields
 from proxy.storage.base import Record, StorageError, Write
@@ -61,16 +62,27 @@ class Pipeline:
         self.locks = SessionLocks()
         self.repaired: list[dict[str, Any]] = []  # sessions repaired at load since start, for the admin API
         self.clock = clock
+        self.observer = Observer()  # stage timings and counts; the app sets its metrics here
 
     def session_lock(self, tenant: TenantConfig, ref: SessionRef):
         return self.locks.hold(tenant.name, ref.id, refuse_when_busy=tenant.concurrency == "reject")
 
     def identify(self, tenant: TenantConfig, headers: Mapping[str, str], path_session: str | None, body: Any) -> tuple[SessionRef, dict[str, Any], ResolvedModel]:
-        body = chat_body(body)
-        route = tenant.route(body["model"])
-        if route is None:
-            raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
-        return identify(tenant.name, headers, path_session, body), body, route
+        with self._stage(tenant, "identify"):
+            body = chat_body(body)
+            route = tenant.route(body["model"])
+            if route is None:
+                raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
+            return identify(tenant.name, headers, path_session, body), body, route
+
+    @contextlib.contextmanager
+    def _stage(self, tenant: TenantConfig, name: str):
+        """Time one stage of a request for the observer (the metrics' per-stage histogram)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observer.stage(tenant.name, name, time.perf_counter() - began)
 
     async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel, idempotency_key: str | None = None) -> Turn:
         """Load the session (call under the session lock) and decide what goes upstream."""
@@ -91,7 +103,8 @@ class Pipeline:
 
     async def _prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel,
                        idempotency_key: str | None, now: float, early: QueryEmbedding | None) -> Turn:
-        session, stored = await self._load(tenant, ref, now)
+        with self._stage(tenant, "load"):
+            session, stored = await self._load(tenant, ref, now)
         idempotency = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else None
         if idempotency is not None:
             replay = await self.store.get_record(tenant.name, IDEMPOTENCY_KIND, idempotency, ref.id)
@@ -102,7 +115,8 @@ class Pipeline:
                 headers = {"X-Session-ID": ref.id, "X-Request-ID": replay["request_id"], "Idempotent-Replayed": "true"}
                 return Turn(tenant, ref, route, body, session, stored, plan, replay["request_id"], now, headers, idempotency, replay)
         live = [m for m in stored if not m.reverted]  # rolled-back turns never match or return
-        plan = transcript.reconcile(live, session.head, body["messages"], tenant.history)
+        with self._stage(tenant, "reconcile"):
+            plan = transcript.reconcile(live, session.head, body["messages"], tenant.history)
         upstream_body = strip_proxy_fields(body)
         if plan.restored:
             upstream_body = upstream_body | {"messages": plan.upstream_messages}
@@ -116,11 +130,16 @@ class Pipeline:
             recall = self.memory.begin_recall(turn, early) if self.memory is not None else None
             try:
                 if self.context is not None:
-                    room = await self.context.shape(turn, reserve=recall.room if recall else 0)
+                    with self._stage(tenant, "context"):
+                        room = await self.context.shape(turn, reserve=recall.room if recall else 0)
                     if recall is not None:
                         recall.room = room
                 if recall is not None:
-                    await self.memory.finish_recall(turn, recall)  # memories into the system prompt
+                    with self._stage(tenant, "recall"):
+                        await self.memory.finish_recall(turn, recall)  # memories into the system prompt
+                    if recall.query is not None:  # the whole recall, its query embedding included
+                        self.observer.recalled(tenant.name, time.perf_counter() - recall.started,
+                                               turn.headers.get("X-Memory-Status") == "budget-exceeded")
             finally:
                 if recall is not None:
                     recall.cancel()  # a no-op once finished; if shaping failed, drops the embedding
@@ -148,8 +167,10 @@ class Pipeline:
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
         try:
-            response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
-        except ProxyError:
+            with self._stage(turn.tenant, "upstream"):
+                response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
+        except ProxyError as error:
+            self.observer.upstream_failed(turn.tenant.name, turn.route.model, error.status)
             await self._record(turn, [], outcome="error")
             raise
         choices = response.get("choices") or []
@@ -167,14 +188,16 @@ class Pipeline:
             # aclosing: a client that goes away closes this generator, which must close the
             # provider's stream (and its connection) now, not whenever it is garbage-collected.
             upstream = self.upstream.stream(turn.route, turn.body, turn.tenant.upstream_timeout)
-            async with contextlib.aclosing(upstream) as chunks:
-                async for batch in chunks:
-                    for chunk in batch:
-                        collected.add(chunk)
-                    yield batch
+            with self._stage(turn.tenant, "upstream"):  # to the stream's end
+                async with contextlib.aclosing(upstream) as chunks:
+                    async for batch in chunks:
+                        for chunk in batch:
+                            collected.add(chunk)
+                        yield batch
             outcome = "ok"
-        except ProxyError:
+        except ProxyError as error:
             outcome = "error"
+            self.observer.upstream_failed(turn.tenant.name, turn.route.model, error.status)
             raise
         finally:
             # Runs on success, on upstream failure and when the client disconnects (the
@@ -190,8 +213,16 @@ class Pipeline:
         response: dict[str, Any] | None = None, chunks: list[dict[str, Any]] | None = None,
     ) -> None:
         """Append the new messages and the answer; durable now or batched, per the tenant's policy."""
+        saved = int(turn.headers.get("X-Context-Tokens-Saved") or 0)
+        self.observer.recorded(turn.tenant.name, turn.ref.id, usage if isinstance(usage, dict) else None, saved)
         if turn.tenant.stateless:
             return
+        with self._stage(turn.tenant, "record"):
+            await self._record_turn(turn, assistant, outcome, finish_reason, usage, model, response, chunks)
+
+    async def _record_turn(self, turn: Turn, assistant: list[dict[str, Any]], outcome: str, finish_reason: str | None,
+                           usage: dict[str, Any] | None, model: str | None,
+                           response: dict[str, Any] | None, chunks: list[dict[str, Any]] | None) -> None:
         session, plan, now = turn.session, turn.plan, self.clock()
         parent = plan.parent.seq if plan.parent else None
         chain = plan.parent.chain if plan.parent else transcript.ROOT_CHAIN
@@ -223,6 +254,7 @@ class Pipeline:
                 outcome=outcome,
                 alternatives=[_clean_assistant(a) for a in assistant[1:]] or None,
                 injected=turn.injected,
+                usage=_request_tokens(turn, usage),
             )
         if plan.branched and records:
             session.branches += 1
@@ -271,6 +303,23 @@ class Pipeline:
         session.extra["checkpoint"] = {"seq": session.next_seq, "ts": now, "key": key}
         expired = [Record(checkpoints.KIND, old, None, session.id) for old in kept[:-policy.keep_checkpoints]]
         return [Record(checkpoints.KIND, key, value, session.id)] + expired
+
+
+def _request_tokens(turn: Turn, usage: dict[str, Any] | None) -> dict[str, int] | None:
+    """The tokens of the request that produced an answer, as the inspector charts them: what the
+    provider counted (prompt, completion, cached) and what context management sent of the full
+    history. Only the counts that are known."""
+    counts: dict[str, int] = {}
+    if isinstance(usage, dict):
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        for name, value in (("prompt", usage.get("prompt_tokens")), ("completion", usage.get("completion_tokens")), ("cached", cached)):
+            if isinstance(value, int) and not isinstance(value, bool):
+                counts[name] = value
+    sent, saved = turn.headers.get("X-Context-Tokens"), turn.headers.get("X-Context-Tokens-Saved")
+    if sent is not None and saved is not None:
+        counts["sent"], counts["full"] = int(sent), int(sent) + int(saved)
+    return counts or None
 
 
 def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from typing import Any, Iterable, Sequence
+import time
+from typing import Any, Callable, Iterable, Sequence
 
 from proxy.cache import FrequencyCache
 from proxy.records import Message, Session
@@ -87,6 +88,7 @@ class WriteBehindStore(Store):
         self._task: asyncio.Task[None] | None = None
         self.failure: Exception | None = None  # the last flush failure, until a flush succeeds
         self.flushed_batches = 0
+        self.on_flush: Callable[[int, float], None] | None = None  # (writes, seconds) of each batch: metrics
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -137,9 +139,12 @@ class WriteBehindStore(Store):
             async with self._lock:
                 count = min(len(self._queue), self.batch_size)
                 batch = [self._queue[i] for i in range(count)]
+                began = time.perf_counter()
                 await self.inner.apply(batch)
                 self._forget(count)
                 self.flushed_batches += 1
+                if self.on_flush is not None:
+                    self.on_flush(count, time.perf_counter() - began)
         self.failure = None
         await self._notify_drained()
 
