@@ -21,6 +21,7 @@ from proxy.server.memory_routes import setup_memory_routes
 from proxy.server.metrics import METRICS, Metrics, setup_metrics_routes
 from proxy.server.metrics import middleware as metrics_middleware
 from proxy.server.routes import setup_routes
+from proxy.server.ui import setup_ui_routes
 from proxy.storage.base import Store
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream, import_litellm
@@ -46,6 +47,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     setup_routes(app)
     setup_memory_routes(app)
     setup_metrics_routes(app)
+    setup_ui_routes(app)
     return app
 
 

@@ -33,7 +33,7 @@ ACTIVE_WINDOW = 300.0  # a session with a request in the last five minutes count
 NO_TENANT = "-"
 # The request key where a handler that authenticated by other means (the inspector's cookie)
 # names its tenant for the request counter.
-TENANT = "asp.tenant"
+TENANT = web.RequestKey("asp_tenant", str)
 
 
 class Metrics(Observer):
