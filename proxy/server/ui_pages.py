@@ -71,7 +71,7 @@ def sessions(tenant: TenantConfig, shown: list[Session], query: str, page: int, 
         '<tr class="session-row">'
         f'<td><a href="/ui/sessions/{_e(_path(s.id))}">{_e(s.id)}</a>{" <span class=badge>fork</span>" if s.extra.get("forked_from") else ""}</td>'
         f'<td>{_e(s.user_id or "—")}</td><td>{_when(s.last_active)}</td><td>{_when(s.created_at)}</td>'
-        f'<td class="num">{s.turns}</td><td class="num">{s.next_seq}</td><td class="num">{s.branches}</td>'
+        f'<td class="num">{s.turns}</td><td class="num">{s.next_seq}</td><td class="num">{s.branches + 1}</td>'
         f'<td class="num">{s.prompt_tokens:,} / {s.completion_tokens:,}</td></tr>'
         for s in shown
     ) or '<tr><td colspan="8" class="empty">No sessions' + (" match this search" if query else " yet") + '.</td></tr>'
@@ -87,7 +87,7 @@ def sessions(tenant: TenantConfig, shown: list[Session], query: str, page: int, 
         f'<input name="q" value="{_e(query)}" placeholder="session or user id" aria-label="search sessions">'
         '<button type="submit">Search</button></form>'
         '<table class="sessions"><thead><tr><th>session</th><th>user</th><th>last active</th><th>created</th>'
-        '<th>turns</th><th>messages</th><th>branches</th><th>tokens (prompt / completion)</th></tr></thead>'
+        '<th>requests</th><th>messages</th><th>branches</th><th>tokens (prompt / completion)</th></tr></thead>'
         f'<tbody>{rows}</tbody></table><nav class="pages">{" ".join(nav)}</nav>'
     )
     return _page("Sessions", body, tenant)
@@ -140,10 +140,14 @@ def _chart(messages: list[Message]) -> str:
         return '<p class="empty">No token counts were recorded for this session\'s requests.</p>'
     series = [("full history", "full", "bar-full"), ("sent", "sent", "bar-sent"), ("cached", "cached", "bar-cached")]
 
-    def sent(m: Message) -> int:
-        return m.usage.get("sent", m.usage.get("prompt", 0))
+    def row(usage: dict[str, int]) -> dict[str, int | None]:
+        # The provider's prompt count when it gave one (the unit its cached count is in); the
+        # full history adds what compaction left out, as the proxy counted it.
+        sent = usage.get("prompt", usage.get("sent", 0))
+        full = sent + usage["full"] - usage["sent"] if "full" in usage and "sent" in usage else None
+        return {"full": full, "sent": sent, "cached": usage.get("cached")}
 
-    values = [{"full": m.usage.get("full"), "sent": sent(m), "cached": m.usage.get("cached")} for m in requests]
+    values = [row(m.usage) for m in requests]
     top = max(max((v or 0) for v in row.values()) for row in values) or 1
     height, base, group = 160, 20, 54
     width = 48 + group * len(requests)
@@ -163,7 +167,8 @@ def _chart(messages: list[Message]) -> str:
         parts.append(f'<text x="{x}" y="{height + base}" class="axis">#{_e(message.seq)}</text>')
     parts.append("</svg>")
     legend = ('<p class="legend"><span class="key bar-full"></span>full history <span class="key bar-sent"></span>sent upstream '
-              '<span class="key bar-cached"></span>cached by the provider</p>')
+              '<span class="key bar-cached"></span>cached by the provider · prompt tokens of each answer\'s request, as the provider '
+              'counted them; the full history adds what context compaction left out</p>')
     table = "".join(
         f'<tr><td>#{m.seq}</td><td class="num">{_num(row["full"])}</td><td class="num">{_num(row["sent"])}</td>'
         f'<td class="num">{_num(row["cached"])}</td><td class="num">{_num(m.usage.get("completion"))}</td></tr>'
