@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import openai
 import pytest
@@ -27,10 +28,14 @@ def _chromium() -> str:
     for candidate in (os.environ.get("ASP_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    pytest.skip("no chromium executable found (apt-get install -y chromium; .ci/run installs it)")
+    reason = "no chromium executable found (apt-get install -y chromium; .ci/run installs it)"
+    if os.environ.get("ASP_REQUIRE_CHROMIUM"):  # set by .ci/run: CI never skips this test
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
-def _record(base_url: str) -> None:
+def _asker(base_url: str) -> Callable[[str, list[dict], str], list[dict]]:
+    """One turn of user ada through the OpenAI SDK: the history with the question and the answer."""
     sdk = openai.OpenAI(base_url=base_url, api_key=ALPHA_KEY, max_retries=0)
 
     def ask(session: str, history: list[dict], text: str) -> list[dict]:
@@ -38,7 +43,6 @@ def _record(base_url: str) -> None:
         reply = sdk.chat.completions.create(model="fake-model", messages=history, extra_headers={"X-Session-ID": session, "X-User-ID": "ada"})
         return history + [{"role": "assistant", "content": reply.choices[0].message.content}]
 
-    ask("offsite-planning", [], "For the Lisbon offsite we settled on the Alfama Lighthouse hotel.")
     return ask
 
 
@@ -46,7 +50,8 @@ def test_a_person_logs_in_and_reads_a_recorded_session(tmp_path: Path, upstream:
     executable = _chromium()
     tenant = keyed_tenant(upstream.base_url, ALPHA_KEY, memory={"latency_budget_ms": SLOW_OK})
     with running(write_config(tmp_path / "proxy", {"alpha": tenant})) as proxy:
-        ask = _record(proxy.base_url)
+        ask = _asker(proxy.base_url)
+        ask("offsite-planning", [], "For the Lisbon offsite we settled on the Alfama Lighthouse hotel.")
         drain(proxy)  # the first session's messages are memories now
         history = ask("hotel-review", [{"role": "system", "content": "You are terse."}], "Which hotel did we pick for the offsite?")
         history = ask("hotel-review", history, HOSTILE)
