@@ -132,11 +132,16 @@ def test_a_missing_session_is_a_404_page(proxy: ProxyThread) -> None:
     assert response.status_code == 404 and "No session" in response.text and response.headers["content-type"].startswith("text/html")
 
 
-def test_the_chart_shows_what_compaction_left_out(tmp_path: Path, upstream: FakeUpstream) -> None:
+def test_the_chart_and_summaries_show_what_compaction_left_out(tmp_path: Path, upstream: FakeUpstream) -> None:
     tenant = open_tenant(upstream.base_url, context={"max_context_tokens": 600, "reserve_completion_tokens": 100}, memory={"enabled": False})
     with start_thread(write_config(tmp_path, {"local": tenant})) as started:
         record(started.base_url, "x", "long", [f"Turn {n}: " + "a long detail about the project plan " * 12 for n in range(12)])
-        page = httpx.get(f"{started.url}/ui/sessions/long").text
+        deadline = time.monotonic() + 30
+        while "summary of messages #" not in (page := httpx.get(f"{started.url}/ui/sessions/long").text):
+            assert time.monotonic() < deadline, "no summary shown (they are made in the background)"
+            time.sleep(0.1)
+    # A summary names the messages it covers, as ranges of seqs.
+    assert re.search(r"segment summary of messages #\d+–#\d+ \(\d+ messages: #\d+", page)
     rows = re.findall(r'<tr><td>#(\d+)</td><td class="num">([\d,]+)</td><td class="num">([\d,]+)</td>', page)
     numbers = [(int(full.replace(",", "")), int(sent.replace(",", ""))) for _, full, sent in rows]
     assert len(numbers) == 12 and numbers[0][0] == numbers[0][1]  # the first request was sent whole

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config import ConfigError, MetricsSettings, hash_key, load_config
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, open_tenant, start_thread, write_config
-from tests.memory_helpers import SLOW_OK, chat, drain, running
+from tests.memory_helpers import SLOW_OK, chat, drain, running, wait_for_embedder
 
 OPERATOR_KEY = "operator-metrics-key-789"
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -136,6 +136,21 @@ def test_memory_recalls_are_timed(tmp_path: Path, upstream: FakeUpstream) -> Non
     assert got.value("asp_memory_recall_seconds_count", tenant="local") >= 1
     assert got.value("asp_stage_seconds_count", tenant="local", stage="recall") >= 1
     assert ("asp_memory_budget_misses_total", frozenset({("tenant", "local")})) not in got.samples  # within a 5 s budget
+
+
+def test_a_recall_over_its_budget_is_counted_as_a_miss(tmp_path: Path) -> None:
+    # The embedding model answers in 0.3 s; the budget is 50 ms: the recall cannot make it.
+    with FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key", latency=0.3) as slow:
+        tenant = open_tenant(slow.base_url, memory={"latency_budget_ms": 50, "embedder": "fake-embedding"})
+        with running(write_config(tmp_path, {"local": tenant})) as memory_proxy:
+            wait_for_embedder(memory_proxy)
+            chat(memory_proxy, "We chose the Alfama Lighthouse hotel for the Lisbon offsite.", user="alice", session="one")
+            drain(memory_proxy)
+            _, headers = chat(memory_proxy, "Which hotel did we choose for the offsite?", user="alice", session="two")
+            got = scrape(memory_proxy)
+    assert headers["x-memory-status"] == "budget-exceeded"
+    assert got.value("asp_memory_budget_misses_total", tenant="local") == 1
+    assert got.value("asp_memory_recall_seconds_count", tenant="local") == 1
 
 
 @pytest.fixture
