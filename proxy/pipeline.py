@@ -75,14 +75,8 @@ class Pipeline:
                 raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
             return identify(tenant.name, headers, path_session, body), body, route
 
-    @contextlib.contextmanager
-    def _stage(self, tenant: TenantConfig, name: str):
-        """Time one stage of a request for the observer (the metrics' per-stage histogram)."""
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.observer.stage(tenant.name, name, time.perf_counter() - began)
+    def _stage(self, tenant: TenantConfig, name: str) -> _Stage:
+        return _Stage(self.observer, tenant.name, name)
 
     async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel, idempotency_key: str | None = None) -> Turn:
         """Load the session (call under the session lock) and decide what goes upstream."""
@@ -303,6 +297,23 @@ class Pipeline:
         session.extra["checkpoint"] = {"seq": session.next_seq, "ts": now, "key": key}
         expired = [Record(checkpoints.KIND, old, None, session.id) for old in kept[:-policy.keep_checkpoints]]
         return [Record(checkpoints.KIND, key, value, session.id)] + expired
+
+
+class _Stage:
+    """Times one stage of a request for the observer (the metrics' per-stage histogram). A
+    class, not @contextmanager: seven of these run per request, and the generator-based one
+    took 2.5 times as long (timeit, 3.0 vs 7.7 µs on a busy 2-core machine)."""
+
+    __slots__ = ("observer", "tenant", "name", "began")
+
+    def __init__(self, observer: Observer, tenant: str, name: str) -> None:
+        self.observer, self.tenant, self.name = observer, tenant, name
+
+    def __enter__(self) -> None:
+        self.began = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.observer.stage(self.tenant, self.name, time.perf_counter() - self.began)
 
 
 def _request_tokens(turn: Turn, usage: dict[str, Any] | None) -> dict[str, int] | None:
