@@ -147,3 +147,16 @@ def test_the_chart_and_summaries_show_what_compaction_left_out(tmp_path: Path, u
     assert len(numbers) == 12 and numbers[0][0] == numbers[0][1]  # the first request was sent whole
     assert any(full > sent for full, sent in numbers[1:])  # later ones were compacted: full history above what was sent
     assert page.count('class="bar-full"') == 12
+
+
+def test_a_long_session_shows_its_newest_requests_unless_all_are_asked_for(proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.server import ui
+
+    monkeypatch.setattr(ui, "TIMELINE_REQUESTS", 3)
+    record(proxy.base_url, "x", "long", [f"question number {n}" for n in range(5)])
+    page = httpx.get(f"{proxy.url}/ui/sessions/long").text
+    assert "The newest 3 of 5 requests" in page and 'href="/ui/sessions/long?all=1"' in page
+    assert "question number 4" in page and "question number 2" in page
+    assert ">question number 1<" not in page and "You are terse." not in page  # older requests' messages left out
+    whole = httpx.get(f"{proxy.url}/ui/sessions/long", params={"all": "1"}).text
+    assert ">question number 0<" in whole and "You are terse." in whole and "The newest" not in whole

@@ -27,6 +27,7 @@ LOGIN_TTL = 12 * 3600.0  # seconds a login lasts
 MAX_LOGINS = 10_000  # tokens kept at most; the oldest go first
 PAGE_SIZE = 25
 MAX_MEMORIES = 100  # injected memories fetched for one session page
+TIMELINE_REQUESTS = 200  # requests on a session page's timeline unless ?all=1 (a long session's page stays small)
 STATIC = Path(__file__).parent / "ui_static"
 # No script may run at all, so content that slipped past escaping still could not act.
 _HEADERS = {
@@ -161,7 +162,8 @@ async def session_page(request: web.Request) -> web.Response:
     forks = sorted((s.id for s in await store.list_sessions(tenant.name)
                     if (s.extra.get("forked_from") or {}).get("session") == session_id))
     memories = await _injected_memories(request, tenant, messages)
-    return _html(ui_pages.session(tenant, session, messages, active, summaries, forks, memories))
+    newest = None if request.query.get("all") == "1" else TIMELINE_REQUESTS
+    return _html(ui_pages.session(tenant, session, messages, active, summaries, forks, memories, newest))
 
 
 async def _injected_memories(request: web.Request, tenant: TenantConfig, messages) -> dict[str, dict | None] | None:

@@ -101,14 +101,15 @@ def _path(session_id: str) -> str:
 
 
 def session(tenant: TenantConfig, s: Session, messages: list[Message], active: set[int], summaries: list[dict[str, Any]],
-            forks: list[str], memories: dict[str, dict | None] | None) -> str:
+            forks: list[str], memories: dict[str, dict | None] | None, newest_requests: int | None = None) -> str:
+    """The session's page; the timeline holds only its ``newest_requests`` latest requests when given."""
     body = [f'<p><a href="/ui">← all sessions</a></p><h1>Session <span class="sid">{_e(s.id)}</span></h1>']
     body.append(_facts(s, messages, forks))
     body.append('<section><h2>Tokens per request</h2>' + _chart(messages) + '</section>')
     body.append(_summaries(summaries))
     body.append(_pinned(messages, active))
     body.append(_rollbacks(s))
-    body.append(_timeline(messages, active, memories))
+    body.append(_timeline(messages, active, memories, newest_requests, s.id))
     return _page(f"Session {s.id}", "".join(body), tenant)
 
 
@@ -227,8 +228,16 @@ def _rollbacks(s: Session) -> str:
     return f'<section><h2>Rollbacks</h2><ul class="rollbacks">{items}</ul></section>'
 
 
-def _timeline(messages: list[Message], active: set[int], memories: dict[str, dict | None] | None) -> str:
-    out = ['<section><h2>Timeline</h2><p class="hint">Every recorded message in order. '
+def _timeline(messages: list[Message], active: set[int], memories: dict[str, dict | None] | None,
+              newest_requests: int | None, session_id: str) -> str:
+    starts = [i for i, m in enumerate(messages) if i == 0 or m.request_id != messages[i - 1].request_id]
+    note = ""
+    if newest_requests is not None and len(starts) > newest_requests:
+        first = starts[-newest_requests]
+        note = (f'<p class="hint">The newest {newest_requests} of {len(starts)} requests ({len(messages) - first} of '
+                f'{len(messages)} messages). <a href="/ui/sessions/{_e(_path(session_id))}?all=1">Show all</a></p>')
+        messages = messages[first:]
+    out = [note, '<section><h2>Timeline</h2><p class="hint">Every recorded message in order. '
            '<span class="marker-active">●</span> marks the active path; other branches are dimmed; rolled-back messages are struck through. '
            'The request as forwarded upstream is not recorded; each request shows the recorded message bodies instead.</p>'
            '<ol class="timeline">']
