@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
         "port": 8765,
         "max_body_bytes": 8 * 1024 * 1024,
         "janitor_interval_seconds": 300,
+        # GET /metrics (Prometheus): readable with an operator key, or from loopback when no key is set.
+        "metrics": {"enabled": True, "key_sha256": []},
     },
     "storage": {"backend": "lmdb", "data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50,
                 "write_queue_max": 10000, "transcript_cache_messages": 50000,
@@ -168,6 +170,23 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Who may read GET /metrics (see README, Operating it)."""
+
+    enabled: bool = True
+    key_hashes: frozenset[str] = field(default=frozenset(), repr=False)  # sha256 of operator keys
+
+    def allows(self, bearer_key: str, peer: str | None) -> bool:
+        """An operator key when any is configured; otherwise a loopback client."""
+        if self.key_hashes:
+            return bool(bearer_key) and hash_key(bearer_key) in self.key_hashes
+        try:
+            return peer is not None and ipaddress.ip_address(peer).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     name: str
     api_key_hashes: frozenset[str] = field(repr=False)
@@ -226,6 +245,7 @@ class Config:
     source: str  # where it came from, for logs
     storage_backend: str = "lmdb"  # lmdb | postgres
     postgres: PostgresSettings | None = None  # set when storage_backend is postgres
+    metrics: MetricsSettings = MetricsSettings()
 
     def tenant_for_key(self, api_key: str) -> TenantConfig | None:
         digest = hash_key(api_key)
@@ -319,6 +339,7 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         source=source,
         storage_backend=_choice(storage["backend"], STORAGE_BACKENDS, where, "storage.backend"),
         postgres=_build_postgres(storage, where) if storage["backend"] == "postgres" else None,
+        metrics=_build_metrics(server["metrics"], where),
     )
 
 
@@ -342,6 +363,17 @@ def _choice(value: Any, allowed: tuple[str, ...], where: str, key: str) -> str:
     if value not in allowed:
         raise ConfigError(f"{where}: {key}: must be one of {', '.join(allowed)}")
     return value
+
+
+def _build_metrics(spec: Any, where: str) -> MetricsSettings:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: server.metrics: must be a mapping")
+    _check_keys(spec, set(DEFAULTS["server"]["metrics"]), where, "server.metrics.")
+    spec = DEFAULTS["server"]["metrics"] | spec
+    hashes = spec["key_sha256"]
+    if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+        raise ConfigError(f"{where}: server.metrics.key_sha256: must be a list of lowercase sha256 hex digests (`agent-state-proxy hash-key`)")
+    return MetricsSettings(enabled=_bool(spec["enabled"], where, "server.metrics.enabled"), key_hashes=frozenset(hashes))
 
 
 def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> TenantConfig:

@@ -20,6 +20,7 @@ from proxy.config import ResolvedModel, TenantConfig
 from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
 from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
+from proxy.observe import Observer
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, agent_identity, identify, strip_proxy_fields
 from proxy.storage.base import InvalidWrite, Record, StorageError, Write
@@ -63,19 +64,21 @@ class Pipeline:
         self.locks = SessionLocks()
         self.repaired: list[dict[str, Any]] = []  # sessions repaired at load since start, for the admin API
         self.clock = clock
+        self.observer = Observer()  # stage timings and counts; the app sets its metrics here
 
     def session_lock(self, tenant: TenantConfig, ref: SessionRef):
         return self.locks.hold(tenant.name, ref.id, refuse_when_busy=tenant.concurrency == "reject")
 
     def identify(self, tenant: TenantConfig, headers: Mapping[str, str], path_session: str | None, body: Any) -> tuple[SessionRef, dict[str, Any], ResolvedModel]:
-        body = chat_body(body)
-        route = tenant.route(body["model"])
-        if route is None:
-            raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
-        ref = identify(tenant.name, headers, path_session, body)
-        if ref.implicit and tenant.sessions.implicit == "resume" and not tenant.stateless:
-            ref = dataclasses.replace(ref, agent=agent_identity(tenant.name, headers, body, ref.user_id))
-        return ref, body, route
+        with self._stage(tenant, "identify"):
+            body = chat_body(body)
+            route = tenant.route(body["model"])
+            if route is None:
+                raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
+            ref = identify(tenant.name, headers, path_session, body)
+            if ref.implicit and tenant.sessions.implicit == "resume" and not tenant.stateless:
+                ref = dataclasses.replace(ref, agent=agent_identity(tenant.name, headers, body, ref.user_id))
+            return ref, body, route
 
     async def resume(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any]) -> SessionRef:
         """The session an agent that restarted without its history continues: its latest one, if
@@ -90,6 +93,9 @@ class Pipeline:
         if await self.store.get_session(tenant.name, latest["session"]) is None:
             return ref  # erased or expired meanwhile
         return dataclasses.replace(ref, id=latest["session"], source="resumed")
+
+    def _stage(self, tenant: TenantConfig, name: str) -> _Stage:
+        return _Stage(self.observer, tenant.name, name)
 
     async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel, idempotency_key: str | None = None) -> Turn:
         """Load the session (call under the session lock) and decide what goes upstream."""
@@ -110,7 +116,8 @@ class Pipeline:
 
     async def _prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel,
                        idempotency_key: str | None, now: float, early: QueryEmbedding | None) -> Turn:
-        session, stored = await self._load(tenant, ref, now)
+        with self._stage(tenant, "load"):
+            session, stored = await self._load(tenant, ref, now)
         idempotency = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else None
         if idempotency is not None:
             replay = await self.store.get_record(tenant.name, IDEMPOTENCY_KIND, idempotency, ref.id)
@@ -121,11 +128,12 @@ class Pipeline:
                 headers = {"X-Session-ID": ref.id, "X-Request-ID": replay["request_id"], "Idempotent-Replayed": "true"}
                 return Turn(tenant, ref, route, body, session, stored, plan, replay["request_id"], now, headers, idempotency, replay)
         live = [m for m in stored if not m.reverted]  # rolled-back turns never match or return
-        incoming, rewritten = body["messages"], 0
-        if len(live) < len(stored) and tenant.sessions.reverted_turns == "drop":
-            incoming, rewritten = transcript.drop_reverted(stored, incoming)  # rollbacks stick
-        plan = transcript.reconcile(live, session.head, incoming, tenant.history)
-        _check_storable(incoming, plan.new_messages)  # before the upstream is called
+        with self._stage(tenant, "reconcile"):
+            incoming, rewritten = body["messages"], 0
+            if len(live) < len(stored) and tenant.sessions.reverted_turns == "drop":
+                incoming, rewritten = transcript.drop_reverted(stored, incoming)  # rollbacks stick
+            plan = transcript.reconcile(live, session.head, incoming, tenant.history)
+            _check_storable(incoming, plan.new_messages)  # before the upstream is called
         upstream_body = strip_proxy_fields(body)
         if plan.restored or rewritten:
             upstream_body = upstream_body | {"messages": plan.upstream_messages}
@@ -141,11 +149,16 @@ class Pipeline:
             recall = self.memory.begin_recall(turn, early) if self.memory is not None else None
             try:
                 if self.context is not None:
-                    room = await self.context.shape(turn, reserve=recall.room if recall else 0)
+                    with self._stage(tenant, "context"):
+                        room = await self.context.shape(turn, reserve=recall.room if recall else 0)
                     if recall is not None:
                         recall.room = room
                 if recall is not None:
-                    await self.memory.finish_recall(turn, recall)  # memories into the system prompt
+                    with self._stage(tenant, "recall"):
+                        await self.memory.finish_recall(turn, recall)  # memories into the system prompt
+                    if recall.query is not None:  # the whole recall, its query embedding included
+                        self.observer.recalled(tenant.name, time.perf_counter() - recall.started,
+                                               turn.headers.get("X-Memory-Status") == "budget-exceeded")
             finally:
                 if recall is not None:
                     recall.cancel()  # a no-op once finished; if shaping failed, drops the embedding
@@ -173,8 +186,10 @@ class Pipeline:
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
         try:
-            response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
-        except ProxyError:
+            with self._stage(turn.tenant, "upstream"):
+                response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
+        except ProxyError as error:
+            self.observer.upstream_failed(turn.tenant.name, turn.route.model, error.status)
             await self._record(turn, [], outcome="error")
             raise
         choices = response.get("choices") or []
@@ -192,13 +207,18 @@ class Pipeline:
             # aclosing: a client that goes away closes this generator, which must close the
             # provider's stream (and its connection) now, not whenever it is garbage-collected.
             upstream = self.upstream.stream(turn.route, turn.body, turn.tenant.upstream_timeout)
-            async with contextlib.aclosing(upstream) as chunks:
-                async for batch in chunks:
-                    for chunk in batch:
-                        collected.add(chunk)
-                    yield batch
+            with self._stage(turn.tenant, "upstream"):  # to the stream's end
+                async with contextlib.aclosing(upstream) as chunks:
+                    async for batch in chunks:
+                        for chunk in batch:
+                            collected.add(chunk)
+                        yield batch
             outcome = "ok"
-        except Exception:  # the provider failed, or something here did: never "aborted"
+        except ProxyError as error:
+            outcome = "error"
+            self.observer.upstream_failed(turn.tenant.name, turn.route.model, error.status)
+            raise
+        except Exception:  # something here failed, not the provider: still never "aborted"
             outcome = "error"
             raise
         finally:
@@ -215,8 +235,16 @@ class Pipeline:
         response: dict[str, Any] | None = None, chunks: list[dict[str, Any]] | None = None,
     ) -> None:
         """Append the new messages and the answer; durable now or batched, per the tenant's policy."""
+        saved = int(turn.headers.get("X-Context-Tokens-Saved") or 0)
+        self.observer.recorded(turn.tenant.name, turn.ref.id, usage if isinstance(usage, dict) else None, saved)
         if turn.tenant.stateless:
             return
+        with self._stage(turn.tenant, "record"):
+            await self._record_turn(turn, assistant, outcome, finish_reason, usage, model, response, chunks)
+
+    async def _record_turn(self, turn: Turn, assistant: list[dict[str, Any]], outcome: str, finish_reason: str | None,
+                           usage: dict[str, Any] | None, model: str | None,
+                           response: dict[str, Any] | None, chunks: list[dict[str, Any]] | None) -> None:
         session, plan, now = turn.session, turn.plan, self.clock()
         parent = plan.parent.seq if plan.parent else None
         chain = plan.parent.chain if plan.parent else transcript.ROOT_CHAIN
@@ -248,6 +276,7 @@ class Pipeline:
                 outcome=outcome,
                 alternatives=[_clean_assistant(a) for a in assistant[1:]] or None,
                 injected=turn.injected,
+                usage=_request_tokens(turn, usage),
             )
         if plan.branched and records:
             session.branches += 1
@@ -313,6 +342,38 @@ def _check_storable(messages: list[dict[str, Any]], new: list[dict[str, Any]]) -
             index = next((i for i, m in enumerate(messages) if m is message), None)
             where = f"messages[{index}]" if index is not None else "a message"
             raise BadRequest(f"{where} cannot be stored: {exc}", code="invalid_value", param=where) from None
+class _Stage:
+    """Times one stage of a request for the observer (the metrics' per-stage histogram). A
+    class, not @contextmanager: seven of these run per request, and the generator-based one
+    took 2.5 times as long (timeit, 3.0 vs 7.7 µs on a busy 2-core machine)."""
+
+    __slots__ = ("observer", "tenant", "name", "began")
+
+    def __init__(self, observer: Observer, tenant: str, name: str) -> None:
+        self.observer, self.tenant, self.name = observer, tenant, name
+
+    def __enter__(self) -> None:
+        self.began = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.observer.stage(self.tenant, self.name, time.perf_counter() - self.began)
+
+
+def _request_tokens(turn: Turn, usage: dict[str, Any] | None) -> dict[str, int] | None:
+    """The tokens of the request that produced an answer, as the inspector charts them: what the
+    provider counted (prompt, completion, cached) and what context management sent of the full
+    history. Only the counts that are known."""
+    counts: dict[str, int] = {}
+    if isinstance(usage, dict):
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        for name, value in (("prompt", usage.get("prompt_tokens")), ("completion", usage.get("completion_tokens")), ("cached", cached)):
+            if isinstance(value, int) and not isinstance(value, bool):
+                counts[name] = value
+    sent, saved = turn.headers.get("X-Context-Tokens"), turn.headers.get("X-Context-Tokens-Saved")
+    if sent is not None and saved is not None:
+        counts["sent"], counts["full"] = int(sent), int(sent) + int(saved)
+    return counts or None
 
 
 def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:

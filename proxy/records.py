@@ -37,6 +37,7 @@ class Message:
     tags: list[str] | None = None  # importance: decision, commitment, preference, fact, ...
     reverted: bool = False  # rolled back: kept for audit, excluded from context and memory
     injected: list[str] | None = None  # memory ids injected into the request that produced this
+    usage: dict[str, int] | None = None  # that request's tokens: prompt, completion, cached, sent, full
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

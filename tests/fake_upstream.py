@@ -161,6 +161,7 @@ class FakeUpstream:
         self._hangs = 0
         self._ids = itertools.count(1)
         self._closing: asyncio.Event | None = None
+        self._prefixes: set[bytes] = set()  # message prefixes seen, for OpenAI-style prompt caching
         self.app = self._make_app()
 
     # ----------------------------------------------------------------- switches
@@ -400,7 +401,8 @@ class FakeUpstream:
         messages = self._messages_for(body)
         prompt = _prompt_tokens(body)
         completion = self._completion_tokens(messages)
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": self._cached_tokens(body["messages"]), "audio_tokens": 0}}
         head = {
             "id": f"chatcmpl-fake-{next(self._ids)}",
             "object": "chat.completion",
@@ -419,6 +421,18 @@ class FakeUpstream:
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": m["finish_reason"]})
         payload = {**head, "choices": choices, "usage": usage}
         return web.Response(body=_dumps(payload), content_type="application/json")
+
+    def _cached_tokens(self, messages: list) -> int:
+        """Like OpenAI's prompt caching: the tokens of the longest message prefix an earlier
+        request already sent count as cached."""
+        keys, chain = [], b""
+        for message in messages:  # a hash chain: linear in the conversation's length
+            chain = hashlib.sha256(chain + _dumps(message)).digest()
+            keys.append(chain)
+        with self._lock:
+            seen = max((i + 1 for i, key in enumerate(keys) if key in self._prefixes), default=0)
+            self._prefixes.update(keys)
+        return _prompt_tokens({"messages": messages[:seen]}) if seen else 0
 
     @staticmethod
     def _chunk_events(head: dict, messages: list[dict], usage: dict | None) -> Iterator[dict]:

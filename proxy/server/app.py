@@ -18,7 +18,10 @@ from proxy.pipeline import Pipeline
 from proxy.server import keys
 from proxy.server.http import errors_middleware
 from proxy.server.memory_routes import setup_memory_routes
+from proxy.server.metrics import METRICS, Metrics, setup_metrics_routes
+from proxy.server.metrics import middleware as metrics_middleware
 from proxy.server.routes import setup_routes
+from proxy.server.ui import setup_ui_routes
 from proxy.storage.base import Store
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream, import_litellm
@@ -28,7 +31,10 @@ log = logging.getLogger("agent_state_proxy")
 
 def create_app(config: Config, store: Store | None = None) -> web.Application:
     """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one)."""
-    app = web.Application(middlewares=[_in_flight(priority.activity), errors_middleware], client_max_size=config.max_body_bytes)
+    metrics = Metrics()  # one registry per app: tests run many apps in one process
+    app = web.Application(middlewares=[metrics_middleware(metrics), _in_flight(priority.activity), errors_middleware],
+                          client_max_size=config.max_body_bytes)
+    app[METRICS] = metrics
     app[keys.CONFIG] = config
     app[keys.READY] = False
     app[keys.STARTED] = time.time()
@@ -37,8 +43,11 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app.cleanup_ctx.append(_pipeline)
     app.cleanup_ctx.append(_memory)
     app.cleanup_ctx.append(_background)
+    app.cleanup_ctx.append(_metrics)
     setup_routes(app)
     setup_memory_routes(app)
+    setup_metrics_routes(app)
+    setup_ui_routes(app)
     return app
 
 
@@ -124,6 +133,21 @@ async def _memory(app: web.Application) -> AsyncIterator[None]:
         await starting
     if pipeline.memory is not None:
         await pipeline.memory.close()  # before the store: queued memories are written, indexes saved
+
+
+async def _metrics(app: web.Application) -> AsyncIterator[None]:
+    # The pipeline and the write-behind store report to the metrics; the loop-lag monitor
+    # samples how late timers fire.
+    metrics, store = app[METRICS], app[keys.STORE]
+    metrics.store = store
+    store.on_flush = metrics.flushed
+    app[keys.PIPELINE].observer = metrics
+    monitor = asyncio.create_task(metrics.loop_lag.run(), name="loop-lag")
+    yield
+    monitor.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await monitor
+    store.on_flush = None
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

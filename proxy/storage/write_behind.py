@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from proxy.cache import FrequencyCache
 from proxy.records import Message, Session
@@ -93,6 +93,7 @@ class WriteBehindStore(Store):
         # Writes the store refused at commit (kept for inspection; a bounded number of them).
         self.quarantined_writes: collections.deque[Quarantined] = collections.deque(maxlen=1000)
         self.quarantined_count = 0
+        self.on_flush: Callable[[int, float], None] | None = None  # (writes, seconds) of each batch: metrics
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,6 +175,7 @@ class WriteBehindStore(Store):
             async with self._lock:
                 count = min(len(self._queue), self.batch_size)
                 batch = [self._queue[i] for i in range(count)]
+                began = time.perf_counter()
                 try:
                     await self.inner.apply(batch)
                 except StorageError:
@@ -185,6 +187,8 @@ class WriteBehindStore(Store):
                     self._forget(count)
                 self._progress_at = time.monotonic()
                 self.flushed_batches += 1
+                if self.on_flush is not None:
+                    self.on_flush(count, time.perf_counter() - began)
         self.failure = None
         await self._notify_drained()
 
