@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy import checkpoints, rollback
 from proxy.context import summaries as context_summaries
-from proxy.errors import BadRequest, NotFound, ProxyError
+from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys
 from proxy.server.http import authenticate, json_response, read_json
@@ -216,9 +216,20 @@ async def admin_fork(request: web.Request) -> web.Response:
     spec = await read_json(request, request.app[keys.CONFIG].max_body_bytes) if request.can_read_body else {}
     if not isinstance(spec, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
-    async with request.app[keys.PIPELINE].locks.hold(tenant.name, session.id, refuse_when_busy=False):
-        messages = await store.get_messages(tenant.name, session.id)
-        forked = await rollback.fork(store, session, messages, spec, time.time())
+    spec = spec | {"session_id": rollback.fork_id(spec)}
+    locks = request.app[keys.PIPELINE].locks
+    async with locks.hold(tenant.name, session.id, refuse_when_busy=False):
+        # The new id's lock too: a request in flight on it is creating that session, and its
+        # record would overwrite the fork after the fork was acknowledged.
+        if spec["session_id"] == session.id:
+            raise Conflict(f"session '{session.id}' already exists", code="session_exists")
+        if locks.busy(tenant.name, spec["session_id"]):
+            raise Conflict(f"session '{spec['session_id']}' is being created by a request in flight; fork to another id",
+                           code="session_exists")
+        async with locks.hold(tenant.name, spec["session_id"], refuse_when_busy=True):
+            session = await store.get_session(tenant.name, session.id) or session
+            messages = await store.get_messages(tenant.name, session.id)
+            forked = await rollback.fork(store, session, messages, spec, time.time())
     return json_response({"id": forked.id, "object": "session", "source": session.id, "messages": forked.next_seq}, status=201)
 
 
