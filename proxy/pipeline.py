@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
 
+import orjson
+
 from proxy import checkpoints, priority, tokens, transcript
 from proxy.config import ResolvedModel, TenantConfig
 from proxy.context.importance import tag_message
@@ -50,6 +52,7 @@ class Turn:
     idempotency_key: str | None = None  # hashed Idempotency-Key header
     replay: dict[str, Any] | None = None  # the recorded response for a repeated Idempotency-Key
     injected: list[str] | None = None  # ids of the long-term memories added to the prompt
+    fingerprint: str | None = None  # hash of the request body, kept with an idempotent response
 
 
 class Pipeline:
@@ -93,8 +96,12 @@ class Pipeline:
                        idempotency_key: str | None, now: float, early: QueryEmbedding | None) -> Turn:
         session, stored = await self._load(tenant, ref, now)
         idempotency = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else None
+        fingerprint = request_fingerprint(body) if idempotency is not None else None
         if idempotency is not None:
             replay = await self.store.get_record(tenant.name, IDEMPOTENCY_KIND, idempotency, ref.id)
+            if replay is not None and replay.get("fingerprint", fingerprint) != fingerprint:
+                raise ProxyError("this Idempotency-Key was used with a different request body; use a new key",
+                                 status=422, type="invalid_request_error", code="idempotency_key_reused")
             if replay is not None:  # a client retry: answer with what was recorded, call nothing
                 if early is not None:
                     early.cancel()
@@ -106,7 +113,8 @@ class Pipeline:
         upstream_body = strip_proxy_fields(body)
         if plan.restored:
             upstream_body = upstream_body | {"messages": plan.upstream_messages}
-        turn = Turn(tenant, ref, route, upstream_body, session, stored, plan, "req-" + uuid.uuid4().hex, now, idempotency_key=idempotency)
+        turn = Turn(tenant, ref, route, upstream_body, session, stored, plan, "req-" + uuid.uuid4().hex, now, idempotency_key=idempotency,
+                    fingerprint=fingerprint)
         turn.headers = {"X-Session-ID": ref.id, "X-Request-ID": turn.request_id}
         if plan.restored:
             turn.headers["X-History-Restored"] = str(plan.restored)
@@ -242,7 +250,7 @@ class Pipeline:
             tags.add("tool_calls")
         if turn.idempotency_key and (response is not None or chunks is not None):
             tags.add("idempotent")
-            replay = {"request_id": turn.request_id, "response": response, "chunks": chunks}
+            replay = {"request_id": turn.request_id, "response": response, "chunks": chunks, "fingerprint": turn.fingerprint}
             aux.append(Record(IDEMPOTENCY_KIND, turn.idempotency_key, replay, session.id))
         aux += self._checkpoint_if_due(turn.tenant, session, records, now)
         write = Write(session.tenant, session, records, aux)
@@ -271,6 +279,11 @@ class Pipeline:
         session.extra["checkpoint"] = {"seq": session.next_seq, "ts": now, "key": key}
         expired = [Record(checkpoints.KIND, old, None, session.id) for old in kept[:-policy.keep_checkpoints]]
         return [Record(checkpoints.KIND, key, value, session.id)] + expired
+
+
+def request_fingerprint(body: dict[str, Any]) -> str:
+    """The request as a hash, key order ignored: a retry under one Idempotency-Key must match it."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:

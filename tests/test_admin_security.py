@@ -71,3 +71,21 @@ def test_rollback_waits_for_the_request_in_flight_and_keeps_its_turn_consistent(
     messages = httpx.get(f"{proxy.url}/admin/sessions/busy").json()["messages"]
     assert [(m["body"]["content"], m["active"]) for m in messages] == [
         ("one", True), ("echo: one", True), ("two", False), ("echo: two", False)]
+
+
+def test_idempotency_key_with_a_different_body_is_a_422_not_the_old_answer(proxy: ProxyThread, upstream: FakeUpstream) -> None:
+    url, headers = f"{proxy.url}/v1/chat/completions", {"X-Session-ID": "pay", "Idempotency-Key": "order-7"}
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "pay 10 EUR"}], "temperature": 0}
+    first = httpx.post(url, json=body, headers=headers)
+    assert first.status_code == 200
+    # The same request, keys in another order: a retry, answered from the record.
+    reordered = {"temperature": 0, "messages": body["messages"], "model": "fake-model"}
+    retry = httpx.post(url, json=reordered, headers=headers)
+    assert retry.headers["idempotent-replayed"] == "true" and retry.json()["id"] == first.json()["id"]
+    changed = httpx.post(url, json=body | {"messages": [{"role": "user", "content": "pay 1000 EUR"}]}, headers=headers)
+    assert changed.status_code == 422
+    error = changed.json()["error"]
+    assert error["code"] == "idempotency_key_reused" and error["type"] == "invalid_request_error"
+    assert len(upstream.chat_requests) == 1  # neither the retry nor the changed request reached the model
+    messages = httpx.get(f"{proxy.url}/admin/sessions/pay").json()["messages"]
+    assert [m["body"]["content"] for m in messages] == ["pay 10 EUR", "echo: pay 10 EUR"]
