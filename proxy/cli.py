@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -66,8 +68,6 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _serve(config: Config, log_level: str) -> int:
-    from aiohttp import web
-
     from proxy.server.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,12 +84,26 @@ def _serve(config: Config, log_level: str) -> int:
     # at 0.1 ms the full-mode probe's query embedding p50 is 7.7 instead of 8.4 ms and its
     # request p50 12.4 instead of 12.7-13.0 ms, at the same CPU per request (docs/BENCHMARKS.md).
     sys.setswitchinterval(0.0001)
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        shutdown_timeout=30,  # drain in-flight requests on SIGTERM/SIGINT
-        print=lambda _: log.info("serving on http://%s:%d/v1", config.host, config.port),
-        access_log=None,
-    )
+    asyncio.run(_run(create_app, config, log))
     return 0
+
+
+async def _run(create_app, config: Config, log: logging.Logger) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, drain in-flight requests and close."""
+    from aiohttp import web
+
+    from proxy.server.protocol import ProxyRunner
+
+    runner = ProxyRunner(create_app(config), access_log=None, shutdown_timeout=30)  # drain in-flight requests for up to 30 s
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        log.info("serving on http://%s:%d/v1", config.host, config.port)
+        await stop.wait()
+        log.info("stopping: draining in-flight requests")
+    finally:
+        await runner.cleanup()

@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
         "port": 8765,
         "max_body_bytes": 8 * 1024 * 1024,
         "janitor_interval_seconds": 300,
+        "body_read_timeout_seconds": 30,
+        "operator_key_sha256": [],
     },
     "storage": {"data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50, "write_queue_max": 10000,
                 "transcript_cache_messages": 50000},
@@ -188,6 +190,8 @@ class Config:
     port: int
     max_body_bytes: int
     janitor_interval: float
+    body_read_timeout: float  # a request body not received within this is a 408
+    operator_key_hashes: frozenset[str] = field(repr=False)  # keys that see every tenant's figures
     data_dir: Path
     map_size: int
     write_batch_size: int
@@ -203,6 +207,9 @@ class Config:
             if digest in tenant.api_key_hashes:
                 return tenant
         return None
+
+    def is_operator_key(self, api_key: str) -> bool:
+        return bool(api_key) and hash_key(api_key) in self.operator_key_hashes
 
     def anonymous_tenant(self, peer: str | None) -> TenantConfig | None:
         for tenant in self.tenants.values():
@@ -279,6 +286,8 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         port=_int(server["port"], where, "server.port", 0, 65535),
         max_body_bytes=_int(server["max_body_bytes"], where, "server.max_body_bytes", 1024, 1 << 31),
         janitor_interval=float(_int(server["janitor_interval_seconds"], where, "server.janitor_interval_seconds", 1, 1 << 31)),
+        body_read_timeout=float(_int(server["body_read_timeout_seconds"], where, "server.body_read_timeout_seconds", 1, 3600)),
+        operator_key_hashes=frozenset(_digests(server["operator_key_sha256"], where, "server.operator_key_sha256")),
         data_dir=Path(_string(storage["data_dir"], where, "storage.data_dir")),
         map_size=_int(storage["map_size_mb"], where, "storage.map_size_mb", 1, 1 << 24) * 1024 * 1024,
         write_batch_size=_int(storage["write_batch_size"], where, "storage.write_batch_size", 1, 1 << 20),
@@ -298,9 +307,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
     name = merged.get("name", stem)
     if not isinstance(name, str) or not _TENANT_NAME.match(name):
         raise ConfigError(f"{file}: name: must match {_TENANT_NAME.pattern} (got {name!r})")
-    hashes = merged["api_key_sha256"]
-    if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
-        raise ConfigError(f"{file}: api_key_sha256: must be a list of lowercase sha256 hex digests")
+    hashes = _digests(merged["api_key_sha256"], file, "api_key_sha256")
     _bool(merged["allow_unauthenticated"], file, "allow_unauthenticated")
     try:
         nets = tuple(ipaddress.ip_network(str(n), strict=False) for n in merged["allowed_clients"])
@@ -486,6 +493,12 @@ def _interpolate(value: Any, file: str, key: str) -> Any:
         raise ConfigError(f"{file}: {key}: environment variable {name} is not set")
 
     return _ENV_REF.sub(substitute, value)
+
+
+def _digests(value: Any, file: str, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in value):
+        raise ConfigError(f"{file}: {key}: must be a list of lowercase sha256 hex digests")
+    return value
 
 
 def _string(value: Any, file: str, key: str) -> str:

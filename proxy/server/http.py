@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -10,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Config, TenantConfig
+from proxy.server import keys
 from proxy.storage.base import StorageError
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, Unauthorized
 
@@ -52,7 +54,7 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
 async def read_json(request: web.Request, limit: int) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    raw = await request.read()
+    raw = await _read_body(request)
     if len(raw) > limit:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     if not raw:
@@ -61,6 +63,19 @@ async def read_json(request: web.Request, limit: int) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, within the configured time: a client that never finishes sending (a
+    chunked body without its last chunk) gets a 408 instead of holding the connection."""
+    timeout = request.app[keys.CONFIG].body_read_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        log.warning("request body on %s %s not received within %gs", request.method, request.path, timeout)
+        raise ProxyError(f"the request body was not received within {timeout:g} seconds", status=408,
+                         type="invalid_request_error", code="request_timeout", headers={"Connection": "close"}) from None
 
 
 def authenticate(config: Config, request: web.Request) -> TenantConfig:
