@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -51,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "history": "auto",
         "concurrency": "serialize",
         "upstream_timeout_seconds": 600,
+        "max_response_bytes": 32 * 1024 * 1024,
         "stateless": False,
         "persistence": {},
         "context": {},
@@ -112,6 +114,7 @@ class ResolvedModel:
     api_key: str | None = field(repr=False)
     direct: bool
     params: Mapping[str, Any]
+    max_response_bytes: int = 32 * 1024 * 1024  # the tenant's cap on one upstream reply (direct path)
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class TenantConfig:
     history: str
     concurrency: str
     upstream_timeout: float
+    max_response_bytes: int = 32 * 1024 * 1024  # an upstream reply larger than this is a 502
     stateless: bool = False  # plain proxying: no session state is read or recorded
     persistence: Persistence = Persistence()
     context: ContextSettings = ContextSettings()  # context management (proxy/context)
@@ -169,7 +173,7 @@ class TenantConfig:
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
-        return route.resolve(requested) if route else None
+        return dataclasses.replace(route.resolve(requested), max_response_bytes=self.max_response_bytes) if route else None
 
     def admits_anonymous(self, peer: str | None) -> bool:
         if not self.allow_unauthenticated or not peer:
@@ -333,6 +337,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         history=merged["history"],
         concurrency=merged["concurrency"],
         upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
+        max_response_bytes=_int(merged["max_response_bytes"], file, "max_response_bytes", 1024, 1 << 40),
         stateless=_bool(merged["stateless"], file, "stateless"),
         persistence=_build_persistence(file, merged["persistence"]),
         context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
