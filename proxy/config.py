@@ -285,13 +285,17 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         if tenant.name in tenants:
             raise ConfigError(f"{file}: name: tenant {tenant.name!r} is defined twice")
         tenants[tenant.name] = tenant
+    operators = frozenset(_digests(server["operator_key_sha256"], where, "server.operator_key_sha256"))
+    for tenant in tenants.values():
+        if operators & tenant.api_key_hashes:
+            raise ConfigError(f"{where}: server.operator_key_sha256: a key of tenant {tenant.name!r} cannot also be an operator key")
     return Config(
         host=_string(server["host"], where, "server.host"),
         port=_int(server["port"], where, "server.port", 0, 65535),
         max_body_bytes=_int(server["max_body_bytes"], where, "server.max_body_bytes", 1024, 1 << 31),
         janitor_interval=float(_int(server["janitor_interval_seconds"], where, "server.janitor_interval_seconds", 1, 1 << 31)),
         body_read_timeout=float(_int(server["body_read_timeout_seconds"], where, "server.body_read_timeout_seconds", 1, 3600)),
-        operator_key_hashes=frozenset(_digests(server["operator_key_sha256"], where, "server.operator_key_sha256")),
+        operator_key_hashes=operators,
         data_dir=Path(_string(storage["data_dir"], where, "storage.data_dir")),
         map_size=_int(storage["map_size_mb"], where, "storage.map_size_mb", 1, 1 << 24) * 1024 * 1024,
         write_batch_size=_int(storage["write_batch_size"], where, "storage.write_batch_size", 1, 1 << 20),

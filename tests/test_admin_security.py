@@ -89,3 +89,86 @@ def test_idempotency_key_with_a_different_body_is_a_422_not_the_old_answer(proxy
     assert len(upstream.chat_requests) == 1  # neither the retry nor the changed request reached the model
     messages = httpx.get(f"{proxy.url}/admin/sessions/pay").json()["messages"]
     assert [m["body"]["content"] for m in messages] == ["pay 10 EUR", "echo: pay 10 EUR"]
+
+
+OPERATOR_KEY = "operator-key-789"
+
+
+@pytest.fixture
+def operated(tmp_path: Path, upstream: FakeUpstream):
+    """alpha and beta (keyed tenants) plus an operator key; sync persistence so LMDB holds every turn."""
+    from proxy.config import hash_key
+    from tests.harness import keyed_tenant
+
+    tenants = {name: keyed_tenant(upstream.base_url, key, persistence={"mode": "sync", "checkpoint_every_messages": 2})
+               for name, key in (("alpha", ALPHA_KEY), ("beta", BETA_KEY))}
+    path = write_config(tmp_path, tenants, server={"operator_key_sha256": [hash_key(OPERATOR_KEY)]})
+    with start_thread(path) as running:
+        yield running
+
+
+def bearer(key: str, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
+def break_session_record(proxy: ProxyThread, tenant: str, session: str) -> None:
+    """Overwrite a session's LMDB record with garbage: the next load repairs (and quarantines) it."""
+    from proxy.server import keys
+    from proxy.storage.kv import session_key
+
+    store = proxy.app[keys.STORE]
+    proxy.call(store.inner._write(lambda txn: txn.put(session_key(tenant, session), b"\x01{broken")))
+    store._stored_sessions.clear()
+
+
+def test_recovery_is_scoped_to_the_tenant_and_global_figures_need_the_operator_key(operated: ProxyThread, tmp_path: Path) -> None:
+    for key in (ALPHA_KEY, BETA_KEY):
+        ask(operated, "hurt", "one", key=key)
+        ask(operated, "hurt", "two", key=key)
+    break_session_record(operated, "beta", "hurt")
+    ask(operated, "hurt", "three", key=BETA_KEY)  # beta's session is repaired on load
+
+    alpha = httpx.get(f"{operated.url}/admin/recovery", headers=bearer(ALPHA_KEY))
+    assert alpha.status_code == 200
+    assert alpha.json() == {"quarantined": [], "repaired_sessions": []}
+    assert str(tmp_path) not in alpha.text  # no store path for a tenant
+
+    beta = httpx.get(f"{operated.url}/admin/recovery", headers=bearer(BETA_KEY)).json()
+    assert "store" not in beta and str(tmp_path) not in str(beta)
+    assert [r["session"] for r in beta["repaired_sessions"]] == ["hurt"] and all(r["tenant"] == "beta" for r in beta["repaired_sessions"])
+    assert beta["quarantined"] and {q["tenant"] for q in beta["quarantined"]} == {"beta"}
+
+    operator = httpx.get(f"{operated.url}/admin/recovery", headers=bearer(OPERATOR_KEY)).json()
+    assert operator["store"]["path"].startswith(str(tmp_path)) and operator["store"]["entries"] > 0
+    assert [r["tenant"] for r in operator["repaired_sessions"]] == ["beta"]
+    # A tenant key cannot pass for the operator, nor a wrong key for anyone.
+    assert httpx.get(f"{operated.url}/admin/recovery", headers=bearer("not-a-key")).status_code == 401
+
+
+def test_the_operator_key_acts_for_the_tenant_named_in_x_tenant(operated: ProxyThread) -> None:
+    ask(operated, "beta-only", "hello", key=BETA_KEY)
+    listed = httpx.get(f"{operated.url}/admin/sessions", headers=bearer(OPERATOR_KEY, **{"X-Tenant": "beta"}))
+    assert [s["id"] for s in listed.json()["data"]] == ["beta-only"]
+    viewed = httpx.get(f"{operated.url}/admin/sessions/beta-only", headers=bearer(OPERATOR_KEY, **{"X-Tenant": "alpha"}))
+    assert viewed.status_code == 404  # alpha has no such session
+    missing = httpx.get(f"{operated.url}/admin/sessions", headers=bearer(OPERATOR_KEY))
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "tenant_required"
+    unknown = httpx.get(f"{operated.url}/admin/sessions", headers=bearer(OPERATOR_KEY, **{"X-Tenant": "gamma"}))
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "tenant_not_found"
+    # X-Tenant means nothing with a tenant key: alpha still sees only alpha.
+    assert httpx.get(f"{operated.url}/admin/sessions", headers=bearer(ALPHA_KEY, **{"X-Tenant": "beta"})).json()["data"] == []
+
+
+@pytest.mark.parametrize(("value", "rule"), [
+    (["ABC"], "must be a list of lowercase sha256 hex digests"),
+    ("0" * 64, "must be a list of lowercase sha256 hex digests"),
+    ("tenant", "a key of tenant .alpha. cannot also be an operator key"),
+])
+def test_operator_keys_are_validated(tmp_path: Path, value, rule: str) -> None:
+    from proxy.config import ConfigError, hash_key, load_config
+    from tests.harness import keyed_tenant
+
+    value = [hash_key(ALPHA_KEY)] if value == "tenant" else value
+    path = write_config(tmp_path, {"alpha": keyed_tenant("http://127.0.0.1:9/v1", ALPHA_KEY)}, server={"operator_key_sha256": value})
+    with pytest.raises(ConfigError, match=rf"proxy\.yaml: server\.operator_key_sha256: {rule}"):
+        load_config(path)

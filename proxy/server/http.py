@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.config import Config, TenantConfig
 from proxy.server import keys
 from proxy.storage.base import StorageError
-from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, Unauthorized
+from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, Unauthorized
 
 log = logging.getLogger("agent_state_proxy.server")
 
@@ -78,14 +78,37 @@ async def _read_body(request: web.Request) -> bytes:
                          type="invalid_request_error", code="request_timeout", headers={"Connection": "close"}) from None
 
 
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+def is_operator(config: Config, request: web.Request) -> bool:
+    """Whether the request carries an operator key (server.operator_key_sha256)."""
+    return config.is_operator_key(_bearer(request))
+
+
+def admin_tenant(config: Config, request: web.Request) -> TenantConfig:
+    """The tenant an admin request acts for: the key's tenant, or for an operator key the
+    tenant named by the ``X-Tenant`` header."""
+    if is_operator(config, request):
+        name = request.headers.get("X-Tenant")
+        if not name:
+            raise BadRequest("an operator key acts for the tenant named by the 'X-Tenant' header", code="tenant_required")
+        tenant = config.tenants.get(name)
+        if tenant is None:
+            raise NotFound(f"no tenant '{name}'", code="tenant_not_found")
+        return tenant
+    return authenticate(config, request)
+
+
 def authenticate(config: Config, request: web.Request) -> TenantConfig:
     """The tenant a request acts for: its proxy key, or the open tenant for local clients.
 
     An unknown key from an address an open tenant admits is treated as anonymous, because
     agents that only changed their base URL still send whatever OPENAI_API_KEY they had.
     """
-    header = request.headers.get("Authorization", "")
-    key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    key = _bearer(request)
     if key:
         tenant = config.tenant_for_key(key)
         if tenant is not None:

@@ -15,7 +15,7 @@ from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys
-from proxy.server.http import authenticate, json_response, read_json
+from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json
 from proxy.sessions import SessionRef
 from proxy.transcript import active_path
 from proxy.validate import embeddings_body
@@ -146,7 +146,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def admin_list_sessions(request: web.Request) -> web.Response:
-    tenant = authenticate(request.app[keys.CONFIG], request)
+    tenant = admin_tenant(request.app[keys.CONFIG], request)
     sessions = await request.app[keys.STORE].list_sessions(tenant.name)
     return json_response({"object": "list", "data": [s.to_dict() for s in sessions]})
 
@@ -164,7 +164,7 @@ async def admin_get_session(request: web.Request) -> web.Response:
 
 
 async def admin_delete_session(request: web.Request) -> web.Response:
-    tenant = authenticate(request.app[keys.CONFIG], request)
+    tenant = admin_tenant(request.app[keys.CONFIG], request)
     session_id = request.match_info["session_id"]
     ref = SessionRef(session_id, False, None, "admin")
     pipeline = request.app[keys.PIPELINE]
@@ -180,7 +180,7 @@ async def admin_delete_session(request: web.Request) -> web.Response:
 
 
 async def _session_for_admin(request: web.Request):
-    tenant = authenticate(request.app[keys.CONFIG], request)
+    tenant = admin_tenant(request.app[keys.CONFIG], request)
     store, session_id = request.app[keys.STORE], request.match_info["session_id"]
     session = await store.get_session(tenant.name, session_id)
     if session is None:
@@ -234,7 +234,13 @@ async def admin_fork(request: web.Request) -> web.Response:
 
 
 async def admin_recovery(request: web.Request) -> web.Response:
-    tenant = authenticate(request.app[keys.CONFIG], request)
-    store = request.app[keys.STORE]
+    """The tenant's quarantined records and repaired sessions; with an operator key, every
+    tenant's plus the store's own figures (its path, size, queue), which no tenant sees."""
+    config, store, pipeline = request.app[keys.CONFIG], request.app[keys.STORE], request.app[keys.PIPELINE]
+    if is_operator(config, request):
+        quarantined = [dataclasses.asdict(q) for q in await store.quarantined(None)]
+        return json_response({"quarantined": quarantined, "repaired_sessions": pipeline.repaired, "store": store.stats()})
+    tenant = authenticate(config, request)
     quarantined = [dataclasses.asdict(q) for q in await store.quarantined(tenant.name)]
-    return json_response({"quarantined": quarantined, "store": store.stats(), "repaired_sessions": request.app[keys.PIPELINE].repaired})
+    repaired = [r for r in pipeline.repaired if r["tenant"] == tenant.name]
+    return json_response({"quarantined": quarantined, "repaired_sessions": repaired})
