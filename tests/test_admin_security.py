@@ -172,3 +172,31 @@ def test_operator_keys_are_validated(tmp_path: Path, value, rule: str) -> None:
     path = write_config(tmp_path, {"alpha": keyed_tenant("http://127.0.0.1:9/v1", ALPHA_KEY)}, server={"operator_key_sha256": value})
     with pytest.raises(ConfigError, match=rf"proxy\.yaml: server\.operator_key_sha256: {rule}"):
         load_config(path)
+
+
+def test_session_listing_is_paged_newest_first_and_filters_by_user(proxy: ProxyThread) -> None:
+    names = [f"s{i}" for i in range(7)]
+    for i, name in enumerate(names):
+        ask(proxy, name, "hello", **({"X-User-ID": "alice"} if i % 2 == 0 else {}))
+    ask(proxy, "s1", "again")  # s1 is now the most recently active
+    expected = ["s1", "s6", "s5", "s4", "s3", "s2", "s0"]
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 3} | ({"after": cursor} if cursor else {})
+        page = httpx.get(f"{proxy.url}/admin/sessions", params=params).json()
+        assert page["object"] == "list" and len(page["data"]) <= 3
+        seen += [s["id"] for s in page["data"]]
+        pages += 1
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+    assert seen == expected and pages == 3
+    alice = httpx.get(f"{proxy.url}/admin/sessions", params={"user_id": "alice"}).json()
+    assert [s["id"] for s in alice["data"]] == ["s6", "s4", "s2", "s0"] and alice["has_more"] is False
+    default = httpx.get(f"{proxy.url}/admin/sessions").json()
+    assert [s["id"] for s in default["data"]] == expected and default["has_more"] is False
+    for params, code in (({"limit": 0}, "invalid_limit"), ({"limit": 1001}, "invalid_limit"), ({"limit": "x"}, "invalid_limit"),
+                         ({"after": "not-a-cursor"}, "invalid_cursor"), ({"after": "WzEsMl0"}, "invalid_cursor")):
+        bad = httpx.get(f"{proxy.url}/admin/sessions", params=params)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == code

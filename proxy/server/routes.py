@@ -14,7 +14,7 @@ from proxy import checkpoints, rollback
 from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
-from proxy.server import keys
+from proxy.server import keys, pages
 from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json
 from proxy.sessions import SessionRef
 from proxy.transcript import active_path
@@ -146,9 +146,18 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def admin_list_sessions(request: web.Request) -> web.Response:
+    """One page of the tenant's sessions, most recently active first (``limit``, ``after``, ``user_id``)."""
     tenant = admin_tenant(request.app[keys.CONFIG], request)
+    query = request.query
+    limit = pages.limit(query.get("limit"))
+    after = pages.decode_cursor(query["after"]) if "after" in query else None
+    user_id = query.get("user_id")
     sessions = await request.app[keys.STORE].list_sessions(tenant.name)
-    return json_response({"object": "list", "data": [s.to_dict() for s in sessions]})
+    if user_id is not None:
+        sessions = [s for s in sessions if s.user_id == user_id]
+    page, next_cursor = pages.newest_first(sessions, limit, after)
+    return json_response({"object": "list", "data": [s.to_dict() for s in page], "has_more": next_cursor is not None,
+                          "next_cursor": next_cursor})
 
 
 async def admin_get_session(request: web.Request) -> web.Response:
