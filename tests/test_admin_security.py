@@ -200,3 +200,43 @@ def test_session_listing_is_paged_newest_first_and_filters_by_user(proxy: ProxyT
                          ({"after": "not-a-cursor"}, "invalid_cursor"), ({"after": "WzEsMl0"}, "invalid_cursor")):
         bad = httpx.get(f"{proxy.url}/admin/sessions", params=params)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == code
+
+
+def test_no_admin_route_reaches_another_tenants_session(keyed_proxy: ProxyThread, upstream: FakeUpstream) -> None:
+    url = keyed_proxy.url
+    alpha_sdk = openai.OpenAI(base_url=keyed_proxy.base_url, api_key=ALPHA_KEY, max_retries=0)
+    for text in ("alpha one", "alpha two"):
+        alpha_sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": text}],
+                                          extra_headers={"X-Session-ID": "a1", "Idempotency-Key": "k-" + text})
+    before = httpx.get(f"{url}/admin/sessions/a1", headers=bearer(ALPHA_KEY)).json()
+    checkpoint = httpx.get(f"{url}/admin/sessions/a1/checkpoints", headers=bearer(ALPHA_KEY)).json()["data"]
+    beta = bearer(BETA_KEY)
+    attempts = [
+        httpx.get(f"{url}/admin/sessions/a1", headers=beta),
+        httpx.get(f"{url}/admin/sessions/a1/checkpoints", headers=beta),
+        httpx.post(f"{url}/admin/sessions/a1/rollback", json={"turns": 1}, headers=beta),
+        httpx.post(f"{url}/admin/sessions/a1/fork", json={"session_id": "stolen"}, headers=beta),
+        httpx.delete(f"{url}/admin/sessions/a1", headers=beta),
+    ]
+    if checkpoint:
+        attempts.append(httpx.post(f"{url}/admin/sessions/a1/rollback", json={"checkpoint": checkpoint[0]["id"]}, headers=beta))
+    for response in attempts:
+        assert response.status_code == 404, response.request.url
+        assert response.json()["error"]["code"] == "session_not_found"
+        assert "alpha" not in response.text
+    assert httpx.get(f"{url}/admin/sessions", headers=beta).json()["data"] == []
+    assert httpx.get(f"{url}/admin/sessions/stolen", headers=beta).status_code == 404
+
+    # beta reusing alpha's session id and Idempotency-Key gets its own answer, never alpha's.
+    calls = len(upstream.chat_requests)
+    beta_sdk = openai.OpenAI(base_url=keyed_proxy.base_url, api_key=BETA_KEY, max_retries=0)
+    raw = beta_sdk.chat.completions.with_raw_response.create(
+        model="fast", messages=[{"role": "user", "content": "alpha one"}],
+        extra_headers={"X-Session-ID": "a1", "Idempotency-Key": "k-alpha one"})
+    assert raw.headers.get("idempotent-replayed") is None and len(upstream.chat_requests) == calls + 1
+    assert len(upstream.chat_requests[-1]["messages"]) == 1  # none of alpha's history went with it
+    # beta forking its own session onto the id alpha uses makes beta's session, alpha's is untouched.
+    assert httpx.post(f"{url}/admin/sessions/a1/fork", json={"session_id": "a1-copy"}, headers=beta).status_code == 201
+    after = httpx.get(f"{url}/admin/sessions/a1", headers=bearer(ALPHA_KEY)).json()
+    assert after["messages"] == before["messages"] and after["session"]["next_seq"] == before["session"]["next_seq"]
+    assert httpx.get(f"{url}/admin/sessions/a1-copy", headers=bearer(ALPHA_KEY)).status_code == 404
