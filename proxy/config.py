@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from proxy.context.settings import ContextSettings, parse as parse_context
+from proxy.quotas import QuotaSettings, parse as parse_quotas
 
 HISTORY_MODES = ("auto", "client", "proxy")
 CONCURRENCY_MODES = ("serialize", "reject")
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "max_response_bytes": 32 * 1024 * 1024,
         "stateless": False,
         "persistence": {},
+        "quotas": {},
         "context": {},
         "memory": {},
         "models": {},
@@ -168,6 +170,7 @@ class TenantConfig:
     max_response_bytes: int = 32 * 1024 * 1024  # an upstream reply larger than this is a 502
     stateless: bool = False  # plain proxying: no session state is read or recorded
     persistence: Persistence = Persistence()
+    quotas: QuotaSettings = QuotaSettings()  # rate limits and stored-data quotas (proxy/quotas.py)
     context: ContextSettings = ContextSettings()  # context management (proxy/context)
     memory: MemorySettings = MemorySettings()  # long-term memory (proxy/memory)
 
@@ -344,6 +347,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         max_response_bytes=_int(merged["max_response_bytes"], file, "max_response_bytes", 1024, 1 << 40),
         stateless=_bool(merged["stateless"], file, "stateless"),
         persistence=_build_persistence(file, merged["persistence"]),
+        quotas=_build_quotas(file, defaults["quotas"], doc.get("quotas", {})),
         context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
         memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),
     )
@@ -405,6 +409,16 @@ def _build_memory(file: str, defaults: Any, own: Any, routes: Mapping[str, Model
         max_inject_tokens=_int(spec.get("max_inject_tokens", default.max_inject_tokens), file, "memory.max_inject_tokens", 50, 100_000),
         procedural=tuple(procedural),
     )
+
+
+def _build_quotas(file: str, defaults: Any, own: Any) -> QuotaSettings:
+    """The tenant's ``quotas`` over tenant_defaults.quotas (key by key)."""
+    try:
+        if not isinstance(defaults, dict) or not isinstance(own, dict):
+            raise ValueError("quotas: must be a mapping")
+        return parse_quotas(defaults | own)
+    except ValueError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
 
 
 def _build_persistence(file: str, spec: Any) -> Persistence:

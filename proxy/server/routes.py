@@ -37,21 +37,26 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/admin/sessions/{session_id}/rollback", admin_rollback)
     app.router.add_post("/admin/sessions/{session_id}/fork", admin_fork)
     app.router.add_get("/admin/recovery", admin_recovery)
+    app.router.add_get("/admin/usage", admin_usage)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
+    config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
-    body = await read_json(request, config.max_body_bytes)
-    ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
-    async with pipeline.session_lock(tenant, ref):
-        turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
-        if turn.replay is not None:
-            return await _replay(request, turn)
-        if not body.get("stream"):
-            response = await pipeline.complete(turn)
-            return json_response(response, headers=turn.headers)
-        return await _relay_stream(request, pipeline, turn)
+    async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
+        body = await read_json(request, config.max_body_bytes)
+        ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
+        async with pipeline.session_lock(tenant, ref):
+            if not tenant.stateless:
+                await quotas.check_new_session(tenant.name, ref.id)
+            turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
+            if turn.replay is not None:
+                return await _replay(request, turn)
+            if not body.get("stream"):
+                response = await pipeline.complete(turn)
+                await quotas.add_tokens(tenant.name, response.get("usage"))
+                return json_response(response, headers=turn.headers)
+            return await _relay_stream(request, pipeline, turn)
 
 
 async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.StreamResponse:
@@ -64,8 +69,10 @@ async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.S
     batches = pipeline.stream(turn)
     response: web.StreamResponse | None = None
     ending: bytes | None = b"data: [DONE]\n\n"
+    usage = None  # the provider's token count (a final chunk, when the client asked for it)
     try:
         async for batch in batches:
+            usage = next((chunk["usage"] for chunk in batch if chunk.get("usage")), usage)
             if response is None:
                 response = web.StreamResponse(headers={
                     "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers,
@@ -89,6 +96,7 @@ async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.S
             if response is None:
                 raise
             ending = _events([error.body()]) if ending is not None else None
+    await request.app[keys.QUOTAS].add_tokens(turn.tenant.name, usage)
     if response is not None:
         await _end_quietly(response, ending)
     return response
@@ -125,13 +133,15 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    config = request.app[keys.CONFIG]
+    config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
-    body = embeddings_body(await read_json(request, config.max_body_bytes))
-    route = tenant.route(body["model"])
-    if route is None:
-        raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
-    result = await request.app[keys.UPSTREAM].embeddings(route, body, tenant.upstream_timeout)
+    async with quotas.request(tenant.name):
+        body = embeddings_body(await read_json(request, config.max_body_bytes))
+        route = tenant.route(body["model"])
+        if route is None:
+            raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
+        result = await request.app[keys.UPSTREAM].embeddings(route, body, tenant.upstream_timeout)
+        await quotas.add_tokens(tenant.name, result.get("usage"))
     return json_response(result)
 
 
@@ -236,6 +246,7 @@ async def admin_fork(request: web.Request) -> web.Response:
             raise Conflict(f"session '{spec['session_id']}' is being created by a request in flight; fork to another id",
                            code="session_exists")
         async with locks.hold(tenant.name, spec["session_id"], refuse_when_busy=True):
+            await request.app[keys.QUOTAS].check_new_session(tenant.name, spec["session_id"])
             session = await store.get_session(tenant.name, session.id) or session
             messages = await store.get_messages(tenant.name, session.id)
             forked = await rollback.fork(store, session, messages, spec, time.time())
@@ -253,3 +264,11 @@ async def admin_recovery(request: web.Request) -> web.Response:
     quarantined = [dataclasses.asdict(q) for q in await store.quarantined(tenant.name)]
     repaired = [r for r in pipeline.repaired if r["tenant"] == tenant.name]
     return json_response({"quarantined": quarantined, "repaired_sessions": repaired})
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """The tenant's use of each quota and how often each refused it; every tenant's for an operator."""
+    config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
+    if is_operator(config, request):
+        return json_response({"object": "list", "data": [await quotas.usage(name) for name in config.tenants]})
+    return json_response(await quotas.usage(authenticate(config, request).name))
