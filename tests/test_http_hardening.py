@@ -85,3 +85,16 @@ def test_a_slow_but_complete_body_within_the_timeout_is_served(hardened: ProxyTh
            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
     status, _, body = exchange(hardened, raw)
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "echo: hi"
+
+
+def test_repository_config_spells_out_the_embedded_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.config import load_config
+    from tests.harness import REPO
+
+    monkeypatch.delenv("ASP_UPSTREAM_BASE", raising=False)
+    from_files, embedded = load_config(REPO / "config" / "proxy.yaml"), load_config(None)
+    assert from_files.body_read_timeout == embedded.body_read_timeout == 30
+    assert from_files.operator_key_hashes == embedded.operator_key_hashes == frozenset()
+    for name in ("default",):
+        assert from_files.tenants[name].max_response_bytes == embedded.tenants[name].max_response_bytes == 32 << 20
+        assert from_files.tenants[name].quotas == embedded.tenants[name].quotas
