@@ -79,6 +79,19 @@ def test_a_chunked_body_that_never_ends_gets_408(hardened: ProxyThread, upstream
     assert upstream.chat_requests == []
 
 
+@pytest.mark.parametrize("framing", [
+    b"Content-Encoding: gzip\r\nContent-Length: 16\r\n\r\nSECRETnot-gzip!!",
+    b"Content-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nSECRETnot-zlib!!\r\n0\r\n\r\n",
+], ids=["gzip", "deflate-chunked"])
+def test_a_body_that_contradicts_its_encoding_is_a_400(hardened: ProxyThread, framing: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        status, headers, body = exchange(hardened, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + framing)
+    assert status == 400
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_body" and b"SECRET" not in body
+    assert not any(r.exc_info for r in caplog.records) and "SECRET" not in caplog.text
+
+
 def test_a_slow_but_complete_body_within_the_timeout_is_served(hardened: ProxyThread) -> None:
     payload = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}).encode()
     raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -95,6 +108,5 @@ def test_repository_config_spells_out_the_embedded_limits(monkeypatch: pytest.Mo
     from_files, embedded = load_config(REPO / "config" / "proxy.yaml"), load_config(None)
     assert from_files.body_read_timeout == embedded.body_read_timeout == 30
     assert from_files.operator_key_hashes == embedded.operator_key_hashes == frozenset()
-    for name in ("default",):
-        assert from_files.tenants[name].max_response_bytes == embedded.tenants[name].max_response_bytes == 32 << 20
-        assert from_files.tenants[name].quotas == embedded.tenants[name].quotas
+    assert from_files.tenants["default"].max_response_bytes == embedded.tenants["default"].max_response_bytes == 32 << 20
+    assert from_files.tenants["default"].quotas == embedded.tenants["default"].quotas

@@ -76,6 +76,10 @@ async def _read_body(request: web.Request) -> bytes:
         log.warning("request body on %s %s not received within %gs", request.method, request.path, timeout)
         raise ProxyError(f"the request body was not received within {timeout:g} seconds", status=408,
                          type="invalid_request_error", code="request_timeout", headers={"Connection": "close"}) from None
+    except web.RequestPayloadError as exc:  # a body that contradicts its Content-Encoding or framing
+        log.warning("unreadable request body on %s %s: %s", request.method, request.path, type(exc.__cause__ or exc).__name__)
+        raise BadRequest("the request body could not be read (it does not match its Content-Encoding or Transfer-Encoding)",
+                         code="invalid_body", headers={"Connection": "close"}) from None
 
 
 def _bearer(request: web.Request) -> str:

@@ -55,6 +55,15 @@ class _JsonErrorsHandler(RequestHandler):
         return response
 
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After the handler answered a body it could not read (400 invalid_body), aiohttp reads
+        # the rest of that body, fails the same way and would log it as an unhandled exception.
+        if isinstance(kw.get("exc_info"), web.RequestPayloadError):
+            log.debug("discarded the rest of an unreadable request body")
+            return
+        super().log_exception(*args, **kw)
+
+
 class _JsonErrorsServer(web.Server):
     def __call__(self) -> RequestHandler:
         return _JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
