@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,8 @@ import pytest
 
 from tests.conftest import ALPHA_KEY, BETA_KEY
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, open_tenant, start_thread, write_config
+from tests.harness import ProxyThread, start_thread, write_config
+from tests.inflight_helpers import in_flight, upstream_held, wait_for
 
 
 def ask(proxy: ProxyThread, session: str, text: str, key: str = "x", **headers: str):
@@ -21,26 +21,13 @@ def ask(proxy: ProxyThread, session: str, text: str, key: str = "x", **headers: 
         model="fake-model", messages=[{"role": "user", "content": text}], extra_headers={"X-Session-ID": session, **headers})
 
 
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
 def test_fork_onto_a_session_being_created_is_refused_and_the_request_keeps_it(proxy: ProxyThread, upstream: FakeUpstream) -> None:
     ask(proxy, "source", "one")
     ask(proxy, "source", "two")
-    upstream.latency = 1.5  # the request on the new id stays in flight while the fork is tried
-    before = len(upstream.chat_requests)
-    in_flight = threading.Thread(target=ask, args=(proxy, "target", "mine"))
-    in_flight.start()
-    try:
-        wait_for(lambda: len(upstream.chat_requests) > before)  # the proxy holds the target's lock now
+    with upstream_held(upstream):
+        request = in_flight(upstream, ask, proxy, "target", "mine")
         forked = httpx.post(f"{proxy.url}/admin/sessions/source/fork", json={"session_id": "target"}, timeout=30)
-    finally:
-        in_flight.join(30)
-    upstream.latency = 0
+    request.join(30)
     assert forked.status_code == 409 and forked.json()["error"]["code"] == "session_exists"
     target = httpx.get(f"{proxy.url}/admin/sessions/target").json()
     assert [m["body"]["content"] for m in target["messages"]] == ["mine", "echo: mine"]

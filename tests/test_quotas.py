@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +12,7 @@ from proxy.config import ConfigError, load_config
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, keyed_tenant, open_tenant, start_thread, write_config
 from tests.memory_helpers import running
+from tests.inflight_helpers import in_flight, upstream_held
 
 KEY = "quota-tenant-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -57,19 +56,11 @@ def test_requests_per_minute(tmp_path: Path, upstream: FakeUpstream) -> None:
 
 def test_concurrent_requests(tmp_path: Path, upstream: FakeUpstream) -> None:
     with limited(tmp_path, upstream, concurrent_requests=1) as proxy:
-        upstream.latency = 1.5
-        slow = threading.Thread(target=chat, args=(proxy, "first"))
-        slow.start()
-        try:
-            deadline = time.monotonic() + 30
-            while not upstream.chat_requests:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+        with upstream_held(upstream):
+            slow = in_flight(upstream, chat, proxy, "first")
             assert usage(proxy)["current"]["concurrent_requests"] == 1
             assert_refused(chat(proxy, "second"), "rate_limit_exceeded", 1)
-        finally:
-            slow.join(30)
-        upstream.latency = 0
+        slow.join(30)
         assert chat(proxy, "second").status_code == 200  # the slot is free again
         assert usage(proxy)["refused"]["concurrent_requests"] == 1
 
