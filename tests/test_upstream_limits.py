@@ -45,7 +45,10 @@ def test_a_huge_reply_is_a_502_and_the_turn_is_recorded_as_an_error(capped: Prox
 
 
 def test_a_huge_stream_ends_with_an_error_event_and_keeps_at_most_the_cap(capped: ProxyThread, upstream: FakeUpstream) -> None:
-    upstream.script_reply("word " * (2 * CAP // 5))  # one chunk per word: the stream runs far past the cap
+    # One chunk per word, a few ms apart: the first chunks reach the client before the cap is
+    # crossed (a reply over the cap in its first network read is a plain 502 instead).
+    upstream.chunk_delay = 0.005
+    upstream.script_reply("word " * (3 * CAP // 200))  # ~200 bytes per chunk event: three times the cap
     events = []
     with httpx.stream("POST", f"{capped.base_url}/chat/completions", headers={"X-Session-ID": "flood"}, timeout=60,
                       json={"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "go on"}]}) as response:
