@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -32,6 +31,8 @@ MEMORY_KEYS = {"enabled", "embedder", "scope", "anonymous", "episodic", "inject"
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # an upstream reply larger than this is refused (per tenant)
+
 # The embedded defaults: what `agent-state-proxy serve` runs on when no config file is found.
 # config/proxy.yaml and config/tenants/default.yaml in the repository spell out the same values.
 DEFAULTS: dict[str, Any] = {
@@ -53,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "history": "auto",
         "concurrency": "serialize",
         "upstream_timeout_seconds": 600,
-        "max_response_bytes": 32 * 1024 * 1024,
+        "max_response_bytes": DEFAULT_MAX_RESPONSE_BYTES,
         "stateless": False,
         "persistence": {},
         "quotas": {},
@@ -90,7 +91,7 @@ class ModelRoute:
     path: str = "auto"  # auto | direct | litellm
     params: Mapping[str, Any] = field(default_factory=dict)  # extra litellm kwargs
 
-    def resolve(self, requested: str) -> ResolvedModel:
+    def resolve(self, requested: str, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> ResolvedModel:
         model = self.model.replace("{model}", requested)
         direct_ok = model.startswith("openai/") and self.api_base is not None
         if self.path == "direct" and not direct_ok:
@@ -104,6 +105,7 @@ class ModelRoute:
             api_key=self.api_key,
             direct=use_direct,
             params=self.params,
+            max_response_bytes=max_response_bytes,
         )
 
 
@@ -116,7 +118,7 @@ class ResolvedModel:
     api_key: str | None = field(repr=False)
     direct: bool
     params: Mapping[str, Any]
-    max_response_bytes: int = 32 * 1024 * 1024  # the tenant's cap on one upstream reply (direct path)
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # the tenant's cap on one upstream reply (direct path)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ class TenantConfig:
     history: str
     concurrency: str
     upstream_timeout: float
-    max_response_bytes: int = 32 * 1024 * 1024  # an upstream reply larger than this is a 502
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # an upstream reply larger than this is a 502
     stateless: bool = False  # plain proxying: no session state is read or recorded
     persistence: Persistence = Persistence()
     quotas: QuotaSettings = QuotaSettings()  # rate limits and stored-data quotas (proxy/quotas.py)
@@ -176,7 +178,7 @@ class TenantConfig:
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
-        return dataclasses.replace(route.resolve(requested), max_response_bytes=self.max_response_bytes) if route else None
+        return route.resolve(requested, self.max_response_bytes) if route else None
 
     def admits_anonymous(self, peer: str | None) -> bool:
         if not self.allow_unauthenticated or not peer:
