@@ -110,3 +110,21 @@ def test_repository_config_spells_out_the_embedded_limits(monkeypatch: pytest.Mo
     assert from_files.operator_key_hashes == embedded.operator_key_hashes == frozenset()
     assert from_files.tenants["default"].max_response_bytes == embedded.tenants["default"].max_response_bytes == 32 << 20
     assert from_files.tenants["default"].quotas == embedded.tenants["default"].quotas
+
+
+def test_serve_answers_parser_errors_in_json_too(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """The real `agent-state-proxy serve` process, not only the test harness, uses the JSON error protocol."""
+    from tests.harness import ProxyProcess
+
+    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url)}, server={"body_read_timeout_seconds": 1})
+    process = ProxyProcess(path).start()
+    try:
+        status, headers, body = exchange(process, MALFORMED["control character in a header"])
+        assert status == 400 and json.loads(body)["error"]["code"] == "invalid_http_request"
+        hung = exchange(process, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        assert hung[0] == 408
+    finally:
+        assert process.stop() == 0  # SIGTERM still drains and exits cleanly
+    log = process.log()
+    assert log.count("malformed HTTP request from 127.0.0.1") == 1
+    assert "Traceback" not in log and "SECRET" not in log
