@@ -96,9 +96,9 @@ async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.S
             if response is None:
                 raise
             ending = _events([error.body()]) if ending is not None else None
-    await request.app[keys.QUOTAS].add_tokens(turn.tenant.name, usage)
     if response is not None:
         await _end_quietly(response, ending)
+    await request.app[keys.QUOTAS].add_tokens(turn.tenant.name, usage)  # after the client has its answer
     return response
 
 
