@@ -902,9 +902,14 @@ def summarise_step(res: dict[str, Any], concurrency: int) -> dict[str, Any]:
 def check_state_sessions(target: Target, headers: dict[str, str]) -> dict[str, Any]:
     """Did reconciliation recognise every resent history? (no branches means yes)"""
     admin = target.chat_url.replace("/v1/chat/completions", "/admin/sessions")
+    sessions: list[dict[str, Any]] = []
+    url = admin + "?limit=1000"
     try:
-        with urllib.request.urlopen(urllib.request.Request(admin, headers=headers), timeout=30) as response:
-            sessions = json.loads(response.read())["data"]
+        while url:  # the listing is paged: follow next_cursor to the end
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+                page = json.loads(response.read())
+            sessions += page["data"]
+            url = admin + "?limit=1000&after=" + page["next_cursor"] if page.get("has_more") else ""
     except (OSError, ValueError, KeyError) as exc:
         return {"error": str(exc)}
     return {

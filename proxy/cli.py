@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -89,8 +91,6 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _serve(config: Config, log_level: str) -> int:
-    from aiohttp import web
-
     from proxy.server.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -110,15 +110,29 @@ def _serve(config: Config, log_level: str) -> int:
     from proxy.storage.base import StorageError
 
     try:
-        web.run_app(
-            create_app(config),
-            host=config.host,
-            port=config.port,
-            shutdown_timeout=30,  # drain in-flight requests on SIGTERM/SIGINT
-            print=lambda _: log.info("serving on http://%s:%d/v1", config.host, config.port),
-            access_log=None,
-        )
+        asyncio.run(_run(create_app, config, log))
     except StorageError as exc:  # the store cannot open: say why in one line, no traceback
         log.critical("cannot start: %s", exc)
         return 1
     return 0
+
+
+async def _run(create_app, config: Config, log: logging.Logger) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, drain in-flight requests and close."""
+    from aiohttp import web
+
+    from proxy.server.protocol import ProxyRunner
+
+    runner = ProxyRunner(create_app(config), access_log=None, shutdown_timeout=30)  # drain in-flight requests for up to 30 s
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        log.info("serving on http://%s:%d/v1", config.host, config.port)
+        await stop.wait()
+        log.info("stopping: draining in-flight requests")
+    finally:
+        await runner.cleanup()

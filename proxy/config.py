@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import yaml
 
 from proxy.context.settings import ContextSettings, parse as parse_context
+from proxy.quotas import QuotaSettings, parse as parse_quotas
 
 HISTORY_MODES = ("auto", "client", "proxy")
 CONCURRENCY_MODES = ("serialize", "reject")
@@ -33,6 +34,8 @@ MEMORY_KEYS = {"enabled", "embedder", "scope", "anonymous", "episodic", "inject"
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # an upstream reply larger than this is refused (per tenant)
+
 # The embedded defaults: what `agent-state-proxy serve` runs on when no config file is found.
 # config/proxy.yaml and config/tenants/default.yaml in the repository spell out the same values.
 DEFAULTS: dict[str, Any] = {
@@ -43,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
         "janitor_interval_seconds": 300,
         # GET /metrics (Prometheus): readable with an operator key, or from loopback when no key is set.
         "metrics": {"enabled": True, "key_sha256": []},
+        "body_read_timeout_seconds": 30,
+        "operator_key_sha256": [],
     },
     "storage": {"backend": "lmdb", "data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50,
                 "write_queue_max": 10000, "transcript_cache_messages": 50000,
@@ -55,9 +60,11 @@ DEFAULTS: dict[str, Any] = {
         "history": "auto",
         "concurrency": "serialize",
         "upstream_timeout_seconds": 600,
+        "max_response_bytes": DEFAULT_MAX_RESPONSE_BYTES,
         "stateless": False,
         "persistence": {},
         "sessions": {},
+        "quotas": {},
         "context": {},
         "memory": {},
         "models": {},
@@ -91,7 +98,7 @@ class ModelRoute:
     path: str = "auto"  # auto | direct | litellm
     params: Mapping[str, Any] = field(default_factory=dict)  # extra litellm kwargs
 
-    def resolve(self, requested: str) -> ResolvedModel:
+    def resolve(self, requested: str, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> ResolvedModel:
         model = self.model.replace("{model}", requested)
         direct_ok = model.startswith("openai/") and self.api_base is not None
         if self.path == "direct" and not direct_ok:
@@ -105,6 +112,7 @@ class ModelRoute:
             api_key=self.api_key,
             direct=use_direct,
             params=self.params,
+            max_response_bytes=max_response_bytes,
         )
 
 
@@ -117,6 +125,7 @@ class ResolvedModel:
     api_key: str | None = field(repr=False)
     direct: bool
     params: Mapping[str, Any]
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # the tenant's cap on one upstream reply (direct path)
 
 
 @dataclass(frozen=True)
@@ -197,15 +206,17 @@ class TenantConfig:
     history: str
     concurrency: str
     upstream_timeout: float
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # an upstream reply larger than this is a 502
     stateless: bool = False  # plain proxying: no session state is read or recorded
     persistence: Persistence = Persistence()
     sessions: SessionSettings = SessionSettings()
+    quotas: QuotaSettings = QuotaSettings()  # rate limits and stored-data quotas (proxy/quotas.py)
     context: ContextSettings = ContextSettings()  # context management (proxy/context)
     memory: MemorySettings = MemorySettings()  # long-term memory (proxy/memory)
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
-        return route.resolve(requested) if route else None
+        return route.resolve(requested, self.max_response_bytes) if route else None
 
     def admits_anonymous(self, peer: str | None) -> bool:
         if not self.allow_unauthenticated or not peer:
@@ -235,6 +246,8 @@ class Config:
     port: int
     max_body_bytes: int
     janitor_interval: float
+    body_read_timeout: float  # a request body not received within this is a 408
+    operator_key_hashes: frozenset[str] = field(repr=False)  # keys that see every tenant's figures
     data_dir: Path
     map_size: int
     write_batch_size: int
@@ -253,6 +266,9 @@ class Config:
             if digest in tenant.api_key_hashes:
                 return tenant
         return None
+
+    def is_operator_key(self, api_key: str) -> bool:
+        return bool(api_key) and hash_key(api_key) in self.operator_key_hashes
 
     def anonymous_tenant(self, peer: str | None) -> TenantConfig | None:
         for tenant in self.tenants.values():
@@ -324,11 +340,17 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         if tenant.name in tenants:
             raise ConfigError(f"{file}: name: tenant {tenant.name!r} is defined twice")
         tenants[tenant.name] = tenant
+    operators = frozenset(_digests(server["operator_key_sha256"], where, "server.operator_key_sha256"))
+    for tenant in tenants.values():
+        if operators & tenant.api_key_hashes:
+            raise ConfigError(f"{where}: server.operator_key_sha256: a key of tenant {tenant.name!r} cannot also be an operator key")
     return Config(
         host=_string(server["host"], where, "server.host"),
         port=_int(server["port"], where, "server.port", 0, 65535),
         max_body_bytes=_int(server["max_body_bytes"], where, "server.max_body_bytes", 1024, 1 << 31),
         janitor_interval=float(_int(server["janitor_interval_seconds"], where, "server.janitor_interval_seconds", 1, 1 << 31)),
+        body_read_timeout=float(_int(server["body_read_timeout_seconds"], where, "server.body_read_timeout_seconds", 1, 3600)),
+        operator_key_hashes=operators,
         data_dir=Path(_string(storage["data_dir"], where, "storage.data_dir")),
         map_size=_int(storage["map_size_mb"], where, "storage.map_size_mb", 1, 1 << 24) * 1024 * 1024,
         write_batch_size=_int(storage["write_batch_size"], where, "storage.write_batch_size", 1, 1 << 20),
@@ -384,9 +406,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
     name = merged.get("name", stem)
     if not isinstance(name, str) or not _TENANT_NAME.match(name):
         raise ConfigError(f"{file}: name: must match {_TENANT_NAME.pattern} (got {name!r})")
-    hashes = merged["api_key_sha256"]
-    if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
-        raise ConfigError(f"{file}: api_key_sha256: must be a list of lowercase sha256 hex digests")
+    hashes = _digests(merged["api_key_sha256"], file, "api_key_sha256")
     _bool(merged["allow_unauthenticated"], file, "allow_unauthenticated")
     try:
         nets = tuple(ipaddress.ip_network(str(n), strict=False) for n in merged["allowed_clients"])
@@ -412,9 +432,11 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         history=merged["history"],
         concurrency=merged["concurrency"],
         upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
+        max_response_bytes=_int(merged["max_response_bytes"], file, "max_response_bytes", 1024, 1 << 40),
         stateless=_bool(merged["stateless"], file, "stateless"),
         persistence=_build_persistence(file, merged["persistence"]),
         sessions=_build_sessions(file, defaults.get("sessions", {}), doc.get("sessions", {})),
+        quotas=_build_quotas(file, defaults["quotas"], doc.get("quotas", {})),
         context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
         memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),
     )
@@ -492,6 +514,14 @@ def _build_sessions(file: str, defaults: Any, own: Any) -> SessionSettings:
         raise ConfigError(f"{file}: sessions.reverted_turns: must be one of {', '.join(REVERTED_TURNS)}")
     window = _int(spec.get("resume_within_seconds", default.resume_within_seconds), file, "sessions.resume_within_seconds", 1, 1 << 31)
     return SessionSettings(implicit=implicit, resume_within_seconds=window, reverted_turns=reverted)
+def _build_quotas(file: str, defaults: Any, own: Any) -> QuotaSettings:
+    """The tenant's ``quotas`` over tenant_defaults.quotas (key by key)."""
+    try:
+        if not isinstance(defaults, dict) or not isinstance(own, dict):
+            raise ValueError("quotas: must be a mapping")
+        return parse_quotas(defaults | own)
+    except ValueError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
 
 
 def _build_persistence(file: str, spec: Any) -> Persistence:
@@ -589,6 +619,12 @@ def _interpolate(value: Any, file: str, key: str) -> Any:
         raise ConfigError(f"{file}: {key}: environment variable {name} is not set")
 
     return _ENV_REF.sub(substitute, value)
+
+
+def _digests(value: Any, file: str, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in value):
+        raise ConfigError(f"{file}: {key}: must be a list of lowercase sha256 hex digests")
+    return value
 
 
 def _string(value: Any, file: str, key: str) -> str:

@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
 
+import orjson
+
 from proxy import checkpoints, codec, priority, tokens, transcript
 from proxy.config import ResolvedModel, TenantConfig
 from proxy.context.importance import tag_message
@@ -53,6 +55,7 @@ class Turn:
     idempotency_key: str | None = None  # hashed Idempotency-Key header
     replay: dict[str, Any] | None = None  # the recorded response for a repeated Idempotency-Key
     injected: list[str] | None = None  # ids of the long-term memories added to the prompt
+    fingerprint: str | None = None  # hash of the request body, kept with an idempotent response
 
 
 class Pipeline:
@@ -119,8 +122,12 @@ class Pipeline:
         with self._stage(tenant, "load"):
             session, stored = await self._load(tenant, ref, now)
         idempotency = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else None
+        fingerprint = request_fingerprint(body) if idempotency is not None else None
         if idempotency is not None:
             replay = await self.store.get_record(tenant.name, IDEMPOTENCY_KIND, idempotency, ref.id)
+            if replay is not None and replay.get("fingerprint", fingerprint) != fingerprint:
+                raise ProxyError("this Idempotency-Key was used with a different request body; use a new key",
+                                 status=422, type="invalid_request_error", code="idempotency_key_reused")
             if replay is not None:  # a client retry: answer with what was recorded, call nothing
                 if early is not None:
                     early.cancel()
@@ -137,7 +144,8 @@ class Pipeline:
         upstream_body = strip_proxy_fields(body)
         if plan.restored or rewritten:
             upstream_body = upstream_body | {"messages": plan.upstream_messages}
-        turn = Turn(tenant, ref, route, upstream_body, session, stored, plan, "req-" + uuid.uuid4().hex, now, idempotency_key=idempotency)
+        turn = Turn(tenant, ref, route, upstream_body, session, stored, plan, "req-" + uuid.uuid4().hex, now, idempotency_key=idempotency,
+                    fingerprint=fingerprint)
         turn.headers = {"X-Session-ID": ref.id, "X-Request-ID": turn.request_id, "X-Session-Source": ref.source}
         if plan.restored:
             turn.headers["X-History-Restored"] = str(plan.restored)
@@ -296,7 +304,7 @@ class Pipeline:
             tags.add("tool_calls")
         if turn.idempotency_key and (response is not None or chunks is not None):
             tags.add("idempotent")
-            replay = {"request_id": turn.request_id, "response": response, "chunks": chunks}
+            replay = {"request_id": turn.request_id, "response": response, "chunks": chunks, "fingerprint": turn.fingerprint}
             aux.append(Record(IDEMPOTENCY_KIND, turn.idempotency_key, replay, session.id))
         aux += self._checkpoint_if_due(turn.tenant, session, records, now)
         if turn.ref.agent is not None:  # where this agent resumes after a restart
@@ -374,6 +382,11 @@ def _request_tokens(turn: Turn, usage: dict[str, Any] | None) -> dict[str, int] 
     if sent is not None and saved is not None:
         counts["sent"], counts["full"] = int(sent), int(sent) + int(saved)
     return counts or None
+
+
+def request_fingerprint(body: dict[str, Any]) -> str:
+    """The request as a hash, key order ignored: a retry under one Idempotency-Key must match it."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from proxy import checkpoints
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, Conflict, NotFound
 from proxy.records import Message, Session
 from proxy.storage.base import Record, Store, Write
 from proxy.transcript import active_path
@@ -75,13 +75,22 @@ async def rollback(store: Store, session: Session, messages: list[Message], spec
             "derived_removed": len(derived)}
 
 
-async def fork(store: Store, session: Session, messages: list[Message], spec: dict[str, Any], now: float) -> Session:
-    """A new session holding the active path up to the target; the source is untouched."""
+def fork_id(spec: dict[str, Any]) -> str:
+    """The id a fork creates: the one asked for, or a fresh one."""
     new_id = spec.get("session_id") or f"fork-{uuid.uuid4().hex[:16]}"
     if not isinstance(new_id, str) or not new_id.isprintable() or len(new_id) > 512:
         raise BadRequest("'session_id' must be a printable string of at most 512 characters", code="invalid_session_id")
+    return new_id
+
+
+async def fork(store: Store, session: Session, messages: list[Message], spec: dict[str, Any], now: float) -> Session:
+    """A new session holding the active path up to the target; the source is untouched.
+
+    Call holding the target id's session lock, so no request can be creating it meanwhile.
+    """
+    new_id = fork_id(spec)
     if await store.get_session(session.tenant, new_id) is not None:
-        raise BadRequest(f"session '{new_id}' already exists", code="session_exists")
+        raise Conflict(f"session '{new_id}' already exists", code="session_exists")
     spec = {k: v for k, v in spec.items() if k != "session_id"}
     live = [m for m in messages if not m.reverted]
     if spec:

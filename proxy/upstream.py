@@ -40,7 +40,7 @@ class Upstream:
         if route.direct:
             with self._translate(timeout):
                 async with self._post(route, "/chat/completions", body, timeout) as response:
-                    return await self._json_or_raise(response)
+                    return await self._json_or_raise(response, route.max_response_bytes)
         litellm = await self._import_litellm()
         with self._translate(timeout):
             result = await litellm.acompletion(**self._litellm_args(route, body, timeout))
@@ -54,8 +54,8 @@ class Upstream:
             with self._translate(timeout):
                 async with self._post(route, "/chat/completions", body, timeout) as response:
                     if response.status != 200:
-                        await self._json_or_raise(response)
-                    async for batch in _read_sse(response):
+                        await self._json_or_raise(response, route.max_response_bytes)
+                    async for batch in _read_sse(response, route.max_response_bytes):
                         yield batch
             return
         litellm = await self._import_litellm()
@@ -70,7 +70,7 @@ class Upstream:
         if route.direct:
             with self._translate(timeout):
                 async with self._post(route, "/embeddings", body, timeout) as response:
-                    return await self._json_or_raise(response)
+                    return await self._json_or_raise(response, route.max_response_bytes)
         litellm = await self._import_litellm()
         args = {k: v for k, v in body.items() if k != "model"}
         with self._translate(timeout):
@@ -97,8 +97,8 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10)),
         )
 
-    async def _json_or_raise(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
-        raw = await response.read()
+    async def _json_or_raise(self, response: aiohttp.ClientResponse, limit: int) -> dict[str, Any]:
+        raw = await _read_capped(response, limit)
         try:
             data = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
@@ -179,10 +179,33 @@ def import_litellm() -> Any:
     return litellm
 
 
-async def _read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict[str, Any]]]:
-    """The ``data:`` events of an SSE body, parsed, one list per network read."""
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, refused (before it is all in memory) once it is over ``limit`` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise _too_large(limit)
+    parts, size = [], 0
+    async for data in response.content.iter_chunked(1 << 16):
+        size += len(data)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _too_large(limit: int) -> UpstreamError:
+    return UpstreamError(f"the upstream reply is larger than this tenant's max_response_bytes ({limit} bytes)",
+                         status=502, code="upstream_response_too_large")
+
+
+async def _read_sse(response: aiohttp.ClientResponse, limit: int) -> AsyncIterator[list[dict[str, Any]]]:
+    """The ``data:`` events of an SSE body, parsed, one list per network read; at most ``limit``
+    bytes in all (the stream ends with UpstreamError past it)."""
     pending = b""
+    size = 0
     async for data in response.content.iter_any():
+        size += len(data)
+        if size > limit:
+            raise _too_large(limit)
         lines = (pending + data).split(b"\n")
         pending = lines.pop()  # an incomplete line waits for the next read
         if len(pending) > _MAX_SSE_LINE:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy.config import Config, load_config
 from proxy.server.app import create_app
+from proxy.server.protocol import ProxyRunner
 from proxy.storage.base import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,7 +88,7 @@ class ProxyThread:
 
     async def _start(self) -> None:
         self.app = create_app(self.config, self.store)
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = ProxyRunner(self.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 

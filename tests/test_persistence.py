@@ -80,7 +80,7 @@ def test_fork_starts_a_new_session_that_continues(tmp_path: Path, upstream: Fake
         assert [m["content"] for m in upstream.chat_requests[-1]["messages"]][-1] == "turn 20"
         assert len(upstream.chat_requests[-1]["messages"]) == 5
         assert len(view(proxy, "origin")["messages"]) == 6  # the source is untouched
-        assert httpx.post(f"{proxy.url}/admin/sessions/origin/fork", json={"session_id": "branch-b"}).status_code == 400
+        assert httpx.post(f"{proxy.url}/admin/sessions/origin/fork", json={"session_id": "branch-b"}).status_code == 409
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -28,7 +28,7 @@ class _Body:
 
 def _read(pieces: list[bytes]) -> list[list[dict]]:
     async def collect():
-        return [batch async for batch in _read_sse(_Body(pieces))]
+        return [batch async for batch in _read_sse(_Body(pieces), 1 << 30)]
     return asyncio.run(collect())
 
 

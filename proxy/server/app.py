@@ -15,6 +15,7 @@ from proxy import idle_gc, janitor, priority, tokens
 from proxy.config import Config
 from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
+from proxy.quotas import Quotas
 from proxy.server import keys
 from proxy.server.http import errors_middleware
 from proxy.server.memory_routes import setup_memory_routes
@@ -86,6 +87,7 @@ def _storage(given: Store | None):
                                  cached_messages=config.transcript_cache_messages)
         await store.start()
         app[keys.STORE] = store
+        app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store)
         yield
         app[keys.READY] = False
         await store.close()  # flushes every queued write before the process exits

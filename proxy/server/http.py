@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -11,8 +12,9 @@ from aiohttp import web
 
 from proxy import codec
 from proxy.config import Config, TenantConfig
+from proxy.server import keys
 from proxy.storage.base import InvalidWrite, StorageError
-from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, Unauthorized
+from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, Unauthorized
 
 log = logging.getLogger("agent_state_proxy.server")
 # Far deeper than any real request (JSON schemas of tools included), far below what storage takes.
@@ -57,7 +59,7 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
 async def read_json(request: web.Request, limit: int) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    raw = await request.read()
+    raw = await _read_body(request)
     if len(raw) > limit:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     if not raw:
@@ -71,14 +73,54 @@ async def read_json(request: web.Request, limit: int) -> Any:
     return body
 
 
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, within the configured time: a client that never finishes sending (a
+    chunked body without its last chunk) gets a 408 instead of holding the connection."""
+    timeout = request.app[keys.CONFIG].body_read_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        log.warning("request body on %s %s not received within %gs", request.method, request.path, timeout)
+        raise ProxyError(f"the request body was not received within {timeout:g} seconds", status=408,
+                         type="invalid_request_error", code="request_timeout", headers={"Connection": "close"}) from None
+    except web.RequestPayloadError as exc:  # a body that contradicts its Content-Encoding or framing
+        log.warning("unreadable request body on %s %s: %s", request.method, request.path, type(exc.__cause__ or exc).__name__)
+        raise BadRequest("the request body could not be read (it does not match its Content-Encoding or Transfer-Encoding)",
+                         code="invalid_body", headers={"Connection": "close"}) from None
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+def is_operator(config: Config, request: web.Request) -> bool:
+    """Whether the request carries an operator key (server.operator_key_sha256)."""
+    return config.is_operator_key(_bearer(request))
+
+
+def admin_tenant(config: Config, request: web.Request) -> TenantConfig:
+    """The tenant an admin request acts for: the key's tenant, or for an operator key the
+    tenant named by the ``X-Tenant`` header."""
+    if is_operator(config, request):
+        name = request.headers.get("X-Tenant")
+        if not name:
+            raise BadRequest("an operator key acts for the tenant named by the 'X-Tenant' header", code="tenant_required")
+        tenant = config.tenants.get(name)
+        if tenant is None:
+            raise NotFound(f"no tenant '{name}'", code="tenant_not_found")
+        return tenant
+    return authenticate(config, request)
+
+
 def authenticate(config: Config, request: web.Request) -> TenantConfig:
     """The tenant a request acts for: its proxy key, or the open tenant for local clients.
 
     An unknown key from an address an open tenant admits is treated as anonymous, because
     agents that only changed their base URL still send whatever OPENAI_API_KEY they had.
     """
-    header = request.headers.get("Authorization", "")
-    key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    key = _bearer(request)
     if key:
         tenant = config.tenant_for_key(key)
         if tenant is not None:

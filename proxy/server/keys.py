@@ -6,6 +6,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.pipeline import Pipeline
+from proxy.quotas import Quotas
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
 
@@ -13,5 +14,6 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", WriteBehindStore)
 UPSTREAM = web.AppKey("upstream", Upstream)
 PIPELINE = web.AppKey("pipeline", Pipeline)
+QUOTAS = web.AppKey("quotas", Quotas)
 READY = web.AppKey("ready", bool)
 STARTED = web.AppKey("started", float)

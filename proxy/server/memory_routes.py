@@ -54,6 +54,7 @@ async def add_memory(request: web.Request) -> web.Response:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise BadRequest("'metadata' must be an object", code="invalid_memory")
+    request.app[keys.QUOTAS].check_new_memory(tenant, service.stats(tenant)["index"]["memories"])
     memory = await service.add(tenant, content.strip(), kind, user, session, metadata)
     return json_response(memory.public())
 

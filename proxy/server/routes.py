@@ -14,8 +14,8 @@ from proxy import checkpoints, rollback
 from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
-from proxy.server import keys
-from proxy.server.http import authenticate, json_response, read_json
+from proxy.server import keys, pages
+from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json
 from proxy.sessions import SessionRef
 from proxy.storage.base import Record
 from proxy.transcript import active_path
@@ -39,22 +39,27 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/admin/sessions/{session_id}/rollback", admin_rollback)
     app.router.add_post("/admin/sessions/{session_id}/fork", admin_fork)
     app.router.add_get("/admin/recovery", admin_recovery)
+    app.router.add_get("/admin/usage", admin_usage)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
+    config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
-    body = await read_json(request, config.max_body_bytes)
-    ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
-    ref = await pipeline.resume(tenant, ref, body)
-    async with pipeline.session_lock(tenant, ref):
-        turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
-        if turn.replay is not None:
-            return await _replay(request, turn)
-        if not body.get("stream"):
-            response = await pipeline.complete(turn)
-            return json_response(response, headers=turn.headers)
-        return await _relay_stream(request, pipeline, turn)
+    async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
+        body = await read_json(request, config.max_body_bytes)
+        ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
+        ref = await pipeline.resume(tenant, ref, body)
+        async with pipeline.session_lock(tenant, ref):
+            if not tenant.stateless:
+                await quotas.check_new_session(tenant.name, ref.id)
+            turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
+            if turn.replay is not None:
+                return await _replay(request, turn)
+            if not body.get("stream"):
+                response = await pipeline.complete(turn)
+                await quotas.add_tokens(tenant.name, response.get("usage"))
+                return json_response(response, headers=turn.headers)
+            return await _relay_stream(request, pipeline, turn)
 
 
 async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.StreamResponse:
@@ -67,8 +72,10 @@ async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.S
     batches = pipeline.stream(turn)
     response: web.StreamResponse | None = None
     ending: bytes | None = b"data: [DONE]\n\n"
+    usage = None  # the provider's token count (a final chunk, when the client asked for it)
     try:
         async for batch in batches:
+            usage = next((chunk["usage"] for chunk in batch if chunk.get("usage")), usage)
             if response is None:
                 response = web.StreamResponse(headers={
                     "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers,
@@ -94,6 +101,7 @@ async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.S
             ending = _events([error.body()]) if ending is not None else None
     if response is not None:
         await _end_quietly(response, ending)
+    await request.app[keys.QUOTAS].add_tokens(turn.tenant.name, usage)  # after the client has its answer
     return response
 
 
@@ -128,13 +136,15 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    config = request.app[keys.CONFIG]
+    config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
-    body = embeddings_body(await read_json(request, config.max_body_bytes))
-    route = tenant.route(body["model"])
-    if route is None:
-        raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
-    result = await request.app[keys.UPSTREAM].embeddings(route, body, tenant.upstream_timeout)
+    async with quotas.request(tenant.name):
+        body = embeddings_body(await read_json(request, config.max_body_bytes))
+        route = tenant.route(body["model"])
+        if route is None:
+            raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
+        result = await request.app[keys.UPSTREAM].embeddings(route, body, tenant.upstream_timeout)
+        await quotas.add_tokens(tenant.name, result.get("usage"))
     return json_response(result)
 
 
@@ -152,9 +162,18 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def admin_list_sessions(request: web.Request) -> web.Response:
-    tenant = authenticate(request.app[keys.CONFIG], request)
+    """One page of the tenant's sessions, most recently active first (``limit``, ``after``, ``user_id``)."""
+    tenant = admin_tenant(request.app[keys.CONFIG], request)
+    query = request.query
+    limit = pages.limit(query.get("limit"))
+    after = pages.decode_cursor(query["after"]) if "after" in query else None
+    user_id = query.get("user_id")
     sessions = await request.app[keys.STORE].list_sessions(tenant.name)
-    return json_response({"object": "list", "data": [s.to_dict() for s in sessions]})
+    if user_id is not None:
+        sessions = [s for s in sessions if s.user_id == user_id]
+    page, next_cursor = pages.newest_first(sessions, limit, after)
+    return json_response({"object": "list", "data": [s.to_dict() for s in page], "has_more": next_cursor is not None,
+                          "next_cursor": next_cursor})
 
 
 async def admin_get_session(request: web.Request) -> web.Response:
@@ -170,7 +189,7 @@ async def admin_get_session(request: web.Request) -> web.Response:
 
 
 async def admin_delete_session(request: web.Request) -> web.Response:
-    tenant = authenticate(request.app[keys.CONFIG], request)
+    tenant = admin_tenant(request.app[keys.CONFIG], request)
     session_id = request.match_info["session_id"]
     ref = SessionRef(session_id, False, None, "admin")
     pipeline = request.app[keys.PIPELINE]
@@ -186,7 +205,7 @@ async def admin_delete_session(request: web.Request) -> web.Response:
 
 
 async def _session_for_admin(request: web.Request):
-    tenant = authenticate(request.app[keys.CONFIG], request)
+    tenant = admin_tenant(request.app[keys.CONFIG], request)
     store, session_id = request.app[keys.STORE], request.match_info["session_id"]
     session = await store.get_session(tenant.name, session_id)
     if session is None:
@@ -242,15 +261,41 @@ async def admin_fork(request: web.Request) -> web.Response:
     spec = await read_json(request, request.app[keys.CONFIG].max_body_bytes) if request.can_read_body else {}
     if not isinstance(spec, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
-    async with request.app[keys.PIPELINE].locks.hold(tenant.name, session.id, refuse_when_busy=False):
-        messages = await store.get_messages(tenant.name, session.id)
-        forked = await rollback.fork(store, session, messages, spec, time.time())
+    spec = spec | {"session_id": rollback.fork_id(spec)}
+    locks = request.app[keys.PIPELINE].locks
+    async with locks.hold(tenant.name, session.id, refuse_when_busy=False):
+        # The new id's lock too: a request in flight on it is creating that session, and its
+        # record would overwrite the fork after the fork was acknowledged.
+        if spec["session_id"] == session.id:
+            raise Conflict(f"session '{session.id}' already exists", code="session_exists")
+        if locks.busy(tenant.name, spec["session_id"]):
+            raise Conflict(f"session '{spec['session_id']}' is being created by a request in flight; fork to another id",
+                           code="session_exists")
+        async with locks.hold(tenant.name, spec["session_id"], refuse_when_busy=True):
+            await request.app[keys.QUOTAS].check_new_session(tenant.name, spec["session_id"])
+            session = await store.get_session(tenant.name, session.id) or session
+            messages = await store.get_messages(tenant.name, session.id)
+            forked = await rollback.fork(store, session, messages, spec, time.time())
     kept = forked.head + 1 if forked.head is not None else 0  # the rest came along reverted
     return json_response({"id": forked.id, "object": "session", "source": session.id, "messages": kept}, status=201)
 
 
 async def admin_recovery(request: web.Request) -> web.Response:
-    tenant = authenticate(request.app[keys.CONFIG], request)
-    store = request.app[keys.STORE]
+    """The tenant's quarantined records and repaired sessions; with an operator key, every
+    tenant's plus the store's own figures (its path, size, queue), which no tenant sees."""
+    config, store, pipeline = request.app[keys.CONFIG], request.app[keys.STORE], request.app[keys.PIPELINE]
+    if is_operator(config, request):
+        quarantined = [dataclasses.asdict(q) for q in await store.quarantined(None)]
+        return json_response({"quarantined": quarantined, "repaired_sessions": pipeline.repaired, "store": store.stats()})
+    tenant = authenticate(config, request)
     quarantined = [dataclasses.asdict(q) for q in await store.quarantined(tenant.name)]
-    return json_response({"quarantined": quarantined, "store": store.stats(), "repaired_sessions": request.app[keys.PIPELINE].repaired})
+    repaired = [r for r in pipeline.repaired if r["tenant"] == tenant.name]
+    return json_response({"quarantined": quarantined, "repaired_sessions": repaired})
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """The tenant's use of each quota and how often each refused it; every tenant's for an operator."""
+    config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
+    if is_operator(config, request):
+        return json_response({"object": "list", "data": [await quotas.usage(name) for name in config.tenants]})
+    return json_response(await quotas.usage(authenticate(config, request).name))

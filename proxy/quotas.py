@@ -1,0 +1,168 @@
+"""Per-tenant quotas and rate limits: requests per minute, concurrent requests, tokens per day,
+sessions and memories stored. Over a limit is a 429 with Retry-After; every refusal is counted.
+
+Counts live in this process (a proxy is one process per data directory); the day's tokens are
+also written to the store, so a restart does not hand a tenant a fresh daily budget.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
+
+from proxy.errors import ProxyError
+from proxy.storage.base import Record, Write
+
+if TYPE_CHECKING:  # configuration imports this module's settings; it needs no store
+    from proxy.storage.write_behind import WriteBehindStore
+
+KEYS = ("requests_per_minute", "concurrent_requests", "tokens_per_day", "sessions", "memories")
+USAGE_KIND = "usage"  # tenant-level record per UTC day: {"tokens": n}
+_DAY = 86400
+_STORED_RETRY_SECONDS = 60  # sessions and memories free up when they expire or are deleted
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    """A tenant's limits; None is unlimited (the default for every limit)."""
+
+    requests_per_minute: int | None = None
+    concurrent_requests: int | None = None
+    tokens_per_day: int | None = None  # prompt + completion tokens the provider reported, per UTC day
+    sessions: int | None = None  # sessions stored at once
+    memories: int | None = None  # long-term memories stored at once (checked when one is added by the API)
+
+
+def parse(spec: Any) -> QuotaSettings:
+    """``quotas:`` of a tenant; ValueError names the key and the rule."""
+    if not isinstance(spec, dict):
+        raise ValueError("quotas: must be a mapping")
+    unknown = sorted(str(k) for k in spec if k not in KEYS)
+    if unknown:
+        raise ValueError(f"quotas.{unknown[0]}: unknown key (allowed: {', '.join(KEYS)})")
+    for key, value in spec.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 50):
+            raise ValueError(f"quotas.{key}: must be null (unlimited) or an integer between 1 and {1 << 50}")
+    return QuotaSettings(**spec)
+
+
+class QuotaExceeded(ProxyError):
+    status = 429
+    type = "requests"
+
+
+def _refuse(message: str, code: str, retry_after: float) -> QuotaExceeded:
+    return QuotaExceeded(message, code=code, type="requests" if code == "rate_limit_exceeded" else "insufficient_quota",
+                         headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+class Quotas:
+    """The running counts of every tenant, checked before work is done and updated after."""
+
+    def __init__(self, settings: Mapping[str, QuotaSettings], store: WriteBehindStore, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self._recent: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._tokens: dict[str, tuple[int, int]] = {}  # tenant -> (day number, tokens that day)
+        self.refused: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+
+    # -- requests --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def request(self, tenant: str) -> AsyncIterator[None]:
+        """Admit one request (rate, concurrency and the day's tokens) and hold its slot until it ends."""
+        limits = self.settings[tenant]
+        now = self.clock()
+        if limits.requests_per_minute is not None:
+            recent = self._recent[tenant]
+            while recent and recent[0] <= now - 60:
+                recent.popleft()
+            if len(recent) >= limits.requests_per_minute:
+                self._count(tenant, "requests_per_minute")
+                raise _refuse(f"rate limit reached: {limits.requests_per_minute} requests per minute for this tenant",
+                              "rate_limit_exceeded", recent[0] + 60 - now)
+        if limits.concurrent_requests is not None and self._in_flight[tenant] >= limits.concurrent_requests:
+            self._count(tenant, "concurrent_requests")
+            raise _refuse(f"rate limit reached: {limits.concurrent_requests} concurrent requests for this tenant",
+                          "rate_limit_exceeded", 1)
+        if limits.tokens_per_day is not None and await self._tokens_today(tenant) >= limits.tokens_per_day:
+            self._count(tenant, "tokens_per_day")
+            raise _refuse(f"quota exceeded: {limits.tokens_per_day} tokens per day for this tenant (resets at 00:00 UTC)",
+                          "quota_exceeded", _DAY - now % _DAY)
+        if limits.requests_per_minute is not None:
+            self._recent[tenant].append(now)
+        self._in_flight[tenant] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[tenant] -= 1
+
+    async def add_tokens(self, tenant: str, usage: Any) -> None:
+        """Count the tokens of one answer (the provider's ``usage``); kept in the store per day."""
+        if not isinstance(usage, dict):
+            return
+        tokens = sum(int(v) for v in (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+                     if isinstance(v, int) and not isinstance(v, bool) and v > 0)
+        if not tokens:
+            return
+        total = await self._tokens_today(tenant) + tokens
+        day = int(self.clock() // _DAY)
+        self._tokens[tenant] = (day, total)
+        # Batched with the routine writes: a crash loses at most the last flush interval's count.
+        await self.store.apply_later([Write(tenant, records=[Record(USAGE_KIND, str(day), {"tokens": total})])])
+
+    async def _tokens_today(self, tenant: str) -> int:
+        day = int(self.clock() // _DAY)
+        known = self._tokens.get(tenant)
+        if known is None or known[0] != day:
+            stored = await self.store.get_record(tenant, USAGE_KIND, str(day))
+            tokens = stored.get("tokens") if isinstance(stored, dict) else 0
+            known = self._tokens[tenant] = (day, tokens if isinstance(tokens, int) else 0)
+        return known[1]
+
+    # -- what is stored --------------------------------------------------------------------
+
+    async def check_new_session(self, tenant: str, session_id: str) -> None:
+        """Before a session is created (a first request, a fork): refuse past ``sessions``."""
+        limit = self.settings[tenant].sessions
+        if limit is None or await self.store.get_session(tenant, session_id) is not None:
+            return
+        if len(await self.store.list_sessions(tenant)) >= limit:
+            self._count(tenant, "sessions")
+            raise _refuse(f"quota exceeded: this tenant stores at most {limit} sessions; delete some or wait for them to expire",
+                          "quota_exceeded", _STORED_RETRY_SECONDS)
+
+    def check_new_memory(self, tenant: str, stored: int) -> None:
+        limit = self.settings[tenant].memories
+        if limit is not None and stored >= limit:
+            self._count(tenant, "memories")
+            raise _refuse(f"quota exceeded: this tenant stores at most {limit} memories; delete some first",
+                          "quota_exceeded", _STORED_RETRY_SECONDS)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _count(self, tenant: str, limit: str) -> None:
+        self.refused[tenant][limit] += 1
+
+    async def usage(self, tenant: str) -> dict[str, Any]:
+        """What the tenant uses now against each limit, and how often each refused it."""
+        limits = self.settings[tenant]
+        now = self.clock()
+        recent = [t for t in self._recent.get(tenant, ()) if t > now - 60]
+        return {
+            "tenant": tenant,
+            "object": "usage",
+            "limits": {key: getattr(limits, key) for key in KEYS},
+            "current": {
+                "requests_last_minute": len(recent) if limits.requests_per_minute is not None else None,
+                "concurrent_requests": self._in_flight[tenant],
+                "tokens_today": await self._tokens_today(tenant),
+            },
+            "refused": {key: self.refused[tenant][key] for key in KEYS},
+        }
