@@ -18,6 +18,7 @@ from proxy.context.settings import ContextSettings, parse as parse_context
 
 HISTORY_MODES = ("auto", "client", "proxy")
 CONCURRENCY_MODES = ("serialize", "reject")
+HOSTED_TOOL_POLICIES = ("drop", "refuse")  # Responses API built-in tools: left out with a warning, or 400
 UPSTREAM_PATHS = ("auto", "direct", "litellm")
 PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
 CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "all")
@@ -50,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "concurrency": "serialize",
         "upstream_timeout_seconds": 600,
         "stateless": False,
+        "hosted_tools": "drop",
         "persistence": {},
         "context": {},
         "memory": {},
@@ -161,6 +163,7 @@ class TenantConfig:
     concurrency: str
     upstream_timeout: float
     stateless: bool = False  # plain proxying: no session state is read or recorded
+    hosted_tools: str = "drop"  # Responses API built-in tools (web_search...) the upstream cannot run: drop | refuse
     persistence: Persistence = Persistence()
     context: ContextSettings = ContextSettings()  # context management (proxy/context)
     memory: MemorySettings = MemorySettings()  # long-term memory (proxy/memory)
@@ -312,6 +315,8 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         raise ConfigError(f"{file}: history: must be one of {', '.join(HISTORY_MODES)}")
     if merged["concurrency"] not in CONCURRENCY_MODES:
         raise ConfigError(f"{file}: concurrency: must be one of {', '.join(CONCURRENCY_MODES)}")
+    if merged["hosted_tools"] not in HOSTED_TOOL_POLICIES:
+        raise ConfigError(f"{file}: hosted_tools: must be one of {', '.join(HOSTED_TOOL_POLICIES)}")
     models = merged["models"]
     if not isinstance(models, dict) or not models:
         raise ConfigError(f"{file}: models: must map at least one model alias to an upstream")
@@ -327,6 +332,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         concurrency=merged["concurrency"],
         upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
         stateless=_bool(merged["stateless"], file, "stateless"),
+        hosted_tools=merged["hosted_tools"],
         persistence=_build_persistence(file, merged["persistence"]),
         context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
         memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),

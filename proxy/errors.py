@@ -28,6 +28,7 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    param: str | None = None  # the request field at fault, when one is
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class ProxyError(Exception):
         type: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -47,9 +49,11 @@ class ProxyError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+        if param is not None:
+            self.param = param
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
 
 class BadRequest(ProxyError):

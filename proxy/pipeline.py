@@ -50,6 +50,10 @@ class Turn:
     idempotency_key: str | None = None  # hashed Idempotency-Key header
     replay: dict[str, Any] | None = None  # the recorded response for a repeated Idempotency-Key
     injected: list[str] | None = None  # ids of the long-term memories added to the prompt
+    # Set by a protocol edge that keeps its own records of a turn (e.g. a Responses API response
+    # id pointing at the recorded reply): called with the recorded messages and the outcome once
+    # the session's head is updated; what it returns is written in the same transaction, durably.
+    on_record: Callable[[list[Message], dict[str, Any]], list[Record]] | None = None
 
 
 class Pipeline:
@@ -245,9 +249,10 @@ class Pipeline:
             replay = {"request_id": turn.request_id, "response": response, "chunks": chunks}
             aux.append(Record(IDEMPOTENCY_KIND, turn.idempotency_key, replay, session.id))
         aux += self._checkpoint_if_due(turn.tenant, session, records, now)
-        write = Write(session.tenant, session, records, aux)
+        edge = turn.on_record(records, {"outcome": outcome, "finish_reason": finish_reason, "usage": usage, "model": model}) if turn.on_record else []
+        write = Write(session.tenant, session, records, aux + edge)
         try:
-            if turn.tenant.persistence.durable(tags):
+            if edge or turn.tenant.persistence.durable(tags):
                 await self.store.apply([write])
             else:
                 await self.store.apply_later([write])
