@@ -1,0 +1,91 @@
+"""Codex CLI itself (`codex exec`) through the proxy's Responses API, against the fake chat upstream.
+
+CI installs the CLI (.ci/run: `npm install -g @openai/codex`); the test skips only where the
+`codex` binary cannot be had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+from tests.harness import open_tenant, start_thread, write_config
+
+CODEX = shutil.which("codex")
+pytestmark = pytest.mark.skipif(CODEX is None, reason="the codex CLI is not installed (npm install -g @openai/codex)")
+
+
+def codex_home(directory: Path, base_url: str) -> Path:
+    """A CODEX_HOME whose config points Codex at the proxy, the way the README tells users to."""
+    home = directory / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        'model = "fake-model"\n'
+        'model_provider = "asp"\n'
+        "[model_providers.asp]\n"
+        'name = "agent-state-proxy"\n'
+        f'base_url = "{base_url}"\n'
+        'wire_api = "responses"\n'
+        'env_key = "ASP_API_KEY"\n'
+    )
+    return home
+
+
+def run_codex(home: Path, workdir: Path, prompt: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")} | {"CODEX_HOME": str(home), "ASP_API_KEY": "local-key"}
+    return subprocess.run([CODEX, "exec", "--skip-git-repo-check", prompt], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL)
+
+
+def test_codex_exec_runs_a_tool_loop_recorded_as_one_session(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # Codex's instructions and tools are ~10k tokens: more than the fallback window assumed for
+    # a model litellm does not know ("fake-model"), so the tenant names a larger one.
+    tenant = open_tenant(upstream.base_url, context={"fallback_context_window": 400000})
+    with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        upstream.script_tool_call("exec_command", {"cmd": "echo codex-through-the-proxy"})
+        upstream.script_reply("All done: the command ran.")
+        result = run_codex(codex_home(tmp_path, proxy.base_url), workdir, "Run echo for me")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "All done: the command ran." in result.stdout
+
+        # Two model calls (the tool call, then the answer), each carrying Codex's whole input.
+        calls = upstream.chat_requests
+        assert len(calls) == 2
+        assert calls[0]["stream"] is True and calls[0]["messages"][0]["role"] == "developer"
+        names = {t["function"]["name"] for t in calls[0]["tools"]}
+        assert "exec_command" in names and not any(t.get("type") == "web_search" for t in calls[0]["tools"])
+        follow_up = calls[1]["messages"]
+        assert follow_up[-2]["tool_calls"][0]["function"]["name"] == "exec_command"
+        assert follow_up[-1]["role"] == "tool" and follow_up[-1]["tool_call_id"] == follow_up[-2]["tool_calls"][0]["id"]
+
+        # One Codex session is one proxy session (its session-id header), nothing recorded twice.
+        [session] = httpx.get(proxy.url + "/admin/sessions").json()["data"]
+        messages = httpx.get(f"{proxy.url}/admin/sessions/{session['id']}").json()["messages"]
+        roles = [m["role"] for m in messages]
+        assert roles[-3:] == ["assistant", "tool", "assistant"]
+        assert roles.count("user") == len([m for m in calls[0]["messages"] if m["role"] == "user"])
+        assert messages[-1]["body"]["content"] == "All done: the command ran."
+        session_line = next(line for line in result.stderr.splitlines() if line.startswith("session id:"))
+        assert session["id"] == session_line.split(":", 1)[1].strip()
+
+
+def test_codex_request_fixture_translates(tmp_path: Path) -> None:
+    """The recorded Codex request (tests/fixtures) parses: store false, web_search dropped, namespaced tools."""
+    from proxy.protocols import responses
+
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "responses" / "codex_request.json").read_text())
+    parsed = responses.parse(fixture["body"])
+    assert parsed.store is False and parsed.stream is True
+    assert parsed.dropped_tools == ["web_search"]
+    assert [m["role"] for m in parsed.chat["messages"]] == ["developer", "developer", "user", "user"]
+    names = [t["function"]["name"] for t in parsed.chat["tools"]]
+    assert "exec_command" in names and any(n.startswith("multi_agent_v1__") for n in names)
