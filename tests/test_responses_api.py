@@ -272,3 +272,22 @@ def test_models_lists_the_model_of_a_catch_all(tmp_path: Path, upstream: FakeUps
                         "fast": {"model": "openai/fake-model", "api_base": upstream.base_url, "api_key": "upstream-secret-key"}}
     with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
         assert [m.id for m in client(proxy).models.list()] == ["fast", "openai/served-model"]
+
+
+def test_compact_then_continue_from_the_compacted_items(proxy, upstream: FakeUpstream) -> None:
+    """What Codex does near the context limit: compact, then send the compacted items as its history."""
+    api = client(proxy)
+    history = [{"role": "developer", "content": "You are a careful agent."},
+               {"role": "user", "content": "Our deadline is March 3 and the budget is 4200 EUR."},
+               {"role": "assistant", "content": "Noted: deadline March 3, budget 4200 EUR. We decided to use PostgreSQL."},
+               {"role": "user", "content": "Now write the plan."}]
+    compacted = json.loads(api.responses.with_raw_response.compact(model="m", input=history).text)  # as Codex reads it
+    assert compacted["object"] == "response.compaction" and compacted["usage"]["output_tokens"] > 0
+    kinds = [(item["type"], item.get("role")) for item in compacted["output"]]
+    assert kinds == [("message", "developer"), ("message", "user"), ("message", "user"), ("compaction", None)]
+    upstream.script_reply("Here is the plan.")
+    items = compacted["output"] + [{"role": "user", "content": "continue"}]
+    api.responses.create(model="m", input=items)
+    sent = upstream.chat_requests[-1]["messages"]
+    assert [m["role"] for m in sent] == ["developer", "user", "user", "assistant", "user"]
+    assert "PostgreSQL" in sent[3]["content"] and "4200" in sent[3]["content"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import BadRequest
+from proxy.protocols import responses_compact
 from proxy.validate import FORBIDDEN_FIELDS
 
 # Fields a Responses request may carry. Accepted-and-ignored ones are listed with why.
@@ -25,7 +26,7 @@ _IGNORED = {
     "truncation",  # the proxy's own context management fits the budget
     "prompt_cache_key",  # a routing hint of OpenAI's; Codex sets it to its session id (the session-id header names the session)
     "prompt_cache_retention", "service_tier", "safety_identifier", "stream_options", "max_tool_calls",
-    "top_logprobs", "context_management", "client_metadata", "background",
+    "top_logprobs", "context_management", "client_metadata", "background", "image", "prompt_cache_options",
 }
 KNOWN_FIELDS = _TRANSLATED | _IGNORED
 
@@ -192,6 +193,12 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise _bad(f"{where}.call_id must be a string", f"{where}.call_id")
             assistant = None
             messages.append({"role": "tool", "tool_call_id": call_id, "content": _output_text(item.get("output"), where)})
+        elif kind == "compaction":
+            summary = responses_compact.decode(item.get("encrypted_content"))
+            if summary is not None:  # the proxy's own compaction: its summary, as the assistant's
+                assistant = None
+                messages.append(responses_compact.summary_message(summary))
+            # Anyone else's (OpenAI's are encrypted) cannot be read: like reasoning, not translated.
         elif kind == "reasoning":
             # Reasoning items (often encrypted, another model's) mean nothing to a chat upstream:
             # they stay in the stored input items and are not translated.

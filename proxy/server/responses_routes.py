@@ -22,7 +22,7 @@ from aiohttp import web
 from proxy.config import TenantConfig
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.pipeline import Pipeline, Turn
-from proxy.protocols import responses, responses_render as render
+from proxy.protocols import responses, responses_compact, responses_render as render
 from proxy.records import Message
 from proxy.server import keys
 from proxy.server.http import authenticate, json_response, read_json
@@ -38,6 +38,7 @@ KIND = "response"  # tenant-scoped record: response id → (session, seq) and wh
 def setup_responses_routes(app: web.Application) -> None:
     for prefix in ("", "/s/{session_id}"):
         app.router.add_post(prefix + "/v1/responses", create_response)
+        app.router.add_post(prefix + "/v1/responses/compact", compact_response)
         app.router.add_get(prefix + "/v1/responses/{response_id}", retrieve_response)
         app.router.add_delete(prefix + "/v1/responses/{response_id}", delete_response)
         app.router.add_get(prefix + "/v1/responses/{response_id}/input_items", list_input_items)
@@ -180,7 +181,7 @@ async def _history(pipeline: Pipeline, tenant: TenantConfig, response_id: str, p
     return [m.body for m in path if not m.reverted]
 
 
-def _continue(history: list[dict[str, Any]], parsed: responses.ResponsesRequest) -> list[dict[str, Any]]:
+def _continue(history: list[dict[str, Any]], parsed: responses.ResponsesRequest, need_input: bool = True) -> list[dict[str, Any]]:
     """The full history for a chained request: the stored path, then this request's input.
 
     New ``instructions`` replace the stored leading system message (a differing one makes the
@@ -192,7 +193,7 @@ def _continue(history: list[dict[str, Any]], parsed: responses.ResponsesRequest)
             history = [system] + history[1:]
         else:
             history = [system] + history
-    if not new:
+    if not new and need_input:
         raise BadRequest("'input' must hold at least one item to continue a response", code="invalid_value", param="input")
     return history + new
 
@@ -258,3 +259,26 @@ def _input_item(item: dict[str, Any], fallback_id: str) -> dict[str, Any]:
             kind = "output_text" if shown.get("role") == "assistant" else "input_text"
             shown["content"] = [{"type": kind, "text": shown["content"]}]
     return shown
+
+
+async def compact_response(request: web.Request) -> web.Response:
+    """Compact a conversation (its input, or a stored chain) into items to continue from.
+
+    Nothing is called upstream and nothing recorded: the client continues from the items
+    returned, and its next request records the compacted conversation as a branch.
+    """
+    config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
+    tenant = authenticate(config, request)
+    parsed = responses.parse(await read_json(request, config.max_body_bytes), tenant.hosted_tools)
+    if tenant.route(parsed.chat["model"]) is None:
+        raise NotFound(f"model '{parsed.chat['model']}' is not configured for this tenant", code="model_not_found")
+    messages = parsed.chat["messages"]
+    if parsed.previous_response_id:
+        pointer = await _pointer(pipeline, tenant, parsed.previous_response_id, "previous_response_id")
+        history = await _history(pipeline, tenant, parsed.previous_response_id, pointer)
+        messages = _continue(history, parsed, need_input=False)
+    compaction_id = "cmp_" + uuid.uuid4().hex
+    items, counted = responses_compact.compact(messages, parsed.chat["model"], compaction_id)
+    usage = render.usage({"prompt_tokens": counted["input"], "completion_tokens": counted["output"]})
+    return json_response({"id": compaction_id, "object": "response.compaction", "created_at": int(time.time()),
+                          "output": items, "usage": usage})
