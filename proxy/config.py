@@ -21,7 +21,7 @@ CONCURRENCY_MODES = ("serialize", "reject")
 HOSTED_TOOL_POLICIES = ("drop", "refuse")  # Responses API built-in tools: left out with a warning, or 400
 UPSTREAM_PATHS = ("auto", "direct", "litellm")
 PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
-CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "all")
+CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "response_id", "all")
 MEMORY_SCOPES = ("user", "session", "tenant")
 MEMORY_ANONYMOUS = ("session", "shared")
 # The bundled all-MiniLM-L6-v2: int8 on ONNX Runtime (fast, the default) or float32 numpy (exact).
@@ -119,7 +119,7 @@ class Persistence:
     """How a tenant's turns reach the disk (see README, Persistence)."""
 
     mode: str = "hybrid"  # hybrid | sync | async | checkpoint
-    critical: frozenset[str] = frozenset({"decision", "commitment", "preference", "tool_calls", "idempotent"})
+    critical: frozenset[str] = frozenset({"decision", "commitment", "preference", "tool_calls", "idempotent", "response_id"})
     checkpoint_every_messages: int = 50
     checkpoint_every_seconds: float = 300.0
     keep_checkpoints: int = 5

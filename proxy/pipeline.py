@@ -52,7 +52,8 @@ class Turn:
     injected: list[str] | None = None  # ids of the long-term memories added to the prompt
     # Set by a protocol edge that keeps its own records of a turn (e.g. a Responses API response
     # id pointing at the recorded reply): called with the recorded messages and the outcome once
-    # the session's head is updated; what it returns is written in the same transaction, durably.
+    # the session's head is updated; what it returns is written in the same transaction, tagged
+    # "<kind>_id" for the tenant's persistence policy (persistence.critical).
     on_record: Callable[[list[Message], dict[str, Any]], list[Record]] | None = None
 
 
@@ -250,9 +251,10 @@ class Pipeline:
             aux.append(Record(IDEMPOTENCY_KIND, turn.idempotency_key, replay, session.id))
         aux += self._checkpoint_if_due(turn.tenant, session, records, now)
         edge = turn.on_record(records, {"outcome": outcome, "finish_reason": finish_reason, "usage": usage, "model": model}) if turn.on_record else []
+        tags.update(record.kind + "_id" for record in edge)  # e.g. response_id: the policy says if it is critical
         write = Write(session.tenant, session, records, aux + edge)
         try:
-            if edge or turn.tenant.persistence.durable(tags):
+            if turn.tenant.persistence.durable(tags):
                 await self.store.apply([write])
             else:
                 await self.store.apply_later([write])

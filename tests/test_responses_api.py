@@ -291,3 +291,15 @@ def test_compact_then_continue_from_the_compacted_items(proxy, upstream: FakeUps
     sent = upstream.chat_requests[-1]["messages"]
     assert [m["role"] for m in sent] == ["developer", "user", "user", "assistant", "user"]
     assert "PostgreSQL" in sent[3]["content"] and "4200" in sent[3]["content"]
+
+
+def test_response_ids_outside_the_critical_set_are_still_readable_at_once(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A tenant that trades durability for latency (response_id not critical): batched, yet chainable at once."""
+    tenant = open_tenant(upstream.base_url, persistence={"critical": ["decision"]})
+    with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
+        api = client(proxy)
+        upstream.script_reply("first", "second")
+        first = api.responses.create(model="m", input="one")
+        second = api.responses.create(model="m", input="two", previous_response_id=first.id)
+        assert api.responses.retrieve(second.id).output_text == "second"
+        assert [m["content"] for m in upstream.chat_requests[-1]["messages"]] == ["one", "first", "two"]
