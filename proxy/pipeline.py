@@ -55,6 +55,7 @@ class Turn:
     # the session's head is updated; what it returns is written in the same transaction, tagged
     # "<kind>_id" for the tenant's persistence policy (persistence.critical).
     on_record: Callable[[list[Message], dict[str, Any]], list[Record]] | None = None
+    protocol: str | None = None  # the client protocol when not Chat Completions, recorded on its messages
 
 
 class Pipeline:
@@ -210,7 +211,7 @@ class Pipeline:
             message = Message(
                 seq=session.next_seq, parent=parent, chain=chain, role=str(body.get("role")), body=body,
                 ts=now, request_id=turn.request_id, branch=branch, tokens=tokens.count_message(body, encoding),
-                tokenizer=encoding, tags=tag_message(body), **meta,
+                tokenizer=encoding, tags=tag_message(body), protocol=turn.protocol, **meta,
             )
             session.next_seq += 1
             parent = message.seq

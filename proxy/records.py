@@ -37,6 +37,7 @@ class Message:
     tags: list[str] | None = None  # importance: decision, commitment, preference, fact, ...
     reverted: bool = False  # rolled back: kept for audit, excluded from context and memory
     injected: list[str] | None = None  # memory ids injected into the request that produced this
+    protocol: str | None = None  # the client protocol that sent or received it, when not Chat Completions ("responses", ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

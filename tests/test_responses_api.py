@@ -44,8 +44,9 @@ def test_create_text_with_instructions(proxy, upstream: FakeUpstream) -> None:
     assert raw.headers["x-session-id"] == "text-1"
     assert upstream.chat_requests[-1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
     assert upstream.chat_requests[-1]["model"] == "gpt-4o-mini"
-    roles = [m["role"] for m in session_messages(proxy, "text-1")]
-    assert roles == ["system", "user", "assistant"]
+    recorded = session_messages(proxy, "text-1")
+    assert [m["role"] for m in recorded] == ["system", "user", "assistant"]
+    assert {m["protocol"] for m in recorded} == {"responses"}  # the admin view tells which protocol recorded them
 
 
 def test_items_without_type_and_parts(proxy, upstream: FakeUpstream) -> None:
@@ -303,3 +304,14 @@ def test_response_ids_outside_the_critical_set_are_still_readable_at_once(tmp_pa
         second = api.responses.create(model="m", input="two", previous_response_id=first.id)
         assert api.responses.retrieve(second.id).output_text == "second"
         assert [m["content"] for m in upstream.chat_requests[-1]["messages"]] == ["one", "first", "two"]
+
+
+def test_idempotent_retry_is_answered_from_the_record(proxy, upstream: FakeUpstream) -> None:
+    api = client(proxy)
+    upstream.script_reply("only once")
+    key = {"Idempotency-Key": "retry-1", "X-Session-ID": "idem"}
+    first = api.responses.create(model="m", input="charge the card", extra_headers=key)
+    raw = api.responses.with_raw_response.create(model="m", input="charge the card", extra_headers=key)
+    assert raw.headers["idempotent-replayed"] == "true"
+    assert raw.parse().output_text == first.output_text == "only once"
+    assert len(upstream.chat_requests) == 1

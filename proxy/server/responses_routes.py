@@ -69,6 +69,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             chat = chat_body(chat | {"messages": _continue(history, parsed)})
         turn = await pipeline.prepare(tenant, ref, chat, route, request.headers.get("Idempotency-Key"))
         turn.headers |= headers
+        turn.protocol = "responses"
         response_id = "resp_" + uuid.uuid4().hex
         created = int(time.time())
         if turn.replay is not None:  # a retried Idempotency-Key: the recorded answer, rendered again
