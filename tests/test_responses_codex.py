@@ -21,13 +21,14 @@ CODEX = shutil.which("codex")
 pytestmark = pytest.mark.skipif(CODEX is None, reason="the codex CLI is not installed (npm install -g @openai/codex)")
 
 
-def codex_home(directory: Path, base_url: str) -> Path:
+def codex_home(directory: Path, base_url: str, extra: str = "") -> Path:
     """A CODEX_HOME whose config points Codex at the proxy, the way the README tells users to."""
     home = directory / "codex-home"
     home.mkdir()
     (home / "config.toml").write_text(
         'model = "fake-model"\n'
         'model_provider = "asp"\n'
+        + extra +
         "[model_providers.asp]\n"
         'name = "agent-state-proxy"\n'
         f'base_url = "{base_url}"\n'
@@ -76,3 +77,29 @@ def test_codex_exec_runs_a_tool_loop_recorded_as_one_session(tmp_path: Path, ups
         session_line = next(line for line in result.stderr.splitlines() if line.startswith("session id:"))
         assert session["id"] == session_line.split(":", 1)[1].strip()
 
+
+
+def test_codex_auto_compaction_goes_through_the_proxy_as_a_branch(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Codex 0.171 with a model_providers entry compacts locally: a summarization request through
+    /v1/responses, then the turn goes on from the shorter history, which the transcript records as
+    a branch (the full history stays on the old one)."""
+    tenant = open_tenant(upstream.base_url, context={"fallback_context_window": 400000})
+    with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        upstream.script_tool_call("exec_command", {"cmd": "echo compact-me"})
+        upstream.script_reply("Summary: ran echo compact-me.", "finished after compaction")
+        home = codex_home(tmp_path, proxy.base_url, extra="model_auto_compact_token_limit = 3000\n")
+        result = run_codex(home, workdir, "Run echo")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "context compacted" in result.stderr and "finished after compaction" in result.stdout
+        calls = upstream.chat_requests
+        assert len(calls) == 3
+        assert "Summary: ran echo compact-me." in calls[2]["messages"][-1]["content"]
+        assert not any(m["role"] in ("assistant", "tool") for m in calls[2]["messages"])  # the compacted history
+        [session] = httpx.get(proxy.url + "/admin/sessions").json()["data"]
+        assert session["branches"] >= 1
+        messages = httpx.get(f"{proxy.url}/admin/sessions/{session['id']}").json()["messages"]
+        active = [m for m in messages if m["active"]]
+        assert active[-1]["body"]["content"] == "finished after compaction"
+        assert any(m["role"] == "tool" and not m["active"] for m in messages)  # the pre-compaction turn, kept

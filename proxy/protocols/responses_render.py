@@ -10,8 +10,6 @@ from typing import Any
 
 import orjson
 
-from proxy.protocols.responses import NAMESPACE_SEPARATOR
-
 # Finish reasons of chat completions that make a response "incomplete", and why.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # ResponseError.code is an enumeration in the SDK: map HTTP failures onto it.
@@ -48,9 +46,7 @@ def text_part(text: str) -> dict[str, Any]:
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str,
                        namespaces: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
     item = {"id": item_id, "type": "function_call", "status": status, "call_id": call_id, "name": name, "arguments": arguments}
-    space = (namespaces or {}).get(name)
-    if space is None and NAMESPACE_SEPARATOR in name and namespaces is None:
-        space = tuple(name.split(NAMESPACE_SEPARATOR, 1))  # read back later: the name says it
+    space = (namespaces or {}).get(name)  # a namespaced tool's chat name → (namespace, name)
     if space is not None:
         item["namespace"], item["name"] = space
     return item
