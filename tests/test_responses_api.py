@@ -315,3 +315,13 @@ def test_idempotent_retry_is_answered_from_the_record(proxy, upstream: FakeUpstr
     assert raw.headers["idempotent-replayed"] == "true"
     assert raw.parse().output_text == first.output_text == "only once"
     assert len(upstream.chat_requests) == 1
+
+
+def test_models_lists_the_model_given_to_serve_model(tmp_path: Path) -> None:
+    """`agent-state-proxy serve --model X` (a catch-all to one model): model pickers see X."""
+    from proxy.config import load_config
+    from tests.harness import ProxyThread
+
+    config = load_config(None, {"model": "anthropic/claude-3-5-sonnet-20241022", "data_dir": str(tmp_path / "data")})
+    with ProxyThread(config) as proxy:
+        assert [m.id for m in client(proxy).models.list()] == ["anthropic/claude-3-5-sonnet-20241022"]
