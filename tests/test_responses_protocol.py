@@ -145,3 +145,12 @@ def test_compaction_item_round_trip() -> None:
     back = responses.items_to_messages([items[-1]])
     assert back[0]["role"] == "assistant" and "May 9" in back[0]["content"]
     assert responses.items_to_messages([{"type": "compaction", "encrypted_content": "gAAAAopaque"}]) == []
+
+
+def test_hosted_tools_setting_is_validated(tmp_path: Path) -> None:
+    from proxy.config import ConfigError, load_config
+    from tests.harness import open_tenant, write_config
+
+    path = write_config(tmp_path, {"local": open_tenant("http://127.0.0.1:9/v1", hosted_tools="sometimes")})
+    with pytest.raises(ConfigError, match=r"local\.yaml: hosted_tools: must be one of drop, refuse"):
+        load_config(path)
