@@ -19,9 +19,10 @@ from proxy.quotas import QuotaSettings, parse as parse_quotas
 
 HISTORY_MODES = ("auto", "client", "proxy")
 CONCURRENCY_MODES = ("serialize", "reject")
+HOSTED_TOOL_POLICIES = ("drop", "refuse")  # Responses API built-in tools: left out with a warning, or 400
 UPSTREAM_PATHS = ("auto", "direct", "litellm")
 PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
-CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "all")
+CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "response_id", "all")
 STORAGE_BACKENDS = ("lmdb", "postgres")
 IMPLICIT_MODES = ("new", "resume")
 REVERTED_TURNS = ("drop", "keep")
@@ -62,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "upstream_timeout_seconds": 600,
         "max_response_bytes": DEFAULT_MAX_RESPONSE_BYTES,
         "stateless": False,
+        "hosted_tools": "drop",
         "persistence": {},
         "sessions": {},
         "quotas": {},
@@ -133,7 +135,7 @@ class Persistence:
     """How a tenant's turns reach the disk (see README, Persistence)."""
 
     mode: str = "hybrid"  # hybrid | sync | async | checkpoint
-    critical: frozenset[str] = frozenset({"decision", "commitment", "preference", "tool_calls", "idempotent"})
+    critical: frozenset[str] = frozenset({"decision", "commitment", "preference", "tool_calls", "idempotent", "response_id"})
     checkpoint_every_messages: int = 50
     checkpoint_every_seconds: float = 300.0
     keep_checkpoints: int = 5
@@ -208,6 +210,7 @@ class TenantConfig:
     upstream_timeout: float
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # an upstream reply larger than this is a 502
     stateless: bool = False  # plain proxying: no session state is read or recorded
+    hosted_tools: str = "drop"  # Responses API built-in tools (web_search...) the upstream cannot run: drop | refuse
     persistence: Persistence = Persistence()
     sessions: SessionSettings = SessionSettings()
     quotas: QuotaSettings = QuotaSettings()  # rate limits and stored-data quotas (proxy/quotas.py)
@@ -418,6 +421,8 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         raise ConfigError(f"{file}: history: must be one of {', '.join(HISTORY_MODES)}")
     if merged["concurrency"] not in CONCURRENCY_MODES:
         raise ConfigError(f"{file}: concurrency: must be one of {', '.join(CONCURRENCY_MODES)}")
+    if merged["hosted_tools"] not in HOSTED_TOOL_POLICIES:
+        raise ConfigError(f"{file}: hosted_tools: must be one of {', '.join(HOSTED_TOOL_POLICIES)}")
     models = merged["models"]
     if not isinstance(models, dict) or not models:
         raise ConfigError(f"{file}: models: must map at least one model alias to an upstream")
@@ -434,6 +439,7 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         upstream_timeout=float(_int(merged["upstream_timeout_seconds"], file, "upstream_timeout_seconds", 1, 86400)),
         max_response_bytes=_int(merged["max_response_bytes"], file, "max_response_bytes", 1024, 1 << 40),
         stateless=_bool(merged["stateless"], file, "stateless"),
+        hosted_tools=merged["hosted_tools"],
         persistence=_build_persistence(file, merged["persistence"]),
         sessions=_build_sessions(file, defaults.get("sessions", {}), doc.get("sessions", {})),
         quotas=_build_quotas(file, defaults["quotas"], doc.get("quotas", {})),

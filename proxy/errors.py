@@ -28,6 +28,7 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    param: str | None = None  # the request field at fault, when one is
 
     def __init__(
         self,
@@ -49,6 +50,8 @@ class ProxyError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+        if param is not None:
+            self.param = param
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}

@@ -56,6 +56,12 @@ class Turn:
     replay: dict[str, Any] | None = None  # the recorded response for a repeated Idempotency-Key
     injected: list[str] | None = None  # ids of the long-term memories added to the prompt
     fingerprint: str | None = None  # hash of the request body, kept with an idempotent response
+    # Set by a protocol edge that keeps its own records of a turn (e.g. a Responses API response
+    # id pointing at the recorded reply): called with the recorded messages and the outcome once
+    # the session's head is updated; what it returns is written in the same transaction, tagged
+    # "<kind>_id" for the tenant's persistence policy (persistence.critical).
+    on_record: Callable[[list[Message], dict[str, Any]], list[Record]] | None = None
+    protocol: str | None = None  # the client protocol when not Chat Completions, recorded on its messages
 
 
 class Pipeline:
@@ -266,7 +272,7 @@ class Pipeline:
             message = Message(
                 seq=session.next_seq, parent=parent, chain=chain, role=str(body.get("role")), body=body,
                 ts=now, request_id=turn.request_id, branch=branch, tokens=tokens.count_message(body, encoding),
-                tokenizer=encoding, tags=tag_message(body), **meta,
+                tokenizer=encoding, tags=tag_message(body), protocol=turn.protocol, **meta,
             )
             session.next_seq += 1
             parent = message.seq
@@ -309,7 +315,9 @@ class Pipeline:
         aux += self._checkpoint_if_due(turn.tenant, session, records, now)
         if turn.ref.agent is not None:  # where this agent resumes after a restart
             aux.append(Record(AGENT_KIND, turn.ref.agent, {"session": session.id, "ts": now}))
-        write = Write(session.tenant, session, records, aux)
+        edge = turn.on_record(records, {"outcome": outcome, "finish_reason": finish_reason, "usage": usage, "model": model}) if turn.on_record else []
+        tags.update(record.kind + "_id" for record in edge)  # e.g. response_id: the policy says if it is critical
+        write = Write(session.tenant, session, records, aux + edge)
         try:
             if turn.tenant.persistence.durable(tags):
                 await self.store.apply([write])

@@ -38,6 +38,7 @@ class Message:
     reverted: bool = False  # rolled back: kept for audit, excluded from context and memory
     injected: list[str] | None = None  # memory ids injected into the request that produced this
     usage: dict[str, int] | None = None  # that request's tokens: prompt, completion, cached, sent, full
+    protocol: str | None = None  # the client protocol that sent or received it, when not Chat Completions ("responses", ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

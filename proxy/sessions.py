@@ -17,7 +17,7 @@ class SessionRef:
     id: str
     implicit: bool
     user_id: str | None
-    source: str  # header | path | metadata | implicit | resumed
+    source: str  # header | path | metadata | codex | previous_response | implicit | resumed
     agent: str | None = None  # the agent identity of an implicit session, when its tenant resumes
 
 
@@ -27,21 +27,32 @@ def identify(
     path_session: str | None,
     body: dict[str, Any],
 ) -> SessionRef:
-    """First match wins: X-Session-ID header, /s/{id}/ path prefix, metadata.session_id, implicit."""
-    user_id = _clean(headers.get("X-User-ID"), "X-User-ID header")
+    """First match wins: X-Session-ID header, /s/{id}/ path prefix, metadata.session_id, Codex
+    CLI's session-id header, implicit."""
+    user_id = user_id_of(headers, body)
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    if user_id is None and isinstance(metadata.get("user_id"), str):
-        user_id = _clean(metadata["user_id"], "metadata.user_id")
     for source, value in (
         ("header", headers.get("X-Session-ID")),
         ("path", path_session),
         ("metadata", metadata.get("session_id")),
+        # Codex CLI names its session in a `session-id` header (also thread-id and
+        # x-client-request-id): one Codex session is one proxy session, with no configuration.
+        ("codex", headers.get("session-id")),
     ):
         if value is not None:
             if not isinstance(value, str):
                 raise BadRequest(f"session id from {source} must be a string", code="invalid_session_id")
             return SessionRef(_clean(value, f"session id from {source}"), False, user_id, source)
     return SessionRef(implicit_session_id(tenant, body.get("messages") or []), True, user_id, "implicit")
+
+
+def user_id_of(headers: Mapping[str, str], body: dict[str, Any]) -> str | None:
+    """The user a request acts for: X-User-ID header, else metadata.user_id."""
+    user_id = _clean(headers.get("X-User-ID"), "X-User-ID header")
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    if user_id is None and isinstance(metadata.get("user_id"), str):
+        user_id = _clean(metadata["user_id"], "metadata.user_id")
+    return user_id
 
 
 def implicit_session_id(tenant: str, messages: list[Any]) -> str:

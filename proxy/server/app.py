@@ -21,6 +21,7 @@ from proxy.server.http import errors_middleware
 from proxy.server.memory_routes import setup_memory_routes
 from proxy.server.metrics import METRICS, Metrics, setup_metrics_routes
 from proxy.server.metrics import middleware as metrics_middleware
+from proxy.server.responses_routes import setup_responses_routes
 from proxy.server.routes import setup_routes
 from proxy.server.ui import setup_ui_routes
 from proxy.storage.base import Store
@@ -49,6 +50,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     setup_memory_routes(app)
     setup_metrics_routes(app)
     setup_ui_routes(app)
+    setup_responses_routes(app)
     return app
 
 

@@ -131,7 +131,12 @@ async def _end_quietly(response: web.StreamResponse, last: bytes | None) -> None
 async def list_models(request: web.Request) -> web.Response:
     tenant = authenticate(request.app[keys.CONFIG], request)
     created = int(request.app[keys.STARTED])
-    data = [{"id": alias, "object": "model", "created": created, "owned_by": tenant.name} for alias in tenant.models if alias != "*"]
+    names = [alias for alias in tenant.models if alias != "*"]
+    catch_all = tenant.models.get("*")
+    if catch_all is not None and "{model}" not in catch_all.model and catch_all.model not in names:
+        # A catch-all to one model (`serve --model X`): list that model, like `litellm --model`.
+        names.append(catch_all.model)
+    data = [{"id": name, "object": "model", "created": created, "owned_by": tenant.name} for name in names]
     return json_response({"object": "list", "data": data})
 
 
