@@ -62,6 +62,7 @@ class Turn:
     # "<kind>_id" for the tenant's persistence policy (persistence.critical).
     on_record: Callable[[list[Message], dict[str, Any]], list[Record]] | None = None
     protocol: str | None = None  # the client protocol when not Chat Completions, recorded on its messages
+    usage: dict[str, Any] | None = None  # the provider's token counts, once the answer is recorded
 
 
 class Pipeline:
@@ -249,6 +250,7 @@ class Pipeline:
         response: dict[str, Any] | None = None, chunks: list[dict[str, Any]] | None = None,
     ) -> None:
         """Append the new messages and the answer; durable now or batched, per the tenant's policy."""
+        turn.usage = usage if isinstance(usage, dict) else None
         saved = int(turn.headers.get("X-Context-Tokens-Saved") or 0)
         self.observer.recorded(turn.tenant.name, turn.ref.id, usage if isinstance(usage, dict) else None, saved)
         if turn.tenant.stateless:

@@ -45,8 +45,14 @@ def setup_responses_routes(app: web.Application) -> None:
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
-    config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
+    config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
+    async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
+        return await _create_response(request, tenant)
+
+
+async def _create_response(request: web.Request, tenant) -> web.StreamResponse:
+    config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
     parsed = responses.parse(await read_json(request, config.max_body_bytes), tenant.hosted_tools)
     headers: dict[str, str] = {}
     if parsed.dropped_tools:
@@ -57,6 +63,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     pointer = await _pointer(pipeline, tenant, parsed.previous_response_id, "previous_response_id") if parsed.previous_response_id else None
     if pointer is None:
         ref, chat, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), chat)
+        ref = await pipeline.resume(tenant, ref, chat)
     else:
         # A chain never leaves its session (nor its tenant: the pointer is the tenant's own).
         ref = SessionRef(pointer["session"], False, user_id_of(request.headers, chat), "previous_response")
@@ -64,6 +71,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         if route is None:
             raise NotFound(f"model '{parsed.chat['model']}' is not configured for this tenant", code="model_not_found")
     async with pipeline.session_lock(tenant, ref):
+        if not tenant.stateless:
+            await quotas.check_new_session(tenant.name, ref.id)
         if pointer is not None:
             history = await _history(pipeline, tenant, parsed.previous_response_id, pointer)
             chat = chat_body(chat | {"messages": _continue(history, parsed)})
@@ -78,6 +87,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             turn.on_record = _pointer_writer(turn, parsed, response_id, created, route.requested)
         if not parsed.stream:
             completion = await pipeline.complete(turn)
+            await quotas.add_tokens(tenant.name, completion.get("usage"))
             result = render.render(response_id, parsed.echo, completion, created, parsed.namespaces)
             return json_response(result, headers=turn.headers)
         return await _relay(request, pipeline, turn, render.StreamRenderer(response_id, parsed.echo, route.requested, created, parsed.namespaces))
@@ -131,6 +141,7 @@ async def _relay(request: web.Request, pipeline: Pipeline, turn: Turn, renderer:
             await response.write_eof(render.sse(last))
         except (ConnectionResetError, ConnectionError):
             pass
+    await request.app[keys.QUOTAS].add_tokens(turn.tenant.name, turn.usage)  # after the client has its answer
     return response
 
 
