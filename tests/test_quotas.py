@@ -144,3 +144,14 @@ def test_quotas_are_validated(tmp_path: Path, quotas, message: str) -> None:
     path = write_config(tmp_path, {"team": keyed_tenant("http://127.0.0.1:9/v1", KEY, quotas=quotas)})
     with pytest.raises(ConfigError, match=r"team\.yaml: " + message):
         load_config(path)
+
+
+def test_every_protocol_shares_the_tenant_rate_limit(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """The Responses API is no way around a tenant's limits."""
+    with limited(tmp_path, upstream, requests_per_minute=2) as proxy:
+        assert chat(proxy, "chat-1").status_code == 200
+        sdk = openai.OpenAI(base_url=proxy.base_url, api_key=KEY, max_retries=0)
+        assert sdk.responses.create(model="fake-model", input="hello").output_text
+        refused = httpx.post(f"{proxy.base_url}/responses", json={"model": "fake-model", "input": "again"}, headers=AUTH)
+        assert_refused(refused, "rate_limit_exceeded", 60)
+        assert usage(proxy)["refused"]["requests_per_minute"] == 1
