@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
         "max_body_bytes": 8 * 1024 * 1024,
         "janitor_interval_seconds": 300,
         # GET /metrics (Prometheus): readable with an operator key, or from loopback when no key is set.
-        "metrics": {"enabled": True, "key_sha256": []},
+        "metrics": {"enabled": True},
         "body_read_timeout_seconds": 30,
         "operator_key_sha256": [],
     },
@@ -364,7 +364,7 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         source=source,
         storage_backend=_choice(storage["backend"], STORAGE_BACKENDS, where, "storage.backend"),
         postgres=_build_postgres(storage, where) if storage["backend"] == "postgres" else None,
-        metrics=_build_metrics(server["metrics"], where),
+        metrics=_build_metrics(server["metrics"], where, operators),
     )
 
 
@@ -390,15 +390,13 @@ def _choice(value: Any, allowed: tuple[str, ...], where: str, key: str) -> str:
     return value
 
 
-def _build_metrics(spec: Any, where: str) -> MetricsSettings:
+def _build_metrics(spec: Any, where: str, operators: frozenset[str]) -> MetricsSettings:
+    """Metrics are the operator's: readable with a server.operator_key_sha256 key, or from loopback when none is set."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: server.metrics: must be a mapping")
     _check_keys(spec, set(DEFAULTS["server"]["metrics"]), where, "server.metrics.")
     spec = DEFAULTS["server"]["metrics"] | spec
-    hashes = spec["key_sha256"]
-    if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
-        raise ConfigError(f"{where}: server.metrics.key_sha256: must be a list of lowercase sha256 hex digests (`agent-state-proxy hash-key`)")
-    return MetricsSettings(enabled=_bool(spec["enabled"], where, "server.metrics.enabled"), key_hashes=frozenset(hashes))
+    return MetricsSettings(enabled=_bool(spec["enabled"], where, "server.metrics.enabled"), key_hashes=operators)
 
 
 def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> TenantConfig:
