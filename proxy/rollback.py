@@ -15,7 +15,7 @@ from proxy import checkpoints
 from proxy.errors import BadRequest, NotFound
 from proxy.records import Message, Session
 from proxy.storage.base import Record, Store, Write
-from proxy.transcript import active_path
+from proxy.transcript import ROOT_CHAIN, active_path, chain_hash
 
 DERIVED_KINDS = ("summary",)  # session-scoped records built from messages
 
@@ -86,8 +86,11 @@ async def fork(store: Store, session: Session, messages: list[Message], spec: di
         head = session.head
     path = active_path(live, head)
     copies = []
+    chain = ROOT_CHAIN
     for seq, message in enumerate(path):
-        copies.append(dataclasses.replace(message, seq=seq, parent=seq - 1 if seq else None, branch=0))
+        # Chains are recomputed: a path across a lost message links to a new parent.
+        chain = chain_hash(chain, message.body)
+        copies.append(dataclasses.replace(message, seq=seq, parent=seq - 1 if seq else None, branch=0, chain=chain))
     forked = Session(
         tenant=session.tenant, id=new_id, created_at=now, last_active=now, user_id=session.user_id,
         head=len(copies) - 1 if copies else None, next_seq=len(copies),

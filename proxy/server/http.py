@@ -10,8 +10,8 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Config, TenantConfig
-from proxy.storage.base import StorageError
-from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, Unauthorized
+from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, StoreUnusable, Unauthorized
+from proxy.storage.base import StorageError, StoreDamaged
 
 log = logging.getLogger("agent_state_proxy.server")
 
@@ -31,6 +31,8 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return await handler(request)
     except ProxyError as error:
         return error_response(error)
+    except StoreDamaged as exc:
+        return error_response(store_damaged(str(exc)))
     except StorageError as exc:
         log.critical("storage failure on %s %s: %s", request.method, request.path, exc)
         return error_response(ProxyError("the proxy could not persist state; nothing was acknowledged", status=503, code="storage_error"))
@@ -47,6 +49,10 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         incident = uuid.uuid4().hex[:12]
         log.exception("unhandled error (incident %s) on %s %s", incident, request.method, request.path)
         return error_response(ProxyError(f"internal error (incident {incident})", code="internal_error"))
+
+
+def store_damaged(reason: str) -> StoreUnusable:
+    return StoreUnusable(f"the proxy's state store is damaged and it cannot serve until an operator repairs it ({reason})")
 
 
 async def read_json(request: web.Request, limit: int) -> Any:

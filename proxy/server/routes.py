@@ -15,9 +15,10 @@ from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys
-from proxy.server.http import authenticate, json_response, read_json
+from proxy.server.http import authenticate, json_response, read_json, store_damaged
+from proxy.storage.base import REPAIR_HINT
 from proxy.sessions import SessionRef
-from proxy.transcript import active_path
+from proxy.transcript import walk
 from proxy.validate import embeddings_body
 
 log = logging.getLogger("agent_state_proxy.server")
@@ -42,6 +43,8 @@ def setup_routes(app: web.Application) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
     tenant = authenticate(config, request)
+    if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
+        raise store_damaged(damage)
     body = await read_json(request, config.max_body_bytes)
     ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
     async with pipeline.session_lock(tenant, ref):
@@ -142,6 +145,10 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     if not request.app[keys.READY]:
         return json_response({"status": "starting"}, status=503)
+    damage = request.app[keys.STORE].damage()
+    if damage is not None:
+        # A replica that cannot read its store must leave the load balancer's rotation.
+        return json_response({"status": "store_damaged", "reason": damage, "run": REPAIR_HINT}, status=503)
     return json_response({"status": "ready", "uptime_seconds": round(time.time() - request.app[keys.STARTED], 1)})
 
 
@@ -155,10 +162,13 @@ async def admin_get_session(request: web.Request) -> web.Response:
     tenant, store, session = await _session_for_admin(request)
     session_id = session.id
     messages = await store.get_messages(tenant.name, session_id)
-    active = {m.seq for m in active_path(messages, session.head)}
+    path, gaps = walk([m for m in messages if not m.reverted], session.head)
+    active = {m.seq for m in path}
+    after_gap = {gap.before for gap in gaps}
     return json_response({
         "session": session.to_dict(),
-        "messages": [m.to_dict() | {"active": m.seq in active} for m in messages],
+        "messages": [m.to_dict() | {"active": m.seq in active} | ({"gap_before": True} if m.seq in after_gap else {}) for m in messages],
+        "gaps": [gap.to_dict() for gap in gaps],  # lost (quarantined) messages inside the active path
         "summaries": await context_summaries.for_admin(store, tenant.name, session_id),  # with the seqs each covers
     })
 

@@ -303,6 +303,14 @@ class WriteBehindStore(Store):
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]:
         return await self.inner.quarantined(tenant)
 
+    async def quarantine_messages(self, tenant: str, session_id: str, reasons: dict[int, str]) -> None:
+        await self.inner.quarantine_messages(tenant, session_id, reasons)
+        self._writes_seen += 1  # a cache fill racing this must not keep the moved messages
+        self._transcripts.pop((tenant, session_id))
+
+    def damage(self) -> str | None:
+        return self.inner.damage()
+
     def release_mapped_pages(self) -> int:
         return self.inner.release_mapped_pages()
 
