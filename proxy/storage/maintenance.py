@@ -149,7 +149,7 @@ def readable_items(env: lmdb.Environment, damaged: list[DamagedRange]) -> Iterat
         try:
             with env.begin(buffers=False) as txn:
                 cursor = txn.cursor()
-                found = cursor.set_range(probe) if probe is not None else cursor.first()
+                found = _seek(cursor, probe) if probe is not None else cursor.first()
                 while found:
                     key, value = cursor.item()
                     if last is None or key > last:
@@ -187,7 +187,37 @@ def _resume_after(env: lmdb.Environment, last: bytes | None) -> bytes | None:
             good = middle
         else:
             failed = middle
-    return good.to_bytes(width, "big")
+    return _back_to_page_start(env, _probe(good, width), last)
+
+
+def _probe(number: int, width: int) -> bytes:
+    return number.to_bytes(width, "big")
+
+
+def _back_to_page_start(env: lmdb.Environment, probe: bytes, last: bytes | None) -> bytes:
+    """The first readable key the binary search may have stepped over: a key shorter than the
+    probes (``key + b"\\0"`` is its own probe) sits just before the one found. Steps back while
+    the keys before it read and are past ``last``."""
+    found = probe
+    try:
+        with env.begin(buffers=False) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(probe):
+                return probe
+            found = cursor.key()
+            while cursor.prev():
+                key = cursor.key()
+                cursor.value()
+                if last is not None and key <= last:
+                    break
+                found = key
+            return found
+    except DAMAGE_ERRORS:  # the damaged page before it: ``found`` is the first readable key
+        return found
+
+
+def _seek(cursor: lmdb.Cursor, probe: bytes) -> bool:
+    return cursor.set_range(probe) if probe else cursor.first()
 
 
 def _readable(env: lmdb.Environment, number: int, width: int) -> bool:
@@ -195,7 +225,7 @@ def _readable(env: lmdb.Environment, number: int, width: int) -> bool:
     try:
         with env.begin(buffers=False) as txn:
             cursor = txn.cursor()
-            if cursor.set_range(number.to_bytes(width, "big")):
+            if _seek(cursor, _probe(number, width)):
                 cursor.item()
             return True
     except DAMAGE_ERRORS:
@@ -205,7 +235,7 @@ def _readable(env: lmdb.Environment, number: int, width: int) -> bool:
 def _first_key_at(env: lmdb.Environment, probe: bytes) -> bytes | None:
     with env.begin(buffers=False) as txn:
         cursor = txn.cursor()
-        return cursor.key() if cursor.set_range(probe) else None
+        return cursor.key() if _seek(cursor, probe) else None
 
 
 def describe_key(key: bytes | None) -> str:
