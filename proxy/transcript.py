@@ -31,7 +31,11 @@ def message_hash(body: dict[str, Any]) -> bytes:
 
 def chain_hash(parent_chain: str, body: dict[str, Any]) -> str:
     """Hash of a path: the parent's chain plus this message."""
-    return hashlib.blake2b(bytes.fromhex(parent_chain) + message_hash(body), digest_size=16).hexdigest()
+    return _link(parent_chain, message_hash(body))
+
+
+def _link(parent_chain: str, identity: bytes) -> str:
+    return hashlib.blake2b(bytes.fromhex(parent_chain) + identity, digest_size=16).hexdigest()
 
 
 ROOT_CHAIN = ""
@@ -123,14 +127,17 @@ def broken_chains(messages: list[Message]) -> dict[int, str]:
         parent = by_seq.get(message.parent) if message.parent is not None else None
         if message.parent is not None and parent is None:
             continue  # the parent is lost: nothing to check this one against
-        bases = (ROOT_CHAIN,) if parent is None else (parent.chain, computed.get(parent.seq, parent.chain))
+        stored_base = ROOT_CHAIN if parent is None else parent.chain
         try:
-            candidates = [chain_hash(base, message.body) for base in bases]
+            identity = message_hash(message.body)
+            chain = _link(stored_base, identity)
+            if chain != message.chain and parent is not None and computed.get(parent.seq, stored_base) != stored_base:
+                chain = _link(computed[parent.seq], identity)  # the parent's chain was the edited part
         except (TypeError, ValueError, AttributeError):  # a body or chain that cannot be hashed
             broken[message.seq] = "message cannot be hashed"
             continue
-        computed[message.seq] = candidates[-1]
-        if message.chain not in candidates:
+        computed[message.seq] = chain if chain == message.chain else _link(stored_base, identity)
+        if chain != message.chain:
             broken[message.seq] = "chain hash mismatch: the message differs from what was recorded"
     return broken
 

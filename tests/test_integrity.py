@@ -56,6 +56,9 @@ def test_an_edited_message_breaks_only_its_own_chain() -> None:
     assert transcript.broken_chains(messages) == {}
     messages[2].body = {"role": "user", "content": "m2 but edited"}
     assert list(transcript.broken_chains(messages)) == [2]
+    messages = _linear(6)
+    messages[2].chain = "00" * 16  # the chain itself edited: its children still check out
+    assert list(transcript.broken_chains(messages)) == [2]
 
 
 def test_the_active_path_crosses_a_lost_message_and_reports_the_gap() -> None:
