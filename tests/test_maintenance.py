@@ -98,18 +98,19 @@ def _start_unready(proxy: ProxyProcess) -> None:
     log.close()
 
 
-def _wait_for_ready_status(proxy: ProxyProcess, status: int, timeout: float = 60) -> dict:
+def _wait_until_damage_is_reported(proxy: ProxyProcess, timeout: float = 60, never_ready: bool = False) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proxy.process.poll() is None, proxy.log()
         try:
             answer = httpx.get(proxy.url + "/ready", timeout=2)
-            if answer.status_code == status:
+            assert not (never_ready and answer.status_code == 200), "reported ready on a damaged store"
+            if answer.status_code == 503 and answer.json()["status"] == "store_damaged":
                 return answer.json()
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"/ready never answered {status}: {proxy.log()}")
+    raise AssertionError(f"/ready never reported the damage: {proxy.log()}")
 
 
 def test_overwritten_pages_flip_ready_and_salvage_recovers_every_intact_session(tmp_path: Path, upstream: FakeUpstream) -> None:
@@ -138,8 +139,8 @@ def test_overwritten_pages_flip_ready_and_salvage_recovers_every_intact_session(
     proxy = ProxyProcess(config)
     _start_unready(proxy)
     try:
-        state = _wait_for_ready_status(proxy, 503)
-        assert state["status"] == "store_damaged" and "MDB_CORRUPTED" in state["reason"]
+        state = _wait_until_damage_is_reported(proxy)
+        assert "MDB_CORRUPTED" in state["reason"]
         assert "agent-state-proxy verify" in state["run"]
         sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
         with pytest.raises(openai.APIStatusError) as refused:
@@ -169,6 +170,38 @@ def test_overwritten_pages_flip_ready_and_salvage_recovers_every_intact_session(
         assert len(upstream.chat_requests[-1]["messages"]) == messages + 1  # the whole history restored
     finally:
         assert proxy.stop() == 0, proxy.log()
+
+
+def _root_page(data: bytes) -> int:
+    """The main B-tree's root page, from the newer of the two meta pages (MDB_meta: magic,
+    version, address, map size, then two MDB_db of 48 bytes whose last field is the root;
+    then the last page and the transaction id)."""
+    metas = [struct.unpack_from("<QQQ", data, page * PAGE + 128) for page in (0, 1)]
+    root, _, _ = max(metas, key=lambda meta: meta[2])
+    return root
+
+
+def test_a_damaged_root_page_is_caught_before_the_proxy_reports_ready(tmp_path: Path, upstream: FakeUpstream) -> None:
+    original = tmp_path / "original" / "lmdb"
+    _populate(original, 10, 20)
+    config = write_config(tmp_path / "damaged", {"local": open_tenant(upstream.base_url)})
+    data_dir = tmp_path / "damaged" / "data"
+    assert cli("backup", "--config", str(config), "--data-dir", str(original.parent), "--to", str(data_dir / "lmdb")).returncode == 0
+    data_file = data_dir / "lmdb" / "data.mdb"
+    data = bytearray(data_file.read_bytes())
+    root = _root_page(bytes(data))
+    data[root * PAGE: root * PAGE + 16] = b"\xff" * 16  # every read goes through the root
+    data_file.write_bytes(bytes(data))
+    proxy = ProxyProcess(config)
+    _start_unready(proxy)
+    try:
+        _wait_until_damage_is_reported(proxy, never_ready=True)  # the start-up check caught it
+        listed = httpx.get(proxy.url + "/admin/sessions")
+        assert listed.status_code == 503 and listed.json()["error"]["code"] == "store_damaged"
+    finally:
+        assert proxy.stop() == 0, proxy.log()
+    checked = cli("verify", "--config", str(config))
+    assert checked.returncode == 1 and "result: DAMAGED" in checked.stdout, checked.stdout
 
 
 def test_backup_while_four_sdk_clients_write_holds_every_turn_acknowledged_before_it(tmp_path: Path, upstream: FakeUpstream) -> None:
