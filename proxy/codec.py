@@ -9,6 +9,7 @@ record fails like an undecodable one and is quarantined by the store. zlib's CRC
 
 from __future__ import annotations
 
+import struct
 import zlib
 from typing import Any
 
@@ -17,6 +18,7 @@ import orjson
 FORMAT_VERSION = 2
 _UNCHECKED = 1  # records written before checksums: still readable
 _HEADER = 5  # version byte + CRC-32
+_pack_header = struct.Struct(">BI").pack
 
 
 class CorruptRecord(Exception):
@@ -27,7 +29,7 @@ def encode(record: Any) -> bytes:
     """A dict, or a dataclass (Message, Session): orjson writes its fields directly, ~15× faster
     than building the dict with dataclasses.asdict first, and the same bytes."""
     payload = orjson.dumps(record)
-    return bytes((FORMAT_VERSION,)) + zlib.crc32(payload).to_bytes(4, "big") + payload
+    return _pack_header(FORMAT_VERSION, zlib.crc32(payload)) + payload
 
 
 def decode(raw: bytes) -> dict[str, Any]:
