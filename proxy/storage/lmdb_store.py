@@ -34,8 +34,9 @@ T = TypeVar("T")
 # LMDB errors that mean the file's structure is damaged (a page of the wrong type, a page number
 # beyond the file, not an LMDB file, a fatal environment error), as opposed to a failed write.
 DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError)
-# Keys read per transaction by the structural scan: each chunk holds the read lock briefly.
-SCAN_CHUNK = 20_000
+# Keys read per transaction by the structural scan: each chunk holds the read lock (which every
+# read takes) for ~2 ms, so a request waits at most that long behind the background scan.
+SCAN_CHUNK = 2_000
 
 _open_paths: set[str] = set()
 _open_paths_lock = threading.Lock()
@@ -175,9 +176,11 @@ class LmdbStore(KVStore):
             try:
                 with self._env.begin(write=False) as txn:
                     cursor = txn.cursor()
-                    for kind in b"smxgq":
+                    for kind in b"gmqsx":  # every key kind, in key order
                         if cursor.set_range(bytes((kind,))):
                             cursor.value()
+                            if cursor.prev():  # the previous kind's last key
+                                cursor.value()
                     if cursor.last():
                         cursor.value()
             except DAMAGE_ERRORS as exc:
@@ -190,6 +193,8 @@ class LmdbStore(KVStore):
         after, count = b"", 0
         while not self._closed:
             with self._resize_lock:
+                if self._closed:  # closed while this thread waited for the lock
+                    break
                 try:
                     with self._env.begin(write=False) as txn:
                         cursor = txn.cursor()

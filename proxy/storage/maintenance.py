@@ -158,7 +158,10 @@ def readable_items(env: lmdb.Environment, damaged: list[DamagedRange]) -> Iterat
                     found = cursor.next()
                 return
         except DAMAGE_ERRORS as exc:
-            probe = _resume_after(env, last)
+            # Past the last key read; if nothing was read since the previous resume point (it
+            # read in the probe but not now), past that point too, so the scan always advances.
+            stuck = probe is not None and bool(damaged) and damaged[-1].after == last
+            probe = _resume_after(env, probe if stuck else last)
             damaged.append(DamagedRange(last, _first_key_at(env, probe) if probe is not None else None, str(exc)))
             if probe is None:
                 return
