@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from proxy import codec, transcript
 from proxy.codec import CorruptRecord
 from proxy.records import Message
-from proxy.storage.kv import messages_prefix
+from proxy.records import Session
+from proxy.storage.kv import messages_prefix, session_key
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, open_tenant, write_config
+from tests.harness import ProxyProcess, open_tenant, start_thread, write_config
 
 
 def test_records_written_before_checksums_still_decode() -> None:
@@ -36,6 +37,28 @@ def test_any_changed_byte_of_a_record_is_detected(record: dict, data: st.DataObj
     raw[at] ^= data.draw(st.integers(1, 255))
     with pytest.raises(CorruptRecord):
         codec.decode(bytes(raw))
+
+
+def test_a_store_written_before_checksums_is_served_and_verifies(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Existing data (format 1, no checksums) keeps working after the upgrade."""
+    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
+    (tmp_path / "data" / "lmdb").mkdir(parents=True)
+    env = lmdb.open(str(tmp_path / "data" / "lmdb"), subdir=True)
+    with env.begin(write=True) as txn:
+        for message in _linear(4):
+            txn.put(messages_prefix("local", "old") + message.seq.to_bytes(8, "big"), b"\x01" + orjson.dumps(message))
+        session = Session(tenant="local", id="old", created_at=1.0, last_active=9e9, head=3, next_seq=4, turns=2)
+        txn.put(session_key("local", "old"), b"\x01" + orjson.dumps(session))
+    env.close()
+    with start_thread(config) as proxy:
+        sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+        sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "and now?"}], extra_headers={"X-Session-ID": "old"})
+        assert [m["content"] for m in upstream.chat_requests[-1]["messages"]] == ["m0", "m1", "m2", "m3", "and now?"]
+        assert httpx.get(f"{proxy.url}/admin/recovery").json()["quarantined"] == []
+    from proxy.storage.maintenance import verify
+
+    report = verify(tmp_path / "data" / "lmdb")
+    assert not report.damaged and report.messages == 6, report.summary()
 
 
 def _message(seq: int, parent: int | None, parent_chain: str, body: dict, branch: int = 0) -> Message:
