@@ -95,14 +95,14 @@ def _message_key(seq: int) -> bytes:
     return messages_prefix("local", "kept") + seq.to_bytes(8, "big")
 
 
-def _edit_stored_message(data_dir: Path, seq: int, rewrite_checksum: bool) -> None:
+def _edit_stored_message(data_dir: Path, seq: int, rewrite_checksum: bool, old: bytes = b"turn 1") -> None:
     """What a disk or a person might do with the proxy stopped: one letter of a message changes
     and the record stays valid JSON (with ``rewrite_checksum``, its checksum is made to match)."""
     env = lmdb.open(str(data_dir / "lmdb"), subdir=True)
     with env.begin(write=True) as txn:
         raw = bytes(txn.get(_message_key(seq)))
-        assert b"turn 1" in raw
-        edited = raw.replace(b"turn 1", b"turn 7")
+        assert old in raw
+        edited = raw.replace(old, old[:-1] + b"7")
         if rewrite_checksum:
             edited = edited[:1] + zlib.crc32(edited[5:]).to_bytes(4, "big") + edited[5:]
         txn.put(_message_key(seq), edited)
@@ -136,5 +136,26 @@ def test_an_edited_message_is_quarantined_and_the_rest_of_the_history_still_rest
         view = httpx.get(f"{proxy.url}/admin/sessions/kept").json()
         assert view["gaps"] == [{"after": 1, "before": 3, "missing": [2]}]
         assert [m["seq"] for m in view["messages"] if m.get("gap_before")] == [3]
+    finally:
+        assert proxy.stop() == 0, proxy.log()
+
+
+def test_a_lost_head_message_is_repaired_from_the_checkpoint_and_the_rest_restored(tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url, persistence={"mode": "sync", "checkpoint_every_messages": 2})})
+    proxy = ProxyProcess(config).start()
+    sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+    headers = {"X-Session-ID": "kept"}
+    try:
+        for turn in range(4):
+            sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"turn {turn}"}], extra_headers=headers)
+        assert proxy.stop() == 0, proxy.log()
+        _edit_stored_message(tmp_path / "data", 7, rewrite_checksum=False, old=b"echo: turn 3")  # the newest answer: the head
+        proxy.start()
+        sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "where were we?"}], extra_headers=headers)
+        sent = [m["content"] for m in upstream.chat_requests[-1]["messages"]]
+        assert sent == ["turn 0", "echo: turn 0", "turn 1", "echo: turn 1", "turn 2", "echo: turn 2", "turn 3", "where were we?"]
+        recovery = httpx.get(f"{proxy.url}/admin/recovery").json()
+        assert [r["problem"] for r in recovery["repaired_sessions"]] == ["head message missing"]
+        assert "checksum mismatch" in recovery["quarantined"][0]["reason"]
     finally:
         assert proxy.stop() == 0, proxy.log()
