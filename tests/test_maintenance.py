@@ -9,15 +9,17 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
+import lmdb
 import openai
 import pytest
 
 from proxy import transcript
 from proxy.records import Message, Session
-from proxy.storage.kv import session_digest, split_key
+from proxy.storage.kv import messages_prefix, session_digest, split_key
 from proxy.storage.lmdb_store import LmdbStore
 from proxy.storage.maintenance import list_backups
 from tests.fake_upstream import FakeUpstream
@@ -170,6 +172,31 @@ def test_overwritten_pages_flip_ready_and_salvage_recovers_every_intact_session(
         assert len(upstream.chat_requests[-1]["messages"]) == messages + 1  # the whole history restored
     finally:
         assert proxy.stop() == 0, proxy.log()
+
+
+def test_verify_finds_changed_and_edited_messages_and_salvage_quarantines_them(tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
+    store = tmp_path / "data" / "lmdb"
+    _populate(store, 3, 6)
+    assert cli("verify", "--config", str(config)).returncode == 0
+    env = lmdb.open(str(store), subdir=True)
+    with env.begin(write=True) as txn:
+        changed = messages_prefix("local", "session-000") + (2).to_bytes(8, "big")
+        txn.put(changed, bytes(txn.get(changed)).replace(b"message 2", b"message 7"))  # the CRC no longer matches
+        edited = messages_prefix("local", "session-001") + (3).to_bytes(8, "big")
+        raw = bytes(txn.get(edited)).replace(b"message 3", b"message 8")
+        txn.put(edited, raw[:1] + zlib.crc32(raw[5:]).to_bytes(4, "big") + raw[5:])  # CRC rewritten: the chain tells
+    env.close()
+    checked = cli("verify", "--config", str(config))
+    assert checked.returncode == 1, checked.stdout
+    assert "corrupt records (checksum or decoding): 1" in checked.stdout
+    assert "messages whose chain hash does not match (edited): 1" in checked.stdout
+    salvaged = tmp_path / "salvaged"
+    assert cli("salvage", "--config", str(config), "--to", str(salvaged)).returncode == 0
+    after = cli("verify", "--config", str(config), "--store", str(salvaged))
+    assert after.returncode == 0, after.stdout
+    assert "quarantined records (moved aside earlier, see /admin/recovery): 2" in after.stdout
+    assert "sessions with lost messages: 2 (2 messages)" in after.stdout
 
 
 def _root_page(data: bytes) -> int:
