@@ -1,4 +1,4 @@
-"""Command line: `agent-state-proxy serve | check-config | migrate | hash-key`."""
+"""Command line: `agent-state-proxy serve | check-config | migrate | hash-key | backup | verify | salvage | restore`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     hashing = commands.add_parser("hash-key", help="print the sha256 of a proxy API key for tenant YAML")
     hashing.add_argument("key", nargs="?", help="the key (prompted for when omitted)")
 
+    backup = commands.add_parser("backup", help="copy the store to a new directory (safe while the proxy serves)")
+    _config_flags(backup)
+    backup.add_argument("--to", required=True, type=Path, help="an empty or new directory for the copy")
+
+    verify = commands.add_parser("verify", help="check every stored record; exit 1 when the store is damaged")
+    _config_flags(verify)
+    verify.add_argument("--store", type=Path, help="an LMDB directory to check instead of <data_dir>/lmdb (a backup)")
+
+    salvage = commands.add_parser("salvage", help="copy every readable record of a damaged store into a new one")
+    _config_flags(salvage)
+    salvage.add_argument("--to", required=True, type=Path, help="an empty or new directory for the salvaged store")
+
+    restore = commands.add_parser("restore", help="replace the store with a backup or a salvaged store (proxy stopped)")
+    _config_flags(restore)
+    restore.add_argument("--from", dest="source", required=True, type=Path, help="a backup or salvage directory")
+
     args = parser.parse_args(argv)
     if args.command == "hash-key":
         print(hash_key(args.key or getpass.getpass("proxy API key: ")))
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "migrate":
         return _migrate(config)
+    if args.command in _MAINTENANCE:
+        return _MAINTENANCE[args.command](config, args)
     return _serve(config, args.log_level)
 
 
@@ -136,3 +154,75 @@ async def _run(create_app, config: Config, log: logging.Logger) -> None:
         log.info("stopping: draining in-flight requests")
     finally:
         await runner.cleanup()
+
+
+# -- maintenance (docs/PERSISTENCE.md: what each failure looks like, what to run) ----------------
+
+def _maintenance(run):
+    """Run a maintenance command: a storage failure is a message and exit status 2."""
+
+    def command(config: Config, args: argparse.Namespace) -> int:
+        from proxy.storage.base import StorageError
+
+        try:
+            return run(config, args)
+        except StorageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return command
+
+
+@_maintenance
+def _backup(config: Config, args: argparse.Namespace) -> int:
+    from proxy.storage import maintenance
+
+    made = maintenance.backup(maintenance.store_path(config.data_dir), args.to)
+    print(f"backup of {maintenance.store_path(config.data_dir)} written to {made['path']}: {made['bytes']} bytes in {made['seconds']} s "
+          f"(holds everything committed before {_utc(made['started'])})")
+    return 0
+
+
+@_maintenance
+def _verify(config: Config, args: argparse.Namespace) -> int:
+    from proxy.storage import maintenance
+
+    path = args.store or maintenance.store_path(config.data_dir)
+    report = maintenance.verify(path)
+    print(f"verify {path}\n{report.summary()}")
+    return 1 if report.damaged else 0
+
+
+@_maintenance
+def _salvage(config: Config, args: argparse.Namespace) -> int:
+    from proxy.storage import maintenance
+
+    source = maintenance.store_path(config.data_dir)
+    report = maintenance.salvage(source, args.to)
+    print(f"salvaged {source} into {args.to}\n{report.summary()}")
+    print(f"next: `agent-state-proxy verify --store {args.to}`, then with the proxy stopped "
+          f"`agent-state-proxy restore --from {args.to}`")
+    return 0
+
+
+@_maintenance
+def _restore(config: Config, args: argparse.Namespace) -> int:
+    from proxy.storage import maintenance
+
+    report = maintenance.verify(args.source)
+    if report.damaged:
+        print(f"{args.source} is damaged; not restoring it:\n{report.summary()}", file=sys.stderr)
+        return 1
+    kept = maintenance.restore(args.source, config.data_dir)
+    print(f"restored {args.source} into {maintenance.store_path(config.data_dir)} "
+          f"({report.sessions} sessions, {report.messages} messages); the previous store is kept at {kept}")
+    return 0
+
+
+def _utc(ts: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+_MAINTENANCE = {"backup": _backup, "verify": _verify, "salvage": _salvage, "restore": _restore}

@@ -52,7 +52,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "storage": {"backend": "lmdb", "data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50,
                 "write_queue_max": 10000, "transcript_cache_messages": 50000,
-                "postgres": {"dsn": "${DATABASE_URL}", "pool_size": 10, "statement_timeout_ms": 30000}},
+                "postgres": {"dsn": "${DATABASE_URL}", "pool_size": 10, "statement_timeout_ms": 30000},
+                "backup": {"dir": None, "every_minutes": 60, "keep": 24}},
     "tenant_defaults": {
         "api_key_sha256": [],
         "allow_unauthenticated": False,
@@ -163,6 +164,15 @@ class SessionSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    """Scheduled online backups of the LMDB store by the serving process (docs/PERSISTENCE.md)."""
+
+    dir: Path | None  # None: no scheduled backups
+    every_minutes: float
+    keep: int  # newest backups kept; older ones are deleted after each new one
+
+
+@dataclass(frozen=True)
 class MemorySettings:
     """A tenant's long-term memory (see README, Memory)."""
 
@@ -257,6 +267,7 @@ class Config:
     flush_interval: float
     write_queue_max: int
     transcript_cache_messages: int
+    backup: BackupSettings
     tenants: Mapping[str, TenantConfig]
     source: str  # where it came from, for logs
     storage_backend: str = "lmdb"  # lmdb | postgres
@@ -360,6 +371,7 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         flush_interval=_int(storage["flush_interval_ms"], where, "storage.flush_interval_ms", 1, 3_600_000) / 1000,
         write_queue_max=_int(storage["write_queue_max"], where, "storage.write_queue_max", 1, 1 << 30),
         transcript_cache_messages=_int(storage["transcript_cache_messages"], where, "storage.transcript_cache_messages", 0, 1 << 30),
+        backup=_build_backup(where, storage["backup"]),
         tenants=MappingProxyType(tenants),
         source=source,
         storage_backend=_choice(storage["backend"], STORAGE_BACKENDS, where, "storage.backend"),
@@ -397,6 +409,21 @@ def _build_metrics(spec: Any, where: str, operators: frozenset[str]) -> MetricsS
     _check_keys(spec, set(DEFAULTS["server"]["metrics"]), where, "server.metrics.")
     spec = DEFAULTS["server"]["metrics"] | spec
     return MetricsSettings(enabled=_bool(spec["enabled"], where, "server.metrics.enabled"), key_hashes=operators)
+
+
+def _build_backup(where: str, spec: Any) -> BackupSettings:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: storage.backup: must be a mapping")
+    _check_keys(spec, set(DEFAULTS["storage"]["backup"]), where, "storage.backup.")
+    spec = DEFAULTS["storage"]["backup"] | spec
+    directory = spec["dir"]
+    if directory is not None:
+        directory = Path(_string(_interpolate(directory, where, "storage.backup.dir"), where, "storage.backup.dir"))
+    return BackupSettings(
+        dir=directory,
+        every_minutes=_number(spec["every_minutes"], where, "storage.backup.every_minutes", 0.01, 525_600),
+        keep=_int(spec["keep"], where, "storage.backup.keep", 1, 10_000),
+    )
 
 
 def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> TenantConfig:
@@ -641,6 +668,12 @@ def _int(value: Any, file: str, key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{file}: {key}: must be an integer between {low} and {high}")
     return value
+
+
+def _number(value: Any, file: str, key: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"{file}: {key}: must be a number between {low} and {high}")
+    return float(value)
 
 
 def _bool(value: Any, file: str, key: str) -> bool:

@@ -92,6 +92,14 @@ class NotReady(ProxyError):
     code = "not_ready"
 
 
+class StoreUnusable(ProxyError):
+    """The store is damaged: nothing can be read or recorded until an operator repairs it."""
+
+    status = 503
+    type = "server_error"
+    code = "store_damaged"
+
+
 class UpstreamError(ProxyError):
     """The model provider failed; status mirrors what the provider said (or 502/504)."""
 

@@ -6,6 +6,7 @@ request reads top to bottom in ``Pipeline.prepare`` and ``Pipeline.complete``/``
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agent_state_proxy.pipeline")
 IDEMPOTENCY_KIND = "idempotency"
 AGENT_KIND = "agent"  # tenant-wide: an agent identity's latest implicit session (sessions.implicit: resume)
+VERIFIED_SESSIONS = 100_000  # sessions remembered as chain-checked (~150 bytes each)
 
 
 @dataclass
@@ -73,6 +75,9 @@ class Pipeline:
         self.memory: MemoryService | None = None  # long-term memory, set by the app when enabled
         self.locks = SessionLocks()
         self.repaired: list[dict[str, Any]] = []  # sessions repaired at load since start, for the admin API
+        # Sessions whose chain hashes this process has checked (once each: 3-15 µs a message),
+        # the most recent ones: one forgotten is checked again on its next load.
+        self._verified: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self.clock = clock
         self.observer = Observer()  # stage timings and counts; the app sets its metrics here
 
@@ -158,6 +163,9 @@ class Pipeline:
             turn.headers["X-History-Restored"] = str(plan.restored)
         if rewritten:
             turn.headers["X-History-Rewritten"] = str(rewritten)
+        if plan.gaps:
+            turn.headers["X-History-Gap"] = gap_header(plan.gaps)
+            log.warning("session %s of tenant %s restored across lost messages %s", ref.id, tenant.name, turn.headers["X-History-Gap"])
         with priority.requests.request():  # background indexing yields the CPU meanwhile
             # The query embedding (the slowest step) runs on the embedder's thread while the
             # context is assembled, which keeps the memory block's tokens free.
@@ -188,6 +196,10 @@ class Pipeline:
                 await self.memory.forget_session(tenant.name, ref.id)
             session = None
         stored = await self.store.get_messages(tenant.name, ref.id)
+        if (tenant.name, ref.id) in self._verified:
+            self._verified.move_to_end((tenant.name, ref.id))
+        else:
+            stored = await self._verify_chains(tenant.name, ref.id, stored)
         problem = checkpoints.inconsistency(session, stored)
         if problem is not None:
             saved = await self.store.scan_records(tenant.name, checkpoints.KIND, ref.id)
@@ -198,6 +210,18 @@ class Pipeline:
         if session is None:
             session = Session(tenant=tenant.name, id=ref.id, created_at=now, last_active=now, user_id=ref.user_id, implicit=ref.implicit)
         return session, stored
+
+    async def _verify_chains(self, tenant: str, session_id: str, stored: list[Message]) -> list[Message]:
+        """The first load of a session by this process checks every message against its chain
+        hash: one edited on disk (checksum rewritten too) is quarantined like a corrupt record."""
+        broken = transcript.broken_chains(stored)
+        if broken:
+            await self.store.quarantine_messages(tenant, session_id, broken)
+            stored = [m for m in stored if m.seq not in broken]
+        self._verified[(tenant, session_id)] = None
+        if len(self._verified) > VERIFIED_SESSIONS:
+            self._verified.popitem(last=False)
+        return stored
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
         try:
@@ -397,6 +421,23 @@ def _request_tokens(turn: Turn, usage: dict[str, Any] | None) -> dict[str, int] 
 def request_fingerprint(body: dict[str, Any]) -> str:
     """The request as a hash, key order ignored: a retry under one Idempotency-Key must match it."""
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def gap_header(gaps: list[transcript.Gap]) -> str:
+    """``X-History-Gap``: the lost seqs as ranges, e.g. ``3-4,9`` (``?`` when not known)."""
+    ranges = []
+    for gap in gaps:
+        missing = gap.missing
+        if not missing:
+            ranges.append("?")
+            continue
+        start = prev = missing[0]
+        for seq in missing[1:] + (None,):
+            if seq != (prev + 1 if prev is not None else None):
+                ranges.append(str(start) if start == prev else f"{start}-{prev}")
+                start = seq
+            prev = seq
+    return ",".join(ranges)
 
 
 def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:

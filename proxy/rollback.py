@@ -15,7 +15,7 @@ from proxy import checkpoints
 from proxy.errors import BadRequest, Conflict, NotFound
 from proxy.records import Message, Session
 from proxy.storage.base import Record, Store, Write
-from proxy.transcript import active_path
+from proxy.transcript import ROOT_CHAIN, active_path, chain_hash
 
 DERIVED_KINDS = ("summary",)  # session-scoped records built from messages
 
@@ -103,8 +103,12 @@ async def fork(store: Store, session: Session, messages: list[Message], spec: di
     full = active_path(live, session.head)
     cut = full[len(path):] if full[:len(path)] == path else []
     copies = []
+    chain = ROOT_CHAIN
     for seq, message in enumerate(path + cut):
-        copies.append(dataclasses.replace(message, seq=seq, parent=seq - 1 if seq else None, branch=0, reverted=seq >= len(path)))
+        # Chains are recomputed: a path across a lost message links to a new parent.
+        chain = chain_hash(chain, message.body)
+        copies.append(dataclasses.replace(message, seq=seq, parent=seq - 1 if seq else None, branch=0, chain=chain,
+                                          reverted=seq >= len(path)))
     forked = Session(
         tenant=session.tenant, id=new_id, created_at=now, last_active=now, user_id=session.user_id,
         head=len(path) - 1 if path else None, next_seq=len(copies),

@@ -31,7 +31,11 @@ def message_hash(body: dict[str, Any]) -> bytes:
 
 def chain_hash(parent_chain: str, body: dict[str, Any]) -> str:
     """Hash of a path: the parent's chain plus this message."""
-    return hashlib.blake2b(bytes.fromhex(parent_chain) + message_hash(body), digest_size=16).hexdigest()
+    return _link(parent_chain, message_hash(body))
+
+
+def _link(parent_chain: str, identity: bytes) -> str:
+    return hashlib.blake2b(bytes.fromhex(parent_chain) + identity, digest_size=16).hexdigest()
 
 
 ROOT_CHAIN = ""
@@ -49,19 +53,93 @@ class Plan:
     replayed: bool = False  # nothing new: the client resent a history already stored
     notes: list[str] = field(default_factory=list)
     path: list[Message] | None = None  # the stored path from the root to ``parent``, when known
+    gaps: list[Gap] = field(default_factory=list)  # lost messages inside the restored history
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Where the active path skips lost messages (quarantined: undecodable or tampered)."""
+
+    after: int | None  # seq of the stored message the path resumes from (None: nothing before)
+    before: int  # seq of the message whose parent is lost
+    missing: tuple[int, ...]  # seqs between the two that are not stored
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"after": self.after, "before": self.before, "missing": list(self.missing)}
 
 
 def active_path(messages: list[Message], head: int | None) -> list[Message]:
-    """Messages from the root to ``head``, following parent links."""
+    """Messages from the root to ``head``, following parent links (across gaps, see walk)."""
+    return walk(messages, head)[0]
+
+
+def walk(messages: list[Message], head: int | None) -> tuple[list[Message], list[Gap]]:
+    """The active path from the root to ``head``, and the gaps in it.
+
+    A message whose parent is not stored (it was quarantined) does not end the path: it goes on
+    from the newest earlier message of the same branch, so the valid messages before a lost one
+    still reach the model, and the gap is reported instead of silently dropping them.
+    """
     by_seq = {m.seq: m for m in messages}
     path: list[Message] = []
+    gaps: list[Gap] = []
     seq = head
     while seq is not None and seq in by_seq:
         message = by_seq[seq]
         path.append(message)
         seq = message.parent
+        if seq is not None and (seq >= message.seq or seq not in by_seq):  # a parent is always older
+            bridge = _bridge(messages, message, seq)
+            after = bridge.seq if bridge is not None else None
+            missing = tuple(s for s in range(0 if after is None else after + 1, message.seq) if s not in by_seq)
+            gaps.append(Gap(after, message.seq, missing))
+            seq = after
     path.reverse()
-    return path
+    gaps.reverse()
+    return path, gaps
+
+
+def _bridge(messages: list[Message], orphan: Message, lost: int) -> Message | None:
+    """The message an orphan's path most likely went through: the newest one before the lost
+    parent on the orphan's branch (a branch's messages carry its number), else any older one."""
+    limit = min(lost, orphan.seq)
+    same = other = None
+    for message in messages:
+        if message.seq < limit:
+            if message.branch == orphan.branch:
+                same = message if same is None or message.seq > same.seq else same
+            other = message if other is None or message.seq > other.seq else other
+    return same or other
+
+
+def broken_chains(messages: list[Message]) -> dict[int, str]:
+    """Messages whose chain hash does not match their content: seq → why.
+
+    Each message stores the hash of its path (its parent's chain + its own identity), so a body
+    changed on disk no longer hashes to its chain, even when its record checksum was rewritten.
+    A child is checked against its parent's stored chain and the recomputed one, so one edited
+    message (or one edited chain) flags that message only, not everything after it.
+    """
+    by_seq = {m.seq: m for m in messages}
+    computed: dict[int, str] = {}
+    broken: dict[int, str] = {}
+    for message in messages:  # in seq order: parents first
+        parent = by_seq.get(message.parent) if message.parent is not None else None
+        if message.parent is not None and parent is None:
+            continue  # the parent is lost: nothing to check this one against
+        stored_base = ROOT_CHAIN if parent is None else parent.chain
+        try:
+            identity = message_hash(message.body)
+            chain = _link(stored_base, identity)
+            if chain != message.chain and parent is not None and computed.get(parent.seq, stored_base) != stored_base:
+                chain = _link(computed[parent.seq], identity)  # the parent's chain was the edited part
+        except (TypeError, ValueError, AttributeError):  # a body or chain that cannot be hashed
+            broken[message.seq] = "message cannot be hashed"
+            continue
+        computed[message.seq] = chain if chain == message.chain else _link(stored_base, identity)
+        if chain != message.chain:
+            broken[message.seq] = "chain hash mismatch: the message differs from what was recorded"
+    return broken
 
 
 def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, Any]], mode: str) -> Plan:
@@ -72,7 +150,7 @@ def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, 
     turns: an agent that restarted and forgot); ``proxy`` always treats the client's unknown
     messages as new turns appended to the stored history.
     """
-    path = active_path(stored, head)
+    path, gaps = walk(stored, head)
     by_chain: dict[str, Message] | None = None
     parent: Message | None = None
     chain = ROOT_CHAIN
@@ -117,7 +195,7 @@ def reconcile(stored: list[Message], head: int | None, incoming: list[dict[str, 
     client_system = [b for b in incoming if _is_system(b)]
     stored_system = [m.body for m in path if m.role in _SYSTEM_ROLES] if len(stored_rest) < len(path) else []
     upstream = (client_system or stored_system) + [m.body for m in stored_rest] + client_rest[overlap:]
-    plan = Plan(upstream, client_rest[overlap:], head_message, restored=len(path) - overlap, path=path)
+    plan = Plan(upstream, client_rest[overlap:], head_message, restored=len(path) - overlap, path=path, gaps=gaps)
     if client_system and stored_system and client_system != stored_system:
         plan.notes.append("system prompt differs from the stored one; sent the client's")
     if not plan.new_messages:

@@ -71,31 +71,74 @@ def _in_flight(activity: priority.Activity):
 def _storage(given: Store | None):
     async def context(app: web.Application) -> AsyncIterator[None]:
         config = app[keys.CONFIG]
-        if given is not None:
-            inner = given
-        elif config.storage_backend == "postgres":
-            from proxy.storage.postgres import PostgresStore
+        tasks: list[asyncio.Task[None]] = []
+        async with contextlib.AsyncExitStack() as resources:
+            if given is not None:
+                inner = given
+            elif config.storage_backend == "postgres":
+                from proxy.storage.postgres import PostgresStore
 
-            settings = config.postgres
-            inner = await PostgresStore.open(settings.dsn, pool_size=settings.pool_size, statement_timeout_ms=settings.statement_timeout_ms)
-            log.info("store open on PostgreSQL")
-        else:
-            from proxy.storage.lmdb_store import LmdbStore
+                settings = config.postgres
+                inner = await PostgresStore.open(settings.dsn, pool_size=settings.pool_size, statement_timeout_ms=settings.statement_timeout_ms)
+                log.info("store open on PostgreSQL")
+            else:
+                from proxy.storage import maintenance
+                from proxy.storage.lmdb_store import LmdbStore
 
-            path = config.data_dir / "lmdb"
-            inner = await asyncio.to_thread(LmdbStore.open, str(path), map_size=config.map_size)
-            log.info("store open at %s", path)
-        store = WriteBehindStore(inner, batch_size=config.write_batch_size, flush_interval=config.flush_interval, queue_max=config.write_queue_max,
-                                 cached_messages=config.transcript_cache_messages)
-        await store.start()
-        app[keys.STORE] = store
-        app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store)
-        yield
-        app[keys.READY] = False
-        await store.close()  # flushes every queued write before the process exits
-        log.info("store flushed and closed")
+                resources.enter_context(maintenance.serving_lock(config.data_dir))  # the only writer
+                path = maintenance.store_path(config.data_dir)
+                inner = await asyncio.to_thread(LmdbStore.open, str(path), map_size=config.map_size)
+                log.info("store open at %s", path)
+                tasks = await _integrity_checks(inner, config)
+            store = WriteBehindStore(inner, batch_size=config.write_batch_size, flush_interval=config.flush_interval, queue_max=config.write_queue_max,
+                                     cached_messages=config.transcript_cache_messages)
+            await store.start()
+            app[keys.STORE] = store
+            app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store)
+            yield
+            app[keys.READY] = False
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await store.close()  # flushes every queued write before the process exits
+            log.info("store flushed and closed")
 
     return context
+
+
+async def _integrity_checks(store, config: Config) -> list[asyncio.Task[None]]:
+    """Before ready: the quick check of the B-tree's edges (a damaged root would fail every
+    request). After: every page, in the background (~1 s per million records, docs/PERSISTENCE.md),
+    and the scheduled backups. Damage found flips /ready to 503 (the store records it)."""
+    from proxy.storage import maintenance
+    from proxy.storage.base import StoreDamaged
+
+    with contextlib.suppress(StoreDamaged):  # recorded by the store; /ready reports it
+        await asyncio.to_thread(store.check_edges)
+
+    async def scan() -> None:
+        started = time.monotonic()
+        try:
+            count = await asyncio.to_thread(store.check_structure, priority.requests.pause_for_requests)
+        except StoreDamaged:
+            return  # logged by the store with what to run
+        log.info("store structure checked: %d records readable in %.2f s", count, time.monotonic() - started)
+
+    async def backups(directory, every_minutes: int, keep: int) -> None:
+        while True:
+            await asyncio.sleep(every_minutes * 60)
+            try:
+                made = await asyncio.to_thread(maintenance.take_backup, store.copy_to, directory, keep)
+                log.info("backup written to %s", made)
+            except Exception as exc:  # a failed backup must not stop the next one
+                log.error("scheduled backup into %s failed: %s", directory, exc)
+
+    tasks = [asyncio.create_task(scan(), name="store-structure-check")]
+    if config.backup.dir is not None:
+        tasks.append(asyncio.create_task(backups(config.backup.dir, config.backup.every_minutes, config.backup.keep), name="backups"))
+    return tasks
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:

@@ -13,8 +13,8 @@ from aiohttp import web
 from proxy import codec
 from proxy.config import Config, TenantConfig
 from proxy.server import keys
-from proxy.storage.base import InvalidWrite, StorageError
-from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, Unauthorized
+from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, StoreUnusable, Unauthorized
+from proxy.storage.base import InvalidWrite, StorageError, StoreDamaged
 
 log = logging.getLogger("agent_state_proxy.server")
 # Far deeper than any real request (JSON schemas of tools included), far below what storage takes.
@@ -36,6 +36,8 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return await handler(request)
     except ProxyError as error:
         return error_response(error)
+    except StoreDamaged as exc:
+        return error_response(store_damaged(str(exc)))
     except InvalidWrite as exc:  # what the client sent can never be stored: its fault, nothing was written
         return error_response(BadRequest(f"the request cannot be stored: {exc}", code="invalid_value"))
     except StorageError as exc:
@@ -54,6 +56,10 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         incident = uuid.uuid4().hex[:12]
         log.exception("unhandled error (incident %s) on %s %s", incident, request.method, request.path)
         return error_response(ProxyError(f"internal error (incident {incident})", code="internal_error"))
+
+
+def store_damaged(reason: str) -> StoreUnusable:
+    return StoreUnusable(f"the proxy's state store is damaged and it cannot serve until an operator repairs it ({reason})")
 
 
 async def read_json(request: web.Request, limit: int) -> Any:

@@ -15,10 +15,10 @@ from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys, pages
-from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json
+from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json, store_damaged
 from proxy.sessions import SessionRef
-from proxy.storage.base import Record
-from proxy.transcript import active_path
+from proxy.storage.base import REPAIR_HINT, Record
+from proxy.transcript import active_path, walk
 from proxy.validate import embeddings_body
 
 log = logging.getLogger("agent_state_proxy.server")
@@ -45,6 +45,8 @@ def setup_routes(app: web.Application) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
+    if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
+        raise store_damaged(damage)
     async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
         body = await read_json(request, config.max_body_bytes)
         ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
@@ -160,6 +162,10 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     if not request.app[keys.READY]:
         return json_response({"status": "starting"}, status=503)
+    damage = request.app[keys.STORE].damage()
+    if damage is not None:
+        # A replica that cannot read its store must leave the load balancer's rotation.
+        return json_response({"status": "store_damaged", "reason": damage, "run": REPAIR_HINT}, status=503)
     problem = request.app[keys.STORE].health()
     if problem is not None:  # a replica that cannot record turns must not take traffic
         return json_response({"status": "unavailable", "reason": problem}, status=503)
@@ -185,10 +191,13 @@ async def admin_get_session(request: web.Request) -> web.Response:
     tenant, store, session = await _session_for_admin(request)
     session_id = session.id
     messages = await store.get_messages(tenant.name, session_id)
-    active = {m.seq for m in active_path(messages, session.head)}
+    path, gaps = walk([m for m in messages if not m.reverted], session.head)
+    active = {m.seq for m in path}
+    after_gap = {gap.before for gap in gaps}
     return json_response({
         "session": session.to_dict(),
-        "messages": [m.to_dict() | {"active": m.seq in active} for m in messages],
+        "messages": [m.to_dict() | {"active": m.seq in active} | ({"gap_before": True} if m.seq in after_gap else {}) for m in messages],
+        "gaps": [gap.to_dict() for gap in gaps],  # lost (quarantined) messages inside the active path
         "summaries": await context_summaries.for_admin(store, tenant.name, session_id),  # with the seqs each covers
     })
 

@@ -10,6 +10,11 @@ from proxy import codec
 from proxy.records import Message, Session
 
 
+# What the log and /ready tell an operator to do about a damaged store (docs/PERSISTENCE.md).
+REPAIR_HINT = ("stop the proxy, run `agent-state-proxy verify`, then `agent-state-proxy salvage --to DIR` "
+               "or `agent-state-proxy restore --from BACKUP`")
+
+
 class StorageError(Exception):
     """The store failed to persist or read (disk full, I/O error): fatal for the write."""
 
@@ -17,6 +22,11 @@ class StorageError(Exception):
 class InvalidWrite(ValueError):
     """A write no store could ever commit (a value that cannot be encoded or nests too deep):
     the fault of whoever made it. Refused before it is queued or acknowledged."""
+
+
+class StoreDamaged(StorageError):
+    """The store's own structure is damaged (a B-tree page is unreadable): no request can be
+    trusted to it until an operator verifies, salvages or restores it (docs/PERSISTENCE.md)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,15 @@ class Store(ABC):
                     codec.encode(value)
                 except codec.Unstorable as exc:
                     raise InvalidWrite(f"{name} cannot be stored: {exc}") from None
+
+    @abstractmethod
+    async def quarantine_messages(self, tenant: str, session_id: str, reasons: dict[int, str]) -> None:
+        """Move messages that decode but cannot be trusted (``seq`` → why) aside, as a corrupt
+        record would be: kept for inspection, never returned again."""
+
+    def damage(self) -> str | None:
+        """Why the store itself is damaged (reads or writes cannot be trusted), or None."""
+        return None
 
     # Conveniences over apply -------------------------------------------------------------
 

@@ -70,6 +70,18 @@ def record_key(tenant: str, kind: str, key: str, session_id: str | None) -> byte
     return record_prefix(tenant, kind, session_id) + raw
 
 
+def quarantine_entry(tenant: str, key: bytes, raw: bytes, reason: str, now: float) -> tuple[bytes, bytes]:
+    """Where and how a record moved aside is kept: its bytes, why, and when."""
+    info = {"tenant": tenant, "key": key.hex(), "reason": reason, "ts": now, "size": len(raw), "raw": raw.hex()}
+    return b"q" + _tenant(tenant) + key, codec.encode(info)
+
+
+def split_key(key: bytes) -> tuple[str, str, bytes]:
+    """A stored key's kind letter, tenant and the rest (``ValueError`` when it has no tenant)."""
+    end = key.index(b"\0", 1)
+    return chr(key[0]), key[1:end].decode(), key[end + 1:]
+
+
 class KVStore(Store):
     """Everything but the transactions; subclasses provide ``_read`` and ``_write``."""
 
@@ -191,6 +203,12 @@ class KVStore(Store):
             found.append(Quarantined(info["tenant"], info["key"], info["reason"], info["ts"], info["size"]))
         return found
 
+    async def quarantine_messages(self, tenant: str, session_id: str, reasons: dict[int, str]) -> None:
+        prefix = messages_prefix(tenant, session_id)
+        keys = {prefix + seq.to_bytes(8, "big"): reason for seq, reason in reasons.items()}
+        rows = await self._read(lambda txn: [(key, txn.get(key)) for key in keys])
+        await self._quarantine(tenant, [(key, raw, keys[key]) for key, raw in rows if raw is not None])
+
     async def _quarantine(self, tenant: str, rows: list[tuple[bytes, bytes, str]]) -> None:
         """Move undecodable records aside so reads go on; they stay for inspection."""
 
@@ -198,8 +216,7 @@ class KVStore(Store):
             for key, raw, reason in rows:
                 if txn.get(key) != raw:
                     continue  # already moved or rewritten meanwhile
-                info = {"tenant": tenant, "key": key.hex(), "reason": reason, "ts": time.time(), "size": len(raw), "raw": raw.hex()}
-                txn.put(b"q" + _tenant(tenant) + key, codec.encode(info))
+                txn.put(*quarantine_entry(tenant, key, raw, reason, time.time()))
                 txn.delete(key)
 
         for key, _, reason in rows:

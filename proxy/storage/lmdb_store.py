@@ -25,11 +25,18 @@ from typing import Any, Callable, Iterator, TypeVar
 import lmdb
 
 from proxy.storage import mapped
-from proxy.storage.base import StorageError
+from proxy.storage.base import REPAIR_HINT, StorageError, StoreDamaged
 from proxy.storage.kv import KVStore
 
 log = logging.getLogger("agent_state_proxy.storage")
 T = TypeVar("T")
+
+# LMDB errors that mean the file's structure is damaged (a page of the wrong type, a page number
+# beyond the file, not an LMDB file, a fatal environment error), as opposed to a failed write.
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError)
+# Keys read per transaction by the structural scan: each chunk holds the read lock (which every
+# read takes) for ~2 ms, so a request waits at most that long behind the background scan.
+SCAN_CHUNK = 2_000
 
 _open_paths: set[str] = set()
 _open_paths_lock = threading.Lock()
@@ -85,8 +92,12 @@ class LmdbStore(KVStore):
         # Held while the map's address range is in use outside a transaction (dropping its
         # pages), so it cannot move meanwhile; reads go on.
         self._map_lock = threading.Lock()
+        # Held by a backup copy (its own read transaction, for seconds): the map may not grow
+        # meanwhile, but reads, writes and page drops go on.
+        self._copy_lock = threading.Lock()
         self._mapped: list[tuple[int, int]] | None = None  # the data file's address ranges
         self._closed = False
+        self._damage: str | None = None  # set by the first structural error seen; never cleared
 
     @classmethod
     def open(cls, path: str, map_size: int = 1 << 30, max_readers: int = 126) -> LmdbStore:
@@ -111,6 +122,8 @@ class LmdbStore(KVStore):
             try:
                 with self._env.begin(write=False, buffers=False) as txn:
                     return fn(_LmdbTxn(txn))
+            except DAMAGE_ERRORS as exc:
+                raise self._damaged(exc) from exc
             except lmdb.Error as exc:
                 raise StorageError(f"LMDB read failed: {exc}") from exc
 
@@ -133,15 +146,84 @@ class LmdbStore(KVStore):
                 with self._env.begin(write=True) as txn:
                     return fn(_LmdbTxn(txn))  # commits (and fsyncs) on leaving the block
             except lmdb.MapFullError:
-                with self._map_lock, self._resize_lock:
+                with self._copy_lock, self._map_lock, self._resize_lock:
                     size = self._env.info()["map_size"] * 2
                     self._env.set_mapsize(size)
                     self._mapped = None  # mapped again, elsewhere
                 log.info("LMDB map grown to %d MiB", size >> 20)
+            except DAMAGE_ERRORS as exc:
+                raise self._damaged(exc) from exc
             except lmdb.Error as exc:
                 # Disk full, I/O error, failed fsync: never report such a write as done.
                 log.critical("LMDB write failed: %s", exc)
                 raise StorageError(f"storage write failed: {exc}") from exc
+
+    def _damaged(self, exc: Exception) -> StoreDamaged:
+        reason = f"LMDB store at {self._path} is damaged: {exc}"
+        if self._damage is None:
+            self._damage = reason
+            log.critical("%s; the proxy reports not ready. To recover, %s (docs/PERSISTENCE.md)", reason, REPAIR_HINT)
+        return StoreDamaged(reason)
+
+    def damage(self) -> str | None:
+        return self._damage
+
+    def check_edges(self) -> None:
+        """The quick structural check run before the proxy reports ready: read the first and
+        the last key of every key kind, which walks the root and the branch pages along each
+        edge of the B-tree (a damaged root fails every request). Raises StoreDamaged."""
+        with self._resize_lock:
+            try:
+                with self._env.begin(write=False) as txn:
+                    cursor = txn.cursor()
+                    for kind in b"gmqsx":  # every key kind, in key order
+                        if cursor.set_range(bytes((kind,))):
+                            cursor.value()
+                            if cursor.prev():  # the previous kind's last key
+                                cursor.value()
+                    if cursor.last():
+                        cursor.value()
+            except DAMAGE_ERRORS as exc:
+                raise self._damaged(exc) from exc
+
+    def check_structure(self, pause: Callable[[], None] = lambda: None) -> int:
+        """Read every key (every branch and leaf page of the tree), a chunk per transaction so
+        reads and map growth wait at most one chunk; ``pause`` runs between chunks (requests
+        first). Returns the keys read; raises StoreDamaged at the first damaged page."""
+        after, count = b"", 0
+        while not self._closed:
+            with self._resize_lock:
+                if self._closed:  # closed while this thread waited for the lock
+                    break
+                try:
+                    with self._env.begin(write=False) as txn:
+                        cursor = txn.cursor()
+                        found = cursor.set_range(after) if after else cursor.first()
+                        chunk, key = 0, b""
+                        while found and chunk < SCAN_CHUNK:
+                            key = cursor.key()
+                            chunk += 1
+                            found = cursor.next()
+                        key = bytes(key)
+                except DAMAGE_ERRORS as exc:
+                    raise self._damaged(exc) from exc
+            count += chunk
+            if not found:
+                return count
+            after = key + b"\0"  # the first key past the last one read
+            pause()
+        return count
+
+    def copy_to(self, path: str) -> None:
+        """A consistent, compacted snapshot of the store into the empty directory ``path``
+        (LMDB copies under one read transaction, while writes go on)."""
+        with self._copy_lock:
+            try:
+                self._env.copy(path, compact=True)
+            except DAMAGE_ERRORS as exc:
+                raise self._damaged(exc) from exc
+            except lmdb.Error as exc:
+                raise StorageError(f"backup copy failed: {exc}") from exc
 
     def _read_rows(self, count: int) -> None:
         if count >= BULK_READ_ROWS and not self._release_queued and not self._closed:
@@ -165,7 +247,7 @@ class LmdbStore(KVStore):
 
     def _close_now(self) -> None:
         self._writer.shutdown(wait=True)
-        with self._map_lock, self._resize_lock:
+        with self._copy_lock, self._map_lock, self._resize_lock:
             self._env.close()
         with _open_paths_lock:
             _open_paths.discard(self._path)

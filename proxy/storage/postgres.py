@@ -205,6 +205,13 @@ class PostgresStore(Store):
                 "SELECT tenant, key, reason, ts, size FROM asp_quarantine WHERE $1::text IS NULL OR tenant = $1 ORDER BY id", tenant)
         return [Quarantined(r["tenant"], r["key"], r["reason"], r["ts"], r["size"]) for r in rows]
 
+    async def quarantine_messages(self, tenant: str, session_id: str, reasons: dict[int, str]) -> None:
+        sid = session_digest(session_id)
+        async with self._connection() as connection:
+            rows = await connection.fetch("SELECT seq, record FROM asp_messages WHERE tenant = $1 AND sid = $2 AND seq = ANY($3::bigint[])",
+                                          tenant, sid, list(reasons))
+        await self._quarantine(tenant, [((("asp_messages", sid, r["seq"]), r["record"]), reasons[r["seq"]]) for r in rows])
+
     async def _decode(self, tenant: str, rows: list[tuple[tuple[str, bytes, Any], bytes]], build: Callable[[dict[str, Any]], T]) -> list[T]:
         """Decode stored rows; the undecodable ones are quarantined instead of failing the read."""
         found, corrupt = [], []

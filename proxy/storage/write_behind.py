@@ -387,6 +387,14 @@ class WriteBehindStore(Store):
         refused = [q for q in self.quarantined_writes if tenant is None or q.tenant == tenant]
         return await self.inner.quarantined(tenant) + refused
 
+    async def quarantine_messages(self, tenant: str, session_id: str, reasons: dict[int, str]) -> None:
+        await self.inner.quarantine_messages(tenant, session_id, reasons)
+        self._writes_seen += 1  # a cache fill racing this must not keep the moved messages
+        self._transcripts.pop((tenant, session_id))
+
+    def damage(self) -> str | None:
+        return self.inner.damage()
+
     def release_mapped_pages(self) -> int:
         return self.inner.release_mapped_pages()
 
