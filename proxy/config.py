@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "api_key_sha256": [],
         "allow_unauthenticated": False,
         "allowed_clients": ["127.0.0.1/32", "::1/128"],
+        "ignore_client_keys": False,
         "session_ttl_seconds": 7 * 24 * 3600,
         "history": "auto",
         "concurrency": "serialize",
@@ -83,6 +84,7 @@ class ModelRoute:
     api_key: str | None = field(repr=False)  # resolved at load, never logged
     path: str = "auto"  # auto | direct | litellm
     params: Mapping[str, Any] = field(default_factory=dict)  # extra litellm kwargs
+    api_key_env: str | None = None  # the variable the key came from: named when it is unset
 
     def resolve(self, requested: str) -> ResolvedModel:
         model = self.model.replace("{model}", requested)
@@ -164,6 +166,10 @@ class TenantConfig:
     persistence: Persistence = Persistence()
     context: ContextSettings = ContextSettings()  # context management (proxy/context)
     memory: MemorySettings = MemorySettings()  # long-term memory (proxy/memory)
+    # An open tenant admits a request carrying a key no tenant knows (agents that cannot stop
+    # sending their old OpenAI key); off, such a request is 401 like anywhere else.
+    ignore_client_keys: bool = False
+    source: str = ""  # the file it came from, for messages
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
@@ -181,6 +187,11 @@ class TenantConfig:
     def secrets(self) -> tuple[str, ...]:
         return tuple(r.api_key for r in self.models.values() if r.api_key)
 
+    def unset_key_envs(self) -> list[str]:
+        """``models.<alias>.api_key_env: NAME`` entries whose variable is not set."""
+        return [f"models.{r.alias}.api_key_env: {r.api_key_env} is not set"
+                for r in self.models.values() if r.api_key_env and r.api_key is None]
+
 
 @dataclass(frozen=True)
 class Config:
@@ -196,6 +207,7 @@ class Config:
     transcript_cache_messages: int
     tenants: Mapping[str, TenantConfig]
     source: str  # where it came from, for logs
+    tenants_dir: Path | None = None  # the directory of tenant files (watched for reloads)
 
     def tenant_for_key(self, api_key: str) -> TenantConfig | None:
         digest = hash_key(api_key)
@@ -213,6 +225,10 @@ class Config:
     def secrets(self) -> tuple[str, ...]:
         return tuple(s for t in self.tenants.values() for s in t.secrets())
 
+    def unset_key_envs(self) -> list[str]:
+        """Every model route whose key variable is unset, as ``<file>: models.<alias>...``."""
+        return [f"{t.source}: {problem}" for t in self.tenants.values() for problem in t.unset_key_envs()]
+
 
 def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
@@ -227,6 +243,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     raw = copy.deepcopy(DEFAULTS)
     tenant_docs: list[tuple[str, dict[str, Any]]] = []
     source = "embedded defaults"
+    tenants_dir: Path | None = None
     if path is not None:
         file = Path(path)
         source = str(file)
@@ -246,6 +263,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     if not tenant_docs:
         tenant_docs.append(("embedded default tenant", copy.deepcopy(DEFAULT_TENANT)))
     overrides = dict(overrides or {})
+    if overrides.get("allowed_clients") is not None:
+        # $ASP_ALLOW_CLIENTS (e.g. the Docker bridge network): the default for every tenant
+        # that does not list its own.
+        raw["tenant_defaults"]["allowed_clients"] = list(overrides["allowed_clients"])
     for key in ("host", "port"):
         if overrides.get(key) is not None:
             raw["server"][key] = overrides[key]
@@ -262,10 +283,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             default = copy.deepcopy(DEFAULT_TENANT)
             tenant_docs.append(("--model", default))
         default["models"] = {"*": route}
-    return _build(raw, tenant_docs, source)
+    return _build(raw, tenant_docs, source, tenants_dir)
 
 
-def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], source: str) -> Config:
+def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], source: str, tenants_dir: Path | None) -> Config:
     server, storage = raw["server"], raw["storage"]
     where = source
     tenants: dict[str, TenantConfig] = {}
@@ -287,6 +308,7 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         transcript_cache_messages=_int(storage["transcript_cache_messages"], where, "storage.transcript_cache_messages", 0, 1 << 30),
         tenants=MappingProxyType(tenants),
         source=source,
+        tenants_dir=tenants_dir,
     )
 
 
@@ -299,6 +321,8 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
     if not isinstance(name, str) or not _TENANT_NAME.match(name):
         raise ConfigError(f"{file}: name: must match {_TENANT_NAME.pattern} (got {name!r})")
     hashes = merged["api_key_sha256"]
+    if isinstance(hashes, list):  # "${TEAM_KEY_SHA256}": the digest from the environment (Docker)
+        hashes = [_interpolate(h, file, "api_key_sha256") for h in hashes]
     if not isinstance(hashes, list) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
         raise ConfigError(f"{file}: api_key_sha256: must be a list of lowercase sha256 hex digests")
     _bool(merged["allow_unauthenticated"], file, "allow_unauthenticated")
@@ -330,6 +354,8 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         persistence=_build_persistence(file, merged["persistence"]),
         context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
         memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),
+        ignore_client_keys=_bool(merged["ignore_client_keys"], file, "ignore_client_keys"),
+        source=file,
     )
 
 
@@ -423,8 +449,11 @@ def _build_route(file: str, alias: str, spec: Any) -> ModelRoute:
     if api_base is not None and not re.match(r"^https?://", str(api_base)):
         raise ConfigError(f"{file}: {key}.api_base: must be an http(s) URL")
     api_key = _interpolate(spec.get("api_key"), file, key + ".api_key")
-    if api_key is None and spec.get("api_key_env"):
-        api_key = os.environ.get(str(spec["api_key_env"]))
+    key_env = spec.get("api_key_env")
+    if key_env is not None and (not isinstance(key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env)):
+        raise ConfigError(f"{file}: {key}.api_key_env: must be an environment variable name")
+    if api_key is None and key_env:
+        api_key = os.environ.get(key_env) or None
     if model.startswith("openai/") and api_base is None:
         api_base = "https://api.openai.com/v1"
     path = spec.get("path", "auto")
@@ -433,7 +462,8 @@ def _build_route(file: str, alias: str, spec: Any) -> ModelRoute:
     params = spec.get("params", {})
     if not isinstance(params, dict) or {"api_base", "base_url", "api_key"} & set(params):
         raise ConfigError(f"{file}: {key}.params: must be a mapping without api_base/base_url/api_key")
-    return ModelRoute(alias, model, api_base, api_key, path, MappingProxyType(dict(params)))
+    return ModelRoute(alias, model, api_base, api_key, path, MappingProxyType(dict(params)),
+                      api_key_env=key_env if spec.get("api_key") is None else None)
 
 
 def _provider_key_env(model: str) -> str:

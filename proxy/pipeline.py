@@ -50,6 +50,10 @@ class Turn:
     idempotency_key: str | None = None  # hashed Idempotency-Key header
     replay: dict[str, Any] | None = None  # the recorded response for a repeated Idempotency-Key
     injected: list[str] | None = None  # ids of the long-term memories added to the prompt
+    # For the access log: what the provider answered, how long it took, the tokens it counted.
+    upstream_status: int | None = None
+    upstream_ms: float = 0.0
+    usage: dict[str, Any] | None = None
 
 
 class Pipeline:
@@ -147,11 +151,16 @@ class Pipeline:
         return session, stored
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
+        started = time.perf_counter()
         try:
             response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
-        except ProxyError:
+        except ProxyError as error:
+            turn.upstream_ms = (time.perf_counter() - started) * 1000
+            turn.upstream_status = getattr(error, "provider_status", None)
             await self._record(turn, [], outcome="error")
             raise
+        turn.upstream_ms, turn.upstream_status = (time.perf_counter() - started) * 1000, 200
+        turn.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
         choices = response.get("choices") or []
         assistant = [c.get("message") or {} for c in choices if isinstance(c, dict)]
         finish = choices[0].get("finish_reason") if choices else None
@@ -163,6 +172,7 @@ class Pipeline:
         the stream ends, however it ends."""
         collected = _StreamCollector(keep_chunks=turn.idempotency_key is not None)
         outcome = "aborted"
+        started = time.perf_counter()
         try:
             # aclosing: a client that goes away closes this generator, which must close the
             # provider's stream (and its connection) now, not whenever it is garbage-collected.
@@ -173,10 +183,14 @@ class Pipeline:
                         collected.add(chunk)
                     yield batch
             outcome = "ok"
-        except ProxyError:
+            turn.upstream_status = 200
+        except ProxyError as error:
             outcome = "error"
+            turn.upstream_status = getattr(error, "provider_status", None)
             raise
         finally:
+            turn.upstream_ms = (time.perf_counter() - started) * 1000
+            turn.usage = collected.usage if isinstance(collected.usage, dict) else None
             # Runs on success, on upstream failure and when the client disconnects (the
             # generator is closed), so a partial answer is kept with its outcome.
             await self._record(

@@ -7,7 +7,7 @@ import contextlib
 import importlib
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -16,8 +16,10 @@ from proxy.config import Config
 from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
 from proxy.server import keys
+from proxy.server.access_log import access_log_middleware
 from proxy.server.http import errors_middleware
 from proxy.server.memory_routes import setup_memory_routes
+from proxy.server.reload import reloading
 from proxy.server.routes import setup_routes
 from proxy.storage.base import Store
 from proxy.storage.write_behind import WriteBehindStore
@@ -26,9 +28,11 @@ from proxy.upstream import Upstream, import_litellm
 log = logging.getLogger("agent_state_proxy")
 
 
-def create_app(config: Config, store: Store | None = None) -> web.Application:
-    """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one)."""
-    app = web.Application(middlewares=[_in_flight(priority.activity), errors_middleware], client_max_size=config.max_body_bytes)
+def create_app(config: Config, store: Store | None = None, reload: Callable[[], Config] | None = None) -> web.Application:
+    """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one);
+    ``reload`` loads the configuration again (SIGHUP and changed files; the CLI passes it)."""
+    app = web.Application(middlewares=[access_log_middleware, _in_flight(priority.activity), errors_middleware],
+                          client_max_size=config.max_body_bytes)
     app[keys.CONFIG] = config
     app[keys.READY] = False
     app[keys.STARTED] = time.time()
@@ -37,6 +41,8 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app.cleanup_ctx.append(_pipeline)
     app.cleanup_ctx.append(_memory)
     app.cleanup_ctx.append(_background)
+    if reload is not None:
+        app.cleanup_ctx.append(reloading(reload))
     setup_routes(app)
     setup_memory_routes(app)
     return app

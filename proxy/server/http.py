@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Config, TenantConfig
+from proxy.server.access_log import note_tenant
 from proxy.storage.base import StorageError
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, Unauthorized
 
@@ -64,19 +65,23 @@ async def read_json(request: web.Request, limit: int) -> Any:
 
 
 def authenticate(config: Config, request: web.Request) -> TenantConfig:
-    """The tenant a request acts for: its proxy key, or the open tenant for local clients.
+    """The tenant a request acts for: its proxy key, or an open tenant for a client it admits.
 
-    An unknown key from an address an open tenant admits is treated as anonymous, because
-    agents that only changed their base URL still send whatever OPENAI_API_KEY they had.
+    A key that matches no tenant is 401 from anywhere, loopback included: a mistyped team key
+    must not land silently in the open tenant. Only an open tenant with ``ignore_client_keys``
+    admits one anyway (agents that cannot stop sending their old OpenAI key); the key is
+    ignored, never stored or forwarded.
     """
     header = request.headers.get("Authorization", "")
     key = header[7:].strip() if header[:7].lower() == "bearer " else ""
     if key:
         tenant = config.tenant_for_key(key)
         if tenant is not None:
+            note_tenant(request, tenant.name)
             return tenant
     tenant = config.anonymous_tenant(request.remote)
-    if tenant is not None:
+    if tenant is not None and (not key or tenant.ignore_client_keys):
+        note_tenant(request, tenant.name)
         return tenant
     if key:
         raise Unauthorized("incorrect proxy API key provided")

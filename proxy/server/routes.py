@@ -15,6 +15,7 @@ from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys
+from proxy.server.access_log import note_turn
 from proxy.server.http import authenticate, json_response, read_json
 from proxy.sessions import SessionRef
 from proxy.transcript import active_path
@@ -46,6 +47,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
     async with pipeline.session_lock(tenant, ref):
         turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
+        note_turn(request, turn)
         if turn.replay is not None:
             return await _replay(request, turn)
         if not body.get("stream"):
