@@ -8,10 +8,11 @@ them as ``key=value``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -80,10 +81,19 @@ def set_secrets(secrets: tuple[str, ...]) -> None:
     _Redacting.secrets = tuple(s for s in secrets if s)
 
 
-def route_litellm_logs() -> None:
-    """Send litellm's loggers through the root handler only (call after importing litellm)."""
-    for name in LITELLM_LOGGERS:
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        logger.propagate = True
+@contextlib.contextmanager
+def importing_litellm() -> Iterator[None]:
+    """Around ``import litellm``: its loggers get a stream handler of their own at import, and
+    write a few DEBUG lines through it before any caller could remove it. They are muted for the
+    import, then sent through the root handler only."""
+    loggers = [logging.getLogger(name) for name in LITELLM_LOGGERS]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+            logger.disabled = False

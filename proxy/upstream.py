@@ -188,12 +188,12 @@ def import_litellm() -> Any:
     """Import litellm without its start-up download of the model cost map."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("LITELLM_TELEMETRY", "False")
-    import litellm
+    with logs.importing_litellm():  # its lines go through the proxy's handler, once
+        import litellm
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True
     litellm.drop_params = False
-    logs.route_litellm_logs()  # its lines go through the proxy's handler, once
     return litellm
 
 
