@@ -132,6 +132,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             access_log=None,  # ours is proxy/server/access_log.py
         )
     except OSError as exc:  # the address is taken or cannot be bound: the store was closed on the way out
-        print(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"error: cannot listen on {config.host}:{config.port}: {reason}", file=sys.stderr)
         return 1
     return 0
