@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="run the proxy")
     _config_flags(serve)
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8765)")
+    serve.add_argument("--host", help="address to bind (default: $ASP_HOST, else server.host: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default: $ASP_PORT, else server.port: 8765)")
     serve.add_argument("--model", help="litellm model string: every requested model routes to it")
     serve.add_argument("--api-base", help="upstream base URL for --model")
     serve.add_argument("--log-level", type=str.upper, choices=logs.LEVELS, default=None,
@@ -73,19 +73,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="path to proxy.yaml (default: $ASP_CONFIG, ./config/proxy.yaml, else embedded defaults)")
-    parser.add_argument("--data-dir", help="where LMDB keeps its files (default ./data)")
+    parser.add_argument("--data-dir", help="where LMDB keeps its files (default: $ASP_DATA_DIR, else storage.data_dir: ./data)")
 
 
 def _load(args: argparse.Namespace) -> Config:
     path = args.config or os.environ.get("ASP_CONFIG")
     if path is None and Path("config/proxy.yaml").is_file():
         path = "config/proxy.yaml"
+    # The environment stands in for the flags (the Docker image sets ASP_HOST, ASP_PORT, ASP_DATA_DIR).
     allow = os.environ.get("ASP_ALLOW_CLIENTS", "").strip()
+    port = getattr(args, "port", None)
+    if port is None and os.environ.get("ASP_PORT"):
+        try:
+            port = int(os.environ["ASP_PORT"])
+        except ValueError:
+            raise ConfigError(f"ASP_PORT: must be an integer between 0 and 65535 (got {os.environ['ASP_PORT']!r})") from None
     overrides = {
         "allowed_clients": [n.strip() for n in allow.split(",") if n.strip()] if allow else None,
-        "host": getattr(args, "host", None),
-        "port": getattr(args, "port", None),
-        "data_dir": args.data_dir,
+        "host": getattr(args, "host", None) or os.environ.get("ASP_HOST") or None,
+        "port": port,
+        "data_dir": args.data_dir or os.environ.get("ASP_DATA_DIR") or None,
         "model": getattr(args, "model", None),
         "api_base": getattr(args, "api_base", None),
     }
@@ -111,6 +118,11 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"error: cannot create the data directory {config.data_dir}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if not os.access(config.data_dir, os.W_OK | os.X_OK):
+        # Typically a bind-mounted host directory in Docker, owned by another user.
+        print(f"error: the data directory {config.data_dir} is not writable by uid {os.getuid()}: "
+              f"chown it to that uid, or run as its owner (docker run --user)", file=sys.stderr)
         return 1
     # A long-running server with a large long-lived heap: a full (generation 2) collection
     # takes 70-220 ms with a 100k-memory tenant loaded. The app runs them while no request is
