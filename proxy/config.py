@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "api_key_sha256": [],
         "allow_unauthenticated": False,
         "allowed_clients": ["127.0.0.1/32", "::1/128"],
-        "ignore_client_keys": False,
+        "ignore_client_keys": "auto",
         "session_ttl_seconds": 7 * 24 * 3600,
         "history": "auto",
         "concurrency": "serialize",
@@ -166,9 +166,10 @@ class TenantConfig:
     persistence: Persistence = Persistence()
     context: ContextSettings = ContextSettings()  # context management (proxy/context)
     memory: MemorySettings = MemorySettings()  # long-term memory (proxy/memory)
-    # An open tenant admits a request carrying a key no tenant knows (agents that cannot stop
-    # sending their old OpenAI key); off, such a request is 401 like anywhere else.
-    ignore_client_keys: bool = False
+    # Whether an open tenant admits a request carrying a key no tenant knows (the SDKs insist on
+    # sending some key; agents keep their old OpenAI key): True, False, or None for auto (only
+    # while no tenant has keys: once one has, an unknown key was meant for it and is 401).
+    ignore_client_keys: bool | None = None
     source: str = ""  # the file it came from, for messages
 
     def route(self, requested: str) -> ResolvedModel | None:
@@ -215,6 +216,12 @@ class Config:
             if digest in tenant.api_key_hashes:
                 return tenant
         return None
+
+    def ignores_unknown_key(self, tenant: TenantConfig) -> bool:
+        """Whether the open ``tenant`` admits a request whose key no tenant knows."""
+        if tenant.ignore_client_keys is not None:
+            return tenant.ignore_client_keys
+        return not any(t.api_key_hashes for t in self.tenants.values())
 
     def anonymous_tenant(self, peer: str | None) -> TenantConfig | None:
         for tenant in self.tenants.values():
@@ -354,9 +361,17 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         persistence=_build_persistence(file, merged["persistence"]),
         context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
         memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),
-        ignore_client_keys=_bool(merged["ignore_client_keys"], file, "ignore_client_keys"),
+        ignore_client_keys=_ignore_client_keys(merged["ignore_client_keys"], file),
         source=file,
     )
+
+
+def _ignore_client_keys(value: Any, file: str) -> bool | None:
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise ConfigError(f"{file}: ignore_client_keys: must be auto, true or false")
+    return value
 
 
 def _build_context(file: str, defaults: Any, own: Any, routes: dict[str, ModelRoute]) -> ContextSettings:

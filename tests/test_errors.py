@@ -187,7 +187,7 @@ def test_a_wrong_key_is_401_even_from_loopback_beside_an_open_tenant(tmp_path, u
     from tests.harness import keyed_tenant, open_tenant, start_thread, write_config
 
     local = open_tenant(upstream.base_url)
-    del local["ignore_client_keys"]  # the shipped default: unknown keys are refused
+    del local["ignore_client_keys"]  # the shipped default, auto: refused once a tenant has keys
     path = write_config(tmp_path, {"default": local, "team": keyed_tenant(upstream.base_url, ALPHA_KEY)})
     body = {"model": "m", "messages": USER}
     with start_thread(path) as proxy:
@@ -203,11 +203,20 @@ def test_a_wrong_key_is_401_even_from_loopback_beside_an_open_tenant(tmp_path, u
     assert len(upstream.chat_requests) == 2
 
 
-def test_an_open_tenant_with_ignore_client_keys_admits_an_unknown_key(tmp_path, upstream: FakeUpstream) -> None:
-    from tests.harness import open_tenant, start_thread, write_config
+@pytest.mark.parametrize(("setting", "keyed", "admitted"), [
+    ("auto", False, True),  # the embedded defaults: no key anywhere, so none is wrong
+    ("auto", True, False),
+    (True, True, True),
+    (False, False, False),
+])
+def test_ignore_client_keys_decides_for_an_unknown_key(tmp_path, upstream: FakeUpstream, setting, keyed: bool, admitted: bool) -> None:
+    from tests.harness import keyed_tenant, open_tenant, start_thread, write_config
 
-    path = write_config(tmp_path, {"default": open_tenant(upstream.base_url)})
-    with start_thread(path) as proxy:
-        reply = sdk(proxy, "sk-my-old-openai-key").chat.completions.create(model="m", messages=USER)
-        assert reply.choices[0].message.content
-    assert "sk-my-old-openai-key" not in str(upstream.chat_requests)
+    tenants = {"default": open_tenant(upstream.base_url, ignore_client_keys=setting)}
+    if keyed:
+        tenants["team"] = keyed_tenant(upstream.base_url, ALPHA_KEY)
+    with start_thread(write_config(tmp_path, tenants)) as proxy:
+        response = post(proxy, {"model": "m", "messages": USER}, key="sk-my-old-openai-key")
+        assert response.status_code == (200 if admitted else 401), response.text
+        assert post(proxy, {"model": "m", "messages": USER}, key=None).status_code == 200
+    assert "sk-my-old-openai-key" not in str(upstream.chat_requests) + str(upstream.auth_headers)

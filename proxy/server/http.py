@@ -67,10 +67,11 @@ async def read_json(request: web.Request, limit: int) -> Any:
 def authenticate(config: Config, request: web.Request) -> TenantConfig:
     """The tenant a request acts for: its proxy key, or an open tenant for a client it admits.
 
-    A key that matches no tenant is 401 from anywhere, loopback included: a mistyped team key
-    must not land silently in the open tenant. Only an open tenant with ``ignore_client_keys``
-    admits one anyway (agents that cannot stop sending their old OpenAI key); the key is
-    ignored, never stored or forwarded.
+    A key that matches no tenant is 401 from anywhere, loopback included, once any tenant has
+    keys: a mistyped team key must not land silently in the open tenant. While no tenant has
+    keys (the embedded defaults), or where an open tenant sets ``ignore_client_keys: true``, the
+    open tenant admits it: the SDKs insist on sending some key and agents that only changed their
+    base URL send their old OpenAI key. That key is ignored, never stored or forwarded.
     """
     header = request.headers.get("Authorization", "")
     key = header[7:].strip() if header[:7].lower() == "bearer " else ""
@@ -80,7 +81,7 @@ def authenticate(config: Config, request: web.Request) -> TenantConfig:
             note_tenant(request, tenant.name)
             return tenant
     tenant = config.anonymous_tenant(request.remote)
-    if tenant is not None and (not key or tenant.ignore_client_keys):
+    if tenant is not None and (not key or config.ignores_unknown_key(tenant)):
         note_tenant(request, tenant.name)
         return tenant
     if key:
