@@ -105,3 +105,26 @@ def test_a_changed_tenant_file_is_reloaded_without_a_signal(running, upstream: F
     (tenant_file.parent / "second.yaml").write_text(yaml.safe_dump({"name": "second"} | other))
     headers = {"Authorization": "Bearer second-tenant-key"}
     assert _until(lambda: httpx.get(f"{proxy.base_url}/models", headers=headers, timeout=10).status_code == 200)
+
+
+def test_a_request_in_flight_finishes_on_the_configuration_it_started_with(running, upstream: FakeUpstream) -> None:
+    import threading
+
+    proxy, tenant_file = running
+    results: list[httpx.Response] = []
+    upstream.latency = 8.0  # the request stays in flight while the configuration changes under it
+    in_flight = threading.Thread(target=lambda: results.append(_chat(proxy, "fast", session="in-flight")))
+    in_flight.start()
+    try:
+        assert _until(lambda: len(upstream.chat_requests) == 1)
+        _write_tenant(tenant_file, _tenant(upstream, smart="fake-model-2"))  # "fast" is gone
+        proxy.process.send_signal(signal.SIGHUP)
+        assert _until(lambda: "configuration reloaded" in proxy.log())
+        assert in_flight.is_alive()  # the swap happened while it was in flight
+    finally:
+        upstream.latency = 0.0
+        in_flight.join(60)
+    assert results[0].status_code == 200 and results[0].json()["choices"][0]["message"]["content"]
+    assert _chat(proxy, "fast").status_code == 404  # new requests see the new configuration
+    sessions = httpx.get(f"{proxy.url}/admin/sessions", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
+    assert next(s for s in sessions if s["id"] == "in-flight")["turns"] == 1  # and it was recorded
