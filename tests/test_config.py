@@ -86,6 +86,8 @@ def test_cli_model_flag_routes_every_name(monkeypatch: pytest.MonkeyPatch) -> No
         ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "api_base": "ftp://x"}}}, "models.m.api_base: must be an http(s) URL"),
         ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "colour": 1}}}, "models.m.colour: unknown key"),
         ({"allow_unauthenticated": "yes", "models": {"m": "x"}}, "allow_unauthenticated: must be true or false"),
+        ({"allow_unauthenticated": True, "ignore_client_keys": "sometimes", "models": {"m": "x"}}, "ignore_client_keys: must be auto, true or false"),
+        ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "api_key_env": "not a name"}}}, "models.m.api_key_env: must be an environment variable name"),
         ({"allow_unauthenticated": True, "session_ttl_seconds": -1, "models": {"m": "x"}}, "session_ttl_seconds: must be an integer"),
         ({"api_key_sha256": ["plaintext-key"], "models": {"m": "x"}}, "api_key_sha256: must be a list of lowercase sha256"),
         ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "api_base": "${NOT_SET_ANYWHERE}"}}}, "environment variable NOT_SET_ANYWHERE is not set"),
