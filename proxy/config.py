@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "api_key_sha256": [],
         "allow_unauthenticated": False,
         "allowed_clients": ["127.0.0.1/32", "::1/128"],
+        "ignore_client_keys": "auto",
         "session_ttl_seconds": 7 * 24 * 3600,
         "history": "auto",
         "concurrency": "serialize",
@@ -100,6 +101,7 @@ class ModelRoute:
     api_key: str | None = field(repr=False)  # resolved at load, never logged
     path: str = "auto"  # auto | direct | litellm
     params: Mapping[str, Any] = field(default_factory=dict)  # extra litellm kwargs
+    api_key_env: str | None = None  # the variable the key came from: named when it is unset
 
     def resolve(self, requested: str, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> ResolvedModel:
         model = self.model.replace("{model}", requested)
@@ -226,6 +228,11 @@ class TenantConfig:
     quotas: QuotaSettings = QuotaSettings()  # rate limits and stored-data quotas (proxy/quotas.py)
     context: ContextSettings = ContextSettings()  # context management (proxy/context)
     memory: MemorySettings = MemorySettings()  # long-term memory (proxy/memory)
+    # Whether an open tenant admits a request carrying a key no tenant knows (the SDKs insist on
+    # sending some key; agents keep their old OpenAI key): True, False, or None for auto (only
+    # while no tenant has keys: once one has, an unknown key was meant for it and is 401).
+    ignore_client_keys: bool | None = None
+    source: str = ""  # the file it came from, for messages
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
@@ -242,6 +249,11 @@ class TenantConfig:
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(r.api_key for r in self.models.values() if r.api_key)
+
+    def unset_key_envs(self) -> list[str]:
+        """``models.<alias>.api_key_env: NAME`` entries whose variable is not set."""
+        return [f"models.{r.alias}.api_key_env: {r.api_key_env} is not set"
+                for r in self.models.values() if r.api_key_env and r.api_key is None]
 
 
 @dataclass(frozen=True)
@@ -273,6 +285,7 @@ class Config:
     storage_backend: str = "lmdb"  # lmdb | postgres
     postgres: PostgresSettings | None = None  # set when storage_backend is postgres
     metrics: MetricsSettings = MetricsSettings()
+    tenants_dir: Path | None = None  # the directory of tenant files (watched for reloads)
 
     def tenant_for_key(self, api_key: str) -> TenantConfig | None:
         digest = hash_key(api_key)
@@ -284,6 +297,12 @@ class Config:
     def is_operator_key(self, api_key: str) -> bool:
         return bool(api_key) and hash_key(api_key) in self.operator_key_hashes
 
+    def ignores_unknown_key(self, tenant: TenantConfig) -> bool:
+        """Whether the open ``tenant`` admits a request whose key no tenant knows."""
+        if tenant.ignore_client_keys is not None:
+            return tenant.ignore_client_keys
+        return not any(t.api_key_hashes for t in self.tenants.values())
+
     def anonymous_tenant(self, peer: str | None) -> TenantConfig | None:
         for tenant in self.tenants.values():
             if tenant.admits_anonymous(peer):
@@ -292,6 +311,10 @@ class Config:
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(s for t in self.tenants.values() for s in t.secrets())
+
+    def unset_key_envs(self) -> list[str]:
+        """Every model route whose key variable is unset, as ``<file>: models.<alias>...``."""
+        return [f"{t.source}: {problem}" for t in self.tenants.values() for problem in t.unset_key_envs()]
 
 
 def hash_key(api_key: str) -> str:
@@ -307,6 +330,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     raw = copy.deepcopy(DEFAULTS)
     tenant_docs: list[tuple[str, dict[str, Any]]] = []
     source = "embedded defaults"
+    tenants_dir: Path | None = None
     if path is not None:
         file = Path(path)
         source = str(file)
@@ -326,6 +350,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     if not tenant_docs:
         tenant_docs.append(("embedded default tenant", copy.deepcopy(DEFAULT_TENANT)))
     overrides = dict(overrides or {})
+    if overrides.get("allowed_clients") is not None:
+        # $ASP_ALLOW_CLIENTS (e.g. the Docker bridge network): the default for every tenant
+        # that does not list its own.
+        raw["tenant_defaults"]["allowed_clients"] = list(overrides["allowed_clients"])
     for key in ("host", "port"):
         if overrides.get(key) is not None:
             raw["server"][key] = overrides[key]
@@ -342,10 +370,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             default = copy.deepcopy(DEFAULT_TENANT)
             tenant_docs.append(("--model", default))
         default["models"] = {"*": route}
-    return _build(raw, tenant_docs, source)
+    return _build(raw, tenant_docs, source, tenants_dir)
 
 
-def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], source: str) -> Config:
+def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], source: str, tenants_dir: Path | None) -> Config:
     server, storage = raw["server"], raw["storage"]
     where = source
     tenants: dict[str, TenantConfig] = {}
@@ -377,6 +405,7 @@ def _build(raw: dict[str, Any], tenant_docs: list[tuple[str, dict[str, Any]]], s
         storage_backend=_choice(storage["backend"], STORAGE_BACKENDS, where, "storage.backend"),
         postgres=_build_postgres(storage, where) if storage["backend"] == "postgres" else None,
         metrics=_build_metrics(server["metrics"], where, operators),
+        tenants_dir=tenants_dir,
     )
 
 
@@ -434,7 +463,10 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
     name = merged.get("name", stem)
     if not isinstance(name, str) or not _TENANT_NAME.match(name):
         raise ConfigError(f"{file}: name: must match {_TENANT_NAME.pattern} (got {name!r})")
-    hashes = _digests(merged["api_key_sha256"], file, "api_key_sha256")
+    hashes = merged["api_key_sha256"]
+    if isinstance(hashes, list):  # "${TEAM_KEY_SHA256}": the digest from the environment (Docker)
+        hashes = [_interpolate(h, file, "api_key_sha256") for h in hashes]
+    hashes = _digests(hashes, file, "api_key_sha256")
     _bool(merged["allow_unauthenticated"], file, "allow_unauthenticated")
     try:
         nets = tuple(ipaddress.ip_network(str(n), strict=False) for n in merged["allowed_clients"])
@@ -470,7 +502,17 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         quotas=_build_quotas(file, defaults["quotas"], doc.get("quotas", {})),
         context=_build_context(file, defaults["context"], doc.get("context", {}), routes),
         memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),
+        ignore_client_keys=_ignore_client_keys(merged["ignore_client_keys"], file),
+        source=file,
     )
+
+
+def _ignore_client_keys(value: Any, file: str) -> bool | None:
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise ConfigError(f"{file}: ignore_client_keys: must be auto, true or false")
+    return value
 
 
 def _build_context(file: str, defaults: Any, own: Any, routes: dict[str, ModelRoute]) -> ContextSettings:
@@ -587,8 +629,11 @@ def _build_route(file: str, alias: str, spec: Any) -> ModelRoute:
     if api_base is not None and not re.match(r"^https?://", str(api_base)):
         raise ConfigError(f"{file}: {key}.api_base: must be an http(s) URL")
     api_key = _interpolate(spec.get("api_key"), file, key + ".api_key")
-    if api_key is None and spec.get("api_key_env"):
-        api_key = os.environ.get(str(spec["api_key_env"]))
+    key_env = spec.get("api_key_env")
+    if key_env is not None and (not isinstance(key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env)):
+        raise ConfigError(f"{file}: {key}.api_key_env: must be an environment variable name")
+    if api_key is None and key_env:
+        api_key = os.environ.get(key_env) or None
     if model.startswith("openai/") and api_base is None:
         api_base = "https://api.openai.com/v1"
     path = spec.get("path", "auto")
@@ -597,7 +642,8 @@ def _build_route(file: str, alias: str, spec: Any) -> ModelRoute:
     params = spec.get("params", {})
     if not isinstance(params, dict) or {"api_base", "base_url", "api_key"} & set(params):
         raise ConfigError(f"{file}: {key}.params: must be a mapping without api_base/base_url/api_key")
-    return ModelRoute(alias, model, api_base, api_key, path, MappingProxyType(dict(params)))
+    return ModelRoute(alias, model, api_base, api_key, path, MappingProxyType(dict(params)),
+                      api_key_env=key_env if spec.get("api_key") is None else None)
 
 
 def _provider_key_env(model: str) -> str:

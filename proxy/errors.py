@@ -106,6 +106,10 @@ class UpstreamError(ProxyError):
     type = "upstream_error"
     status = 502
 
+    def __init__(self, message: str, *, provider_status: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.provider_status = provider_status  # what the provider answered (None: no answer)
+
 
 def upstream_status(provider_status: int | None) -> int:
     """Which status the client sees for a provider's status."""

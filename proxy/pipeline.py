@@ -64,7 +64,10 @@ class Turn:
     # "<kind>_id" for the tenant's persistence policy (persistence.critical).
     on_record: Callable[[list[Message], dict[str, Any]], list[Record]] | None = None
     protocol: str | None = None  # the client protocol when not Chat Completions, recorded on its messages
-    usage: dict[str, Any] | None = None  # the provider's token counts, once the answer is recorded
+    # For the access log: what the provider answered, how long it took, the tokens it counted.
+    upstream_status: int | None = None
+    upstream_ms: float = 0.0
+    usage: dict[str, Any] | None = None  # the provider's token counts
 
 
 class Pipeline:
@@ -224,13 +227,18 @@ class Pipeline:
         return stored
 
     async def complete(self, turn: Turn) -> dict[str, Any]:
+        started = time.perf_counter()
         try:
             with self._stage(turn.tenant, "upstream"):
                 response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
         except ProxyError as error:
             self.observer.upstream_failed(turn.tenant.name, turn.route.model, error.status)
+            turn.upstream_ms = (time.perf_counter() - started) * 1000
+            turn.upstream_status = getattr(error, "provider_status", None)
             await self._record(turn, [], outcome="error")
             raise
+        turn.upstream_ms, turn.upstream_status = (time.perf_counter() - started) * 1000, 200
+        turn.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
         choices = response.get("choices") or []
         assistant = [c.get("message") or {} for c in choices if isinstance(c, dict)]
         finish = choices[0].get("finish_reason") if choices else None
@@ -242,6 +250,7 @@ class Pipeline:
         the stream ends, however it ends."""
         collected = _StreamCollector(keep_chunks=turn.idempotency_key is not None)
         outcome = "aborted"
+        started = time.perf_counter()
         try:
             # aclosing: a client that goes away closes this generator, which must close the
             # provider's stream (and its connection) now, not whenever it is garbage-collected.
@@ -253,14 +262,18 @@ class Pipeline:
                             collected.add(chunk)
                         yield batch
             outcome = "ok"
+            turn.upstream_status = 200
         except ProxyError as error:
             outcome = "error"
             self.observer.upstream_failed(turn.tenant.name, turn.route.model, error.status)
+            turn.upstream_status = getattr(error, "provider_status", None)
             raise
         except Exception:  # something here failed, not the provider: still never "aborted"
             outcome = "error"
             raise
         finally:
+            turn.upstream_ms = (time.perf_counter() - started) * 1000
+            turn.usage = collected.usage if isinstance(collected.usage, dict) else None
             # Runs on success, on failure and when the client disconnects (the generator is
             # closed: GeneratorExit), so a partial answer is kept with its outcome.
             await self._record(

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 import orjson
 
+from proxy import logs
 from proxy.config import ResolvedModel
 from proxy.errors import BadRequest, UpstreamError, redact, upstream_status
+
+log = logging.getLogger("agent_state_proxy.upstream")
 
 
 class Upstream:
@@ -111,12 +115,27 @@ class Upstream:
                 status=upstream_status(response.status if response.status >= 400 else None),
                 code=_error_code(data),
                 headers=headers,
+                provider_status=response.status,
             )
         return data
 
+    def set_secrets(self, secrets: tuple[str, ...]) -> None:
+        """The upstream keys to redact from errors (a configuration reload may add some)."""
+        self._secrets = secrets
+
     @contextlib.contextmanager
     def _translate(self, timeout: float) -> Iterator[None]:
-        """Turn aiohttp/litellm failures into UpstreamError, once, here."""
+        """Turn aiohttp/litellm failures into UpstreamError, once, here, and log each one."""
+        try:
+            with self._translating(timeout):
+                yield
+        except UpstreamError as error:
+            log.warning("%s", error.message, extra={"fields": {
+                "event": "upstream_error", "status": error.status, "upstream_status": error.provider_status, "code": error.code}})
+            raise
+
+    @contextlib.contextmanager
+    def _translating(self, timeout: float) -> Iterator[None]:
         try:
             yield
         except (UpstreamError, BadRequest):
@@ -148,6 +167,7 @@ class Upstream:
                 f"upstream error ({status or name}): {message}",
                 status=upstream_status(status if isinstance(status, int) else None),
                 headers=headers,
+                provider_status=status if isinstance(status, int) else None,
             ) from exc
 
     def _litellm_errors(self) -> tuple[type[BaseException], ...]:
@@ -171,7 +191,8 @@ def import_litellm() -> Any:
     """Import litellm without its start-up download of the model cost map."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("LITELLM_TELEMETRY", "False")
-    import litellm
+    with logs.importing_litellm():  # its lines go through the proxy's handler, once
+        import litellm
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True

@@ -44,8 +44,11 @@ def write_config(directory: Path, tenants: dict[str, dict[str, Any]], **sections
 
 
 def open_tenant(upstream_base: str, **extra: Any) -> dict[str, Any]:
+    """An open tenant for local clients. The suite's SDK clients send a placeholder key, as
+    agents that only changed their base URL do, so it ignores unknown keys."""
     return {
         "allow_unauthenticated": True,
+        "ignore_client_keys": True,
         "models": {"*": {"model": "openai/{model}", "api_base": upstream_base, "api_key": "upstream-secret-key"}},
     } | extra
 

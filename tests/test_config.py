@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -29,9 +30,11 @@ def test_repository_config_matches_embedded_defaults(monkeypatch: pytest.MonkeyP
     assert from_files.transcript_cache_messages == embedded.transcript_cache_messages == 50_000
 
 
-def test_example_tenant_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AZURE_API_BASE", "https://example.openai.azure.com")
-    monkeypatch.setenv("AZURE_API_KEY", "azure-secret")
+def test_example_tenant_works_once_renamed_and_its_comment_key_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("AZURE_API_BASE", "AZURE_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret-1234")
     shutil.copytree(REPO / "config", tmp_path / "config")
     example = tmp_path / "config" / "tenants" / "example-team.yaml.example"
     example.rename(example.with_suffix(""))
@@ -39,7 +42,15 @@ def test_example_tenant_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     team = config.tenants["example-team"]
     assert team.concurrency == "reject"
     assert not team.route("claude").direct and team.route("gpt-4o-mini").direct
-    assert "azure-secret" not in repr(config)
+    # The key its comment names is the one its digest admits.
+    commented = re.search(r"hash-key '([^']+)'", example.with_suffix("").read_text()).group(1)
+    assert config.tenant_for_key(commented) is team
+    assert "sk-openai-secret" not in repr(config)
+    # check-config names the one variable still missing; with it set, the example passes.
+    assert main(["check-config", "--config", str(tmp_path / "config" / "proxy.yaml")]) == 2
+    assert "example-team.yaml: models.claude.api_key_env: ANTHROPIC_API_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-secret-1234")
+    assert main(["check-config", "--config", str(tmp_path / "config" / "proxy.yaml")]) == 0
 
 
 def test_env_interpolation_and_key_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,6 +86,8 @@ def test_cli_model_flag_routes_every_name(monkeypatch: pytest.MonkeyPatch) -> No
         ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "api_base": "ftp://x"}}}, "models.m.api_base: must be an http(s) URL"),
         ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "colour": 1}}}, "models.m.colour: unknown key"),
         ({"allow_unauthenticated": "yes", "models": {"m": "x"}}, "allow_unauthenticated: must be true or false"),
+        ({"allow_unauthenticated": True, "ignore_client_keys": "sometimes", "models": {"m": "x"}}, "ignore_client_keys: must be auto, true or false"),
+        ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "api_key_env": "not a name"}}}, "models.m.api_key_env: must be an environment variable name"),
         ({"allow_unauthenticated": True, "session_ttl_seconds": -1, "models": {"m": "x"}}, "session_ttl_seconds: must be an integer"),
         ({"api_key_sha256": ["plaintext-key"], "models": {"m": "x"}}, "api_key_sha256: must be a list of lowercase sha256"),
         ({"allow_unauthenticated": True, "models": {"m": {"model": "x", "api_base": "${NOT_SET_ANYWHERE}"}}}, "environment variable NOT_SET_ANYWHERE is not set"),

@@ -179,3 +179,44 @@ async def _dump_store(proxy: ProxyThread) -> str:
             parts.append(repr(session))
             parts.extend(repr(m) for m in await store.get_messages(tenant, session.id))
     return "\n".join(parts)
+
+
+def test_a_wrong_key_is_401_even_from_loopback_beside_an_open_tenant(tmp_path, upstream: FakeUpstream) -> None:
+    """The default install's shape: an open local tenant and a keyed one. A mistyped key must not
+    land in the open tenant; no key does; the right key reaches its own tenant."""
+    from tests.harness import keyed_tenant, open_tenant, start_thread, write_config
+
+    local = open_tenant(upstream.base_url)
+    del local["ignore_client_keys"]  # the shipped default, auto: refused once a tenant has keys
+    path = write_config(tmp_path, {"default": local, "team": keyed_tenant(upstream.base_url, ALPHA_KEY)})
+    body = {"model": "m", "messages": USER}
+    with start_thread(path) as proxy:
+        error = assert_openai_error(post(proxy, body, key=ALPHA_KEY + "-typo"), 401)
+        assert error["code"] == "invalid_api_key" and "incorrect" in error["message"]
+        with pytest.raises(openai.AuthenticationError):
+            sdk(proxy, "sk-my-old-openai-key").chat.completions.create(model="m", messages=USER)
+        assert post(proxy, body, key=None).status_code == 200
+        assert post(proxy, body, key=ALPHA_KEY).status_code == 200
+        sessions = {name: httpx.get(f"{proxy.url}/admin/sessions", headers=headers).json()["data"]
+                    for name, headers in (("default", {}), ("team", {"Authorization": f"Bearer {ALPHA_KEY}"}))}
+        assert len(sessions["default"]) == 1 and len(sessions["team"]) == 1
+    assert len(upstream.chat_requests) == 2
+
+
+@pytest.mark.parametrize(("setting", "keyed", "admitted"), [
+    ("auto", False, True),  # the embedded defaults: no key anywhere, so none is wrong
+    ("auto", True, False),
+    (True, True, True),
+    (False, False, False),
+])
+def test_ignore_client_keys_decides_for_an_unknown_key(tmp_path, upstream: FakeUpstream, setting, keyed: bool, admitted: bool) -> None:
+    from tests.harness import keyed_tenant, open_tenant, start_thread, write_config
+
+    tenants = {"default": open_tenant(upstream.base_url, ignore_client_keys=setting)}
+    if keyed:
+        tenants["team"] = keyed_tenant(upstream.base_url, ALPHA_KEY)
+    with start_thread(write_config(tmp_path, tenants)) as proxy:
+        response = post(proxy, {"model": "m", "messages": USER}, key="sk-my-old-openai-key")
+        assert response.status_code == (200 if admitted else 401), response.text
+        assert post(proxy, {"model": "m", "messages": USER}, key=None).status_code == 200
+    assert "sk-my-old-openai-key" not in str(upstream.chat_requests) + str(upstream.auth_headers)

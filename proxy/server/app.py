@@ -7,7 +7,7 @@ import contextlib
 import importlib
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -17,11 +17,13 @@ from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
 from proxy.quotas import Quotas
 from proxy.server import keys
+from proxy.server.access_log import access_log_middleware
 from proxy.server.http import errors_middleware
 from proxy.server.memory_routes import setup_memory_routes
 from proxy.server.metrics import METRICS, Metrics, setup_metrics_routes
 from proxy.server.metrics import middleware as metrics_middleware
 from proxy.server.responses_routes import setup_responses_routes
+from proxy.server.reload import reloading
 from proxy.server.routes import setup_routes
 from proxy.server.ui import setup_ui_routes
 from proxy.storage.base import Store
@@ -31,10 +33,11 @@ from proxy.upstream import Upstream, import_litellm
 log = logging.getLogger("agent_state_proxy")
 
 
-def create_app(config: Config, store: Store | None = None) -> web.Application:
-    """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one)."""
+def create_app(config: Config, store: Store | None = None, reload: Callable[[], Config] | None = None) -> web.Application:
+    """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one);
+    ``reload`` loads the configuration again (SIGHUP and changed files; the CLI passes it)."""
     metrics = Metrics()  # one registry per app: tests run many apps in one process
-    app = web.Application(middlewares=[metrics_middleware(metrics), _in_flight(priority.activity), errors_middleware],
+    app = web.Application(middlewares=[access_log_middleware, metrics_middleware(metrics), _in_flight(priority.activity), errors_middleware],
                           client_max_size=config.max_body_bytes)
     app[METRICS] = metrics
     app[keys.CONFIG] = config
@@ -46,6 +49,8 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app.cleanup_ctx.append(_memory)
     app.cleanup_ctx.append(_background)
     app.cleanup_ctx.append(_metrics)
+    if reload is not None:
+        app.cleanup_ctx.append(reloading(reload))
     setup_routes(app)
     setup_memory_routes(app)
     setup_metrics_routes(app)

@@ -15,6 +15,7 @@ from proxy.config import Config, TenantConfig
 from proxy.server import keys
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, StoreUnusable, Unauthorized
 from proxy.storage.base import InvalidWrite, StorageError, StoreDamaged
+from proxy.server.access_log import note_tenant
 
 log = logging.getLogger("agent_state_proxy.server")
 # Far deeper than any real request (JSON schemas of tools included), far below what storage takes.
@@ -121,18 +122,23 @@ def admin_tenant(config: Config, request: web.Request) -> TenantConfig:
 
 
 def authenticate(config: Config, request: web.Request) -> TenantConfig:
-    """The tenant a request acts for: its proxy key, or the open tenant for local clients.
+    """The tenant a request acts for: its proxy key, or an open tenant for a client it admits.
 
-    An unknown key from an address an open tenant admits is treated as anonymous, because
-    agents that only changed their base URL still send whatever OPENAI_API_KEY they had.
+    A key that matches no tenant is 401 from anywhere, loopback included, once any tenant has
+    keys: a mistyped team key must not land silently in the open tenant. While no tenant has
+    keys (the embedded defaults), or where an open tenant sets ``ignore_client_keys: true``, the
+    open tenant admits it: the SDKs insist on sending some key and agents that only changed their
+    base URL send their old OpenAI key. That key is ignored, never stored or forwarded.
     """
     key = _bearer(request)
     if key:
         tenant = config.tenant_for_key(key)
         if tenant is not None:
+            note_tenant(request, tenant.name)
             return tenant
     tenant = config.anonymous_tenant(request.remote)
-    if tenant is not None:
+    if tenant is not None and (not key or config.ignores_unknown_key(tenant)):
+        note_tenant(request, tenant.name)
         return tenant
     if key:
         raise Unauthorized("incorrect proxy API key provided")

@@ -35,7 +35,10 @@ def _service(request: web.Request) -> tuple[MemoryService, str, MemorySettings]:
     service = request.app[keys.PIPELINE].memory
     if service is None:  # it starts in the background, right after the proxy begins serving
         raise NotReady("long-term memory is starting; retry shortly")
-    return service, tenant.name, service.settings[tenant.name]
+    settings = service.settings.get(tenant.name)
+    if settings is None:  # a tenant that a configuration reload added or gave memory
+        raise NotReady("long-term memory of this tenant starts at the proxy's next restart", code="memory_not_started")
+    return service, tenant.name, settings
 
 
 async def add_memory(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys, pages
 from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json, store_damaged
+from proxy.server.access_log import note_turn
 from proxy.sessions import SessionRef
 from proxy.storage.base import REPAIR_HINT, Record
 from proxy.transcript import active_path, walk
@@ -55,6 +56,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if not tenant.stateless:
                 await quotas.check_new_session(tenant.name, ref.id)
             turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
+            note_turn(request, turn)
             if turn.replay is not None:
                 return await _replay(request, turn)
             if not body.get("stream"):
