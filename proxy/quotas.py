@@ -77,7 +77,7 @@ class Quotas:
     @contextlib.asynccontextmanager
     async def request(self, tenant: str) -> AsyncIterator[None]:
         """Admit one request (rate, concurrency and the day's tokens) and hold its slot until it ends."""
-        limits = self.settings[tenant]
+        limits = self.settings.get(tenant) or QuotaSettings()  # a tenant a reload added meanwhile
         now = self.clock()
         if limits.requests_per_minute is not None:
             recent = self._recent[tenant]
@@ -130,7 +130,7 @@ class Quotas:
 
     async def check_new_session(self, tenant: str, session_id: str) -> None:
         """Before a session is created (a first request, a fork): refuse past ``sessions``."""
-        limit = self.settings[tenant].sessions
+        limit = (self.settings.get(tenant) or QuotaSettings()).sessions
         if limit is None or await self.store.get_session(tenant, session_id) is not None:
             return
         if len(await self.store.list_sessions(tenant)) >= limit:
@@ -139,7 +139,7 @@ class Quotas:
                           "quota_exceeded", _STORED_RETRY_SECONDS)
 
     def check_new_memory(self, tenant: str, stored: int) -> None:
-        limit = self.settings[tenant].memories
+        limit = (self.settings.get(tenant) or QuotaSettings()).memories
         if limit is not None and stored >= limit:
             self._count(tenant, "memories")
             raise _refuse(f"quota exceeded: this tenant stores at most {limit} memories; delete some first",
@@ -152,7 +152,7 @@ class Quotas:
 
     async def usage(self, tenant: str) -> dict[str, Any]:
         """What the tenant uses now against each limit, and how often each refused it."""
-        limits = self.settings[tenant]
+        limits = self.settings.get(tenant) or QuotaSettings()  # a tenant a reload added meanwhile
         now = self.clock()
         recent = [t for t in self._recent.get(tenant, ()) if t > now - 60]
         return {

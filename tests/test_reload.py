@@ -128,3 +128,12 @@ def test_a_request_in_flight_finishes_on_the_configuration_it_started_with(runni
     assert _chat(proxy, "fast").status_code == 404  # new requests see the new configuration
     sessions = httpx.get(f"{proxy.url}/admin/sessions", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
     assert next(s for s in sessions if s["id"] == "in-flight")["turns"] == 1  # and it was recorded
+
+
+def test_a_reload_applies_a_tenants_new_quota(running, upstream: FakeUpstream) -> None:
+    proxy, tenant_file = running
+    assert [_chat(proxy, "fast", session=f"q{i}").status_code for i in range(3)] == [200, 200, 200]
+    _write_tenant(tenant_file, _tenant(upstream, fast="fake-model") | {"quotas": {"requests_per_minute": 1}})
+    proxy.process.send_signal(signal.SIGHUP)
+    refused = _until(lambda: (r := _chat(proxy, "fast", session="late")).status_code == 429 and r)
+    assert refused and refused.json()["error"]["code"] == "rate_limit_exceeded"

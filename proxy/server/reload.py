@@ -59,6 +59,7 @@ class Reloader:
         logs.set_secrets(secrets)
         self.app[keys.UPSTREAM].set_secrets(secrets)
         self.app[keys.CONFIG] = new  # the swap: one assignment of a frozen value
+        self.app[keys.QUOTAS].settings = {name: tenant.quotas for name, tenant in new.tenants.items()}
         log.info("configuration reloaded (%s): %s; tenants: %s", reason, new.source, ", ".join(new.tenants),
                  extra={"fields": {"event": "reloaded"}})
         return True
