@@ -37,9 +37,11 @@ class ProxyError(Exception):
         type: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, as OpenAI names it ("messages[2].content")
         if status is not None:
             self.status = status
         if type is not None:
@@ -49,7 +51,7 @@ class ProxyError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
 
 class BadRequest(ProxyError):

@@ -18,7 +18,7 @@ from proxy.server import keys
 from proxy.server.http import authenticate, json_response, read_json
 from proxy.sessions import SessionRef
 from proxy.transcript import active_path
-from proxy.validate import embeddings_body
+from proxy.validate import embeddings_body, idempotency_key
 
 log = logging.getLogger("agent_state_proxy.server")
 
@@ -45,7 +45,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, config.max_body_bytes)
     ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
     async with pipeline.session_lock(tenant, ref):
-        turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
+        turn = await pipeline.prepare(tenant, ref, body, route, idempotency_key(request.headers.get("Idempotency-Key")))
         if turn.replay is not None:
             return await _replay(request, turn)
         if not body.get("stream"):
@@ -127,7 +127,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def embeddings(request: web.Request) -> web.Response:
     config = request.app[keys.CONFIG]
     tenant = authenticate(config, request)
-    body = embeddings_body(await read_json(request, config.max_body_bytes))
+    body = embeddings_body(await read_json(request, config.max_body_bytes), tenant.passthrough_fields)
     route = tenant.route(body["model"])
     if route is None:
         raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
