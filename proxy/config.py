@@ -142,7 +142,7 @@ class Persistence:
 class RequestLimits:
     """How much one chat request may carry (README: Configuration); over a limit → 413."""
 
-    max_messages: int = 10_000
+    max_messages: int = 4_096
     max_message_chars: int = 1_000_000  # text of one message: content, text parts, tool-call arguments
     max_total_chars: int = 4_000_000  # text of all the request's messages together
 
