@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, open_tenant
+from tests.harness import ProxyProcess, ProxyThread, open_tenant, write_config
 from tests.memory_helpers import drain
 from tests.security.conftest import running_proxy
 
@@ -178,13 +178,14 @@ def test_size_limits_are_413_with_a_clear_message(proxy: ProxyThread, upstream: 
 
 def test_a_50000_pair_request_is_refused_while_health_keeps_answering(tmp_path: Path, upstream: FakeUpstream) -> None:
     """The issue's request (50,000 user/assistant pairs, 4.1 MB, under the body limit) froze the
-    whole proxy for 153 s. With the default limits it is refused with 413, and the event loop
-    keeps serving /health meanwhile (the body is parsed off the loop)."""
+    whole proxy for 153 s. With the default limits it is refused with 413, and the proxy process
+    keeps serving /health meanwhile (the body is parsed off the event loop)."""
     pairs = [m for i in range(50_000) for m in ({"role": "user", "content": f"question {i} about the weather"},
                                                  {"role": "assistant", "content": f"answer {i}: sunny"})]
     body = orjson.dumps({"model": "fake-model", "messages": pairs})
     assert len(body) > 4_000_000
-    with running_proxy(tmp_path, open_tenant(upstream.base_url)) as proxy:
+    proxy = ProxyProcess(write_config(tmp_path, {"local": open_tenant(upstream.base_url)})).start()
+    try:
         waits: list[float] = []
         done = threading.Event()
 
@@ -207,5 +208,7 @@ def test_a_50000_pair_request_is_refused_while_health_keeps_answering(tmp_path: 
             done.set()
             poller.join(60)
         assert post(proxy, chat()).status_code == 200
+    finally:
+        assert proxy.stop() == 0
     print(f"/health while refusing 3 x 4.1 MB requests: {len(waits)} probes, max {max(waits) * 1000:.1f} ms")
-    assert waits and max(waits) < 1.0  # not a benchmark: a stalled loop took 153 s here
+    assert waits and max(waits) < 2.0  # not a benchmark (a shared machine is noisy): a stalled loop took 153 s here
