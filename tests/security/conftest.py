@@ -17,15 +17,23 @@ from hypothesis import HealthCheck, settings
 
 from tests.harness import ProxyThread, free_port, start_thread, write_config
 
-# "fast" runs in CI (~40 s for the fuzz module); "deep" is for a local hunt:
-#   HYPOTHESIS_PROFILE=deep python -m pytest tests/security -p no:cacheprovider
-# Both keep no example database (nothing written into the repository) and no deadline (a shared
-# machine is slow at times; the fuzz asserts status codes, never timing).
+# Profiles of the fuzz tests: "security-fast" runs in CI (500 bodies, ~35 s); "security-deep" is
+# for a local hunt (5,000 bodies, ~4 min on 2 shared cores):
+#   HYPOTHESIS_PROFILE=deep python -m pytest tests/security/test_fuzz.py -o timeout=1200 -s
+# Only the fuzz tests use them (``fuzz_settings``): loading one globally would change every other
+# property test of the suite. Neither keeps an example database (nothing written into the
+# repository) nor a deadline (a shared machine is slow at times; the fuzz asserts statuses only).
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("fast", max_examples=500, deadline=None, derandomize=True, database=None,
+settings.register_profile("security-fast", max_examples=500, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_QUIET)
-settings.register_profile("deep", max_examples=5000, deadline=None, database=None, suppress_health_check=_QUIET)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+settings.register_profile("security-deep", max_examples=5000, deadline=None, database=None, suppress_health_check=_QUIET)
+
+
+def fuzz_settings() -> settings:
+    """The fuzz profile chosen by HYPOTHESIS_PROFILE (deep or security-deep), fast otherwise."""
+    deep = os.environ.get("HYPOTHESIS_PROFILE", "").endswith("deep")
+    return settings.get_profile("security-deep" if deep else "security-fast")
+
 
 UPSTREAM_KEY = "upstream-secret-key"
 

@@ -3,7 +3,8 @@ long-lived proxy. Every answer is < 500 with no connection error, and every 50 b
 session takes a routine turn and a critical one ("I prefer tea"): both acknowledged and present
 in the admin view — a bad body must never poison what later requests of other sessions store.
 
-Profiles (tests/security/conftest.py): "fast" in CI, ``HYPOTHESIS_PROFILE=deep`` for a long hunt.
+Profiles (tests/security/conftest.py): "security-fast" in CI, ``HYPOTHESIS_PROFILE=deep`` for a
+long hunt.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hypothesis import given, strategies as st
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, open_tenant
 from tests.memory_helpers import drain
-from tests.security.conftest import running_proxy
+from tests.security.conftest import fuzz_settings, running_proxy
 
 PROBE_EVERY = 50
 ROLES = ["system", "developer", "user", "assistant", "tool", "function"]
@@ -134,6 +135,7 @@ def test_fuzz_never_500_and_never_poisons_other_sessions(tmp_path: Path, upstrea
         canary, sent = Canary(proxy, client), [0]
         canary.probe()
 
+        @fuzz_settings()
         @given(request=requests())
         def fuzz(request: tuple[str, str, bytes | None, dict[str, bytes]]) -> None:
             method, path, body, extra = request

@@ -212,3 +212,19 @@ def test_a_50000_pair_request_is_refused_while_health_keeps_answering(tmp_path: 
         assert proxy.stop() == 0
     print(f"/health while refusing 3 x 4.1 MB requests: {len(waits)} probes, max {max(waits) * 1000:.1f} ms")
     assert waits and max(waits) < 2.0  # not a benchmark (a shared machine is noisy): a stalled loop took 153 s here
+
+
+def test_the_write_queue_poison_of_issue_30_is_refused_and_other_sessions_keep_storing(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Issue #30's request (a message field nested 253 deep, streamed) answered 500 and was queued
+    anyway; every later routine turn was lost and every durable write failed. It is now a 400 at
+    the edge, and routine and critical turns of other sessions are acknowledged and stored."""
+    with running_proxy(tmp_path, open_tenant(upstream.base_url)) as proxy:
+        for stream in (True, False):
+            poison = chat({"role": "user", "content": "hi", "x": nested(253)}, stream=stream)
+            response = post(proxy, poison, **{"X-Session-ID": "poison-s"})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text
+        for content in ("a routine turn", "I prefer tea"):
+            assert post(proxy, chat({"role": "user", "content": content}), **{"X-Session-ID": "after"}).status_code == 200
+        stored = httpx.get(proxy.url + "/admin/sessions/after", timeout=30).json()["messages"]
+        assert [m["body"]["content"] for m in stored if m["role"] == "user"] == ["a routine turn", "I prefer tea"]
+        assert httpx.get(proxy.url + "/admin/sessions/poison-s", timeout=30).status_code == 404
