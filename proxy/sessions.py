@@ -27,19 +27,19 @@ def identify(
     body: dict[str, Any],
 ) -> SessionRef:
     """First match wins: X-Session-ID header, /s/{id}/ path prefix, metadata.session_id, implicit."""
-    user_id = _clean(headers.get("X-User-ID"), "X-User-ID header")
+    user_id = _clean(headers.get("X-User-ID"), "X-User-ID header", "X-User-ID")
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
     if user_id is None and isinstance(metadata.get("user_id"), str):
-        user_id = _clean(metadata["user_id"], "metadata.user_id")
-    for source, value in (
-        ("header", headers.get("X-Session-ID")),
-        ("path", path_session),
-        ("metadata", metadata.get("session_id")),
+        user_id = _clean(metadata["user_id"], "metadata.user_id", "metadata.user_id")
+    for source, param, value in (
+        ("header", "X-Session-ID", headers.get("X-Session-ID")),
+        ("path", "session_id", path_session),
+        ("metadata", "metadata.session_id", metadata.get("session_id")),
     ):
         if value is not None:
             if not isinstance(value, str):
-                raise BadRequest(f"session id from {source} must be a string", code="invalid_session_id")
-            return SessionRef(_clean(value, f"session id from {source}"), False, user_id, source)
+                raise BadRequest(f"session id from {source} must be a string", code="invalid_session_id", param=param)
+            return SessionRef(_clean(value, f"session id from {source}", param), False, user_id, source)
     return SessionRef(implicit_session_id(tenant, body.get("messages") or []), True, user_id, "implicit")
 
 
@@ -64,11 +64,11 @@ def strip_proxy_fields(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _clean(value: str | None, what: str) -> str | None:
+def _clean(value: str | None, what: str, param: str) -> str | None:
     if value is None:
         return None
     if not value or len(value) > MAX_SESSION_ID or not value.isprintable():
-        raise BadRequest(f"{what} must be 1-{MAX_SESSION_ID} printable characters", code="invalid_session_id")
+        raise BadRequest(f"{what} must be 1-{MAX_SESSION_ID} printable characters", code="invalid_session_id", param=param)
     return value
 
 

@@ -228,3 +228,18 @@ def test_the_write_queue_poison_of_issue_30_is_refused_and_other_sessions_keep_s
         stored = httpx.get(proxy.url + "/admin/sessions/after", timeout=30).json()["messages"]
         assert [m["body"]["content"] for m in stored if m["role"] == "user"] == ["a routine turn", "I prefer tea"]
         assert httpx.get(proxy.url + "/admin/sessions/poison-s", timeout=30).status_code == 404
+
+
+def test_session_headers_and_memory_fields_are_named_in_param(tmp_path: Path, upstream: FakeUpstream) -> None:
+    with running_proxy(tmp_path, open_tenant(upstream.base_url)) as proxy:
+        for header in ("X-Session-ID", "X-User-ID"):
+            response = post(proxy, chat(), **{header: b"s-\xff\xfe"})
+            assert response.status_code == 400 and response.json()["error"]["param"] == header, response.text
+        drain(proxy)
+        for path, body, param in (("/memories", {"content": "x", "colour": "red"}, "colour"),
+                                  ("/memories", {"content": 5}, "content"),
+                                  ("/memories", {"content": "x", "metadata": []}, "metadata"),
+                                  ("/memories/search", {"query": "x", "scope": "tenant", "top_k": 0}, "top_k"),
+                                  ("/memories/search", {"query": "x", "scope": "user"}, "user_id")):
+            response = post(proxy, body, path)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param, (body, response.text)
