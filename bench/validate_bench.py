@@ -2,9 +2,9 @@
 
     python -m bench.validate_bench
 
-A 50-message agent conversation (system prompt, user/assistant turns, tool calls and results,
-two tools): orjson parsing alone, then the depth bound, then the allow-list and schema check
-(proxy/validate.py), each per request, best of 5 runs of 2,000.
+A 50-message and a 1,000-message agent conversation (system prompt, user/assistant turns, tool
+calls and results, two tools): orjson parsing alone, then the depth bound, then the allow-list
+and schema check (proxy/validate.py), each per request, best of 5 runs.
 """
 
 from __future__ import annotations
@@ -39,17 +39,20 @@ def per_call_us(statement, number: int = 2000) -> float:
 
 
 def main() -> None:
-    raw = typical_body()
-    body = orjson.loads(raw)
     limits = RequestLimits()
-    parse = per_call_us(lambda: orjson.loads(raw))
-    depth = per_call_us(lambda: check_depth(body))
-    schema = per_call_us(lambda: chat_body(body, limits))
-    print(f"50-message body, {len(raw)} bytes, {len(body['messages'])} messages")
-    print(f"orjson.loads           {parse:7.1f} us")
-    print(f"depth bound (64)       {depth:7.1f} us")
-    print(f"allow-list + schema    {schema:7.1f} us")
-    print(f"validation total       {depth + schema:7.1f} us  ({(depth + schema) / parse:.1f}x the parse)")
+    # 50 messages: a typical agent request; 1,000: a 500-turn session resent whole (the "full"
+    # benchmark's sessions, docs/BENCHMARKS.md).
+    for messages, number in ((50, 2000), (1000, 100)):
+        raw = typical_body(messages)
+        body = orjson.loads(raw)
+        parse = per_call_us(lambda: orjson.loads(raw), number)
+        depth = per_call_us(lambda: check_depth(body), number)
+        schema = per_call_us(lambda: chat_body(body, limits), number)
+        print(f"{messages}-message body, {len(raw)} bytes")
+        print(f"  orjson.loads           {parse:8.1f} us")
+        print(f"  depth bound (64)       {depth:8.1f} us")
+        print(f"  allow-list + schema    {schema:8.1f} us")
+        print(f"  validation total       {depth + schema:8.1f} us  ({(depth + schema) / parse:.1f}x the parse)")
 
 
 if __name__ == "__main__":

@@ -149,34 +149,45 @@ def messages(value: Any, param: str) -> None:
     if not isinstance(value, list) or not value:
         raise BadRequest(f"'{param}' is required and must be a non-empty array", code="invalid_messages", param=param)
     for index, message in enumerate(value):
-        _message(message, f"{param}[{index}]")
+        _message(message, index)
 
 
-def _message(message: Any, where: str) -> None:
-    if not isinstance(message, dict):
-        raise _invalid(where, "must be an object")
+_ROLES = frozenset(ROLES)
+
+
+def _message(message: Any, index: int) -> None:
+    """One message; the param path is only spelled out on failure (this runs per message)."""
+    if type(message) is not dict:
+        raise _invalid(f"messages[{index}]", "must be an object")
     role = message.get("role")
-    if not isinstance(role, str) or role not in ROLES:
-        raise _invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}")
+    if type(role) is not str or role not in _ROLES:
+        raise _invalid(f"messages[{index}].role", f"must be one of {', '.join(ROLES)}")
     content = message.get("content")
-    if content is None:
-        if role in ("system", "developer", "user"):
-            raise _invalid(f"{where}.content", f"is required for {role} messages")
-    elif isinstance(content, list):
-        _content_parts(content, f"{where}.content")
-    elif not isinstance(content, str):
-        raise _invalid(f"{where}.content", "must be a string or an array of content parts")
-    for key in ("name", "refusal"):
-        if message.get(key) is not None and not isinstance(message[key], str):
-            raise _invalid(f"{where}.{key}", "must be a string")
-    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-        raise _invalid(f"{where}.tool_call_id", "is required for tool messages and must be a string")
-    if message.get("tool_calls") is not None:
-        _tool_calls(message["tool_calls"], f"{where}.tool_calls")
-    if message.get("function_call") is not None:
-        _function_call(message["function_call"], f"{where}.function_call")
-    if message.get("audio") is not None and not isinstance(message["audio"], dict):
-        raise _invalid(f"{where}.audio", "must be an object")
+    if type(content) is not str:
+        if content is None:
+            if role in ("system", "developer", "user"):
+                raise _invalid(f"messages[{index}].content", f"is required for {role} messages")
+        elif type(content) is list:
+            _content_parts(content, f"messages[{index}].content")
+        else:
+            raise _invalid(f"messages[{index}].content", "must be a string or an array of content parts")
+    if len(message) > 2:  # role and content are all most messages hold
+        for key, value in message.items():
+            check = _MESSAGE_FIELDS.get(key)
+            if check is not None and value is not None:
+                check(value, f"messages[{index}].{key}")
+    if role == "tool" and type(message.get("tool_call_id")) is not str:
+        raise _invalid(f"messages[{index}].tool_call_id", "is required for tool messages and must be a string")
+
+
+def _message_string(value: Any, where: str) -> None:
+    if type(value) is not str:
+        raise _invalid(where, "must be a string")
+
+
+def _message_object(value: Any, where: str) -> None:
+    if type(value) is not dict:
+        raise _invalid(where, "must be an object")
 
 
 def _content_parts(parts: list[Any], where: str) -> None:
@@ -229,6 +240,18 @@ def _function_call(call: Any, where: str) -> None:
 
 def _invalid(param: str, rule: str) -> BadRequest:
     return BadRequest(f"'{param}' {rule}", code="invalid_messages", param=param)
+
+
+# The optional fields of a message the proxy reads (hashing, counting, memory text) or a
+# provider must get right; other keys of a message (cache hints, ...) travel as JSON.
+_MESSAGE_FIELDS: dict[str, Check] = {
+    "name": _message_string,
+    "refusal": _message_string,
+    "tool_call_id": _message_string,
+    "tool_calls": _tool_calls,
+    "function_call": _function_call,
+    "audio": _message_object,
+}
 
 
 # -- embeddings ------------------------------------------------------------------------------

@@ -22,24 +22,26 @@ MAX_IDEMPOTENCY_KEY = 255
 
 def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
     """Refuse JSON nested deeper than ``limit`` levels; ``param`` names the top-level field."""
-    containers = (dict, list)
-    if type(value) not in containers:
+    if type(value) is not dict and type(value) is not list:
         return
     fields = value.items() if type(value) is dict else enumerate(value)
     for field, child in fields:
         # Level by level (no recursion: a deep body must not exhaust Python's stack either),
-        # keeping only containers: a 4 MB chat body is checked in ~30 ms off the event loop.
+        # keeping only containers; plain loops, as measured fastest (bench/validate_bench.py).
         level, depth = [child], 2
         while level:
             if depth > limit:
                 raise BadRequest(f"request body is nested deeper than {limit} levels (in '{field}')",
                                  code="nesting_too_deep", param=str(field) if type(value) is dict else None)
-            below = []
+            below: list[Any] = []
+            keep = below.append
             for node in level:
-                if type(node) is dict:
-                    below += [c for c in node.values() if type(c) in containers]
-                elif type(node) is list:
-                    below += [c for c in node if type(c) in containers]
+                kind = type(node)
+                if kind is not dict and kind is not list:
+                    continue
+                for item in node.values() if kind is dict else node:
+                    if type(item) is dict or type(item) is list:
+                        keep(item)
             level, depth = below, depth + 1
 
 
@@ -83,7 +85,9 @@ def idempotency_key(value: str | None) -> str | None:
 def _check_sizes(messages: list[dict[str, Any]], limits: RequestLimits) -> None:
     total = 0
     for index, message in enumerate(messages):
-        size = _text_size(message)
+        content = message.get("content")
+        # The common message (role and string content only) is measured without a call.
+        size = len(content) if type(content) is str and len(message) == 2 else _text_size(message)
         if size > limits.max_message_chars:
             raise PayloadTooLarge(
                 f"messages[{index}] holds {size} characters of text; the limit is {limits.max_message_chars} per message",
