@@ -8,6 +8,7 @@ name (read from the installed litellm) and every nested placement the allow-list
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from pathlib import Path
 
@@ -122,7 +123,9 @@ def _with_attacker(value, url: str):
 
 
 @pytest.mark.parametrize("placement", sorted(NESTED))
-def test_nested_placements_travel_as_json_and_never_redirect(tmp_path: Path, upstream: FakeUpstream, attacker: Attacker, placement: str) -> None:
+def test_nested_placements_travel_as_json_and_never_redirect(tmp_path: Path, upstream: FakeUpstream, attacker: Attacker, placement: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     with running_proxy(tmp_path, two_path_tenant(upstream.base_url)) as proxy:
         for model in MODELS:
             body = {"model": model, "messages": USER} | _with_attacker(NESTED[placement], attacker.url)
@@ -132,8 +135,10 @@ def test_nested_placements_travel_as_json_and_never_redirect(tmp_path: Path, ups
             answered = post(proxy, body)
             assert answered.status_code == 200, answered.text
             assert "attacker answer" not in answered.text
+            assert UPSTREAM_KEY not in failed.text + answered.text
     assert attacker.requests == []
     assert all(auth == f"Bearer {UPSTREAM_KEY}" for auth in upstream.auth_headers)
+    assert caplog.records and UPSTREAM_KEY not in caplog.text  # logged at DEBUG, litellm's included
 
 
 def test_passthrough_fields_reach_the_provider_as_json_on_both_paths(tmp_path: Path, upstream: FakeUpstream, attacker: Attacker) -> None:
@@ -156,3 +161,15 @@ def test_passthrough_fields_cannot_name_a_litellm_parameter(tmp_path: Path, name
     path = write_config(tmp_path, {"local": two_path_tenant("http://127.0.0.1:9/v1", passthrough_fields=[name])})
     with pytest.raises(ConfigError, match=r"local\.yaml: passthrough_fields: "):
         load_config(path)
+
+
+def test_the_allow_list_has_every_field_of_the_openai_sdk() -> None:
+    """Every request field the official SDK can send is forwarded (a newer SDK that adds one makes
+    this fail, rather than its users' requests)."""
+    from openai.types import embedding_create_params
+    from openai.types.chat import completion_create_params
+
+    chat = set(completion_create_params.CompletionCreateParamsBase.__annotations__) | {"stream"}
+    assert chat - set(CHAT_COMPLETIONS.fields) == set()
+    assert set(embedding_create_params.EmbeddingCreateParams.__annotations__) - set(EMBEDDINGS.fields) == set()
+    assert not any(is_litellm_param(name) for name in chat)
