@@ -148,6 +148,9 @@ def test_fuzz_never_500_and_never_poisons_other_sessions(tmp_path: Path, upstrea
             if response.status_code >= 400:
                 error = response.json()["error"]  # OpenAI's shape, always
                 assert error["message"] and error["type"]
+            elif response.headers.get("content-type", "").startswith("text/event-stream"):
+                # A stream that started fine must not end in the proxy's own failure either.
+                assert b'"internal_error"' not in response.content and b'"storage_error"' not in response.content, response.text[-500:]
             sent[0] += 1
             if sent[0] % PROBE_EVERY == 0:
                 canary.probe()
