@@ -56,7 +56,7 @@ messages = st.fixed_dictionaries(
 )
 tools = st.lists(maybe(st.fixed_dictionaries({"type": maybe(st.just("function")), "function": maybe(st.fixed_dictionaries(
     {"name": maybe(text)}, optional={"parameters": anything, "description": maybe(text)}))})), max_size=2)
-chat_bodies = st.fixed_dictionaries(
+mutated_chat = st.fixed_dictionaries(
     {"model": maybe(st.just("fake-model")), "messages": maybe(st.lists(maybe(messages), min_size=1, max_size=5))},
     optional={
         "stream": maybe(st.booleans()), "n": maybe(st.integers(0, 3)), "temperature": maybe(st.floats(0, 2)),
@@ -66,6 +66,28 @@ chat_bodies = st.fixed_dictionaries(
         "fallbacks": anything, "mock_response": anything, "api_base": anything, "top_k": anything,
     },
 )
+
+# Valid conversations (so most bodies get through to reconciliation, context, memory and the
+# store): shapes a real agent sends, over a few shared session ids, with odd but legal content.
+shallow = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+call = st.builds(lambda i, name, args: {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}},
+                 st.integers(0, 3), st.sampled_from(["f", "read_file", "x" * 50]), text)
+turn = st.one_of(
+    st.fixed_dictionaries({"role": st.just("user"), "content": text | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text},
+                                                                                                      optional={"cache_control": shallow}), min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": text}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none(), "tool_calls": st.lists(call, min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"role": st.just("tool"), "content": text, "tool_call_id": st.sampled_from(["call_0", "call_1"])}),
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "developer"]), "content": text}),
+)
+valid_chat = st.fixed_dictionaries(
+    {"model": st.just("fake-model"),
+     "messages": st.lists(turn, max_size=6).map(lambda ms: ms + [{"role": "user", "content": "and now?"}])},
+    optional={"stream": st.booleans(), "temperature": st.floats(0, 2), "max_tokens": st.integers(1, 100),
+              "stream_options": st.just({"include_usage": True}), "metadata": st.fixed_dictionaries({}, optional={"user_id": st.sampled_from(["u1", "u2"])}),
+              "tools": st.just([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])},
+)
+chat_bodies = st.one_of(valid_chat, valid_chat, mutated_chat)
 memory_bodies = st.fixed_dictionaries(
     {"content": maybe(text)},
     optional={"type": maybe(st.sampled_from(["semantic", "procedural", "episodic"])), "user_id": maybe(text),
@@ -79,8 +101,11 @@ search_bodies = st.fixed_dictionaries(
 # Header values as a client can send them (HTTP forbids control characters and surrounding
 # blanks): any other byte, non-UTF-8 included.
 header_bytes = st.binary(min_size=1, max_size=30).map(lambda b: bytes(c for c in b if c >= 0x20 and c != 0x7F).strip(b" ")).filter(bool)
-headers = st.fixed_dictionaries({}, optional={"X-Session-ID": header_bytes | st.just(b"fuzz-session"), "X-User-ID": header_bytes,
-                                              "Idempotency-Key": header_bytes})
+sessions = st.sampled_from([b"fuzz-a", b"fuzz-b", b"fuzz-c"])
+headers = st.one_of(
+    st.fixed_dictionaries({}, optional={"X-Session-ID": sessions, "Idempotency-Key": st.sampled_from([b"k1", b"k2"])}),
+    st.fixed_dictionaries({}, optional={"X-Session-ID": header_bytes | sessions, "X-User-ID": header_bytes, "Idempotency-Key": header_bytes}),
+)
 path_ids = st.text(string.ascii_letters + string.digits + "_-.%", min_size=1, max_size=30)
 
 
