@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, settings
 from tests.harness import ProxyThread, free_port, start_thread, write_config
 
 # Profiles of the fuzz tests: "security-fast" runs in CI (500 bodies, ~35 s); "security-deep" is
-# for a local hunt (5,000 bodies, ~4 min on 2 shared cores):
-#   HYPOTHESIS_PROFILE=deep python -m pytest tests/security/test_fuzz.py -o timeout=1200 -s
+# for a local hunt (5,000 bodies, 1-5 min on 2 shared cores):
+#   HYPOTHESIS_PROFILE=deep python -m pytest tests/security/test_fuzz.py -o timeout=1500 -s
 # Only the fuzz tests use them (``fuzz_settings``): loading one globally would change every other
 # property test of the suite. Neither keeps an example database (nothing written into the
 # repository) nor a deadline (a shared machine is slow at times; the fuzz asserts statuses only).
