@@ -14,8 +14,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from proxy import protocol_fields
 from proxy.context.settings import ContextSettings, parse as parse_context
 from proxy.quotas import QuotaSettings, parse as parse_quotas
+from proxy.litellm_params import is_litellm_param
 
 HISTORY_MODES = ("auto", "client", "proxy")
 CONCURRENCY_MODES = ("serialize", "reject")
@@ -71,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
         "quotas": {},
         "context": {},
         "memory": {},
+        "limits": {},
+        "passthrough_fields": [],
         "models": {},
     },
 }
@@ -102,6 +106,7 @@ class ModelRoute:
     path: str = "auto"  # auto | direct | litellm
     params: Mapping[str, Any] = field(default_factory=dict)  # extra litellm kwargs
     api_key_env: str | None = None  # the variable the key came from: named when it is unset
+    passthrough: frozenset[str] = frozenset()  # the tenant's passthrough_fields
 
     def resolve(self, requested: str, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> ResolvedModel:
         model = self.model.replace("{model}", requested)
@@ -118,6 +123,7 @@ class ModelRoute:
             direct=use_direct,
             params=self.params,
             max_response_bytes=max_response_bytes,
+            passthrough=self.passthrough,
         )
 
 
@@ -131,6 +137,7 @@ class ResolvedModel:
     direct: bool
     params: Mapping[str, Any]
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # the tenant's cap on one upstream reply (direct path)
+    passthrough: frozenset[str] = frozenset()  # request fields forwarded beyond the protocol's
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,15 @@ class BackupSettings:
     dir: Path | None  # None: no scheduled backups
     every_minutes: float
     keep: int  # newest backups kept; older ones are deleted after each new one
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much one chat request may carry (README: Configuration); over a limit → 413."""
+
+    max_messages: int = 4_096
+    max_message_chars: int = 1_000_000  # text of one message: content, text parts, tool-call arguments
+    max_total_chars: int = 4_000_000  # text of all the request's messages together
 
 
 @dataclass(frozen=True)
@@ -233,6 +249,9 @@ class TenantConfig:
     # while no tenant has keys: once one has, an unknown key was meant for it and is 401).
     ignore_client_keys: bool | None = None
     source: str = ""  # the file it came from, for messages
+    limits: RequestLimits = RequestLimits()  # per-request size limits (proxy/validate.py)
+    # Provider extensions clients may send beyond the protocol's fields (proxy/protocol_fields.py).
+    passthrough_fields: frozenset[str] = frozenset()
 
     def route(self, requested: str) -> ResolvedModel | None:
         route = self.models.get(requested) or self.models.get("*")
@@ -483,7 +502,8 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
     models = merged["models"]
     if not isinstance(models, dict) or not models:
         raise ConfigError(f"{file}: models: must map at least one model alias to an upstream")
-    routes = {str(alias): _build_route(file, str(alias), spec) for alias, spec in models.items()}
+    passthrough = _build_passthrough(file, merged["passthrough_fields"])
+    routes = {str(alias): _build_route(file, str(alias), spec, passthrough) for alias, spec in models.items()}
     return TenantConfig(
         name=name,
         api_key_hashes=frozenset(hashes),
@@ -504,6 +524,8 @@ def _build_tenant(file: str, doc: dict[str, Any], defaults: dict[str, Any]) -> T
         memory=_build_memory(file, defaults.get("memory", {}), doc.get("memory", {}), routes),
         ignore_client_keys=_ignore_client_keys(merged["ignore_client_keys"], file),
         source=file,
+        limits=_build_limits(file, defaults.get("limits", {}), doc.get("limits", {})),
+        passthrough_fields=passthrough,
     )
 
 
@@ -513,6 +535,35 @@ def _ignore_client_keys(value: Any, file: str) -> bool | None:
     if not isinstance(value, bool):
         raise ConfigError(f"{file}: ignore_client_keys: must be auto, true or false")
     return value
+
+
+def _build_limits(file: str, defaults: Any, own: Any) -> RequestLimits:
+    """The tenant's ``limits`` over tenant_defaults.limits (mappings merge key by key)."""
+    for value in (defaults, own):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: limits: must be a mapping")
+        _check_keys(value, {"max_messages", "max_message_chars", "max_total_chars"}, file, "limits.")
+    spec, default = defaults | own, RequestLimits()
+    return RequestLimits(
+        max_messages=_int(spec.get("max_messages", default.max_messages), file, "limits.max_messages", 1, 1 << 30),
+        max_message_chars=_int(spec.get("max_message_chars", default.max_message_chars), file, "limits.max_message_chars", 1, 1 << 40),
+        max_total_chars=_int(spec.get("max_total_chars", default.max_total_chars), file, "limits.max_total_chars", 1, 1 << 40),
+    )
+
+
+def _build_passthrough(file: str, names: Any) -> frozenset[str]:
+    """Provider extensions a tenant lets clients send; never a protocol field or a litellm parameter."""
+    if not isinstance(names, list) or len(names) > 64:
+        raise ConfigError(f"{file}: passthrough_fields: must be a list of at most 64 field names")
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", name):
+            raise ConfigError(f"{file}: passthrough_fields: {name!r} must be a field name ([A-Za-z][A-Za-z0-9_]*, at most 64 characters)")
+        if any(name in p.fields for p in (protocol_fields.CHAT_COMPLETIONS, protocol_fields.EMBEDDINGS)):
+            raise ConfigError(f"{file}: passthrough_fields: {name!r} is a protocol field, already forwarded")
+        if is_litellm_param(name):
+            raise ConfigError(f"{file}: passthrough_fields: {name!r} is a litellm parameter (routing, credentials, "
+                              "retries, mocks): clients may never set it; use models.<alias>.params")
+    return frozenset(names)
 
 
 def _build_context(file: str, defaults: Any, own: Any, routes: dict[str, ModelRoute]) -> ContextSettings:
@@ -617,7 +668,7 @@ def _build_persistence(file: str, spec: Any) -> Persistence:
     )
 
 
-def _build_route(file: str, alias: str, spec: Any) -> ModelRoute:
+def _build_route(file: str, alias: str, spec: Any, passthrough: frozenset[str] = frozenset()) -> ModelRoute:
     key = f"models.{alias}"
     if isinstance(spec, str):
         spec = {"model": spec}
@@ -642,7 +693,7 @@ def _build_route(file: str, alias: str, spec: Any) -> ModelRoute:
     params = spec.get("params", {})
     if not isinstance(params, dict) or {"api_base", "base_url", "api_key"} & set(params):
         raise ConfigError(f"{file}: {key}.params: must be a mapping without api_base/base_url/api_key")
-    return ModelRoute(alias, model, api_base, api_key, path, MappingProxyType(dict(params)),
+    return ModelRoute(alias, model, api_base, api_key, path, MappingProxyType(dict(params)), passthrough=passthrough,
                       api_key_env=key_env if spec.get("api_key") is None else None)
 
 

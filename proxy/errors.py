@@ -42,7 +42,7 @@ class ProxyError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param  # the request field at fault, when one is
+        self.param = param  # the request field at fault, as OpenAI names it ("messages[2].content")
         if status is not None:
             self.status = status
         if type is not None:

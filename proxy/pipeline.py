@@ -89,7 +89,7 @@ class Pipeline:
 
     def identify(self, tenant: TenantConfig, headers: Mapping[str, str], path_session: str | None, body: Any) -> tuple[SessionRef, dict[str, Any], ResolvedModel]:
         with self._stage(tenant, "identify"):
-            body = chat_body(body)
+            body = chat_body(body, tenant.limits, tenant.passthrough_fields)
             route = tenant.route(body["model"])
             if route is None:
                 raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")

@@ -31,27 +31,27 @@ def identify(
     CLI's session-id header, implicit."""
     user_id = user_id_of(headers, body)
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    for source, value in (
-        ("header", headers.get("X-Session-ID")),
-        ("path", path_session),
-        ("metadata", metadata.get("session_id")),
+    for source, param, value in (
+        ("header", "X-Session-ID", headers.get("X-Session-ID")),
+        ("path", "session_id", path_session),
+        ("metadata", "metadata.session_id", metadata.get("session_id")),
         # Codex CLI names its session in a `session-id` header (also thread-id and
         # x-client-request-id): one Codex session is one proxy session, with no configuration.
-        ("codex", headers.get("session-id")),
+        ("codex", "session-id", headers.get("session-id")),
     ):
         if value is not None:
             if not isinstance(value, str):
-                raise BadRequest(f"session id from {source} must be a string", code="invalid_session_id")
-            return SessionRef(_clean(value, f"session id from {source}"), False, user_id, source)
+                raise BadRequest(f"session id from {source} must be a string", code="invalid_session_id", param=param)
+            return SessionRef(_clean(value, f"session id from {source}", param), False, user_id, source)
     return SessionRef(implicit_session_id(tenant, body.get("messages") or []), True, user_id, "implicit")
 
 
 def user_id_of(headers: Mapping[str, str], body: dict[str, Any]) -> str | None:
     """The user a request acts for: X-User-ID header, else metadata.user_id."""
-    user_id = _clean(headers.get("X-User-ID"), "X-User-ID header")
+    user_id = _clean(headers.get("X-User-ID"), "X-User-ID header", "X-User-ID")
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
     if user_id is None and isinstance(metadata.get("user_id"), str):
-        user_id = _clean(metadata["user_id"], "metadata.user_id")
+        user_id = _clean(metadata["user_id"], "metadata.user_id", "metadata.user_id")
     return user_id
 
 
@@ -88,11 +88,11 @@ def strip_proxy_fields(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _clean(value: str | None, what: str) -> str | None:
+def _clean(value: str | None, what: str, param: str) -> str | None:
     if value is None:
         return None
     if not value or len(value) > MAX_SESSION_ID or not value.isprintable():
-        raise BadRequest(f"{what} must be 1-{MAX_SESSION_ID} printable characters", code="invalid_session_id")
+        raise BadRequest(f"{what} must be 1-{MAX_SESSION_ID} printable characters", code="invalid_session_id", param=param)
     return value
 
 

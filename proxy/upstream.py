@@ -15,9 +15,10 @@ from typing import Any, AsyncIterator, Iterator
 import aiohttp
 import orjson
 
-from proxy import logs
+from proxy import logs, protocol_fields
 from proxy.config import ResolvedModel
 from proxy.errors import BadRequest, UpstreamError, redact, upstream_status
+from proxy.protocol_fields import CHAT_COMPLETIONS, EMBEDDINGS, Protocol
 
 log = logging.getLogger("agent_state_proxy.upstream")
 
@@ -43,11 +44,11 @@ class Upstream:
     async def complete(self, route: ResolvedModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         if route.direct:
             with self._translate(timeout):
-                async with self._post(route, "/chat/completions", body, timeout) as response:
+                async with self._post(route, "/chat/completions", _payload(route, body, CHAT_COMPLETIONS), timeout) as response:
                     return await self._json_or_raise(response, route.max_response_bytes)
         litellm = await self._import_litellm()
         with self._translate(timeout):
-            result = await litellm.acompletion(**self._litellm_args(route, body, timeout))
+            result = await litellm.acompletion(**_litellm_args(route, body, CHAT_COMPLETIONS, timeout))
             return _litellm_dict(result)
 
     async def stream(self, route: ResolvedModel, body: dict[str, Any], timeout: float) -> AsyncIterator[list[dict[str, Any]]]:
@@ -56,7 +57,7 @@ class Upstream:
         or during the stream."""
         if route.direct:
             with self._translate(timeout):
-                async with self._post(route, "/chat/completions", body, timeout) as response:
+                async with self._post(route, "/chat/completions", _payload(route, body, CHAT_COMPLETIONS), timeout) as response:
                     if response.status != 200:
                         await self._json_or_raise(response, route.max_response_bytes)
                     async for batch in _read_sse(response, route.max_response_bytes):
@@ -64,7 +65,7 @@ class Upstream:
             return
         litellm = await self._import_litellm()
         with self._translate(timeout):
-            result = await litellm.acompletion(**self._litellm_args(route, body, timeout))
+            result = await litellm.acompletion(**_litellm_args(route, body, CHAT_COMPLETIONS, timeout))
             async for chunk in result:
                 yield [_litellm_dict(chunk)]
 
@@ -73,30 +74,27 @@ class Upstream:
     async def embeddings(self, route: ResolvedModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         if route.direct:
             with self._translate(timeout):
-                async with self._post(route, "/embeddings", body, timeout) as response:
+                async with self._post(route, "/embeddings", _payload(route, body, EMBEDDINGS), timeout) as response:
                     return await self._json_or_raise(response, route.max_response_bytes)
         litellm = await self._import_litellm()
-        args = {k: v for k, v in body.items() if k != "model"}
         with self._translate(timeout):
-            result = await litellm.aembedding(
-                model=route.model, api_base=route.api_base, api_key=route.api_key, timeout=timeout, **args
-            )
+            result = await litellm.aembedding(**_litellm_args(route, body, EMBEDDINGS, timeout))
             return _litellm_dict(result)
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _post(self, route: ResolvedModel, path: str, body: dict[str, Any], timeout: float):
+    def _post(self, route: ResolvedModel, path: str, payload: dict[str, Any], timeout: float):
         assert self._http is not None, "Upstream.start() was not awaited"
         headers = {"Content-Type": "application/json"}
         if route.api_key:
             headers["Authorization"] = f"Bearer {route.api_key}"
         try:
-            payload = orjson.dumps(body | {"model": route.upstream_model})
+            data = orjson.dumps(payload)
         except orjson.JSONEncodeError as exc:  # e.g. nested deeper than the encoder writes
             raise BadRequest(f"the request cannot be encoded for the provider: {exc}", code="invalid_body") from None
         return self._http.post(
             f"{route.api_base}{path}",
-            data=payload,
+            data=data,
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10)),
         )
@@ -175,16 +173,31 @@ class Upstream:
 
         return (self._litellm.exceptions.APIError, openai.APIError, self._litellm.exceptions.OpenAIError)
 
-    def _litellm_args(self, route: ResolvedModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        args = {k: v for k, v in body.items() if k not in ("model", "metadata")}
-        args.update(route.params)
-        args.update(model=route.model, api_base=route.api_base, api_key=route.api_key, timeout=timeout, num_retries=0)
-        return args
-
     async def _import_litellm(self) -> Any:
         if self._litellm is None:
             self._litellm = await asyncio.to_thread(import_litellm)
         return self._litellm
+
+
+def _payload(route: ResolvedModel, body: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
+    """The JSON body for the direct path: the protocol's fields and the tenant's passthrough
+    fields, nothing else (``split`` raises on any other), with the route's upstream model name."""
+    fields, extensions = protocol_fields.split(body, protocol, route.passthrough)
+    return fields | extensions | {"model": route.upstream_model}
+
+
+def _litellm_args(route: ResolvedModel, body: dict[str, Any], protocol: Protocol, timeout: float) -> dict[str, Any]:
+    """litellm's call parameters, built from the allow-list: protocol fields become parameters
+    (litellm maps them per provider); the tenant's passthrough fields travel only as JSON in
+    ``extra_body``; where the call goes, with which key, and how it retries come from the route.
+    A client can therefore never set fallbacks, api_base, mock_* or any other litellm parameter."""
+    fields, extensions = protocol_fields.split(body, protocol, route.passthrough)
+    args = {k: v for k, v in fields.items() if k != "model" and k not in protocol.not_for_litellm}
+    args.update(route.params)  # the tenant's YAML: trusted
+    if extensions:
+        args["extra_body"] = extensions
+    args.update(model=route.model, api_base=route.api_base, api_key=route.api_key, timeout=timeout, num_retries=0)
+    return args
 
 
 def import_litellm() -> Any:

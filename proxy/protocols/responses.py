@@ -14,7 +14,7 @@ from typing import Any
 
 from proxy.errors import BadRequest
 from proxy.protocols import responses_compact
-from proxy.validate import FORBIDDEN_FIELDS
+from proxy.litellm_params import is_litellm_param
 
 # Fields a Responses request may carry. Accepted-and-ignored ones are listed with why.
 _TRANSLATED = {
@@ -63,11 +63,9 @@ def parse(body: Any, hosted_tools: str = "drop") -> ResponsesRequest:
     """
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_body")
-    forbidden = sorted(FORBIDDEN_FIELDS & body.keys())
-    if forbidden:
-        raise BadRequest(f"'{forbidden[0]}' cannot be set by clients: the upstream is configured by the proxy",
-                         code="forbidden_field", )
     unknown = sorted(k for k in body if k not in KNOWN_FIELDS)
+    if unknown and is_litellm_param(unknown[0]):  # routing, credentials, mocks: the proxy's, never a client's
+        raise _bad(f"'{unknown[0]}' cannot be set by clients: the upstream is configured by the proxy", unknown[0], "forbidden_field")
     if unknown:
         raise _bad(f"unknown parameter '{unknown[0]}' for /v1/responses", unknown[0], "unknown_parameter")
     if body.get("background"):

@@ -10,16 +10,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import codec
 from proxy.config import Config, TenantConfig
 from proxy.server import keys
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, StoreUnusable, Unauthorized
 from proxy.storage.base import InvalidWrite, StorageError, StoreDamaged
 from proxy.server.access_log import note_tenant
+from proxy.validate import check_depth
 
 log = logging.getLogger("agent_state_proxy.server")
-# Far deeper than any real request (JSON schemas of tools included), far below what storage takes.
-MAX_BODY_DEPTH = 64
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -71,13 +69,23 @@ async def read_json(request: web.Request, limit: int) -> Any:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     if not raw:
         raise BadRequest("request body is empty; expected JSON", code="invalid_json")
+    if len(raw) > _PARSE_INLINE_BYTES:  # parsing megabytes holds the loop for tens of ms: elsewhere
+        return await asyncio.to_thread(parse_json, raw)
+    return parse_json(raw)
+
+
+# Bodies up to this size are parsed on the event loop (a typical chat request: ~0.1 ms).
+_PARSE_INLINE_BYTES = 256 * 1024
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, nested at most validate.MAX_DEPTH levels; 400 otherwise."""
     try:
-        body = orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if codec.too_deep(body, MAX_BODY_DEPTH):  # before anything hashes, counts or stores it
-        raise BadRequest(f"request body nests arrays/objects deeper than {MAX_BODY_DEPTH} levels", code="invalid_json")
-    return body
+    check_depth(value)  # before anything hashes, counts or stores it
+    return value
 
 
 async def _read_body(request: web.Request) -> bytes:

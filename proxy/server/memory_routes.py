@@ -46,17 +46,17 @@ async def add_memory(request: web.Request) -> web.Response:
     body = _object(await read_json(request, request.app[keys.CONFIG].max_body_bytes), _ADD_FIELDS)
     content = body.get("content")
     if not isinstance(content, str) or not content.strip() or len(content) > MAX_CONTENT:
-        raise BadRequest(f"'content' is required and must be a non-empty string of at most {MAX_CONTENT} characters", code="invalid_memory")
+        raise BadRequest(f"'content' is required and must be a non-empty string of at most {MAX_CONTENT} characters", code="invalid_memory", param="content")
     kind = body.get("type", SEMANTIC)
     if kind == EPISODIC:
-        raise BadRequest("'type' must be 'semantic' or 'procedural': episodic memories are recorded from conversations", code="invalid_memory")
+        raise BadRequest("'type' must be 'semantic' or 'procedural': episodic memories are recorded from conversations", code="invalid_memory", param="type")
     if kind not in (SEMANTIC, PROCEDURAL):
-        raise BadRequest("'type' must be 'semantic' or 'procedural'", code="invalid_memory")
+        raise BadRequest("'type' must be 'semantic' or 'procedural'", code="invalid_memory", param="type")
     user = _id(body.get("user_id", request.headers.get("X-User-ID")), "user_id")
     session = _id(body.get("session_id"), "session_id")
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
-        raise BadRequest("'metadata' must be an object", code="invalid_memory")
+        raise BadRequest("'metadata' must be an object", code="invalid_memory", param="metadata")
     request.app[keys.QUOTAS].check_new_memory(tenant, service.stats(tenant)["index"]["memories"])
     memory = await service.add(tenant, content.strip(), kind, user, session, metadata)
     return json_response(memory.public())
@@ -67,7 +67,7 @@ async def list_memories(request: web.Request) -> web.Response:
     query = request.query
     kind = query.get("type")
     if kind is not None and kind not in TYPES:
-        raise BadRequest(f"'type' must be one of {', '.join(TYPES)}", code="invalid_memory")
+        raise BadRequest(f"'type' must be one of {', '.join(TYPES)}", code="invalid_memory", param="type")
     limit = _int(query.get("limit", "100"), "limit", 1, 1000)
     memories, more = await service.list(
         tenant, type=kind, user=_id(query.get("user_id"), "user_id"), session=_id(query.get("session_id"), "session_id"),
@@ -82,25 +82,25 @@ async def search_memories(request: web.Request) -> web.Response:
     body = _object(await read_json(request, request.app[keys.CONFIG].max_body_bytes), _SEARCH_FIELDS)
     query = body.get("query")
     if not isinstance(query, str) or not query.strip() or len(query) > MAX_CONTENT:
-        raise BadRequest(f"'query' is required and must be a non-empty string of at most {MAX_CONTENT} characters", code="invalid_memory")
+        raise BadRequest(f"'query' is required and must be a non-empty string of at most {MAX_CONTENT} characters", code="invalid_memory", param="query")
     user = _id(body.get("user_id", request.headers.get("X-User-ID")), "user_id")
     session = _id(body.get("session_id", request.headers.get("X-Session-ID")), "session_id")
     scope_kind = body.get("scope", settings.scope if user is not None else "session")
     if scope_kind not in SCOPES:
-        raise BadRequest(f"'scope' must be one of {', '.join(SCOPES)}", code="invalid_memory")
+        raise BadRequest(f"'scope' must be one of {', '.join(SCOPES)}", code="invalid_memory", param="scope")
     if scope_kind == "user" and user is None:
-        raise BadRequest("scope 'user' needs 'user_id' (or the X-User-ID header)", code="invalid_memory")
+        raise BadRequest("scope 'user' needs 'user_id' (or the X-User-ID header)", code="invalid_memory", param="user_id")
     if scope_kind == "session" and session is None:
-        raise BadRequest("scope 'session' needs 'session_id' (or the X-Session-ID header)", code="invalid_memory")
+        raise BadRequest("scope 'session' needs 'session_id' (or the X-Session-ID header)", code="invalid_memory", param="session_id")
     top_k = body.get("top_k", settings.top_k)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= 100:
-        raise BadRequest("'top_k' must be an integer between 1 and 100", code="invalid_memory")
+        raise BadRequest("'top_k' must be an integer between 1 and 100", code="invalid_memory", param="top_k")
     types = body.get("types", [EPISODIC, SEMANTIC])
     if not isinstance(types, list) or not types or not all(t in TYPES for t in types):
-        raise BadRequest(f"'types' must be a non-empty list of {', '.join(TYPES)}", code="invalid_memory")
+        raise BadRequest(f"'types' must be a non-empty list of {', '.join(TYPES)}", code="invalid_memory", param="types")
     min_score = body.get("min_score")
     if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not -1 <= min_score <= 1):
-        raise BadRequest("'min_score' must be a number between -1 and 1", code="invalid_memory")
+        raise BadRequest("'min_score' must be a number between -1 and 1", code="invalid_memory", param="min_score")
     results, degraded = await service.search(tenant, query, Scope(scope_kind, user, session), top_k=top_k, types=types,
                                              min_score=float(min_score) if min_score is not None else None)
     data = [m.public() | {"score": round(h.score, 6), "similarity": None if h.cosine is None else round(h.cosine, 4),
@@ -134,7 +134,7 @@ def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
         raise BadRequest("request body must be a JSON object", code="invalid_body")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise BadRequest(f"unrecognized request argument supplied: '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})", code="invalid_memory")
+        raise BadRequest(f"unrecognized request argument supplied: '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})", code="invalid_memory", param=unknown[0])
     return body
 
 
@@ -142,7 +142,7 @@ def _id(value: Any, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value or len(value) > 512 or not value.isprintable():
-        raise BadRequest(f"'{name}' must be a string of 1-512 printable characters", code="invalid_memory")
+        raise BadRequest(f"'{name}' must be a string of 1-512 printable characters", code="invalid_memory", param=name)
     return value
 
 
@@ -152,5 +152,5 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be an integer between {low} and {high}", code="invalid_memory")
+        raise BadRequest(f"'{name}' must be an integer between {low} and {high}", code="invalid_memory", param=name)
     return value

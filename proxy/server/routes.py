@@ -20,7 +20,7 @@ from proxy.server.access_log import note_turn
 from proxy.sessions import SessionRef
 from proxy.storage.base import REPAIR_HINT, Record
 from proxy.transcript import active_path, walk
-from proxy.validate import embeddings_body
+from proxy.validate import embeddings_body, idempotency_key
 
 log = logging.getLogger("agent_state_proxy.server")
 
@@ -55,7 +55,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         async with pipeline.session_lock(tenant, ref):
             if not tenant.stateless:
                 await quotas.check_new_session(tenant.name, ref.id)
-            turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
+            turn = await pipeline.prepare(tenant, ref, body, route, idempotency_key(request.headers.get("Idempotency-Key")))
             note_turn(request, turn)
             if turn.replay is not None:
                 return await _replay(request, turn)
@@ -148,7 +148,7 @@ async def embeddings(request: web.Request) -> web.Response:
     config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
     async with quotas.request(tenant.name):
-        body = embeddings_body(await read_json(request, config.max_body_bytes))
+        body = embeddings_body(await read_json(request, config.max_body_bytes), tenant.passthrough_fields)
         route = tenant.route(body["model"])
         if route is None:
             raise NotFound(f"model '{body['model']}' is not configured for this tenant", code="model_not_found")
