@@ -201,6 +201,6 @@ async def test_a_record_stored_too_deep_before_the_bound_is_quarantined_not_fata
     legacy = codec.decode(inner.raw()[key])
     legacy["body"]["x"] = nested(250)  # what the old code accepted: readable, never sendable
     import orjson
-    inner.raw()[key] = bytes((codec.FORMAT_VERSION,)) + orjson.dumps(legacy)
+    inner.raw()[key] = b"\x01" + orjson.dumps(legacy)  # format 1: as the versions before the bound wrote it
     assert [m.body["content"] for m in await inner.get_messages("t", "s")] == ["kept"]
     assert [q.reason for q in await inner.quarantined("t")] == [f"record nested deeper than {codec.MAX_DEPTH} levels"]
