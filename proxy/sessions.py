@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -17,7 +18,7 @@ class SessionRef:
     id: str
     implicit: bool
     user_id: str | None
-    source: str  # header | path | metadata | implicit
+    source: str  # header | path | metadata | claude-code | implicit
 
 
 def identify(
@@ -26,21 +27,45 @@ def identify(
     path_session: str | None,
     body: dict[str, Any],
 ) -> SessionRef:
-    """First match wins: X-Session-ID header, /s/{id}/ path prefix, metadata.session_id, implicit."""
+    """First match wins: X-Session-ID header, /s/{id}/ path prefix, metadata.session_id, the ids
+    agents send of their own (Claude Code's X-Claude-Code-Session-Id header and the session_id in
+    its metadata.user_id), implicit."""
     user_id = _clean(headers.get("X-User-ID"), "X-User-ID header")
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    if user_id is None and isinstance(metadata.get("user_id"), str):
+    claude_code = _claude_code_ids(metadata.get("user_id"))
+    if user_id is None and claude_code is not None:
+        # Claude Code's user_id is a JSON string; the whole of it differs in every session.
+        user_id = _clean(_string(claude_code.get("account_uuid")) or _string(claude_code.get("device_id")), "metadata.user_id")
+    elif user_id is None and isinstance(metadata.get("user_id"), str):
         user_id = _clean(metadata["user_id"], "metadata.user_id")
     for source, value in (
         ("header", headers.get("X-Session-ID")),
         ("path", path_session),
         ("metadata", metadata.get("session_id")),
+        ("claude-code", headers.get("X-Claude-Code-Session-Id")),
+        ("claude-code", _string(claude_code.get("session_id")) if claude_code else None),
     ):
         if value is not None:
             if not isinstance(value, str):
                 raise BadRequest(f"session id from {source} must be a string", code="invalid_session_id")
             return SessionRef(_clean(value, f"session id from {source}"), False, user_id, source)
     return SessionRef(implicit_session_id(tenant, body.get("messages") or []), True, user_id, "implicit")
+
+
+def _claude_code_ids(user_id: Any) -> dict[str, Any] | None:
+    """The fields of Claude Code's ``metadata.user_id`` (``{"device_id", "account_uuid",
+    "session_id"}`` as a JSON string), or None for a plain user id."""
+    if not isinstance(user_id, str) or not user_id.startswith("{"):
+        return None
+    try:
+        fields = json.loads(user_id)
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def implicit_session_id(tenant: str, messages: list[Any]) -> str:

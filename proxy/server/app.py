@@ -18,6 +18,7 @@ from proxy.pipeline import Pipeline
 from proxy.server import keys
 from proxy.server.http import errors_middleware
 from proxy.server.memory_routes import setup_memory_routes
+from proxy.server.messages_routes import setup_messages_routes
 from proxy.server.routes import setup_routes
 from proxy.storage.base import Store
 from proxy.storage.write_behind import WriteBehindStore
@@ -39,6 +40,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
     app.cleanup_ctx.append(_background)
     setup_routes(app)
     setup_memory_routes(app)
+    setup_messages_routes(app)
     return app
 
 

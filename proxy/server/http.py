@@ -70,7 +70,8 @@ def authenticate(config: Config, request: web.Request) -> TenantConfig:
     agents that only changed their base URL still send whatever OPENAI_API_KEY they had.
     """
     header = request.headers.get("Authorization", "")
-    key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    # x-api-key: how the Anthropic SDKs send a key (Claude Code sends ANTHROPIC_AUTH_TOKEN as a bearer).
+    key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "").strip()
     if key:
         tenant = config.tenant_for_key(key)
         if tenant is not None:
