@@ -249,3 +249,25 @@ def test_translated_create_stream_and_tools(chat_proxy: ProxyThread, upstream: F
     assert final.content[0].text == "It is sunny."
     chat = upstream.requests[-1]["json"]["messages"]
     assert chat[-2]["tool_calls"][0]["id"] == call.id and chat[-1] == {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+
+
+def test_a_conversation_recorded_through_messages_continues_through_chat_completions(chat_proxy: ProxyThread, upstream: FakeUpstream) -> None:
+    from openai import OpenAI
+
+    sdk = client(chat_proxy, "cross-1")
+    upstream.script_tool_call("get_weather", {"query": "Oslo"})
+    called = sdk.messages.create(model="fake-model", max_tokens=64, tools=[WEATHER_TOOL], messages=[{"role": "user", "content": "weather in Oslo?"}])
+    call = called.content[-1]
+    upstream.script_reply("Cold.")
+    sdk.messages.create(model="fake-model", max_tokens=64, tools=[WEATHER_TOOL], messages=[
+        {"role": "user", "content": "weather in Oslo?"}, {"role": "assistant", "content": called.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "-5°C"}]}])
+    # The agent switches to the OpenAI SDK (or restarts) and sends only its new message.
+    upstream.script_reply("Bring a coat.")
+    chat = OpenAI(base_url=chat_proxy.base_url, api_key="x", max_retries=0)
+    reply = chat.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "what should I wear?"}], extra_headers={"X-Session-ID": "cross-1"})
+    assert reply.choices[0].message.content == "Bring a coat."
+    sent = upstream.requests[-1]["json"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
+    assert sent[1]["tool_calls"][0]["id"] == call.id and sent[2] == {"role": "tool", "tool_call_id": call.id, "content": "-5°C"}
+    assert sent[3]["content"] == "Cold."

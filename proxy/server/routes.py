@@ -14,6 +14,7 @@ from proxy import checkpoints, rollback
 from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.pipeline import Pipeline
+from proxy.protocols.anthropic_chat import chat_messages
 from proxy.server import keys
 from proxy.server.http import authenticate, json_response, read_json
 from proxy.sessions import SessionRef
@@ -48,6 +49,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"))
         if turn.replay is not None:
             return await _replay(request, turn)
+        if turn.plan.restored:  # restored turns may have been recorded through another protocol
+            turn.body = turn.body | {"messages": chat_messages(turn.body["messages"])}
         if not body.get("stream"):
             response = await pipeline.complete(turn)
             return json_response(response, headers=turn.headers)
