@@ -202,9 +202,10 @@ def test_history_restored_after_sigkill_and_unpaired_tool_use_repaired(tmp_path:
         proxy = ProxyProcess(config, port=proxy.port).start()
         # Crashed mid-tool: the stored history ends in a tool_use with no result. Restored, it
         # must reach the provider answered (an error result), never as the provider refuses it.
-        third = client(proxy, "restart-1").messages.create(model=MODEL, max_tokens=50, system="You are terse.", tools=[WEATHER_TOOL],
-                                                           messages=[{"role": "user", "content": "never mind, hello"}])
-        assert third.content[-1].type == "text"
+        raw = client(proxy, "restart-1").messages.with_raw_response.create(model=MODEL, max_tokens=50, system="You are terse.", tools=[WEATHER_TOOL],
+                                                                           messages=[{"role": "user", "content": "never mind, hello"}])
+        assert raw.headers["X-Tool-Calls-Repaired"] == "1" and raw.headers["X-History-Restored"] == "5"  # the system prompt and two turns
+        assert raw.parse().content[-1].type == "text"
         received = fake.messages_requests[-1].body["messages"]
         assert [m["role"] for m in received] == ["user", "assistant", "user", "assistant", "user"]
         repaired = received[-1]["content"]
