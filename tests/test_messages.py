@@ -272,3 +272,26 @@ def test_a_conversation_recorded_through_messages_continues_through_chat_complet
     assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
     assert sent[1]["tool_calls"][0]["id"] == call.id and sent[2] == {"role": "tool", "tool_call_id": call.id, "content": "-5°C"}
     assert sent[3]["content"] == "Cold."
+
+
+def test_an_upstream_refusal_reaches_the_client_in_anthropic_shape(proxy: ProxyThread, fake: FakeAnthropic) -> None:
+    forged = [{"type": "thinking", "thinking": "I was never said", "signature": "forged"}, {"type": "text", "text": "ok"}]
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        client(proxy).messages.create(model=MODEL, max_tokens=20, messages=[
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": forged}, {"role": "user", "content": "b"}])
+    assert raised.value.body["error"]["type"] == "invalid_request_error"
+    assert "Invalid `signature`" in raised.value.body["error"]["message"]
+
+
+def test_a_repeated_idempotency_key_replays_the_recorded_answer(proxy: ProxyThread, fake: FakeAnthropic) -> None:
+    sdk = client(proxy, "idem-1")
+    ask = {"model": MODEL, "max_tokens": 20, "messages": [{"role": "user", "content": "only once"}], "extra_headers": {"Idempotency-Key": "k-1"}}
+    first = sdk.messages.create(**ask)
+    again = sdk.messages.create(**ask)
+    assert again.model_dump() == first.model_dump() and len(fake.messages_requests) == 1
+    streamed = {**ask, "extra_headers": {"Idempotency-Key": "k-2"}, "messages": [{"role": "user", "content": "stream once"}]}
+    with sdk.messages.stream(**streamed) as stream:
+        one = stream.get_final_message()
+    with sdk.messages.stream(**streamed) as stream:
+        two = stream.get_final_message()
+    assert two.model_dump() == one.model_dump() and len(fake.messages_requests) == 2

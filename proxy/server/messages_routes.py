@@ -33,6 +33,17 @@ log = logging.getLogger("agent_state_proxy.server")
 _FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")  # passed unchanged to an Anthropic upstream
 
 
+def _forwarded(headers: Mapping[str, str]) -> dict[str, str]:
+    """The protocol headers an Anthropic upstream gets from the client (betas may come as several lines)."""
+    getall = getattr(headers, "getall", None)
+    found = {}
+    for name in _FORWARDED_HEADERS:
+        values = getall(name, []) if getall is not None else ([headers[name]] if name in headers else [])
+        if values:
+            found[name] = ",".join(values)
+    return found
+
+
 def setup_messages_routes(app: web.Application) -> None:
     for prefix in ("", "/s/{session_id}"):
         app.router.add_post(prefix + "/v1/messages", messages)
@@ -79,7 +90,7 @@ class MessagesExchange:
 
     def __init__(self, route: ResolvedModel, headers: Mapping[str, str]) -> None:
         self.native = speaks_anthropic(route)
-        self.headers = {name: headers[name] for name in _FORWARDED_HEADERS if name in headers}
+        self.headers = _forwarded(headers)
 
     def _native_request(self, turn: Turn) -> dict[str, Any]:
         request, repaired = anthropic.upstream_request(turn.body)
@@ -203,7 +214,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     body = anthropic.parse_request(raw, count_only=True)
     route = _route(tenant, body["model"])
     if speaks_anthropic(route):
-        headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
+        headers = _forwarded(request.headers)
         forwarded = {k: v for k, v in raw.items() if k != "model"}
         result = await request.app[keys.UPSTREAM].anthropic(route, forwarded, headers, tenant.upstream_timeout, path="/messages/count_tokens")
         return json_response(result)
