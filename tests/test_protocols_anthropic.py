@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, NotFound, ProxyError, Unauthorized, UpstreamError
 from proxy.protocols import anthropic, anthropic_chat
@@ -217,3 +219,24 @@ def test_errors_take_anthropics_shape(error: ProxyError, kind: str) -> None:
 def test_events_render_as_anthropic_sse() -> None:
     assert anthropic.sse([{"type": "ping"}, {"type": "vendor_extension", "x": 1}]) == (
         b'event: ping\ndata: {"type":"ping"}\n\nevent: vendor_extension\ndata: {"type":"vendor_extension","x":1}\n\n')
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+_block = st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "document", "tool_use", "tool_result", "thinking", "other"])},
+                               optional={"text": _json, "id": _json, "name": _json, "input": _json, "tool_use_id": _json, "source": _json, "content": _json})
+_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 3])},
+                                 optional={"content": st.text(max_size=8) | st.lists(_block | _json, max_size=4) | _json})
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fixed_dictionaries({"model": st.just("m") | _json, "max_tokens": st.just(5) | _json, "messages": st.lists(_message, max_size=5) | _json},
+                             optional={"system": _json, "tools": _json, "stream": _json, "metadata": _json, "tool_choice": _json}))
+def test_untrusted_requests_raise_only_bad_request(raw: dict) -> None:
+    try:
+        body = anthropic.parse_request(raw)
+    except BadRequest:
+        return
+    # What the parser accepts, both renderers can render.
+    anthropic.upstream_request(body)
+    anthropic_chat.chat_request(body)
