@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from proxy.errors import BadRequest, Conflict
+from proxy.transcript import block_identity
 
 MAX_SESSION_ID = 512
 
@@ -70,10 +71,15 @@ def _string(value: Any) -> str | None:
 
 def implicit_session_id(tenant: str, messages: list[Any]) -> str:
     """One session per conversation: tenant + system prompt + first user message."""
-    system = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
-    first_user = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    system = [_stable(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
+    first_user = next((_stable(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
     seed = repr((tenant, system[:1], first_user)).encode()
     return "implicit-" + hashlib.sha256(seed).hexdigest()[:32]
+
+
+def _stable(content: Any) -> Any:
+    """Content without what moves between requests of one conversation (cache breakpoints)."""
+    return [block_identity(b) for b in content] if isinstance(content, list) else content
 
 
 def strip_proxy_fields(body: dict[str, Any]) -> dict[str, Any]:

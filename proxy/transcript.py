@@ -25,13 +25,13 @@ def message_hash(body: dict[str, Any]) -> bytes:
             if isinstance(c, dict)
         ]
     if isinstance(identity.get("content"), list):
-        identity["content"] = [_block_identity(b) for b in identity["content"]]
+        identity["content"] = [block_identity(b) for b in identity["content"]]
     if identity.get("content") == "":
         identity.pop("content")
     return hashlib.blake2b(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
 
 
-def _block_identity(block: Any) -> Any:
+def block_identity(block: Any) -> Any:
     """A content block without what a client moves or fills in on resend: cache breakpoints
     (they follow the newest turn) and null fields (SDKs echo optional keys as null)."""
     if not isinstance(block, dict) or not ("cache_control" in block or None in block.values()):

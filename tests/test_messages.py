@@ -295,3 +295,18 @@ def test_a_repeated_idempotency_key_replays_the_recorded_answer(proxy: ProxyThre
     with sdk.messages.stream(**streamed) as stream:
         two = stream.get_final_message()
     assert two.model_dump() == one.model_dump() and len(fake.messages_requests) == 2
+
+
+def test_an_sdk_client_without_session_ids_keeps_one_implicit_session_while_its_cache_breakpoint_moves(proxy: ProxyThread, fake: FakeAnthropic) -> None:
+    sdk = client(proxy)
+    cached = {"type": "ephemeral"}
+    first = sdk.messages.create(model=MODEL, max_tokens=20, system="sys", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hello", "cache_control": cached}]}])
+    sdk.messages.create(model=MODEL, max_tokens=20, system="sys", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "assistant", "content": first.content},
+        {"role": "user", "content": [{"type": "text", "text": "again", "cache_control": cached}]}])
+    sessions = httpx.get(proxy.url + "/admin/sessions").json()["data"]
+    assert len(sessions) == 1 and sessions[0]["id"].startswith("implicit-")
+    stored = httpx.get(f"{proxy.url}/admin/sessions/{sessions[0]['id']}").json()["messages"]
+    assert [m["role"] for m in stored] == ["system", "user", "assistant", "user", "assistant"]  # the resent turns matched, none twice
