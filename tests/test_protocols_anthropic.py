@@ -240,3 +240,14 @@ def test_untrusted_requests_raise_only_bad_request(raw: dict) -> None:
     # What the parser accepts, both renderers can render.
     anthropic.upstream_request(body)
     anthropic_chat.chat_request(body)
+
+
+def test_tool_blocks_cost_tokens_like_their_chat_equivalents() -> None:
+    from proxy import tokens
+
+    result = "line of a file the tool read\n" * 50
+    anthropic_turn = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": result}]}]}
+    chat_turn = {"role": "tool", "tool_call_id": "t1", "content": result}
+    assert tokens.count_message(anthropic_turn) == tokens.count_message(chat_turn) > 300
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read_file", "input": {"path": "/src/main.py", "lines": [1, 400]}}]}
+    assert tokens.count_message(call) > tokens.count_message({"role": "assistant", "content": []}) + 8
