@@ -24,6 +24,7 @@ import hmac
 import itertools
 import re
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -63,9 +64,14 @@ class FakeAnthropic:
         self.sent: list[dict[str, Any]] = []  # every message answered (the JSON body, or what the stream added up to)
         self.base_url = ""
         self._ids = itertools.count(1)
+        self._tools: deque[tuple[str, dict[str, Any]]] = deque()  # scripted tool calls, see call_tool
         self.app = web.Application(client_max_size=64 << 20)
         self.app.router.add_post("/v1/messages", self._messages)
         self.app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+
+    def call_tool(self, name: str, tool_input: dict[str, Any]) -> None:
+        """Answer the next request that offers tool ``name`` (and is not a tool result) by calling it."""
+        self._tools.append((name, tool_input))
 
     @property
     def messages_requests(self) -> list[Received]:
@@ -131,8 +137,13 @@ class FakeAnthropic:
             content.append({"type": "thinking", "thinking": thought, "signature": sign(thought)})
         results = [b for b in last.get("content") or () if isinstance(b, dict) and b.get("type") == "tool_result"] if isinstance(last.get("content"), list) else []
         marker = TOOL_MARKER.search(_last_user_text(body))
+        offered = {t.get("name") for t in body.get("tools") or ()}
+        scripted = self._tools.popleft() if self._tools and not results and self._tools[0][0] in offered else None
         stop = "end_turn"
-        if results:
+        if scripted is not None:
+            content.append({"type": "tool_use", "id": f"toolu_fake{number:04d}", "name": scripted[0], "input": scripted[1]})
+            stop = "tool_use"
+        elif results:
             content.append({"type": "text", "text": "tool said: " + " | ".join(_text(b.get("content")) for b in results)})
         elif marker and body.get("tools"):
             content.append({"type": "text", "text": "Let me check."})
