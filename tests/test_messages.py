@@ -310,3 +310,18 @@ def test_an_sdk_client_without_session_ids_keeps_one_implicit_session_while_its_
     assert len(sessions) == 1 and sessions[0]["id"].startswith("implicit-")
     stored = httpx.get(f"{proxy.url}/admin/sessions/{sessions[0]['id']}").json()["messages"]
     assert [m["role"] for m in stored] == ["system", "user", "assistant", "user", "assistant"]  # the resent turns matched, none twice
+
+
+def test_translated_stream_failures_are_anthropic_errors(chat_proxy: ProxyThread, upstream: FakeUpstream) -> None:
+    sdk = client(chat_proxy, "translated-errors")
+    upstream.fail_next(429, "slow down")
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        sdk.messages.create(model="fake-model", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+    assert limited.value.body["error"]["type"] == "rate_limit_error" and "slow down" in limited.value.body["error"]["message"]
+    upstream.script_reply("a long enough answer to be cut in the middle")
+    upstream.fail_mid_stream(after_chunks=2)
+    with pytest.raises(anthropic.APIStatusError) as cut:
+        with sdk.messages.stream(model="fake-model", max_tokens=20, messages=[{"role": "user", "content": "hi"}]) as stream:
+            for _ in stream:
+                pass
+    assert cut.value.body["type"] == "error" and cut.value.body["error"]["type"] == "api_error"
