@@ -325,5 +325,7 @@ def _error_message(data: Any) -> str | None:
 def _error_code(data: Any) -> str | None:
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         code = data["error"].get("code")
+        if code is None and data.get("type") == "error":
+            code = data["error"].get("type")  # Anthropic's shape: the error type is its code
         return str(code) if code is not None else None
     return None

@@ -85,6 +85,8 @@ class FakeAnthropic:
         refused = self._refusal(request, raw)
         if refused is not None:
             return refused
+        if "OVERLOADED" in raw.decode("utf-8", "replace"):
+            return _error(529, "overloaded_error", "Overloaded")
         body = orjson.loads(raw)
         message = self._answer(body)
         self.sent.append(message)

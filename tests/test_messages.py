@@ -325,3 +325,9 @@ def test_translated_stream_failures_are_anthropic_errors(chat_proxy: ProxyThread
             for _ in stream:
                 pass
     assert cut.value.body["type"] == "error" and cut.value.body["error"]["type"] == "api_error"
+
+
+def test_an_overloaded_upstream_keeps_its_error_type(proxy: ProxyThread, fake: FakeAnthropic) -> None:
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        client(proxy).messages.create(model=MODEL, max_tokens=20, messages=[{"role": "user", "content": "OVERLOADED please"}])
+    assert raised.value.status_code == 502 and raised.value.body["error"]["type"] == "overloaded_error"
