@@ -331,3 +331,15 @@ def test_an_overloaded_upstream_keeps_its_error_type(proxy: ProxyThread, fake: F
     with pytest.raises(anthropic.APIStatusError) as raised:
         client(proxy).messages.create(model=MODEL, max_tokens=20, messages=[{"role": "user", "content": "OVERLOADED please"}])
     assert raised.value.status_code == 502 and raised.value.body["error"]["type"] == "overloaded_error"
+
+
+def test_the_fake_upstream_refuses_what_anthropic_refuses(fake: FakeAnthropic) -> None:
+    # The repair and signature tests above mean something only if this fake is strict.
+    sdk = anthropic.Anthropic(base_url=fake.base_url.removesuffix("/v1"), api_key=UPSTREAM_KEY, max_retries=0)
+    unpaired = [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_x", "name": "f", "input": {}}]},
+                {"role": "user", "content": "b"}]
+    with pytest.raises(anthropic.BadRequestError, match="tool_use ids were found without tool_result"):
+        sdk.messages.create(model=MODEL, max_tokens=5, messages=unpaired)
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=fake.base_url.removesuffix("/v1"), api_key="wrong", max_retries=0).messages.create(
+            model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "a"}])
