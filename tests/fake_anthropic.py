@@ -97,13 +97,17 @@ class FakeAnthropic:
     async def _count_tokens(self, request: web.Request) -> web.Response:
         raw = await request.read()
         self.requests.append(Received(request.path, dict(request.headers), raw))
-        if request.headers.get("x-api-key") != self.api_key:
+        if not self._authorised(request):
             return _error(401, "authentication_error", "invalid x-api-key")
         body = orjson.loads(raw)
         return web.json_response({"input_tokens": max(1, len(orjson.dumps(body.get("messages"))) // 4)})
 
+    def _authorised(self, request: web.Request) -> bool:
+        # x-api-key, or a bearer as recent SDKs send their api_key
+        return self.api_key in (request.headers.get("x-api-key"), request.headers.get("Authorization", "").removeprefix("Bearer "))
+
     def _refusal(self, request: web.Request, raw: bytes) -> web.Response | None:
-        if request.headers.get("x-api-key") != self.api_key:
+        if not self._authorised(request):
             return _error(401, "authentication_error", "invalid x-api-key")
         if not request.headers.get("anthropic-version"):
             return _error(400, "invalid_request_error", "anthropic-version: header is required")

@@ -140,13 +140,16 @@ def test_auth_and_unknown_model_errors_are_anthropic_shaped(tmp_path: Path, fake
             anthropic.Anthropic(base_url=proxy.url, api_key="wrong-key", max_retries=0).messages.create(
                 model="claude-known", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
         assert raised.value.body["error"]["type"] == "authentication_error"
-        good = anthropic.Anthropic(base_url=proxy.url, api_key="team-key-1", max_retries=0)  # sent as x-api-key
+        good = anthropic.Anthropic(base_url=proxy.url, api_key="team-key-1", max_retries=0)
         assert good.messages.create(model="claude-known", max_tokens=5, messages=[{"role": "user", "content": "hi"}]).content[0].text
         bearer = anthropic.Anthropic(base_url=proxy.url, auth_token="team-key-1", max_retries=0)  # Claude Code's ANTHROPIC_AUTH_TOKEN
         assert bearer.messages.create(model="claude-known", max_tokens=5, messages=[{"role": "user", "content": "hi"}]).content[0].text
         with pytest.raises(anthropic.NotFoundError) as missing:
             good.messages.create(model="claude-unknown", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
         assert missing.value.body["error"]["type"] == "not_found_error"
+        as_x_api_key = httpx.post(proxy.url + "/v1/messages", headers={"x-api-key": "team-key-1", "anthropic-version": "2023-06-01"},
+                                  json={"model": "claude-known", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert as_x_api_key.status_code == 200 and as_x_api_key.json()["type"] == "message"
         assert httpx.head(proxy.url + "/").status_code == 200
 
 
