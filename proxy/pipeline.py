@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol
 
 import orjson
 
@@ -38,6 +38,24 @@ log = logging.getLogger("agent_state_proxy.pipeline")
 IDEMPOTENCY_KIND = "idempotency"
 AGENT_KIND = "agent"  # tenant-wide: an agent identity's latest implicit session (sessions.implicit: resume)
 VERIFIED_SESSIONS = 100_000  # sessions remembered as chain-checked (~150 bytes each)
+
+
+class Exchange(Protocol):
+    """How a turn of a client protocol other than Chat Completions reaches the upstream and is read
+    back for the record (edge adapters in proxy/protocols implement it; None means Chat Completions)."""
+
+    async def complete(self, upstream: Upstream, turn: Turn) -> dict[str, Any]:
+        """The answer, in the client's protocol."""
+
+    def reply(self, response: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None, dict[str, Any] | None, str | None]:
+        """From an answer: the assistant messages to record, finish reason, usage (prompt_tokens /
+        completion_tokens) and model."""
+
+    def stream(self, upstream: Upstream, turn: Turn) -> AsyncIterator[list[dict[str, Any]]]:
+        """The answer's stream events, in the client's protocol, in batches."""
+
+    def collector(self, keep_chunks: bool) -> Any:
+        """What rebuilds the answer from the stream: add(event), messages(), finish_reason(), usage, model, chunks."""
 
 
 @dataclass
@@ -68,6 +86,7 @@ class Turn:
     upstream_status: int | None = None
     upstream_ms: float = 0.0
     usage: dict[str, Any] | None = None  # the provider's token counts
+    exchange: Exchange | None = None  # the client protocol's upstream call; None: Chat Completions
 
 
 class Pipeline:
@@ -115,18 +134,21 @@ class Pipeline:
     def _stage(self, tenant: TenantConfig, name: str) -> _Stage:
         return _Stage(self.observer, tenant.name, name)
 
-    async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel, idempotency_key: str | None = None) -> Turn:
+    async def prepare(self, tenant: TenantConfig, ref: SessionRef, body: dict[str, Any], route: ResolvedModel, idempotency_key: str | None = None,
+                      exchange: Exchange | None = None) -> Turn:
         """Load the session (call under the session lock) and decide what goes upstream."""
         now = self.clock()
         if tenant.stateless:
             session = Session(tenant=tenant.name, id=ref.id, created_at=now, last_active=now)
             plan = transcript.Plan(body["messages"], [], None)
             return Turn(tenant, ref, route, strip_proxy_fields(body), session, [], plan, "req-" + uuid.uuid4().hex, now,
-                        headers={"X-Session-ID": ref.id})
+                        headers={"X-Session-ID": ref.id}, exchange=exchange)
         # The query embedding (the slowest step of the request) starts before anything else.
         early = self.memory.embed_query(tenant.name, body) if self.memory is not None else None
         try:
-            return await self._prepare(tenant, ref, body, route, idempotency_key, now, early)
+            turn = await self._prepare(tenant, ref, body, route, idempotency_key, now, early)
+            turn.exchange = exchange
+            return turn
         except BaseException:
             if early is not None:
                 early.cancel()
@@ -230,7 +252,10 @@ class Pipeline:
         started = time.perf_counter()
         try:
             with self._stage(turn.tenant, "upstream"):
-                response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
+                if turn.exchange is not None:
+                    response = await turn.exchange.complete(self.upstream, turn)
+                else:
+                    response = await self.upstream.complete(turn.route, turn.body, turn.tenant.upstream_timeout)
         except ProxyError as error:
             self.observer.upstream_failed(turn.tenant.name, turn.route.model, error.status)
             turn.upstream_ms = (time.perf_counter() - started) * 1000
@@ -238,23 +263,31 @@ class Pipeline:
             await self._record(turn, [], outcome="error")
             raise
         turn.upstream_ms, turn.upstream_status = (time.perf_counter() - started) * 1000, 200
-        turn.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
-        choices = response.get("choices") or []
-        assistant = [c.get("message") or {} for c in choices if isinstance(c, dict)]
-        finish = choices[0].get("finish_reason") if choices else None
-        await self._record(turn, assistant, outcome="ok", finish_reason=finish, usage=response.get("usage"), model=response.get("model"), response=response)
+        if turn.exchange is not None:
+            assistant, finish, usage, model = turn.exchange.reply(response)
+        else:
+            choices = response.get("choices") or []
+            assistant = [c.get("message") or {} for c in choices if isinstance(c, dict)]
+            finish = choices[0].get("finish_reason") if choices else None
+            usage, model = response.get("usage"), response.get("model")
+        turn.usage = usage if isinstance(usage, dict) else None
+        await self._record(turn, assistant, outcome="ok", finish_reason=finish, usage=usage, model=model, response=response)
         return response
 
     async def stream(self, turn: Turn) -> AsyncIterator[list[dict[str, Any]]]:
         """Relay the provider's chunks (in the batches they arrived in); record the response when
         the stream ends, however it ends."""
-        collected = _StreamCollector(keep_chunks=turn.idempotency_key is not None)
+        keep = turn.idempotency_key is not None
+        collected = turn.exchange.collector(keep) if turn.exchange is not None else _StreamCollector(keep_chunks=keep)
         outcome = "aborted"
         started = time.perf_counter()
         try:
             # aclosing: a client that goes away closes this generator, which must close the
             # provider's stream (and its connection) now, not whenever it is garbage-collected.
-            upstream = self.upstream.stream(turn.route, turn.body, turn.tenant.upstream_timeout)
+            if turn.exchange is not None:
+                upstream = turn.exchange.stream(self.upstream, turn)
+            else:
+                upstream = self.upstream.stream(turn.route, turn.body, turn.tenant.upstream_timeout)
             with self._stage(turn.tenant, "upstream"):  # to the stream's end
                 async with contextlib.aclosing(upstream) as chunks:
                     async for batch in chunks:
@@ -345,7 +378,7 @@ class Pipeline:
 
         aux: list[Record] = []
         tags = {tag for m in records for tag in (m.tags or ())}
-        if any(m.body.get("tool_calls") for m in records):
+        if any(m.body.get("tool_calls") or _has_tool_use(m.body) for m in records):
             tags.add("tool_calls")
         if turn.idempotency_key and (response is not None or chunks is not None):
             tags.add("idempotent")
@@ -451,6 +484,12 @@ def gap_header(gaps: list[transcript.Gap]) -> str:
                 start = seq
             prev = seq
     return ",".join(ranges)
+
+
+def _has_tool_use(body: dict[str, Any]) -> bool:
+    """Tool calls carried as content blocks (the Anthropic shape) count like ``tool_calls``."""
+    content = body.get("content")
+    return isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
 
 
 def _clean_assistant(message: dict[str, Any]) -> dict[str, Any]:

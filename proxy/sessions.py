@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from proxy.errors import BadRequest, Conflict
+from proxy.transcript import block_identity
 
 MAX_SESSION_ID = 512
 
@@ -17,7 +19,7 @@ class SessionRef:
     id: str
     implicit: bool
     user_id: str | None
-    source: str  # header | path | metadata | codex | previous_response | implicit | resumed
+    source: str  # header | path | metadata | codex | claude-code | previous_response | implicit | resumed
     agent: str | None = None  # the agent identity of an implicit session, when its tenant resumes
 
 
@@ -27,10 +29,12 @@ def identify(
     path_session: str | None,
     body: dict[str, Any],
 ) -> SessionRef:
-    """First match wins: X-Session-ID header, /s/{id}/ path prefix, metadata.session_id, Codex
-    CLI's session-id header, implicit."""
+    """First match wins: X-Session-ID header, /s/{id}/ path prefix, metadata.session_id, the ids
+    agents send of their own (Codex CLI's session-id header; Claude Code's X-Claude-Code-Session-Id
+    header and the session_id in its metadata.user_id), implicit."""
     user_id = user_id_of(headers, body)
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    claude_code = _claude_code_ids(metadata.get("user_id"))
     for source, param, value in (
         ("header", "X-Session-ID", headers.get("X-Session-ID")),
         ("path", "session_id", path_session),
@@ -38,6 +42,8 @@ def identify(
         # Codex CLI names its session in a `session-id` header (also thread-id and
         # x-client-request-id): one Codex session is one proxy session, with no configuration.
         ("codex", "session-id", headers.get("session-id")),
+        ("claude-code", "X-Claude-Code-Session-Id", headers.get("X-Claude-Code-Session-Id")),
+        ("claude-code", "metadata.user_id", _string(claude_code.get("session_id")) if claude_code else None),
     ):
         if value is not None:
             if not isinstance(value, str):
@@ -47,18 +53,38 @@ def identify(
 
 
 def user_id_of(headers: Mapping[str, str], body: dict[str, Any]) -> str | None:
-    """The user a request acts for: X-User-ID header, else metadata.user_id."""
+    """The user a request acts for: X-User-ID header, else metadata.user_id (for Claude Code,
+    whose user_id is a JSON string that differs in every session, its account or device)."""
     user_id = _clean(headers.get("X-User-ID"), "X-User-ID header", "X-User-ID")
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    if user_id is None and isinstance(metadata.get("user_id"), str):
+    claude_code = _claude_code_ids(metadata.get("user_id"))
+    if user_id is None and claude_code is not None:
+        user_id = _clean(_string(claude_code.get("account_uuid")) or _string(claude_code.get("device_id")), "metadata.user_id", "metadata.user_id")
+    elif user_id is None and isinstance(metadata.get("user_id"), str):
         user_id = _clean(metadata["user_id"], "metadata.user_id", "metadata.user_id")
     return user_id
 
 
+def _claude_code_ids(user_id: Any) -> dict[str, Any] | None:
+    """The fields of Claude Code's ``metadata.user_id`` (``{"device_id", "account_uuid",
+    "session_id"}`` as a JSON string), or None for a plain user id."""
+    if not isinstance(user_id, str) or not user_id.startswith("{"):
+        return None
+    try:
+        fields = json.loads(user_id)
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def implicit_session_id(tenant: str, messages: list[Any]) -> str:
     """One session per conversation: tenant + system prompt + first user message."""
-    system = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
-    first_user = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    system = [_stable(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
+    first_user = next((_stable(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
     seed = repr((tenant, system[:1], first_user)).encode()
     return "implicit-" + hashlib.sha256(seed).hexdigest()[:32]
 
@@ -73,6 +99,11 @@ def agent_identity(tenant: str, headers: Mapping[str, str], body: dict[str, Any]
     credential = hashlib.sha256(headers.get("Authorization", "").encode("utf-8", "surrogateescape")).hexdigest()
     seed = repr((tenant, credential, system[:1], user_id, tools)).encode("utf-8", "surrogatepass")
     return "agent-" + hashlib.sha256(seed).hexdigest()[:32]
+
+
+def _stable(content: Any) -> Any:
+    """Content without what moves between requests of one conversation (cache breakpoints)."""
+    return [block_identity(b) for b in content] if isinstance(content, list) else content
 
 
 def strip_proxy_fields(body: dict[str, Any]) -> dict[str, Any]:

@@ -24,9 +24,19 @@ def message_hash(body: dict[str, Any]) -> bytes:
             for c in identity["tool_calls"]
             if isinstance(c, dict)
         ]
+    if isinstance(identity.get("content"), list):
+        identity["content"] = [block_identity(b) for b in identity["content"]]
     if identity.get("content") == "":
         identity.pop("content")
     return hashlib.blake2b(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+def block_identity(block: Any) -> Any:
+    """A content block without what a client moves or fills in on resend: cache breakpoints
+    (they follow the newest turn) and null fields (SDKs echo optional keys as null)."""
+    if not isinstance(block, dict) or not ("cache_control" in block or None in block.values()):
+        return block
+    return {k: v for k, v in block.items() if k != "cache_control" and v is not None}
 
 
 def chain_hash(parent_chain: str, body: dict[str, Any]) -> str:

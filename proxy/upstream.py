@@ -1,4 +1,4 @@
-"""Calls to the model provider: litellm for any provider, a direct aiohttp path for OpenAI-compatible ones.
+"""Calls to the model provider: litellm for any provider, direct aiohttp paths for OpenAI- and Anthropic-compatible ones.
 
 Every provider failure leaves this module as an UpstreamError (secrets redacted); nothing
 above it sees aiohttp or litellm exceptions.
@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Mapping
 
 import aiohttp
 import orjson
@@ -68,6 +68,39 @@ class Upstream:
             result = await litellm.acompletion(**_litellm_args(route, body, CHAT_COMPLETIONS, timeout))
             async for chunk in result:
                 yield [_litellm_dict(chunk)]
+
+    # -- Anthropic Messages ------------------------------------------------------------------
+
+    async def anthropic(self, route: ResolvedModel, body: dict[str, Any], headers: Mapping[str, str], timeout: float,
+                        path: str = "/messages") -> dict[str, Any]:
+        """POST a Messages request (or count_tokens, by ``path``) to an Anthropic-compatible upstream."""
+        with self._translate(timeout):
+            async with self._post_anthropic(route, path, body, headers, timeout) as response:
+                return await self._json_or_raise(response)
+
+    async def anthropic_stream(self, route: ResolvedModel, body: dict[str, Any], headers: Mapping[str, str],
+                               timeout: float) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yield a Messages stream's events (every type, known or not), one list per network read."""
+        with self._translate(timeout):
+            async with self._post_anthropic(route, "/messages", body, headers, timeout) as response:
+                if response.status != 200:
+                    await self._json_or_raise(response)
+                async for batch in _read_anthropic_sse(response):
+                    yield batch
+
+    def _post_anthropic(self, route: ResolvedModel, path: str, body: dict[str, Any], headers: Mapping[str, str], timeout: float):
+        assert self._http is not None, "Upstream.start() was not awaited"
+        # Only the protocol's own headers pass from the client; the key is the route's.
+        sent = {"Content-Type": "application/json", "anthropic-version": headers.get("anthropic-version") or ANTHROPIC_VERSION}
+        if headers.get("anthropic-beta"):
+            sent["anthropic-beta"] = headers["anthropic-beta"]
+        if route.api_key:
+            sent["x-api-key"] = route.api_key
+        base = (route.api_base or ANTHROPIC_BASE).rstrip("/")
+        url = base + ("" if base.endswith("/v1") else "/v1") + path
+        payload = orjson.dumps(body | {"model": anthropic_model(route)})
+        return self._http.post(url, data=payload, headers=sent,
+                               timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10)))
 
     # -- embeddings --------------------------------------------------------------------------
 
@@ -200,6 +233,19 @@ def _litellm_args(route: ResolvedModel, body: dict[str, Any], protocol: Protocol
     return args
 
 
+ANTHROPIC_BASE = "https://api.anthropic.com/v1"
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+def anthropic_model(route: ResolvedModel) -> str:
+    return route.model.removeprefix("anthropic/")
+
+
+def speaks_anthropic(route: ResolvedModel) -> bool:
+    """Whether a route's upstream takes Messages requests as they are (the direct Anthropic path)."""
+    return route.model.startswith("anthropic/")
+
+
 def import_litellm() -> Any:
     """Import litellm without its start-up download of the model cost map."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -261,6 +307,41 @@ async def _read_sse(response: aiohttp.ClientResponse, limit: int) -> AsyncIterat
     raise aiohttp.ClientPayloadError("stream ended without [DONE]")
 
 
+async def _read_anthropic_sse(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict[str, Any]]]:
+    """The events of a Messages SSE body, parsed, one list per network read; an ``error`` event
+    raises UpstreamError (with its error type as the code)."""
+    pending = b""
+    finished = False
+    async for data in response.content.iter_any():
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        if len(pending) > _MAX_SSE_LINE:
+            raise UpstreamError("upstream sent a stream line over 8 MiB", status=502, code="upstream_malformed")
+        batch = []
+        for raw_line in lines:
+            line = raw_line.strip()
+            if not line.startswith(b"data:"):
+                continue  # "event:" repeats the data's type; blank lines end events
+            try:
+                event = orjson.loads(line[5:].strip())
+            except orjson.JSONDecodeError:
+                raise UpstreamError("upstream sent a malformed stream event", status=502, code="upstream_malformed") from None
+            if not isinstance(event, dict):
+                continue
+            if event.get("type") == "error":
+                error = event.get("error") if isinstance(event.get("error"), dict) else {}
+                if batch:
+                    yield batch
+                raise UpstreamError(f"upstream error during stream: {error.get('message') or 'error'}", status=502,
+                                    code=str(error.get("type") or "upstream_stream_error"))
+            finished = finished or event.get("type") == "message_stop"
+            batch.append(event)
+        if batch:
+            yield batch
+    if not finished:
+        raise aiohttp.ClientPayloadError("stream ended without message_stop")
+
+
 _DONE: Any = object()
 _MAX_SSE_LINE = 8 << 20  # a provider that never ends its line must not grow our buffer forever
 
@@ -304,5 +385,7 @@ def _error_message(data: Any) -> str | None:
 def _error_code(data: Any) -> str | None:
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         code = data["error"].get("code")
+        if code is None and data.get("type") == "error":
+            code = data["error"].get("type")  # Anthropic's shape: the error type is its code
         return str(code) if code is not None else None
     return None

@@ -1,1 +1,1 @@
-"""Client protocols at the edge: each parses its wire format into the canonical chat body and renders results back."""
+"""Client protocols at the edge: each module parses one wire format into the canonical turn and renders it back."""

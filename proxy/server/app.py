@@ -24,6 +24,7 @@ from proxy.server.metrics import METRICS, Metrics, setup_metrics_routes
 from proxy.server.metrics import middleware as metrics_middleware
 from proxy.server.responses_routes import setup_responses_routes
 from proxy.server.reload import reloading
+from proxy.server.messages_routes import setup_messages_routes
 from proxy.server.routes import setup_routes
 from proxy.server.ui import setup_ui_routes
 from proxy.storage.base import Store
@@ -56,6 +57,7 @@ def create_app(config: Config, store: Store | None = None, reload: Callable[[], 
     setup_metrics_routes(app)
     setup_ui_routes(app)
     setup_responses_routes(app)
+    setup_messages_routes(app)
     return app
 
 

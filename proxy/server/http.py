@@ -138,7 +138,8 @@ def authenticate(config: Config, request: web.Request) -> TenantConfig:
     open tenant admits it: the SDKs insist on sending some key and agents that only changed their
     base URL send their old OpenAI key. That key is ignored, never stored or forwarded.
     """
-    key = _bearer(request)
+    # x-api-key: how the Anthropic SDKs send a key (Claude Code sends ANTHROPIC_AUTH_TOKEN as a bearer).
+    key = _bearer(request) or request.headers.get("x-api-key", "").strip()
     if key:
         tenant = config.tenant_for_key(key)
         if tenant is not None:

@@ -14,6 +14,7 @@ from proxy import checkpoints, rollback
 from proxy.context import summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
+from proxy.protocols.anthropic_chat import chat_messages
 from proxy.server import keys, pages
 from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json, store_damaged
 from proxy.server.access_log import note_turn
@@ -59,6 +60,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             note_turn(request, turn)
             if turn.replay is not None:
                 return await _replay(request, turn)
+            if turn.plan.restored:  # restored turns may have been recorded through another protocol
+                turn.body = turn.body | {"messages": chat_messages(turn.body["messages"])}
             if not body.get("stream"):
                 response = await pipeline.complete(turn)
                 await quotas.add_tokens(tenant.name, response.get("usage"))
