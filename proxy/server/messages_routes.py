@@ -23,7 +23,9 @@ from proxy.errors import NotFound, PayloadTooLarge, ProxyError
 from proxy.pipeline import Pipeline, Turn
 from proxy.protocols import anthropic, anthropic_chat
 from proxy.server import keys
-from proxy.server.http import authenticate, json_response, read_json
+from proxy.server.access_log import note_turn
+from proxy.server.http import authenticate, json_response, read_json, store_damaged
+from proxy.validate import idempotency_key
 from proxy.sessions import identify
 from proxy.storage.base import StorageError
 from proxy.upstream import Upstream, speaks_anthropic
@@ -131,20 +133,31 @@ class MessagesExchange:
 
 @_anthropic_errors
 async def messages(request: web.Request) -> web.StreamResponse:
-    config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
+    config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
-    raw = await read_json(request, config.max_body_bytes)
-    body = anthropic.parse_request(raw)
-    route = _route(tenant, body["model"])
-    # Sessions are identified on the client's own view: its messages and its metadata.
-    ref = identify(tenant.name, request.headers, request.match_info.get("session_id"), {"messages": body["messages"], "metadata": raw.get("metadata")})
-    async with pipeline.session_lock(tenant, ref):
-        turn = await pipeline.prepare(tenant, ref, body, route, request.headers.get("Idempotency-Key"), exchange=MessagesExchange(route, request.headers))
-        if turn.replay is not None:
-            return await _replay(request, turn)
-        if not body["stream"]:
-            return json_response(await pipeline.complete(turn), headers=turn.headers)
-        return await _relay_stream(request, pipeline, turn)
+    if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
+        raise store_damaged(damage)
+    async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
+        raw = await read_json(request, config.max_body_bytes)
+        body = anthropic.parse_request(raw)
+        route = _route(tenant, body["model"])
+        # Sessions are identified on the client's own view: its messages and its metadata.
+        ref = identify(tenant.name, request.headers, request.match_info.get("session_id"), {"messages": body["messages"], "metadata": raw.get("metadata")})
+        async with pipeline.session_lock(tenant, ref):
+            if not tenant.stateless:
+                await quotas.check_new_session(tenant.name, ref.id)
+            turn = await pipeline.prepare(tenant, ref, body, route, idempotency_key(request.headers.get("Idempotency-Key")),
+                                          exchange=MessagesExchange(route, request.headers))
+            note_turn(request, turn)
+            if turn.replay is not None:
+                return await _replay(request, turn)
+            if not body["stream"]:
+                answer = await pipeline.complete(turn)
+                await quotas.add_tokens(tenant.name, turn.usage)
+                return json_response(answer, headers=turn.headers)
+            response = await _relay_stream(request, pipeline, turn)
+            await quotas.add_tokens(tenant.name, turn.usage)  # after the client has its answer
+            return response
 
 
 def _route(tenant, model: str) -> ResolvedModel:
