@@ -76,7 +76,7 @@ class Upstream:
         """POST a Messages request (or count_tokens, by ``path``) to an Anthropic-compatible upstream."""
         with self._translate(timeout):
             async with self._post_anthropic(route, path, body, headers, timeout) as response:
-                return await self._json_or_raise(response)
+                return await self._json_or_raise(response, route.max_response_bytes)
 
     async def anthropic_stream(self, route: ResolvedModel, body: dict[str, Any], headers: Mapping[str, str],
                                timeout: float) -> AsyncIterator[list[dict[str, Any]]]:
@@ -84,8 +84,8 @@ class Upstream:
         with self._translate(timeout):
             async with self._post_anthropic(route, "/messages", body, headers, timeout) as response:
                 if response.status != 200:
-                    await self._json_or_raise(response)
-                async for batch in _read_anthropic_sse(response):
+                    await self._json_or_raise(response, route.max_response_bytes)
+                async for batch in _read_anthropic_sse(response, route.max_response_bytes):
                     yield batch
 
     def _post_anthropic(self, route: ResolvedModel, path: str, body: dict[str, Any], headers: Mapping[str, str], timeout: float):
@@ -307,12 +307,16 @@ async def _read_sse(response: aiohttp.ClientResponse, limit: int) -> AsyncIterat
     raise aiohttp.ClientPayloadError("stream ended without [DONE]")
 
 
-async def _read_anthropic_sse(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict[str, Any]]]:
+async def _read_anthropic_sse(response: aiohttp.ClientResponse, limit: int) -> AsyncIterator[list[dict[str, Any]]]:
     """The events of a Messages SSE body, parsed, one list per network read; an ``error`` event
-    raises UpstreamError (with its error type as the code)."""
+    raises UpstreamError (with its error type as the code); at most ``limit`` bytes in all."""
     pending = b""
     finished = False
+    size = 0
     async for data in response.content.iter_any():
+        size += len(data)
+        if size > limit:
+            raise _too_large(limit)
         lines = (pending + data).split(b"\n")
         pending = lines.pop()
         if len(pending) > _MAX_SSE_LINE:

@@ -21,6 +21,14 @@ WEATHER = {
 }
 
 
+@pytest.fixture
+def proxy(tmp_path: Path, upstream: FakeUpstream):
+    """The open local tenant without long-term memory: these tests compare exactly what the
+    upstream receives, and recalled memories (an abandoned branch's turns, for one) would add to it."""
+    with start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False})})) as running:
+        yield running
+
+
 def client(proxy, key: str = "any") -> OpenAI:
     return OpenAI(base_url=proxy.base_url, api_key=key, max_retries=0)
 
