@@ -50,6 +50,7 @@ class Turn:
     idempotency_key: str | None = None  # hashed Idempotency-Key header
     replay: dict[str, Any] | None = None  # the recorded response for a repeated Idempotency-Key
     injected: list[str] | None = None  # ids of the long-term memories added to the prompt
+    recalled: list[dict[str, Any]] = field(default_factory=list)  # older messages the context stage quoted back
 
 
 class Pipeline:
@@ -120,7 +121,7 @@ class Pipeline:
                     if recall is not None:
                         recall.room = room
                 if recall is not None:
-                    await self.memory.finish_recall(turn, recall)  # memories into the system prompt
+                    await self.memory.finish_recall(turn, recall)  # memories before the newest user message
             finally:
                 if recall is not None:
                     recall.cancel()  # a no-op once finished; if shaping failed, drops the embedding

@@ -64,8 +64,16 @@ def check_integrity(original: list[dict[str, Any]], result: list[dict[str, Any]]
     kept = [positions[id(m)] for m in result if id(m) in positions]
     assert kept == sorted(kept), "messages reordered"
     added = [m for m in result if id(m) not in positions]
-    assert all(m["role"] == "system" and m["content"].startswith("<context-") for m in added)
-    assert len(added) <= 1
+    # At most the summary (or omission note) message, right after the system prompt, and the
+    # block of retrieved turns, right before the newest user message (or the final message).
+    notes = [m for m in added if m["role"] == "system"]
+    assert len(notes) <= 1 and all(m["content"].startswith("<context-") for m in notes)
+    assert not notes or result[1] is notes[0]
+    quoted = [m for m in added if m["role"] != "system"]
+    assert len(quoted) <= 1 and all(m["role"] == "user" and m["content"].startswith("<context-recalled") for m in quoted)
+    if quoted:
+        following = result[result.index(quoted[0]) + 1]
+        assert following is newest_user or following is original[-1]
     for i, message in enumerate(result):
         if message.get("tool_calls"):
             ids = [c["id"] for c in message["tool_calls"]]
@@ -159,7 +167,14 @@ def test_retrieved_units_come_back_in_order() -> None:
     result = assemble(view, segment_summaries(view), 2000, FULL, ranked=wanted)
     question = view.units[wanted[0]].start
     assert result.retrieved == 2  # the question and the answer that followed it
-    assert [m for m in result.messages if m is messages[question] or m is messages[question + 1]] == messages[question:question + 2]
+    assert result.recalled == messages[question:question + 2]
+    # Quoted, in order, in one block right before the newest user message: after everything
+    # that stays the same from one request to the next (provider prompt caches).
+    block = result.messages[-3]
+    assert result.messages[-2] is messages[-2] and block["role"] == "user"
+    assert block["content"].index(messages[question]["content"]) < block["content"].index(messages[question + 1]["content"])
+    assert f"[message {question} · user]" in block["content"]
+    assert not any(m is messages[question] for m in result.messages)
     check_integrity(messages, result.messages)
 
 
