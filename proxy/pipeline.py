@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
 
 from proxy import checkpoints, priority, tokens, transcript
 from proxy.config import ResolvedModel, TenantConfig
+from proxy.context import caching
 from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
 from proxy.errors import NotFound, ProxyError
@@ -236,6 +237,7 @@ class Pipeline:
         if isinstance(usage, dict):
             session.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             session.completion_tokens += int(usage.get("completion_tokens") or 0)
+            caching.account(turn, usage)  # the provider's cached prompt tokens
 
         aux: list[Record] = []
         tags = {tag for m in records for tag in (m.tags or ())}

@@ -133,12 +133,12 @@ def test_300_turns_stay_within_budget_keep_pins_and_tool_pairs_and_reuse_summari
     assert len(forwarded) == 330  # 300 turns, 30 of them with a tool call first
     for body in forwarded:
         assert request_tokens(body, ENCODING) <= PROMPT_BUDGET
-        # The system prompt leads, possibly with recalled memories of the turns the context
-        # compressed (the budget kept room for them).
-        assert body["messages"][0]["role"] == "system" and body["messages"][0]["content"].startswith(SYSTEM["content"])
+        # The system prompt leads, verbatim; recalled memories of the turns the context compressed
+        # (the budget kept room for them) come in a message before the newest user message.
+        assert body["messages"][0] == SYSTEM
         assert_tool_pairs_intact(body["messages"])
     # Memory and context share the budget: requests with recalled memories stayed within it.
-    assert sum(HEADER in b["messages"][0]["content"] for b in forwarded) > 100
+    assert sum(any(HEADER in str(m.get("content")) for m in b["messages"]) for b in forwarded) > 100
     pin_index = next(i for i, b in enumerate(forwarded) if b["messages"][-1].get("content") == PIN)
     for body in forwarded[pin_index:]:
         assert {"role": "user", "content": PIN} in body["messages"]  # pinned: verbatim in every request

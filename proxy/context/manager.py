@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
 
 from proxy import tokens
 from proxy.cache import FrequencyCache
-from proxy.context import importance, summaries as summary_store, summarizer
+from proxy.context import caching, importance, summaries as summary_store, summarizer
 from proxy.context.assemble import Assembly, ContextTooLarge, Policy, assemble, window_start
 from proxy.context.budget import Budget, budget_for, request_overhead
 from proxy.context.retrieval import Candidate, LexicalRetriever, Retriever
@@ -120,8 +120,13 @@ class ContextManager:
     async def shape(self, turn: Turn, reserve: int = 0) -> int:
         """Fit ``turn.body["messages"]`` to the budget, less up to ``reserve`` tokens kept free
         for what is added after (the long-term memory block); set headers and session
-        statistics. Returns how many tokens were kept free (all of ``reserve`` when the context
-        is not managed)."""
+        statistics; add the provider's prompt-cache hints (``caching.py``). Returns how many
+        tokens were kept free (all of ``reserve`` when the context is not managed)."""
+        kept_free = await self._shape(turn, reserve)
+        caching.add_hints(turn, turn.tenant.context)
+        return kept_free
+
+    async def _shape(self, turn: Turn, reserve: int) -> int:
         settings: ContextSettings = turn.tenant.context
         if not settings.enabled or turn.tenant.stateless:
             return reserve

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from proxy import checkpoints, rollback
-from proxy.context import summaries as context_summaries
+from proxy.context import caching, summaries as context_summaries
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.server import keys
@@ -148,7 +148,8 @@ async def ready(request: web.Request) -> web.Response:
 async def admin_list_sessions(request: web.Request) -> web.Response:
     tenant = authenticate(request.app[keys.CONFIG], request)
     sessions = await request.app[keys.STORE].list_sessions(tenant.name)
-    return json_response({"object": "list", "data": [s.to_dict() for s in sessions]})
+    # cache: the tenant's prompt, cached and compaction-saved tokens over its stored sessions
+    return json_response({"object": "list", "data": [s.to_dict() for s in sessions], "cache": caching.tenant_totals(sessions)})
 
 
 async def admin_get_session(request: web.Request) -> web.Response:
