@@ -180,6 +180,11 @@ class ContextManager:
             raise _too_large(exc, budget, turn.route.requested) from None
         turn.body = body | {"messages": result.messages}
         turn.recalled = result.recalled
+        if hint is None or result.frontier_seq != hint or result.used != list(parts):
+            # The prompt's front was rewritten: the provider's cached prefix ends here this time.
+            turn.headers["X-Context-Compacted"] = "true"
+            stats = turn.session.extra.setdefault("context", {})
+            stats["compactions"] = stats.get("compactions", 0) + 1
         self._account(turn, budget, result)
         return budget.kept_free
 
