@@ -56,6 +56,9 @@ class Policy:
     summary_estimate: int  # tokens assumed for a segment summary not made yet
     high_water: float = 1.0  # the sticky frontier is kept while the request fits this share of the budget
     low_water: float = 1.0  # a compaction goes down to this share of the budget (when it can)
+    # The blocks that change every request (retrieved turns here, recalled memories after) take at
+    # most this share of the tokens the compacted request saves (None: no such cap); see manager.
+    tail_share_of_saved: float | None = None
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Assembly:
     retrieved: int = 0  # older messages re-sent for their relevance
     segments: int = 0  # leading segments the chosen frontier covers
     recalled: list[dict[str, Any]] = field(default_factory=list)  # the retrieved older messages, quoted in the block
+    tail_room: int | None = None  # what the per-request blocks may still take after the retrieved turns (None: no cap)
 
 
 @dataclass
@@ -291,8 +295,15 @@ def _build(view: View, option: _Option, budget: int, policy: Policy, overhead: i
                 remaining -= units[u].tokens
                 pinned += units[u].end - units[u].start
     recalled: list[int] = []  # retrieved units: quoted in the block before the newest user message
-    if ranked and policy.retrieval_share and remaining > _RECALL_FRAMING:
-        allowance = min(int(policy.retrieval_share * budget), remaining) - _RECALL_FRAMING
+    tail_cap = remaining
+    if policy.tail_share_of_saved is not None:
+        # Billed at full price every request, unlike the cached prefix: at most a share of
+        # what this compacted request saves (with a cached price of 0.1 and a share of 0.05,
+        # the blocks cost at most half of what compaction saves).
+        stable = used + (block_tokens() if noted else 0) + sum(units[u].tokens for u in keep if u < old and u not in mandatory)
+        tail_cap = max(0, min(remaining, int(policy.tail_share_of_saved * (full - stable))))
+    if ranked and policy.retrieval_share and tail_cap > _RECALL_FRAMING:
+        allowance = min(int(policy.retrieval_share * budget), tail_cap) - _RECALL_FRAMING
         for u in ranked:
             if not head <= u < old or u in keep or u in recalled:
                 continue
@@ -310,7 +321,7 @@ def _build(view: View, option: _Option, budget: int, policy: Policy, overhead: i
             recalled.extend(group)
             allowance -= cost
         recalled.sort()
-    recall_block, recall_tokens = _recall_block(view, recalled, encoding, remaining)
+    recall_block, recall_tokens = _recall_block(view, recalled, encoding, min(remaining, tail_cap))
     if recall_block is not None:
         retrieved = sum(units[g].end - units[g].start for g in recalled)
         remaining -= recall_tokens
@@ -344,6 +355,7 @@ def _build(view: View, option: _Option, budget: int, policy: Policy, overhead: i
         used=[p.key for p in parts], missing=sorted(missing), fold=fold, omitted=omitted,
         covered=sum(len(p.seqs) for p in parts), pinned=pinned, retrieved=retrieved, segments=option.segments,
         recalled=[i.body for u in recalled for i in items[units[u].start:units[u].end]],
+        tail_room=None if policy.tail_share_of_saved is None else max(0, tail_cap - recall_tokens),
     )
 
 

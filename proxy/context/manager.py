@@ -180,6 +180,9 @@ class ContextManager:
             raise _too_large(exc, budget, turn.route.requested) from None
         turn.body = body | {"messages": result.messages}
         turn.recalled = result.recalled
+        if result.tail_room is not None:
+            # The memory block changes every request too: it shares the cap of the retrieved turns.
+            budget = replace(budget, kept_free=min(budget.kept_free, result.tail_room))
         if hint is None or result.frontier_seq != hint or result.used != list(parts):
             # The prompt's front was rewritten: the provider's cached prefix ends here this time.
             turn.headers["X-Context-Compacted"] = "true"
@@ -626,6 +629,7 @@ def policy_for(settings: ContextSettings, budget: int) -> Policy:
         summary_estimate=segment_size(settings, budget),
         high_water=settings.high_water,
         low_water=settings.low_water,
+        tail_share_of_saved=settings.tail_share_of_saved,
     )
 
 
