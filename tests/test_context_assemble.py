@@ -277,3 +277,34 @@ async def test_summaries_loaded_together_share_their_seqs() -> None:
     loaded = await summaries.load(store, "t", "s")
     assert {key: s.to_value() for key, s in loaded.items()} == {s.key: s.to_value() for s in (first, second, folded)}
     assert all(a is b for a, b in zip(loaded["ses:b"].seqs, loaded["seg:a"].seqs + loaded["seg:b"].seqs))
+
+
+def test_a_growing_conversation_is_compacted_in_rare_large_steps_and_otherwise_appended_to() -> None:
+    """Requests of one conversation, each with the previous one's frontier and summaries as
+    hints (what the manager passes): between compactions each request repeats the previous one
+    up to its newest user message and the block of retrieved turns before it."""
+    policy = Policy(window_turns=4, window_share=0.5, summaries=True, pin_share=0.25, retrieval_share=0.1,
+                    summary_estimate=40, high_water=1.0, low_water=0.5, tail_share_of_saved=0.05)
+    messages = conversation(150, pin_at=(1,))
+    hint, parts, previous, compactions = None, [], None, []
+    for end in range(2, len(messages) + 1, 2):  # each request ends with a user message
+        view = view_of(messages[:end])
+        available = segment_summaries(view)
+        for segment in view.segments[7::8]:  # folds, as the background pass makes them
+            seqs = [s for done in view.segments[:segment.index + 1] for s in done.seqs]
+            available[segment.session_key] = summaries.make(segment.session_key, "session", f"All until {seqs[-1]}.", ENC, seqs, "llm")
+        ranked = [u for u in range(view.head, len(view.units), 7)]
+        result = assemble(view, available, 1500, policy, hint_seq=hint, hint_parts=parts, ranked=ranked)
+        assert sent_tokens(result.messages) <= result.tokens <= 1500
+        if previous is not None and result.changed:
+            if previous.changed and result.frontier_seq == hint and result.used == parts:
+                stable = [m for m in previous.messages[:-1] if not str(m.get("content")).startswith("<context-recalled")]
+                assert result.messages[:len(stable)] == stable
+            else:
+                compactions.append(end)
+                assert result.tokens <= 0.6 * 1500  # down to about the low-water mark
+        hint, parts, previous = (result.frontier_seq if result.changed else None), result.used, result
+    assert previous is not None and previous.changed
+    assert {"role": "user", "content": messages[3]["content"]} in previous.messages  # the pinned message, verbatim
+    # (high − low) × budget = 750 tokens between compactions: 8 turns of ~95 tokens.
+    assert len(compactions) >= 10 and min(b - a for a, b in zip(compactions, compactions[1:])) >= 14
