@@ -127,7 +127,7 @@ def compare(client_rows: list[dict[str, Any]], proxy_rows: list[dict[str, Any]])
     result["final_prompt"] = proxy_rows[-1]["prompt"]
     result["final_history"] = client_rows[-1]["prompt"]
     result["final_share"] = round(proxy_rows[-1]["prompt"] / client_rows[-1]["prompt"], 3)
-    result["decision_at_end"] = proxy_rows[-1]["decision"]
+    result["decision_at_end"] = proxy_rows[-1]["decision"] if any(r["decision"] for r in client_rows) else None
     result["accounting_matches"] = all(r["proxy_cached"] == r["cached"] for r in proxy_rows)
     return result
 
@@ -174,8 +174,12 @@ def markdown(results: dict[str, Any]) -> str:
               "|---|---:|---:|---:|---|---|---:|"]
     for key, result in results.items():
         lines.append(f"| {key} | {result['final_prompt']:,} | {result['final_history']:,} | {result['final_share']:.0%} "
-                     f"| {'yes' if result['decision_at_end'] else 'no'} | {'yes' if result['accounting_matches'] else 'no'} | {result['seconds']} |")
+                     f"| {_yes(result['decision_at_end'])} | {'yes' if result['accounting_matches'] else 'no'} | {result['seconds']} |")
     return "\n".join(lines)
+
+
+def _yes(value: bool | None) -> str:
+    return "—" if value is None else "yes" if value else "no"
 
 
 def main(argv: list[str] | None = None) -> None:

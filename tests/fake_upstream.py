@@ -3,6 +3,10 @@
 The proxy talks to it over real HTTP, so its whole upstream code path (client
 session, SSE parsing, retries, error mapping, auth forwarding) is exercised.
 
+Usage is deterministic: prompt_tokens = characters of message text ÷ 4, and
+prompt_tokens_details.cached_tokens = the prefix a request shares with the previous request
+of its prompt cache (``cached_prompt_tokens``), so prompt-cache accounting has a known truth.
+
 Async tests::
 
     async with FakeUpstream.start() as fake:
