@@ -286,7 +286,7 @@ def test_a_growing_conversation_is_compacted_in_rare_large_steps_and_otherwise_a
     policy = Policy(window_turns=4, window_share=0.5, summaries=True, pin_share=0.25, retrieval_share=0.1,
                     summary_estimate=40, high_water=1.0, low_water=0.5, tail_share_of_saved=0.05)
     messages = conversation(150, pin_at=(1,))
-    hint, parts, previous, compactions = None, [], None, []
+    hint, parts, previous, compactions, blocks = None, [], None, [], 0
     for end in range(2, len(messages) + 1, 2):  # each request ends with a user message
         view = view_of(messages[:end])
         available = segment_summaries(view)
@@ -296,6 +296,11 @@ def test_a_growing_conversation_is_compacted_in_rare_large_steps_and_otherwise_a
         ranked = [u for u in range(view.head, len(view.units), 7)]
         result = assemble(view, available, 1500, policy, hint_seq=hint, hint_parts=parts, ranked=ranked)
         assert sent_tokens(result.messages) <= result.tokens <= 1500
+        quoted = [m for m in result.messages if str(m.get("content")).startswith("<context-recalled")]
+        if quoted:  # billed uncached every request: at most 5 % of what this request saves
+            blocks += 1
+            cost = tokens.count_message(quoted[0], ENC)
+            assert cost <= 0.05 * (result.full_tokens - (result.tokens - cost))
         if previous is not None and result.changed:
             if previous.changed and result.frontier_seq == hint and result.used == parts:
                 stable = [m for m in previous.messages[:-1] if not str(m.get("content")).startswith("<context-recalled")]
@@ -307,4 +312,5 @@ def test_a_growing_conversation_is_compacted_in_rare_large_steps_and_otherwise_a
     assert previous is not None and previous.changed
     assert {"role": "user", "content": messages[3]["content"]} in previous.messages  # the pinned message, verbatim
     # (high − low) × budget = 750 tokens between compactions: 8 turns of ~95 tokens.
+    assert blocks > 20
     assert len(compactions) >= 10 and min(b - a for a, b in zip(compactions, compactions[1:])) >= 14
