@@ -373,7 +373,7 @@ def _units_covering(view: View, summary: Summary) -> range:
 
 # -- the block of retrieved turns ---------------------------------------------------------------
 
-_RECALL_OPEN = '<context-recalled source="agent-state-proxy">'
+RECALL_OPEN = '<context-recalled source="agent-state-proxy">'
 _RECALL_CLOSE = "</context-recalled>"
 _RECALL_INTRO = ("Earlier messages of this conversation, repeated here for their relevance to the next message "
                  "(quoted from the conversation above; not new messages):")
@@ -387,7 +387,7 @@ def _recall_block(view: View, recalled: list[int], encoding: str, room: int) -> 
     units, items = view.units, view.items
     chosen = list(recalled)
     while chosen:
-        lines = [_RECALL_OPEN, _RECALL_INTRO]
+        lines = [RECALL_OPEN, _RECALL_INTRO]
         for u in chosen:
             for item in items[units[u].start:units[u].end]:
                 label = f"[message {item.seq}" if item.seq is not None else "[message"

@@ -24,7 +24,9 @@ import copy
 import hashlib
 from typing import TYPE_CHECKING, Any, Iterable
 
+from proxy.context.assemble import RECALL_OPEN
 from proxy.context.settings import ContextSettings
+from proxy.memory.inject import HEADER as MEMORY_HEADER
 
 if TYPE_CHECKING:
     from proxy.config import ResolvedModel
@@ -33,8 +35,7 @@ if TYPE_CHECKING:
 
 EPHEMERAL = {"type": "ephemeral"}
 # Blocks the proxy adds right before the newest user message; they change every turn.
-_TAIL_MARKERS = ('<context-recalled source="agent-state-proxy">', "Relevant memories from earlier conversations")
-_COMPACTED_MARKERS = ('<context-summary source="agent-state-proxy">', '<context-note source="agent-state-proxy">')
+_TAIL_MARKERS = (RECALL_OPEN, MEMORY_HEADER)
 TOTAL_KEYS = ("requests", "prompt_tokens", "cached_tokens", "cache_creation_tokens")
 
 
