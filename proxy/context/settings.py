@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "retrieval_share": 0.1,
     "high_water": 1.0,
     "low_water": 0.5,
-    "tail_share_of_saved": 0.05,
+    "tail_share_of_saved": 0.03,
     "cache_breakpoints": True,
     "prompt_cache_key": False,
 }
@@ -59,7 +59,7 @@ class ContextSettings:
     retrieval_share: float = 0.1
     high_water: float = 1.0  # share of the budget at which the conversation is compacted...
     low_water: float = 0.5  # ...down to this share, so following turns append to a stable prefix
-    tail_share_of_saved: float | None = 0.05  # per-request blocks of a compacted request: at most this share of what it saves
+    tail_share_of_saved: float | None = 0.03  # per-request blocks of a compacted request: at most this share of what it saves
     cache_breakpoints: bool = True  # Anthropic routes: a cache_control breakpoint at the end of the stable prefix
     prompt_cache_key: bool = False  # OpenAI routes: send the session as prompt_cache_key
 
