@@ -298,8 +298,8 @@ def _build(view: View, option: _Option, budget: int, policy: Policy, overhead: i
     tail_cap = remaining
     if policy.tail_share_of_saved is not None:
         # Billed at full price every request, unlike the cached prefix: at most a share of
-        # what this compacted request saves (with a cached price of 0.1 and a share of 0.05,
-        # the blocks cost at most half of what compaction saves).
+        # what this compacted request saves (with a cached price of 0.1 and a share of 0.03,
+        # the blocks cost at most a third of what compaction saves).
         stable = used + (block_tokens() if noted else 0) + sum(units[u].tokens for u in keep if u < old and u not in mandatory)
         tail_cap = max(0, min(remaining, int(policy.tail_share_of_saved * (full - stable))))
     if ranked and policy.retrieval_share and tail_cap > _RECALL_FRAMING:
