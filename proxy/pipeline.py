@@ -20,6 +20,7 @@ import orjson
 
 from proxy import checkpoints, codec, priority, tokens, transcript
 from proxy.config import ResolvedModel, TenantConfig
+from proxy.context import caching
 from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
 from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
@@ -87,6 +88,7 @@ class Turn:
     upstream_ms: float = 0.0
     usage: dict[str, Any] | None = None  # the provider's token counts
     exchange: Exchange | None = None  # the client protocol's upstream call; None: Chat Completions
+    recalled: list[dict[str, Any]] = field(default_factory=list)  # older messages the context stage quoted back
 
 
 class Pipeline:
@@ -203,7 +205,7 @@ class Pipeline:
                         recall.room = room
                 if recall is not None:
                     with self._stage(tenant, "recall"):
-                        await self.memory.finish_recall(turn, recall)  # memories into the system prompt
+                        await self.memory.finish_recall(turn, recall)  # memories before the newest user message
                     if recall.query is not None:  # the whole recall, its query embedding included
                         self.observer.recalled(tenant.name, time.perf_counter() - recall.started,
                                                turn.headers.get("X-Memory-Status") == "budget-exceeded")
@@ -375,6 +377,7 @@ class Pipeline:
         if isinstance(usage, dict):
             session.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             session.completion_tokens += int(usage.get("completion_tokens") or 0)
+            caching.account(turn, usage)  # the provider's cached prompt tokens
 
         aux: list[Record] = []
         tags = {tag for m in records for tag in (m.tags or ())}

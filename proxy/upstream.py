@@ -38,6 +38,13 @@ class Upstream:
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+        if self._litellm is not None:
+            # litellm's logging worker runs on the loop of its first call: stopped here, or its
+            # task outlives the loop (an "Event loop is closed" error at interpreter exit).
+            from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+
+            with contextlib.suppress(Exception):
+                await GLOBAL_LOGGING_WORKER.stop(discard_pending=True, timeout=2)
 
     # -- chat --------------------------------------------------------------------------------
 

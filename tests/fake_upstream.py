@@ -3,6 +3,10 @@
 The proxy talks to it over real HTTP, so its whole upstream code path (client
 session, SSE parsing, retries, error mapping, auth forwarding) is exercised.
 
+Usage is deterministic: prompt_tokens = characters of message text ÷ 4, and
+prompt_tokens_details.cached_tokens = the prefix a request shares with the previous request
+of its prompt cache (``cached_prompt_tokens``), so prompt-cache accounting has a known truth.
+
 Async tests::
 
     async with FakeUpstream.start() as fake:
@@ -99,15 +103,54 @@ def approx_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+def _message_text(message: dict) -> str:
+    """The characters of one message that prompt_tokens counts: its text and tool-call arguments."""
+    text = content_text(message.get("content"))
+    for call in message.get("tool_calls") or []:
+        text += str((call.get("function") or {}).get("arguments", ""))
+    return text
+
+
 def _prompt_tokens(body: dict) -> int:
-    chars = 0
-    for message in body.get("messages") or []:
-        if not isinstance(message, dict):
-            continue
-        chars += len(content_text(message.get("content")))
-        for call in message.get("tool_calls") or []:
-            chars += len(str((call.get("function") or {}).get("arguments", "")))
+    chars = sum(len(_message_text(m)) for m in body.get("messages") or [] if isinstance(m, dict))
     return max(1, chars // 4)
+
+
+def cache_key(body: dict, headers: dict[str, str]) -> str:
+    """Which prompt cache a request reads: its ``prompt_cache_key``, else its X-Session-ID
+    header, else its ``user`` field, else the one shared cache."""
+    return str(body.get("prompt_cache_key") or headers.get("x-session-id") or body.get("user") or "")
+
+
+def cached_prompt_tokens(previous: dict | None, body: dict) -> int:
+    """Tokens of ``body``'s prompt a provider would read from its cache after ``previous``.
+
+    The truth the proxy's accounting is tested against: the longest common prefix of the two
+    rendered prompts, in the characters ``prompt_tokens`` counts (message text and tool-call
+    arguments, message after message; a message matches whole when its role, text and every
+    other field are equal, else only its text's common prefix counts and the prefix ends
+    there), divided by 4 like prompt_tokens. Different tool definitions share nothing (they
+    come first in a provider's rendering). No minimum length and no 128-token granularity."""
+    if previous is None or previous.get("tools") != body.get("tools"):
+        return 0
+    chars = 0
+    old, new = previous.get("messages") or [], body.get("messages") or []
+    for before, now in zip(old, new):
+        if not isinstance(before, dict) or not isinstance(now, dict):
+            break
+        if before == now:
+            chars += len(_message_text(now))
+            continue
+        if before.get("role") == now.get("role"):
+            a, b = _message_text(before), _message_text(now)
+            common = 0
+            for x, y in zip(a, b):
+                if x != y:
+                    break
+                common += 1
+            chars += common
+        break
+    return min(_prompt_tokens(body), chars // 4)
 
 
 def _embedding(text: str, dim: int) -> list[float]:
@@ -150,6 +193,9 @@ class FakeUpstream:
         self.models = list(models or [DEFAULT_MODEL, "fake-embedding"])
         self.responder: Responder | None = None
         self.requests: list[dict] = []
+        # The previous chat request of each prompt cache (cache_key): usage reports the tokens
+        # of the prompt it shares with the next one as cached (cached_prompt_tokens).
+        self.last_prompts: dict[str, dict] = {}
         self.base_url = ""  # set once bound: "http://127.0.0.1:PORT/v1"
         self.port = 0
         # Switches can be set from the test thread while the loop thread serves,
@@ -228,6 +274,7 @@ class FakeUpstream:
         """Forget recorded requests and pending switches; keep config (key, latency, dims)."""
         with self._lock:
             self.requests.clear()
+            self.last_prompts.clear()
             self._replies.clear()
             self._failures.clear()
             self._mid_stream_failures.clear()
@@ -401,8 +448,12 @@ class FakeUpstream:
         messages = self._messages_for(body)
         prompt = _prompt_tokens(body)
         completion = self._completion_tokens(messages)
+        key = cache_key(body, {k.lower(): v for k, v in request.headers.items()})
+        with self._lock:
+            cached = cached_prompt_tokens(self.last_prompts.get(key), body)
+            self.last_prompts[key] = body
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                 "prompt_tokens_details": {"cached_tokens": self._cached_tokens(body["messages"]), "audio_tokens": 0}}
+                 "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0}}
         head = {
             "id": f"chatcmpl-fake-{next(self._ids)}",
             "object": "chat.completion",

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import httpx
 import openai
 
+from proxy.memory.inject import HEADER
 from proxy.server import keys
 from tests.harness import ProxyThread, start_thread
 
@@ -55,6 +56,27 @@ def memory_stats(proxy: ProxyThread, key: str = "local-key") -> dict[str, Any]:
 def system_prompt(request: dict[str, Any]) -> str:
     first = request["messages"][0]
     return first["content"] if first["role"] == "system" else ""
+
+
+def recalled_block(request: dict[str, Any]) -> str:
+    """The recalled-memory block of a forwarded request ("" when none), checking where it is:
+    a user message right before the newest user message, never in the system prompt (it
+    changes every turn; in front it would cost the provider's cached prefix)."""
+    messages = request["messages"]
+    assert HEADER not in system_prompt(request), "recalled memories in the system prompt"
+    blocks = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str) and m["content"].startswith(HEADER)]
+    if not blocks:
+        return ""
+    assert len(blocks) == 1 and messages[blocks[0]]["role"] == "user"
+    newest = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    assert blocks[0] == newest - 1, "the memory block is not right before the newest user message"
+    return messages[blocks[0]]["content"]
+
+
+def memory_text(request: dict[str, Any]) -> str:
+    """What memory added to a forwarded request: the system prompt (standing preferences go
+    there) and the recalled-memory block (see ``recalled_block``)."""
+    return system_prompt(request) + "\n\n" + recalled_block(request)
 
 
 def wait_for_embedder(proxy: ProxyThread, key: str = "local-key") -> None:

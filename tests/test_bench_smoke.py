@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,20 @@ def test_full_probe_runs_a_seeded_proxy_and_reports(tmp_path: Path) -> None:
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["requests"] == 10 and 0 < report["p50_ms"] <= report["p99_ms"]
     assert report["anon_mb"] > 0 and report["memory_counters"]["recalls"] == 48  # 20 warm-up + 18 burst + 10
+
+
+def test_cache_cost_bench_runs_and_the_proxys_accounting_matches_the_provider(tmp_path: Path) -> None:
+    """bench/cache_cost.py on a short conversation (no LoCoMo): numbers for memory on and off,
+    and the proxy's cached tokens equal to what the fake upstream billed, request by request."""
+    raw = tmp_path / "cache.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/cache_cost.py", "--turns", "40", "--locomo", "", "--json", str(raw)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(raw.read_text())
+    assert set(results) == {"synthetic-40, memory on", "synthetic-40, memory off"}
+    for result in results.values():
+        assert result["accounting_matches"] and result["decision_at_end"]
+        assert len(result["quarters"]) == 4 and result["all"]["requests"] == 40
+        assert result["all"]["client@0.1"] > 0 and result["all"]["proxy@0.1"] > 0

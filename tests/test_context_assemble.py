@@ -64,8 +64,16 @@ def check_integrity(original: list[dict[str, Any]], result: list[dict[str, Any]]
     kept = [positions[id(m)] for m in result if id(m) in positions]
     assert kept == sorted(kept), "messages reordered"
     added = [m for m in result if id(m) not in positions]
-    assert all(m["role"] == "system" and m["content"].startswith("<context-") for m in added)
-    assert len(added) <= 1
+    # At most the summary (or omission note) message, right after the system prompt, and the
+    # block of retrieved turns, right before the newest user message (or the final message).
+    notes = [m for m in added if m["role"] == "system"]
+    assert len(notes) <= 1 and all(m["content"].startswith("<context-") for m in notes)
+    assert not notes or result[1] is notes[0]
+    quoted = [m for m in added if m["role"] != "system"]
+    assert len(quoted) <= 1 and all(m["role"] == "user" and m["content"].startswith("<context-recalled") for m in quoted)
+    if quoted:
+        following = result[result.index(quoted[0]) + 1]
+        assert following is newest_user or following is original[-1]
     for i, message in enumerate(result):
         if message.get("tool_calls"):
             ids = [c["id"] for c in message["tool_calls"]]
@@ -159,7 +167,14 @@ def test_retrieved_units_come_back_in_order() -> None:
     result = assemble(view, segment_summaries(view), 2000, FULL, ranked=wanted)
     question = view.units[wanted[0]].start
     assert result.retrieved == 2  # the question and the answer that followed it
-    assert [m for m in result.messages if m is messages[question] or m is messages[question + 1]] == messages[question:question + 2]
+    assert result.recalled == messages[question:question + 2]
+    # Quoted, in order, in one block right before the newest user message: after everything
+    # that stays the same from one request to the next (provider prompt caches).
+    block = result.messages[-3]
+    assert result.messages[-2] is messages[-2] and block["role"] == "user"
+    assert block["content"].index(messages[question]["content"]) < block["content"].index(messages[question + 1]["content"])
+    assert f"[message {question} · user]" in block["content"]
+    assert not any(m is messages[question] for m in result.messages)
     check_integrity(messages, result.messages)
 
 
@@ -262,3 +277,40 @@ async def test_summaries_loaded_together_share_their_seqs() -> None:
     loaded = await summaries.load(store, "t", "s")
     assert {key: s.to_value() for key, s in loaded.items()} == {s.key: s.to_value() for s in (first, second, folded)}
     assert all(a is b for a, b in zip(loaded["ses:b"].seqs, loaded["seg:a"].seqs + loaded["seg:b"].seqs))
+
+
+def test_a_growing_conversation_is_compacted_in_rare_large_steps_and_otherwise_appended_to() -> None:
+    """Requests of one conversation, each with the previous one's frontier and summaries as
+    hints (what the manager passes): between compactions each request repeats the previous one
+    up to its newest user message and the block of retrieved turns before it."""
+    policy = Policy(window_turns=4, window_share=0.5, summaries=True, pin_share=0.25, retrieval_share=0.1,
+                    summary_estimate=40, high_water=1.0, low_water=0.5, tail_share_of_saved=0.05)
+    messages = conversation(150, pin_at=(1,))
+    hint, parts, previous, compactions, blocks = None, [], None, [], 0
+    for end in range(2, len(messages) + 1, 2):  # each request ends with a user message
+        view = view_of(messages[:end])
+        available = segment_summaries(view)
+        for segment in view.segments[7::8]:  # folds, as the background pass makes them
+            seqs = [s for done in view.segments[:segment.index + 1] for s in done.seqs]
+            available[segment.session_key] = summaries.make(segment.session_key, "session", f"All until {seqs[-1]}.", ENC, seqs, "llm")
+        ranked = [u for u in range(view.head, len(view.units), 7)]
+        result = assemble(view, available, 1500, policy, hint_seq=hint, hint_parts=parts, ranked=ranked)
+        assert sent_tokens(result.messages) <= result.tokens <= 1500
+        quoted = [m for m in result.messages if str(m.get("content")).startswith("<context-recalled")]
+        if quoted:  # billed uncached every request: at most 5 % of what this request saves
+            blocks += 1
+            cost = tokens.count_message(quoted[0], ENC)
+            assert cost <= 0.05 * (result.full_tokens - (result.tokens - cost))
+        if previous is not None and result.changed:
+            if previous.changed and result.frontier_seq == hint and result.used == parts:
+                stable = [m for m in previous.messages[:-1] if not str(m.get("content")).startswith("<context-recalled")]
+                assert result.messages[:len(stable)] == stable
+            else:
+                compactions.append(end)
+                assert result.tokens <= 0.6 * 1500  # down to about the low-water mark
+        hint, parts, previous = (result.frontier_seq if result.changed else None), result.used, result
+    assert previous is not None and previous.changed
+    assert {"role": "user", "content": messages[3]["content"]} in previous.messages  # the pinned message, verbatim
+    # (high − low) × budget = 750 tokens between compactions: 8 turns of ~95 tokens.
+    assert blocks > 20
+    assert len(compactions) >= 10 and min(b - a for a, b in zip(compactions, compactions[1:])) >= 14

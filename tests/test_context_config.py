@@ -63,6 +63,11 @@ def test_tenant_context_merges_over_tenant_defaults(tmp_path: Path) -> None:
         ({"window_turns": 0}, "context.window_turns: must be an integer between 1 and 100000"),
         ({"summarizer_model": "nope"}, "context.summarizer_model: 'nope' is not a model alias of this tenant"),
         ("sometimes", "context: must be a mapping, or off"),
+        ({"low_water": 0.9, "high_water": 0.8}, "context.low_water: must be at most high_water (0.9 > 0.8)"),
+        ({"high_water": 0}, "context.high_water: must be a number greater than 0 and at most 1"),
+        ({"tail_share_of_saved": 2}, "context.tail_share_of_saved: must be a number between 0 and 1"),
+        ({"cache_breakpoints": "yes"}, "context.cache_breakpoints: must be true or false"),
+        ({"prompt_cache_key": 1}, "context.prompt_cache_key: must be true or false"),
     ],
 )
 def test_bad_context_options_name_file_key_and_rule(tmp_path: Path, context: Any, message: str) -> None:

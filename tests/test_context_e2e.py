@@ -133,12 +133,14 @@ def test_300_turns_stay_within_budget_keep_pins_and_tool_pairs_and_reuse_summari
     assert len(forwarded) == 330  # 300 turns, 30 of them with a tool call first
     for body in forwarded:
         assert request_tokens(body, ENCODING) <= PROMPT_BUDGET
-        # The system prompt leads, possibly with recalled memories of the turns the context
-        # compressed (the budget kept room for them).
-        assert body["messages"][0]["role"] == "system" and body["messages"][0]["content"].startswith(SYSTEM["content"])
+        # The system prompt leads, verbatim; recalled memories of the turns the context compressed
+        # (the budget kept room for them) come in a message before the newest user message.
+        assert body["messages"][0] == SYSTEM
         assert_tool_pairs_intact(body["messages"])
-    # Memory and context share the budget: requests with recalled memories stayed within it.
-    assert sum(HEADER in b["messages"][0]["content"] for b in forwarded) > 100
+    # Memory and context share the budget: requests with recalled memories stayed within it (on a
+    # compacted request memories get at most tail_share_of_saved of what compaction saved: so
+    # early on, while little is saved, fewer requests have room for one).
+    assert sum(any(HEADER in str(m.get("content")) for m in b["messages"]) for b in forwarded) > 50
     pin_index = next(i for i, b in enumerate(forwarded) if b["messages"][-1].get("content") == PIN)
     for body in forwarded[pin_index:]:
         assert {"role": "user", "content": PIN} in body["messages"]  # pinned: verbatim in every request
@@ -276,7 +278,8 @@ def test_reusing_the_previous_requests_view_changes_nothing_sent(tmp_path: Path,
     def run(cached_messages: int, directory: Path) -> list[list[dict[str, Any]]]:
         monkeypatch.setattr(manager, "_CACHED_VIEW_MESSAGES", cached_messages)
         before = len(client_requests(upstream))
-        spec = tenant(upstream, strategy=["window", "importance", "retrieval"], segment_turns=3)
+        # No cap on the retrieved turns (tail_share_of_saved: a cost rule): this test wants them.
+        spec = tenant(upstream, strategy=["window", "importance", "retrieval"], segment_turns=3, tail_share_of_saved=None)
         spec["memory"] = {"enabled": False}  # its block would depend on when its index is ready
         with start_thread(write_config(directory, {"local": spec})) as proxy:
             converse(proxy, "first", 14, tool_every=4)

@@ -191,3 +191,23 @@ def test_thread_runner_with_sync_client():
             client.close()
     # Shutdown released the hung handler; the recorded history survives.
     assert len(fake.chat_requests) == 3
+
+
+async def test_cached_tokens_are_the_prefix_shared_with_the_previous_request_of_the_cache(client):
+    """The prompt-cache truth the proxy's accounting is tested against (fake_upstream.cached_prompt_tokens)."""
+    system = {"role": "system", "content": "s" * 400}  # 100 tokens
+    first = [system, {"role": "user", "content": "a" * 80}]
+    second = first + [{"role": "assistant", "content": "b" * 40}, {"role": "user", "content": "c" * 40}]
+    one = await client.chat.completions.create(model="m", messages=first, extra_body={"prompt_cache_key": "k1"})
+    assert one.usage.prompt_tokens_details.cached_tokens == 0  # nothing before it
+    two = await client.chat.completions.create(model="m", messages=second, extra_body={"prompt_cache_key": "k1"})
+    assert two.usage.prompt_tokens == 140 and two.usage.prompt_tokens_details.cached_tokens == 120
+    other = await client.chat.completions.create(model="m", messages=second, extra_body={"prompt_cache_key": "k2"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another cache
+    # A changed front (the system prompt's last characters) caches only what precedes the change,
+    # and the streamed usage chunk says the same.
+    edited = [{"role": "system", "content": "s" * 396 + "tttt"}] + second[1:]
+    stream = await client.chat.completions.create(model="m", messages=edited, stream=True, stream_options={"include_usage": True},
+                                                  extra_body={"prompt_cache_key": "k1"})
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 99

@@ -12,7 +12,7 @@ import pytest
 from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, free_port, open_tenant, write_config
-from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, running, system_prompt, wait_for_embedder
+from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, memory_text, recalled_block, running, system_prompt, wait_for_embedder
 
 HOTEL = "For the Lisbon offsite we settled on the Alfama Lighthouse hotel and a budget of 4200 euros."
 
@@ -33,7 +33,7 @@ def test_remember_when_we_discussed_across_two_sessions_of_a_user(memory_proxy: 
     assert answer.startswith("echo:")
     ids = injected_ids(headers)
     assert ids and int(headers["x-memory-tokens"]) > 0
-    prompt = system_prompt(upstream.chat_requests[-1])
+    prompt = memory_text(upstream.chat_requests[-1])
     assert "Relevant memories from earlier conversations" in prompt
     assert "> " + HOTEL in prompt  # quoted data with its source session
     assert 'session "planning"' in prompt
@@ -53,7 +53,7 @@ def test_nothing_is_injected_twice_when_it_is_already_in_the_context(memory_prox
     history = [{"role": "user", "content": HOTEL}, {"role": "assistant", "content": answer}]
     _, headers = chat(memory_proxy, "Which hotel was it again?", user="alice", session="one", history=history)
     assert injected_ids(headers) == []
-    assert upstream.chat_requests[-1]["messages"][0]["role"] == "user"  # no memory block
+    assert recalled_block(upstream.chat_requests[-1]) == ""  # no memory block
 
 
 def test_streaming_requests_get_memories_and_headers(memory_proxy: ProxyThread, upstream: FakeUpstream) -> None:
@@ -69,7 +69,7 @@ def test_streaming_requests_get_memories_and_headers(memory_proxy: ProxyThread, 
         ids = response.headers.get("x-memory-ids", "").split(",")
         text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
     assert ids and ids[0].startswith("mem_") and text.startswith("echo:")
-    assert "Alfama Lighthouse" in system_prompt(upstream.chat_requests[-1])
+    assert "Alfama Lighthouse" in memory_text(upstream.chat_requests[-1])
 
 
 def test_the_memory_stage_is_skipped_cheaply_when_the_tenant_has_no_memories(memory_proxy: ProxyThread, upstream: FakeUpstream) -> None:
@@ -90,7 +90,7 @@ def test_embedder_down_still_answers_from_keywords_and_says_so(tmp_path: Path, u
         assert answer.startswith("echo:")
         assert headers["x-memory-degraded"] == "embedder-unavailable"
         assert injected_ids(headers), "lexical retrieval alone must still find the memory"
-        assert "Alfama Lighthouse" in system_prompt(upstream.chat_requests[-1])
+        assert "Alfama Lighthouse" in memory_text(upstream.chat_requests[-1])
         stats = memory_stats(proxy)
         assert stats["embedder"]["ready"] is False and stats["embedder"]["error"]
         assert stats["counters"]["lexical_only"] >= 1 and stats["index"]["unembedded"] >= 1
@@ -122,7 +122,7 @@ def test_retrieval_over_budget_goes_on_without_memories_and_is_counted(tmp_path:
             answer, headers = chat(proxy, "Which Lisbon hotel did we settle on?", user="alice", session="later")
             assert answer.startswith("echo:")
             assert headers["x-memory-status"] == "budget-exceeded" and injected_ids(headers) == []
-            assert system_prompt(slow.chat_requests[-1]) == ""
+            assert recalled_block(slow.chat_requests[-1]) == "" and system_prompt(slow.chat_requests[-1]) == ""
             assert memory_stats(proxy)["counters"]["budget_misses"] == 1
 
 
@@ -132,11 +132,11 @@ def test_procedural_memories_from_config_and_api_are_always_injected(tmp_path: P
         added = httpx.post(f"{proxy.url}/v1/memories", json={"content": "Alice wants answers in bullet points.", "type": "procedural", "user_id": "alice"})
         assert added.status_code == 200
         _, headers = chat(proxy, "What is the weather like?", user="alice", session="s")
-        prompt = system_prompt(upstream.chat_requests[-1])
+        prompt = memory_text(upstream.chat_requests[-1])
         assert "- Quote prices in euros." in prompt and "- Alice wants answers in bullet points." in prompt
         assert injected_ids(headers) == [added.json()["id"]]
         chat(proxy, "What is the weather like?", user="bob", session="t")
-        prompt = system_prompt(upstream.chat_requests[-1])
+        prompt = memory_text(upstream.chat_requests[-1])
         assert "Quote prices in euros." in prompt and "bullet points" not in prompt
 
 
@@ -162,7 +162,7 @@ def test_messages_recorded_while_memory_was_off_are_remembered_at_the_next_start
         drain(proxy)
         assert memory_stats(proxy)["index"]["episodic"] == 2
         _, headers = chat(proxy, "Which hotel did we pick for the Lisbon offsite?", user="alice", session="later")
-        assert injected_ids(headers) and "Alfama Lighthouse" in system_prompt(upstream.chat_requests[-1])
+        assert injected_ids(headers) and "Alfama Lighthouse" in memory_text(upstream.chat_requests[-1])
     with running(on) as proxy:  # caught up once: nothing indexed twice on the next start
         drain(proxy)
         assert memory_stats(proxy)["index"]["episodic"] == 4

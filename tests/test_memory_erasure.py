@@ -12,7 +12,7 @@ import httpx
 from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, open_tenant, write_config
-from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, running, system_prompt
+from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_stats, memory_text, running
 
 SECRET = "My passport number is X9931-227 and it expires in March."
 ASK = "What is my passport number?"
@@ -51,13 +51,13 @@ def test_deleting_a_session_erases_its_memories_everywhere(tmp_path: Path, upstr
         for memory_id in travel:
             assert httpx.get(f"{proxy.url}/v1/memories/{memory_id}").status_code == 404
         _, headers = chat(proxy, ASK, user="alice", session="asking")
-        assert "X9931" not in system_prompt(upstream.chat_requests[-1])
+        assert "X9931" not in memory_text(upstream.chat_requests[-1])
     # And after a restart (LMDB is the source of truth) they stay gone.
     with running(path) as proxy:
         drain(proxy)
         assert not travel & _memory_ids(proxy)
         chat(proxy, ASK, user="alice", session="asking-again")
-        assert "X9931" not in system_prompt(upstream.chat_requests[-1])
+        assert "X9931" not in memory_text(upstream.chat_requests[-1])
 
 
 def test_ttl_expiry_by_the_janitor_erases_memories(tmp_path: Path, upstream: FakeUpstream) -> None:
@@ -85,7 +85,7 @@ def test_a_session_deleted_behind_the_index_is_never_recalled(tmp_path: Path, up
         drain(proxy)
         assert proxy.call(proxy.app[keys.STORE].delete_session("local", "travel"))
         _, headers = chat(proxy, ASK, user="alice", session="later")
-        assert injected_ids(headers) == [] and "X9931" not in system_prompt(upstream.chat_requests[-1])
+        assert injected_ids(headers) == [] and "X9931" not in memory_text(upstream.chat_requests[-1])
         assert memory_stats(proxy)["counters"]["stale_dropped"] >= 1
 
 
@@ -103,9 +103,9 @@ def test_rolled_back_turns_are_never_recalled(tmp_path: Path, upstream: FakeUpst
         drain(proxy)
         assert len(_stored(proxy, "trip")) == 4  # the first turn stays remembered: 2 memories, 2 vectors
         _, headers = chat(proxy, ASK, user="alice", session="later")
-        assert "X9931" not in system_prompt(upstream.chat_requests[-1])
+        assert "X9931" not in memory_text(upstream.chat_requests[-1])
         _, headers = chat(proxy, "When do we fly to Lisbon?", user="alice", session="later2")
-        assert "Lisbon on the 3rd" in system_prompt(upstream.chat_requests[-1])
+        assert "Lisbon on the 3rd" in memory_text(upstream.chat_requests[-1])
 
 
 def test_a_session_deleted_while_its_memories_are_being_indexed_leaves_none_behind(tmp_path: Path, upstream: FakeUpstream, monkeypatch) -> None:
@@ -154,4 +154,4 @@ def test_a_session_deleted_while_its_memories_are_being_indexed_leaves_none_behi
         proxy.call(erasure())
         assert memory_stats(proxy)["index"]["memories"] == 0 and _stored(proxy, "travel") == []
         _, headers = chat(proxy, ASK, user="alice", session="asking")
-        assert injected_ids(headers) == [] and "X9931" not in system_prompt(upstream.chat_requests[-1])
+        assert injected_ids(headers) == [] and "X9931" not in memory_text(upstream.chat_requests[-1])

@@ -11,10 +11,17 @@ they fit their shares. Rules that always hold:
 - messages keep their order; summaries go in one delimited system message after the system prompt;
 - the result never exceeds the budget; when the whole history fits, it is sent unchanged.
 
-The frontier is sticky (``hint_seq``): while the previous request's frontier still fits, it is
-kept, so the prompt prefix stays stable between compactions (good for provider prompt caches).
-When it no longer fits, the conversation is compacted to "summaries + the last window_turns
-turns" if those summaries exist, else to the most verbatim frontier that fits.
+Prefix stability (provider prompt caches bill a prompt's unchanged prefix at 10-50 %): the
+request is append-mostly. System prompt, then the summary message and the pinned units (both
+change only at a compaction), then the verbatim units from the frontier on; what changes every
+turn (older turns retrieved for their relevance) goes in one delimited block right before the
+newest user message, never in front. The frontier is sticky (``hint_seq``) and so are the
+summaries it was sent with (``hint_parts``): both are kept while the request stays under the
+high-water mark (``Policy.high_water`` of the budget). Past it, the conversation is compacted in
+one large step, to the most verbatim frontier whose request fits the low-water mark
+(``Policy.low_water``), so that many following turns append to an unchanged prefix; failing
+that, to "summaries + the last window_turns turns" if those summaries exist, else to the most
+verbatim frontier that fits.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 from proxy import tokens
 from proxy.context.summaries import Summary
-from proxy.context.units import View
+from proxy.context.units import View, text_of
 
 _MESSAGE_OVERHEAD = tokens.MESSAGE_OVERHEAD  # a constant: loading the tokenizer at import cost 0.3 s of start-up
 _JOINT = 2  # tokens allowed per joint between concatenated parts (an upper bound)
@@ -47,6 +54,11 @@ class Policy:
     pin_share: float  # 0: no pins (importance off)
     retrieval_share: float  # 0: no retrieval
     summary_estimate: int  # tokens assumed for a segment summary not made yet
+    high_water: float = 1.0  # the sticky frontier is kept while the request fits this share of the budget
+    low_water: float = 1.0  # a compaction goes down to this share of the budget (when it can)
+    # The blocks that change every request (retrieved turns here, recalled memories after) take at
+    # most this share of the tokens the compacted request saves (None: no such cap); see manager.
+    tail_share_of_saved: float | None = None
 
 
 @dataclass
@@ -64,6 +76,8 @@ class Assembly:
     pinned: int = 0  # older messages re-sent for their importance
     retrieved: int = 0  # older messages re-sent for their relevance
     segments: int = 0  # leading segments the chosen frontier covers
+    recalled: list[dict[str, Any]] = field(default_factory=list)  # the retrieved older messages, quoted in the block
+    tail_room: int | None = None  # what the per-request blocks may still take after the retrieved turns (None: no cap)
 
 
 @dataclass
@@ -85,12 +99,14 @@ def assemble(
     overhead: int = 0,
     encoding: str = tokens.DEFAULT_ENCODING,
     hint_seq: int | None = None,
+    hint_parts: Sequence[str] = (),
     ranked: Sequence[int] = (),
 ) -> Assembly:
-    """Choose the messages to send; see the module docstring for the rules."""
+    """Choose the messages to send; see the module docstring for the rules. ``hint_seq`` and
+    ``hint_parts``: the frontier and the summary keys of the session's previous request."""
     units, items = view.units, view.items
     full = view.tokens + overhead
-    if full <= budget:
+    if full <= budget * policy.high_water:
         return Assembly([i.body for i in items], full, full)
     n = len(units)
     mandatory = set(range(view.head))
@@ -125,18 +141,27 @@ def assemble(
 
     costs = [cost(o) for o in options]
 
-    def fits(i: int, *, missing_ok: bool = False) -> bool:
+    def fits(i: int, *, missing_ok: bool = False, limit: float = budget) -> bool:
         o = options[i]
-        return costs[i] <= budget and not o.gap and (missing_ok or not o.missing)
+        return costs[i] <= limit and not o.gap and (missing_ok or not o.missing)
 
     chosen: int | None = None
     if hint_seq is not None:
         for i, o in enumerate(options):
             if o.frontier > view.head and _seq_before(view, o.frontier) == hint_seq:
-                chosen = i if fits(i) else None
+                frozen = _frozen(view, o, summaries, hint_parts, encoding)
+                if frozen is not None:  # the summaries sent last time, not newer ones (a fold)
+                    options[i], costs[i] = frozen, cost(frozen)
+                chosen = i if fits(i, limit=min(budget, budget * policy.high_water)) else None
                 break
+    target = window_start(view, policy, budget)
+    if chosen is None and policy.low_water < 1.0:
+        # One large step: the most verbatim frontier whose request fits the low-water mark,
+        # if it keeps at least the window's turns.
+        low = next((i for i in range(len(options)) if fits(i, limit=budget * policy.low_water)), None)
+        if low is not None and options[low].frontier <= target:
+            chosen = low
     if chosen is None:
-        target = window_start(view, policy, budget)
         eligible = [i for i, o in enumerate(options) if o.frontier <= target and not o.gap]
         if eligible and fits(eligible[-1]):
             chosen = eligible[-1]
@@ -147,6 +172,22 @@ def assemble(
     if chosen is None:  # last resort: cover all that summaries can, trim the oldest verbatim units
         chosen = len(options) - 1
     return _build(view, options[chosen], budget, policy, overhead, encoding, mandatory, pins, pin_cap, ranked, full)
+
+
+def _frozen(view: View, option: _Option, summaries: Mapping[str, Summary], keys: Sequence[str], encoding: str) -> _Option | None:
+    """``option`` with the summaries ``keys`` (those sent with the same frontier last time) when
+    they are all still there and cover what the option covers; None otherwise."""
+    if not keys or not option.segments or option.gap:
+        return None
+    parts = [summaries.get(key) for key in keys]
+    if any(p is None for p in parts):
+        return None
+    first, last = view.segments[0], view.segments[option.segments - 1]
+    if not first.seqs or not last.seqs or parts[0].first != first.seqs[0] or parts[-1].last != last.seqs[-1]:
+        return None
+    if [p.key for p in option.parts if isinstance(p, Summary)] == list(keys):
+        return None  # already the same
+    return _Option(option.frontier, option.segments, list(parts), sum(part_tokens(p, encoding) for p in parts), 0)
 
 
 def _options(view: View, summaries: Mapping[str, Summary], policy: Policy, encoding: str) -> list[_Option]:
@@ -253,38 +294,58 @@ def _build(view: View, option: _Option, budget: int, policy: Policy, overhead: i
                 allowance -= units[u].tokens
                 remaining -= units[u].tokens
                 pinned += units[u].end - units[u].start
-    if ranked and policy.retrieval_share and remaining > 0:
-        allowance = min(int(policy.retrieval_share * budget), remaining)
+    recalled: list[int] = []  # retrieved units: quoted in the block before the newest user message
+    tail_cap = remaining
+    if policy.tail_share_of_saved is not None:
+        # Billed at full price every request, unlike the cached prefix: at most a share of
+        # what this compacted request saves (with a cached price of 0.1 and a share of 0.03,
+        # the blocks cost at most a third of what compaction saves).
+        stable = used + (block_tokens() if noted else 0) + sum(units[u].tokens for u in keep if u < old and u not in mandatory)
+        tail_cap = max(0, min(remaining, int(policy.tail_share_of_saved * (full - stable))))
+    if ranked and policy.retrieval_share and tail_cap > _RECALL_FRAMING:
+        allowance = min(int(policy.retrieval_share * budget), tail_cap) - _RECALL_FRAMING
         for u in ranked:
-            if not head <= u < old or u in keep:
+            if not head <= u < old or u in keep or u in recalled:
                 continue
             # A retrieved user message comes back with the answer that followed it, as one exchange.
             group = [u]
             while group[-1] + 1 < old and units[group[-1] + 1].role != "user":
                 group.append(group[-1] + 1)
-            group = [g for g in group if g not in keep]
-            cost = sum(units[g].tokens for g in group)
+            group = [g for g in group if g not in keep and g not in recalled]
+            cost = sum(units[g].tokens + _RECALL_LABEL * (units[g].end - units[g].start) for g in group)
             if cost > allowance:
-                group, cost = [u], units[u].tokens
+                group = [u]
+                cost = units[u].tokens + _RECALL_LABEL * (units[u].end - units[u].start)
                 if cost > allowance:
                     continue
-            keep.update(group)
+            recalled.extend(group)
             allowance -= cost
-            remaining -= cost
-            retrieved += sum(units[g].end - units[g].start for g in group)
+        recalled.sort()
+    recall_block, recall_tokens = _recall_block(view, recalled, encoding, min(remaining, tail_cap))
+    if recall_block is not None:
+        retrieved = sum(units[g].end - units[g].start for g in recalled)
+        remaining -= recall_tokens
+    else:
+        recalled = []
 
     if not policy.summaries:
         dropped.update(u for u in range(head, frontier) if u not in keep)
     dropped -= keep
+    dropped -= set(recalled)
     omitted = sum(units[u].end - units[u].start for u in dropped)
     block = _block(view, parts, omitted, policy.summaries) if noted else None
     messages: list[dict[str, Any]] = [i.body for u in range(head) for i in items[units[u].start:units[u].end]]
     if block is not None:
         messages.append({"role": "system", "content": block})
+    # The block of retrieved turns changes every request: right before the newest user
+    # message (else before the final unit), after everything that stays the same.
+    anchor = view.last_user if view.last_user in keep else len(units) - 1
     for u in sorted(keep):
         if u >= head:
+            if u == anchor and recall_block is not None:
+                messages.append({"role": "user", "content": recall_block})
             messages.extend(i.body for i in items[units[u].start:units[u].end])
-    sent = overhead + sum(units[u].tokens for u in keep)
+    sent = overhead + sum(units[u].tokens for u in keep) + recall_tokens
     if block is not None:
         # The header changes only when the summaries or the omitted count do: counted once.
         sent += tokens.count_recurring(_header(view, parts, omitted, policy.summaries), encoding) + _MESSAGE_OVERHEAD
@@ -293,6 +354,8 @@ def _build(view: View, option: _Option, budget: int, policy: Policy, overhead: i
         messages, sent, full, changed=True, frontier_seq=_seq_before(view, frontier),
         used=[p.key for p in parts], missing=sorted(missing), fold=fold, omitted=omitted,
         covered=sum(len(p.seqs) for p in parts), pinned=pinned, retrieved=retrieved, segments=option.segments,
+        recalled=[i.body for u in recalled for i in items[units[u].start:units[u].end]],
+        tail_room=None if policy.tail_share_of_saved is None else max(0, tail_cap - recall_tokens),
     )
 
 
@@ -306,6 +369,38 @@ def _units_covering(view: View, summary: Summary) -> range:
         if segment.seqs and segment.seqs[-1] == wanted_last:
             return range(lo if lo is not None else view.head, segment.hi)
     return range(0)
+
+
+# -- the block of retrieved turns ---------------------------------------------------------------
+
+RECALL_OPEN = '<context-recalled source="agent-state-proxy">'
+_RECALL_CLOSE = "</context-recalled>"
+_RECALL_INTRO = ("Earlier messages of this conversation, repeated here for their relevance to the next message "
+                 "(quoted from the conversation above; not new messages):")
+_RECALL_LABEL = 12  # tokens budgeted per quoted message for its label line, beyond its own framing
+_RECALL_FRAMING = 48  # tokens budgeted for the block's opening, intro, closing and message framing
+
+
+def _recall_block(view: View, recalled: list[int], encoding: str, room: int) -> tuple[str | None, int]:
+    """The block quoting the retrieved units, and its tokens (exactly counted); the newest
+    quoted units are dropped until it fits ``room``. (None, 0) when nothing is quoted."""
+    units, items = view.units, view.items
+    chosen = list(recalled)
+    while chosen:
+        lines = [RECALL_OPEN, _RECALL_INTRO]
+        for u in chosen:
+            for item in items[units[u].start:units[u].end]:
+                label = f"[message {item.seq}" if item.seq is not None else "[message"
+                text = text_of(item.body).replace(_RECALL_CLOSE, "</ context-recalled>")
+                lines.append(f"{label} · {item.body.get('role')}]\n{text}")
+        lines.append(_RECALL_CLOSE)
+        block = "\n".join(lines)
+        cost = tokens.count_text(block, encoding) + _MESSAGE_OVERHEAD
+        if cost <= room:
+            recalled[:] = chosen
+            return block, cost
+        chosen.pop()
+    return None, 0
 
 
 # -- the summary message ------------------------------------------------------------------------

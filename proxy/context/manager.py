@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
 
 from proxy import tokens
 from proxy.cache import FrequencyCache
-from proxy.context import importance, summaries as summary_store, summarizer
+from proxy.context import caching, importance, summaries as summary_store, summarizer
 from proxy.context.assemble import Assembly, ContextTooLarge, Policy, assemble, window_start
 from proxy.context.budget import Budget, budget_for, request_overhead
 from proxy.context.retrieval import Candidate, LexicalRetriever, Retriever
@@ -120,8 +120,13 @@ class ContextManager:
     async def shape(self, turn: Turn, reserve: int = 0) -> int:
         """Fit ``turn.body["messages"]`` to the budget, less up to ``reserve`` tokens kept free
         for what is added after (the long-term memory block); set headers and session
-        statistics. Returns how many tokens were kept free (all of ``reserve`` when the context
-        is not managed)."""
+        statistics; add the provider's prompt-cache hints (``caching.py``). Returns how many
+        tokens were kept free (all of ``reserve`` when the context is not managed)."""
+        kept_free = await self._shape(turn, reserve)
+        caching.add_hints(turn, turn.tenant.context)
+        return kept_free
+
+    async def _shape(self, turn: Turn, reserve: int) -> int:
         settings: ContextSettings = turn.tenant.context
         if not settings.enabled or turn.tenant.stateless:
             return reserve
@@ -136,7 +141,7 @@ class ContextManager:
         previous = self._views.get(cache_key) if llm_tags is None else None
         items, stored = self._items(turn, body.get("messages") or [], encoding, llm_tags, previous)
         full = overhead + sum(i.tokens for i in items)
-        if full <= budget.prompt:
+        if full <= budget.prompt * settings.high_water:
             self._account(turn, budget, Assembly([], full, full))
             return budget.kept_free
         view = build_view(items, settings.segment_turns, importance.PRIORITY if settings.uses("importance") else None,
@@ -149,24 +154,40 @@ class ContextManager:
         if llm_tags is None:
             self._views.put(cache_key, _CachedView(view, stored, exchanges))
         policy = policy_for(settings, budget.prompt)
-        hint = (turn.session.extra.get("context") or {}).get("frontier")
+        stats = turn.session.extra.get("context") or {}
+        hint = stats.get("frontier")
+        # The summaries sent with that frontier stay (frozen) while it is kept: a fold made since
+        # would rewrite the prompt's front and cost its cached prefix.
+        parts = (stats.get("last") or {}).get("summaries") or () if hint is not None else ()
         try:
-            result = assemble(view, available, budget.prompt, policy, overhead=overhead, encoding=encoding, hint_seq=hint, ranked=ranked)
+            result = assemble(view, available, budget.prompt, policy, overhead=overhead, encoding=encoding, hint_seq=hint,
+                              hint_parts=parts, ranked=ranked)
             if policy.summaries and (result.missing or result.fold) and budget.kept_free:
                 # Room kept for the memory block must not make the request wait for summaries:
                 # if the whole budget needs none, use it, and the memory block gets what is left.
                 whole = replace(budget, prompt=budget.prompt + budget.kept_free, kept_free=0)
                 policy_whole = policy_for(settings, whole.prompt)
-                retry = assemble(view, available, whole.prompt, policy_whole, overhead=overhead, encoding=encoding, hint_seq=hint, ranked=ranked)
+                retry = assemble(view, available, whole.prompt, policy_whole, overhead=overhead, encoding=encoding, hint_seq=hint,
+                                 hint_parts=parts, ranked=ranked)
                 if not (retry.missing or retry.fold):
                     budget, policy, result = replace(whole, kept_free=min(budget.kept_free, whole.prompt - retry.tokens)), policy_whole, retry
             if policy.summaries and (result.missing or result.fold):
                 # Nothing fits without summaries that do not exist yet: wait for them (bounded).
                 available = await self._fill(_ref(turn), view, available, result, settings, budget)
-                result = assemble(view, available, budget.prompt, policy, overhead=overhead, encoding=encoding, hint_seq=hint, ranked=ranked)
+                result = assemble(view, available, budget.prompt, policy, overhead=overhead, encoding=encoding, hint_seq=hint,
+                                  hint_parts=parts, ranked=ranked)
         except ContextTooLarge as exc:
             raise _too_large(exc, budget, turn.route.requested) from None
         turn.body = body | {"messages": result.messages}
+        turn.recalled = result.recalled
+        if result.tail_room is not None:
+            # The memory block changes every request too: it shares the cap of the retrieved turns.
+            budget = replace(budget, kept_free=min(budget.kept_free, result.tail_room))
+        if hint is None or result.frontier_seq != hint or result.used != list(parts):
+            # The prompt's front was rewritten: the provider's cached prefix ends here this time.
+            turn.headers["X-Context-Compacted"] = "true"
+            stats = turn.session.extra.setdefault("context", {})
+            stats["compactions"] = stats.get("compactions", 0) + 1
         self._account(turn, budget, result)
         return budget.kept_free
 
@@ -606,6 +627,9 @@ def policy_for(settings: ContextSettings, budget: int) -> Policy:
         pin_share=settings.pin_share if settings.uses("importance") else 0.0,
         retrieval_share=settings.retrieval_share if settings.uses("retrieval") else 0.0,
         summary_estimate=segment_size(settings, budget),
+        high_water=settings.high_water,
+        low_water=settings.low_water,
+        tail_share_of_saved=settings.tail_share_of_saved,
     )
 
 

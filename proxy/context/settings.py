@@ -29,6 +29,11 @@ DEFAULTS: dict[str, Any] = {
     "summarize_at_fraction": 0.8,
     "pin_share": 0.25,
     "retrieval_share": 0.1,
+    "high_water": 1.0,
+    "low_water": 0.5,
+    "tail_share_of_saved": 0.03,
+    "cache_breakpoints": True,
+    "prompt_cache_key": False,
 }
 
 
@@ -52,6 +57,11 @@ class ContextSettings:
     summarize_at_fraction: float = 0.8
     pin_share: float = 0.25
     retrieval_share: float = 0.1
+    high_water: float = 1.0  # share of the budget at which the conversation is compacted...
+    low_water: float = 0.5  # ...down to this share, so following turns append to a stable prefix
+    tail_share_of_saved: float | None = 0.03  # per-request blocks of a compacted request: at most this share of what it saves
+    cache_breakpoints: bool = True  # Anthropic routes: a cache_control breakpoint at the end of the stable prefix
+    prompt_cache_key: bool = False  # OpenAI routes: send the session as prompt_cache_key
 
     @property
     def enabled(self) -> bool:
@@ -113,7 +123,14 @@ def parse(raw: Any) -> ContextSettings:
         summarize_at_fraction=_fraction(value["summarize_at_fraction"], "summarize_at_fraction"),
         pin_share=_fraction(value["pin_share"], "pin_share", zero_ok=True),
         retrieval_share=_fraction(value["retrieval_share"], "retrieval_share", zero_ok=True),
+        high_water=_fraction(value["high_water"], "high_water"),
+        low_water=_fraction(value["low_water"], "low_water"),
+        tail_share_of_saved=None if value["tail_share_of_saved"] is None else _fraction(value["tail_share_of_saved"], "tail_share_of_saved", zero_ok=True),
+        cache_breakpoints=_bool(value["cache_breakpoints"], "cache_breakpoints"),
+        prompt_cache_key=_bool(value["prompt_cache_key"], "prompt_cache_key"),
     )
+    if settings.low_water > settings.high_water:
+        raise ValueError(f"low_water: must be at most high_water ({settings.low_water:g} > {settings.high_water:g})")
     explicit = [b for b in (budget, *budget_by_model.values()) if b is not None]
     for tokens in explicit:
         if tokens <= settings.reserve_completion_tokens:
@@ -160,6 +177,12 @@ def _fraction(value: Any, key: str, zero_ok: bool = False) -> float:
         rule = "between 0 and 1" if zero_ok else "greater than 0 and at most 1"
         raise ValueError(f"{key}: must be a number {rule}")
     return float(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: must be true or false")
+    return value
 
 
 def _alias(value: Any, key: str) -> str | None:

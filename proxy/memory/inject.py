@@ -1,5 +1,11 @@
-"""The memory block added to the system prompt: recalled memories as quoted, dated data with
-their source, and the standing preferences (procedural memories) that apply."""
+"""The memory blocks of a request: recalled memories as quoted, dated data with their source, in
+a message right before the newest user message, and the standing preferences (procedural
+memories) that apply, in the system prompt.
+
+Placement follows the provider prompt caches (docs/CONTEXT.md, "Prompt caching"): recalled
+memories change every turn, so they go after everything that stays the same from one request to
+the next; the standing preferences change only when configured, so the system prompt keeps them.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,16 @@ _MAX_MEMORY_CHARS = 2000
 
 
 def render(memories: Sequence[Memory], procedural: Sequence[str], max_tokens: int) -> tuple[str, list[Memory], int]:
-    """The block, the memories that fit in ``max_tokens`` (procedural ones always go first), and
-    the block's tokens as budgeted: the sum of its lines' (recalled lines recur, their counts
-    are cached) with a token of slack per line, so a little over an exact count of the block."""
+    """Both blocks as one text (see ``render_parts``)."""
+    standing, recalled, kept, used = render_parts(memories, procedural, max_tokens)
+    return "\n\n".join(p for p in (standing, recalled) if p), kept, used
+
+
+def render_parts(memories: Sequence[Memory], procedural: Sequence[str], max_tokens: int) -> tuple[str, str, list[Memory], int]:
+    """The standing-preferences block, the recalled-memories block, the memories that fit in
+    ``max_tokens`` (procedural ones always go first), and the blocks' tokens as budgeted: the sum
+    of their lines' (recalled lines recur, their counts are cached) with a token of slack per
+    line, so a little over an exact count of the blocks."""
     parts: list[str] = []
     used = 0
     if procedural:
@@ -45,9 +58,10 @@ def render(memories: Sequence[Memory], procedural: Sequence[str], max_tokens: in
             lines.append(entry)
             kept.append(memory)
         if lines:
-            parts.append(intro + "\n" + "\n".join(lines) + "\n" + _CLOSE)
+            recalled = intro + "\n" + "\n".join(lines) + "\n" + _CLOSE
             used = max_tokens - budget  # the framing and every kept line
-    return "\n\n".join(parts), kept, used
+            return (parts[0] if parts else ""), recalled, kept, used
+    return (parts[0] if parts else ""), "", kept, used
 
 
 def _entry(memory: Memory) -> str:
@@ -71,8 +85,18 @@ def _one_line(text: str) -> str:
     return " ".join(_neutralise(text).split())
 
 
-def inject(body: dict[str, Any], block: str) -> dict[str, Any]:
-    """A copy of the request body with ``block`` appended to its system prompt (or a new one)."""
+def inject(body: dict[str, Any], standing: str, recalled: str = "") -> dict[str, Any]:
+    """A copy of the request body with ``standing`` appended to its system prompt (or a new one)
+    and ``recalled`` as a user message right before the newest user message (or the last message)."""
+    if recalled:
+        messages = list(body.get("messages") or [])
+        at = next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], dict) and messages[i].get("role") == "user"),
+                  max(len(messages) - 1, 0))
+        messages.insert(at, {"role": "user", "content": recalled})
+        body = body | {"messages": messages}
+    if not standing:
+        return body
+    block = standing
     messages = list(body.get("messages") or [])
     first = messages[0] if messages else None
     if isinstance(first, dict) and first.get("role") in ("system", "developer"):

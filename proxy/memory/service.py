@@ -306,7 +306,10 @@ class MemoryService:
         counters = self.counters[name]
         memories: list[Memory] = []
         if recall.query is not None:
-            context = {text_hash(message_text(m)) for m in turn.body.get("messages") or [] if isinstance(m, dict) and message_text(m)}
+            # What the request already holds is not recalled again: its messages, and the older
+            # ones the context stage quoted back.
+            sent = [*(turn.body.get("messages") or []), *(getattr(turn, "recalled", None) or [])]
+            context = {text_hash(message_text(m)) for m in sent if isinstance(m, dict) and message_text(m)}
             degraded = recall.degraded
             try:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + recall.remaining()):
@@ -329,10 +332,10 @@ class MemoryService:
                 turn.headers["X-Memory-Degraded"] = degraded
         if not memories and not recall.procedural:
             return
-        block, kept, tokens = inject.render(memories, recall.procedural, recall.room)
-        if not block:
+        standing, recalled, kept, tokens = inject.render_parts(memories, recall.procedural, recall.room)
+        if not standing and not recalled:
             return
-        turn.body = inject.inject(turn.body, block)
+        turn.body = inject.inject(turn.body, standing, recalled)
         ids = recall.procedural_ids + [m.id for m in kept]
         turn.injected = ids or None
         if ids:

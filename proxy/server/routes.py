@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from proxy import checkpoints, rollback
-from proxy.context import summaries as context_summaries
+from proxy.context import caching, summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.pipeline import Pipeline
 from proxy.protocols.anthropic_chat import chat_messages
@@ -189,7 +189,9 @@ async def admin_list_sessions(request: web.Request) -> web.Response:
         sessions = [s for s in sessions if s.user_id == user_id]
     page, next_cursor = pages.newest_first(sessions, limit, after)
     return json_response({"object": "list", "data": [s.to_dict() for s in page], "has_more": next_cursor is not None,
-                          "next_cursor": next_cursor})
+                          "next_cursor": next_cursor,
+                          # the tenant's prompt, cached and compaction-saved tokens over its stored sessions
+                          "cache": caching.tenant_totals(sessions)})
 
 
 async def admin_get_session(request: web.Request) -> web.Response:
