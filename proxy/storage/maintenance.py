@@ -102,7 +102,9 @@ def backup(source: Path, target: Path) -> dict[str, Any]:
 def take_backup(copy: Callable[[str], None], directory: Path, keep: int, now: float | None = None) -> Path:
     """One scheduled backup: ``copy(path)`` into ``directory/backup-<UTC time>`` (written under
     a temporary name, renamed when complete), then only the newest ``keep`` backups stay."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    at = time.time() if now is None else now
+    # Milliseconds too: two backups within one second must not collide (short test intervals).
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at)) + f"{int(at * 1000) % 1000:03d}Z"
     final = directory / f"{BACKUP_PREFIX}{stamp}"
     partial = directory / f".partial-{BACKUP_PREFIX}{stamp}"
     shutil.rmtree(partial, ignore_errors=True)
