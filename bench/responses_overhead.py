@@ -13,7 +13,7 @@ a raw forwarder (bench/responses_forwarder.py: bytes in, bytes out, no state). W
 ``--baseline REV`` a second proxy runs that revision's tree (``git archive``) in the same run.
 All variants rotate request by request, JSON and SSE (timed to the last byte); reported: the
 median over rounds of each round's p50 and p90, the serving process's CPU per request (ms,
-from /proc: user + system of all its threads, attributed to the request it ran during), and
+from /proc/PID/task/*/schedstat: all its threads, attributed to the request it ran during), and
 the differences.
 """
 
@@ -42,7 +42,6 @@ from tests.harness import REPO, ProxyProcess, free_port, open_tenant, write_conf
 SYSTEM = "You are a benchmark assistant. " * 10
 TURNS = [(f"question {i}: " + "words " * 30, f"answer {i}: " + "more words " * 20) for i in range(10)]
 TOOL = {"name": "lookup", "description": "Look a thing up", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}
-TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def last_question(reply_words: int) -> str:
@@ -69,10 +68,13 @@ def responses_body(stream: bool, store: bool = True, reply_words: int = 0) -> di
 
 
 def cpu_ms(pid: int) -> float:
-    """User + system CPU of all the process's threads so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_MS
+    """CPU time of all the process's threads so far (ns-precise scheduler accounting)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+    return total / 1e6
 
 
 def timed(client: httpx.Client, url: str, body: dict, pid: int) -> tuple[float, float]:
