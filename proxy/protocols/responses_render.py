@@ -17,6 +17,7 @@ _ERROR_CODES = {429: "rate_limit_exceeded"}
 # Request fields a Response object repeats, in the order OpenAI sends them.
 _ECHOED = ("instructions", "metadata", "temperature", "top_p", "max_output_tokens", "parallel_tool_calls", "tool_choice", "tools",
            "text", "reasoning", "previous_response_id", "store", "truncation", "prompt_cache_key")
+_PREFIXES: dict[str, bytes] = {}  # SSE event type → b"event: <type>\ndata: " (the renderer's few types)
 
 
 def item_ids(response_id: str) -> str:
@@ -131,9 +132,6 @@ def sse(events: list[dict[str, Any]]) -> bytes:
             event = event | {"response": fragment}  # same key order, same bytes
         parts.append(prefix + orjson.dumps(event) + b"\n\n")
     return b"".join(parts)
-
-
-_PREFIXES: dict[str, bytes] = {}  # event type → b"event: <type>\ndata: "
 
 
 class StreamRenderer:
