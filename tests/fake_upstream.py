@@ -43,6 +43,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import orjson
 from aiohttp import web
 
+from tests import fake_responses
+
 DEFAULT_MODEL = "fake-model"
 SYSTEM_FINGERPRINT = "fp_fake_upstream"
 TOOL_MARKER = re.compile(r"CALL_TOOL:([A-Za-z0-9_.-]+)")
@@ -306,6 +308,7 @@ class FakeUpstream:
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)  # an OpenAI upstream that speaks Responses too
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
@@ -472,6 +475,9 @@ class FakeUpstream:
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": m["finish_reason"]})
         payload = {**head, "choices": choices, "usage": usage}
         return web.Response(body=_dumps(payload), content_type="application/json")
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await fake_responses.respond(self, request)
 
     def _cached_tokens(self, messages: list) -> int:
         """Like OpenAI's prompt caching: the tokens of the longest message prefix an earlier

@@ -211,3 +211,20 @@ async def test_cached_tokens_are_the_prefix_shared_with_the_previous_request_of_
                                                   extra_body={"prompt_cache_key": "k1"})
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 99
+
+
+async def test_responses_endpoint_json_and_stream_parse_in_the_sdk(fake, client):
+    """The fake also speaks Responses (an OpenAI upstream a pass-through would forward to)."""
+    response = await client.responses.create(model="m", instructions="be brief", input=[{"role": "user", "content": "hello there"}])
+    assert response.status == "completed" and response.output_text == "echo: hello there"
+    assert response.usage.input_tokens == len("be briefhello there") // 4 and response.usage.output_tokens > 0
+    async with client.responses.stream(model="m", input="one two three") as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert kinds.count("response.output_text.delta") == 4  # "echo: ", "one ", "two ", "three"
+    assert final.output_text == "echo: one two three"
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    called = await client.responses.create(model="m", input='CALL_TOOL:get_weather {"city": "Paris"}', tools=tools)
+    assert called.output[0].type == "function_call" and json.loads(called.output[0].arguments) == {"city": "Paris"}
+    assert fake.requests[-1]["path"] == "/v1/responses"

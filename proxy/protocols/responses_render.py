@@ -14,6 +14,10 @@ import orjson
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # ResponseError.code is an enumeration in the SDK: map HTTP failures onto it.
 _ERROR_CODES = {429: "rate_limit_exceeded"}
+# Request fields a Response object repeats, in the order OpenAI sends them.
+_ECHOED = ("instructions", "metadata", "temperature", "top_p", "max_output_tokens", "parallel_tool_calls", "tool_choice", "tools",
+           "text", "reasoning", "previous_response_id", "store", "truncation", "prompt_cache_key")
+_PREFIXES: dict[str, bytes] = {}  # SSE event type → b"event: <type>\ndata: " (the renderer's few types)
 
 
 def item_ids(response_id: str) -> str:
@@ -66,10 +70,22 @@ def usage(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def echoed(echo: dict[str, Any]) -> dict[str, Any]:
+    """The request fields a Response object repeats, with the defaults OpenAI shows."""
+    return {k: echo.get(k) for k in _ECHOED} | {
+        "metadata": echo.get("metadata") or {}, "tools": echo.get("tools") or [],
+        "tool_choice": echo.get("tool_choice") or "auto", "parallel_tool_calls": echo.get("parallel_tool_calls", True) is not False,
+        "truncation": echo.get("truncation") or "disabled",
+    }
+
+
 def response_object(response_id: str, echo: dict[str, Any], model: str, created_at: float, *, status: str,
                     output: list[dict[str, Any]] | None = None, usage: dict[str, Any] | None = None,
-                    finish_reason: str | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A Response object; ``status`` completed turns incomplete when the finish reason says so."""
+                    finish_reason: str | None = None, error: dict[str, Any] | None = None,
+                    repeated: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Response object; ``status`` completed turns incomplete when the finish reason says so.
+
+    ``repeated`` is ``echoed(echo)`` made once by a caller that renders several objects of one request."""
     incomplete = None
     if status == "completed" and finish_reason in _INCOMPLETE:
         status, incomplete = "incomplete", {"reason": _INCOMPLETE[finish_reason]}
@@ -77,13 +93,7 @@ def response_object(response_id: str, echo: dict[str, Any], model: str, created_
         "id": response_id, "object": "response", "created_at": created_at, "status": status, "model": model,
         "output": output or [], "error": error, "incomplete_details": incomplete, "usage": usage,
         "completed_at": None, "background": False,
-    } | {k: echo.get(k) for k in ("instructions", "metadata", "temperature", "top_p", "max_output_tokens",
-                                  "parallel_tool_calls", "tool_choice", "tools", "text", "reasoning",
-                                  "previous_response_id", "store", "truncation", "prompt_cache_key")} | {
-        "metadata": echo.get("metadata") or {}, "tools": echo.get("tools") or [],
-        "tool_choice": echo.get("tool_choice") or "auto", "parallel_tool_calls": echo.get("parallel_tool_calls", True) is not False,
-        "truncation": echo.get("truncation") or "disabled",
-    }
+    } | (repeated if repeated is not None else echoed(echo))
 
 
 def render(response_id: str, echo: dict[str, Any], completion: dict[str, Any], created_at: float,
@@ -103,7 +113,25 @@ def error_info(status: int, message: str) -> dict[str, Any]:
 
 
 def sse(events: list[dict[str, Any]]) -> bytes:
-    return b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events)
+    """The events as one SSE buffer (one network write per batch).
+
+    Events that carry the same Response object (created and in_progress share their snapshot,
+    which repeats the request's tools: ~40 kB for Codex) have it encoded once."""
+    parts: list[bytes] = []
+    encoded: dict[int, orjson.Fragment] = {}
+    for event in events:
+        kind = event["type"]
+        prefix = _PREFIXES.get(kind)
+        if prefix is None:
+            prefix = _PREFIXES[kind] = b"event: " + kind.encode() + b"\ndata: "
+        response = event.get("response")
+        if response is not None:
+            fragment = encoded.get(id(response))
+            if fragment is None:
+                fragment = encoded[id(response)] = orjson.Fragment(orjson.dumps(response))
+            event = event | {"response": fragment}  # same key order, same bytes
+        parts.append(prefix + orjson.dumps(event) + b"\n\n")
+    return b"".join(parts)
 
 
 class StreamRenderer:
@@ -113,6 +141,7 @@ class StreamRenderer:
                  namespaces: dict[str, tuple[str, str]] | None = None) -> None:
         self.id, self.echo, self.model, self.created_at = response_id, echo, model, created_at
         self.namespaces = namespaces
+        self.repeated = echoed(echo)  # the same in every Response object of this stream
         self.base = item_ids(response_id)
         self.sequence = 0
         self.output: list[dict[str, Any]] = []  # finished items
@@ -135,7 +164,7 @@ class StreamRenderer:
                 continue  # n > 1 has no Responses equivalent: the first choice is the response
             delta = choice.get("delta") or {}
             if delta.get("content"):
-                events += self._text_delta(delta["content"])
+                self._text_delta(delta["content"], events)
             for call in delta.get("tool_calls") or ():
                 events += self._call_delta(call)
             if choice.get("finish_reason"):
@@ -156,7 +185,7 @@ class StreamRenderer:
 
     def response(self, status: str, error: dict[str, Any] | None = None) -> dict[str, Any]:
         result = response_object(self.id, self.echo, self.model, self.created_at, status=status, output=list(self.output),
-                                 usage=self.usage, finish_reason=self.finish_reason, error=error)
+                                 usage=self.usage, finish_reason=self.finish_reason, error=error, repeated=self.repeated)
         if status == "completed":
             result["completed_at"] = self.created_at
         return result
@@ -164,27 +193,29 @@ class StreamRenderer:
     # -------------------------------------------------------------------- items
 
     def _snapshot(self, status: str) -> dict[str, Any]:
-        return response_object(self.id, self.echo, self.model, self.created_at, status=status)
+        return response_object(self.id, self.echo, self.model, self.created_at, status=status, repeated=self.repeated)
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, "sequence_number": self.sequence} | fields
+        event = {"type": kind, "sequence_number": self.sequence}
+        event.update(fields)
         self.sequence += 1
         return event
 
-    def _text_delta(self, piece: str) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        if self.text is None:
+    def _text_delta(self, piece: str, events: list[dict[str, Any]]) -> None:
+        state = self.text
+        if state is None:
             events += self._close_calls()
             index = len(self.output)
-            self.text = {"index": index, "id": f"msg_{self.base}_{index}", "parts": []}
-            item = {"id": self.text["id"], "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+            state = self.text = {"index": index, "id": f"msg_{self.base}_{index}", "parts": []}
+            item = {"id": state["id"], "type": "message", "role": "assistant", "status": "in_progress", "content": []}
             events.append(self._event("response.output_item.added", output_index=index, item=item))
-            events.append(self._event("response.content_part.added", item_id=self.text["id"], output_index=index,
+            events.append(self._event("response.content_part.added", item_id=state["id"], output_index=index,
                                       content_index=0, part=text_part("")))
-        self.text["parts"].append(piece)
-        events.append(self._event("response.output_text.delta", item_id=self.text["id"], output_index=self.text["index"],
-                                  content_index=0, delta=piece, logprobs=[]))
-        return events
+        state["parts"].append(piece)  # joined once, when the item closes
+        # The most frequent event of a stream: built as a literal, not through _event's keywords.
+        events.append({"type": "response.output_text.delta", "sequence_number": self.sequence, "item_id": state["id"],
+                       "output_index": state["index"], "content_index": 0, "delta": piece, "logprobs": []})
+        self.sequence += 1
 
     def _close_text(self) -> list[dict[str, Any]]:
         if self.text is None:
