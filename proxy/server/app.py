@@ -86,8 +86,9 @@ def _storage(given: Store | None):
                 from proxy.storage.postgres import PostgresStore
 
                 settings = config.postgres
-                inner = await PostgresStore.open(settings.dsn, pool_size=settings.pool_size, statement_timeout_ms=settings.statement_timeout_ms)
-                log.info("store open on PostgreSQL")
+                inner = await PostgresStore.open(settings.dsn, pool_size=settings.pool_size, statement_timeout_ms=settings.statement_timeout_ms,
+                                                 replicas=settings.replicas)
+                log.info("store open on PostgreSQL (replicas: %s)", settings.replicas)
             else:
                 from proxy.storage import maintenance
                 from proxy.storage.lmdb_store import LmdbStore

@@ -1,0 +1,186 @@
+"""Fleet mode: several proxy processes on one PostgreSQL database (storage.postgres.replicas: many),
+one writer per session across them, run the way an operator runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+from tests.harness import ProxyProcess, open_tenant, write_config
+
+
+@pytest.fixture
+def database(postgres_server) -> str:
+    return asyncio.run(postgres_server.new_database())
+
+
+def fleet(tmp_path: Path, upstream: FakeUpstream, database: str, count: int = 2, **tenant: Any) -> list[ProxyProcess]:
+    """``count`` replicas (separate processes, own data dirs) on one database, started."""
+    replicas = []
+    try:
+        for number in range(count):
+            directory = tmp_path / f"replica-{number}"
+            storage = {"data_dir": str(directory / "data"), "backend": "postgres",
+                       "postgres": {"dsn": "${TEST_DATABASE_URL}", "replicas": "many"}}
+            config = write_config(directory, {"local": open_tenant(upstream.base_url, memory={"enabled": False}, **tenant)}, storage=storage)
+            replicas.append(ProxyProcess(config, env={"TEST_DATABASE_URL": database}).start())
+    except BaseException:
+        stop(replicas)
+        raise
+    return replicas
+
+
+def stop(replicas: list[ProxyProcess]) -> None:
+    for replica in replicas:
+        if replica.process is not None:
+            replica.stop()
+
+
+def transcript(replica: ProxyProcess, session: str) -> dict[str, Any]:
+    response = httpx.get(f"{replica.url}/admin/sessions/{session}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def active_contents(view: dict[str, Any]) -> list[str]:
+    return [m["body"]["content"] for m in view["messages"] if m["active"]]
+
+
+def test_a_client_alternating_replicas_keeps_one_conversation(tmp_path: Path, upstream: FakeUpstream, database: str) -> None:
+    replicas = fleet(tmp_path, upstream, database)
+    try:
+        clients = [openai.OpenAI(base_url=r.base_url, api_key="x", max_retries=0) for r in replicas]
+        said = []
+        for turn, client in zip(range(6), itertools.cycle(clients)):
+            text = f"turn {turn}"
+            # The agent sends only its new message: the history comes from the state both share.
+            client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": text}],
+                                           extra_headers={"X-Session-ID": "alternating"})
+            said += [text, f"echo: {text}"]
+            assert [m["content"] for m in upstream.chat_requests[-1]["messages"]] == said[:-1]
+        for replica in replicas:  # each replica shows the one transcript: one path, no branch
+            view = transcript(replica, "alternating")
+            assert view["session"]["branches"] == 0  # never branched
+            assert [m["body"]["content"] for m in view["messages"]] == said
+            assert all(m["active"] for m in view["messages"])
+    finally:
+        stop(replicas)
+
+
+def test_concurrent_requests_of_one_session_through_two_replicas_never_fork(tmp_path: Path, upstream: FakeUpstream, database: str) -> None:
+    upstream.latency = 0.2  # every request overlaps the others: without one writer, two would share a head
+    replicas = fleet(tmp_path, upstream, database)
+    try:
+        clients = [openai.OpenAI(base_url=r.base_url, api_key="x", max_retries=0, timeout=120) for r in replicas]
+        texts = [f"message {i}" for i in range(10)]
+
+        def send(index: int) -> None:
+            clients[index % 2].chat.completions.create(model="fake-model", messages=[{"role": "user", "content": texts[index]}],
+                                                       extra_headers={"X-Session-ID": "contended"})
+
+        with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
+            list(pool.map(send, range(len(texts))))  # each one acknowledged (raises otherwise)
+        view = transcript(replicas[0], "contended")
+        assert view["session"]["branches"] == 0  # never branched
+        contents = active_contents(view)
+        assert len(contents) == len(view["messages"]) == 2 * len(texts)  # none reverted, none lost
+        assert sorted(contents[0::2]) == sorted(texts)
+        assert contents[1::2] == [f"echo: {text}" for text in contents[0::2]]
+        # Serialised: each request saw every turn acknowledged before it, whichever replica ran it.
+        assert sorted(len(r["messages"]) for r in upstream.chat_requests) == list(range(1, 2 * len(texts), 2))
+    finally:
+        stop(replicas)
+
+
+def test_concurrency_reject_refuses_across_replicas(tmp_path: Path, upstream: FakeUpstream, database: str) -> None:
+    upstream.latency = 3.0
+    replicas = fleet(tmp_path, upstream, database, concurrency="reject")
+    try:
+        first, second = (openai.OpenAI(base_url=r.base_url, api_key="x", max_retries=0, timeout=60) for r in replicas)
+        headers = {"X-Session-ID": "busy"}
+        slow = threading.Thread(target=lambda: first.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "slow"}], extra_headers=headers))
+        slow.start()
+        deadline = time.monotonic() + 30
+        while not upstream.chat_requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert upstream.chat_requests, "the first request never reached the upstream"
+        with pytest.raises(openai.ConflictError) as refused:
+            second.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "meanwhile"}], extra_headers=headers)
+        assert refused.value.body["code"] == "session_busy"
+        slow.join(60)
+        upstream.latency = 0.0
+        second.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "after"}], extra_headers=headers)
+        assert active_contents(transcript(replicas[1], "busy")) == ["slow", "echo: slow", "after", "echo: after"]
+    finally:
+        stop(replicas)
+
+
+def test_sigkill_of_a_replica_under_load_loses_or_duplicates_no_acknowledged_turn(tmp_path: Path, upstream: FakeUpstream,
+                                                                                   database: str) -> None:
+    upstream.latency = 0.02
+    replicas = fleet(tmp_path, upstream, database)
+    sessions = [f"load-{n}" for n in range(4)]
+    acknowledged: dict[str, list[str]] = {s: [] for s in sessions}
+    sent: dict[str, list[str]] = {s: [] for s in sessions}
+    stopping = threading.Event()
+
+    def agent(session: str) -> None:
+        for number in itertools.count():
+            if stopping.is_set():
+                return
+            text = f"{session} turn {number}"
+            replica = replicas[number % 2]
+            sent[session].append(text)
+            try:
+                response = httpx.post(f"{replica.base_url}/chat/completions", timeout=60, headers={"X-Session-ID": session},
+                                      json={"model": "fake-model", "messages": [{"role": "user", "content": text}]})
+            except httpx.HTTPError:
+                time.sleep(0.05)  # the replica died under it: not acknowledged
+                continue
+            if response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == f"echo: {text}":
+                acknowledged[session].append(text)
+            else:
+                time.sleep(0.05)
+
+    workers = [threading.Thread(target=agent, args=(s,)) for s in sessions]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(3):
+            before = sum(map(len, acknowledged.values()))
+            deadline = time.monotonic() + 60
+            while sum(map(len, acknowledged.values())) < before + 12 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            replicas[0].kill()  # mid-load: requests in flight on it, session locks held by it
+            replicas[0].start(timeout=60)
+        deadline = time.monotonic() + 60
+        before = sum(map(len, acknowledged.values()))
+        while sum(map(len, acknowledged.values())) < before + 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stopping.set()
+        for worker in workers:
+            worker.join(120)
+    try:
+        assert sum(map(len, acknowledged.values())) >= 4 * 12
+        for session in sessions:
+            view = transcript(replicas[1], session)
+            stored = [m["body"]["content"] for m in view["messages"] if m["role"] == "user"]
+            assert len(stored) == len(set(stored)), f"{session}: a turn was stored twice"
+            assert set(acknowledged[session]) <= set(stored), f"{session}: acknowledged turns lost: {set(acknowledged[session]) - set(stored)}"
+            assert set(stored) <= set(sent[session])
+            assert view["session"]["branches"] == 0  # never branched
+            assert [m["body"]["content"] for m in view["messages"] if m["role"] == "user" and m["active"]] == stored
+    finally:
+        stop(replicas)
