@@ -184,3 +184,88 @@ def test_sigkill_of_a_replica_under_load_loses_or_duplicates_no_acknowledged_tur
             assert [m["body"]["content"] for m in view["messages"] if m["role"] == "user" and m["active"]] == stored
     finally:
         stop(replicas)
+
+
+# -- the store's session lock, between two stores as two replicas hold them ------------------
+
+async def two_stores(database: str) -> tuple[Any, Any]:
+    from proxy.storage.postgres import PostgresStore
+
+    first = await PostgresStore.open(database, pool_size=3, replicas="many")
+    try:
+        second = await PostgresStore.open(database, pool_size=3, replicas="many")  # no replica lock refuses it
+    except BaseException:
+        await first.close()
+        raise
+    return first, second
+
+
+async def test_a_session_lock_excludes_the_other_replica_until_released(database: str) -> None:
+    from proxy.storage.base import SessionBusy
+
+    first, second = await two_stores(database)
+    try:
+        order: list[str] = []
+        async with first.session_lock("t", "s", refuse=False):
+            with pytest.raises(SessionBusy):
+                async with second.session_lock("t", "s", refuse=True):
+                    pass
+            async with second.session_lock("t", "other", refuse=True), second.session_lock("other-tenant", "s", refuse=True):
+                pass  # other sessions, and the same id of another tenant, are not held
+
+            async def wait_then_enter() -> None:
+                async with second.session_lock("t", "s", refuse=False):
+                    order.append("second")
+
+            waiter = asyncio.create_task(wait_then_enter())
+            await asyncio.sleep(0.3)
+            assert not waiter.done()  # waiting on the first replica's lock
+            order.append("first")
+        await asyncio.wait_for(waiter, 30)
+        assert order == ["first", "second"]
+        async with first.session_lock("t", "s", refuse=True):  # released by both
+            pass
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_cancelled_wait_leaves_no_lock_behind(database: str) -> None:
+    """A client that disconnects while its request waits for the session must not leave the lock
+    granted to a connection nobody uses (the session would be busy for ever)."""
+    first, second = await two_stores(database)
+    try:
+        async with first.session_lock("t", "s", refuse=False):
+            async def wait() -> None:
+                async with second.session_lock("t", "s", refuse=False):
+                    pass
+
+            waiter = asyncio.create_task(wait())
+            await asyncio.sleep(0.3)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        deadline = time.monotonic() + 30
+        while True:  # the ended connection's backend goes away by itself, soon
+            try:
+                async with second.session_lock("t", "s", refuse=True), first.session_lock("t", "s2", refuse=True):
+                    break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_one_replica_mode_still_refuses_a_second_replica(database: str) -> None:
+    from proxy.storage.base import StorageError
+    from proxy.storage.postgres import PostgresStore
+
+    first = await PostgresStore.open(database)
+    try:
+        with pytest.raises(StorageError, match="replicas: many"):
+            await PostgresStore.open(database)
+    finally:
+        await first.close()
