@@ -269,3 +269,23 @@ async def test_one_replica_mode_still_refuses_a_second_replica(database: str) ->
             await PostgresStore.open(database)
     finally:
         await first.close()
+
+
+def test_the_fleet_example_is_a_valid_fleet_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/fleet cannot run here (no Docker): its proxy config loads as fleet mode, and the
+    compose file runs two replicas of that config on one database behind the round-robin."""
+    import yaml
+
+    from proxy.config import load_config
+    from tests.harness import REPO
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://asp:secret@postgres:5432/asp")
+    config = load_config(REPO / "examples" / "fleet" / "proxy.yaml")
+    assert (config.storage_backend, config.postgres.replicas) == ("postgres", "many")
+    compose = yaml.safe_load((REPO / "examples" / "fleet" / "docker-compose.yml").read_text())
+    replicas = [compose["services"][name] for name in ("proxy-a", "proxy-b")]
+    assert all("./proxy.yaml:/app/fleet/proxy.yaml:ro" in r["volumes"] and r["environment"]["ASP_CONFIG"] == "/app/fleet/proxy.yaml"
+               for r in replicas)
+    assert len({r["environment"]["DATABASE_URL"] for r in replicas}) == 1
+    nginx = (REPO / "examples" / "fleet" / "nginx.conf").read_text()
+    assert "server proxy-a:8765;" in nginx and "server proxy-b:8765;" in nginx
