@@ -102,6 +102,22 @@ def test_concurrent_requests_of_one_session_through_two_replicas_never_fork(tmp_
         stop(replicas)
 
 
+def test_a_retry_with_the_same_idempotency_key_on_the_other_replica_is_the_same_turn(tmp_path: Path, upstream: FakeUpstream,
+                                                                                      database: str) -> None:
+    replicas = fleet(tmp_path, upstream, database)
+    try:
+        headers = {"X-Session-ID": "paid", "Idempotency-Key": "order-7"}
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "charge it"}]}
+        first = httpx.post(f"{replicas[0].base_url}/chat/completions", json=body, headers=headers, timeout=30)
+        retried = httpx.post(f"{replicas[1].base_url}/chat/completions", json=body, headers=headers, timeout=30)
+        assert first.status_code == retried.status_code == 200
+        assert retried.json()["id"] == first.json()["id"]  # the recorded answer, not a second call
+        assert len(upstream.chat_requests) == 1
+        assert active_contents(transcript(replicas[1], "paid")) == ["charge it", "echo: charge it"]
+    finally:
+        stop(replicas)
+
+
 def test_concurrency_reject_refuses_across_replicas(tmp_path: Path, upstream: FakeUpstream, database: str) -> None:
     upstream.latency = 3.0
     replicas = fleet(tmp_path, upstream, database, concurrency="reject")
