@@ -118,6 +118,21 @@ def test_a_retry_with_the_same_idempotency_key_on_the_other_replica_is_the_same_
         stop(replicas)
 
 
+def test_a_delete_on_one_replica_is_seen_by_the_other_at_once(tmp_path: Path, upstream: FakeUpstream, database: str) -> None:
+    replicas = fleet(tmp_path, upstream, database)
+    try:
+        a, b = (openai.OpenAI(base_url=r.base_url, api_key="x", max_retries=0) for r in replicas)
+        headers = {"X-Session-ID": "erased"}
+        for text in ("my card ends 4242", "remember it"):
+            b.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": text}], extra_headers=headers)
+        assert httpx.delete(f"{replicas[0].url}/admin/sessions/erased", timeout=30).status_code == 200
+        assert httpx.get(f"{replicas[1].url}/admin/sessions/erased", timeout=30).status_code == 404
+        b.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "what is my card?"}], extra_headers=headers)
+        assert [m["content"] for m in upstream.chat_requests[-1]["messages"]] == ["what is my card?"]  # nothing came back
+    finally:
+        stop(replicas)
+
+
 def test_concurrency_reject_refuses_across_replicas(tmp_path: Path, upstream: FakeUpstream, database: str) -> None:
     upstream.latency = 3.0
     replicas = fleet(tmp_path, upstream, database, concurrency="reject")
