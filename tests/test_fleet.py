@@ -272,3 +272,24 @@ def test_the_fleet_example_is_a_valid_fleet_config(monkeypatch: pytest.MonkeyPat
     assert len({r["environment"]["DATABASE_URL"] for r in replicas}) == 1
     nginx = (REPO / "examples" / "fleet" / "nginx.conf").read_text()
     assert "server proxy-a:8765;" in nginx and "server proxy-b:8765;" in nginx
+
+
+async def test_when_every_lock_connection_is_held_a_request_gets_a_storage_error_not_a_hang(database: str) -> None:
+    from proxy.storage.base import StorageError
+    from proxy.storage.postgres import PostgresStore
+
+    store = await PostgresStore.open(database, pool_size=1, statement_timeout_ms=500, replicas="many")
+    other = await PostgresStore.open(database, pool_size=1, statement_timeout_ms=500, replicas="many")
+    try:
+        async with store.session_lock("t", "held", refuse=False):
+            with pytest.raises(StorageError, match="cannot take the session lock"):
+                async with store.session_lock("t", "another", refuse=False):
+                    pass  # no connection free on this replica
+            with pytest.raises(StorageError, match="cannot take the session lock"):
+                async with other.session_lock("t", "held", refuse=False):
+                    pass  # the other replica waits at most the statement timeout
+        async with store.session_lock("t", "another", refuse=True), other.session_lock("t", "held", refuse=True):
+            pass  # both free again once released
+    finally:
+        await store.close()
+        await other.close()

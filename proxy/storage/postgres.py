@@ -79,11 +79,15 @@ async def migrate_database(dsn: str) -> int:
 
 
 class PostgresStore(Store):
-    def __init__(self, pool: asyncpg.Pool, holder: asyncpg.Connection | None, lock_pool: asyncpg.Pool | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, holder: asyncpg.Connection | None, lock_pool: asyncpg.Pool | None = None,
+                 lock_wait: float = 30.0) -> None:
         self._pool = pool
         self._holder = holder  # holds the replica lock (replicas: one)
         self._lock_pool = lock_pool  # connections holding session locks (replicas: many)
         self.shared = lock_pool is not None
+        # How long a request waits for a lock connection (like the lock itself, bounded by the
+        # statement timeout): a 503 rather than a hang when every one is held.
+        self._lock_wait = lock_wait
         self._closed = False
 
     @classmethod
@@ -114,7 +118,7 @@ class PostgresStore(Store):
             raise
         if replicas == "many":
             await holder.close()  # it held nothing: a replica of a fleet excludes no other
-            return cls(pool, None, lock_pool)
+            return cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
         return cls(pool, holder)
 
     @contextlib.asynccontextmanager
@@ -125,7 +129,7 @@ class PostgresStore(Store):
             raise StorageError("store is closed" if self._closed else "session locks need replicas: many")
         key = session_lock_key(tenant, session_id)
         try:
-            connection = await self._lock_pool.acquire()
+            connection = await self._lock_pool.acquire(timeout=self._lock_wait)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
         held = cut_off = False
