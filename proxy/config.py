@@ -26,6 +26,7 @@ UPSTREAM_PATHS = ("auto", "direct", "litellm")
 PERSISTENCE_MODES = ("hybrid", "sync", "async", "checkpoint")
 CRITICAL_KINDS = ("decision", "commitment", "preference", "fact", "tool_calls", "idempotent", "response_id", "all")
 STORAGE_BACKENDS = ("lmdb", "postgres")
+POSTGRES_REPLICAS = ("one", "many")  # many: fleet mode (cross-replica session locks, no caches)
 IMPLICIT_MODES = ("new", "resume")
 REVERTED_TURNS = ("drop", "keep")
 MEMORY_SCOPES = ("user", "session", "tenant")
@@ -54,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "storage": {"backend": "lmdb", "data_dir": "./data", "map_size_mb": 1024, "write_batch_size": 256, "flush_interval_ms": 50,
                 "write_queue_max": 10000, "transcript_cache_messages": 50000,
-                "postgres": {"dsn": "${DATABASE_URL}", "pool_size": 10, "statement_timeout_ms": 30000},
+                "postgres": {"dsn": "${DATABASE_URL}", "pool_size": 10, "statement_timeout_ms": 30000, "replicas": "one"},
                 "backup": {"dir": None, "every_minutes": 60, "keep": 24}},
     "tenant_defaults": {
         "api_key_sha256": [],
@@ -282,6 +283,7 @@ class PostgresSettings:
     dsn: str = field(repr=False)  # may hold a password: never logged
     pool_size: int = 10
     statement_timeout_ms: int = 30_000
+    replicas: str = "one"  # one (a database-wide lock refuses a second replica) | many (fleet mode, README)
 
 
 @dataclass(frozen=True)
@@ -441,6 +443,7 @@ def _build_postgres(storage: dict[str, Any], where: str) -> PostgresSettings:
         dsn=dsn,
         pool_size=_int(spec["pool_size"], where, "storage.postgres.pool_size", 1, 1000),
         statement_timeout_ms=_int(spec["statement_timeout_ms"], where, "storage.postgres.statement_timeout_ms", 100, 3_600_000),
+        replicas=_choice(spec["replicas"], POSTGRES_REPLICAS, where, "storage.postgres.replicas"),
     )
 
 

@@ -23,11 +23,11 @@ from proxy.config import ResolvedModel, TenantConfig
 from proxy.context import caching
 from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
-from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
+from proxy.errors import BadRequest, Conflict, NotFound, ProxyError, UpstreamError
 from proxy.observe import Observer
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, agent_identity, identify, strip_proxy_fields
-from proxy.storage.base import InvalidWrite, Record, StorageError, Write
+from proxy.storage.base import InvalidWrite, Record, SessionBusy, StorageError, Write
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
 from proxy.validate import chat_body
@@ -106,7 +106,25 @@ class Pipeline:
         self.observer = Observer()  # stage timings and counts; the app sets its metrics here
 
     def session_lock(self, tenant: TenantConfig, ref: SessionRef):
-        return self.locks.hold(tenant.name, ref.id, refuse_when_busy=tenant.concurrency == "reject")
+        return self.hold(tenant.name, ref.id, refuse_when_busy=tenant.concurrency == "reject")
+
+    def hold(self, tenant: str, session_id: str, refuse_when_busy: bool):
+        """One writer per session: this process's lock, and when other replicas share the store
+        (fleet mode) the store's cross-replica lock inside it (a request waits here first, so a
+        replica holds at most one store lock, one connection, per session)."""
+        local = self.locks.hold(tenant, session_id, refuse_when_busy)
+        if not self.store.shared:
+            return local
+        return self._hold_across_replicas(local, tenant, session_id, refuse_when_busy)
+
+    @contextlib.asynccontextmanager
+    async def _hold_across_replicas(self, local: Any, tenant: str, session_id: str, refuse: bool) -> AsyncIterator[None]:
+        async with local:
+            try:
+                async with self.store.session_lock(tenant, session_id, refuse):
+                    yield
+            except SessionBusy:  # raised only while locking: a nested hold raises Conflict itself
+                raise Conflict("another request of this session is in progress; retry when it completes") from None
 
     def identify(self, tenant: TenantConfig, headers: Mapping[str, str], path_session: str | None, body: Any) -> tuple[SessionRef, dict[str, Any], ResolvedModel]:
         with self._stage(tenant, "identify"):

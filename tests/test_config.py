@@ -110,6 +110,14 @@ def test_invalid_proxy_yaml(tmp_path: Path) -> None:
         load_config(path)
     path = write_config(tmp_path, {"t": open_tenant("http://h/v1")}, storage={"data_dir": str(tmp_path), "transcript_cache_messages": 0})
     assert load_config(path).transcript_cache_messages == 0  # 0: every request decodes its transcript
+    fleet = {"data_dir": str(tmp_path), "backend": "postgres", "postgres": {"dsn": "postgresql://db/state", "replicas": "all"}}
+    path = write_config(tmp_path, {"t": open_tenant("http://h/v1")}, storage=fleet)
+    with pytest.raises(ConfigError, match=r"proxy.yaml: storage.postgres.replicas: .*one.*many"):
+        load_config(path)
+    fleet["postgres"]["replicas"] = "many"
+    assert load_config(write_config(tmp_path, {"t": open_tenant("http://h/v1")}, storage=fleet)).postgres.replicas == "many"
+    del fleet["postgres"]["replicas"]
+    assert load_config(write_config(tmp_path, {"t": open_tenant("http://h/v1")}, storage=fleet)).postgres.replicas == "one"
     path.write_text("server: [unclosed")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)

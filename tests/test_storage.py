@@ -21,10 +21,11 @@ from proxy.storage.memory import InMemoryStore
 from proxy.storage.write_behind import WriteBehindStore
 
 
-@pytest.fixture(params=["memory", "lmdb", "postgres", "write-behind:memory", "write-behind:lmdb", "write-behind:postgres"])
+@pytest.fixture(params=["memory", "lmdb", "postgres", "write-behind:memory", "write-behind:lmdb", "write-behind:postgres",
+                        "write-behind:postgres-many"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """Every backend, and the write-behind store the app runs over each (its queued writes and
-    caches must answer exactly as the backend would)."""
+    caches must answer exactly as the backend would; in fleet mode, postgres-many, it has none)."""
     kind = request.param.removeprefix("write-behind:")
     backend: Store
     if kind == "memory":
@@ -34,7 +35,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         from proxy.storage.postgres import PostgresStore
 
-        backend = await PostgresStore.open(await request.getfixturevalue("postgres_server").new_database())
+        replicas = "many" if kind == "postgres-many" else "one"
+        backend = await PostgresStore.open(await request.getfixturevalue("postgres_server").new_database(), replicas=replicas)
     if request.param.startswith("write-behind"):
         backend = WriteBehindStore(backend, flush_interval=0.01)
         await backend.start()

@@ -86,8 +86,9 @@ def _storage(given: Store | None):
                 from proxy.storage.postgres import PostgresStore
 
                 settings = config.postgres
-                inner = await PostgresStore.open(settings.dsn, pool_size=settings.pool_size, statement_timeout_ms=settings.statement_timeout_ms)
-                log.info("store open on PostgreSQL")
+                inner = await PostgresStore.open(settings.dsn, pool_size=settings.pool_size, statement_timeout_ms=settings.statement_timeout_ms,
+                                                 replicas=settings.replicas)
+                log.info("store open on PostgreSQL (replicas: %s)", settings.replicas)
             else:
                 from proxy.storage import maintenance
                 from proxy.storage.lmdb_store import LmdbStore
@@ -173,6 +174,10 @@ async def _memory(app: web.Application) -> AsyncIterator[None]:
     if not any(t.memory.enabled and not t.stateless for t in config.tenants.values()):
         yield
         return
+    if config.postgres is not None and config.postgres.replicas == "many":
+        log.warning("fleet mode: long-term memory indexes are per replica and not kept in step with the other replicas "
+                    "(README: Running a fleet); consider memory: {enabled: false} for these tenants: %s",
+                    ", ".join(sorted(t.name for t in config.tenants.values() if t.memory.enabled and not t.stateless)))
 
     async def start() -> None:
         # numpy and usearch take ~0.3 s to import: off the loop, after the proxy serves.

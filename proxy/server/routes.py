@@ -214,7 +214,7 @@ async def admin_delete_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     ref = SessionRef(session_id, False, None, "admin")
     pipeline = request.app[keys.PIPELINE]
-    async with pipeline.locks.hold(tenant.name, ref.id, refuse_when_busy=False):
+    async with pipeline.hold(tenant.name, ref.id, refuse_when_busy=False):
         deleted = await request.app[keys.STORE].delete_session(tenant.name, session_id)
     if pipeline.memory is not None:
         await pipeline.memory.forget_session(tenant.name, session_id)  # LMDB erased them with the session
@@ -249,7 +249,7 @@ async def admin_create_checkpoint(request: web.Request) -> web.Response:
     name = spec.get("name") if isinstance(spec, dict) else None
     if not isinstance(name, str) or not 0 < len(name) <= 128 or not name.isprintable():
         raise BadRequest("'name' must be a printable string of 1-128 characters", code="invalid_checkpoint", param="name")
-    async with request.app[keys.PIPELINE].locks.hold(tenant.name, session.id, refuse_when_busy=False):
+    async with request.app[keys.PIPELINE].hold(tenant.name, session.id, refuse_when_busy=False):
         session = await store.get_session(tenant.name, session.id) or session
         taken = session.extra.get(checkpoints.NAMED, {})
         if name in taken:
@@ -267,7 +267,7 @@ async def admin_rollback(request: web.Request) -> web.Response:
     spec = await read_json(request, request.app[keys.CONFIG].max_body_bytes)
     if not isinstance(spec, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
-    async with request.app[keys.PIPELINE].locks.hold(tenant.name, session.id, refuse_when_busy=False):
+    async with request.app[keys.PIPELINE].hold(tenant.name, session.id, refuse_when_busy=False):
         session = await store.get_session(tenant.name, session.id) or session
         messages = await store.get_messages(tenant.name, session.id)
         report = await rollback.rollback(store, session, messages, spec, time.time())
@@ -283,8 +283,9 @@ async def admin_fork(request: web.Request) -> web.Response:
     if not isinstance(spec, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
     spec = spec | {"session_id": rollback.fork_id(spec)}
-    locks = request.app[keys.PIPELINE].locks
-    async with locks.hold(tenant.name, session.id, refuse_when_busy=False):
+    pipeline = request.app[keys.PIPELINE]
+    locks = pipeline.locks
+    async with pipeline.hold(tenant.name, session.id, refuse_when_busy=False):
         # The new id's lock too: a request in flight on it is creating that session, and its
         # record would overwrite the fork after the fork was acknowledged.
         if spec["session_id"] == session.id:
@@ -292,7 +293,7 @@ async def admin_fork(request: web.Request) -> web.Response:
         if locks.busy(tenant.name, spec["session_id"]):
             raise Conflict(f"session '{spec['session_id']}' is being created by a request in flight; fork to another id",
                            code="session_exists")
-        async with locks.hold(tenant.name, spec["session_id"], refuse_when_busy=True):
+        async with pipeline.hold(tenant.name, spec["session_id"], refuse_when_busy=True):
             await request.app[keys.QUOTAS].check_new_session(tenant.name, spec["session_id"])
             session = await store.get_session(tenant.name, session.id) or session
             messages = await store.get_messages(tenant.name, session.id)

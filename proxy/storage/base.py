@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, AsyncContextManager, Sequence
 
 from proxy import codec
 from proxy.records import Message, Session
@@ -27,6 +28,10 @@ class InvalidWrite(ValueError):
 class StoreDamaged(StorageError):
     """The store's own structure is damaged (a B-tree page is unreadable): no request can be
     trusted to it until an operator verifies, salvages or restores it (docs/PERSISTENCE.md)."""
+
+
+class SessionBusy(Exception):
+    """Another process holds the session's lock and the caller asked not to wait."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,15 @@ class Store(ABC):
     A stored record that cannot be decoded is quarantined (moved aside and reported), never
     returned and never allowed to crash a read.
     """
+
+    # True when other processes write the same sessions (PostgreSQL with replicas: many): the
+    # pipeline then also takes session_lock, and nothing may be cached across requests.
+    shared = False
+
+    def session_lock(self, tenant: str, session_id: str, refuse: bool) -> AsyncContextManager[None]:
+        """Hold the session against every other process for the block (only used when ``shared``);
+        ``refuse``: raise SessionBusy instead of waiting when another holds it."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     async def apply(self, writes: Sequence[Write]) -> None: ...

@@ -5,14 +5,17 @@ integrity checks, and the database never parses them. Every row is keyed by tena
 are stored as their 16-byte digest (like LMDB's keys: any id, NUL bytes included, fits), and
 record keys as bytes, so a scan is in the same order on every backend.
 
-One replica at a time: the store holds a database-wide advisory lock while open, and a second
-replica refuses to start. Several replicas on one database need cross-replica session locks and
-cache invalidation (the write-behind caches assume one writer), which this backend does not do yet.
+By default one replica at a time: the store holds a database-wide advisory lock while open, and a
+second replica refuses to start. With ``replicas="many"`` (fleet mode) there is no such lock;
+instead a request holds a session-level advisory lock keyed by (tenant, session) on a connection
+of a second small pool for its duration (``session_lock``), so one session has one writer across
+the fleet. The caller must then cache nothing across requests (proxy/server/app.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
@@ -22,7 +25,7 @@ import asyncpg
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
-from proxy.storage.base import InvalidWrite, Quarantined, Store, StorageError, Write
+from proxy.storage.base import InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write
 from proxy.storage.kv import MAX_RECORD_KEY, session_digest
 
 log = logging.getLogger("agent_state_proxy.storage")
@@ -76,29 +79,93 @@ async def migrate_database(dsn: str) -> int:
 
 
 class PostgresStore(Store):
-    def __init__(self, pool: asyncpg.Pool, holder: asyncpg.Connection) -> None:
+    def __init__(self, pool: asyncpg.Pool, holder: asyncpg.Connection | None, lock_pool: asyncpg.Pool | None = None,
+                 lock_wait: float = 30.0) -> None:
         self._pool = pool
-        self._holder = holder  # holds the replica lock
+        self._holder = holder  # holds the replica lock (replicas: one)
+        self._lock_pool = lock_pool  # connections holding session locks (replicas: many)
+        self.shared = lock_pool is not None
+        # How long a request waits for a lock connection (like the lock itself, bounded by the
+        # statement timeout): a 503 rather than a hang when every one is held.
+        self._lock_wait = lock_wait
         self._closed = False
 
     @classmethod
-    async def open(cls, dsn: str, *, pool_size: int = 10, statement_timeout_ms: int = 30_000) -> PostgresStore:
-        """Connect, migrate, and take the replica lock; StorageError (never the DSN) on failure."""
+    async def open(cls, dsn: str, *, pool_size: int = 10, statement_timeout_ms: int = 30_000, replicas: str = "one") -> PostgresStore:
+        """Connect, migrate, and (replicas: one) take the replica lock; StorageError (never the DSN) on failure."""
         settings = {"statement_timeout": str(statement_timeout_ms), "application_name": "agent-state-proxy"}
         try:
             holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
+        lock_pool = None
         try:
-            if not await holder.fetchval("SELECT pg_try_advisory_lock($1)", _REPLICA_LOCK):
+            if replicas == "one" and not await holder.fetchval("SELECT pg_try_advisory_lock($1)", _REPLICA_LOCK):
                 raise StorageError("another agent-state-proxy replica is using this database; "
-                                   "running several replicas on one database is not supported yet")
+                                   "set storage.postgres.replicas: many on every replica to run a fleet (README: Running a fleet)")
             await migrate(holder)
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, server_settings=settings, timeout=10)
+            if replicas == "many":
+                # A session lock holds its connection for the whole request (upstream call
+                # included): a pool of its own, so waiting requests never starve the reads and
+                # writes of the requests that hold theirs. A wait is bounded by statement_timeout.
+                # TCP keepalives: a replica whose host vanished (no FIN, no RST) frees its locks in
+                # ~25 s instead of the kernel's default two hours.
+                keepalive = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
+                lock_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, server_settings=settings | keepalive, timeout=10)
         except BaseException:
             await holder.close()
             raise
+        if replicas == "many":
+            await holder.close()  # it held nothing: a replica of a fleet excludes no other
+            return cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
         return cls(pool, holder)
+
+    @contextlib.asynccontextmanager
+    async def session_lock(self, tenant: str, session_id: str, refuse: bool) -> AsyncIterator[None]:
+        """A session-level advisory lock on (tenant, session) for the block. PostgreSQL lets it go
+        when the connection ends, so a replica that dies (even SIGKILL) frees its sessions."""
+        if self._lock_pool is None or self._closed:
+            raise StorageError("store is closed" if self._closed else "session locks need replicas: many")
+        key = session_lock_key(tenant, session_id)
+        try:
+            connection = await self._lock_pool.acquire(timeout=self._lock_wait)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
+        held = cut_off = False
+        try:
+            cut_off = True  # until the lock query answers, whether the lock is held is unknown
+            try:
+                if refuse:
+                    held = await connection.fetchval("SELECT pg_try_advisory_lock($1)", key)
+                else:
+                    await connection.execute("SELECT pg_advisory_lock($1)", key)
+                    held = True
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
+            cut_off = False
+            if not held:
+                raise SessionBusy("another request of this session is in progress on another replica")
+            yield
+        finally:
+            await self._let_go(connection, key, held, cut_off)
+
+    async def _let_go(self, connection: asyncpg.Connection, key: int, held: bool, cut_off: bool) -> None:
+        """Unlock and return the connection; one whose state is unknown (a lock query cut off by a
+        cancel or a broken connection, a failed unlock) is ended instead, which frees its locks."""
+        try:
+            if cut_off:
+                connection.terminate()
+            elif held:
+                await connection.execute("SELECT pg_advisory_unlock($1)", key)
+        except Exception as exc:  # the block's outcome stands; ending the connection frees the lock
+            log.warning("could not unlock a session lock (%s); its connection is closed instead", type(exc).__name__)
+            connection.terminate()
+        except BaseException:
+            connection.terminate()
+            raise
+        finally:
+            await self._lock_pool.release(connection)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -250,10 +317,25 @@ class PostgresStore(Store):
             return
         self._closed = True
         await self._pool.close()
-        await self._holder.close()  # lets the replica lock go
+        if self._lock_pool is not None:
+            await self._lock_pool.close()
+        if self._holder is not None:
+            await self._holder.close()  # lets the replica lock go
 
     def stats(self) -> dict[str, Any]:
-        return {"backend": "postgres", "pool_size": self._pool.get_size(), "pool_idle": self._pool.get_idle_size()}
+        stats = {"backend": "postgres", "replicas": "many" if self.shared else "one",
+                 "pool_size": self._pool.get_size(), "pool_idle": self._pool.get_idle_size()}
+        if self._lock_pool is not None:
+            stats |= {"session_locks_held": self._lock_pool.get_size() - self._lock_pool.get_idle_size()}
+        return stats
+
+
+def session_lock_key(tenant: str, session_id: str) -> int:
+    """The advisory lock key of a session: 64 bits of a hash of (tenant, session), signed as
+    bigint. Two sessions that collide only wait for each other; they never share state."""
+    digest = hashlib.blake2b(tenant.encode("utf-8", "surrogatepass") + b"\0" + session_id.encode("utf-8", "surrogatepass"),
+                             digest_size=8, person=b"asp-session").digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _encode(write: Write) -> tuple[str, bytes | None, tuple[bytes, bytes] | None, list[tuple], list[tuple], list[tuple]]:

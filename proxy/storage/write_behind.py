@@ -61,6 +61,14 @@ class WriteBehindStore(Store):
     def __init__(self, inner: Store, *, batch_size: int = 256, flush_interval: float = 0.05, queue_max: int = 10_000,
                  cached_sessions: int = 256, cached_messages: int = 50_000) -> None:
         self.inner = inner
+        # Other processes write the same sessions (PostgreSQL fleet mode): nothing is cached
+        # across requests and no write that touches a session is queued, since another replica
+        # would neither see a queued write nor tell this one that a cached transcript changed.
+        # Such writes are each one transaction before they are acknowledged; tenant-wide ones
+        # (token counts, memories) are still queued (docs/PERSISTENCE.md: Fleet mode).
+        self.shared = inner.shared
+        if self.shared:
+            cached_sessions = cached_messages = 0
         # Decoded transcripts of recently used sessions. This process is the only writer of its
         # LMDB environment and every write passes through here, so the cache stays exact; it
         # saves decoding a whole transcript on every request of a long session.
@@ -152,8 +160,14 @@ class WriteBehindStore(Store):
                 self._remember(_frozen_copy(write))
         await self._notify_drained()
 
+    def session_lock(self, tenant: str, session_id: str, refuse: bool) -> Any:
+        return self.inner.session_lock(tenant, session_id, refuse)
+
     async def apply_later(self, writes: Sequence[Write]) -> None:
-        """Routine: queued (visible to reads at once), committed by the next batch."""
+        """Routine: queued (visible to reads at once), committed by the next batch; durable at
+        once when the store is shared with other replicas."""
+        if self.shared and any(_touches_session(write) for write in writes):
+            return await self.apply(writes)  # the next replica to hold the session must see it
         self.inner.check(writes)  # refused now, not found unstorable by the flusher later
         if len(self._queue) >= self.queue_max:
             # Backpressure instead of unbounded memory: wait for the flusher to make room.
@@ -403,6 +417,11 @@ class WriteBehindStore(Store):
                                      "flush_failure": str(self.failure) if self.failure else None,
                                      "writer": self.health() or "ok", "quarantined_writes": self.quarantined_count,
                                      "transcript_cache": self._transcripts.stats()}
+
+
+def _touches_session(write: Write) -> bool:
+    return (write.session is not None or write.delete_session is not None
+            or any(record.session_id is not None for record in write.records))
 
 
 def _frozen_copy(write: Write) -> Write:
