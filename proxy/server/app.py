@@ -16,7 +16,7 @@ from proxy.config import Config
 from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
 from proxy.quotas import Quotas
-from proxy.server import keys
+from proxy.server import body_probe, keys
 from proxy.server.access_log import access_log_middleware
 from proxy.server.http import errors_middleware
 from proxy.server.memory_routes import setup_memory_routes
@@ -224,6 +224,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         # litellm takes seconds to import: do it now, off the event loop, not on a first request.
         tasks.append(asyncio.create_task(asyncio.to_thread(import_litellm)))
     yield
+    body_probe.shutdown()
     for task in tasks:
         task.cancel()
     for task in tasks:

@@ -50,7 +50,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
         raise store_damaged(damage)
     async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
-        body = await read_json(request, config.max_body_bytes)
+        body = await read_json(request, config.max_body_bytes, tenant.limits.max_messages)
         ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
         ref = await pipeline.resume(tenant, ref, body)
         async with pipeline.session_lock(tenant, ref):

@@ -80,9 +80,12 @@ def _measure(tmp_path: Path, upstream: FakeUpstream, work: Callable[[ProxyProces
             work(proxy)
         small = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "still there?"}]})
         assert _post(proxy, small, "after").status_code == 200
+        metrics = httpx.get(proxy.url + "/metrics", timeout=30).text
+        lag = next(line.split()[-1] for line in metrics.splitlines() if line.startswith("asp_event_loop_lag_max_seconds"))
     finally:
         assert proxy.stop() == 0
-    print(f"\n/health while {label}: {len(waits)} probes, max {max(waits) * 1000:.1f} ms")
+    print(f"\n/health while {label}: {len(waits)} probes, max {max(waits) * 1000:.1f} ms; "
+          f"the proxy's own loop-lag monitor: max {float(lag) * 1000:.1f} ms")
     assert waits and max(waits) < STALL_BOUND
 
 
@@ -114,3 +117,26 @@ def test_health_answers_while_a_new_session_arrives_with_4000_messages(tmp_path:
         assert len(stored) == 4_001  # all 4,000 and the answer, recorded
 
     _measure(tmp_path, upstream, work, "serving two new 4,000-message sessions")
+
+
+def test_large_bodies_are_counted_exactly_at_the_limit(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Bodies over 1 MiB are counted by the probe process before the proxy parses them: one
+    message over the tenant's max_messages is a 413, exactly at it the request is served, and a
+    large body that is not JSON is still the proxy's own 400."""
+    tenant = open_tenant(upstream.base_url, limits={"max_messages": 50})
+    proxy = ProxyProcess(write_config(tmp_path, {"local": tenant})).start()
+    try:
+        def body(count: int) -> bytes:
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} " + "x" * 30_000} for i in range(count)]
+            return orjson.dumps({"model": "fake-model", "messages": messages[:-1] + [{"role": "user", "content": "go"}]})
+
+        over, at = body(51), body(50)
+        assert len(over) > 1024 * 1024 and len(at) > 1024 * 1024
+        refused = _post(proxy, over, "large")
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "too_many_messages", refused.text[:300]
+        assert "holds 51 messages" in refused.json()["error"]["message"]
+        assert _post(proxy, at, "large").status_code == 200
+        broken = _post(proxy, at[:-2], "large")
+        assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json", broken.text[:300]
+    finally:
+        assert proxy.stop() == 0
