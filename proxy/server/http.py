@@ -15,7 +15,6 @@ from proxy.server import keys
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, StoreUnusable, Unauthorized
 from proxy.storage.base import InvalidWrite, StorageError, StoreDamaged
 from proxy.server.access_log import note_tenant
-from proxy.server import body_probe
 from proxy.validate import check_depth, message_count, too_many_messages
 
 log = logging.getLogger("agent_state_proxy.server")
@@ -75,7 +74,7 @@ async def read_json(request: web.Request, limit: int, max_messages: int | None =
     if not raw:
         raise BadRequest("request body is empty; expected JSON", code="invalid_json")
     if max_messages is not None and len(raw) > _PROBE_BYTES:
-        count = await body_probe.message_count(raw)
+        count = await request.app[keys.BODY_PROBE].message_count(raw)
         if count is not None and count > max_messages:
             raise too_many_messages(count, max_messages)
     if len(raw) > _PARSE_INLINE_BYTES:  # parsing megabytes holds the loop for tens of ms: elsewhere
