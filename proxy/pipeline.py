@@ -25,6 +25,7 @@ from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
 from proxy.errors import BadRequest, NotFound, ProxyError, UpstreamError
 from proxy.observe import Observer
+from proxy.pacing import Pace
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, agent_identity, identify, strip_proxy_fields
 from proxy.storage.base import InvalidWrite, Record, StorageError, Write
@@ -352,8 +353,10 @@ class Pipeline:
             parent = message.seq
             records.append(message)
 
+        pace = Pace()  # a new session arriving with thousands of messages: hashes, counts and tags in slices
         for body in plan.new_messages:
             append(body, outcome="error" if outcome == "error" else "ok")
+            await pace.tick()
         if assistant and (assistant[0].get("content") or assistant[0].get("tool_calls") or outcome == "ok"):
             reply = _clean_assistant(assistant[0])
             append(

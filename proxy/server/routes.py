@@ -21,6 +21,7 @@ from proxy.server.access_log import note_turn
 from proxy.sessions import SessionRef
 from proxy.storage.base import REPAIR_HINT, Record
 from proxy.transcript import active_path, walk
+from proxy.pacing import Pace
 from proxy.validate import embeddings_body, idempotency_key
 
 log = logging.getLogger("agent_state_proxy.server")
@@ -201,9 +202,13 @@ async def admin_get_session(request: web.Request) -> web.Response:
     path, gaps = walk([m for m in messages if not m.reverted], session.head)
     active = {m.seq for m in path}
     after_gap = {gap.before for gap in gaps}
+    shown, pace = [], Pace()  # a session of thousands of messages: converted in slices
+    for m in messages:
+        shown.append(m.to_dict() | {"active": m.seq in active} | ({"gap_before": True} if m.seq in after_gap else {}))
+        await pace.tick()
     return json_response({
         "session": session.to_dict(),
-        "messages": [m.to_dict() | {"active": m.seq in active} | ({"gap_before": True} if m.seq in after_gap else {}) for m in messages],
+        "messages": shown,
         "gaps": [gap.to_dict() for gap in gaps],  # lost (quarantined) messages inside the active path
         "summaries": await context_summaries.for_admin(store, tenant.name, session_id),  # with the seqs each covers
     })
