@@ -5,6 +5,8 @@ the assertion is deliberately generous, since a shared 2-core machine is noisy."
 
 from __future__ import annotations
 
+import re
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +18,10 @@ import orjson
 
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyProcess, open_tenant, write_config
+from tests.memory_helpers import wait_for_embedder
 
-STALL_BOUND = 1.0  # seconds: a loop that does the work inline held /health for 2-5 s here
+STALL_BOUND = 1.0  # seconds, any probe: doing the work inline held /health for 0.5-5 s here
+TYPICAL_BOUND = 0.2  # seconds, the median probe: ~5 ms when the loop is free, 300+ ms when not
 
 
 @contextmanager
@@ -51,6 +55,13 @@ def health_polled(proxy: ProxyProcess) -> Iterator[list[float]]:
     assert not failures, failures[:3]
 
 
+def _lag_buckets(proxy: ProxyProcess) -> dict[str, float]:
+    """The cumulative counts of the proxy's event-loop lag histogram, by upper bound."""
+    text = httpx.get(proxy.url + "/metrics", timeout=30).text
+    found = re.findall(r'^asp_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.MULTILINE)
+    return {le: float(count) for le, count in found}
+
+
 def _post(proxy: ProxyProcess, body: bytes, session: str) -> httpx.Response:
     return httpx.post(proxy.url + "/v1/chat/completions", content=body, timeout=120,
                       headers={"Content-Type": "application/json", "X-Session-ID": session})
@@ -75,18 +86,23 @@ def _agent_history(turns: int) -> list[dict]:
 def _measure(tmp_path: Path, upstream: FakeUpstream, work: Callable[[ProxyProcess], None], label: str) -> None:
     proxy = ProxyProcess(write_config(tmp_path, {"local": open_tenant(upstream.base_url)})).start()
     try:
-        assert httpx.get(proxy.url + "/health", timeout=30).status_code == 200
+        wait_for_embedder(proxy)  # measured once started: loading the embedder competes for the GIL
+        before = _lag_buckets(proxy)
         with health_polled(proxy) as waits:
             work(proxy)
+        after = _lag_buckets(proxy)
         small = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "still there?"}]})
         assert _post(proxy, small, "after").status_code == 200
-        metrics = httpx.get(proxy.url + "/metrics", timeout=30).text
-        lag = next(line.split()[-1] for line in metrics.splitlines() if line.startswith("asp_event_loop_lag_max_seconds"))
     finally:
         assert proxy.stop() == 0
-    print(f"\n/health while {label}: {len(waits)} probes, max {max(waits) * 1000:.1f} ms; "
-          f"the proxy's own loop-lag monitor: max {float(lag) * 1000:.1f} ms")
+    # The largest loop lag sampled during the work (its histogram bucket): /health's wait also
+    # holds the client's and the OS scheduler's delays on a busy machine.
+    new = {le: count - before.get(le, 0) for le, count in after.items()}
+    lag = min((le for le in new if new[le] == new["+Inf"]), key=float)
+    print(f"\n/health while {label}: {len(waits)} probes, median {statistics.median(waits) * 1000:.1f} ms, max {max(waits) * 1000:.1f} ms; "
+          f"the proxy's loop-lag monitor meanwhile: every sample <= {float(lag) * 1000:g} ms")
     assert waits and max(waits) < STALL_BOUND
+    assert statistics.median(waits) < TYPICAL_BOUND  # a loop doing the work inline held most probes for 300+ ms
 
 
 def test_health_answers_while_a_50000_pair_request_is_refused(tmp_path: Path, upstream: FakeUpstream) -> None:
