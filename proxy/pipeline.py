@@ -410,7 +410,7 @@ class Pipeline:
         if self.context is not None:
             self.context.after_record(turn, records)  # background summaries, off the request path
         if self.memory is not None:
-            self.memory.after_record(turn, records)  # background indexing, off the request path
+            await self.memory.after_record(turn, records)  # background indexing, off the request path
 
     def _checkpoint_if_due(self, tenant: TenantConfig, session: Session, records: list[Message], now: float) -> list[Record]:
         policy = tenant.persistence
