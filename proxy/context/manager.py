@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
 
 from proxy import tokens
-from proxy.pacing import Pace
 from proxy.cache import FrequencyCache
 from proxy.context import caching, importance, summaries as summary_store, summarizer
 from proxy.context.assemble import Assembly, ContextTooLarge, Policy, assemble, window_start
@@ -27,6 +26,7 @@ from proxy.context.settings import ContextSettings
 from proxy.context.summaries import Summary
 from proxy.context.units import Item, Segment, View, build_view, shared_prefix, text_of
 from proxy.errors import BadRequest, ProxyError
+from proxy.pacing import Pace
 from proxy.records import Message
 from proxy.storage.base import Record, Store
 from proxy.transcript import active_path, message_hash
@@ -342,6 +342,7 @@ class ContextManager:
         merged = dict(available)
         waits = []
         final: list[Summary] = []
+        pace = Pace()
         for rank, index in enumerate(result.missing):
             segment = view.segments[index]
             if segment.seqs and rank < _HOT_LLM_SEGMENTS:
@@ -354,7 +355,7 @@ class ContextManager:
                 summary = merged[segment.key] = _extractive_segment(segment, view, size, encoding, stored=keep)
                 if keep:
                     final.append(summary)
-                await asyncio.sleep(0)  # one segment at a time: a restored long session needs hundreds
+                await pace.tick()  # a restored long session needs hundreds, ~2.5 ms each
         if final:
             await self._save(ref, *final)
         for summary in await asyncio.gather(*waits):
@@ -439,7 +440,7 @@ class ContextManager:
             text = await self._llm(ref.tenant, settings, summarizer.fold_request(settings.summarizer_model, [p.text for p in parts], limit))
             if text is not None:
                 text, method, model = summarizer.fit(text, limit * 3 // 2, encoding), "llm", settings.summarizer_model
-        if not text:  # on a worker thread, like segments: folding a hundred summaries takes a while
+        if not text:  # on a worker thread: folding many summaries takes tens of ms (a rare step)
             text = await asyncio.to_thread(_extractive_fold, [p.text for p in parts], limit, encoding)
         summary = summary_store.make(key, "session", text, encoding, seqs, method, model=model, parts=[p.key for p in parts])
         await self._save(ref, summary)

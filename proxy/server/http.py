@@ -84,9 +84,9 @@ async def read_json(request: web.Request, limit: int, max_messages: int | None =
 
 # Bodies up to this size are parsed on the event loop (a typical chat request: ~0.1 ms).
 _PARSE_INLINE_BYTES = 256 * 1024
-# Chat bodies over this size are counted in the probe process before they are parsed here: the
-# parse of 1 MiB holds the GIL ~10 ms on an idle core; a valid body this large is rare (the
-# probe adds its parse time to its latency, in parallel with nothing else of the request).
+# Chat bodies over this size are counted in the probe process before they are parsed here (the
+# parse of 1 MiB holds the GIL ~10 ms on an idle core). A valid body this large is rare; it pays
+# the probe's parse on top of its own.
 _PROBE_BYTES = 1024 * 1024
 
 
