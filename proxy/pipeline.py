@@ -25,6 +25,7 @@ from proxy.context.importance import tag_message
 from proxy.context.manager import ContextManager
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError, UpstreamError
 from proxy.observe import Observer
+from proxy.pacing import Pace
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, agent_identity, identify, strip_proxy_fields
 from proxy.storage.base import InvalidWrite, Record, SessionBusy, StorageError, Write
@@ -370,8 +371,10 @@ class Pipeline:
             parent = message.seq
             records.append(message)
 
+        pace = Pace()  # a new session arriving with thousands of messages: hashes, counts and tags in slices
         for body in plan.new_messages:
             append(body, outcome="error" if outcome == "error" else "ok")
+            await pace.tick()
         if assistant and (assistant[0].get("content") or assistant[0].get("tool_calls") or outcome == "ok"):
             reply = _clean_assistant(assistant[0])
             append(
@@ -425,7 +428,7 @@ class Pipeline:
         if self.context is not None:
             self.context.after_record(turn, records)  # background summaries, off the request path
         if self.memory is not None:
-            self.memory.after_record(turn, records)  # background indexing, off the request path
+            await self.memory.after_record(turn, records)  # background indexing, off the request path
 
     def _checkpoint_if_due(self, tenant: TenantConfig, session: Session, records: list[Message], now: float) -> list[Record]:
         policy = tenant.persistence

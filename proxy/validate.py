@@ -49,16 +49,25 @@ def chat_body(body: Any, limits: RequestLimits = RequestLimits(), passthrough: C
     """Check a chat completion request; raise BadRequest/PayloadTooLarge naming the offending field."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_body")
+    message_count(body, limits.max_messages)
     messages = body.get("messages")
-    # Counted before anything walks the messages, so an oversized request costs nothing more.
-    if isinstance(messages, list) and len(messages) > limits.max_messages:
-        raise PayloadTooLarge(
-            f"'messages' holds {len(messages)} messages; this proxy accepts at most {limits.max_messages} per request",
-            code="too_many_messages", param="messages",
-        )
     protocol_fields.check(body, protocol_fields.CHAT_COMPLETIONS, passthrough)
     _check_sizes(messages, limits)
     return body
+
+
+def message_count(body: Any, max_messages: int) -> None:
+    """413 when a chat body holds more than ``max_messages`` messages. Counted before anything
+    walks the messages, so an oversized request costs nothing more; also checked right after the
+    parse (server/http.read_json), off the event loop for a large body."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if isinstance(messages, list) and len(messages) > max_messages:
+        raise too_many_messages(len(messages), max_messages)
+
+
+def too_many_messages(count: int, max_messages: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"'messages' holds {count} messages; this proxy accepts at most {max_messages} per request",
+                           code="too_many_messages", param="messages")
 
 
 def embeddings_body(body: Any, passthrough: Collection[str] = ()) -> dict[str, Any]:

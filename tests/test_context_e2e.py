@@ -394,7 +394,7 @@ def test_the_background_pass_makes_summaries_before_any_request_needs_them(
         session = proxy.call(store.get_session("local", "paced"))
         path = active_path(proxy.call(store.get_messages("local", "paced")), session.head)
         ref = manager_module._Session(proxy.app[keys.CONFIG].tenants["local"], "paced", session.created_at)
-        reused = context._stored_view(ref, path, ENCODING)
+        reused = proxy.call(context._stored_view(ref, path, ENCODING))
         fresh = build_view([Item(m.body, m.tokens, m.seq, (), len(m.body["content"])) for m in path], segment_turns)
         assert len(reused.items) == len(path) and reused.items[0] is context._views.peek(next(iter(context._views))).view.items[0]
         assert [(s.lo, s.hi, s.key, s.session_key) for s in reused.segments] == [(s.lo, s.hi, s.key, s.session_key) for s in fresh.segments]

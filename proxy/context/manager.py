@@ -26,6 +26,7 @@ from proxy.context.settings import ContextSettings
 from proxy.context.summaries import Summary
 from proxy.context.units import Item, Segment, View, build_view, shared_prefix, text_of
 from proxy.errors import BadRequest, ProxyError
+from proxy.pacing import Pace
 from proxy.records import Message
 from proxy.storage.base import Record, Store
 from proxy.transcript import active_path, message_hash
@@ -139,7 +140,7 @@ class ContextManager:
         # this request repeats them (the whole stored history, in a long session).
         cache_key = _view_key(_ref(turn), encoding)
         previous = self._views.get(cache_key) if llm_tags is None else None
-        items, stored = self._items(turn, body.get("messages") or [], encoding, llm_tags, previous)
+        items, stored = await self._items(turn, body.get("messages") or [], encoding, llm_tags, previous)
         full = overhead + sum(i.tokens for i in items)
         if full <= budget.prompt * settings.high_water:
             self._account(turn, budget, Assembly([], full, full))
@@ -191,7 +192,7 @@ class ContextManager:
         self._account(turn, budget, result)
         return budget.kept_free
 
-    def _items(self, turn: Turn, messages: list[dict[str, Any]], encoding: str, llm_tags: dict[int, list[str]] | None,
+    async def _items(self, turn: Turn, messages: list[dict[str, Any]], encoding: str, llm_tags: dict[int, list[str]] | None,
                previous: _CachedView | None = None) -> tuple[list[Item], list[Message | None]]:
         """The request's messages with token counts and tags, taken from the stored messages they
         match, and those stored messages (None for a message not stored yet). The Item of
@@ -206,7 +207,9 @@ class ContextManager:
         stored_of: list[Message | None] = []
         old_items, old_stored = (previous.view.items, previous.stored) if previous is not None else ((), ())
         j = 0
+        pace = Pace()  # thousands of new messages: token counts in slices
         for body in messages:
+            await pace.tick()
             stored: Message | None = None
             while j < len(path):
                 candidate = path[j]
@@ -339,6 +342,7 @@ class ContextManager:
         merged = dict(available)
         waits = []
         final: list[Summary] = []
+        pace = Pace()
         for rank, index in enumerate(result.missing):
             segment = view.segments[index]
             if segment.seqs and rank < _HOT_LLM_SEGMENTS:
@@ -351,6 +355,7 @@ class ContextManager:
                 summary = merged[segment.key] = _extractive_segment(segment, view, size, encoding, stored=keep)
                 if keep:
                     final.append(summary)
+                await pace.tick()  # a restored long session needs hundreds, ~2.5 ms each
         if final:
             await self._save(ref, *final)
         for summary in await asyncio.gather(*waits):
@@ -391,7 +396,7 @@ class ContextManager:
             text = await self._llm(ref.tenant, settings, request)
             if text is not None:
                 text, method, model = summarizer.fit(text, size * 3 // 2, encoding), "llm", settings.summarizer_model
-        if not text:
+        if not text:  # ~2.5 ms: on the loop (a worker thread would slow requests in flight through the GIL)
             summary = _extractive_segment(segment, view, size, encoding, stored=True)
         else:
             summary = summary_store.make(segment.key, "segment", text, encoding, segment.seqs, method, model=model)
@@ -435,8 +440,8 @@ class ContextManager:
             text = await self._llm(ref.tenant, settings, summarizer.fold_request(settings.summarizer_model, [p.text for p in parts], limit))
             if text is not None:
                 text, method, model = summarizer.fit(text, limit * 3 // 2, encoding), "llm", settings.summarizer_model
-        if not text:
-            text = summarizer.extractive_fold([p.text for p in parts], limit, encoding) or summarizer.fit("\n".join(p.text for p in parts), limit, encoding)
+        if not text:  # on a worker thread: folding many summaries takes tens of ms (a rare step)
+            text = await asyncio.to_thread(_extractive_fold, [p.text for p in parts], limit, encoding)
         summary = summary_store.make(key, "session", text, encoding, seqs, method, model=model, parts=[p.key for p in parts])
         await self._save(ref, summary)
         return summary
@@ -486,8 +491,8 @@ class ContextManager:
             self._spawn(self._tag(ref, settings, list(records)))
         if not settings.uses("summaries"):
             return
-        recorded = {m.seq for m in records}
-        reply = sum(m.tokens for m in records if m.role == "assistant" and m.seq == max(recorded))
+        last_seq = max(m.seq for m in records)  # once: per record it made a 4,000-message turn quadratic
+        reply = sum(m.tokens for m in records if m.role == "assistant" and m.seq == last_seq)
         if last["full_tokens"] + reply < settings.summarize_at_fraction * last["budget"]:
             return
         # A pass when a segment has closed since the last one: the newest closed segment of the
@@ -519,7 +524,7 @@ class ContextManager:
             if session is None or session.created_at != ref.created_at:
                 return
             messages = await self.store.get_messages(ref.tenant.name, ref.id)
-            view = self._stored_view(ref, active_path(messages, session.head), encoding)
+            view = await self._stored_view(ref, active_path(messages, session.head), encoding)
             available = await self._summaries_of(ref)
             policy = policy_for(settings, budget)
             end = window_start(view, policy, budget)
@@ -529,7 +534,11 @@ class ContextManager:
             # never changes, and a tight budget may need it as soon as it closes. Passes start
             # when a session nears its budget, so a summary made early is one needed soon.
             todo = [s for s in view.segments[folded:] if s.seqs and s.key not in available]
-            await asyncio.gather(*(self._segment_summary(ref, s, view, encoding, budget) for s in todo))
+            # A few at a time (as many as summarizer calls may be in flight): hundreds started at
+            # once all resumed in one turn of the event loop and held it for ~100 ms.
+            for start in range(0, len(todo), _CONCURRENT_SUMMARIES):
+                batch = todo[start:start + _CONCURRENT_SUMMARIES]
+                await asyncio.gather(*(self._segment_summary(ref, s, view, encoding, budget) for s in batch))
             available = await self._summaries_of(ref)
             unfolded = closed[folded:]
             size = sum(available[s.key].tokens_in(encoding) for s in unfolded if s.key in available)
@@ -541,7 +550,7 @@ class ContextManager:
             if ref.key not in self._again:
                 return
 
-    def _stored_view(self, ref: _Session, path: list[Message], encoding: str) -> View:
+    async def _stored_view(self, ref: _Session, path: list[Message], encoding: str) -> View:
         """The view of a session's stored path, built on its latest request's cached view: the
         Items of the messages that request held are reused with its units and closed segments,
         so a pass costs what the newest messages do, not the ~3 ms of a 1,000-message rebuild
@@ -554,7 +563,10 @@ class ContextManager:
                     break
                 items.append(item)
         previous = cached.view if cached is not None and items else None
-        items += (Item(m.body, self._stored_tokens(m, encoding), m.seq, (), _chars(m.body)) for m in path[len(items):])
+        pace = Pace()  # the first pass over a long session counts all of it: in slices
+        for m in path[len(items):]:
+            items.append(Item(m.body, self._stored_tokens(m, encoding), m.seq, (), _chars(m.body)))
+            await pace.tick()
         return build_view(items, ref.tenant.context.segment_turns, previous=previous)
 
     async def _tag(self, ref: _Session, settings: ContextSettings, records: list[Message]) -> None:
@@ -675,6 +687,10 @@ def _extractive_segment(segment: Segment, view: View, size: int, encoding: str, 
     text = summarizer.extractive_segment(messages, size, encoding) or summarizer.fit(summarizer.render(messages), size, encoding)
     seqs = segment.seqs or tuple(s for s, _ in messages if s is not None)
     return summary_store.make(segment.key, "segment", text, encoding, seqs, "extractive", stored=stored)
+
+
+def _extractive_fold(parts: list[str], size: int, encoding: str) -> str:
+    return summarizer.extractive_fold(parts, size, encoding) or summarizer.fit("\n".join(parts), size, encoding)
 
 
 def _too_large(exc: ContextTooLarge, budget: Budget, alias: str) -> BadRequest:

@@ -41,6 +41,7 @@ from proxy.memory.model import (
 from proxy.memory.remote import LOCAL_ENGINES, UpstreamEmbedder, embed_remote, local_model
 from proxy.memory.tenant import Hit, TenantMemory, index_text
 from proxy.memory.vectors import IndexFileError, VectorIndex
+from proxy.pacing import Pace
 from proxy.records import Message
 from proxy.storage.base import Record, Store, Write
 from proxy.upstream import Upstream
@@ -379,8 +380,8 @@ class MemoryService:
             log.warning("memory: query embedding failed for tenant %s: %s", name, exc)
             return None, "embedder-unavailable"
 
-    def after_record(self, turn: Any, messages: list[Message]) -> None:
-        """Queue the recorded user and assistant messages for indexing; returns at once."""
+    async def after_record(self, turn: Any, messages: list[Message]) -> None:
+        """Queue the recorded user and assistant messages for indexing (the work is done later)."""
         name = turn.tenant.name
         settings = self.settings.get(name)
         if settings is None or not settings.episodic or not messages:
@@ -393,10 +394,12 @@ class MemoryService:
         mark = max(m.seq for m in messages) + 1
         parent = getattr(turn.plan, "parent", None)
         known = {m.seq: m for m in messages} | ({parent.seq: parent} if parent is not None else {})
-        jobs = [
-            _Job(name, memory, session.id, session.created_at)
-            for memory in (_episodic(name, session.id, session.created_at, user, m, known.get(m.parent)) for m in messages) if memory is not None
-        ]
+        jobs: list[_Job] = []
+        pace = Pace()  # a new session of thousands of messages: its jobs are made in slices
+        for m in messages:
+            if (memory := _episodic(name, session.id, session.created_at, user, m, known.get(m.parent))) is not None:
+                jobs.append(_Job(name, memory, session.id, session.created_at))
+            await pace.tick()
         jobs.append(_Job(name, None, session.id, session.created_at, mark=mark))
         for job in jobs:
             self._jobs.put_nowait(job)

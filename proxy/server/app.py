@@ -17,6 +17,7 @@ from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
 from proxy.quotas import Quotas
 from proxy.server import keys
+from proxy.server.body_probe import BodyProbe
 from proxy.server.access_log import access_log_middleware
 from proxy.server.http import errors_middleware
 from proxy.server.memory_routes import setup_memory_routes
@@ -44,6 +45,7 @@ def create_app(config: Config, store: Store | None = None, reload: Callable[[], 
     app[keys.CONFIG] = config
     app[keys.READY] = False
     app[keys.STARTED] = time.time()
+    app[keys.BODY_PROBE] = BodyProbe()  # large chat bodies are counted there (server/http.read_json)
     app.cleanup_ctx.append(_storage(store))
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_pipeline)
@@ -229,6 +231,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         # litellm takes seconds to import: do it now, off the event loop, not on a first request.
         tasks.append(asyncio.create_task(asyncio.to_thread(import_litellm)))
     yield
+    await app[keys.BODY_PROBE].close()
     for task in tasks:
         task.cancel()
     for task in tasks:

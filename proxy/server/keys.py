@@ -7,6 +7,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.pipeline import Pipeline
 from proxy.quotas import Quotas
+from proxy.server.body_probe import BodyProbe
 from proxy.storage.write_behind import WriteBehindStore
 from proxy.upstream import Upstream
 
@@ -17,3 +18,4 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 QUOTAS = web.AppKey("quotas", Quotas)
 READY = web.AppKey("ready", bool)
 STARTED = web.AppKey("started", float)
+BODY_PROBE = web.AppKey("body_probe", BodyProbe)

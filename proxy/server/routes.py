@@ -21,6 +21,7 @@ from proxy.server.access_log import note_turn
 from proxy.sessions import SessionRef
 from proxy.storage.base import REPAIR_HINT, Record
 from proxy.transcript import active_path, walk
+from proxy.pacing import Pace
 from proxy.validate import embeddings_body, idempotency_key
 
 log = logging.getLogger("agent_state_proxy.server")
@@ -50,7 +51,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
         raise store_damaged(damage)
     async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
-        body = await read_json(request, config.max_body_bytes)
+        body = await read_json(request, config.max_body_bytes, tenant.limits.max_messages)
         ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
         ref = await pipeline.resume(tenant, ref, body)
         async with pipeline.session_lock(tenant, ref):
@@ -201,9 +202,13 @@ async def admin_get_session(request: web.Request) -> web.Response:
     path, gaps = walk([m for m in messages if not m.reverted], session.head)
     active = {m.seq for m in path}
     after_gap = {gap.before for gap in gaps}
+    shown, pace = [], Pace()  # a session of thousands of messages: converted in slices
+    for m in messages:
+        shown.append(m.to_dict() | {"active": m.seq in active} | ({"gap_before": True} if m.seq in after_gap else {}))
+        await pace.tick()
     return json_response({
         "session": session.to_dict(),
-        "messages": [m.to_dict() | {"active": m.seq in active} | ({"gap_before": True} if m.seq in after_gap else {}) for m in messages],
+        "messages": shown,
         "gaps": [gap.to_dict() for gap in gaps],  # lost (quarantined) messages inside the active path
         "summaries": await context_summaries.for_admin(store, tenant.name, session_id),  # with the seqs each covers
     })
