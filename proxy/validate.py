@@ -56,6 +56,14 @@ def chat_body(body: Any, limits: RequestLimits = RequestLimits(), passthrough: C
     return body
 
 
+def request_limits(body: dict[str, Any], limits: RequestLimits) -> None:
+    """The tenant's ``limits`` for another protocol's canonical body (Anthropic Messages): the
+    same 413s as a chat request, checked before anything walks the messages."""
+    message_count(body, limits.max_messages)
+    if isinstance(body.get("messages"), list):
+        _check_sizes(body["messages"], limits)
+
+
 def message_count(body: Any, max_messages: int) -> None:
     """413 when a chat body holds more than ``max_messages`` messages. Counted before anything
     walks the messages, so an oversized request costs nothing more; also checked right after the

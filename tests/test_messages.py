@@ -361,3 +361,15 @@ def test_the_fake_upstream_refuses_what_anthropic_refuses(fake: FakeAnthropic) -
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=fake.base_url.removesuffix("/v1"), api_key="wrong", max_retries=0).messages.create(
             model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "a"}])
+
+
+def test_the_tenants_request_limits_apply_to_messages_too(tmp_path: Path, fake: FakeAnthropic) -> None:
+    config = write_config(tmp_path, {"local": anthropic_tenant(fake, limits={"max_messages": 3})})
+    with start_thread(config) as proxy:
+        turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
+        refused = httpx.post(f"{proxy.url}/v1/messages", json={"model": MODEL, "max_tokens": 10, "messages": turns + turns[:1]})
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["type"] == "error" and refused.json()["error"]["type"] == "request_too_large"
+        assert "at most 3" in refused.json()["error"]["message"] and fake.messages_requests == []
+        accepted = httpx.post(f"{proxy.url}/v1/messages", json={"model": MODEL, "max_tokens": 10, "messages": turns[:3]})
+        assert accepted.status_code == 200, accepted.text

@@ -25,7 +25,7 @@ from proxy.protocols import anthropic, anthropic_chat
 from proxy.server import keys
 from proxy.server.access_log import note_turn
 from proxy.server.http import authenticate, json_response, read_json, store_damaged
-from proxy.validate import idempotency_key
+from proxy.validate import idempotency_key, request_limits
 from proxy.sessions import identify
 from proxy.storage.base import StorageError
 from proxy.upstream import Upstream, speaks_anthropic
@@ -140,6 +140,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
         raw = await read_json(request, config.max_body_bytes)
         body = anthropic.parse_request(raw)
+        request_limits(body, tenant.limits)  # as for chat: one request cannot hold the proxy
         route = _route(tenant, body["model"])
         # Sessions are identified on the client's own view: its messages and its metadata.
         ref = identify(tenant.name, request.headers, request.match_info.get("session_id"), {"messages": body["messages"], "metadata": raw.get("metadata")})
