@@ -19,7 +19,7 @@ from proxy.config import TenantConfig
 from proxy.context import summaries as context_summaries
 from proxy.errors import ProxyError
 from proxy.server import keys, ui_pages
-from proxy.server.metrics import TENANT
+from proxy.server.access_log import note_tenant
 from proxy.transcript import active_path
 
 COOKIE = "asp_inspector"
@@ -95,7 +95,7 @@ def _viewer(request: web.Request) -> TenantConfig | None:
     if tenant is None:
         tenant = config.anonymous_tenant(request.remote)
     if tenant is not None:
-        request[TENANT] = tenant.name
+        note_tenant(request, tenant.name)
     return tenant
 
 
@@ -109,7 +109,7 @@ async def login(request: web.Request) -> web.Response:
     tenant = request.app[keys.CONFIG].tenant_for_key(key) if isinstance(key, str) and key else None
     if tenant is None:
         return _html(ui_pages.login("That key is not a proxy key of any tenant.", _viewer(request)), status=401)
-    request[TENANT] = tenant.name
+    note_tenant(request, tenant.name)
     request.app[LOGINS].revoke(request.cookies.get(COOKIE))
     response = _redirect("/ui")
     response.set_cookie(COOKIE, request.app[LOGINS].issue(tenant.name), path="/ui", httponly=True, samesite="Strict",
