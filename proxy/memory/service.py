@@ -66,6 +66,7 @@ class MemoryService:
             key = embedder_key(config.name, config.memory)
             slot = self.embedders.setdefault(key, EmbedderSlot(key, model_name(config)))
             self.tenants[config.name] = TenantState(config.name, config.memory, config, slot, self.ops)
+        # The tenants whose memory runs (a reload that enables it for another waits for a restart).
         self.settings: dict[str, MemorySettings] = {name: state.settings for name, state in self.tenants.items()}
         self.worker = IndexWorker(self.tenants, self.ops, store, index_dir)
         self.indexer = Indexer(self.tenants, store)
@@ -125,9 +126,6 @@ class MemoryService:
         await self.loaded()
         await self.indexer.jobs.join()
         await self.ops.join()
-
-    def enabled(self, tenant: str) -> bool:
-        return tenant in self.tenants
 
     # -- the request path --------------------------------------------------------------------
 
