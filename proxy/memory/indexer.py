@@ -168,8 +168,7 @@ class Indexer:
             # for the requests.
             state.insert(new[start:start + _INSERT_SLICE])
             await asyncio.sleep(0)
-        embedded = [m for m in memories if m.id in mem.ids and m.vector is not None and m.id in mem.unembedded]
-        state.attach_vectors(embedded)
+        state.attach_vectors(memories)  # re-embedded ones (new ones were inserted with their vectors)
         state.counters["indexed"] += len(new)
 
     async def _gone(self, tenant: str, sessions: set[_Incarnation]) -> set[_Incarnation]:

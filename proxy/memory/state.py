@@ -85,7 +85,9 @@ class TenantState:
         """Memories stored without a vector got one: add it to the copies and queue it for the index."""
         keys, vectors = [], []
         for memory in memories:
-            if memory.vector is not None and self.memory.attach_vector(memory.id, memory.vector) is not None:
+            if memory.vector is None or memory.id not in self.memory.unembedded:
+                continue  # nothing to attach, or forgotten, or attached already
+            if self.memory.attach_vector(memory.id, memory.vector) is not None:
                 keys.append(memory.key)
                 vectors.append(memory.vector)
         if keys:
