@@ -1,8 +1,10 @@
-"""Test harness: write configs, run the proxy in a thread or as a real process."""
+"""Test harness: write configs, run the proxy in a thread or as a real process, answer the
+upstream client's requests with a handler function."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -12,15 +14,18 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import yaml
-from aiohttp import web
+from aiohttp import abc, web
+from aiohttp.test_utils import RawTestServer
 
 from proxy.config import Config, load_config
 from proxy.server.app import create_app
 from proxy.server.protocol import ProxyRunner
 from proxy.storage.base import Store
+from proxy.upstream import Upstream
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,3 +154,36 @@ class ProxyProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+class _ToServer(abc.AbstractResolver):
+    """Resolves every host name to one local port: the provider's own URL reaches the handler."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        return [{"hostname": host, "host": "127.0.0.1", "port": self._port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def handler_upstream(handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                           secrets: tuple[str, ...] = ()) -> AsyncIterator[Upstream]:
+    """A started Upstream whose every request, to any http:// host, ``handler`` answers (an
+    aiohttp handler function: it sees the request as sent and returns any response, SSE too).
+    For unit tests of the upstream client; end-to-end tests use the fake servers."""
+    server = RawTestServer(handler)
+    await server.start_server()
+    assert server.port is not None
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=_ToServer(server.port)))
+    upstream = Upstream(secrets, http=session)
+    try:
+        await upstream.start()
+        yield upstream
+    finally:
+        await upstream.close()
+        await session.close()
+        await server.close()
