@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import aiohttp  # noqa: E402
 
-import run as bench  # noqa: E402
+from run_procs import cpu_seconds, http_json  # noqa: E402
+from run_targets import full_tenant, write_proxy_config  # noqa: E402
 from seed_full import seed, session_ids  # noqa: E402
 from workload import BENCH_USER, WindowConversation, window_sessions  # noqa: E402
 
@@ -90,7 +91,7 @@ def _wait_ready(proxy: subprocess.Popen, url: str, log: Path, timeout: float = 6
         if proxy.poll() is not None:
             raise SystemExit(f"the proxy exited:\n{log.read_text()[-3000:]}")
         try:
-            stats = bench.http_json(f"{url}/admin/memory", {}, timeout=10)
+            stats = http_json(f"{url}/admin/memory", {}, timeout=10)
             index = stats.get("index") or {}
             if stats.get("ready") and index.get("hnsw_ready") and index.get("hnsw_entries", 0) > 0:
                 return time.monotonic() - started
@@ -144,12 +145,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     upstream_port = args.upstream_port
     upstream_url, url = f"http://127.0.0.1:{upstream_port}/v1", f"http://127.0.0.1:{args.port}"
-    tenant, _ = bench.full_tenant(upstream_url)
+    tenant, _ = full_tenant(upstream_url)
     seeded = max(args.streams, args.burst_streams)
     sessions = session_ids(RUN_ID, seeded)
     template = work / f"template-{args.memories}" if seeded == 2 else work / f"template-{args.memories}-{seeded}"
     if not template.exists():
-        config = bench.write_proxy_config(work / "seed-config", tenant, work / "seeding")
+        config = write_proxy_config(work / "seed-config", tenant, work / "seeding")
         shutil.rmtree(work / "seeding", ignore_errors=True)
         print("seeding:", seed(config, "bench", sessions, TURNS, args.memories), flush=True)
         shutil.move(str(work / "seeding"), template)
@@ -159,7 +160,7 @@ def main() -> None:
         data = work / "data"
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(template, data)
-        config = bench.write_proxy_config(work / "config", tenant, data)
+        config = write_proxy_config(work / "config", tenant, data)
         upstream = _start([str(ROOT / "bench" / "upstream.py"), "--port", str(upstream_port)], log)
         proxy = _start(["-m", "proxy", "serve", "--config", str(config), "--port", str(args.port)], log)
         try:
@@ -174,11 +175,11 @@ def main() -> None:
                     clients = [[conversation] for conversation in measured]
                 asyncio.run(_burst(url, args.burst, clients))
                 time.sleep(args.pause)  # bench/run.py's other targets take their turns in between
-            before = bench.cpu_seconds(proxy.pid)
+            before = cpu_seconds(proxy.pid)
             in_order = asyncio.run(_drive(url, args.requests, measured))
             latencies = sorted(in_order)
-            cpu_ms = (bench.cpu_seconds(proxy.pid) - before) / args.requests * 1000
-            stats = bench.http_json(f"{url}/admin/memory", {}, timeout=10)
+            cpu_ms = (cpu_seconds(proxy.pid) - before) / args.requests * 1000
+            stats = http_json(f"{url}/admin/memory", {}, timeout=10)
             n = len(latencies)
             print(json.dumps({
                 "round": round_number, "ready_s": round(ready, 1), "requests": n,

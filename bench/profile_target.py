@@ -23,7 +23,9 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench  # noqa: E402
+from run_procs import BENCH, LoadGen, Server, free_port, stop_all  # noqa: E402
+from run_stats import pct  # noqa: E402
+from run_targets import KNOWN_TARGETS, QUICK_FULL_MEMORIES, QUICK_FULL_TURNS, FullSeed, build_targets  # noqa: E402
 
 
 def top(collapsed: Path, limit: int) -> str:
@@ -53,7 +55,7 @@ def top(collapsed: Path, limit: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="state", choices=[t for t in bench.KNOWN_TARGETS if t != "direct"])
+    parser.add_argument("--target", default="state", choices=[t for t in KNOWN_TARGETS if t != "direct"])
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--stream", action="store_true", help="SSE requests instead of JSON")
@@ -65,24 +67,25 @@ def main() -> int:
     if not Path(py_spy).exists():
         print("py-spy not found: pip install py-spy", file=sys.stderr)
         return 2
-    out = Path(args.out or bench.BENCH / "results" / f"profile-{args.target}.txt")
+    out = Path(args.out or BENCH / "results" / f"profile-{args.target}.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="asp-profile-"))
     cleanup = [workdir]
-    port = bench.free_port()
+    port = free_port()
     origin = f"http://127.0.0.1:{port}"
-    upstream = bench.Server("fake-upstream", [sys.executable, str(bench.BENCH / "upstream.py"), "--port", str(port)], origin + "/v1/models", workdir / "upstream.log")
+    upstream = Server("fake-upstream", [sys.executable, str(BENCH / "upstream.py"), "--port", str(port)], origin + "/v1/models", workdir / "upstream.log")
     servers = [upstream]
     master_key = "sk-bench-" + secrets.token_hex(16)
     loadgen = None
     try:
         upstream.start().wait_ready(30)
-        targets, skipped = bench.build_targets([args.target], workdir, upstream, origin, master_key, True, cleanup, servers)
+        targets, skipped = build_targets([args.target], workdir, upstream, origin, master_key, True, cleanup, servers,
+                                         FullSeed("prof", max(args.concurrency, 2), QUICK_FULL_TURNS, QUICK_FULL_MEMORIES))
         if not targets:
             print(f"{args.target} skipped: {skipped.get(args.target)}", file=sys.stderr)
             return 1
         target = targets[0]
-        loadgen = bench.LoadGen(workdir / "loadgen.log")
+        loadgen = LoadGen(workdir / "loadgen.log")
         headers = {"Authorization": f"Bearer {master_key}"}
         common = dict(target=target.name, url=target.chat_url, stream=args.stream, headers=headers, run_id="prof")
         loadgen.run(concurrency=2, duration=2.0, **common)  # warm-up
@@ -96,7 +99,7 @@ def main() -> int:
         spy.wait()
         worker.join()
         print(f"{target.name}: {result.get('n')} requests in {result.get('elapsed', 0):.1f}s, "
-              f"p50 {bench.pct(result.get('ttlb_ms', []), 50):.2f} ms, errors {result.get('errors')}")
+              f"p50 {pct(result.get('ttlb_ms', []), 50):.2f} ms, errors {result.get('errors')}")
         if spy.returncode != 0:
             print(spy.stderr.read().decode(errors="replace"), file=sys.stderr)
             return 1
@@ -105,7 +108,7 @@ def main() -> int:
     finally:
         if loadgen is not None:
             loadgen.close()
-        bench.stop_all(servers)
+        stop_all(servers)
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
     return 0

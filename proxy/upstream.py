@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any, AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import aiohttp
 import orjson
@@ -24,19 +25,26 @@ log = logging.getLogger("agent_state_proxy.upstream")
 
 
 class Upstream:
-    """One pooled HTTP client for the direct path; litellm imported only when first needed."""
+    """One pooled HTTP client for the direct path; litellm imported only when first needed.
 
-    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+    ``http``: a ClientSession to send with instead of the pool ``start()`` opens (tests give one
+    whose requests a handler function answers, tests/harness.py ``handler_upstream``); its owner
+    closes it, not ``close()``.
+    """
+
+    def __init__(self, secrets: tuple[str, ...] = (), http: aiohttp.ClientSession | None = None) -> None:
         self._secrets = secrets
-        self._http: aiohttp.ClientSession | None = None
+        self._http = http
+        self._owns_http = http is None
         self._litellm: Any = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, keepalive_timeout=30)
-        self._http = aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode())
+        if self._owns_http:
+            connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, keepalive_timeout=30)
+            self._http = aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode())
 
     async def close(self) -> None:
-        if self._http is not None:
+        if self._http is not None and self._owns_http:
             await self._http.close()
         if self._litellm is not None:
             # litellm's logging worker runs on the loop of its first call: stopped here, or its
@@ -92,7 +100,7 @@ class Upstream:
             async with self._post_anthropic(route, "/messages", body, headers, timeout) as response:
                 if response.status != 200:
                     await self._json_or_raise(response, route.max_response_bytes)
-                async for batch in _read_anthropic_sse(response, route.max_response_bytes):
+                async for batch in _read_sse(response, route.max_response_bytes, MESSAGES_SSE):
                     yield batch
 
     def _post_anthropic(self, route: ResolvedModel, path: str, body: dict[str, Any], headers: Mapping[str, str], timeout: float):
@@ -284,11 +292,55 @@ def _too_large(limit: int) -> UpstreamError:
                          status=502, code="upstream_response_too_large")
 
 
-async def _read_sse(response: aiohttp.ClientResponse, limit: int) -> AsyncIterator[list[dict[str, Any]]]:
-    """The ``data:`` events of an SSE body, parsed, one list per network read; at most ``limit``
-    bytes in all (the stream ends with UpstreamError past it)."""
+@dataclass(frozen=True)
+class _SseFormat:
+    """What differs between the providers' SSE streams; the reading is the same (_read_sse)."""
+
+    parse: Callable[[bytes], Any]  # a data line's payload -> its event, or None to skip it; raises UpstreamError
+    done: bytes | None  # a payload that ends the stream and is not an event (OpenAI's [DONE])
+    is_last: Callable[[Any], bool]  # the event that completes the stream (reading goes on to the end of the body)
+    missing_end: str  # named when the body ends before the stream was complete
+
+
+def _chat_chunk(payload: bytes) -> Any:
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("upstream sent a malformed stream chunk", status=502, code="upstream_malformed") from None
+    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+        raise UpstreamError(
+            f"upstream error during stream: {_error_message(chunk)}", status=502, code="upstream_stream_error"
+        )
+    return chunk
+
+
+def _messages_event(payload: bytes) -> dict[str, Any] | None:
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("upstream sent a malformed stream event", status=502, code="upstream_malformed") from None
+    if not isinstance(event, dict):
+        return None
+    if event.get("type") == "error":
+        error = event.get("error") if isinstance(event.get("error"), dict) else {}
+        raise UpstreamError(f"upstream error during stream: {error.get('message') or 'error'}", status=502,
+                            code=str(error.get("type") or "upstream_stream_error"))
+    return event
+
+
+CHAT_SSE = _SseFormat(_chat_chunk, b"[DONE]", lambda _chunk: False, "[DONE]")
+MESSAGES_SSE = _SseFormat(_messages_event, None, lambda event: event.get("type") == "message_stop", "message_stop")
+_MAX_SSE_LINE = 8 << 20  # a provider that never ends its line must not grow our buffer forever
+
+
+async def _read_sse(response: aiohttp.ClientResponse, limit: int, fmt: _SseFormat = CHAT_SSE) -> AsyncIterator[list[Any]]:
+    """The events of an SSE body, parsed by ``fmt``, one list per network read (an event split
+    across reads waits for its end). At most ``limit`` bytes in all; an error event raises
+    UpstreamError after the events read before it; a body that ends before the stream is
+    complete raises ClientPayloadError."""
     pending = b""
     size = 0
+    complete = False
     async for data in response.content.iter_any():
         size += len(data)
         if size > limit:
@@ -299,81 +351,33 @@ async def _read_sse(response: aiohttp.ClientResponse, limit: int) -> AsyncIterat
             raise UpstreamError("upstream sent a stream line over 8 MiB", status=502, code="upstream_malformed")
         batch = []
         for raw_line in lines:
-            chunk = _sse_event(raw_line)
-            if chunk is _DONE:
+            payload = _sse_data(raw_line)
+            if payload is None:
+                continue  # blank lines end events; comments; "event:" repeats the data's type
+            if payload == fmt.done:
                 if batch:
                     yield batch
                 return
-            if chunk is not None:
-                batch.append(chunk)
-        if batch:
-            yield batch
-    line = pending.strip()
-    if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":  # without a final newline
-        return
-    raise aiohttp.ClientPayloadError("stream ended without [DONE]")
-
-
-async def _read_anthropic_sse(response: aiohttp.ClientResponse, limit: int) -> AsyncIterator[list[dict[str, Any]]]:
-    """The events of a Messages SSE body, parsed, one list per network read; an ``error`` event
-    raises UpstreamError (with its error type as the code); at most ``limit`` bytes in all."""
-    pending = b""
-    finished = False
-    size = 0
-    async for data in response.content.iter_any():
-        size += len(data)
-        if size > limit:
-            raise _too_large(limit)
-        lines = (pending + data).split(b"\n")
-        pending = lines.pop()
-        if len(pending) > _MAX_SSE_LINE:
-            raise UpstreamError("upstream sent a stream line over 8 MiB", status=502, code="upstream_malformed")
-        batch = []
-        for raw_line in lines:
-            line = raw_line.strip()
-            if not line.startswith(b"data:"):
-                continue  # "event:" repeats the data's type; blank lines end events
             try:
-                event = orjson.loads(line[5:].strip())
-            except orjson.JSONDecodeError:
-                raise UpstreamError("upstream sent a malformed stream event", status=502, code="upstream_malformed") from None
-            if not isinstance(event, dict):
-                continue
-            if event.get("type") == "error":
-                error = event.get("error") if isinstance(event.get("error"), dict) else {}
+                event = fmt.parse(payload)
+            except UpstreamError:
                 if batch:
                     yield batch
-                raise UpstreamError(f"upstream error during stream: {error.get('message') or 'error'}", status=502,
-                                    code=str(error.get("type") or "upstream_stream_error"))
-            finished = finished or event.get("type") == "message_stop"
-            batch.append(event)
+                raise
+            if event is not None:
+                complete = complete or fmt.is_last(event)
+                batch.append(event)
         if batch:
             yield batch
-    if not finished:
-        raise aiohttp.ClientPayloadError("stream ended without message_stop")
+    if complete or (fmt.done is not None and _sse_data(pending) == fmt.done):  # the end without a final newline
+        return
+    raise aiohttp.ClientPayloadError(f"stream ended without {fmt.missing_end}")
 
 
-_DONE: Any = object()
-_MAX_SSE_LINE = 8 << 20  # a provider that never ends its line must not grow our buffer forever
-
-
-def _sse_event(raw_line: bytes) -> dict[str, Any] | None:
-    """The chunk of one SSE line; None for blank lines, comments and other fields; _DONE at the end."""
+def _sse_data(raw_line: bytes) -> bytes | None:
+    """The payload of one SSE ``data:`` line; None for any other line."""
     line = raw_line.strip()
-    if not line.startswith(b"data:"):
-        return None
-    payload = line[5:].strip()
-    if payload == b"[DONE]":
-        return _DONE
-    try:
-        chunk = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("upstream sent a malformed stream chunk", status=502, code="upstream_malformed") from None
-    if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-        raise UpstreamError(
-            f"upstream error during stream: {_error_message(chunk)}", status=502, code="upstream_stream_error"
-        )
-    return chunk
+    return line[5:].strip() if line.startswith(b"data:") else None
 
 
 def _litellm_dict(result: Any) -> dict[str, Any]:

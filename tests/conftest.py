@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, keyed_tenant, open_tenant, start_thread, write_config
+from tests.harness import UPSTREAM_KEY, ProxyThread, keyed_tenant, local_proxy, route, start_thread, write_config
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -20,15 +20,14 @@ BETA_KEY = "beta-proxy-key-456"
 
 @pytest.fixture
 def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key") as fake:
+    with FakeUpstream.run_in_thread(expected_api_key=UPSTREAM_KEY) as fake:
         yield fake
 
 
 @pytest.fixture
 def proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
     """The proxy with one open local tenant, the way the default install runs."""
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
-    with start_thread(path) as running:
+    with local_proxy(tmp_path, upstream.base_url) as running:
         yield running
 
 
@@ -36,7 +35,7 @@ def proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
 def keyed_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
     """Two authenticated tenants and no open one; 'beta' refuses concurrent session requests."""
     beta = keyed_tenant(upstream.base_url, BETA_KEY, concurrency="reject", upstream_timeout_seconds=1)
-    beta["models"] = {"fast": {"model": "openai/fake-model", "api_base": upstream.base_url, "api_key": "upstream-secret-key"}}
+    beta["models"] = {"fast": route(upstream.base_url, "openai/fake-model")}
     path = write_config(tmp_path, {"alpha": keyed_tenant(upstream.base_url, ALPHA_KEY), "beta": beta}, server={"max_body_bytes": 64 * 1024})
     with start_thread(path) as running:
         yield running

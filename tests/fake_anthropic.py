@@ -16,20 +16,20 @@ thinking block first. A user turn of tool results is answered with the results' 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
 import hmac
 import itertools
 import re
-import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import orjson
 from aiohttp import web
+
+from tests.serving import in_thread, serve
 
 _SIGNING_KEY = b"fake-anthropic-signing-key"
 TOOL_MARKER = re.compile(r"CALL_TOOL:([A-Za-z0-9_.-]+)")
@@ -202,36 +202,19 @@ class FakeAnthropic:
     # -- running -----------------------------------------------------------------------------
 
     @classmethod
+    @contextlib.asynccontextmanager
+    async def start(cls, **kwargs: Any) -> AsyncIterator[FakeAnthropic]:
+        """Serve on the running loop, on a free port."""
+        fake = cls(**kwargs)
+        async with serve(fake.app) as port:
+            fake.base_url = f"http://127.0.0.1:{port}/v1"
+            yield fake
+
+    @classmethod
     @contextlib.contextmanager
     def run_in_thread(cls, **kwargs: Any) -> Iterator[FakeAnthropic]:
-        fake = cls(**kwargs)
-        ready = threading.Event()
-        state: dict[str, Any] = {}
-
-        async def main() -> None:
-            runner = web.AppRunner(fake.app, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            fake.base_url = f"http://127.0.0.1:{port}/v1"
-            stop = asyncio.Event()
-            state["loop"], state["stop"] = asyncio.get_running_loop(), stop
-            ready.set()
-            try:
-                await stop.wait()
-            finally:
-                await runner.cleanup()
-
-        thread = threading.Thread(target=asyncio.run, args=(main(),), name="fake-anthropic", daemon=True)
-        thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("fake Anthropic upstream did not start")
-        try:
+        with in_thread(lambda: cls.start(**kwargs), "fake-anthropic") as fake:
             yield fake
-        finally:
-            state["loop"].call_soon_threadsafe(state["stop"].set)
-            thread.join(10)
 
 
 def _last_user_text(body: dict[str, Any]) -> str:

@@ -44,6 +44,7 @@ import orjson
 from aiohttp import web
 
 from tests import fake_responses
+from tests.serving import in_thread, serve
 
 DEFAULT_MODEL = "fake-model"
 SYSTEM_FINGERPRINT = "fp_fake_upstream"
@@ -596,67 +597,23 @@ class FakeUpstream:
 
     # -------------------------------------------------------------- running
 
-    async def _serve(self, host: str, port: int) -> web.AppRunner:
-        self._closing = asyncio.Event()
-        # Short shutdown grace: handlers finish quickly once hangs are released.
-        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self.port = runner.addresses[0][1]
-        self.base_url = f"http://{host}:{self.port}/v1"
-        return runner
-
-    async def _shutdown(self, runner: web.AppRunner) -> None:
-        assert self._closing is not None
-        self._closing.set()  # release hung handlers so cleanup doesn't wait on them
-        await runner.cleanup()
-
     @classmethod
     @contextlib.asynccontextmanager
     async def start(cls, port: int = 0, host: str = "127.0.0.1", **kwargs: Any) -> AsyncIterator["FakeUpstream"]:
         """Serve on the running loop; `port=0` picks a free ephemeral port."""
         fake = cls(**kwargs)
-        runner = await fake._serve(host, port)
-        try:
+        fake._closing = asyncio.Event()
+        # Hung handlers are released first, so the short shutdown grace is enough.
+        async with serve(fake.app, host, port, shutdown_timeout=2.0, before_cleanup=fake._closing.set) as fake.port:
+            fake.base_url = f"http://{host}:{fake.port}/v1"
             yield fake
-        finally:
-            await fake._shutdown(runner)
 
     @classmethod
     @contextlib.contextmanager
     def run_in_thread(cls, port: int = 0, host: str = "127.0.0.1", **kwargs: Any) -> Iterator["FakeUpstream"]:
         """Serve from a daemon thread with its own loop, for sync tests and SDK clients."""
-        fake = cls(**kwargs)
-        ready = threading.Event()
-        state: dict[str, Any] = {}
-
-        async def main() -> None:
-            try:
-                runner = await fake._serve(host, port)
-            except BaseException as exc:  # surface bind errors in the caller's thread
-                state["error"] = exc
-                ready.set()
-                return
-            stop = asyncio.Event()
-            state["loop"], state["stop"] = asyncio.get_running_loop(), stop
-            ready.set()
-            try:
-                await stop.wait()
-            finally:
-                await fake._shutdown(runner)
-
-        thread = threading.Thread(target=asyncio.run, args=(main(),), name="fake-upstream", daemon=True)
-        thread.start()
-        ready.wait()
-        if "error" in state:
-            thread.join()
-            raise state["error"]
-        try:
+        with in_thread(lambda: cls.start(port, host, **kwargs), "fake-upstream") as fake:
             yield fake
-        finally:
-            state["loop"].call_soon_threadsafe(state["stop"].set)
-            thread.join(timeout=10)
 
 
 def main(argv: list[str] | None = None) -> None:

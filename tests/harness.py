@@ -1,26 +1,30 @@
-"""Test harness: write configs, run the proxy in a thread or as a real process."""
+"""Test harness: write configs, run the proxy in a thread or as a real process, answer the
+upstream client's requests with a handler function."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import yaml
-from aiohttp import web
+from aiohttp import abc, web
+from aiohttp.test_utils import RawTestServer
 
 from proxy.config import Config, load_config
 from proxy.server.app import create_app
 from proxy.server.protocol import ProxyRunner
 from proxy.storage.base import Store
+from proxy.upstream import Upstream
+from tests.serving import LoopThread, serve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,13 +47,21 @@ def write_config(directory: Path, tenants: dict[str, dict[str, Any]], **sections
     return path
 
 
+UPSTREAM_KEY = "upstream-secret-key"  # the key the fake providers expect
+
+
+def route(upstream_base: str, model: str = "openai/{model}", **extra: Any) -> dict[str, Any]:
+    """One model route of a tenant: ``model`` at the fake provider ``upstream_base``, with its key."""
+    return {"model": model, "api_base": upstream_base, "api_key": UPSTREAM_KEY} | extra
+
+
 def open_tenant(upstream_base: str, **extra: Any) -> dict[str, Any]:
     """An open tenant for local clients. The suite's SDK clients send a placeholder key, as
     agents that only changed their base URL do, so it ignores unknown keys."""
     return {
         "allow_unauthenticated": True,
         "ignore_client_keys": True,
-        "models": {"*": {"model": "openai/{model}", "api_base": upstream_base, "api_key": "upstream-secret-key"}},
+        "models": {"*": route(upstream_base)},
     } | extra
 
 
@@ -58,8 +70,19 @@ def keyed_tenant(upstream_base: str, key: str, **extra: Any) -> dict[str, Any]:
 
     return {
         "api_key_sha256": [hash_key(key)],
-        "models": {"*": {"model": "openai/{model}", "api_base": upstream_base, "api_key": "upstream-secret-key"}},
+        "models": {"*": route(upstream_base)},
     } | extra
+
+
+def local_config(directory: Path, upstream_base: str, sections: dict[str, Any] | None = None, **tenant: Any) -> Path:
+    """The config of the default install: one open tenant, "local", routed to ``upstream_base``
+    (``tenant``: its other keys; ``sections``: proxy.yaml's, e.g. ``{"server": {...}}``)."""
+    return write_config(directory, {"local": open_tenant(upstream_base, **tenant)}, **(sections or {}))
+
+
+def local_proxy(directory: Path, upstream_base: str, sections: dict[str, Any] | None = None, **tenant: Any) -> ProxyThread:
+    """The proxy in a thread over ``local_config`` (start it with ``with``)."""
+    return start_thread(local_config(directory, upstream_base, sections, **tenant))
 
 
 class ProxyThread:
@@ -71,29 +94,27 @@ class ProxyThread:
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         self.app: web.Application | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread = LoopThread("proxy")
+        self._serving: contextlib.AbstractAsyncContextManager[int] | None = None
 
     def __enter__(self) -> ProxyThread:
         self._thread.start()
         self.call(self._start())
         return self
 
+    async def _start(self) -> None:
+        self.app = create_app(self.config, self.store)  # on the loop that will run it
+        self._serving = serve(self.app, "127.0.0.1", self.port, runner=ProxyRunner)
+        await self._serving.__aenter__()
+
     def __exit__(self, *exc: object) -> None:
-        self.call(self._runner.cleanup())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        assert self._serving is not None
+        self.call(self._serving.__aexit__(None, None, None))
+        self._thread.stop()
 
     def call(self, coro, timeout: float = 30):
         """Run a coroutine on the proxy's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    async def _start(self) -> None:
-        self.app = create_app(self.config, self.store)
-        self._runner = ProxyRunner(self.app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self._thread.call(coro, timeout)
 
 
 def start_thread(config_path: Path) -> ProxyThread:
@@ -149,3 +170,36 @@ class ProxyProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+class _ToServer(abc.AbstractResolver):
+    """Resolves every host name to one local port: the provider's own URL reaches the handler."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        return [{"hostname": host, "host": "127.0.0.1", "port": self._port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def handler_upstream(handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                           secrets: tuple[str, ...] = ()) -> AsyncIterator[Upstream]:
+    """A started Upstream whose every request, to any http:// host, ``handler`` answers (an
+    aiohttp handler function: it sees the request as sent and returns any response, SSE too).
+    For unit tests of the upstream client; end-to-end tests use the fake servers."""
+    server = RawTestServer(handler)
+    await server.start_server()
+    assert server.port is not None
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=_ToServer(server.port)))
+    upstream = Upstream(secrets, http=session)
+    try:
+        await upstream.start()
+        yield upstream
+    finally:
+        await upstream.close()
+        await session.close()
+        await server.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import proxy
-from tests.harness import REPO, free_port, open_tenant, write_config
+from tests.harness import REPO, free_port, local_config
 
 
 def _run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def test_a_bad_flag_is_one_line_naming_it(args: list[str], env: dict[str, str], 
 
 
 def test_a_busy_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
-    config = write_config(tmp_path, {"local": open_tenant("http://127.0.0.1:9/v1", memory={"enabled": False})})
+    config = local_config(tmp_path, "http://127.0.0.1:9/v1", memory={"enabled": False})
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +14,8 @@ from aiohttp import web
 from proxy.context import caching
 from proxy.memory.inject import HEADER
 from tests.fake_upstream import FakeUpstream, _prompt_tokens, cache_key, cached_prompt_tokens
-from tests.harness import open_tenant, write_config
+from tests.harness import open_tenant, route, write_config
+from tests.serving import in_thread, serve
 from tests.memory_helpers import SLOW_OK, drain, recalled_block, running
 
 SYSTEM = {"role": "system", "content": "You are a careful engineering assistant for the billing team."}
@@ -144,30 +143,14 @@ class FakeAnthropic:
         fake = cls()
         app = web.Application()
         app.router.add_post("/v1/messages", fake._messages)
-        loop = asyncio.new_event_loop()
-        runner = web.AppRunner(app, access_log=None)
-
-        async def start() -> None:
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
-        asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-        try:
+        with in_thread(lambda: serve(app), "fake-anthropic") as port:
+            fake.url = f"http://127.0.0.1:{port}"
             yield fake
-        finally:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
-            loop.close()
 
 
 def _anthropic_tenant(url: str, **context: Any) -> dict[str, Any]:
     return {"allow_unauthenticated": True, "memory": {"enabled": False}, "context": context,
-            "models": {"*": {"model": "anthropic/claude-3-5-sonnet-20241022", "api_base": url, "api_key": "upstream-secret-key"}}}
+            "models": {"*": route(url, "anthropic/claude-3-5-sonnet-20241022")}}
 
 
 def _text_parts(message: dict[str, Any]) -> list[dict[str, Any]]:

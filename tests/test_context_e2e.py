@@ -18,7 +18,7 @@ from proxy.context.summarizer import PROMPT_MARKER
 from proxy.memory.inject import HEADER
 from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, keyed_tenant, open_tenant, start_thread, write_config
+from tests.harness import ProxyThread, keyed_tenant, open_tenant, route, start_thread, write_config
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 PIN = "My name is Ada Lovelace and my locker code is 4417."
@@ -65,7 +65,7 @@ def summarizer(upstream: FakeUpstream) -> Summarizer:
 
 def tenant(upstream: FakeUpstream, **context: Any) -> dict[str, Any]:
     spec = open_tenant(upstream.base_url)
-    spec["models"]["summarizer"] = {"model": "openai/fake-summarizer", "api_base": upstream.base_url, "api_key": "upstream-secret-key"}
+    spec["models"]["summarizer"] = route(upstream.base_url, "openai/fake-summarizer")
     spec["context"] = {**BUDGET, "window_turns": 4, "segment_turns": 4, "summary_tokens": 64, "summarizer_model": "summarizer"} | context
     return spec
 

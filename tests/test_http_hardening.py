@@ -11,12 +11,12 @@ from typing import Iterator
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, open_tenant, start_thread, write_config
+from tests.harness import ProxyThread, local_config, start_thread
 
 
 @pytest.fixture
 def hardened(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url)}, server={"body_read_timeout_seconds": 1})
+    path = local_config(tmp_path, upstream.base_url, {"server": {"body_read_timeout_seconds": 1}})
     with start_thread(path) as running:
         yield running
 
@@ -116,7 +116,7 @@ def test_serve_answers_parser_errors_in_json_too(tmp_path: Path, upstream: FakeU
     """The real `agent-state-proxy serve` process, not only the test harness, uses the JSON error protocol."""
     from tests.harness import ProxyProcess
 
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url)}, server={"body_read_timeout_seconds": 1})
+    path = local_config(tmp_path, upstream.base_url, {"server": {"body_read_timeout_seconds": 1}})
     process = ProxyProcess(path).start()
     try:
         status, headers, body = exchange(process, MALFORMED["control character in a header"])

@@ -20,7 +20,7 @@ from proxy.records import Message
 from proxy.records import Session
 from proxy.storage.kv import messages_prefix, session_key
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, open_tenant, start_thread, write_config
+from tests.harness import ProxyProcess, local_config, start_thread
 
 
 def test_records_written_before_checksums_still_decode() -> None:
@@ -41,7 +41,7 @@ def test_any_changed_byte_of_a_record_is_detected(record: dict, data: st.DataObj
 
 def test_a_store_written_before_checksums_is_served_and_verifies(tmp_path: Path, upstream: FakeUpstream) -> None:
     """Existing data (format 1, no checksums) keeps working after the upgrade."""
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
+    config = local_config(tmp_path, upstream.base_url)
     (tmp_path / "data" / "lmdb").mkdir(parents=True)
     env = lmdb.open(str(tmp_path / "data" / "lmdb"), subdir=True)
     with env.begin(write=True) as txn:
@@ -112,7 +112,7 @@ def _edit_stored_message(data_dir: Path, seq: int, rewrite_checksum: bool, old: 
 @pytest.mark.parametrize("rewrite_checksum", [False, True], ids=["byte-changed", "checksum-rewritten"])
 def test_an_edited_message_is_quarantined_and_the_rest_of_the_history_still_restored(
         tmp_path: Path, upstream: FakeUpstream, rewrite_checksum: bool) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url, persistence={"mode": "sync"})})
+    config = local_config(tmp_path, upstream.base_url, persistence={"mode": "sync"})
     proxy = ProxyProcess(config).start()
     sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
     headers = {"X-Session-ID": "kept"}
@@ -141,7 +141,7 @@ def test_an_edited_message_is_quarantined_and_the_rest_of_the_history_still_rest
 
 
 def test_a_lost_head_message_is_repaired_from_the_checkpoint_and_the_rest_restored(tmp_path: Path, upstream: FakeUpstream) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url, persistence={"mode": "sync", "checkpoint_every_messages": 2})})
+    config = local_config(tmp_path, upstream.base_url, persistence={"mode": "sync", "checkpoint_every_messages": 2})
     proxy = ProxyProcess(config).start()
     sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
     headers = {"X-Session-ID": "kept"}

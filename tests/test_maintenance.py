@@ -23,7 +23,7 @@ from proxy.storage.kv import messages_prefix, session_digest, split_key
 from proxy.storage.lmdb_store import LmdbStore
 from proxy.storage.maintenance import list_backups
 from tests.fake_upstream import FakeUpstream
-from tests.harness import REPO, ProxyProcess, open_tenant, start_thread, write_config
+from tests.harness import REPO, ProxyProcess, local_config, open_tenant, start_thread, write_config
 
 PAGE = 4096
 P_LEAF = 0x02
@@ -175,7 +175,7 @@ def test_overwritten_pages_flip_ready_and_salvage_recovers_every_intact_session(
 
 
 def test_verify_finds_changed_and_edited_messages_and_salvage_quarantines_them(tmp_path: Path, upstream: FakeUpstream) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
+    config = local_config(tmp_path, upstream.base_url)
     store = tmp_path / "data" / "lmdb"
     _populate(store, 3, 6)
     assert cli("verify", "--config", str(config)).returncode == 0
@@ -232,7 +232,7 @@ def test_a_damaged_root_page_is_caught_before_the_proxy_reports_ready(tmp_path: 
 
 
 def test_backup_while_four_sdk_clients_write_holds_every_turn_acknowledged_before_it(tmp_path: Path, upstream: FakeUpstream) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url, persistence={"mode": "sync"})})
+    config = local_config(tmp_path, upstream.base_url, persistence={"mode": "sync"})
     proxy = ProxyProcess(config).start()
     acknowledged: dict[str, list[tuple[float, str]]] = {}
     stop = threading.Event()
@@ -320,7 +320,7 @@ def test_backup_settings_are_validated(tmp_path: Path, upstream: FakeUpstream) -
 
 
 def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path: Path, upstream: FakeUpstream) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
+    config = local_config(tmp_path, upstream.base_url)
     proxy = ProxyProcess(config).start()
     try:
         with pytest.raises(RuntimeError, match="another agent-state-proxy process is serving"):

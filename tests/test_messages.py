@@ -14,7 +14,7 @@ import pytest
 
 from tests.fake_anthropic import FakeAnthropic, sign
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, ProxyThread, open_tenant, start_thread, write_config
+from tests.harness import ProxyProcess, ProxyThread, local_proxy, start_thread, write_config
 
 UPSTREAM_KEY = "anthropic-upstream-key"
 MODEL = "claude-test-1"
@@ -238,7 +238,7 @@ def test_history_restored_after_sigkill_and_unpaired_tool_use_repaired(tmp_path:
 
 @pytest.fixture
 def chat_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
-    with start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url)})) as running:
+    with local_proxy(tmp_path, upstream.base_url) as running:
         yield running
 
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import ConfigError, MetricsSettings, hash_key, load_config
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, open_tenant, start_thread, write_config
+from tests.harness import ProxyThread, local_config, open_tenant, start_thread, write_config
 from tests.memory_helpers import SLOW_OK, chat, drain, running, wait_for_embedder
 
 OPERATOR_KEY = "operator-metrics-key-789"
@@ -155,7 +155,7 @@ def test_a_recall_over_its_budget_is_counted_as_a_miss(tmp_path: Path) -> None:
 
 @pytest.fixture
 def operator_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url)}, server={"operator_key_sha256": [hash_key(OPERATOR_KEY)]})
+    path = local_config(tmp_path, upstream.base_url, {"server": {"operator_key_sha256": [hash_key(OPERATOR_KEY)]}})
     with start_thread(path) as started:
         yield started
 
@@ -177,7 +177,7 @@ def test_without_an_operator_key_only_loopback_may_read() -> None:
 
 
 def test_metrics_can_be_turned_off(tmp_path: Path, upstream: FakeUpstream) -> None:
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url)}, server={"metrics": {"enabled": False}})
+    path = local_config(tmp_path, upstream.base_url, {"server": {"metrics": {"enabled": False}}})
     with start_thread(path) as started:
         response = httpx.get(f"{started.url}/metrics")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
@@ -190,7 +190,7 @@ def test_metrics_can_be_turned_off(tmp_path: Path, upstream: FakeUpstream) -> No
     ("on", "server.metrics: must be a mapping"),
 ])
 def test_bad_metrics_settings_name_the_file_and_key(tmp_path: Path, metrics: Any, message: str) -> None:
-    path = write_config(tmp_path, {"local": open_tenant("http://127.0.0.1:1/v1")}, server={"metrics": metrics})
+    path = local_config(tmp_path, "http://127.0.0.1:1/v1", {"server": {"metrics": metrics}})
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(path) in str(caught.value) and message in str(caught.value)

@@ -15,11 +15,11 @@ from proxy.storage.base import Write
 from proxy.storage.memory import InMemoryStore
 from proxy.storage.write_behind import WriteBehindStore
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, open_tenant, start_thread, write_config
+from tests.harness import ProxyThread, local_proxy, open_tenant, write_config
 
 
 def running(tmp_path: Path, upstream: FakeUpstream, **tenant) -> ProxyThread:
-    return start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url, **tenant)}))
+    return local_proxy(tmp_path, upstream.base_url, **tenant)
 
 
 def converse(proxy: ProxyThread, session: str, turns: int, start: int = 0) -> list[dict]:

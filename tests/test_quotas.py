@@ -10,7 +10,7 @@ import pytest
 
 from proxy.config import ConfigError, load_config
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, keyed_tenant, open_tenant, start_thread, write_config
+from tests.harness import ProxyThread, keyed_tenant, local_proxy, start_thread, write_config
 from tests.memory_helpers import running
 from tests.inflight_helpers import in_flight, upstream_held
 
@@ -109,7 +109,7 @@ def test_memories_stored(tmp_path: Path, upstream: FakeUpstream) -> None:
 
 
 def test_the_open_local_tenant_is_unlimited_by_default(tmp_path: Path, upstream: FakeUpstream) -> None:
-    with start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url)})) as proxy:
+    with local_proxy(tmp_path, upstream.base_url) as proxy:
         for i in range(5):
             assert httpx.post(f"{proxy.base_url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
                               headers={"X-Session-ID": f"s{i}"}).status_code == 200

@@ -14,15 +14,14 @@ import pytest
 import yaml
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, keyed_tenant, write_config
+from tests.harness import ProxyProcess, keyed_tenant, route, write_config
 
 KEY = "reload-proxy-key-42"
 
 
 def _tenant(upstream: FakeUpstream, **models: str) -> dict:
     tenant = keyed_tenant(upstream.base_url, KEY, memory={"enabled": False}, persistence={"mode": "async"})
-    tenant["models"] = {alias: {"model": f"openai/{target}", "api_base": upstream.base_url, "api_key": "upstream-secret-key"}
-                        for alias, target in models.items()}
+    tenant["models"] = {alias: route(upstream.base_url, f"openai/{target}") for alias, target in models.items()}
     return tenant
 
 

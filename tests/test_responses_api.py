@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from tests.conftest import ALPHA_KEY, BETA_KEY
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, open_tenant, start_thread, write_config
+from tests.harness import ProxyProcess, local_config, local_proxy, open_tenant, route, start_thread, write_config
 
 WEATHER = {
     "type": "function", "name": "get_weather", "description": "Weather of a city", "strict": True,
@@ -25,7 +25,7 @@ WEATHER = {
 def proxy(tmp_path: Path, upstream: FakeUpstream):
     """The open local tenant without long-term memory: these tests compare exactly what the
     upstream receives, and recalled memories (an abandoned branch's turns, for one) would add to it."""
-    with start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False})})) as running:
+    with local_proxy(tmp_path, upstream.base_url, memory={"enabled": False}) as running:
         yield running
 
 
@@ -167,7 +167,7 @@ def test_stream_failure_mid_way_is_response_failed(proxy, upstream: FakeUpstream
 
 
 def test_chain_three_deep_then_sigkill_and_chain_again(tmp_path: Path, upstream: FakeUpstream) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
+    config = local_config(tmp_path, upstream.base_url)
     proxy = ProxyProcess(config).start()
     try:
         api = client(proxy)
@@ -257,7 +257,7 @@ def test_unknown_field_and_bad_items_are_400(proxy) -> None:
 
 
 def test_hosted_tools_refused_per_tenant(tmp_path: Path, upstream: FakeUpstream) -> None:
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, hosted_tools="refuse")})
+    path = local_config(tmp_path, upstream.base_url, hosted_tools="refuse")
     with start_thread(path) as proxy:
         with pytest.raises(openai.BadRequestError) as caught:
             client(proxy).responses.create(model="m", input="x", tools=[{"type": "web_search"}, WEATHER])
@@ -277,8 +277,7 @@ def test_namespace_tools(proxy, upstream: FakeUpstream) -> None:
 
 def test_models_lists_the_model_of_a_catch_all(tmp_path: Path, upstream: FakeUpstream) -> None:
     tenant = open_tenant(upstream.base_url)
-    tenant["models"] = {"*": {"model": "openai/served-model", "api_base": upstream.base_url, "api_key": "upstream-secret-key"},
-                        "fast": {"model": "openai/fake-model", "api_base": upstream.base_url, "api_key": "upstream-secret-key"}}
+    tenant["models"] = {"*": route(upstream.base_url, "openai/served-model"), "fast": route(upstream.base_url, "openai/fake-model")}
     with start_thread(write_config(tmp_path, {"local": tenant})) as proxy:
         assert [m.id for m in client(proxy).models.list()] == ["fast", "openai/served-model"]
 

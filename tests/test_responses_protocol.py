@@ -149,8 +149,8 @@ def test_compaction_item_round_trip() -> None:
 
 def test_hosted_tools_setting_is_validated(tmp_path: Path) -> None:
     from proxy.config import ConfigError, load_config
-    from tests.harness import open_tenant, write_config
+    from tests.harness import local_config
 
-    path = write_config(tmp_path, {"local": open_tenant("http://127.0.0.1:9/v1", hosted_tools="sometimes")})
+    path = local_config(tmp_path, "http://127.0.0.1:9/v1", hosted_tools="sometimes")
     with pytest.raises(ConfigError, match=r"local\.yaml: hosted_tools: must be one of drop, refuse"):
         load_config(path)

@@ -10,12 +10,12 @@ import openai
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, open_tenant, write_config
+from tests.harness import ProxyProcess, local_config
 
 
 @pytest.mark.parametrize("mode", ["sync", "hybrid"])
 def test_conversation_continues_across_kill_9(tmp_path: Path, upstream: FakeUpstream, mode: str) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url, persistence={"mode": mode})})
+    config = local_config(tmp_path, upstream.base_url, persistence={"mode": mode})
     proxy = ProxyProcess(config).start()
     sdk = openai.OpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
     headers = {"X-Session-ID": "survivor"}

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import REPO, ProxyThread, open_tenant, start_thread, write_config
+from tests.harness import REPO, ProxyThread, local_config, local_proxy, start_thread
 
 AGENT = """
 import json, sys
@@ -50,7 +50,7 @@ def sent_contents(upstream: FakeUpstream) -> list[str]:
 
 @pytest.mark.parametrize("implicit", ["resume", "new"])
 def test_a_restarted_agent_resumes_its_session_only_when_the_tenant_chose_it(tmp_path: Path, upstream: FakeUpstream, implicit: str) -> None:
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False}, sessions={"implicit": implicit})})
+    path = local_config(tmp_path, upstream.base_url, memory={"enabled": False}, sessions={"implicit": implicit})
     with start_thread(path) as proxy:
         converse(proxy, "You are the build agent.", ["first", "second", "third"])
         restarted = agent_turn(proxy, "You are the build agent.", [], "where were we?")  # lost its history
@@ -64,7 +64,7 @@ def test_a_restarted_agent_resumes_its_session_only_when_the_tenant_chose_it(tmp
 
 
 def test_two_agents_of_one_tenant_never_resume_each_other(tmp_path: Path, upstream: FakeUpstream) -> None:
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False}, sessions={"implicit": "resume"})})
+    path = local_config(tmp_path, upstream.base_url, memory={"enabled": False}, sessions={"implicit": "resume"})
     with start_thread(path) as proxy:
         converse(proxy, "You are the build agent.", ["build it"])
         converse(proxy, "You are the review agent.", ["review it"])
@@ -77,7 +77,7 @@ def test_two_agents_of_one_tenant_never_resume_each_other(tmp_path: Path, upstre
 
 
 def test_a_rollback_sticks_when_the_agent_resends_its_stale_history(tmp_path: Path, upstream: FakeUpstream) -> None:
-    with start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False})})) as proxy:
+    with local_proxy(tmp_path, upstream.base_url, memory={"enabled": False}) as proxy:
         history, _ = converse(proxy, "sys", ["one", "two", "three"])
         session = agent_turn(proxy, "sys", history[:-2], "three")["headers"]["x-session-id"]  # a regeneration: one branch
         before = httpx.get(f"{proxy.url}/admin/sessions/{session}").json()["session"]["branches"]
@@ -93,7 +93,7 @@ def test_a_rollback_sticks_when_the_agent_resends_its_stale_history(tmp_path: Pa
 
 
 def test_keep_restores_the_old_behaviour(tmp_path: Path, upstream: FakeUpstream) -> None:
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False}, sessions={"reverted_turns": "keep"})})
+    path = local_config(tmp_path, upstream.base_url, memory={"enabled": False}, sessions={"reverted_turns": "keep"})
     with start_thread(path) as proxy:
         history, session = converse(proxy, "sys", ["one", "two"])
         rolled = httpx.post(f"{proxy.url}/admin/sessions/{session}/rollback", json={"turns": 2})
@@ -104,7 +104,7 @@ def test_keep_restores_the_old_behaviour(tmp_path: Path, upstream: FakeUpstream)
 
 
 def test_a_fork_point_sticks_for_a_client_of_the_fork(tmp_path: Path, upstream: FakeUpstream) -> None:
-    with start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False})})) as proxy:
+    with local_proxy(tmp_path, upstream.base_url, memory={"enabled": False}) as proxy:
         history, session = converse(proxy, "sys", ["one", "two", "three"])
         forked = httpx.post(f"{proxy.url}/admin/sessions/{session}/fork", json={"turns": 2, "session_id": "fork-b"})
         assert forked.status_code == 201 and forked.json()["messages"] == 3
@@ -116,7 +116,7 @@ def test_a_fork_point_sticks_for_a_client_of_the_fork(tmp_path: Path, upstream: 
 
 
 def test_a_named_checkpoint_is_a_rollback_target(tmp_path: Path, upstream: FakeUpstream) -> None:
-    with start_thread(write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"enabled": False})})) as proxy:
+    with local_proxy(tmp_path, upstream.base_url, memory={"enabled": False}) as proxy:
         chat = httpx.Client(base_url=proxy.base_url, headers={"X-Session-ID": "named"})
         history = [{"role": "user", "content": "plan the migration"}]
         history.append(chat.post("/chat/completions", json={"model": "fake-model", "messages": history}).json()["choices"][0]["message"])

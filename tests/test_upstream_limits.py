@@ -10,14 +10,14 @@ import orjson
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, open_tenant, start_thread, write_config
+from tests.harness import ProxyThread, local_config, start_thread
 
 CAP = 16 * 1024
 
 
 @pytest.fixture
 def capped(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, max_response_bytes=CAP)})
+    path = local_config(tmp_path, upstream.base_url, max_response_bytes=CAP)
     with start_thread(path) as running:
         yield running
 
@@ -69,6 +69,6 @@ def test_a_huge_stream_ends_with_an_error_event_and_keeps_at_most_the_cap(capped
 def test_max_response_bytes_is_validated(tmp_path: Path, upstream: FakeUpstream) -> None:
     from proxy.config import ConfigError, load_config
 
-    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, max_response_bytes="32MB")})
+    path = local_config(tmp_path, upstream.base_url, max_response_bytes="32MB")
     with pytest.raises(ConfigError, match=r"local\.yaml: max_response_bytes: must be an integer"):
         load_config(path)

@@ -20,7 +20,7 @@ from proxy.storage.base import InvalidWrite, Write
 from proxy.storage.memory import InMemoryStore
 from proxy.storage.write_behind import WriteBehindStore
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, open_tenant, write_config
+from tests.harness import ProxyProcess, local_config
 
 
 def nested(depth: int, leaf: Any = 1) -> Any:
@@ -71,7 +71,7 @@ def assert_other_sessions_are_durable(proxy: ProxyProcess, upstream: FakeUpstrea
 
 @pytest.mark.parametrize("mode,kill", [("hybrid", False), ("sync", True)])
 def test_unstorable_requests_fail_alone_and_later_turns_survive_restart(tmp_path: Path, upstream: FakeUpstream, mode: str, kill: bool) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url, persistence={"mode": mode})})
+    config = local_config(tmp_path, upstream.base_url, persistence={"mode": mode})
     proxy = ProxyProcess(config).start()
     try:
         for index, (messages, stream) in enumerate(poison_requests()):
@@ -87,7 +87,7 @@ def test_unstorable_requests_fail_alone_and_later_turns_survive_restart(tmp_path
 
 
 def test_deep_memory_metadata_is_refused_and_the_memory_api_keeps_working(tmp_path: Path, upstream: FakeUpstream) -> None:
-    config = write_config(tmp_path, {"local": open_tenant(upstream.base_url)})
+    config = local_config(tmp_path, upstream.base_url)
     proxy = ProxyProcess(config).start()
     try:
         deadline = 60

@@ -3,10 +3,8 @@ and the hypothesis profiles of the fuzz tests."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,7 +13,8 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, settings
 
-from tests.harness import ProxyThread, free_port, start_thread, write_config
+from tests.harness import ProxyThread, route, start_thread, write_config
+from tests.serving import in_thread, serve
 
 # Profiles of the fuzz tests: "security-fast" runs in CI (500 bodies, ~35 s); "security-deep" is
 # for a local hunt (5,000 bodies, 1-5 min on 2 shared cores):
@@ -35,19 +34,13 @@ def fuzz_settings() -> settings:
     return settings.get_profile("security-deep" if deep else "security-fast")
 
 
-UPSTREAM_KEY = "upstream-secret-key"
-
-
 class Attacker:
     """A server the client would like the proxy to call: it records every request it gets, on
     any path and method, and answers like a provider would (so a leak "succeeds" visibly)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""
         self.requests: list[dict[str, Any]] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="attacker")
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests.append({"method": request.method, "path": request.path, "headers": dict(request.headers),
@@ -57,43 +50,32 @@ class Attacker:
                  "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
         return web.json_response(reply)
 
-    async def _start(self) -> None:
+    @contextlib.contextmanager
+    def run(self) -> Iterator[Attacker]:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def __enter__(self) -> Attacker:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        with in_thread(lambda: serve(app), "attacker") as port:
+            self.url = f"http://127.0.0.1:{port}"
+            yield self
 
 
 @pytest.fixture
 def attacker() -> Iterator[Attacker]:
-    with Attacker() as server:
+    with Attacker().run() as server:
         yield server
 
 
 def two_path_tenant(upstream_base: str, **extra: Any) -> dict[str, Any]:
     """One open tenant whose model "direct" goes over the direct HTTP path and "via-litellm"
     through litellm, both to the same upstream with the same key."""
-    route = {"model": "openai/fake-model", "api_base": upstream_base, "api_key": UPSTREAM_KEY}
     return {
         "allow_unauthenticated": True,
-        "models": {"direct": route | {"path": "direct"}, "via-litellm": route | {"path": "litellm"}},
+        "models": {"direct": route(upstream_base, "openai/fake-model", path="direct"),
+                   "via-litellm": route(upstream_base, "openai/fake-model", path="litellm")},
     } | extra
 
 
 @contextlib.contextmanager
 def running_proxy(tmp_path: Path, tenant: dict[str, Any], **sections: Any) -> Iterator[ProxyThread]:
-    path = write_config(tmp_path, {"local": tenant}, **sections)
-    with start_thread(path) as proxy:
+    with start_thread(write_config(tmp_path, {"local": tenant}, **sections)) as proxy:
         yield proxy

@@ -17,7 +17,7 @@ import httpx
 import orjson
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, open_tenant, write_config
+from tests.harness import ProxyProcess, local_config, open_tenant, write_config
 from tests.memory_helpers import wait_for_embedder
 
 STALL_BOUND = 1.0  # seconds, any probe: doing the work inline held /health for 0.5-5 s here
@@ -84,7 +84,7 @@ def _agent_history(turns: int) -> list[dict]:
 
 
 def _measure(tmp_path: Path, upstream: FakeUpstream, work: Callable[[ProxyProcess], None], label: str) -> None:
-    proxy = ProxyProcess(write_config(tmp_path, {"local": open_tenant(upstream.base_url)})).start()
+    proxy = ProxyProcess(local_config(tmp_path, upstream.base_url)).start()
     try:
         wait_for_embedder(proxy)  # measured once started: loading the embedder competes for the GIL
         before = _lag_buckets(proxy)

@@ -20,8 +20,8 @@ from proxy.litellm_params import is_litellm_param
 from proxy.protocol_fields import CHAT_COMPLETIONS, EMBEDDINGS
 from proxy.upstream import import_litellm
 from tests.fake_upstream import FakeUpstream
-from tests.harness import write_config
-from tests.security.conftest import UPSTREAM_KEY, Attacker, running_proxy, two_path_tenant
+from tests.harness import UPSTREAM_KEY, write_config
+from tests.security.conftest import Attacker, running_proxy, two_path_tenant
 
 # litellm builds pydantic schemas of TypedDicts with ReadOnly items on its first calls; the warning
 # is litellm's own business, not a failure of the proxy (warnings are errors in this suite).

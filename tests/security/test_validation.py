@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyProcess, ProxyThread, open_tenant, write_config
+from tests.harness import ProxyProcess, ProxyThread, local_config, open_tenant
 from tests.memory_helpers import drain
 from tests.security.conftest import running_proxy
 
@@ -184,7 +184,7 @@ def test_a_50000_pair_request_is_refused_while_health_keeps_answering(tmp_path: 
                                                  {"role": "assistant", "content": f"answer {i}: sunny"})]
     body = orjson.dumps({"model": "fake-model", "messages": pairs})
     assert len(body) > 4_000_000
-    proxy = ProxyProcess(write_config(tmp_path, {"local": open_tenant(upstream.base_url)})).start()
+    proxy = ProxyProcess(local_config(tmp_path, upstream.base_url)).start()
     try:
         waits: list[float] = []
         done = threading.Event()
