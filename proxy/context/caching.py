@@ -30,7 +30,7 @@ from proxy.memory.inject import HEADER as MEMORY_HEADER
 
 if TYPE_CHECKING:
     from proxy.config import ResolvedModel
-    from proxy.pipeline import Turn
+    from proxy.turn import Turn
     from proxy.records import Session
 
 EPHEMERAL = {"type": "ephemeral"}

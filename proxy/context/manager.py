@@ -34,7 +34,7 @@ from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from proxy.config import TenantConfig
-    from proxy.pipeline import Turn
+    from proxy.turn import Turn
 
 log = logging.getLogger("agent_state_proxy.context")
 

@@ -20,7 +20,8 @@ from aiohttp import web
 from proxy import tokens
 from proxy.config import ResolvedModel
 from proxy.errors import NotFound, PayloadTooLarge, ProxyError
-from proxy.pipeline import Pipeline, Turn
+from proxy.pipeline import Pipeline
+from proxy.turn import Turn
 from proxy.protocols import anthropic, anthropic_chat
 from proxy.server import keys
 from proxy.server.access_log import note_turn

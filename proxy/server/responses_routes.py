@@ -21,7 +21,8 @@ from aiohttp import web
 
 from proxy.config import TenantConfig
 from proxy.errors import BadRequest, NotFound, ProxyError
-from proxy.pipeline import Pipeline, Turn
+from proxy.pipeline import Pipeline
+from proxy.turn import Turn
 from proxy.protocols import responses, responses_compact, responses_render as render
 from proxy.records import Message
 from proxy.server import keys
