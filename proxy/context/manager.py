@@ -2,8 +2,8 @@
 
 ``ContextManager.shape(turn)`` runs in Pipeline.prepare after history reconciliation: it counts
 the request (reusing the token counts stored with each message), and when the conversation
-exceeds the budget replaces ``turn.body["messages"]`` with what ``assemble`` chooses. Stored
-messages are never touched. ``after_record(turn, records)`` runs once a turn is committed: it
+exceeds the budget returns the messages ``assemble`` chooses, with its headers and the session's
+statistics (``Shaped``); the pipeline puts them into the turn. Stored messages are never touched. ``after_record(turn, records)`` runs once a turn is committed: it
 schedules segment and session summaries (and the optional LLM tagger) as tracked background
 tasks, which only read the store and write derived Records, never holding the session lock.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
 
 from proxy import tokens
@@ -26,6 +26,7 @@ from proxy.context.settings import ContextSettings
 from proxy.context.summaries import Summary
 from proxy.context.units import Item, Segment, View, build_view, shared_prefix, text_of
 from proxy.errors import BadRequest, ProxyError
+from proxy.lifecycle import same_session
 from proxy.pacing import Pace
 from proxy.records import Message
 from proxy.storage.base import Record, Store
@@ -47,6 +48,17 @@ _CONCURRENT_SUMMARIES = 4  # summarizer calls in flight per process
 _CACHED_VIEW_MESSAGES = 40_000
 _CACHED_VIEW_SESSIONS = 256
 _CACHED_SUMMARIES = 6_000  # the sessions used most keep their summaries in memory: ~9 MB
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """What the context stage decided for one request (``ContextManager.shape``)."""
+
+    body: dict[str, Any]  # the upstream body: messages fitted to the budget, prompt-cache hints
+    kept_free: int  # tokens left for the memory block, which is added after
+    recalled: list[dict[str, Any]] = field(default_factory=list)  # older messages quoted back
+    headers: dict[str, str] = field(default_factory=dict)  # X-Context-* response headers
+    stats: dict[str, Any] | None = None  # the session's context statistics now; None: unchanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,20 +130,19 @@ class ContextManager:
 
     # -- the request path ------------------------------------------------------------------
 
-    async def shape(self, turn: Turn, reserve: int = 0) -> int:
+    async def shape(self, turn: Turn, reserve: int = 0) -> Shaped:
         """Fit ``turn.body["messages"]`` to the budget, less up to ``reserve`` tokens kept free
-        for what is added after (the long-term memory block); set headers and session
-        statistics; add the provider's prompt-cache hints (``caching.py``). Returns how many
-        tokens were kept free (all of ``reserve`` when the context is not managed)."""
-        kept_free = await self._shape(turn, reserve)
-        caching.add_hints(turn, turn.tenant.context)
-        return kept_free
+        for what is added after (the long-term memory block), and add the provider's
+        prompt-cache hints (``caching.py``). Returns what it decided; the turn is not changed."""
+        shaped = await self._shape(turn, reserve)
+        body = caching.add_hints(shaped.body, turn.route, turn.tenant.name, turn.ref.id, turn.tenant.context)
+        return replace(shaped, body=body) if body is not shaped.body else shaped
 
-    async def _shape(self, turn: Turn, reserve: int) -> int:
+    async def _shape(self, turn: Turn, reserve: int) -> Shaped:
         settings: ContextSettings = turn.tenant.context
-        if not settings.enabled or turn.tenant.stateless:
-            return reserve
         body = turn.body
+        if not settings.enabled or turn.tenant.stateless:
+            return Shaped(body, reserve)
         budget = budget_for(settings, turn.route.requested, turn.route.model, body, reserve)
         encoding = budget.encoding
         overhead = request_overhead(body, encoding)
@@ -142,9 +153,10 @@ class ContextManager:
         previous = self._views.get(cache_key) if llm_tags is None else None
         items, stored = await self._items(turn, body.get("messages") or [], encoding, llm_tags, previous)
         full = overhead + sum(i.tokens for i in items)
+        stats = dict(turn.session.extra.get("context") or {})  # the session's statistics, updated below
         if full <= budget.prompt * settings.high_water:
-            self._account(turn, budget, Assembly([], full, full))
-            return budget.kept_free
+            headers = _account(stats, budget, Assembly([], full, full))
+            return Shaped(body, budget.kept_free, headers=headers, stats=stats)
         view = build_view(items, settings.segment_turns, importance.PRIORITY if settings.uses("importance") else None,
                           previous.view if previous is not None else None)
         available = await self._available(turn) if settings.uses("summaries") else {}
@@ -155,7 +167,6 @@ class ContextManager:
         if llm_tags is None:
             self._views.put(cache_key, _CachedView(view, stored, exchanges))
         policy = policy_for(settings, budget.prompt)
-        stats = turn.session.extra.get("context") or {}
         hint = stats.get("frontier")
         # The summaries sent with that frontier stay (frozen) while it is kept: a fold made since
         # would rewrite the prompt's front and cost its cached prefix.
@@ -179,18 +190,15 @@ class ContextManager:
                                   hint_parts=parts, ranked=ranked)
         except ContextTooLarge as exc:
             raise _too_large(exc, budget, turn.route.requested) from None
-        turn.body = body | {"messages": result.messages}
-        turn.recalled = result.recalled
         if result.tail_room is not None:
             # The memory block changes every request too: it shares the cap of the retrieved turns.
             budget = replace(budget, kept_free=min(budget.kept_free, result.tail_room))
-        if hint is None or result.frontier_seq != hint or result.used != list(parts):
+        compacted = hint is None or result.frontier_seq != hint or result.used != list(parts)
+        if compacted:
             # The prompt's front was rewritten: the provider's cached prefix ends here this time.
-            turn.headers["X-Context-Compacted"] = "true"
-            stats = turn.session.extra.setdefault("context", {})
             stats["compactions"] = stats.get("compactions", 0) + 1
-        self._account(turn, budget, result)
-        return budget.kept_free
+        headers = _account(stats, budget, result) | ({"X-Context-Compacted": "true"} if compacted else {})
+        return Shaped(body | {"messages": result.messages}, budget.kept_free, result.recalled, headers, stats)
 
     async def _items(self, turn: Turn, messages: list[dict[str, Any]], encoding: str, llm_tags: dict[int, list[str]] | None,
                previous: _CachedView | None = None) -> tuple[list[Item], list[Message | None]]:
@@ -303,24 +311,6 @@ class ContextManager:
             log.exception("retriever failed; continuing without retrieval")
             return [], exchanges
         return [candidates[i].unit for i in order if 0 <= i < len(candidates)], exchanges
-
-    def _account(self, turn: Turn, budget: Budget, result: Assembly) -> None:
-        sent, full = result.tokens, result.full_tokens
-        turn.headers["X-Context-Tokens"] = str(sent)
-        turn.headers["X-Context-Tokens-Saved"] = str(full - sent)
-        turn.headers["X-Context-Budget"] = str(budget.prompt)
-        stats = turn.session.extra.setdefault("context", {})
-        stats["requests"] = stats.get("requests", 0) + 1
-        stats["compressed"] = stats.get("compressed", 0) + int(result.changed)
-        stats["tokens_sent"] = stats.get("tokens_sent", 0) + sent
-        stats["tokens_full"] = stats.get("tokens_full", 0) + full
-        stats["tokens_saved"] = stats.get("tokens_saved", 0) + full - sent
-        stats["frontier"] = result.frontier_seq if result.changed else None
-        stats["last"] = {
-            "tokens": sent, "full_tokens": full, "budget": budget.prompt, "window": budget.window,
-            "window_known": budget.window_known, "encoding": budget.encoding, "summaries": result.used,
-            "covered": result.covered, "pinned": result.pinned, "retrieved": result.retrieved, "omitted": result.omitted,
-        }
 
     # -- summaries -------------------------------------------------------------------------
 
@@ -465,7 +455,7 @@ class ContextManager:
 
     async def _save(self, ref: _Session, *summaries: Summary) -> None:
         session = await self.store.get_session(ref.tenant.name, ref.id)
-        if session is None or session.created_at != ref.created_at:
+        if not same_session(session, ref.created_at):
             return  # erased (or replaced) meanwhile: its summaries must not outlive it
         await summary_store.save(self.store, ref.tenant.name, ref.id, *summaries)
         await self._remember(ref, *summaries)
@@ -521,7 +511,7 @@ class ContextManager:
         while True:
             self._again.discard(ref.key)
             session = await self.store.get_session(ref.tenant.name, ref.id)
-            if session is None or session.created_at != ref.created_at:
+            if not same_session(session, ref.created_at):
                 return
             messages = await self.store.get_messages(ref.tenant.name, ref.id)
             view = await self._stored_view(ref, active_path(messages, session.head), encoding)
@@ -584,7 +574,7 @@ class ContextManager:
         if not found:
             return
         session = await self.store.get_session(ref.tenant.name, ref.id)
-        if session is None or session.created_at != ref.created_at:
+        if not same_session(session, ref.created_at):
             return
         records_out = [Record(TAGS_KIND, f"{seq:010d}", {"tags": tags, "model": settings.tagger_model}, ref.id) for seq, tags in found.items()]
         await summary_store.put_derived(self.store, ref.tenant.name, records_out)
@@ -605,6 +595,16 @@ class ContextManager:
         return found
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    def forget(self, tenant: str, session_id: str) -> None:
+        """Drop what is cached of a session that was deleted or rolled back (SessionLifecycle):
+        its views, summaries, tags and summarization marks are read again if it comes back."""
+        key = (tenant, session_id)
+        self._summaries.pop(key)
+        self._tags.pop(key, None)
+        self._passes.pop(key, None)
+        for view_key in [k for k in self._views if k[:2] == key]:
+            self._views.pop(view_key)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -658,6 +658,23 @@ def session_size(settings: ContextSettings, budget: int) -> int:
 def fold_threshold(settings: ContextSettings) -> float:
     """Share of the budget the summaries may take before older ones are folded into a session summary."""
     return max(0.1, 1.0 - settings.window_share - settings.pin_share - settings.retrieval_share / 2)
+
+
+def _account(stats: dict[str, Any], budget: Budget, result: Assembly) -> dict[str, str]:
+    """Add one request to the session's context statistics; returns its X-Context-* headers."""
+    sent, full = result.tokens, result.full_tokens
+    stats["requests"] = stats.get("requests", 0) + 1
+    stats["compressed"] = stats.get("compressed", 0) + int(result.changed)
+    stats["tokens_sent"] = stats.get("tokens_sent", 0) + sent
+    stats["tokens_full"] = stats.get("tokens_full", 0) + full
+    stats["tokens_saved"] = stats.get("tokens_saved", 0) + full - sent
+    stats["frontier"] = result.frontier_seq if result.changed else None
+    stats["last"] = {
+        "tokens": sent, "full_tokens": full, "budget": budget.prompt, "window": budget.window,
+        "window_known": budget.window_known, "encoding": budget.encoding, "summaries": result.used,
+        "covered": result.covered, "pinned": result.pinned, "retrieved": result.retrieved, "omitted": result.omitted,
+    }
+    return {"X-Context-Tokens": str(sent), "X-Context-Tokens-Saved": str(full - sent), "X-Context-Budget": str(budget.prompt)}
 
 
 def _ref(turn: Turn) -> _Session:
