@@ -13,11 +13,11 @@ from aiohttp import web
 from proxy import checkpoints
 from proxy.context import caching, summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
-from proxy.pipeline import Pipeline
 from proxy.protocols.anthropic_chat import chat_messages
 from proxy.server import keys, pages
 from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json, store_damaged
 from proxy.server.access_log import note_turn
+from proxy.server.relay import relay
 from proxy.storage.base import REPAIR_HINT, Record
 from proxy.transcript import active_path, walk
 from proxy.pacing import Pace
@@ -66,50 +66,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 response = await pipeline.complete(turn)
                 await quotas.add_tokens(tenant.name, response.get("usage"))
                 return json_response(response, headers=turn.headers)
-            return await _relay_stream(request, pipeline, turn)
+            return await relay(request, pipeline, turn, _ChatFrames())
 
 
-async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.StreamResponse:
-    """SSE relay. Errors before the first chunk get a normal HTTP error; after, an error event.
+class _ChatFrames:
+    """Chat Completions SSE: ``data: {chunk}`` events, ``data: [DONE]`` at the end."""
 
-    The stream ends ([DONE] and the end of the body, in one send) only once the turn is recorded,
-    so a client that saw [DONE] holds an answer the proxy has accepted; if recording fails the
-    stream ends with an error event instead.
-    """
-    batches = pipeline.stream(turn)
-    response: web.StreamResponse | None = None
-    ending: bytes | None = b"data: [DONE]\n\n"
-    usage = None  # the provider's token count (a final chunk, when the client asked for it)
-    try:
-        async for batch in batches:
-            usage = next((chunk["usage"] for chunk in batch if chunk.get("usage")), usage)
-            if response is None:
-                response = web.StreamResponse(headers={
-                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers,
-                })
-                await response.prepare(request)
-            await response.write(_events(batch))  # one send for what arrived together
-        if response is None:  # the provider sent no chunk at all: still a well-formed stream
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **turn.headers})
-            await response.prepare(request)
-    except ProxyError as error:
-        if response is None:
-            raise
-        ending = _events([error.body()])
-    except (ConnectionResetError, ConnectionError):
-        log.info("client went away mid-stream (session %s, request %s)", turn.ref.id, turn.request_id)
-        ending = None
-    finally:
-        try:
-            await batches.aclose()  # records the (possibly partial) response
-        except ProxyError as error:
-            if response is None:
-                raise
-            ending = _events([error.body()]) if ending is not None else None
-    if response is not None:
-        await _end_quietly(response, ending)
-    await request.app[keys.QUOTAS].add_tokens(turn.tenant.name, usage)  # after the client has its answer
-    return response
+    def start(self) -> bytes:
+        return b""
+
+    def batch(self, batch: list[dict[str, Any]]) -> bytes:
+        return _events(batch)
+
+    def end(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def fail(self, error: ProxyError) -> bytes:
+        return _events([error.body()])
 
 
 async def _replay(request: web.Request, turn) -> web.StreamResponse:
@@ -126,13 +99,6 @@ async def _replay(request: web.Request, turn) -> web.StreamResponse:
 
 def _events(chunks) -> bytes:
     return b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
-
-
-async def _end_quietly(response: web.StreamResponse, last: bytes | None) -> None:
-    try:
-        await response.write_eof(last or b"")
-    except (ConnectionResetError, ConnectionError):
-        pass
 
 
 async def list_models(request: web.Request) -> web.Response:
