@@ -61,12 +61,14 @@ def _lifecycle(store: InMemoryStore) -> tuple[SessionLifecycle, _Memory, Context
 
 
 def _cache_in_context(context: ContextManager, session_id: str) -> None:
-    context._tags.put(("local", session_id), (1.0, {0: ["decision"]}))
+    context.tags.cache.put(("local", session_id), (1.0, {0: ["decision"]}))
     context._passes.put(("local", session_id), (1.0, 4, None))
+    context.summaries.cache.put(("local", session_id), (1.0, {}))
 
 
 def _cached_in_context(context: ContextManager, session_id: str) -> bool:
-    return ("local", session_id) in context._tags or ("local", session_id) in context._passes
+    key = ("local", session_id)
+    return key in context.tags.cache or key in context._passes or key in context.summaries.cache
 
 
 async def test_delete_erases_the_session_its_memories_and_the_contexts_cache() -> None:
