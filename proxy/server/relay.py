@@ -5,8 +5,7 @@ before the first event is a normal HTTP error; after it, the protocol's error ev
 stream. The stream's last event (``[DONE]``, ``response.completed``, ``message_stop``) is sent only
 once the turn is recorded, so a client that saw it holds an answer the proxy has accepted; if
 recording fails the stream ends with the error event instead. A client that goes away closes the
-provider's stream, and what arrived until then is recorded as aborted. The first failure is the
-one reported (an upstream error, not the failure to record its partial answer).
+provider's stream, and what arrived until then is recorded as aborted.
 """
 
 from __future__ import annotations
