@@ -26,7 +26,7 @@ this size and only happens on a miss. Event-loop thread only (no locking).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Callable, Generic, Hashable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -202,3 +202,23 @@ class FrequencyCache(Generic[K, V]):
             self.evicted += 1
             if self._main_weight <= self._main_capacity and not self._too_many():
                 return
+
+
+class LRU(OrderedDict):
+    """A plain least-recently-used map of at most ``size`` entries."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_fresh(self, key: Hashable) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)

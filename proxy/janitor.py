@@ -8,6 +8,7 @@ import time
 from typing import Awaitable, Callable, Iterable
 
 from proxy.config import TenantConfig
+from proxy.lifecycle import is_expired
 from proxy.storage.base import Store
 
 log = logging.getLogger("agent_state_proxy.janitor")
@@ -19,12 +20,13 @@ OnDelete = Callable[[str, str], Awaitable[None]]
 async def sweep(store: Store, tenants: Iterable[TenantConfig], now: float, on_delete: OnDelete | None = None) -> int:
     """Delete every expired session of every tenant; returns how many were deleted.
 
-    ``on_delete(tenant, session_id)`` runs after each deletion (long-term memory forgets the session).
+    ``on_delete(tenant, session_id)`` runs after each deletion (SessionLifecycle.forget: long-term
+    memory and the context's caches let the session go).
     """
     deleted = 0
     for tenant in tenants:
         for session in await store.list_sessions(tenant.name):
-            if session.last_active + tenant.session_ttl < now:
+            if is_expired(tenant, session, now):
                 deleted += await store.delete_session(tenant.name, session.id)
                 if on_delete is not None:
                     await on_delete(tenant.name, session.id)

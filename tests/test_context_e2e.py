@@ -316,8 +316,7 @@ def test_a_restored_session_without_summaries_has_each_made_once(tmp_path: Path,
     off, or stored before them): the first request makes the extractive summaries it needs
     at once, and, without a summarizer model, keeps them; the background pass must not make
     them all again (~80 of 1.5-3 ms each for a 1,000-message session, on the event loop)."""
-    from proxy.context import manager as manager_module
-    from proxy.context import summaries as summary_store
+    from proxy.context import summaries as summary_store, summary_maker
     from proxy.storage.base import Record, Write
 
     spec = tenant(upstream, summarizer_model=None)
@@ -331,13 +330,13 @@ def test_a_restored_session_without_summaries_has_each_made_once(tmp_path: Path,
         assert len(stored) > 8
         proxy.call(store.apply([Write("local", records=[Record(summary_store.KIND, key, None, "long") for key in stored])]))
         made: list[str] = []
-        original = manager_module._extractive_segment
+        original = summary_maker.extractive_segment
 
         def counted(segment, *args, **kwargs):
             made.append(segment.key)
             return original(segment, *args, **kwargs)
 
-        monkeypatch.setattr(manager_module, "_extractive_segment", counted)
+        monkeypatch.setattr(summary_maker, "extractive_segment", counted)
         response = sdk(proxy).chat.completions.with_raw_response.create(
             model="fake-model", messages=[SYSTEM, *history[-6:], {"role": "user", "content": "and the next item?"}],
             extra_headers={"X-Session-ID": "long"})

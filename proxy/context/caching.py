@@ -30,7 +30,6 @@ from proxy.memory.inject import HEADER as MEMORY_HEADER
 
 if TYPE_CHECKING:
     from proxy.config import ResolvedModel
-    from proxy.pipeline import Turn
     from proxy.records import Session
 
 EPHEMERAL = {"type": "ephemeral"}
@@ -39,18 +38,19 @@ _TAIL_MARKERS = (RECALL_OPEN, MEMORY_HEADER)
 TOTAL_KEYS = ("requests", "prompt_tokens", "cached_tokens", "cache_creation_tokens")
 
 
-def add_hints(turn: Turn, settings: ContextSettings) -> None:
-    """Cache hints for the route of ``turn`` on ``turn.body`` (never on the client's objects)."""
-    route = turn.route
-    if settings.prompt_cache_key and _is_openai(route) and not turn.body.get("prompt_cache_key"):
-        digest = hashlib.sha256(f"{turn.tenant.name}\0{turn.ref.id}".encode()).hexdigest()[:32]
-        turn.body = turn.body | {"prompt_cache_key": f"asp-{digest}"}
+def add_hints(body: dict[str, Any], route: ResolvedModel, tenant: str, session_id: str, settings: ContextSettings) -> dict[str, Any]:
+    """``body`` with the cache hints for ``route`` (a new dict when any is added; the client's
+    objects are never changed)."""
+    if settings.prompt_cache_key and _is_openai(route) and not body.get("prompt_cache_key"):
+        digest = hashlib.sha256(f"{tenant}\0{session_id}".encode()).hexdigest()[:32]
+        body = body | {"prompt_cache_key": f"asp-{digest}"}
     if settings.cache_breakpoints and _is_anthropic(route):
-        messages = turn.body.get("messages")
-        if isinstance(messages, list) and not _has_breakpoint(turn.body):
+        messages = body.get("messages")
+        if isinstance(messages, list) and not _has_breakpoint(body):
             marked = place_breakpoints(messages)
             if marked is not messages:
-                turn.body = turn.body | {"messages": marked}
+                body = body | {"messages": marked}
+    return body
 
 
 def place_breakpoints(messages: list[Any]) -> list[Any]:
@@ -139,17 +139,16 @@ def cache_usage(usage: dict[str, Any]) -> tuple[int, int]:
     return read, _int(usage.get("cache_creation_input_tokens"))
 
 
-def account(turn: Turn, usage: dict[str, Any]) -> None:
-    """Add one response's prompt and cached tokens to its session's totals; the response
-    headers get them when they are still to be sent (non-streaming answers)."""
+def account(session: Session, usage: dict[str, Any]) -> dict[str, str]:
+    """Add one response's prompt and cached tokens to its session's totals; returns the response
+    headers that carry them (sent when the headers are still to be sent: non-streaming answers)."""
     read, written = cache_usage(usage)
     prompt = _int(usage.get("prompt_tokens"))
-    totals = turn.session.extra.setdefault("cache", {})
+    totals = session.extra.setdefault("cache", {})
     for key, value in zip(TOTAL_KEYS, (1, prompt, read, written)):
         totals[key] = int(totals.get(key, 0)) + value
     totals["last"] = {"prompt_tokens": prompt, "cached_tokens": read, "cache_creation_tokens": written}
-    turn.headers["X-Context-Cached-Tokens"] = str(read)
-    turn.headers["X-Context-Prompt-Tokens"] = str(prompt)
+    return {"X-Context-Cached-Tokens": str(read), "X-Context-Prompt-Tokens": str(prompt)}
 
 
 def tenant_totals(sessions: Iterable[Session]) -> dict[str, int]:

@@ -2,51 +2,64 @@
 
 ``ContextManager.shape(turn)`` runs in Pipeline.prepare after history reconciliation: it counts
 the request (reusing the token counts stored with each message), and when the conversation
-exceeds the budget replaces ``turn.body["messages"]`` with what ``assemble`` chooses. Stored
-messages are never touched. ``after_record(turn, records)`` runs once a turn is committed: it
-schedules segment and session summaries (and the optional LLM tagger) as tracked background
-tasks, which only read the store and write derived Records, never holding the session lock.
+exceeds the budget returns the messages ``assemble`` chooses, with its headers and the session's
+statistics (``Shaped``); the pipeline puts them into the turn. Stored messages are never
+touched. ``after_record(turn, records)`` runs once a turn is committed: it schedules segment and
+session summaries (``summary_maker.py``) and the optional LLM tagger (``tagging.py``) as tracked
+background tasks, which only read the store and write derived Records, never holding the
+session lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Coroutine, Sequence
 
 from proxy import tokens
-from proxy.cache import FrequencyCache
-from proxy.context import caching, importance, summaries as summary_store, summarizer
+from proxy.cache import LRU, FrequencyCache
+from proxy.context import caching, importance, summary_maker
 from proxy.context.assemble import Assembly, ContextTooLarge, Policy, assemble, window_start
 from proxy.context.budget import Budget, budget_for, request_overhead
 from proxy.context.retrieval import Candidate, LexicalRetriever, Retriever
 from proxy.context.settings import ContextSettings
 from proxy.context.summaries import Summary
-from proxy.context.units import Item, Segment, View, build_view, shared_prefix, text_of
-from proxy.errors import BadRequest, ProxyError
+from proxy.context.summary_maker import Incarnation, SummaryMaker, fold_threshold, segment_size
+from proxy.context.tagging import LLMTags
+from proxy.context.units import Item, View, build_view, shared_prefix, text_of
+from proxy.errors import BadRequest
+from proxy.lifecycle import same_session
 from proxy.pacing import Pace
 from proxy.records import Message
-from proxy.storage.base import Record, Store
+from proxy.storage.base import Store
 from proxy.transcript import active_path, message_hash
 from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
-    from proxy.config import TenantConfig
-    from proxy.pipeline import Turn
+    from proxy.turn import Turn
 
 log = logging.getLogger("agent_state_proxy.context")
 
-TAGS_KIND = "tags"
 _HOT_LLM_SEGMENTS = 4  # a request waits for the summarizer on at most this many segments
 _RETRIEVE_LIMIT = 16
-_CONCURRENT_SUMMARIES = 4  # summarizer calls in flight per process
 # The latest context view of the sessions used most (proxy/cache.py), by their messages: a view
 # holds ~0.35 KB a message beyond the messages themselves, plus its exchanges' term hashes.
 _CACHED_VIEW_MESSAGES = 40_000
 _CACHED_VIEW_SESSIONS = 256
 _CACHED_SUMMARIES = 6_000  # the sessions used most keep their summaries in memory: ~9 MB
+_Session = Incarnation  # which session, and which incarnation of it, a background task works for
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """What the context stage decided for one request (``ContextManager.shape``)."""
+
+    body: dict[str, Any]  # the upstream body: messages fitted to the budget, prompt-cache hints
+    kept_free: int  # tokens left for the memory block, which is added after
+    recalled: list[dict[str, Any]] = field(default_factory=list)  # older messages quoted back
+    headers: dict[str, str] = field(default_factory=dict)  # X-Context-* response headers
+    stats: dict[str, Any] | None = None  # the session's context statistics now; None: unchanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,37 +69,6 @@ class _CachedView:
     view: View
     stored: list[Message | None]
     exchanges: list[tuple[int, int, Candidate]]  # see ContextManager._rank
-
-
-@dataclass(frozen=True)
-class _Session:
-    """Which session (and which incarnation of it) a background task works for."""
-
-    tenant: TenantConfig
-    id: str
-    created_at: float
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.tenant.name, self.id)
-
-
-class _LRU(OrderedDict):
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def get_fresh(self, key: Hashable) -> Any:
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
 
 
 class ContextManager:
@@ -99,52 +81,47 @@ class ContextManager:
         self._tasks: set[asyncio.Task] = set()
         self._jobs: dict[tuple[str, str], asyncio.Task] = {}
         self._again: set[tuple[str, str]] = set()
-        self._inflight: dict[tuple[str, str, str], asyncio.Task] = {}
-        # (tenant, session) → (created_at, {key: Summary}), by summaries (proxy/cache.py): a
-        # 1,000-message session has ~85 (~1.5 KB each), and the benchmark's 142 sessions held
-        # ~20 MB of them under a bound of 1,024 sessions. A miss reads them back (~1-2 ms).
-        self._summaries: FrequencyCache[tuple[str, str], tuple[float, dict[str, Summary]]] = FrequencyCache(
-            _CACHED_SUMMARIES, weigh=lambda cached: len(cached[1]) + 1, max_entries=1024)
-        self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
-        self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
+        self.summaries = SummaryMaker(store, upstream, self._spawn, _CACHED_SUMMARIES)
+        self._summaries = self.summaries.cache  # the summaries kept in memory
+        self.tags = LLMTags(store, upstream)
+        self._counts = LRU(100_000)  # (encoding, chain or hash) → tokens
         # (tenant, session, created_at, encoding, segment turns, importance) → the view of its
         # latest request. A miss rebuilds it (a 1,000-message session: ~10 ms, half of it hashing
         # its exchanges' terms), so a burst of other sessions must not push out the ones in use.
         self._views: FrequencyCache[tuple[Any, ...], _CachedView] = FrequencyCache(
             _CACHED_VIEW_MESSAGES, weigh=lambda cached: len(cached.view.items), max_entries=_CACHED_VIEW_SESSIONS)
-        self._passes = _LRU(10_000)  # (tenant, session) → (created_at, next_seq, newest closed segment) at the last pass
-        self._limit: asyncio.Semaphore | None = None
+        self._passes = LRU(10_000)  # (tenant, session) → (created_at, next_seq, newest closed segment) at the last pass
         self._closed = False
 
     # -- the request path ------------------------------------------------------------------
 
-    async def shape(self, turn: Turn, reserve: int = 0) -> int:
+    async def shape(self, turn: Turn, reserve: int = 0) -> Shaped:
         """Fit ``turn.body["messages"]`` to the budget, less up to ``reserve`` tokens kept free
-        for what is added after (the long-term memory block); set headers and session
-        statistics; add the provider's prompt-cache hints (``caching.py``). Returns how many
-        tokens were kept free (all of ``reserve`` when the context is not managed)."""
-        kept_free = await self._shape(turn, reserve)
-        caching.add_hints(turn, turn.tenant.context)
-        return kept_free
+        for what is added after (the long-term memory block), and add the provider's
+        prompt-cache hints (``caching.py``). Returns what it decided; the turn is not changed."""
+        shaped = await self._shape(turn, reserve)
+        body = caching.add_hints(shaped.body, turn.route, turn.tenant.name, turn.ref.id, turn.tenant.context)
+        return replace(shaped, body=body) if body is not shaped.body else shaped
 
-    async def _shape(self, turn: Turn, reserve: int) -> int:
+    async def _shape(self, turn: Turn, reserve: int) -> Shaped:
         settings: ContextSettings = turn.tenant.context
-        if not settings.enabled or turn.tenant.stateless:
-            return reserve
         body = turn.body
+        if not settings.enabled or turn.tenant.stateless:
+            return Shaped(body, reserve)
         budget = budget_for(settings, turn.route.requested, turn.route.model, body, reserve)
         encoding = budget.encoding
         overhead = request_overhead(body, encoding)
-        llm_tags = await self._llm_tags(turn) if settings.tagger_model else None
+        llm_tags = await self.tags.of(_ref(turn)) if settings.tagger_model else None
         # The previous request's view of this session: its items and units are reused where
         # this request repeats them (the whole stored history, in a long session).
         cache_key = _view_key(_ref(turn), encoding)
         previous = self._views.get(cache_key) if llm_tags is None else None
         items, stored = await self._items(turn, body.get("messages") or [], encoding, llm_tags, previous)
         full = overhead + sum(i.tokens for i in items)
+        stats = dict(turn.session.extra.get("context") or {})  # the session's statistics, updated below
         if full <= budget.prompt * settings.high_water:
-            self._account(turn, budget, Assembly([], full, full))
-            return budget.kept_free
+            headers = _account(stats, budget, Assembly([], full, full))
+            return Shaped(body, budget.kept_free, headers=headers, stats=stats)
         view = build_view(items, settings.segment_turns, importance.PRIORITY if settings.uses("importance") else None,
                           previous.view if previous is not None else None)
         available = await self._available(turn) if settings.uses("summaries") else {}
@@ -155,7 +132,6 @@ class ContextManager:
         if llm_tags is None:
             self._views.put(cache_key, _CachedView(view, stored, exchanges))
         policy = policy_for(settings, budget.prompt)
-        stats = turn.session.extra.get("context") or {}
         hint = stats.get("frontier")
         # The summaries sent with that frontier stay (frozen) while it is kept: a fold made since
         # would rewrite the prompt's front and cost its cached prefix.
@@ -179,18 +155,15 @@ class ContextManager:
                                   hint_parts=parts, ranked=ranked)
         except ContextTooLarge as exc:
             raise _too_large(exc, budget, turn.route.requested) from None
-        turn.body = body | {"messages": result.messages}
-        turn.recalled = result.recalled
         if result.tail_room is not None:
             # The memory block changes every request too: it shares the cap of the retrieved turns.
             budget = replace(budget, kept_free=min(budget.kept_free, result.tail_room))
-        if hint is None or result.frontier_seq != hint or result.used != list(parts):
+        compacted = hint is None or result.frontier_seq != hint or result.used != list(parts)
+        if compacted:
             # The prompt's front was rewritten: the provider's cached prefix ends here this time.
-            turn.headers["X-Context-Compacted"] = "true"
-            stats = turn.session.extra.setdefault("context", {})
             stats["compactions"] = stats.get("compactions", 0) + 1
-        self._account(turn, budget, result)
-        return budget.kept_free
+        headers = _account(stats, budget, result) | ({"X-Context-Compacted": "true"} if compacted else {})
+        return Shaped(body | {"messages": result.messages}, budget.kept_free, result.recalled, headers, stats)
 
     async def _items(self, turn: Turn, messages: list[dict[str, Any]], encoding: str, llm_tags: dict[int, list[str]] | None,
                previous: _CachedView | None = None) -> tuple[list[Item], list[Message | None]]:
@@ -304,36 +277,13 @@ class ContextManager:
             return [], exchanges
         return [candidates[i].unit for i in order if 0 <= i < len(candidates)], exchanges
 
-    def _account(self, turn: Turn, budget: Budget, result: Assembly) -> None:
-        sent, full = result.tokens, result.full_tokens
-        turn.headers["X-Context-Tokens"] = str(sent)
-        turn.headers["X-Context-Tokens-Saved"] = str(full - sent)
-        turn.headers["X-Context-Budget"] = str(budget.prompt)
-        stats = turn.session.extra.setdefault("context", {})
-        stats["requests"] = stats.get("requests", 0) + 1
-        stats["compressed"] = stats.get("compressed", 0) + int(result.changed)
-        stats["tokens_sent"] = stats.get("tokens_sent", 0) + sent
-        stats["tokens_full"] = stats.get("tokens_full", 0) + full
-        stats["tokens_saved"] = stats.get("tokens_saved", 0) + full - sent
-        stats["frontier"] = result.frontier_seq if result.changed else None
-        stats["last"] = {
-            "tokens": sent, "full_tokens": full, "budget": budget.prompt, "window": budget.window,
-            "window_known": budget.window_known, "encoding": budget.encoding, "summaries": result.used,
-            "covered": result.covered, "pinned": result.pinned, "retrieved": result.retrieved, "omitted": result.omitted,
-        }
-
     # -- summaries -------------------------------------------------------------------------
 
     async def _available(self, turn: Turn) -> dict[str, Summary]:
-        return await self._summaries_of(_ref(turn))
+        return await self.summaries.of(_ref(turn))
 
-    async def _summaries_of(self, ref: _Session) -> dict[str, Summary]:
-        cached = self._summaries.get(ref.key)
-        if cached is not None and cached[0] == ref.created_at:
-            return cached[1]
-        found = await summary_store.load(self.store, ref.tenant.name, ref.id)
-        self._summaries.put(ref.key, (ref.created_at, found))
-        return found
+    async def _summaries_of(self, ref: Incarnation) -> dict[str, Summary]:
+        return await self.summaries.of(ref)
 
     async def _fill(self, ref: _Session, view: View, available: dict[str, Summary], result: Assembly,
                     settings: ContextSettings, budget: Budget) -> dict[str, Summary]:
@@ -346,135 +296,27 @@ class ContextManager:
         for rank, index in enumerate(result.missing):
             segment = view.segments[index]
             if segment.seqs and rank < _HOT_LLM_SEGMENTS:
-                waits.append(self._segment_summary(ref, segment, view, encoding, budget.prompt))
+                waits.append(self.summaries.segment(ref, segment, view, encoding, budget.prompt))
             else:  # not storable (unrecorded messages) or too many to wait for: made here, extractive
                 size = segment_size(settings, budget.prompt)
                 # Without a summarizer model this is the very summary the background pass would
                 # make: kept, so the pass skips it (a restored 1,000-message session has ~80).
                 keep = bool(segment.seqs) and not settings.summarizer_model
-                summary = merged[segment.key] = _extractive_segment(segment, view, size, encoding, stored=keep)
+                summary = merged[segment.key] = summary_maker.extractive_segment(segment, view, size, encoding, stored=keep)
                 if keep:
                     final.append(summary)
                 await pace.tick()  # a restored long session needs hundreds, ~2.5 ms each
         if final:
-            await self._save(ref, *final)
+            await self.summaries.save(ref, *final)
         for summary in await asyncio.gather(*waits):
             merged[summary.key] = summary
         if len(result.missing) > _HOT_LLM_SEGMENTS:
             self._schedule(ref, encoding, budget.prompt)  # the background makes the rest properly
         if result.fold and result.segments:
-            folded = await self._fold(ref, view, result.segments, merged, encoding, budget.prompt)
+            folded = await self.summaries.fold(ref, view, result.segments, merged, encoding, budget.prompt)
             if folded is not None:
                 merged[folded.key] = folded
         return merged
-
-    def _segment_summary(self, ref: _Session, segment: Segment, view: View, encoding: str, budget: int) -> asyncio.Future[Summary]:
-        """The summary of ``segment``: made once (concurrent askers share the one computation)."""
-        return self._once(ref, segment.key, lambda: self._make_segment(ref, segment, view, encoding, budget))
-
-    def _once(self, ref: _Session, key: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> asyncio.Future[Any]:
-        """Run ``make()`` unless a computation of ``key`` is already running; share its result."""
-        slot = (ref.tenant.name, ref.id, key)
-        task = self._inflight.get(slot)
-        if task is None:
-            task = self._spawn(make())
-            self._inflight[slot] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(slot, None))
-        return asyncio.shield(task)
-
-    async def _make_segment(self, ref: _Session, segment: Segment, view: View, encoding: str, budget: int) -> Summary:
-        existing = await self.store.get_record(ref.tenant.name, summary_store.KIND, segment.key, ref.id)
-        if existing is not None and (found := Summary.from_value(segment.key, existing)) is not None:
-            await self._remember(ref, found)
-            return found
-        settings: ContextSettings = ref.tenant.context
-        size = segment_size(settings, budget)
-        messages = _segment_messages(segment, view)
-        text, method, model = None, "extractive", None
-        if settings.summarizer_model:
-            request = summarizer.segment_request(settings.summarizer_model, summarizer.render(messages), size)
-            text = await self._llm(ref.tenant, settings, request)
-            if text is not None:
-                text, method, model = summarizer.fit(text, size * 3 // 2, encoding), "llm", settings.summarizer_model
-        if not text:  # ~2.5 ms: on the loop (a worker thread would slow requests in flight through the GIL)
-            summary = _extractive_segment(segment, view, size, encoding, stored=True)
-        else:
-            summary = summary_store.make(segment.key, "segment", text, encoding, segment.seqs, method, model=model)
-        await self._save(ref, summary)
-        return summary
-
-    async def _fold(self, ref: _Session, view: View, upto: int, available: dict[str, Summary],
-                    encoding: str, budget: int) -> Summary | None:
-        """The session summary of segments 0..upto-1 (made once; see _make_fold)."""
-        segments = view.segments[:upto]
-        if not segments or not segments[-1].seqs:
-            return None
-        key = segments[-1].session_key
-        if key in available:
-            return available[key]
-        return await self._once(ref, key, lambda: self._make_fold(ref, segments, key, available, encoding, budget))
-
-    async def _make_fold(self, ref: _Session, segments: list[Segment], key: str, available: dict[str, Summary],
-                         encoding: str, budget: int) -> Summary | None:
-        """Fold the newest session summary before ``segments[-1]`` and the segment summaries since."""
-        upto = len(segments)
-        start = 0
-        parts: list[Summary] = []
-        for k in range(upto - 1, 0, -1):
-            if segments[k - 1].session_key in available:
-                start = k
-                parts.append(available[segments[k - 1].session_key])
-                break
-        for segment in segments[start:]:
-            part = available.get(segment.key)
-            if part is None:
-                return None
-            parts.append(part)
-        if len(parts) < 2:
-            return None
-        seqs = sorted({s for p in parts for s in p.seqs})
-        settings: ContextSettings = ref.tenant.context
-        limit = session_size(settings, budget)
-        text, method, model = None, "extractive", None
-        if settings.summarizer_model:
-            text = await self._llm(ref.tenant, settings, summarizer.fold_request(settings.summarizer_model, [p.text for p in parts], limit))
-            if text is not None:
-                text, method, model = summarizer.fit(text, limit * 3 // 2, encoding), "llm", settings.summarizer_model
-        if not text:  # on a worker thread: folding many summaries takes tens of ms (a rare step)
-            text = await asyncio.to_thread(_extractive_fold, [p.text for p in parts], limit, encoding)
-        summary = summary_store.make(key, "session", text, encoding, seqs, method, model=model, parts=[p.key for p in parts])
-        await self._save(ref, summary)
-        return summary
-
-    async def _llm(self, tenant: TenantConfig, settings: ContextSettings, request: dict[str, Any]) -> str | None:
-        """One summarizer call; None when it fails (the caller falls back to extractive)."""
-        route = tenant.route(request["model"])
-        if route is None:
-            return None
-        if self._limit is None:
-            self._limit = asyncio.Semaphore(_CONCURRENT_SUMMARIES)
-        try:
-            async with self._limit:
-                response = await asyncio.wait_for(
-                    self.upstream.complete(route, request, settings.summarizer_timeout), settings.summarizer_timeout
-                )
-        except (ProxyError, asyncio.TimeoutError) as exc:
-            log.warning("summarizer %s failed (%s); using an extractive summary", request["model"], exc)
-            return None
-        return summarizer.reply_text(response)
-
-    async def _save(self, ref: _Session, *summaries: Summary) -> None:
-        session = await self.store.get_session(ref.tenant.name, ref.id)
-        if session is None or session.created_at != ref.created_at:
-            return  # erased (or replaced) meanwhile: its summaries must not outlive it
-        await summary_store.save(self.store, ref.tenant.name, ref.id, *summaries)
-        await self._remember(ref, *summaries)
-
-    async def _remember(self, ref: _Session, *summaries: Summary) -> None:
-        found = await self._summaries_of(ref)
-        found.update((summary.key, summary) for summary in summaries)
-        if self._summaries.peek(ref.key) is not None:
-            self._summaries.put(ref.key, (ref.created_at, found))  # re-weighed
 
     # -- after a turn is recorded: background work -------------------------------------------
 
@@ -488,7 +330,7 @@ class ContextManager:
             return
         ref = _ref(turn)
         if settings.tagger_model:
-            self._spawn(self._tag(ref, settings, list(records)))
+            self._spawn(self.tags.tag(ref, settings, list(records)))
         if not settings.uses("summaries"):
             return
         last_seq = max(m.seq for m in records)  # once: per record it made a 4,000-message turn quadratic
@@ -521,11 +363,11 @@ class ContextManager:
         while True:
             self._again.discard(ref.key)
             session = await self.store.get_session(ref.tenant.name, ref.id)
-            if session is None or session.created_at != ref.created_at:
+            if not same_session(session, ref.created_at):
                 return
             messages = await self.store.get_messages(ref.tenant.name, ref.id)
             view = await self._stored_view(ref, active_path(messages, session.head), encoding)
-            available = await self._summaries_of(ref)
+            available = await self.summaries.of(ref)
             policy = policy_for(settings, budget)
             end = window_start(view, policy, budget)
             closed = [s for s in view.segments if s.hi <= end and s.seqs]
@@ -536,17 +378,17 @@ class ContextManager:
             todo = [s for s in view.segments[folded:] if s.seqs and s.key not in available]
             # A few at a time (as many as summarizer calls may be in flight): hundreds started at
             # once all resumed in one turn of the event loop and held it for ~100 ms.
-            for start in range(0, len(todo), _CONCURRENT_SUMMARIES):
-                batch = todo[start:start + _CONCURRENT_SUMMARIES]
-                await asyncio.gather(*(self._segment_summary(ref, s, view, encoding, budget) for s in batch))
-            available = await self._summaries_of(ref)
+            for start in range(0, len(todo), summary_maker.CONCURRENT_SUMMARIES):
+                batch = todo[start:start + summary_maker.CONCURRENT_SUMMARIES]
+                await asyncio.gather(*(self.summaries.segment(ref, s, view, encoding, budget) for s in batch))
+            available = await self.summaries.of(ref)
             unfolded = closed[folded:]
             size = sum(available[s.key].tokens_in(encoding) for s in unfolded if s.key in available)
             if folded:
                 size += available[closed[folded - 1].session_key].tokens_in(encoding)
             if size > fold_threshold(settings) * budget and len(unfolded) >= 2:
                 upto = len(closed) - 1 if len(unfolded) >= 3 else len(closed)  # keep the newest segment in detail
-                await self._fold(ref, view, upto, available, encoding, budget)
+                await self.summaries.fold(ref, view, upto, available, encoding, budget)
             if ref.key not in self._again:
                 return
 
@@ -569,42 +411,17 @@ class ContextManager:
             await pace.tick()
         return build_view(items, ref.tenant.context.segment_turns, previous=previous)
 
-    async def _tag(self, ref: _Session, settings: ContextSettings, records: list[Message]) -> None:
-        wanted = [(m.seq, m.body) for m in records if m.role in ("user", "assistant") and text_of(m.body).strip()]
-        route = ref.tenant.route(settings.tagger_model or "")
-        if not wanted or route is None:
-            return
-        request = importance.tagger_request(settings.tagger_model or "", wanted)
-        try:
-            response = await asyncio.wait_for(self.upstream.complete(route, request, settings.summarizer_timeout), settings.summarizer_timeout)
-        except (ProxyError, asyncio.TimeoutError) as exc:
-            log.warning("tagger %s failed (%s); rule tags only", settings.tagger_model, exc)
-            return
-        found = importance.parse_tagger_reply(response, [seq for seq, _ in wanted])
-        if not found:
-            return
-        session = await self.store.get_session(ref.tenant.name, ref.id)
-        if session is None or session.created_at != ref.created_at:
-            return
-        records_out = [Record(TAGS_KIND, f"{seq:010d}", {"tags": tags, "model": settings.tagger_model}, ref.id) for seq, tags in found.items()]
-        await summary_store.put_derived(self.store, ref.tenant.name, records_out)
-        cached = self._tags.get_fresh(ref.key)
-        if cached is not None and cached[0] == ref.created_at:
-            cached[1].update(found)
-
-    async def _llm_tags(self, turn: Turn) -> dict[int, list[str]]:
-        ref = _ref(turn)
-        cached = self._tags.get_fresh(ref.key)
-        if cached is not None and cached[0] == ref.created_at:
-            return cached[1]
-        found: dict[int, list[str]] = {}
-        for key, value in await self.store.scan_records(ref.tenant.name, TAGS_KIND, ref.id):
-            if key.isdigit() and isinstance(value.get("tags"), list):
-                found[int(key)] = [str(t) for t in value["tags"]]
-        self._tags.put(ref.key, (ref.created_at, found))
-        return found
-
     # -- lifecycle ---------------------------------------------------------------------------
+
+    def forget(self, tenant: str, session_id: str) -> None:
+        """Drop what is cached of a session that was deleted or rolled back (SessionLifecycle):
+        its views, summaries, tags and summarization marks are read again if it comes back."""
+        key = (tenant, session_id)
+        self._summaries.pop(key)
+        self.tags.cache.pop(key, None)
+        self._passes.pop(key, None)
+        for view_key in [k for k in self._views if k[:2] == key]:
+            self._views.pop(view_key)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -645,19 +462,21 @@ def policy_for(settings: ContextSettings, budget: int) -> Policy:
     )
 
 
-def segment_size(settings: ContextSettings, budget: int) -> int:
-    """Target tokens of one segment summary: summary_tokens, less under a small budget."""
-    return min(settings.summary_tokens, max(32, int(budget * 0.06)))
-
-
-def session_size(settings: ContextSettings, budget: int) -> int:
-    """Target tokens of a session summary: it must leave room in the summaries' share for newer segments."""
-    return min(2 * settings.summary_tokens, max(64, int(fold_threshold(settings) * budget * 0.6)))
-
-
-def fold_threshold(settings: ContextSettings) -> float:
-    """Share of the budget the summaries may take before older ones are folded into a session summary."""
-    return max(0.1, 1.0 - settings.window_share - settings.pin_share - settings.retrieval_share / 2)
+def _account(stats: dict[str, Any], budget: Budget, result: Assembly) -> dict[str, str]:
+    """Add one request to the session's context statistics; returns its X-Context-* headers."""
+    sent, full = result.tokens, result.full_tokens
+    stats["requests"] = stats.get("requests", 0) + 1
+    stats["compressed"] = stats.get("compressed", 0) + int(result.changed)
+    stats["tokens_sent"] = stats.get("tokens_sent", 0) + sent
+    stats["tokens_full"] = stats.get("tokens_full", 0) + full
+    stats["tokens_saved"] = stats.get("tokens_saved", 0) + full - sent
+    stats["frontier"] = result.frontier_seq if result.changed else None
+    stats["last"] = {
+        "tokens": sent, "full_tokens": full, "budget": budget.prompt, "window": budget.window,
+        "window_known": budget.window_known, "encoding": budget.encoding, "summaries": result.used,
+        "covered": result.covered, "pinned": result.pinned, "retrieved": result.retrieved, "omitted": result.omitted,
+    }
+    return {"X-Context-Tokens": str(sent), "X-Context-Tokens-Saved": str(full - sent), "X-Context-Budget": str(budget.prompt)}
 
 
 def _ref(turn: Turn) -> _Session:
@@ -675,22 +494,6 @@ def _chars(body: dict[str, Any]) -> int:
     if isinstance(content, str) and not body.get("tool_calls"):
         return len(content)
     return len(text_of(body))
-
-
-def _segment_messages(segment: Segment, view: View) -> list[tuple[int | None, dict[str, Any]]]:
-    first, last = view.units[segment.lo].start, view.units[segment.hi - 1].end
-    return [(i.seq, i.body) for i in view.items[first:last]]
-
-
-def _extractive_segment(segment: Segment, view: View, size: int, encoding: str, *, stored: bool) -> Summary:
-    messages = _segment_messages(segment, view)
-    text = summarizer.extractive_segment(messages, size, encoding) or summarizer.fit(summarizer.render(messages), size, encoding)
-    seqs = segment.seqs or tuple(s for s, _ in messages if s is not None)
-    return summary_store.make(segment.key, "segment", text, encoding, seqs, "extractive", stored=stored)
-
-
-def _extractive_fold(parts: list[str], size: int, encoding: str) -> str:
-    return summarizer.extractive_fold(parts, size, encoding) or summarizer.fit("\n".join(parts), size, encoding)
 
 
 def _too_large(exc: ContextTooLarge, budget: Budget, alias: str) -> BadRequest:

@@ -217,13 +217,8 @@ async def _metrics(app: web.Application) -> AsyncIterator[None]:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
-    pipeline = app[keys.PIPELINE]
-
-    async def forget(tenant: str, session_id: str) -> None:
-        if pipeline.memory is not None:
-            await pipeline.memory.forget_session(tenant, session_id)
-
-    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=forget))]
+    lifecycle = app[keys.PIPELINE].lifecycle  # what a deleted session leaves (memories, caches) goes with it
+    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=lifecycle.forget))]
     tasks.append(asyncio.create_task(idle_gc.IdleCollector(priority.activity).run()))
     # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
     tokens.begin_warming()

@@ -8,11 +8,10 @@ leave in Anthropic's shape.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -20,31 +19,19 @@ from aiohttp import web
 from proxy import tokens
 from proxy.config import ResolvedModel
 from proxy.errors import NotFound, PayloadTooLarge, ProxyError
-from proxy.pipeline import Pipeline, Turn
+from proxy.turn import Turn
 from proxy.protocols import anthropic, anthropic_chat
+from proxy.protocols.anthropic_exchange import MessagesExchange, forwarded_headers
 from proxy.server import keys
 from proxy.server.access_log import note_turn
 from proxy.server.http import authenticate, json_response, read_json, store_damaged
+from proxy.server.relay import relay
 from proxy.validate import idempotency_key, request_limits
 from proxy.sessions import identify
 from proxy.storage.base import StorageError
-from proxy.upstream import Upstream, speaks_anthropic
+from proxy.upstream import speaks_anthropic
 
 log = logging.getLogger("agent_state_proxy.server")
-
-_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")  # passed unchanged to an Anthropic upstream
-
-
-def _forwarded(headers: Mapping[str, str]) -> dict[str, str]:
-    """The protocol headers an Anthropic upstream gets from the client (betas may come as several lines)."""
-    getall = getattr(headers, "getall", None)
-    found = {}
-    for name in _FORWARDED_HEADERS:
-        values = getall(name, []) if getall is not None else ([headers[name]] if name in headers else [])
-        if values:
-            found[name] = ",".join(values)
-    return found
-
 
 def setup_messages_routes(app: web.Application) -> None:
     for prefix in ("", "/s/{session_id}"):
@@ -87,50 +74,6 @@ async def _alive(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-class MessagesExchange:
-    """The upstream call of one Messages turn: native to an Anthropic upstream, translated otherwise."""
-
-    def __init__(self, route: ResolvedModel, headers: Mapping[str, str]) -> None:
-        self.native = speaks_anthropic(route)
-        self.headers = _forwarded(headers)
-
-    def _native_request(self, turn: Turn) -> dict[str, Any]:
-        request, repaired = anthropic.upstream_request(turn.body)
-        if repaired:
-            turn.headers["X-Tool-Calls-Repaired"] = str(repaired)
-        return request
-
-    async def complete(self, upstream: Upstream, turn: Turn) -> dict[str, Any]:
-        timeout = turn.tenant.upstream_timeout
-        if self.native:
-            return await upstream.anthropic(turn.route, self._native_request(turn), self.headers, timeout)
-        response = await upstream.complete(turn.route, anthropic_chat.chat_request(turn.body), timeout)
-        return anthropic_chat.message_from_chat(response, turn.route.requested)
-
-    def reply(self, response: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None, dict[str, Any] | None, str | None]:
-        return [anthropic.recorded_message(response)], response.get("stop_reason"), anthropic.pipeline_usage(response.get("usage")), response.get("model")
-
-    async def stream(self, upstream: Upstream, turn: Turn) -> AsyncIterator[list[dict[str, Any]]]:
-        timeout = turn.tenant.upstream_timeout
-        if self.native:
-            events = upstream.anthropic_stream(turn.route, self._native_request(turn), self.headers, timeout)
-            async with contextlib.aclosing(events) as batches:
-                async for batch in batches:
-                    yield batch
-            return
-        translator = anthropic_chat.ChatStreamTranslator(turn.route.requested)
-        chunks = upstream.stream(turn.route, anthropic_chat.chat_request(turn.body), timeout)
-        async with contextlib.aclosing(chunks) as batches:
-            async for batch in batches:
-                translated = [event for chunk in batch for event in translator.feed(chunk)]
-                if translated:
-                    yield translated
-        yield translator.finish()
-
-    def collector(self, keep_chunks: bool) -> anthropic.EventCollector:
-        return anthropic.EventCollector(keep_chunks)
-
-
 @_anthropic_errors
 async def messages(request: web.Request) -> web.StreamResponse:
     config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
@@ -156,9 +99,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 answer = await pipeline.complete(turn)
                 await quotas.add_tokens(tenant.name, turn.usage)
                 return json_response(answer, headers=turn.headers)
-            response = await _relay_stream(request, pipeline, turn)
-            await quotas.add_tokens(tenant.name, turn.usage)  # after the client has its answer
-            return response
+            return await relay(request, pipeline, turn, _MessagesFrames())
 
 
 def _route(tenant, model: str) -> ResolvedModel:
@@ -168,44 +109,26 @@ def _route(tenant, model: str) -> ResolvedModel:
     return route
 
 
-async def _relay_stream(request: web.Request, pipeline: Pipeline, turn: Turn) -> web.StreamResponse:
-    """SSE relay. Errors before the first event get a normal HTTP error; after, an ``error`` event.
+class _MessagesFrames:
+    """Messages SSE: the provider's events, its ``message_stop`` held back until the turn is recorded."""
 
-    ``message_stop`` is held back until the turn is recorded, so a client that saw the end of
-    the message holds an answer the proxy has accepted.
-    """
-    batches = pipeline.stream(turn)
-    response: web.StreamResponse | None = None
-    ending: bytes | None = b""
-    try:
-        async for batch in batches:
-            if response is None:
-                response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers})
-                await response.prepare(request)
-            if batch and batch[-1].get("type") == "message_stop":
-                ending = anthropic.sse(batch[-1:])
-                batch = batch[:-1]
-            await response.write(anthropic.sse(batch))
-        if response is None:
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **turn.headers})
-            await response.prepare(request)
-    except ProxyError as error:
-        if response is None:
-            raise
-        ending = anthropic.sse([anthropic.error_body(error)])
-    except (ConnectionResetError, ConnectionError):
-        log.info("client went away mid-stream (session %s, request %s)", turn.ref.id, turn.request_id)
-        ending = None
-    finally:
-        try:
-            await batches.aclose()  # records the (possibly partial) response
-        except ProxyError as error:
-            if response is None:
-                raise
-            ending = anthropic.sse([anthropic.error_body(error)]) if ending is not None else None
-    with contextlib.suppress(ConnectionResetError, ConnectionError):
-        await response.write_eof(ending or b"")
-    return response
+    def __init__(self) -> None:
+        self.stop = b""
+
+    def start(self) -> bytes:
+        return b""
+
+    def batch(self, batch: list[dict[str, Any]]) -> bytes:
+        if batch and batch[-1].get("type") == "message_stop":
+            self.stop = anthropic.sse(batch[-1:])
+            batch = batch[:-1]
+        return anthropic.sse(batch)
+
+    def end(self) -> bytes:
+        return self.stop
+
+    def fail(self, error: ProxyError) -> bytes:
+        return anthropic.sse([anthropic.error_body(error)])
 
 
 async def _replay(request: web.Request, turn: Turn) -> web.StreamResponse:
@@ -228,7 +151,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     body = anthropic.parse_request(raw, count_only=True)
     route = _route(tenant, body["model"])
     if speaks_anthropic(route):
-        headers = _forwarded(request.headers)
+        headers = forwarded_headers(request.headers)
         forwarded = {k: v for k, v in raw.items() if k != "model"}
         result = await request.app[keys.UPSTREAM].anthropic(route, forwarded, headers, tenant.upstream_timeout, path="/messages/count_tokens")
         return json_response(result)

@@ -21,11 +21,13 @@ from aiohttp import web
 
 from proxy.config import TenantConfig
 from proxy.errors import BadRequest, NotFound, ProxyError
-from proxy.pipeline import Pipeline, Turn
+from proxy.pipeline import Pipeline
+from proxy.turn import Turn
 from proxy.protocols import responses, responses_compact, responses_render as render
 from proxy.records import Message
 from proxy.server import keys
 from proxy.server.http import authenticate, json_response, read_json
+from proxy.server.relay import relay
 from proxy.sessions import SessionRef, user_id_of
 from proxy.storage.base import Record
 from proxy.transcript import active_path
@@ -90,59 +92,27 @@ async def _create_response(request: web.Request, tenant) -> web.StreamResponse:
             await quotas.add_tokens(tenant.name, completion.get("usage"))
             result = render.render(response_id, parsed.echo, completion, created, parsed.namespaces)
             return json_response(result, headers=turn.headers)
-        return await _relay(request, pipeline, turn, render.StreamRenderer(response_id, parsed.echo, route.requested, created, parsed.namespaces))
+        renderer = render.StreamRenderer(response_id, parsed.echo, route.requested, created, parsed.namespaces)
+        return await relay(request, pipeline, turn, _ResponsesFrames(renderer))
 
 
-async def _relay(request: web.Request, pipeline: Pipeline, turn: Turn, renderer: render.StreamRenderer) -> web.StreamResponse:
-    """Responses SSE. A failure before the first chunk is a normal HTTP error; after, response.failed.
+class _ResponsesFrames:
+    """Responses SSE: response.created first, response.completed (or response.failed) last."""
 
-    response.completed is sent only once the turn (and its response id) is recorded, so a
-    client that saw it can chain on the id at once.
-    """
-    batches = pipeline.stream(turn)
-    response: web.StreamResponse | None = None
-    failure: ProxyError | None = None
-    gone = False
+    def __init__(self, renderer: render.StreamRenderer) -> None:
+        self.renderer = renderer
 
-    async def begin() -> web.StreamResponse:
-        started = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers})
-        await started.prepare(request)
-        return started
+    def start(self) -> bytes:
+        return render.sse(self.renderer.start())
 
-    try:
-        async for batch in batches:
-            events = []
-            if response is None:
-                response = await begin()
-                events += renderer.start()
-            for chunk in batch:
-                events += renderer.feed(chunk)
-            await response.write(render.sse(events))
-        if response is None:  # the provider sent no chunk at all: still a well-formed stream
-            response = await begin()
-            await response.write(render.sse(renderer.start()))
-    except ProxyError as error:
-        if response is None:
-            raise
-        failure = error
-    except (ConnectionResetError, ConnectionError):
-        log.info("client went away mid-stream (session %s, request %s)", turn.ref.id, turn.request_id)
-        gone = True
-    finally:
-        try:
-            await batches.aclose()  # records the (possibly partial) response
-        except ProxyError as error:
-            if response is None:
-                raise
-            failure = failure or error
-    if response is not None and not gone:
-        last = renderer.fail(failure.status, failure.message) if failure is not None else renderer.finish()
-        try:
-            await response.write_eof(render.sse(last))
-        except (ConnectionResetError, ConnectionError):
-            pass
-    await request.app[keys.QUOTAS].add_tokens(turn.tenant.name, turn.usage)  # after the client has its answer
-    return response
+    def batch(self, batch: list[dict[str, Any]]) -> bytes:
+        return render.sse([event for chunk in batch for event in self.renderer.feed(chunk)])
+
+    def end(self) -> bytes:
+        return render.sse(self.renderer.finish())
+
+    def fail(self, error: ProxyError) -> bytes:
+        return render.sse(self.renderer.fail(error.status, error.message))
 
 
 async def _replay(request: web.Request, turn: Turn, parsed: responses.ResponsesRequest, response_id: str, created: int) -> web.StreamResponse:

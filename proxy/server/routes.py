@@ -10,15 +10,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import checkpoints, rollback
+from proxy import checkpoints
 from proxy.context import caching, summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
-from proxy.pipeline import Pipeline
 from proxy.protocols.anthropic_chat import chat_messages
 from proxy.server import keys, pages
 from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json, store_damaged
 from proxy.server.access_log import note_turn
-from proxy.sessions import SessionRef
+from proxy.server.relay import relay
 from proxy.storage.base import REPAIR_HINT, Record
 from proxy.transcript import active_path, walk
 from proxy.pacing import Pace
@@ -67,50 +66,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 response = await pipeline.complete(turn)
                 await quotas.add_tokens(tenant.name, response.get("usage"))
                 return json_response(response, headers=turn.headers)
-            return await _relay_stream(request, pipeline, turn)
+            return await relay(request, pipeline, turn, _ChatFrames())
 
 
-async def _relay_stream(request: web.Request, pipeline: Pipeline, turn) -> web.StreamResponse:
-    """SSE relay. Errors before the first chunk get a normal HTTP error; after, an error event.
+class _ChatFrames:
+    """Chat Completions SSE: ``data: {chunk}`` events, ``data: [DONE]`` at the end."""
 
-    The stream ends ([DONE] and the end of the body, in one send) only once the turn is recorded,
-    so a client that saw [DONE] holds an answer the proxy has accepted; if recording fails the
-    stream ends with an error event instead.
-    """
-    batches = pipeline.stream(turn)
-    response: web.StreamResponse | None = None
-    ending: bytes | None = b"data: [DONE]\n\n"
-    usage = None  # the provider's token count (a final chunk, when the client asked for it)
-    try:
-        async for batch in batches:
-            usage = next((chunk["usage"] for chunk in batch if chunk.get("usage")), usage)
-            if response is None:
-                response = web.StreamResponse(headers={
-                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **turn.headers,
-                })
-                await response.prepare(request)
-            await response.write(_events(batch))  # one send for what arrived together
-        if response is None:  # the provider sent no chunk at all: still a well-formed stream
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **turn.headers})
-            await response.prepare(request)
-    except ProxyError as error:
-        if response is None:
-            raise
-        ending = _events([error.body()])
-    except (ConnectionResetError, ConnectionError):
-        log.info("client went away mid-stream (session %s, request %s)", turn.ref.id, turn.request_id)
-        ending = None
-    finally:
-        try:
-            await batches.aclose()  # records the (possibly partial) response
-        except ProxyError as error:
-            if response is None:
-                raise
-            ending = _events([error.body()]) if ending is not None else None
-    if response is not None:
-        await _end_quietly(response, ending)
-    await request.app[keys.QUOTAS].add_tokens(turn.tenant.name, usage)  # after the client has its answer
-    return response
+    def start(self) -> bytes:
+        return b""
+
+    def batch(self, batch: list[dict[str, Any]]) -> bytes:
+        return _events(batch)
+
+    def end(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def fail(self, error: ProxyError) -> bytes:
+        return _events([error.body()])
 
 
 async def _replay(request: web.Request, turn) -> web.StreamResponse:
@@ -127,13 +99,6 @@ async def _replay(request: web.Request, turn) -> web.StreamResponse:
 
 def _events(chunks) -> bytes:
     return b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
-
-
-async def _end_quietly(response: web.StreamResponse, last: bytes | None) -> None:
-    try:
-        await response.write_eof(last or b"")
-    except (ConnectionResetError, ConnectionError):
-        pass
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -217,17 +182,9 @@ async def admin_get_session(request: web.Request) -> web.Response:
 async def admin_delete_session(request: web.Request) -> web.Response:
     tenant = admin_tenant(request.app[keys.CONFIG], request)
     session_id = request.match_info["session_id"]
-    ref = SessionRef(session_id, False, None, "admin")
-    pipeline = request.app[keys.PIPELINE]
-    async with pipeline.hold(tenant.name, ref.id, refuse_when_busy=False):
-        deleted = await request.app[keys.STORE].delete_session(tenant.name, session_id)
-    if pipeline.memory is not None:
-        await pipeline.memory.forget_session(tenant.name, session_id)  # LMDB erased them with the session
-    if not deleted:
+    if not await request.app[keys.PIPELINE].lifecycle.delete(tenant.name, session_id):
         raise NotFound(f"no session '{session_id}' for this tenant", code="session_not_found")
     return json_response({"id": session_id, "object": "session", "deleted": True})
-
-
 
 
 async def _session_for_admin(request: web.Request):
@@ -268,43 +225,23 @@ async def admin_create_checkpoint(request: web.Request) -> web.Response:
 
 
 async def admin_rollback(request: web.Request) -> web.Response:
-    tenant, store, session = await _session_for_admin(request)
+    tenant, _, session = await _session_for_admin(request)
     spec = await read_json(request, request.app[keys.CONFIG].max_body_bytes)
     if not isinstance(spec, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
-    async with request.app[keys.PIPELINE].hold(tenant.name, session.id, refuse_when_busy=False):
-        session = await store.get_session(tenant.name, session.id) or session
-        messages = await store.get_messages(tenant.name, session.id)
-        report = await rollback.rollback(store, session, messages, spec, time.time())
-    memory = request.app[keys.PIPELINE].memory
-    if memory is not None:  # reverted turns leave long-term memory too
-        await memory.forget_messages(tenant.name, session.id, report["reverted"])
-    return json_response(report)
+    return json_response(await request.app[keys.PIPELINE].lifecycle.rollback(tenant.name, session.id, spec, time.time()))
 
 
 async def admin_fork(request: web.Request) -> web.Response:
-    tenant, store, session = await _session_for_admin(request)
+    tenant, _, session = await _session_for_admin(request)
     spec = await read_json(request, request.app[keys.CONFIG].max_body_bytes) if request.can_read_body else {}
     if not isinstance(spec, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
-    spec = spec | {"session_id": rollback.fork_id(spec)}
-    pipeline = request.app[keys.PIPELINE]
-    locks = pipeline.locks
-    async with pipeline.hold(tenant.name, session.id, refuse_when_busy=False):
-        # The new id's lock too: a request in flight on it is creating that session, and its
-        # record would overwrite the fork after the fork was acknowledged.
-        if spec["session_id"] == session.id:
-            raise Conflict(f"session '{session.id}' already exists", code="session_exists")
-        if locks.busy(tenant.name, spec["session_id"]):
-            raise Conflict(f"session '{spec['session_id']}' is being created by a request in flight; fork to another id",
-                           code="session_exists")
-        async with pipeline.hold(tenant.name, spec["session_id"], refuse_when_busy=True):
-            await request.app[keys.QUOTAS].check_new_session(tenant.name, spec["session_id"])
-            session = await store.get_session(tenant.name, session.id) or session
-            messages = await store.get_messages(tenant.name, session.id)
-            forked = await rollback.fork(store, session, messages, spec, time.time())
+    quotas = request.app[keys.QUOTAS]
+    source, forked = await request.app[keys.PIPELINE].lifecycle.fork(
+        tenant.name, session.id, spec, time.time(), admit=lambda new_id: quotas.check_new_session(tenant.name, new_id))
     kept = forked.head + 1 if forked.head is not None else 0  # the rest came along reverted
-    return json_response({"id": forked.id, "object": "session", "source": session.id, "messages": kept}, status=201)
+    return json_response({"id": forked.id, "object": "session", "source": source.id, "messages": kept}, status=201)
 
 
 async def admin_recovery(request: web.Request) -> web.Response:
