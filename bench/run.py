@@ -381,9 +381,9 @@ class LoadGen:
 
 
 def _tenant_keys() -> set[str]:
-    from proxy.config import DEFAULTS
+    from proxy.config import TenantConfig
 
-    return set(DEFAULTS["tenant_defaults"])
+    return set(TenantConfig.model_fields)
 
 
 def features_off() -> dict[str, Any]:
