@@ -48,8 +48,8 @@ async def main_async(requests: int, rounds: int) -> dict:
         fake.keep_requests = 0 if hasattr(fake, "keep_requests") else None
         upstream = Upstream()
         await upstream.start()
-        direct = ModelRoute("m", "openai/fake-model", fake.base_url, "x", "direct", {}).resolve("m")
-        via_litellm = ModelRoute("m", "openai/fake-model", fake.base_url, "x", "litellm", {}).resolve("m")
+        direct = ModelRoute(model="openai/fake-model", api_base=fake.base_url, api_key="x", path="direct").resolve("m")
+        via_litellm = ModelRoute(model="openai/fake-model", api_base=fake.base_url, api_key="x", path="litellm").resolve("m")
         await measure(upstream, via_litellm, 5, False)  # import and warm litellm outside the timing
         for _ in range(rounds):
             for name, route in (("direct", direct), ("litellm", via_litellm)):

@@ -11,43 +11,19 @@ import collections
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
 
+from proxy.config.tenant import QuotaSettings
 from proxy.errors import ProxyError
 from proxy.storage.base import Record, Write
 
-if TYPE_CHECKING:  # configuration imports this module's settings; it needs no store
+if TYPE_CHECKING:  # annotations only
     from proxy.storage.write_behind import WriteBehindStore
 
-KEYS = ("requests_per_minute", "concurrent_requests", "tokens_per_day", "sessions", "memories")
+KEYS = tuple(QuotaSettings.model_fields)
 USAGE_KIND = "usage"  # tenant-level record per UTC day: {"tokens": n}
 _DAY = 86400
 _STORED_RETRY_SECONDS = 60  # sessions and memories free up when they expire or are deleted
-
-
-@dataclass(frozen=True)
-class QuotaSettings:
-    """A tenant's limits; None is unlimited (the default for every limit)."""
-
-    requests_per_minute: int | None = None
-    concurrent_requests: int | None = None
-    tokens_per_day: int | None = None  # prompt + completion tokens the provider reported, per UTC day
-    sessions: int | None = None  # sessions stored at once
-    memories: int | None = None  # long-term memories stored at once (checked when one is added by the API)
-
-
-def parse(spec: Any) -> QuotaSettings:
-    """``quotas:`` of a tenant; ValueError names the key and the rule."""
-    if not isinstance(spec, dict):
-        raise ValueError("quotas: must be a mapping")
-    unknown = sorted(str(k) for k in spec if k not in KEYS)
-    if unknown:
-        raise ValueError(f"quotas.{unknown[0]}: unknown key (allowed: {', '.join(KEYS)})")
-    for key, value in spec.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 50):
-            raise ValueError(f"quotas.{key}: must be null (unlimited) or an integer between 1 and {1 << 50}")
-    return QuotaSettings(**spec)
 
 
 class QuotaExceeded(ProxyError):

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import orjson
+from proxy.message_text import message_text
 
 # Per-message framing overhead in OpenAI's chat format (role markers, separators).
 _MESSAGE_OVERHEAD = 4
@@ -120,35 +120,7 @@ def _count_cached(text: str, encoding_name: str) -> int:
     return count_text(text, encoding_name)
 
 
-def _part_text(part: dict[str, Any]) -> str:
-    """What a content part costs as text: its text, or the tool call, tool result or thinking an
-    Anthropic-shaped block carries (a Claude Code session is mostly those)."""
-    if isinstance(part.get("text"), str):
-        return part["text"]
-    kind = part.get("type")
-    if kind == "tool_use":
-        return f"{part.get('name')} {orjson.dumps(part.get('input')).decode()}"
-    if kind == "tool_result":
-        inner = part.get("content")
-        if isinstance(inner, list):
-            return " ".join(_part_text(q) for q in inner if isinstance(q, dict))
-        return inner if isinstance(inner, str) else ""
-    if kind == "thinking":
-        return str(part.get("thinking") or "")
-    return ""
-
-
 def count_message(body: dict[str, Any], encoding_name: str = DEFAULT_ENCODING) -> int:
     """Tokens one chat message costs in a prompt (content, tool calls and framing)."""
-    content = body.get("content")
-    if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        text = " ".join(_part_text(p) for p in content if isinstance(p, dict))
-    else:
-        text = ""
-    if body.get("tool_calls"):
-        text += orjson.dumps(body["tool_calls"]).decode()
-    if body.get("name"):
-        text += " " + str(body["name"])
+    text = message_text(body, billed=True)
     return count_text(text, encoding_name) + _MESSAGE_OVERHEAD

@@ -143,3 +143,52 @@ def test_hash_key_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["hash-key", "secret"]) == 0
     assert capsys.readouterr().out.strip() == hash_key("secret")
     assert yaml.safe_load(f"- {hash_key('secret')}") == [hash_key("secret")]
+
+
+def _stated(model: type, doc: dict, where: str) -> None:
+    """Every key of ``model`` is stated in ``doc``, and each stated value is the model's default."""
+    from pydantic import BaseModel
+
+    assert set(doc) == set(model.model_fields), f"{where}: proxy.yaml must show every option"
+    defaults = model.model_validate({k: v for k, v in doc.items() if not isinstance(v, dict)})
+    for key, value in doc.items():
+        field = model.model_fields[key]
+        nested = next((t for t in getattr(field.annotation, "__args__", (field.annotation,))
+                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if isinstance(value, dict) and nested is not None:
+            _stated(nested, value, f"{where}.{key}")
+        else:
+            assert getattr(defaults, key) == field.get_default(call_default_factory=True), f"{where}.{key}"
+
+
+def test_shipped_proxy_yaml_shows_every_option_with_the_models_default() -> None:
+    """config/proxy.yaml documents the defaults; the models are their one source. A value changed
+    in one but not the other, or an option missing from the file, fails here."""
+    from proxy.config import ContextSettings, MemorySettings, Persistence, QuotaSettings, RequestLimits, SessionSettings
+    from proxy.config.process import ProxyFile, ServerSettings, StorageSettings
+    from proxy.config.tenant import TenantConfig
+
+    doc = yaml.safe_load((REPO / "config" / "proxy.yaml").read_text())
+    assert set(doc) == set(ProxyFile.model_fields)
+    assert doc["tenants_dir"] == ProxyFile.model_fields["tenants_dir"].default
+    _stated(ServerSettings, doc["server"], "server")
+    _stated(StorageSettings, doc["storage"], "storage")
+    tenant = dict(doc["tenant_defaults"])
+    assert set(tenant) == set(TenantConfig.model_fields) - {"name"}
+    assert tenant.pop("models") == {}  # every tenant names its own
+    sections = {"persistence": Persistence, "sessions": SessionSettings, "quotas": QuotaSettings,
+                "context": ContextSettings, "memory": MemorySettings, "limits": RequestLimits}
+    for key, model in sections.items():
+        _stated(model, tenant.pop(key), f"tenant_defaults.{key}")
+    assert tenant.pop("allow_unauthenticated") is TenantConfig.model_fields["allow_unauthenticated"].default
+    shown = TenantConfig.model_validate(tenant | {"name": "t", "models": {"m": "x"}, "allow_unauthenticated": True})
+    for key in tenant:
+        assert getattr(shown, key) == TenantConfig.model_fields[key].default, f"tenant_defaults.{key}"
+
+
+def test_errors_never_show_a_key(tmp_path: Path) -> None:
+    tenant = {"allow_unauthenticated": True, "models": {"m": {"model": "anthropic/x", "api_key": "sk-secret-987", "path": "direct"}}}
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(tmp_path, {"t": tenant}))
+    assert "models.m.path: 'direct' needs an openai/ model" in str(error.value)
+    assert "sk-secret-987" not in str(error.value) and error.value.__cause__ is None and error.value.__context__ is None

@@ -136,3 +136,17 @@ def test_a_reload_applies_a_tenants_new_quota(running, upstream: FakeUpstream) -
     proxy.process.send_signal(signal.SIGHUP)
     refused = _until(lambda: (r := _chat(proxy, "fast", session="late")).status_code == 429 and r)
     assert refused and refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_reload_keeps_the_restart_only_settings_and_applies_the_rest(tmp_path: Path) -> None:
+    from proxy.config import load_config
+    from proxy.server.reload import _keep_restart_only
+
+    old = load_config(write_config(tmp_path / "old", {"t": keyed_tenant("http://h/v1", "k")}, server={"port": 9001}))
+    tenant = keyed_tenant("http://h/v1", "k", history="client")
+    new = load_config(write_config(tmp_path / "new", {"t": tenant}, server={"port": 9002, "metrics": {"enabled": False}},
+                                   storage={"data_dir": str(tmp_path / "other"), "flush_interval_ms": 5}))
+    kept, fixed = _keep_restart_only(new, old)
+    assert fixed == ["server.port", "storage.data_dir", "storage.flush_interval_ms"]
+    assert (kept.port, kept.data_dir, kept.flush_interval) == (9001, old.data_dir, old.flush_interval)
+    assert kept.tenants["t"].history == "client" and not kept.metrics.enabled  # the rest takes effect

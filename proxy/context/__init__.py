@@ -2,5 +2,5 @@
 
 ``manager.ContextManager`` is what the pipeline calls; the other modules each hold one piece
 (settings, budget, units, importance, summarizer, summaries, retrieval, assemble). This file
-imports nothing so that ``proxy.config`` can import ``proxy.context.settings`` alone.
+imports nothing; the ``context`` options are validated by ``proxy.config.context``.
 """

@@ -16,6 +16,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from proxy.message_text import message_text as text_of  # noqa: F401 - the context package's name for it
+
 # A segment also closes once it holds this much text, so one summarizer call stays bounded
 # even in a tool loop that never returns to the user. Characters, not tokens: boundaries must
 # not move when the session switches to a model with another tokenizer.
@@ -68,27 +70,6 @@ class View:
     tokens: int  # all items
     last_user: int  # unit index of the newest user message, -1 when there is none
     suffix: list[int] = field(default_factory=list)  # suffix[u] = tokens of units u..end
-
-
-def text_of(body: dict[str, Any]) -> str:
-    """The readable text of a message: content, tool calls as name(arguments)."""
-    content = body.get("content")
-    if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        text = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    else:
-        text = ""
-    calls = body.get("tool_calls")
-    if isinstance(calls, list):
-        rendered = []
-        for call in calls:
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                rendered.append(f"{function.get('name')}({function.get('arguments') or ''})")
-        if rendered:
-            text = (text + " " if text else "") + "called " + "; ".join(rendered)
-    return text
 
 
 def is_system(body: dict[str, Any]) -> bool:

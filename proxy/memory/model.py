@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from proxy.message_text import message_text as shared_message_text
 from proxy.storage.base import Record
 
 KIND = "memory"  # Record kind of every memory; session-scoped for memories of a session
@@ -22,6 +23,7 @@ EPISODIC, SEMANTIC, PROCEDURAL = "episodic", "semantic", "procedural"
 TYPES = (EPISODIC, SEMANTIC, PROCEDURAL)
 SCOPES = ("user", "session", "tenant")
 ANONYMOUS_USER = "\x00anonymous"  # never a valid X-User-ID (not printable): cannot be spoofed
+_MAX_CALL_ARGUMENTS = 500  # of a tool call, in a memory's text
 
 
 @dataclass
@@ -149,18 +151,5 @@ def text_hash(text: str) -> int:
 
 
 def message_text(body: dict[str, Any]) -> str:
-    """The text of an OpenAI message worth remembering: content parts and tool calls."""
-    content = body.get("content")
-    if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        text = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in ("text", "input_text"))
-    else:
-        text = ""
-    calls = body.get("tool_calls")
-    if isinstance(calls, list):
-        for call in calls:
-            function = (call or {}).get("function") or {}
-            if function.get("name"):
-                text += f" [calls {function.get('name')}({str(function.get('arguments') or '')[:500]})]"
-    return text.strip()
+    """The text of a message worth remembering: what it says, each tool call's arguments capped."""
+    return shared_message_text(body, max_arguments=_MAX_CALL_ARGUMENTS).strip()

@@ -1,4 +1,4 @@
-"""The access log: one line per request, written by a middleware when the response is done.
+"""The access log: one line per request, from the request's outcome (server/outcome.py).
 
 Fields: method, route (the route's pattern, so a session id in the path never becomes a new
 route), status, tenant, session, upstream status, total / upstream / added milliseconds, tokens
@@ -7,70 +7,27 @@ and the request id. Probes (/health, /ready) are logged at DEBUG.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+# The handlers' notes live with the outcome; these names stay importable from here.
+from proxy.server.outcome import Outcome, note_tenant, note_turn, route_pattern  # noqa: F401
 
 log = logging.getLogger("agent_state_proxy.access")
 _PROBES = frozenset({"/health", "/ready"})
 
 
-@dataclass
-class Access:
-    """What the handlers learn about a request, for its access-log line."""
-
-    tenant: str | None = None
-    turn: Any = None  # the pipeline's Turn of a chat request
-
-
-ACCESS = web.RequestKey("access", Access)
-
-
-def note_tenant(request: web.Request, tenant: str) -> None:
-    access = request.get(ACCESS)
-    if access is not None:
-        access.tenant = tenant
-
-
-def note_turn(request: web.Request, turn: Any) -> None:
-    access = request.get(ACCESS)
-    if access is not None:
-        access.turn = turn
-
-
-@web.middleware
-async def access_log_middleware(request: web.Request, handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    access = request[ACCESS] = Access()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client went away before the response
-        raise
-    finally:
-        _write(request, access, status, (time.perf_counter() - started) * 1000)
-
-
-def _write(request: web.Request, access: Access, status: int, total_ms: float) -> None:
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
+def write(request: web.Request, outcome: Outcome) -> None:
+    """The request's access-log line (an outcome observer)."""
     level = logging.DEBUG if request.path in _PROBES else logging.INFO
     if not log.isEnabledFor(level):
         return
-    turn = access.turn
+    route, status, total_ms, turn = route_pattern(request), outcome.status, outcome.duration_ms, outcome.turn
     fields: dict[str, Any] = {
         "event": "access", "method": request.method, "route": route, "status": status,
-        "tenant": access.tenant, "session": request.match_info.get("session_id"),
+        "tenant": outcome.tenant, "session": request.match_info.get("session_id"),
         "duration_ms": round(total_ms, 2),
     }
     if turn is not None:

@@ -16,13 +16,12 @@ from proxy.config import Config
 from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
 from proxy.quotas import Quotas
-from proxy.server import keys
+from proxy.server import access_log, keys
 from proxy.server.body_probe import BodyProbe
-from proxy.server.access_log import access_log_middleware
 from proxy.server.http import errors_middleware
+from proxy.server.outcome import outcome_middleware
 from proxy.server.memory_routes import setup_memory_routes
 from proxy.server.metrics import METRICS, Metrics, setup_metrics_routes
-from proxy.server.metrics import middleware as metrics_middleware
 from proxy.server.responses_routes import setup_responses_routes
 from proxy.server.reload import reloading
 from proxy.server.messages_routes import setup_messages_routes
@@ -39,7 +38,7 @@ def create_app(config: Config, store: Store | None = None, reload: Callable[[], 
     """Build the app; ``store`` overrides the LMDB store (tests pass an in-memory one);
     ``reload`` loads the configuration again (SIGHUP and changed files; the CLI passes it)."""
     metrics = Metrics()  # one registry per app: tests run many apps in one process
-    app = web.Application(middlewares=[access_log_middleware, metrics_middleware(metrics), _in_flight(priority.activity), errors_middleware],
+    app = web.Application(middlewares=[outcome_middleware(access_log.write, metrics.request), _in_flight(priority.activity), errors_middleware],
                           client_max_size=config.max_body_bytes)
     app[METRICS] = metrics
     app[keys.CONFIG] = config

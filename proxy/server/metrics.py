@@ -7,7 +7,6 @@ no session or user id is ever a label.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import time
 from typing import Any, Iterator, Mapping
@@ -23,7 +22,7 @@ from proxy import priority
 from proxy.errors import ProxyError, Unauthorized
 from proxy.observe import Observer
 from proxy.server import keys
-from proxy.server.access_log import ACCESS
+from proxy.server.outcome import Outcome, route_pattern
 from proxy.server.loop_lag import LoopLag
 from proxy.storage.write_behind import WriteBehindStore
 
@@ -109,10 +108,9 @@ class Metrics(Observer):
 
     # -- what the server and the pipeline report --------------------------------------------
 
-    def request(self, request: web.Request, status: int) -> None:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        self.requests.inc((_tenant_label(request), route, request.method, str(status)))
+    def request(self, request: web.Request, outcome: Outcome) -> None:
+        """Counts a finished request by tenant, route pattern, method and status (an outcome observer)."""
+        self.requests.inc((outcome.tenant or NO_TENANT, route_pattern(request), request.method, str(outcome.status)))
 
     def stage(self, tenant: str, stage: str, seconds: float) -> None:
         self.stages.observe((tenant, stage), seconds)
@@ -195,35 +193,6 @@ class _Snapshot:
         for tenant, count in sorted(metrics.active_sessions().items()):
             active.add_metric([tenant], count)
         yield active
-
-
-def _tenant_label(request: web.Request) -> str:
-    """The tenant a request acted for, as authentication noted it (server/access_log.py);
-    ``-`` for none. Read, not worked out again: a second authentication per request cost a hash."""
-    access = request.get(ACCESS)
-    return access.tenant if access is not None and access.tenant else NO_TENANT
-
-
-def middleware(metrics: Metrics):
-    """Counts every request by tenant, route pattern, method and final status."""
-
-    @web.middleware
-    async def count_requests(request: web.Request, handler) -> web.StreamResponse:
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = 499  # the client went away before the answer
-            raise
-        finally:
-            metrics.request(request, status)
-
-    return count_requests
 
 
 async def serve_metrics(request: web.Request) -> web.Response:

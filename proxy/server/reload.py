@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -27,9 +26,11 @@ from proxy.server import keys
 
 log = logging.getLogger("agent_state_proxy.reload")
 
-# Set for the life of the process: a reload keeps the running values of these.
-_RESTART_ONLY = ("host", "port", "max_body_bytes", "janitor_interval", "data_dir", "map_size", "write_batch_size",
-                 "flush_interval", "write_queue_max", "transcript_cache_messages")
+# Set for the life of the process: a reload keeps the running values of these (proxy.yaml keys).
+_RESTART_ONLY = {
+    "server": ("host", "port", "max_body_bytes", "janitor_interval_seconds"),
+    "storage": ("data_dir", "map_size_mb", "write_batch_size", "flush_interval_ms", "write_queue_max", "transcript_cache_messages"),
+}
 POLL_SECONDS = 1.0
 
 
@@ -48,10 +49,9 @@ class Reloader:
             log.error("configuration reload (%s) failed; the previous configuration keeps serving: %s", reason, exc,
                       extra={"fields": {"event": "reload_failed"}})
             return False
-        fixed = [name for name in _RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        new, fixed = _keep_restart_only(new, old)
         if fixed:
             log.warning("configuration reload (%s): %s take effect at the next restart", reason, ", ".join(fixed))
-            new = dataclasses.replace(new, **{name: getattr(old, name) for name in fixed})
         for problem in new.unset_key_envs():
             log.warning("%s", problem)
         # Redaction learns the new upstream keys before any request can use them.
@@ -63,6 +63,17 @@ class Reloader:
         log.info("configuration reloaded (%s): %s; tenants: %s", reason, new.source, ", ".join(new.tenants),
                  extra={"fields": {"event": "reloaded"}})
         return True
+
+
+def _keep_restart_only(new: Config, old: Config) -> tuple[Config, list[str]]:
+    """``new`` with the running values of the restart-only settings, and the keys it changed."""
+    fixed, sections = [], {}
+    for section, names in _RESTART_ONLY.items():
+        was, now = getattr(old, section), getattr(new, section)
+        kept = {name: getattr(was, name) for name in names if getattr(now, name) != getattr(was, name)}
+        fixed += [f"{section}.{name}" for name in kept]
+        sections[section] = now.model_copy(update=kept)
+    return new.model_copy(update=sections), fixed
 
 
 def watched_files(config: Config) -> dict[str, tuple[int, int]]:
