@@ -18,8 +18,9 @@ DIM = 16
 
 def tenant_state(name: str = "t", ops: asyncio.Queue[IndexOp] | None = None, **memory: object) -> TenantState:
     settings = MemorySettings(**memory)  # type: ignore[arg-type]
-    config = TenantConfig(name=name, api_key_hashes=frozenset(), allow_unauthenticated=True, allowed_clients=(), models={},
-                          session_ttl=3600.0, history="client", concurrency="queue", upstream_timeout=30.0, memory=settings)
+    config = TenantConfig(name=name, allow_unauthenticated=True, allowed_clients=(), history="client", session_ttl_seconds=3600,
+                          upstream_timeout_seconds=30, memory=settings,
+                          models={"m": {"model": "openai/m", "api_base": "http://127.0.0.1:9/v1", "path": "direct"}})
     return TenantState(name, settings, config, EmbedderSlot("local", "local/test"), ops if ops is not None else asyncio.Queue())
 
 
