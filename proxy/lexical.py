@@ -14,6 +14,7 @@ per-memory list of terms (15 MB at 100k memories).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 import sys
@@ -127,21 +128,21 @@ def term_ids(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """The distinct terms of each text as int64 ids: (all of them, text after text, each text's
     ascending; how many each text has). Ids are the terms' hashes: stable within the process,
     which is as long as anything keeps them."""
-    rows = [_ids(text) for text in texts]
+    rows = [sorted(_ids(text)) for text in texts]
     sizes = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    return (np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)), sizes
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(sizes.sum())), sizes
 
 
 def query_ids(text: str) -> np.ndarray:
     """``term_ids([text])[0]``: one text's distinct term ids, ascending."""
-    return _ids(text)
+    return np.array(sorted(_ids(text)), dtype=np.int64)
 
 
 _WORD_IDS: dict[str, int] = {}  # lower-cased word -> its term's id (0: a stop word)
 _WORD_IDS_MAX = 1 << 17
 
 
-def _ids(text: str) -> np.ndarray:
+def _ids(text: str) -> set[int]:
     words = set(_WORD.findall(text.lower()))
     missing = words.difference(_WORD_IDS)
     if missing:
@@ -153,7 +154,7 @@ def _ids(text: str) -> np.ndarray:
             _WORD_IDS[word] = 0 if term is None else hash(term)
     ids = set(map(_WORD_IDS.__getitem__, words))
     ids.discard(0)
-    return np.unique(np.fromiter(ids, dtype=np.int64, count=len(ids)))
+    return ids
 
 
 class _Postings:
