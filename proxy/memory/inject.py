@@ -73,7 +73,9 @@ def _entry(memory: Memory) -> str:
     kind = "" if memory.type == EPISODIC else f" {memory.type}"
     text = memory.text if len(memory.text) <= _MAX_MEMORY_CHARS else memory.text[:_MAX_MEMORY_CHARS] + " […]"
     quoted = "\n".join("> " + line for line in _neutralise(text).splitlines() or [""])
-    return f"[{date} · {speaker} · {source}{kind} · {memory.id}]\n{quoted}"
+    # No memory id: it costs a dozen tokens a line and the model cannot act on it; the ids
+    # travel in X-Memory-Ids and the inspector's record of the request.
+    return f"[{date} · {speaker} · {source}{kind}]\n{quoted}"
 
 
 def _neutralise(text: str) -> str:
