@@ -27,8 +27,9 @@ _TENANT_GROUP = -1
 
 
 class Fusion(NamedTuple):
-    """How the dense and lexical rankings become one. The defaults are the choice of the
-    leave-one-conversation-out protocol of bench/memory_locomo.py (docs/MEMORY.md): a small RRF k
+    """How the dense and lexical rankings become one. The defaults were chosen on LoCoMo; the
+    leave-one-conversation-out protocol of bench/memory_locomo.py finds the same region (the
+    surface is flat there, docs/MEMORY.md), so they are not fitted to those conversations: a small RRF k
     favours the top of each list, the lexical list outweighs the dense one (MiniLM misses names
     and rare words BM25 nails), and the neighbours (previous and next message of the same
     session) of the best hits share their score, since a conversation spreads one topic over
