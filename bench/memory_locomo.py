@@ -10,6 +10,7 @@ among the first k injected, averaged over questions (the LoCoMo paper's Table 3 
     python bench/memory_locomo.py --conversations 1       # one conversation, ~2 min
     python bench/memory_locomo.py --offline               # retrieval only, no HTTP (ablations)
     python bench/memory_locomo.py --offline --variant dense|lexical|hybrid
+    python bench/memory_locomo.py --loo                   # constants chosen on 4, measured on the 5th, ~2 min
 
 Data: /work/shared/data/locomo/locomo-dev.json (CC BY-NC 4.0, see its README); --data PATH.
 """
@@ -93,7 +94,7 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="asp-locomo-") as tmp, FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key") as fake:
-        memory = {"top_k": max(KS), "max_inject_tokens": 8000, "latency_budget_ms": args.budget_ms}
+        memory = {"top_k": args.top_k, "max_inject_tokens": args.max_inject_tokens, "latency_budget_ms": args.budget_ms}
         if args.min_score is not None:
             memory["min_score"] = args.min_score
         path = write_config(Path(tmp), {"bench": open_tenant(fake.base_url, memory=memory)})
@@ -175,14 +176,15 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
 # -- offline: the same retrieval code without HTTP (for ablations) -------------------------
 
 
-def run_offline(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-
-    from proxy.memory.model import EPISODIC, Memory, Scope
+def build_offline(samples: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each conversation indexed as the proxy indexes it (one user, one session per LoCoMo
+    session), and its questions embedded: built once, searched under any fusion constants."""
+    from proxy.memory.model import EPISODIC, Memory
     from proxy.memory.remote import local_model
     from proxy.memory.tenant import TenantMemory, index_text
 
     model = local_model(args.embedder)
-    rows: list[dict[str, Any]] = []
+    built = []
     for sample in samples:
         mem = TenantMemory("offline")
         memories = []
@@ -202,24 +204,64 @@ def run_offline(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict
             memory.vector = vector
             mem.insert(memory)
         questions = [qa for qa in sample["qa"] if evidence_of(qa)]
-        qvecs = model.embed([qa["question"] for qa in questions])
-        for qa, qvec in zip(questions, qvecs):
-            evidence = evidence_of(qa)
-            scope = Scope("user", "u", "q")
-            if args.variant == "dense":
-                slots, _ = mem.dense(qvec, scope, mem.admit(scope), max(KS))
-                ranked = [mem.ids[s] for s in slots]
-            elif args.variant == "lexical":
-                hits = mem.search(qa["question"], None, scope, top_k=max(KS), min_score=args.min_score)
-                ranked = [h.id for h in hits]
-            else:
-                hits = mem.search(qa["question"], qvec, scope, top_k=max(KS), min_score=args.min_score)
-                ranked = [h.id for h in hits]
-            row = {"sample": sample["sample_id"], "category": qa["category"], "evidence": evidence, "ranked": ranked, "tokens": 0}
-            row |= {f"R@{k}": recall_at(ranked, evidence, k) for k in KS}
-            rows.append(row)
+        built.append({"sample": sample["sample_id"], "mem": mem, "questions": questions,
+                      "vectors": model.embed([qa["question"] for qa in questions])})
         print(f"  {sample['sample_id']}: {len(memories)} turns, {len(questions)} questions", file=sys.stderr)
-    return {"rows": rows}
+    return built
+
+
+def search_offline(conversation: dict[str, Any], args: argparse.Namespace, fusion: Any) -> list[dict[str, Any]]:
+    from proxy.memory.model import Scope
+
+    mem, rows = conversation["mem"], []
+    scope = Scope("user", "u", "q")
+    for qa, qvec in zip(conversation["questions"], conversation["vectors"]):
+        if args.variant == "dense":
+            slots, _ = mem.dense(qvec, scope, mem.admit(scope), max(KS))
+            ranked = [mem.ids[s] for s in slots]
+        else:
+            query = None if args.variant == "lexical" else qvec
+            ranked = [h.id for h in mem.search(qa["question"], query, scope, top_k=max(KS), min_score=args.min_score, fusion=fusion)]
+        evidence = evidence_of(qa)
+        row = {"sample": conversation["sample"], "category": qa["category"], "evidence": evidence, "ranked": ranked, "tokens": 0}
+        rows.append(row | {f"R@{k}": recall_at(ranked, evidence, k) for k in KS})
+    return rows
+
+
+def run_offline(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    from proxy.memory.tenant import FUSION
+
+    built = build_offline(samples, args)
+    return {"rows": [row for conversation in built for row in search_offline(conversation, args, FUSION)]}
+
+
+# Leave-one-conversation-out: every constant is chosen on four conversations and the figure is
+# read on the fifth, so it predicts conversations the constants never saw. The grid spans the
+# usual range of each constant (RRF's k from a top-heavy 2 to the customary 60).
+GRID = {"rrf_k": (2, 5, 10, 20, 60), "lexical_weight": (1.0, 2.0, 3.0, 4.0), "neighbour_share": (0.0, 0.25, 0.5, 0.75)}
+
+
+def run_leave_one_out(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    import itertools
+
+    from proxy.memory.tenant import FUSION
+
+    built = built_all = build_offline(samples, args)
+    candidates = [FUSION._replace(**dict(zip(GRID, values))) for values in itertools.product(*GRID.values())]
+    # rows[c][i]: conversation i's rows under candidate c (searched once, reused by every fold)
+    rows = [[search_offline(conversation, args, candidate) for conversation in built_all] for candidate in candidates]
+    held_out: list[dict[str, Any]] = []
+    chosen = []
+    for fold, conversation in enumerate(built):
+        def score(c: int) -> float:
+            train = [r for i, part in enumerate(rows[c]) if i != fold for r in part]
+            return statistics.fmean(r["R@10"] for r in train)
+        best = max(range(len(candidates)), key=score)
+        chosen.append({"held_out": conversation["sample"], "fusion": candidates[best]._asdict(), "train R@10": round(100 * score(best), 1)})
+        held_out += rows[best][fold]
+    default = candidates.index(FUSION) if FUSION in candidates else None
+    return {"rows": held_out, "chosen": chosen,
+            "default_rows": [r for part in rows[default] for r in part] if default is not None else []}
 
 
 def main() -> None:
@@ -228,24 +270,36 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=0, help="only the first N conversations")
     parser.add_argument("--offline", action="store_true", help="retrieval code only, no proxy")
     parser.add_argument("--embedder", default="local", choices=("local", "local-exact"), help="offline only: the local engine")
+    parser.add_argument("--loo", action="store_true", help="offline, leave-one-conversation-out choice of the fusion constants")
     parser.add_argument("--variant", default="hybrid", choices=("hybrid", "dense", "lexical"), help="offline only")
     parser.add_argument("--budget-ms", type=int, default=1000,
                         help="memory.latency_budget_ms (default 1000: measure retrieval quality, not this machine's load; "
                              "the product default is 30)")
     parser.add_argument("--min-score", type=float, default=None, help="memory.min_score (default: the product default)")
+    parser.add_argument("--top-k", type=int, default=max(KS), help="memory.top_k (default 25: rank quality; the product default injects fewer)")
+    parser.add_argument("--max-inject-tokens", type=int, default=8000, help="memory.max_inject_tokens (default 8000: no cap)")
     parser.add_argument("--json", type=Path, help="write per-question rows and the summary here")
     args = parser.parse_args()
     samples = json.loads(args.data.read_text())
     if args.conversations:
         samples = samples[: args.conversations]
+    args.offline = args.offline or args.loo
     if args.offline and args.min_score is None:
         from proxy.config import MemorySettings
 
         args.min_score = MemorySettings().min_score
-    result = run_offline(samples, args) if args.offline else run_proxy(samples, args)
+    if args.loo:
+        result = run_leave_one_out(samples, args)
+        for fold in result["chosen"]:
+            print(f"  fold {fold['held_out']}: chose {fold['fusion']} (R@10 {fold['train R@10']} on the other four)")
+        if result["default_rows"]:
+            print_table(summarise(result["default_rows"]), "the shipped constants on all conversations (tuned there: optimistic)")
+    else:
+        result = run_offline(samples, args) if args.offline else run_proxy(samples, args)
     table = summarise(result["rows"])
-    title = f"LoCoMo retrieval ({'offline ' + args.variant if args.offline else 'through the proxy'}), {len(samples)} conversations"
-    print_table(table, title)
+    mode = "leave-one-conversation-out, each figure on a conversation the constants were not chosen on" if args.loo else (
+        "offline " + args.variant if args.offline else "through the proxy")
+    print_table(table, f"LoCoMo retrieval ({mode}), {len(samples)} conversations")
     if not args.offline:
         print(f"\nreplay {result['timings']}; questions {result['timings']['questions_s']} s; budget misses {result['budget_misses']}")
         print("recall latency (proxy stats):", json.dumps(result["stats"]["recall_latency_ms"]))

@@ -24,14 +24,24 @@ from proxy.memory.vectors import EXACT_MAX, Mirror, VectorIndex
 
 _TYPE_CODE = {t: i for i, t in enumerate(TYPES)}
 _TENANT_GROUP = -1
-# Fusion constants, chosen on LoCoMo (docs/MEMORY.md): a small RRF k favours the top of each
-# list, the lexical list weighs twice the dense one (MiniLM misses names and rare words BM25
-# nails), and the neighbours (previous and next message of the same session) of the ten best
-# hits share half their score, since a conversation spreads one topic over adjacent turns.
-RRF_K = 10
-LEXICAL_WEIGHT = 2.0
-NEIGHBOUR_SHARE = 0.5
-NEIGHBOUR_SOURCES = 10
+
+
+class Fusion(NamedTuple):
+    """How the dense and lexical rankings become one. The defaults were chosen on LoCoMo; the
+    leave-one-conversation-out protocol of bench/memory_locomo.py finds the same region (the
+    surface is flat there, docs/MEMORY.md), so they are not fitted to those conversations: a small RRF k
+    favours the top of each list, the lexical list outweighs the dense one (MiniLM misses names
+    and rare words BM25 nails), and the neighbours (previous and next message of the same
+    session) of the best hits share their score, since a conversation spreads one topic over
+    adjacent turns."""
+
+    rrf_k: float = 10
+    lexical_weight: float = 2.0
+    neighbour_share: float = 0.5
+    neighbour_sources: int = 10
+
+
+FUSION = Fusion()
 CANDIDATES = 50  # per ranker, before fusion
 RELEASE_BATCH = 1024  # copies a released group gathers (new memories) before they are released too
 STRONG_LEXICAL = 0.5  # a lexical match this complete passes without a dense score
@@ -349,6 +359,7 @@ class TenantMemory:
         self, text: str, query: np.ndarray | None, scope: Scope, *, top_k: int, min_score: float,
         half_life_days: float | None = None, exclude_hashes: frozenset[int] | set[int] = frozenset(),
         types: Iterable[str] = (EPISODIC, SEMANTIC), now: float | None = None, lexical_part: Lexical | None = None,
+        fusion: Fusion = FUSION,
     ) -> list[Hit]:
         """Hybrid retrieval: dense and BM25 candidates fused by reciprocal rank.
 
@@ -360,14 +371,14 @@ class TenantMemory:
         cosine: dict[int, float] = {}
         lexical_score: dict[int, float] = {}
         for rank, (slot, score) in enumerate(zip(lex_slots.tolist(), lex_scores.tolist())):
-            fused[slot] = LEXICAL_WEIGHT / (RRF_K + rank)
+            fused[slot] = fusion.lexical_weight / (fusion.rrf_k + rank)
             lexical_score[slot] = score / best_lexical if best_lexical > 0 else 0.0
         if query is not None:
             dense_slots, dense_sims = self.dense(query, scope, admit, CANDIDATES)
             for rank, (slot, sim) in enumerate(zip(dense_slots.tolist(), dense_sims.tolist())):
-                fused[slot] = fused.get(slot, 0.0) + 1.0 / (RRF_K + rank)
+                fused[slot] = fused.get(slot, 0.0) + 1.0 / (fusion.rrf_k + rank)
                 cosine[slot] = sim
-        via = self._share_with_neighbours(fused, admit)
+        via = self._share_with_neighbours(fused, admit, fusion)
         if query is not None:
             missing = [s for s in fused if s not in cosine]
             if missing and self.mirror is not None and len(query) == self.mirror.dim:
@@ -410,9 +421,11 @@ class TenantMemory:
             size += len(self.sessionless.get(self.user_code(scope.user), ()))
         return size
 
-    def _share_with_neighbours(self, fused: dict[int, float], admit) -> dict[int, int]:
+    def _share_with_neighbours(self, fused: dict[int, float], admit, fusion: Fusion) -> dict[int, int]:
         """Give the neighbours of the best hits a share of their score; returns neighbour -> hit."""
-        best = sorted(fused.items(), key=lambda item: -item[1])[:NEIGHBOUR_SOURCES]
+        if fusion.neighbour_share <= 0:
+            return {}
+        best = sorted(fused.items(), key=lambda item: -item[1])[:fusion.neighbour_sources]
         cols = self.cols
         pairs: list[tuple[int, int, float]] = []  # (neighbour, hit, hit's score)
         for slot, score in best:
@@ -429,7 +442,7 @@ class TenantMemory:
         allowed = admit(np.array([p[0] for p in pairs], dtype=np.int64))
         for (neighbour, slot, score), ok in zip(pairs, allowed.tolist()):
             if ok:
-                fused[neighbour] = fused.get(neighbour, 0.0) + NEIGHBOUR_SHARE * score
+                fused[neighbour] = fused.get(neighbour, 0.0) + fusion.neighbour_share * score
                 via.setdefault(neighbour, slot)
         return via
 

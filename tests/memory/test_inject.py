@@ -22,11 +22,30 @@ def test_the_block_fits_the_room_and_its_reported_tokens_are_its_tokens() -> Non
             if not kept and not procedural:
                 assert block == "" and counted == 0
                 continue
-            # As budgeted: a token of slack per line and four for the framing, so at most that
-            # much over the block's tokens (and never more than a token or two under).
-            assert actual - 2 <= counted <= actual + 4 + len(kept), (room, counted, actual)
+            # As budgeted: a token of slack per line (a memory's and its session's heading) and
+            # four for the framing, so at most that much over the block's tokens (and never more
+            # than a token or two under).
+            lines = len(kept) + len({m.session for m in kept})
+            assert actual - 2 <= counted <= actual + 4 + lines, (room, counted, actual)
             if kept:
                 assert counted <= room
             assert [m.id for m in kept] == [m.id for m in memories[: len(kept)]]
     # Counted again from the cache, the same answer.
     assert inject.render(memories, [], 400)[2] == inject.render(memories, [], 400)[2]
+
+
+def test_memories_of_one_session_share_its_heading_and_carry_no_id() -> None:
+    tokens.warm()
+    memories = [Memory(id=f"mem_{i:020x}", type=EPISODIC, text=f"fact number {i}", ts=1_700_000_000, key=i, user="u",
+                       session="s-a" if i % 2 else "s-b", role="user", name="Ana") for i in range(4)]
+    block, kept, _ = inject.render(memories, [], 5000)
+    assert len(kept) == 4
+    assert block.count('session "s-a":') == 1 and block.count('session "s-b":') == 1
+    assert "mem_" not in block
+    # Each memory sits under its own session's heading.
+    a, b = block.index('session "s-a":'), block.index('session "s-b":')
+    for i in range(4):
+        at = block.index(f"fact number {i}")
+        heading = a if i % 2 else b
+        other = b if i % 2 else a
+        assert heading < at and not (heading < other < at)
