@@ -206,6 +206,6 @@ def test_room_kept_free_for_the_memory_block_is_at_most_a_quarter_of_the_prompt(
     prompt = 2000 - 1024
     kept = budget_for(settings, "small", "openai/gpt-4o", {}, keep_free=100)
     assert (kept.prompt, kept.kept_free) == (prompt - 100, 100)
-    capped = budget_for(settings, "small", "openai/gpt-4o", {}, keep_free=1200)  # memory's default max_inject_tokens
+    capped = budget_for(settings, "small", "openai/gpt-4o", {}, keep_free=1200)  # more than a quarter of the prompt
     assert (capped.prompt, capped.kept_free) == (prompt - prompt // 4, prompt // 4)
     assert budget_for(settings, "small", "openai/gpt-4o", {}).kept_free == 0

@@ -85,12 +85,12 @@ class MemorySettings(Section):
     anonymous: OneOf("session", "shared") = "session"  # requests without a user id: session | one anonymous user
     episodic: Bool = True  # remember recorded user and assistant messages
     inject: Bool = True  # add recalled memories to the system prompt
-    top_k: Int(1, 100) = 5
+    top_k: Int(1, 100) = 10
     min_score: Annotated[Number(-1.0, 1.0), Rule("must be a number between -1 and 1 (a cosine similarity)")] = 0.25
     recency_half_life_days: Annotated[Annotated[float, Field(strict=True, gt=0)] | None,
                                       Rule("must be null or a number of days above 0")] = None
     latency_budget_ms: Int(1, 60_000) = 30  # retrieval slower than this is skipped (and counted)
-    max_inject_tokens: Int(50, 100_000) = 1200
+    max_inject_tokens: Int(50, 100_000) = 600
     procedural: Annotated[tuple[Annotated[str, Field(strict=True, min_length=1, max_length=4000)], ...], Field(max_length=100),
                           Rule("must be a list of at most 100 non-empty strings of at most 4000 characters")] = ()
 
