@@ -152,14 +152,19 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def status_kb(pid: int, key: str) -> int:
+def status_kb(pid: int, key: str, path: str = "") -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(path or f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size: private pages plus a share of the shared ones (/proc/PID/smaps_rollup)."""
+    return status_kb(pid, "Pss", f"/proc/{pid}/smaps_rollup")
 
 
 def machine() -> dict[str, Any]:
@@ -259,6 +264,7 @@ class Server:
     proc: subprocess.Popen | None = None
     pids: list[int] = field(default_factory=list)
     max_anon_kb: int = 0  # largest RssAnon seen by sample_memory()
+    max_pss_kb: int = 0  # largest PSS seen by sample_memory()
     started_at: float = 0.0  # time.monotonic() at start()
 
     def start(self) -> Server:
@@ -302,6 +308,7 @@ class Server:
     def sample_memory(self) -> None:
         """Track the peak of anonymous memory (heap), which VmHWM mixes with mapped files."""
         self.max_anon_kb = max(self.max_anon_kb, sum(status_kb(pid, "RssAnon") for pid in self.pids))
+        self.max_pss_kb = max(self.max_pss_kb, sum(pss_kb(pid) for pid in self.pids))
 
     def terminate(self) -> None:
         """SIGTERM the process group this server leads (it was started in its own session)."""
@@ -850,6 +857,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if target.server is not None:
                 entry["peak_rss_mb"] = target.server.peak_rss_mb()
                 entry["peak_anon_mb"] = target.server.max_anon_kb / 1024
+                entry["peak_pss_mb"] = target.server.max_pss_kb / 1024
                 entry["rss_end_mb"] = target.server.rss_mb()
                 entry["processes"] = len(target.server.pids)
             results["targets"][target.name] = entry
@@ -985,6 +993,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         s["sweep"] = per_c
         s["peak_rss_mb"] = entry.get("peak_rss_mb")
         s["peak_anon_mb"] = entry.get("peak_anon_mb")
+        s["peak_pss_mb"] = entry.get("peak_pss_mb")
         s["rounds"] = rounds
         summary[name] = s
     return summary
@@ -1327,11 +1336,11 @@ def write_report(results: dict[str, Any], out_path: str | None) -> None:
 
 def print_summary(results: dict[str, Any]) -> None:
     summary = results["summary"]
-    print(f"{'target':<12} {'+JSON p50':>10} {'+JSON p99':>10} {'+SSE TTFB50':>11} {'+SSE TTLB50':>11} {'max rps':>8} {'peak rps':>8} {'CPU/1k':>7} {'RSS MB':>7} {'anon MB':>7}")
+    print(f"{'target':<12} {'+JSON p50':>10} {'+JSON p99':>10} {'+SSE TTFB50':>11} {'+SSE TTLB50':>11} {'max rps':>8} {'peak rps':>8} {'CPU/1k':>7} {'RSS MB':>7} {'anon MB':>7} {'PSS MB':>7}")
     for name in report_order(summary):
         s = summary[name]
         print(f"{name:<12} {fmt(s['json_ttlb_p50_added']):>10} {fmt(s['json_ttlb_p99_added']):>10} {fmt(s['sse_ttfb_p50_added']):>11} "
-              f"{fmt(s['sse_ttlb_p50_added']):>11} {fmt(s['max_rps'], 0):>8} {fmt(s['peak_rps'], 0):>8} {fmt(s['json_cpu_per_1k']):>7} {fmt(s['peak_rss_mb'], 0):>7} {fmt(s['peak_anon_mb'], 0):>7}")
+              f"{fmt(s['sse_ttlb_p50_added']):>11} {fmt(s['max_rps'], 0):>8} {fmt(s['peak_rps'], 0):>8} {fmt(s['json_cpu_per_1k']):>7} {fmt(s['peak_rss_mb'], 0):>7} {fmt(s['peak_anon_mb'], 0):>7} {fmt(s.get('peak_pss_mb'), 0):>7}")
     for name, why in results["skipped"].items():
         print(f"{name:<12} skipped: {why}")
     if results.get("full_setup"):

@@ -28,8 +28,7 @@ from proxy.observe import Observer
 from proxy.pacing import Pace
 from proxy.records import Message, Session
 from proxy.sessions import SessionLocks, SessionRef, agent_identity, identify, strip_proxy_fields
-from proxy.storage.base import InvalidWrite, Record, SessionBusy, StorageError, Write
-from proxy.storage.write_behind import WriteBehindStore
+from proxy.storage.base import InvalidWrite, Record, SessionBusy, StorageError, Store, Write
 from proxy.upstream import Upstream
 from proxy.validate import chat_body
 
@@ -93,7 +92,7 @@ class Turn:
 
 
 class Pipeline:
-    def __init__(self, store: WriteBehindStore, upstream: Upstream, clock: Callable[[], float] = time.time, context: ContextManager | None = None) -> None:
+    def __init__(self, store: Store, upstream: Upstream, clock: Callable[[], float] = time.time, context: ContextManager | None = None) -> None:
         self.store = store
         self.upstream = upstream
         self.context = context  # fits what goes upstream to the model's token budget
@@ -418,7 +417,7 @@ class Pipeline:
             if turn.tenant.persistence.durable(tags):
                 await self.store.apply([write])
             else:
-                await self.store.apply_later([write])
+                await self.store.apply([write], durable=False)
         except StorageError as exc:
             log.critical("could not record turn %s of session %s: %s", turn.request_id, session.id, exc)
             raise ProxyError("the proxy could not persist this turn; it was not acknowledged", status=503, code="storage_error") from exc

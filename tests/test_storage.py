@@ -1,4 +1,4 @@
-"""Store conformance: every backend (in-memory and LMDB) must pass these."""
+"""Store conformance: every backend (in-memory, LMDB, PostgreSQL) and write-behind over each must pass these."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session
-from proxy.storage.base import Record, StorageError, Store, Write
+from proxy.storage.base import InvalidWrite, Record, StorageError, Store, Write
 from proxy.storage.kv import messages_prefix
 from proxy.storage.lmdb_store import LmdbStore
 from proxy.storage.memory import InMemoryStore
@@ -130,6 +130,36 @@ async def test_one_apply_is_one_transaction(store: Store) -> None:
     assert await store.get_session("t", "s1") is None
 
 
+async def test_a_routine_write_is_read_at_once_and_committed_before_any_later_durable_one(store: Store) -> None:
+    await store.apply([Write("t", session(next_seq=1), [message(0, "routine")])], durable=False)
+    await store.apply([Write("t", records=[Record("usage", "day", {"tokens": 1})])], durable=False)
+    assert [m.body["content"] for m in await store.get_messages("t", "s1")] == ["routine"]
+    assert await store.get_record("t", "usage", "day") == {"tokens": 1}
+    await store.apply([Write("t", session(next_seq=2), [message(1, "durable")])])
+    backend = getattr(store, "inner", store)  # below write-behind: what is committed
+    assert [m.body["content"] for m in await backend.get_messages("t", "s1")] == ["routine", "durable"]
+    assert await backend.get_record("t", "usage", "day") == {"tokens": 1}
+    assert (await backend.get_session("t", "s1")).next_seq == 2
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_an_unstorable_write_is_refused_at_once_durable_or_not(store: Store, durable: bool) -> None:
+    bad = message(0)
+    bad.body["content"] = {"x": object()}
+    with pytest.raises(InvalidWrite, match="message 0"):
+        await store.apply([Write("t", session(), [bad])], durable=durable)
+    with pytest.raises(InvalidWrite):
+        await store.apply([Write("t", records=[Record("k", "x" * 1000, {})])], durable=durable)
+    assert await store.get_session("t", "s1") is None and await store.scan_records("t", "k") == []
+
+
+async def test_a_session_lock_is_held_for_its_block(store: Store) -> None:
+    async with store.session_lock("t", "s1", refuse=True):
+        await store.commit(session(), [message(0)])
+    async with store.session_lock("t", "s1", refuse=False):  # let go after the block
+        assert len(await store.get_messages("t", "s1")) == 1
+
+
 async def test_concurrent_commits_all_land(store: Store) -> None:
     await asyncio.gather(*(store.commit(session(sid=f"s{i}"), [message(0, i)]) for i in range(50)))
     assert len(await store.list_sessions("t")) == 50
@@ -223,7 +253,7 @@ async def test_paged_scan_reads_everything_once_even_with_queued_writes(store: S
     behind = WriteBehindStore(store, flush_interval=3600)  # never flushes by itself here
     queued = [Record("memory", f"k{i:03d}", {"i": i}) for i in range(1, 40, 4)]  # new keys between stored ones
     queued += [Record("memory", f"k{i:03d}", None) for i in range(4, 30, 2)]  # deletes whole pages of stored ones
-    await behind.apply_later([Write("t", records=queued)])
+    await behind.apply([Write("t", records=queued)], durable=False)
     expected = await behind.scan_records("t", "memory", prefix="k")
     assert [k for k, _ in expected] == sorted({f"k{i:03d}" for i in (0, 2, 30, 32, 34, 36, 38)} | {f"k{i:03d}" for i in range(1, 40, 4)})
     for reader in (behind, store):
@@ -247,8 +277,8 @@ async def test_write_behind_transcript_cache_is_bounded_by_messages_and_stays_ex
         assert behind._transcripts.weight == sum(len(behind._transcripts.peek(k)) for k in behind._transcripts) <= 10
     assert list(behind._transcripts) == [("t", "c")]  # the newest stays (each was read once); older ones were dropped
     # A queued (not yet flushed) write reaches a cached transcript and an evicted one alike.
-    await behind.apply_later([Write("t", session(sid="a", next_seq=7), [message(6, "a6")])])
-    await behind.apply_later([Write("t", session(sid="c", next_seq=7), [message(6, "c6")])])
+    await behind.apply([Write("t", session(sid="a", next_seq=7), [message(6, "a6")])], durable=False)
+    await behind.apply([Write("t", session(sid="c", next_seq=7), [message(6, "c6")])], durable=False)
     assert behind._transcripts.weight == sum(len(behind._transcripts.peek(k)) for k in behind._transcripts) <= 10
     assert [m.body["content"] for m in await behind.get_messages("t", "a")][-2:] == ["a5", "a6"]
     assert [m.body["content"] for m in await behind.get_messages("t", "c")][-2:] == ["c5", "c6"]
@@ -321,7 +351,7 @@ async def test_write_behind_keeps_stored_sessions_exact_without_reading_them_bac
     # Writes, durable or queued then flushed, are what the next read sees.
     await behind.apply([Write("t", session(sid="old", next_seq=4))])
     assert (await behind.get_session("t", "old")).next_seq == 4
-    await behind.apply_later([Write("t", session(sid="old", next_seq=5))])
+    await behind.apply([Write("t", session(sid="old", next_seq=5))], durable=False)
     await behind.flush()
     assert (await behind.get_session("t", "old")).next_seq == 5 and Counting.reads == 1
     assert (await inner.get_session("t", "old")).next_seq == 5
@@ -344,7 +374,7 @@ async def test_write_behind_without_a_transcript_cache_reads_the_store_every_tim
     await behind.apply([Write("t", session(sid="a", next_seq=2), [message(0, "a0"), message(1, "a1")])])
     assert [m.body["content"] for m in await behind.get_messages("t", "a")] == ["a0", "a1"]
     assert not behind._transcripts and behind._transcripts.weight == 0
-    await behind.apply_later([Write("t", session(sid="a", next_seq=3), [message(2, "a2")])])
+    await behind.apply([Write("t", session(sid="a", next_seq=3), [message(2, "a2")])], durable=False)
     assert [m.body["content"] for m in await behind.get_messages("t", "a")] == ["a0", "a1", "a2"]
     await behind.close()
     assert [m.body["content"] for m in await inner.get_messages("t", "a")] == ["a0", "a1", "a2"]

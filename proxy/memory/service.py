@@ -636,12 +636,8 @@ class MemoryService:
     async def _write(self, tenant: str, records: list[Record]) -> None:
         if not records:
             return
-        later = getattr(self.store, "apply_later", None)
-        write = Write(tenant, records=records)
-        if later is not None:
-            await later([write])  # a lost memory record is rebuilt from the transcript (the mark)
-        else:
-            await self.store.apply([write])
+        # Routine: a lost memory record is rebuilt from the transcript (the mark).
+        await self.store.apply([Write(tenant, records=records)], durable=False)
 
     # -- embedders ---------------------------------------------------------------------------
 
@@ -722,7 +718,6 @@ class MemoryService:
         manifest = await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
         mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))
         _settle_heap()  # the decoded pages are gone: free them, and keep the index out of GC scans
-        self.store.release_mapped_pages()  # and the LMDB pages they were read from
         self._opening.add(tenant)
         await self._ops.put(("open", tenant, manifest))
         log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
@@ -737,8 +732,6 @@ class MemoryService:
         while page := await self.store.scan_records(tenant, KIND, session_id, after=after, limit=_LOAD_PAGE):
             vectors = await self._vector_records(tenant, session_id, after, page)
             after = page[-1][0]
-            if len(page) == _LOAD_PAGE:  # a bulk read: its LMDB pages are not needed mapped
-                self.store.release_mapped_pages()
             rows = [(session_id, value, vectors.get(key)) for key, value in page]
             memories, writes = await asyncio.to_thread(_decode_all, rows, sessions, model)
             if writes:  # orphans of sessions replaced meanwhile or rolled back, erased; old records split

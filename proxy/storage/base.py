@@ -69,13 +69,25 @@ class Quarantined:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def encode(value: Any, part: str) -> bytes:
+    """A part's stored bytes; InvalidWrite, naming the part, for a value no store can keep."""
+    try:
+        return codec.encode(value)
+    except codec.Unstorable as exc:
+        raise InvalidWrite(f"{part} cannot be stored: {exc}") from None
+
+
 class Store(ABC):
     """Tenant-scoped storage of sessions, their messages and auxiliary records.
 
     Every method takes the tenant explicitly and never returns another tenant's data.
-    ``apply`` is one transaction: durable (or failed loudly with StorageError) when it returns.
-    A stored record that cannot be decoded is quarantined (moved aside and reported), never
-    returned and never allowed to crash a read.
+    ``apply`` is one transaction. A durable one is committed (or failed loudly with
+    StorageError) when it returns; a routine one (``durable=False``) may be committed later, in
+    order, before any write made after it, and every read of the same store sees it at once
+    (backends that buffer nothing commit it at once). A stored record that cannot be decoded is
+    quarantined (moved aside and reported), never returned and never allowed to crash a read.
+    Every backend (in-memory, LMDB, PostgreSQL) and the write-behind store over each answers
+    exactly this interface: tests/test_storage.py runs the same suite on all of them.
     """
 
     # True when other processes write the same sessions (PostgreSQL with replicas: many): the
@@ -88,7 +100,9 @@ class Store(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    async def apply(self, writes: Sequence[Write]) -> None: ...
+    async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
+        """Commit ``writes`` as one transaction; ``durable=False``: a routine write that may be
+        batched with later ones (InvalidWrite is still raised now, never later)."""
 
     @abstractmethod
     async def get_session(self, tenant: str, session_id: str) -> Session | None: ...
@@ -116,16 +130,16 @@ class Store(ABC):
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]: ...
 
     def check(self, writes: Sequence[Write]) -> None:
-        """Raise InvalidWrite, naming the part, if a write could never be committed."""
+        """Raise InvalidWrite, naming the part, if a write could never be committed (``apply``
+        raises the same by itself: this is for a caller that commits later)."""
         for write in writes:
-            parts: list[tuple[str, Any]] = [("session", write.session)] if write.session is not None else []
-            parts += [(f"message {m.seq} ({m.role})", m) for m in write.messages]
-            parts += [(f"{r.kind} record", r.value) for r in write.records if r.value is not None]
-            for name, value in parts:
-                try:
-                    codec.encode(value)
-                except codec.Unstorable as exc:
-                    raise InvalidWrite(f"{name} cannot be stored: {exc}") from None
+            if write.session is not None:
+                encode(write.session, "session")
+            for message in write.messages:
+                encode(message, f"message {message.seq} ({message.role})")
+            for record in write.records:
+                if record.value is not None:
+                    encode(record.value, f"{record.kind} record")
 
     @abstractmethod
     async def quarantine_messages(self, tenant: str, session_id: str, reasons: dict[int, str]) -> None:
@@ -134,6 +148,10 @@ class Store(ABC):
 
     def damage(self) -> str | None:
         """Why the store itself is damaged (reads or writes cannot be trusted), or None."""
+        return None
+
+    def health(self) -> str | None:
+        """Why the store cannot take writes now (readiness), or None when it can."""
         return None
 
     # Conveniences over apply -------------------------------------------------------------
@@ -153,11 +171,6 @@ class Store(ABC):
 
     async def close(self) -> None:
         return None
-
-    def release_mapped_pages(self) -> int:
-        """After a bulk read, let go of what it mapped into the process (LMDB: the pages of its
-        data file); 0 when there is nothing such."""
-        return 0
 
     def stats(self) -> dict[str, Any]:
         return {}

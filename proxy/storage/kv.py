@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
-from proxy.storage.base import InvalidWrite, Quarantined, Store, Write
+from proxy.storage.base import InvalidWrite, Quarantined, Store, Write, encode
 
 log = logging.getLogger("agent_state_proxy.storage")
 T = TypeVar("T")
@@ -107,7 +107,8 @@ class KVStore(Store):
             except ValueError as exc:
                 raise InvalidWrite(str(exc)) from None
 
-    async def apply(self, writes: Sequence[Write]) -> None:
+    async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
+        """One transaction, committed before it returns, whether ``durable`` or not."""
         try:
             encoded = [_encode_write(w) for w in writes]  # encode outside the writer thread
         except ValueError as exc:  # codec.Unstorable included
@@ -233,13 +234,13 @@ def _encode_write(write: Write) -> tuple[list[bytes], list[tuple[bytes, bytes | 
         sid = write.delete_session
         deletes += [messages_prefix(tenant, sid), b"x" + _tenant(tenant) + session_digest(sid), session_key(tenant, sid)]
     if write.session is not None:
-        puts.append((session_key(tenant, write.session.id), codec.encode(write.session)))
+        puts.append((session_key(tenant, write.session.id), encode(write.session, "session")))
         prefix = messages_prefix(tenant, write.session.id)
         for message in write.messages:
-            puts.append((prefix + message.seq.to_bytes(8, "big"), codec.encode(message)))
+            puts.append((prefix + message.seq.to_bytes(8, "big"), encode(message, f"message {message.seq} ({message.role})")))
     for record in write.records:
         key = record_key(tenant, record.kind, record.key, record.session_id)
-        puts.append((key, None if record.value is None else codec.encode(record.value)))
+        puts.append((key, None if record.value is None else encode(record.value, f"{record.kind} record")))
     return deletes, puts
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from proxy.cache import FrequencyCache
 from proxy.records import Message, Session
-from proxy.storage.base import Quarantined, Store, StorageError, Write
+from proxy.storage.base import InvalidWrite, Quarantined, Store, StorageError, Write
 
 log = logging.getLogger("agent_state_proxy.storage")
 STALLED_AFTER = 30.0  # seconds queued writes may wait without progress before readiness fails
@@ -140,9 +140,12 @@ class WriteBehindStore(Store):
     def check(self, writes: Sequence[Write]) -> None:
         self.inner.check(writes)
 
-    async def apply(self, writes: Sequence[Write]) -> None:
-        """Durable: returns once these writes (and everything queued before) are committed."""
-        self.inner.check(writes)  # a bad write fails its own caller, before anything is committed
+    async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
+        """Durable: returns once these writes (and everything queued before) are committed.
+        Routine (``durable=False``): queued, visible to reads at once, committed by the next
+        batch; durable at once when the store is shared with other replicas."""
+        if not durable:
+            return await self._queue_writes(writes)
         async with self._lock:
             queued = len(self._queue)
             try:
@@ -150,6 +153,8 @@ class WriteBehindStore(Store):
             except StorageError:
                 raise
             except Exception as exc:  # a queued write the store refuses must not block this one
+                if isinstance(exc, InvalidWrite):
+                    self.inner.check(writes)  # a bad write fails its own caller; nothing was committed
                 log.error("a queued write failed to commit (%s); committing the queue one write at a time", exc)
                 await self._commit_singly(queued)
                 await self.inner.apply(list(writes))
@@ -163,9 +168,7 @@ class WriteBehindStore(Store):
     def session_lock(self, tenant: str, session_id: str, refuse: bool) -> Any:
         return self.inner.session_lock(tenant, session_id, refuse)
 
-    async def apply_later(self, writes: Sequence[Write]) -> None:
-        """Routine: queued (visible to reads at once), committed by the next batch; durable at
-        once when the store is shared with other replicas."""
+    async def _queue_writes(self, writes: Sequence[Write]) -> None:
         if self.shared and any(_touches_session(write) for write in writes):
             return await self.apply(writes)  # the next replica to hold the session must see it
         self.inner.check(writes)  # refused now, not found unstorable by the flusher later
@@ -408,9 +411,6 @@ class WriteBehindStore(Store):
 
     def damage(self) -> str | None:
         return self.inner.damage()
-
-    def release_mapped_pages(self) -> int:
-        return self.inner.release_mapped_pages()
 
     def stats(self) -> dict[str, Any]:
         return self.inner.stats() | {"pending_writes": len(self._queue), "flushed_batches": self.flushed_batches,
