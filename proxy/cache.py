@@ -3,8 +3,8 @@
 A plain LRU loses its hot entries to any scan. A burst of sessions touched once or twice (a
 batch job, a fleet of agents waking up, a throughput sweep) pushes out the sessions that an
 agent comes back to every few seconds, and each of those then pays its cold path again: a
-1,000-message session reads its transcript back (~7 ms) and rebuilds its context view and
-its exchanges' terms (~10 ms).
+long session reads its transcript back and rebuilds its context view and its exchanges'
+terms (docs/PERSISTENCE.md: Caches).
 
 ``FrequencyCache`` is W-TinyLFU (Einziger et al., 2017), with exact counts instead of a sketch
 since its keys are sessions, a few hundred resident and a few thousand counted at most:

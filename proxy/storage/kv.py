@@ -91,9 +91,6 @@ class KVStore(Store):
     @abstractmethod
     async def _write(self, fn: Callable[[Txn], T]) -> T: ...
 
-    def _read_rows(self, count: int) -> None:
-        """Told after a read of ``count`` rows (a transcript, a scan): nothing to do by default."""
-
     # -- writes ------------------------------------------------------------------------------
 
     def check(self, writes: Sequence[Write]) -> None:
@@ -145,7 +142,6 @@ class KVStore(Store):
     async def get_messages(self, tenant: str, session_id: str) -> list[Message]:
         prefix = messages_prefix(tenant, session_id)
         rows = await self._read(lambda txn: list(txn.scan(prefix)))
-        self._read_rows(len(rows))
         return share_repeated_values(await self._decode_rows(tenant, rows, Message.from_dict))
 
     async def list_sessions(self, tenant: str) -> list[Session]:
@@ -181,7 +177,6 @@ class KVStore(Store):
         base = record_prefix(tenant, kind, session_id)
         start = base + after.encode() + b"\0" if after else None  # the first key past ``after``
         rows = await self._read(lambda txn: list(itertools.islice(txn.scan(base + prefix.encode(), start), limit or None)))
-        self._read_rows(len(rows))
         result, corrupt = [], []
         for key, raw in rows:
             try:

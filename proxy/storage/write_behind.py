@@ -29,7 +29,7 @@ _RecordKey = tuple[str, str, str | None, str]
 class _Transcript:
     """A cached transcript: its messages by seq, and in seq order. A request appends messages
     with new, higher seqs, so the order is kept by appending; any other change rebuilds it on
-    the next read (a sort of a 1,000-message session on every request was ~30 µs)."""
+    the next read (not a sort of the whole session on every request)."""
 
     __slots__ = ("by_seq", "_ordered")
 
@@ -72,18 +72,16 @@ class WriteBehindStore(Store):
         # Decoded transcripts of recently used sessions. This process is the only writer of its
         # LMDB environment and every write passes through here, so the cache stays exact; it
         # saves decoding a whole transcript on every request of a long session.
-        # Bounded by sessions and by messages (~0.9 KB each decoded, ~45 MB at the default bound,
-        # storage.transcript_cache_messages): 256 sessions of 5 000 messages would otherwise hold
-        # over 1 GB. A miss costs ~7 ms per 1 000 messages. Sessions used most often stay (see
-        # proxy/cache.py): under a plain LRU, the sessions a burst had touched pushed the hot ones
-        # out, which then read their transcripts from LMDB again (at a 20k bound, full mode's p50
-        # went from 14 to 30 ms after bench/full_probe.py --burst 1000).
+        # Bounded by sessions and by messages (storage.transcript_cache_messages), or a few long
+        # sessions would hold gigabytes. Sessions used most often stay (proxy/cache.py): under a
+        # plain LRU, the sessions a burst had touched pushed the hot ones out, which then read
+        # their transcripts from the store again (docs/PERSISTENCE.md: Caches).
         self.cached_sessions, self.cached_messages = cached_sessions, cached_messages
         self._transcripts: FrequencyCache[_SessionKey, _Transcript] = FrequencyCache(
             cached_messages, weigh=len, max_entries=cached_sessions)
         # Stored sessions of recently used ones, exact for the same reason: every request reads
         # its session, and an LMDB read lets go of the GIL, which the event loop then waits to
-        # get back (~0.3 ms a request in full mode, py-spy).
+        # get back (docs/PERSISTENCE.md: Caches).
         self._stored_sessions: collections.OrderedDict[_SessionKey, Session] = collections.OrderedDict()
         self._writes_seen = 0  # bumped by every write, to detect one racing a cache fill
         self.batch_size, self.flush_interval, self.queue_max = batch_size, flush_interval, queue_max
