@@ -18,6 +18,7 @@ import yaml
 from aiohttp import web
 
 from proxy.config import Config, load_config
+from proxy.server import keys
 from proxy.server.app import create_app
 from proxy.server.protocol import ProxyRunner
 from proxy.storage.base import Store
@@ -94,6 +95,18 @@ class ProxyThread:
         self._runner = ProxyRunner(self.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+
+def context_settled(proxy: ProxyThread) -> None:
+    """Block until the context manager's background work (summaries) is done: what a model's
+    seconds of thinking give it between two turns (tests and benchmarks only)."""
+
+    async def settle() -> None:
+        context = proxy.app[keys.PIPELINE].context
+        while context._tasks:
+            await asyncio.gather(*list(context._tasks), return_exceptions=True)
+
+    proxy.call(settle())
 
 
 def start_thread(config_path: Path) -> ProxyThread:

@@ -617,11 +617,6 @@ class ContextManager:
         if not task.cancelled() and task.exception() is not None:
             log.error("context background task failed", exc_info=task.exception())
 
-    async def idle(self) -> None:
-        """Wait until no background task is running (tests and benchmarks)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
     async def close(self) -> None:
         """Cancel background work and wait for it to stop (the app's shutdown)."""
         self._closed = True

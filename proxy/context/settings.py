@@ -83,10 +83,6 @@ class ContextSettings:
             return by_model[alias]
         return by_model.get("*", self.context_window)
 
-    def model_aliases(self) -> tuple[str, ...]:
-        """The tenant model aliases these settings call (summarizer, tagger)."""
-        return tuple(a for a in (self.summarizer_model, self.tagger_model) if a)
-
 
 OFF = ContextSettings(strategy=())
 

@@ -91,10 +91,6 @@ def text_of(body: dict[str, Any]) -> str:
     return text
 
 
-def is_system(body: dict[str, Any]) -> bool:
-    return body.get("role") in _SYSTEM_ROLES
-
-
 def build_units(items: Sequence[Item], priorities: dict[str, int] | None = None,
                 units: list[Unit] | None = None) -> list[Unit]:
     """Group items into units: tool results stay with the assistant message that called them.

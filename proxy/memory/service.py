@@ -1108,8 +1108,7 @@ def _episodic(tenant: str, session: str, created: float, user: str | None, messa
 def _decode_all(rows: list[tuple[str | None, dict[str, Any], dict[str, Any] | None]], sessions: dict[str, Any],
                 model: str) -> tuple[list[Memory], list[Record]]:
     """Decode stored memories (worker thread): rows of (session, record, vector record). Also
-    returns the writes to make: erasing those that must not survive, and splitting records of
-    before 2026-11-26, which held their vector, into a record and a vector record."""
+    returns the writes to make: erasing those that must not survive."""
     memories, writes = [], []
     reverted_of: dict[str, set[int]] = {}
     for sid, value, vector in rows:
@@ -1125,9 +1124,6 @@ def _decode_all(rows: list[tuple[str | None, dict[str, Any], dict[str, Any] | No
             if session is None or session.created_at != memory.session_created or (memory.seq is not None and memory.seq in reverted_of.get(sid, set())):
                 writes += Memory.erasure(memory.id, sid)
                 continue
-        if vector is None and ("vec16" in value or "vec" in value):
-            writes.append(Record(KIND, memory.id, {k: v for k, v in value.items() if k not in ("vec16", "vec")}, sid))
-            writes.append(Record(VECTOR_KIND, memory.id, {k: value[k] for k in ("model", "vec16", "vec") if k in value}, sid))
         if memory.model != model:
             memory.vector, memory.model = None, None  # another embedder's vector: re-embedded later
         memories.append(memory)

@@ -192,10 +192,6 @@ class LmdbStore(KVStore):
             except lmdb.Error as exc:
                 raise StorageError(f"backup copy failed: {exc}") from exc
 
-    def sync_write(self, fn: Callable[[_LmdbTxn], T]) -> T:
-        """Run a write transaction on the calling thread (start-up and tools only)."""
-        return self._write_now(fn)
-
     async def close(self) -> None:
         if self._closed:
             return
