@@ -77,7 +77,8 @@ def main() -> int:
     loadgen = None
     try:
         upstream.start().wait_ready(30)
-        targets, skipped = bench.build_targets([args.target], workdir, upstream, origin, master_key, True, cleanup, servers)
+        full = bench.FullSeed("prof", max(args.concurrency, 2), bench.QUICK_FULL_TURNS, bench.QUICK_FULL_MEMORIES)
+        targets, skipped = bench.build_targets([args.target], workdir, upstream, origin, master_key, True, cleanup, servers, full)
         if not targets:
             print(f"{args.target} skipped: {skipped.get(args.target)}", file=sys.stderr)
             return 1

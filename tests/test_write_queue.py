@@ -204,3 +204,24 @@ async def test_a_record_stored_too_deep_before_the_bound_is_quarantined_not_fata
     inner.raw()[key] = b"\x01" + orjson.dumps(legacy)  # format 1: as the versions before the bound wrote it
     assert [m.body["content"] for m in await inner.get_messages("t", "s")] == ["kept"]
     assert [q.reason for q in await inner.quarantined("t")] == [f"record nested deeper than {codec.MAX_DEPTH} levels"]
+
+
+async def test_each_record_is_encoded_once_durable_or_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking a write encodes it; the commit of a queued write reuses those bytes, and a durable
+    write is checked by its own commit, so no record is encoded twice (each costs CPU per request)."""
+    from proxy.storage import base
+
+    encoded: list[object] = []
+    real = codec.encode
+    monkeypatch.setattr(base.codec, "encode", lambda value: encoded.append(value) or real(value))
+    inner = InMemoryStore()
+    store = WriteBehindStore(inner, flush_interval=3600)
+    queued, durable = turn("s", 0, "queued"), turn("s", 1, "durable")
+    await store.apply([queued], durable=False)
+    assert len(encoded) == 2  # the session and its message, when checked
+    await store.flush()
+    assert len(encoded) == 2
+    await store.apply([durable])
+    assert len(encoded) == 4
+    await store.close()
+    assert [m.body["content"] for m in await inner.get_messages("t", "s")] == ["queued", "durable"]

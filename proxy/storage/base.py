@@ -48,15 +48,23 @@ class Record:
     session_id: str | None = None
 
 
+# A write's stored bytes: its session's, its messages', its records' (None: a deletion).
+Encoded = tuple[bytes | None, list[bytes], list[bytes | None]]
+
+
 @dataclass
 class Write:
-    """One unit of a transaction: a session upsert, its new or changed messages, records."""
+    """One unit of a transaction: a session upsert, its new or changed messages, records.
+
+    ``encoded``: its bytes, already made by ``Store.check`` for a copy that nothing changes
+    afterwards (write-behind's queued copies), so that committing it does not encode it again."""
 
     tenant: str
     session: Session | None = None
     messages: Sequence[Message] = ()
     records: Sequence[Record] = ()
     delete_session: str | None = None
+    encoded: Encoded | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -69,8 +77,18 @@ class Quarantined:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def encode(value: Any, part: str) -> bytes:
-    """A part's stored bytes; InvalidWrite, naming the part, for a value no store can keep."""
+def encode(write: Write) -> Encoded:
+    """The stored bytes of a write's parts (made once: ``write.encoded`` when set); InvalidWrite,
+    naming the part, for a value no store can keep."""
+    if write.encoded is not None:
+        return write.encoded
+    session = _encode(write.session, "session") if write.session is not None else None
+    messages = [_encode(m, f"message {m.seq} ({m.role})") for m in write.messages]
+    records = [None if r.value is None else _encode(r.value, f"{r.kind} record") for r in write.records]
+    return session, messages, records
+
+
+def _encode(value: Any, part: str) -> bytes:
     try:
         return codec.encode(value)
     except codec.Unstorable as exc:
@@ -129,17 +147,11 @@ class Store(ABC):
     @abstractmethod
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]: ...
 
-    def check(self, writes: Sequence[Write]) -> None:
+    def check(self, writes: Sequence[Write]) -> list[Encoded]:
         """Raise InvalidWrite, naming the part, if a write could never be committed (``apply``
-        raises the same by itself: this is for a caller that commits later)."""
-        for write in writes:
-            if write.session is not None:
-                encode(write.session, "session")
-            for message in write.messages:
-                encode(message, f"message {message.seq} ({message.role})")
-            for record in write.records:
-                if record.value is not None:
-                    encode(record.value, f"{record.kind} record")
+        raises the same by itself: this is for a caller that commits later). Returns each
+        write's bytes, for a copy of it that ``apply`` then need not encode again."""
+        return [encode(write) for write in writes]
 
     @abstractmethod
     async def quarantine_messages(self, tenant: str, session_id: str, reasons: dict[int, str]) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
-from proxy.storage.base import InvalidWrite, Quarantined, Store, Write, encode
+from proxy.storage.base import Encoded, InvalidWrite, Quarantined, Store, Write, encode
 
 log = logging.getLogger("agent_state_proxy.storage")
 T = TypeVar("T")
@@ -93,8 +93,8 @@ class KVStore(Store):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def check(self, writes: Sequence[Write]) -> None:
-        super().check(writes)
+    def check(self, writes: Sequence[Write]) -> list[Encoded]:
+        encoded = super().check(writes)
         for write in writes:
             try:
                 _tenant(write.tenant)
@@ -103,6 +103,7 @@ class KVStore(Store):
                 _check_session(write)
             except ValueError as exc:
                 raise InvalidWrite(str(exc)) from None
+        return encoded
 
     async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
         """One transaction, committed before it returns, whether ``durable`` or not."""
@@ -228,14 +229,14 @@ def _encode_write(write: Write) -> tuple[list[bytes], list[tuple[bytes, bytes | 
     if write.delete_session is not None:
         sid = write.delete_session
         deletes += [messages_prefix(tenant, sid), b"x" + _tenant(tenant) + session_digest(sid), session_key(tenant, sid)]
+    session, messages, records = encode(write)
     if write.session is not None:
-        puts.append((session_key(tenant, write.session.id), encode(write.session, "session")))
+        puts.append((session_key(tenant, write.session.id), session))
         prefix = messages_prefix(tenant, write.session.id)
-        for message in write.messages:
-            puts.append((prefix + message.seq.to_bytes(8, "big"), encode(message, f"message {message.seq} ({message.role})")))
-    for record in write.records:
-        key = record_key(tenant, record.kind, record.key, record.session_id)
-        puts.append((key, None if record.value is None else encode(record.value, f"{record.kind} record")))
+        for message, raw in zip(write.messages, messages):
+            puts.append((prefix + message.seq.to_bytes(8, "big"), raw))
+    for record, raw in zip(write.records, records):
+        puts.append((record_key(tenant, record.kind, record.key, record.session_id), raw))
     return deletes, puts
 
 

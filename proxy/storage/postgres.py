@@ -25,7 +25,7 @@ import asyncpg
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
-from proxy.storage.base import InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write, encode
+from proxy.storage.base import Encoded, InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write, encode
 from proxy.storage.kv import MAX_RECORD_KEY, session_digest
 
 log = logging.getLogger("agent_state_proxy.storage")
@@ -184,9 +184,9 @@ class PostgresStore(Store):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def check(self, writes: Sequence[Write]) -> None:
-        super().check(writes)
+    def check(self, writes: Sequence[Write]) -> list[Encoded]:
         _check_shape(writes)
+        return super().check(writes)
 
     async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
         """One transaction, committed before it returns, whether ``durable`` or not."""
@@ -351,18 +351,19 @@ def _check_shape(writes: Sequence[Write]) -> None:
 def _encode(write: Write) -> tuple[str, bytes | None, tuple[bytes, bytes] | None, list[tuple], list[tuple], list[tuple]]:
     tenant = write.tenant
     deleted = session_digest(write.delete_session) if write.delete_session is not None else None
+    session_raw, messages_raw, records_raw = encode(write)
     session, messages = None, []
     if write.session is not None:
         sid = session_digest(write.session.id)
-        session = (sid, encode(write.session, "session"))
-        messages = [(tenant, sid, m.seq, encode(m, f"message {m.seq} ({m.role})")) for m in write.messages]
+        session = (sid, session_raw)
+        messages = [(tenant, sid, m.seq, raw) for m, raw in zip(write.messages, messages_raw)]
     puts, removals = [], []
-    for record in write.records:
+    for record, raw in zip(write.records, records_raw):
         sid = session_digest(record.session_id) if record.session_id is not None else _TENANT_WIDE
-        if record.value is None:
+        if raw is None:
             removals.append((tenant, sid, record.kind, record.key.encode()))
         else:
-            puts.append((tenant, sid, record.kind, record.key.encode(), encode(record.value, f"{record.kind} record")))
+            puts.append((tenant, sid, record.kind, record.key.encode(), raw))
     return tenant, deleted, session, messages, puts, removals
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from proxy.cache import FrequencyCache
 from proxy.records import Message, Session
-from proxy.storage.base import InvalidWrite, Quarantined, Store, StorageError, Write
+from proxy.storage.base import Encoded, InvalidWrite, Quarantined, Store, StorageError, Write
 
 log = logging.getLogger("agent_state_proxy.storage")
 STALLED_AFTER = 30.0  # seconds queued writes may wait without progress before readiness fails
@@ -135,8 +135,8 @@ class WriteBehindStore(Store):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def check(self, writes: Sequence[Write]) -> None:
-        self.inner.check(writes)
+    def check(self, writes: Sequence[Write]) -> list[Encoded]:
+        return self.inner.check(writes)
 
     async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
         """Durable: returns once these writes (and everything queued before) are committed.
@@ -169,7 +169,7 @@ class WriteBehindStore(Store):
     async def _queue_writes(self, writes: Sequence[Write]) -> None:
         if self.shared and any(_touches_session(write) for write in writes):
             return await self.apply(writes)  # the next replica to hold the session must see it
-        self.inner.check(writes)  # refused now, not found unstorable by the flusher later
+        encoded = self.inner.check(writes)  # refused now, not found unstorable by the flusher later
         if len(self._queue) >= self.queue_max:
             # Backpressure instead of unbounded memory: wait for the flusher to make room.
             self._wakeup.set()
@@ -177,8 +177,8 @@ class WriteBehindStore(Store):
                 await self._drained.wait_for(lambda: len(self._queue) < self.queue_max)
         if not self._queue:
             self._progress_at = time.monotonic()
-        for write in writes:
-            write = _frozen_copy(write)
+        for write, raw in zip(writes, encoded):
+            write = _frozen_copy(write, raw)  # committed as these bytes: encoded once
             self._queue.append(write)
             self._overlay(write)
             self._remember(write)
@@ -422,7 +422,8 @@ def _touches_session(write: Write) -> bool:
             or any(record.session_id is not None for record in write.records))
 
 
-def _frozen_copy(write: Write) -> Write:
-    """Queue a snapshot: callers keep mutating their Session objects after handing them over."""
+def _frozen_copy(write: Write, encoded: Encoded | None = None) -> Write:
+    """Queue a snapshot: callers keep mutating their Session objects after handing them over
+    (and what is committed is ``encoded``, the bytes checked when it was queued, if given)."""
     session = dataclasses.replace(write.session, extra=dict(write.session.extra)) if write.session else None
-    return Write(write.tenant, session, list(write.messages), list(write.records), write.delete_session)
+    return Write(write.tenant, session, list(write.messages), list(write.records), write.delete_session, encoded)
