@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 
 from proxy import tokens
-from proxy.cache import FrequencyCache
+from proxy.cache import LRU, FrequencyCache
 from proxy.context import caching, importance, summaries as summary_store, summarizer
 from proxy.context.assemble import Assembly, ContextTooLarge, Policy, assemble, window_start
 from proxy.context.budget import Budget, budget_for, request_overhead
@@ -71,24 +70,6 @@ class _Session:
         return (self.tenant.name, self.id)
 
 
-class _LRU(OrderedDict):
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def get_fresh(self, key: Hashable) -> Any:
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
-
-
 class ContextManager:
     """Keeps requests within their token budget; owns the background summarization tasks."""
 
@@ -105,14 +86,14 @@ class ContextManager:
         # ~20 MB of them under a bound of 1,024 sessions. A miss reads them back (~1-2 ms).
         self._summaries: FrequencyCache[tuple[str, str], tuple[float, dict[str, Summary]]] = FrequencyCache(
             _CACHED_SUMMARIES, weigh=lambda cached: len(cached[1]) + 1, max_entries=1024)
-        self._tags = _LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
-        self._counts = _LRU(100_000)  # (encoding, chain or hash) → tokens
+        self._tags = LRU(1024)  # (tenant, session) → (created_at, {seq: tags}) from the LLM tagger
+        self._counts = LRU(100_000)  # (encoding, chain or hash) → tokens
         # (tenant, session, created_at, encoding, segment turns, importance) → the view of its
         # latest request. A miss rebuilds it (a 1,000-message session: ~10 ms, half of it hashing
         # its exchanges' terms), so a burst of other sessions must not push out the ones in use.
         self._views: FrequencyCache[tuple[Any, ...], _CachedView] = FrequencyCache(
             _CACHED_VIEW_MESSAGES, weigh=lambda cached: len(cached.view.items), max_entries=_CACHED_VIEW_SESSIONS)
-        self._passes = _LRU(10_000)  # (tenant, session) → (created_at, next_seq, newest closed segment) at the last pass
+        self._passes = LRU(10_000)  # (tenant, session) → (created_at, next_seq, newest closed segment) at the last pass
         self._limit: asyncio.Semaphore | None = None
         self._closed = False
 
@@ -242,7 +223,7 @@ class ContextManager:
         if message.tokens and getattr(message, "tokenizer", None) == encoding:
             return message.tokens
         key = (encoding, message.chain)
-        count = self._counts.get_fresh(key)
+        count = self._counts.get(key)
         if count is None:
             count = tokens.count_message(message.body, encoding)
             self._counts.put(key, count)
@@ -250,7 +231,7 @@ class ContextManager:
 
     def _fresh_tokens(self, body: dict[str, Any], encoding: str) -> int:
         key = (encoding, message_hash(body))
-        count = self._counts.get_fresh(key)
+        count = self._counts.get(key)
         if count is None:
             count = tokens.count_message(body, encoding)
             self._counts.put(key, count)
@@ -499,7 +480,7 @@ class ContextManager:
         # view this request was shaped with (without it, every segment_turns turns' messages).
         cached = self._views.peek(_view_key(ref, last["encoding"]))
         newest = cached.view.segments[-1].key if cached is not None and cached.view.segments else None
-        previous = self._passes.get_fresh(ref.key)
+        previous = self._passes.get(ref.key)
         if previous and previous[0] == ref.created_at and (
                 previous[2] == newest if newest is not None else turn.session.next_seq - previous[1] < 2 * settings.segment_turns):
             return  # no new segment has closed since the last pass
@@ -588,13 +569,13 @@ class ContextManager:
             return
         records_out = [Record(TAGS_KIND, f"{seq:010d}", {"tags": tags, "model": settings.tagger_model}, ref.id) for seq, tags in found.items()]
         await summary_store.put_derived(self.store, ref.tenant.name, records_out)
-        cached = self._tags.get_fresh(ref.key)
+        cached = self._tags.get(ref.key)
         if cached is not None and cached[0] == ref.created_at:
             cached[1].update(found)
 
     async def _llm_tags(self, turn: Turn) -> dict[int, list[str]]:
         ref = _ref(turn)
-        cached = self._tags.get_fresh(ref.key)
+        cached = self._tags.get(ref.key)
         if cached is not None and cached[0] == ref.created_at:
             return cached[1]
         found: dict[int, list[str]] = {}

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from proxy.cache import FrequencyCache
+from proxy.cache import LRU, FrequencyCache
 from proxy.records import Message, Session
 from proxy.storage.base import Encoded, InvalidWrite, Quarantined, Store, StorageError, Write
 
@@ -82,7 +82,7 @@ class WriteBehindStore(Store):
         # Stored sessions of recently used ones, exact for the same reason: every request reads
         # its session, and an LMDB read lets go of the GIL, which the event loop then waits to
         # get back (docs/PERSISTENCE.md: Caches).
-        self._stored_sessions: collections.OrderedDict[_SessionKey, Session] = collections.OrderedDict()
+        self._stored_sessions: LRU[_SessionKey, Session] = LRU(cached_sessions)
         self._writes_seen = 0  # bumped by every write, to detect one racing a cache fill
         self.batch_size, self.flush_interval, self.queue_max = batch_size, flush_interval, queue_max
         self._queue: collections.deque[Write] = collections.deque()
@@ -236,7 +236,7 @@ class WriteBehindStore(Store):
                      write.tenant, type(exc).__name__, exc, summary)
         if session_id is not None:
             self._transcripts.pop((write.tenant, session_id))
-            self._stored_sessions.pop((write.tenant, session_id), None)
+            self._stored_sessions.pop((write.tenant, session_id))
 
     async def _flusher(self) -> None:
         while True:
@@ -285,7 +285,7 @@ class WriteBehindStore(Store):
         self._writes_seen += 1
         if write.delete_session is not None:
             self._transcripts.pop((write.tenant, write.delete_session))
-            self._stored_sessions.pop((write.tenant, write.delete_session), None)
+            self._stored_sessions.pop((write.tenant, write.delete_session))
         if write.session is not None:
             self._cache_session((write.tenant, write.session.id), write.session)
         if write.session is not None and write.messages:
@@ -323,7 +323,6 @@ class WriteBehindStore(Store):
             return dataclasses.replace(found, extra=dict(found.extra)) if found else None
         cached = self._stored_sessions.get(key)
         if cached is not None:
-            self._stored_sessions.move_to_end(key)
             return dataclasses.replace(cached, extra=dict(cached.extra))
         writes_before = self._writes_seen
         found = await self.inner.get_session(tenant, session_id)
@@ -333,10 +332,7 @@ class WriteBehindStore(Store):
 
     def _cache_session(self, key: _SessionKey, session: Session) -> None:
         """Keep ``session``, an object no caller holds (callers mutate the ones they hold)."""
-        self._stored_sessions[key] = session
-        self._stored_sessions.move_to_end(key)
-        while len(self._stored_sessions) > self.cached_sessions:
-            self._stored_sessions.popitem(last=False)
+        self._stored_sessions.put(key, session)
 
     async def get_messages(self, tenant: str, session_id: str) -> list[Message]:
         key = (tenant, session_id)
