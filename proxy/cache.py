@@ -72,6 +72,9 @@ class LRU(Generic[K, V]):
     def pop(self, key: K) -> V | None:
         return self._entries.pop(key, None)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
 
 class FrequencyCache(Generic[K, V]):
     def __init__(self, capacity: int, *, weigh: Callable[[V], int] | None = None, max_entries: int | None = None) -> None:

@@ -167,3 +167,5 @@ def test_lru_keeps_the_most_recently_used_entries() -> None:
     assert "b" not in cache and cache.get("b") is None and len(cache) == 2
     assert cache.get("a") == 1 and cache.get("c") == 3
     assert cache.pop("a") == 1 and cache.pop("a") is None and len(cache) == 1
+    cache.clear()
+    assert len(cache) == 0 and cache.get("c") is None
