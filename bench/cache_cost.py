@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.context_bench import DATA, dialogue  # noqa: E402
 from proxy.server import keys  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
-from tests.harness import open_tenant, start_thread, write_config  # noqa: E402
+from tests.harness import context_settled, open_tenant, start_thread, write_config  # noqa: E402
 
 MODEL = "fake-model"
 PRICES = (0.1, 0.5)
@@ -94,7 +94,7 @@ def converse(client: httpx.Client, url: str, fake: FakeUpstream, session: str, s
             # A model takes seconds to answer: the proxy's background work (summaries, memory
             # indexing) is done before the agent's next turn.
             pipeline = proxy.app[keys.PIPELINE]
-            proxy.call(pipeline.context.idle())
+            context_settled(proxy)
             if pipeline.memory is not None:
                 proxy.call(pipeline.memory.drain(), timeout=120)
     return rows

@@ -34,19 +34,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proxy import tokens  # noqa: E402
 from proxy.context import importance  # noqa: E402
 from proxy.context.assemble import assemble  # noqa: E402
-from proxy.context.budget import request_tokens  # noqa: E402
+from proxy.context.budget import request_overhead  # noqa: E402
 from proxy.context.manager import policy_for  # noqa: E402
 from proxy.context.units import build_view  # noqa: E402
 from proxy.server import keys  # noqa: E402
 from proxy.sessions import SessionRef  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
-from tests.harness import open_tenant, start_thread, write_config  # noqa: E402
+from tests.harness import context_settled, open_tenant, start_thread, write_config  # noqa: E402
 
 DATA = Path("/work/shared/data/locomo/locomo-dev.json")
 MODEL = "fake-model"
 ENCODING = tokens.encoding_for("openai/" + MODEL)
 RESERVE = 512
 LATENCY_TURNS = 500
+
+
+def prompt_tokens(body: dict[str, Any], encoding: str) -> int:
+    """Prompt tokens of a whole chat request as the context budget counts them."""
+    return request_overhead(body, encoding) + sum(tokens.count_message(m, encoding) for m in body.get("messages") or ())
+
 
 
 def dialogue(sample: dict[str, Any]) -> tuple[dict[str, str], list[dict[str, str]]]:
@@ -89,7 +95,7 @@ def replay(client: httpx.Client, proxy_url: str, fake: FakeUpstream, session: st
         response.raise_for_status()
         history.append({"role": "assistant", "content": response.json()["choices"][0]["message"]["content"]})
         last_forwarded = fake.chat_requests[-1]
-        counted.append(request_tokens(last_forwarded, ENCODING))  # recounted from what the fake received
+        counted.append(prompt_tokens(last_forwarded, ENCODING))  # recounted from what the fake received
         sent.append(int(response.headers["x-context-tokens"]))
         full.append(sent[-1] + int(response.headers["x-context-tokens-saved"]))
         fake.requests.clear()
@@ -136,7 +142,7 @@ def latency(proxy: Any, fake: FakeUpstream, client: httpx.Client, samples: list[
     history = replay(client, proxy.url, fake, "latency", system, messages, budget)["history"]
     pipeline = proxy.app[keys.PIPELINE]
     manager = pipeline.context
-    proxy.call(manager.idle())  # every background summary exists
+    context_settled(proxy)  # every background summary exists
     tenant = proxy.config.tenants["bench"]
     route = tenant.route(MODEL)
     ref = SessionRef("latency", False, None, "header")
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                 started = time.perf_counter()
                 run = replay(client, proxy.url, fake, session, system, messages, args.budget)
                 elapsed = time.perf_counter() - started
-                proxy.call(proxy.app[keys.PIPELINE].context.idle())
+                context_settled(proxy)
                 view = client.get(f"{proxy.url}/admin/sessions/{session}").json()
                 pins, verbatim, quoted = pinned_share(view, run["last"])
                 row = {

@@ -2,7 +2,7 @@
 
     python bench/recovery_bench.py [--sessions 10000] [--messages-per-session 100] [--rounds 5]
 
-Builds the store once (direct LMDB writes, the same layout the proxy writes), then repeatedly
+Builds the store once (through the proxy's own LMDB store), then repeatedly
 starts `agent-state-proxy serve` on it, SIGKILLs it, and measures from spawn to /ready and to the
 first chat answer for a stored session whose history must be restored (the lazy per-session
 recovery path). Prints medians.
@@ -11,6 +11,7 @@ recovery path). Prints medians.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import subprocess
@@ -23,43 +24,40 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy import codec, transcript  # noqa: E402
+from proxy import transcript  # noqa: E402
 from proxy.records import Message, Session  # noqa: E402
-from proxy.storage.kv import messages_prefix, session_key  # noqa: E402
+from proxy.storage.base import Write  # noqa: E402
 from proxy.storage.lmdb_store import LmdbStore  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
 from tests.harness import ProxyProcess, open_tenant, write_config  # noqa: E402
 
 
 def build(path: Path, sessions: int, per_session: int) -> None:
+    asyncio.run(_build(path, sessions, per_session))
+
+
+async def _build(path: Path, sessions: int, per_session: int) -> None:
+    """Write the sessions through the store's own interface, many sessions per transaction."""
     store = LmdbStore.open(str(path), map_size=4 << 30)
     now = time.time()
-    batch: list[tuple[bytes, bytes]] = []
-
-    def flush(txn) -> None:
-        for key, value in batch:
-            txn.put(key, value)
-
+    batch: list[Write] = []
     for s in range(sessions):
         sid = f"session-{s}"
         chain, parent = transcript.ROOT_CHAIN, None
-        prefix = messages_prefix("local", sid)
+        messages = []
         for seq in range(per_session):
             role = "user" if seq % 2 == 0 else "assistant"
             body = {"role": role, "content": f"message {seq} of {sid}: " + "lorem ipsum dolor sit amet " * 6}
             chain = transcript.chain_hash(chain, body)
-            message = Message(seq=seq, parent=parent, chain=chain, role=role, body=body, ts=now, tokens=40)
-            batch.append((prefix + seq.to_bytes(8, "big"), codec.encode(message.to_dict())))
+            messages.append(Message(seq=seq, parent=parent, chain=chain, role=role, body=body, ts=now, tokens=40))
             parent = seq
         session = Session(tenant="local", id=sid, created_at=now, last_active=now, head=per_session - 1, next_seq=per_session, turns=per_session // 2)
-        batch.append((session_key("local", sid), codec.encode(session.to_dict())))
-        if len(batch) >= 50_000:
-            store.sync_write(flush)
+        batch.append(Write("local", session, messages))
+        if len(batch) * per_session >= 50_000:
+            await store.apply(batch)
             batch.clear()
-    store.sync_write(flush)
-    import asyncio
-
-    asyncio.run(store.close())
+    await store.apply(batch)
+    await store.close()
 
 
 def main() -> int:

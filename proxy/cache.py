@@ -1,10 +1,18 @@
-"""A bounded cache that keeps what is used often, not merely what was used last.
+"""The proxy's bounded caches: ``LRU`` (by entries) and ``FrequencyCache`` (by weight and use).
+
+Every in-process cache of the proxy is one of these two, or ``functools.lru_cache`` for a pure
+function of hashable arguments (token counts of fixed strings, stemmed words).
+
+``LRU`` keeps the most recently used entries; enough where nothing scans through it (a cache
+per session of what only that session's requests look up).
+
+``FrequencyCache`` keeps what is used often, not merely what was used last.
 
 A plain LRU loses its hot entries to any scan. A burst of sessions touched once or twice (a
 batch job, a fleet of agents waking up, a throughput sweep) pushes out the sessions that an
 agent comes back to every few seconds, and each of those then pays its cold path again: a
-1,000-message session reads its transcript back (~7 ms) and rebuilds its context view and
-its exchanges' terms (~10 ms).
+long session reads its transcript back and rebuilds its context view and its exchanges'
+terms (docs/PERSISTENCE.md: Caches).
 
 ``FrequencyCache`` is W-TinyLFU (Einziger et al., 2017), with exact counts instead of a sketch
 since its keys are sessions, a few hundred resident and a few thousand counted at most:
@@ -26,13 +34,46 @@ this size and only happens on a miss. Event-loop thread only (no locking).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _MIN_PERIOD = 160  # uses between two halvings when few entries are resident
 _WINDOW_SHARE = 10  # the window holds 1/10 of the capacity
+
+
+class LRU(Generic[K, V]):
+    """At most ``size`` entries; the least recently used goes first. Event-loop thread only."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def get(self, key: K) -> V | None:
+        """The value of ``key`` (None when absent), now the most recently used."""
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def pop(self, key: K) -> V | None:
+        return self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class FrequencyCache(Generic[K, V]):
@@ -203,22 +244,3 @@ class FrequencyCache(Generic[K, V]):
             if self._main_weight <= self._main_capacity and not self._too_many():
                 return
 
-
-class LRU(OrderedDict):
-    """A plain least-recently-used map of at most ``size`` entries."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def get_fresh(self, key: Hashable) -> Any:
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from proxy import __version__, idle_gc, logs
+from proxy import __version__, interpreter, logs
 from proxy.config import Config, ConfigError, hash_key, load_config
 
 
@@ -163,16 +163,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         print(f"error: the data directory {config.data_dir} is not writable by uid {os.getuid()}: "
               f"chown it to that uid, or run as its owner (docker run --user)", file=sys.stderr)
         return 1
-    # A long-running server with a large long-lived heap: a full (generation 2) collection
-    # takes 70-220 ms with a 100k-memory tenant loaded. The app runs them while no request is
-    # in flight (proxy/idle_gc.py), not inside whichever request triggers one.
-    idle_gc.disable_automatic_full_collection()
-    # Embedding threads (ONNX Runtime, LMDB writes) take the GIL back several times per job;
-    # while the event loop runs Python each take waits up to the switch interval (5 ms by
-    # default). At 0.5 ms a query embedding under a busy loop took 4.4 ms instead of 11.8 ms;
-    # at 0.1 ms the full-mode probe's query embedding p50 is 7.7 instead of 8.4 ms and its
-    # request p50 12.4 instead of 12.7-13.0 ms, at the same CPU per request (docs/BENCHMARKS.md).
-    sys.setswitchinterval(0.0001)
+    interpreter.configure_server()  # GIL switch interval, full collections when idle
     from proxy.storage.base import StorageError
 
     try:

@@ -3,8 +3,8 @@
 Format 2 (written now): ``b"\\x02"`` + CRC-32 of the JSON bytes (4 bytes, big-endian) + JSON.
 Format 1 (written before checksums existed): ``b"\\x01"`` + JSON; still decoded, unchecked.
 The checksum catches bytes changed on disk that still decode (one letter of a message): such a
-record fails like an undecodable one and is quarantined by the store. zlib's CRC-32 runs at
-~1 GB/s here, ~1 µs for a 1 KB message (bench/integrity_bench.py, docs/PERSISTENCE.md).
+record fails like an undecodable one and is quarantined by the store. Its cost is measured by
+bench/integrity_bench.py (docs/PERSISTENCE.md).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Unstorable(ValueError):
 
 
 def encode(record: Any) -> bytes:
-    """A dict, or a dataclass (Message, Session): orjson writes its fields directly, ~15× faster
+    """A dict, or a dataclass (Message, Session): orjson writes its fields directly, much faster
     than building the dict with dataclasses.asdict first, and the same bytes.
 
     Raises Unstorable for a value that cannot be encoded or nests deeper than MAX_DEPTH."""

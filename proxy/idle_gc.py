@@ -2,8 +2,8 @@
 
 A long-running proxy holds a large heap of long-lived objects (cached transcripts, context
 views, memory indexes). CPython's automatic full (generation 2) collection traverses all of
-it, 70-220 ms with the benchmark's full-mode tenant, and it runs inside whichever request
-happens to allocate at that moment: those were the slowest requests of a benchmark round.
+it, and it runs inside whichever request happens to allocate at that moment: those were the
+slowest requests of a benchmark round (docs/BENCHMARKS.md: Interpreter tuning).
 ``serve`` turns the automatic full collection off (``disable_automatic_full_collection``),
 and ``IdleCollector`` runs it instead once no request has been in flight for ``idle`` seconds
 (``priority.Activity``), at most one every ``min_interval`` seconds. A proxy that is never
@@ -48,9 +48,8 @@ class IdleCollector:
     def collect(self) -> int:
         started = time.perf_counter()
         found = gc.collect()
-        # Under load, freed heap accumulates that glibc keeps (~3 MB every 20 s in full mode,
-        # ~10 MB after a burst; bench/full_probe.py): returned while the proxy is idle, it does
-        # not add to the next busy spell's peak. ~1-2 ms.
+        # Under load, freed heap accumulates that glibc keeps: returned while the proxy is idle,
+        # it does not add to the next busy spell's peak (docs/BENCHMARKS.md: Interpreter tuning).
         release_freed_memory()
         self.last_pause_ms = (time.perf_counter() - started) * 1000
         self.collections += 1

@@ -28,7 +28,7 @@ from proxy.stages.load import SessionLoader
 from proxy.stages.reconcile import History, reconcile
 from proxy.stages.record import Answer, record
 from proxy.stages.replay import request_fingerprint  # noqa: F401  (the benchmarks import it from here)
-from proxy.storage.write_behind import WriteBehindStore
+from proxy.storage.base import Store
 from proxy.turn import Exchange, Turn
 from proxy.upstream import Upstream
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 
 class Pipeline:
-    def __init__(self, store: WriteBehindStore, upstream: Upstream, clock: Callable[[], float] = time.time, context: ContextManager | None = None) -> None:
+    def __init__(self, store: Store, upstream: Upstream, clock: Callable[[], float] = time.time, context: ContextManager | None = None) -> None:
         self.store = store
         self.upstream = upstream
         self.context = context  # fits what goes upstream to the model's token budget

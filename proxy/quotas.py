@@ -18,7 +18,7 @@ from proxy.errors import ProxyError
 from proxy.storage.base import Record, Write
 
 if TYPE_CHECKING:  # annotations only
-    from proxy.storage.write_behind import WriteBehindStore
+    from proxy.storage.base import Store
 
 KEYS = tuple(QuotaSettings.model_fields)
 USAGE_KIND = "usage"  # tenant-level record per UTC day: {"tokens": n}
@@ -39,7 +39,7 @@ def _refuse(message: str, code: str, retry_after: float) -> QuotaExceeded:
 class Quotas:
     """The running counts of every tenant, checked before work is done and updated after."""
 
-    def __init__(self, settings: Mapping[str, QuotaSettings], store: WriteBehindStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Mapping[str, QuotaSettings], store: Store, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
@@ -91,7 +91,7 @@ class Quotas:
         day = int(self.clock() // _DAY)
         self._tokens[tenant] = (day, total)
         # Batched with the routine writes: a crash loses at most the last flush interval's count.
-        await self.store.apply_later([Write(tenant, records=[Record(USAGE_KIND, str(day), {"tokens": total})])])
+        await self.store.apply([Write(tenant, records=[Record(USAGE_KIND, str(day), {"tokens": total})])], durable=False)
 
     async def _tokens_today(self, tenant: str) -> int:
         day = int(self.clock() // _DAY)

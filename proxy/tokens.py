@@ -91,9 +91,11 @@ def _load(name: str) -> Any:
         encoding = tiktoken.get_encoding(name)
     except Exception:  # no bundled encoding and no network: fall back to an estimate
         return None
-    # The Python copy of the BPE ranks (14 MB for cl100k) only serves pickling; the Rust core
-    # that encodes holds its own.
-    encoding._mergeable_ranks = {}
+    # The Python copy of the BPE ranks only serves pickling; the Rust core that encodes holds
+    # its own. Dropped, it leaves the process's own memory (RssAnon) for good: measured in
+    # docs/BENCHMARKS.md (Interpreter tuning), where this is the one private attribute we touch.
+    if isinstance(getattr(encoding, "_mergeable_ranks", None), dict):
+        encoding._mergeable_ranks = {}
     return encoding
 
 

@@ -3,6 +3,7 @@ upstream client's requests with a handler function."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -20,6 +21,7 @@ from aiohttp import abc, web
 from aiohttp.test_utils import RawTestServer
 
 from proxy.config import Config, load_config
+from proxy.server import keys
 from proxy.server.app import create_app
 from proxy.server.protocol import ProxyRunner
 from proxy.storage.base import Store
@@ -115,6 +117,18 @@ class ProxyThread:
     def call(self, coro, timeout: float = 30):
         """Run a coroutine on the proxy's loop and wait for its result."""
         return self._thread.call(coro, timeout)
+
+
+def context_settled(proxy: ProxyThread) -> None:
+    """Block until the context manager's background work (summaries) is done: what a model's
+    seconds of thinking give it between two turns (tests and benchmarks only)."""
+
+    async def settle() -> None:
+        context = proxy.app[keys.PIPELINE].context
+        while context._tasks:
+            await asyncio.gather(*list(context._tasks), return_exceptions=True)
+
+    proxy.call(settle())
 
 
 def start_thread(config_path: Path) -> ProxyThread:

@@ -154,3 +154,18 @@ class CacheModel(RuleBasedStateMachine):
 
 TestCacheModel = CacheModel.TestCase
 TestCacheModel.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+def test_lru_keeps_the_most_recently_used_entries() -> None:
+    from proxy.cache import LRU
+
+    cache: LRU[str, int] = LRU(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # now the most recent
+    cache.put("c", 3)  # "b" goes
+    assert "b" not in cache and cache.get("b") is None and len(cache) == 2
+    assert cache.get("a") == 1 and cache.get("c") == 3
+    assert cache.pop("a") == 1 and cache.pop("a") is None and len(cache) == 1
+    cache.clear()
+    assert len(cache) == 0 and cache.get("c") is None

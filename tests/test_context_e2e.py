@@ -13,12 +13,12 @@ import openai
 import pytest
 
 from proxy import tokens
-from proxy.context.budget import request_tokens
+from proxy.context.budget import request_overhead
 from proxy.context.summarizer import PROMPT_MARKER
 from proxy.memory.inject import HEADER
 from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
-from tests.harness import ProxyThread, keyed_tenant, open_tenant, route, start_thread, write_config
+from tests.harness import ProxyThread, context_settled, keyed_tenant, open_tenant, route, start_thread, write_config
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 PIN = "My name is Ada Lovelace and my locker code is 4417."
@@ -80,6 +80,11 @@ def sdk(proxy: ProxyThread) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.base_url, api_key="local", max_retries=0)
 
 
+def prompt_tokens(body: dict[str, Any], encoding: str) -> int:
+    """Prompt tokens of a whole chat request as the context budget counts them."""
+    return request_overhead(body, encoding) + sum(tokens.count_message(m, encoding) for m in body.get("messages") or ())
+
+
 def admin_session(proxy: ProxyThread, session_id: str) -> dict[str, Any]:
     response = httpx.get(f"{proxy.url}/admin/sessions/{session_id}", headers={"Authorization": "Bearer local"})
     assert response.status_code == 200, response.text
@@ -87,7 +92,7 @@ def admin_session(proxy: ProxyThread, session_id: str) -> dict[str, Any]:
 
 
 def wait_for_background(proxy: ProxyThread) -> None:
-    proxy.call(proxy.app[keys.PIPELINE].context.idle())
+    context_settled(proxy)
 
 
 def converse(proxy: ProxyThread, session: str, turns: int, *, tool_every: int = 0) -> list[Any]:
@@ -132,7 +137,7 @@ def test_300_turns_stay_within_budget_keep_pins_and_tool_pairs_and_reuse_summari
     forwarded = client_requests(upstream)
     assert len(forwarded) == 330  # 300 turns, 30 of them with a tool call first
     for body in forwarded:
-        assert request_tokens(body, ENCODING) <= PROMPT_BUDGET
+        assert prompt_tokens(body, ENCODING) <= PROMPT_BUDGET
         # The system prompt leads, verbatim; recalled memories of the turns the context compressed
         # (the budget kept room for them) come in a message before the newest user message.
         assert body["messages"][0] == SYSTEM
@@ -174,7 +179,7 @@ def test_summarizer_down_falls_back_to_extractive_summaries(
     wait_for_background(context_proxy)
     forwarded = client_requests(upstream)
     assert len(forwarded) == 80 and summarizer.inputs  # the summarizer was asked, and failed
-    assert all(request_tokens(b, ENCODING) <= PROMPT_BUDGET for b in forwarded)
+    assert all(prompt_tokens(b, ENCODING) <= PROMPT_BUDGET for b in forwarded)
     assert {"role": "user", "content": PIN} in forwarded[-1]["messages"]
     stored = admin_session(context_proxy, "down")["summaries"]
     assert stored and {s["method"] for s in stored} == {"extractive"}
@@ -187,7 +192,7 @@ def test_short_conversations_are_forwarded_unchanged(context_proxy: ProxyThread,
     raw = sdk(context_proxy).chat.completions.with_raw_response.create(model="fake-model", messages=messages, extra_headers={"X-Session-ID": "short"})
     assert upstream.chat_requests[-1]["messages"] == messages
     assert raw.headers["x-context-tokens-saved"] == "0"
-    assert int(raw.headers["x-context-tokens"]) == request_tokens({"messages": messages}, ENCODING)
+    assert int(raw.headers["x-context-tokens"]) == prompt_tokens({"messages": messages}, ENCODING)
 
 
 def test_a_newest_message_larger_than_the_budget_is_a_clear_error(context_proxy: ProxyThread, upstream: FakeUpstream) -> None:
@@ -227,7 +232,7 @@ def test_shutdown_cancels_background_summaries(tmp_path: Path, upstream: FakeUps
             converse(proxy, "bg", 16)
             context = proxy.app[keys.PIPELINE].context
             assert context._tasks  # summarizing in the background, not in the requests
-            assert all(request_tokens(b, ENCODING) <= PROMPT_BUDGET for b in client_requests(upstream))
+            assert all(prompt_tokens(b, ENCODING) <= PROMPT_BUDGET for b in client_requests(upstream))
         assert not context._tasks and slow.chat_requests
 
 
@@ -248,7 +253,7 @@ def test_room_kept_for_memories_never_makes_a_request_wait_for_summaries(tmp_pat
             worker.start()
             worker.join(60)  # waiting on the summarizer would take 600 s
             assert done, "a request waited for the hung summarizer"
-            assert all(request_tokens(b, ENCODING) <= PROMPT_BUDGET for b in client_requests(upstream))
+            assert all(prompt_tokens(b, ENCODING) <= PROMPT_BUDGET for b in client_requests(upstream))
             assert slow.chat_requests  # summaries were asked for, in the background
 
 

@@ -143,12 +143,12 @@ async def test_write_behind_backpressure_and_read_your_writes() -> None:
     for seq in range(8):
         session.next_seq = seq + 1
         message = Message(seq=seq, parent=None, chain=f"{seq}", role="user", body={"role": "user", "content": seq}, ts=1)
-        await store.apply_later([Write("t", session, [message])])
+        await store.apply([Write("t", session, [message])], durable=False)
     assert len(await store.get_messages("t", "s")) == 8  # visible before any flush
     assert (await store.get_session("t", "s")).next_seq == 8
     extra = Message(seq=8, parent=None, chain="8", role="user", body={"role": "user", "content": 8}, ts=1)
     session.next_seq = 9
-    await asyncio.wait_for(store.apply_later([Write("t", session, [extra])]), 5)  # waited for room
+    await asyncio.wait_for(store.apply([Write("t", session, [extra])], durable=False), 5)  # waited for room
     await store.close()
     assert len(await inner.get_messages("t", "s")) == 9
 
@@ -203,7 +203,7 @@ async def test_transcript_cache_follows_every_write() -> None:
     await store.apply([Write("t", session, [first])])
     assert [m.seq for m in await store.get_messages("t", "s")] == [0]  # now cached
     second = Message(seq=1, parent=0, chain="1", role="assistant", body={"role": "assistant", "content": "b"}, ts=1)
-    await store.apply_later([Write("t", session, [second])])
+    await store.apply([Write("t", session, [second])], durable=False)
     assert [m.seq for m in await store.get_messages("t", "s")] == [0, 1]
     await store.apply([Write("t", session, [dataclasses.replace(second, reverted=True)])])
     assert [m.reverted for m in await store.get_messages("t", "s")] == [False, True]

@@ -1,4 +1,4 @@
-"""Store conformance: every backend (in-memory and LMDB) must pass these."""
+"""Store conformance: every backend (in-memory, LMDB, PostgreSQL) and write-behind over each must pass these."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session
-from proxy.storage.base import Record, StorageError, Store, Write
+from proxy.storage.base import InvalidWrite, Record, StorageError, Store, Write
 from proxy.storage.kv import messages_prefix
 from proxy.storage.lmdb_store import LmdbStore
 from proxy.storage.memory import InMemoryStore
@@ -130,6 +130,36 @@ async def test_one_apply_is_one_transaction(store: Store) -> None:
     assert await store.get_session("t", "s1") is None
 
 
+async def test_a_routine_write_is_read_at_once_and_committed_before_any_later_durable_one(store: Store) -> None:
+    await store.apply([Write("t", session(next_seq=1), [message(0, "routine")])], durable=False)
+    await store.apply([Write("t", records=[Record("usage", "day", {"tokens": 1})])], durable=False)
+    assert [m.body["content"] for m in await store.get_messages("t", "s1")] == ["routine"]
+    assert await store.get_record("t", "usage", "day") == {"tokens": 1}
+    await store.apply([Write("t", session(next_seq=2), [message(1, "durable")])])
+    backend = getattr(store, "inner", store)  # below write-behind: what is committed
+    assert [m.body["content"] for m in await backend.get_messages("t", "s1")] == ["routine", "durable"]
+    assert await backend.get_record("t", "usage", "day") == {"tokens": 1}
+    assert (await backend.get_session("t", "s1")).next_seq == 2
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_an_unstorable_write_is_refused_at_once_durable_or_not(store: Store, durable: bool) -> None:
+    bad = message(0)
+    bad.body["content"] = {"x": object()}
+    with pytest.raises(InvalidWrite, match="message 0"):
+        await store.apply([Write("t", session(), [bad])], durable=durable)
+    with pytest.raises(InvalidWrite):
+        await store.apply([Write("t", records=[Record("k", "x" * 1000, {})])], durable=durable)
+    assert await store.get_session("t", "s1") is None and await store.scan_records("t", "k") == []
+
+
+async def test_a_session_lock_is_held_for_its_block(store: Store) -> None:
+    async with store.session_lock("t", "s1", refuse=True):
+        await store.commit(session(), [message(0)])
+    async with store.session_lock("t", "s1", refuse=False):  # let go after the block
+        assert len(await store.get_messages("t", "s1")) == 1
+
+
 async def test_concurrent_commits_all_land(store: Store) -> None:
     await asyncio.gather(*(store.commit(session(sid=f"s{i}"), [message(0, i)]) for i in range(50)))
     assert len(await store.list_sessions("t")) == 50
@@ -223,7 +253,7 @@ async def test_paged_scan_reads_everything_once_even_with_queued_writes(store: S
     behind = WriteBehindStore(store, flush_interval=3600)  # never flushes by itself here
     queued = [Record("memory", f"k{i:03d}", {"i": i}) for i in range(1, 40, 4)]  # new keys between stored ones
     queued += [Record("memory", f"k{i:03d}", None) for i in range(4, 30, 2)]  # deletes whole pages of stored ones
-    await behind.apply_later([Write("t", records=queued)])
+    await behind.apply([Write("t", records=queued)], durable=False)
     expected = await behind.scan_records("t", "memory", prefix="k")
     assert [k for k, _ in expected] == sorted({f"k{i:03d}" for i in (0, 2, 30, 32, 34, 36, 38)} | {f"k{i:03d}" for i in range(1, 40, 4)})
     for reader in (behind, store):
@@ -247,8 +277,8 @@ async def test_write_behind_transcript_cache_is_bounded_by_messages_and_stays_ex
         assert behind._transcripts.weight == sum(len(behind._transcripts.peek(k)) for k in behind._transcripts) <= 10
     assert list(behind._transcripts) == [("t", "c")]  # the newest stays (each was read once); older ones were dropped
     # A queued (not yet flushed) write reaches a cached transcript and an evicted one alike.
-    await behind.apply_later([Write("t", session(sid="a", next_seq=7), [message(6, "a6")])])
-    await behind.apply_later([Write("t", session(sid="c", next_seq=7), [message(6, "c6")])])
+    await behind.apply([Write("t", session(sid="a", next_seq=7), [message(6, "a6")])], durable=False)
+    await behind.apply([Write("t", session(sid="c", next_seq=7), [message(6, "c6")])], durable=False)
     assert behind._transcripts.weight == sum(len(behind._transcripts.peek(k)) for k in behind._transcripts) <= 10
     assert [m.body["content"] for m in await behind.get_messages("t", "a")][-2:] == ["a5", "a6"]
     assert [m.body["content"] for m in await behind.get_messages("t", "c")][-2:] == ["c5", "c6"]
@@ -321,7 +351,7 @@ async def test_write_behind_keeps_stored_sessions_exact_without_reading_them_bac
     # Writes, durable or queued then flushed, are what the next read sees.
     await behind.apply([Write("t", session(sid="old", next_seq=4))])
     assert (await behind.get_session("t", "old")).next_seq == 4
-    await behind.apply_later([Write("t", session(sid="old", next_seq=5))])
+    await behind.apply([Write("t", session(sid="old", next_seq=5))], durable=False)
     await behind.flush()
     assert (await behind.get_session("t", "old")).next_seq == 5 and Counting.reads == 1
     assert (await inner.get_session("t", "old")).next_seq == 5
@@ -344,7 +374,7 @@ async def test_write_behind_without_a_transcript_cache_reads_the_store_every_tim
     await behind.apply([Write("t", session(sid="a", next_seq=2), [message(0, "a0"), message(1, "a1")])])
     assert [m.body["content"] for m in await behind.get_messages("t", "a")] == ["a0", "a1"]
     assert not behind._transcripts and behind._transcripts.weight == 0
-    await behind.apply_later([Write("t", session(sid="a", next_seq=3), [message(2, "a2")])])
+    await behind.apply([Write("t", session(sid="a", next_seq=3), [message(2, "a2")])], durable=False)
     assert [m.body["content"] for m in await behind.get_messages("t", "a")] == ["a0", "a1", "a2"]
     await behind.close()
     assert [m.body["content"] for m in await inner.get_messages("t", "a")] == ["a0", "a1", "a2"]
@@ -377,118 +407,3 @@ async def test_a_transcript_read_back_shares_its_parents_and_request_ids(store: 
     assert got[0].request_id is got[1].request_id and got[2].request_id is got[3].request_id
     assert got[1].request_id is not got[2].request_id
 
-
-_MANY_PAGES = [Record("memory", f"m{i:05d}", {"text": f"memory {i} " + "x" * 1200}) for i in range(6000)]  # ~7 MB
-
-
-def _store_without_timed_drops(tmp_path: Path, map_size: int = 1 << 30) -> tuple[LmdbStore, Path]:
-    """A new LMDB store whose writer drops no pages on a timer, and the path of its data file."""
-    store = LmdbStore.open(str(tmp_path / "db"), map_size=map_size)
-    store.release_interval = 3600.0
-    return store, tmp_path / "db" / "data.mdb"
-
-
-def _mapped_kb(path: Path) -> int:
-    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps", encoding="utf-8") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if fields and "-" in fields[0] and not fields[0].endswith(":"):
-                inside = len(fields) >= 6 and fields[5] == str(path)
-            elif inside and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_pages_read_from_lmdb_can_be_released_from_the_process_and_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bulk read leaves the data file's pages mapped (in RSS); release_mapped_pages drops
-    them from the process without changing what a later read returns."""
-    from proxy.storage import lmdb_store
-
-    monkeypatch.setattr(lmdb_store, "BULK_READ_ROWS", 1 << 30)  # no drop of the writer's own (tested below)
-    store, data = _store_without_timed_drops(tmp_path)
-
-    async def scenario() -> None:
-        await store.put_records("t", _MANY_PAGES)
-        assert store.release_mapped_pages() > 0  # writes do not go through the mapping anyway
-        before = await store.scan_records("t", "memory", limit=10_000)
-        assert len(before) == 6000 and _mapped_kb(data) > 6000  # ~8 MB of records, mapped by the read
-        assert store.release_mapped_pages() >= data.stat().st_size
-        assert _mapped_kb(data) < 200
-        assert await store.scan_records("t", "memory", limit=10_000) == before  # mapped again, same bytes
-        await store.close()
-        assert store.release_mapped_pages() == 0  # closed: nothing mapped, nothing done
-
-    asyncio.run(scenario())
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_the_writer_drops_the_mapped_pages_while_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Copy-on-write moves every page a commit changes, so reads after writes keep mapping new
-    pages: the writer thread drops the mapping every ``release_interval`` seconds of writing,
-    and what reads return does not change."""
-    from proxy.storage import lmdb_store
-
-    monkeypatch.setattr(lmdb_store, "BULK_READ_ROWS", 1 << 30)  # only the timed drops here (see the next test)
-    store, data = _store_without_timed_drops(tmp_path)
-
-    async def scenario() -> None:
-        await store.put_records("t", _MANY_PAGES)
-        everything = await store.scan_records("t", "memory", limit=10_000)
-        await store.put_records("t", [Record("memory", "m00000", {"text": "changed"})])
-        assert _mapped_kb(data) > 6000  # not yet: the interval has not passed
-        store.release_interval = 0.0
-        await store.put_records("t", [Record("memory", "m00001", {"text": "changed too"})])
-        assert _mapped_kb(data) < 200
-        after = await store.scan_records("t", "memory", limit=10_000)
-        assert after[2:] == everything[2:] and [v["text"] for _, v in after[:2]] == ["changed", "changed too"]
-        await store.close()
-
-    asyncio.run(scenario())
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_a_bulk_read_has_its_pages_dropped_without_waiting_for_a_write(tmp_path: Path) -> None:
-    """A transcript read back or a scan maps its pages and, through the kernel's fault-around,
-    their neighbours: the writer thread drops them right after, not at its next timed drop."""
-    from proxy.storage.lmdb_store import BULK_READ_ROWS
-
-    store, data = _store_without_timed_drops(tmp_path)
-
-    async def scenario() -> None:
-        await store.put_records("t", _MANY_PAGES)
-        writer_idle = lambda: asyncio.get_running_loop().run_in_executor(store._writer, lambda: None)  # noqa: E731
-        few = await store.scan_records("t", "memory", limit=BULK_READ_ROWS - 1)
-        await writer_idle()
-        assert len(few) == BULK_READ_ROWS - 1 and _mapped_kb(data) > (BULK_READ_ROWS - 1) * 1.2  # small reads stay mapped
-        everything = await store.scan_records("t", "memory", limit=10_000)
-        await writer_idle()
-        assert len(everything) == 6000 and _mapped_kb(data) < 200
-        assert await store.scan_records("t", "memory", limit=10_000) == everything
-        await store.close()
-
-    asyncio.run(scenario())
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_pages_are_still_dropped_after_the_map_grows_and_moves(tmp_path: Path) -> None:
-    """The store keeps the data file's address ranges between drops; growing the map maps the
-    file again elsewhere, and the next drop must find the new place, not the old one."""
-    store, data = _store_without_timed_drops(tmp_path, map_size=256 * 1024)
-
-    async def scenario() -> None:
-        await store.put_records("t", _MANY_PAGES[:10])
-        await store.scan_records("t", "memory", limit=10)
-        store.release_mapped_pages()  # learns the first ranges
-        size = store.stats()["map_size"]
-        await store.put_records("t", _MANY_PAGES)  # ~7 MB: the map grows, more than once
-        assert store.stats()["map_size"] > size
-        everything = await store.scan_records("t", "memory", limit=10_000)
-        await asyncio.get_running_loop().run_in_executor(store._writer, lambda: None)  # the bulk read's drop
-        assert len(everything) == 6000 and _mapped_kb(data) < 200
-        assert await store.scan_records("t", "memory", limit=10_000) == everything
-        await store.close()
-
-    asyncio.run(scenario())

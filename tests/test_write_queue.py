@@ -121,7 +121,7 @@ class RefusingStore(InMemoryStore):
         self.refused_session = refused_session
         self.closed = False
 
-    async def apply(self, writes) -> None:
+    async def apply(self, writes, durable: bool = True) -> None:
         if any(w.session is not None and w.session.id == self.refused_session for w in writes):
             raise TypeError("cannot serialise this write")
         await super().apply(writes)
@@ -140,9 +140,9 @@ async def test_a_write_the_backend_refuses_is_quarantined_and_the_rest_commit() 
     inner = RefusingStore("bad")
     store = WriteBehindStore(inner, flush_interval=0.01)
     await store.start()
-    await store.apply_later([turn("good", 0, "one")])
-    await store.apply_later([turn("bad", 0, "refused")])
-    await store.apply_later([turn("good", 1, "two")])
+    await store.apply([turn("good", 0, "one")], durable=False)
+    await store.apply([turn("bad", 0, "refused")], durable=False)
+    await store.apply([turn("good", 1, "two")], durable=False)
     await store.apply([turn("critical", 0, "I prefer tea")])  # durable, with the bad write queued before it
     for _ in range(200):
         if not store.pending:
@@ -155,7 +155,7 @@ async def test_a_write_the_backend_refuses_is_quarantined_and_the_rest_commit() 
     quarantined = await store.quarantined("t")
     assert [q.key for q in quarantined] == ["write:bad"] and "TypeError" in quarantined[0].reason
     assert store.stats()["quarantined_writes"] == 1 and store.health() is None
-    await store.apply_later([turn("good", 2, "three")])
+    await store.apply([turn("good", 2, "three")], durable=False)
     await store.close()
     assert inner.closed and [m.body["content"] for m in await inner.get_messages("t", "good")] == ["one", "two", "three"]
 
@@ -166,9 +166,9 @@ async def test_an_unstorable_write_is_refused_before_it_is_queued() -> None:
     await store.start()
     bad = turn("s", 0, "x")
     bad.messages[0].body["x"] = nested(codec.MAX_DEPTH + 5)
-    for write_now in (store.apply, store.apply_later):
+    for durable in (True, False):
         with pytest.raises(InvalidWrite, match="message 0"):
-            await write_now([bad])
+            await store.apply([bad], durable=durable)
     assert store.pending == 0
     await store.apply([turn("s", 0, "fine")])
     await store.close()
@@ -177,14 +177,14 @@ async def test_an_unstorable_write_is_refused_before_it_is_queued() -> None:
 
 async def test_a_failing_disk_is_reported_and_close_still_closes() -> None:
     class FailingDisk(RefusingStore):
-        async def apply(self, writes) -> None:
+        async def apply(self, writes, durable: bool = True) -> None:
             from proxy.storage.base import StorageError
             raise StorageError("disk full")
 
     inner = FailingDisk("none")
     store = WriteBehindStore(inner, flush_interval=0.01)
     await store.start()
-    await store.apply_later([turn("s", 0, "waiting")])
+    await store.apply([turn("s", 0, "waiting")], durable=False)
     for _ in range(200):
         if store.health() is not None:
             break
@@ -204,3 +204,24 @@ async def test_a_record_stored_too_deep_before_the_bound_is_quarantined_not_fata
     inner.raw()[key] = b"\x01" + orjson.dumps(legacy)  # format 1: as the versions before the bound wrote it
     assert [m.body["content"] for m in await inner.get_messages("t", "s")] == ["kept"]
     assert [q.reason for q in await inner.quarantined("t")] == [f"record nested deeper than {codec.MAX_DEPTH} levels"]
+
+
+async def test_each_record_is_encoded_once_durable_or_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking a write encodes it; the commit of a queued write reuses those bytes, and a durable
+    write is checked by its own commit, so no record is encoded twice (each costs CPU per request)."""
+    from proxy.storage import base
+
+    encoded: list[object] = []
+    real = codec.encode
+    monkeypatch.setattr(base.codec, "encode", lambda value: encoded.append(value) or real(value))
+    inner = InMemoryStore()
+    store = WriteBehindStore(inner, flush_interval=3600)
+    queued, durable = turn("s", 0, "queued"), turn("s", 1, "durable")
+    await store.apply([queued], durable=False)
+    assert len(encoded) == 2  # the session and its message, when checked
+    await store.flush()
+    assert len(encoded) == 2
+    await store.apply([durable])
+    assert len(encoded) == 4
+    await store.close()
+    assert [m.body["content"] for m in await inner.get_messages("t", "s")] == ["queued", "durable"]

@@ -125,7 +125,3 @@ def request_overhead(body: dict[str, Any], encoding: str) -> int:
         return 0
     return tokens.count_text(orjson.dumps(extra).decode(), encoding)
 
-
-def request_tokens(body: dict[str, Any], encoding: str) -> int:
-    """Prompt tokens of a whole chat request as the budget counts them (tests check with it)."""
-    return request_overhead(body, encoding) + sum(tokens.count_message(m, encoding) for m in body.get("messages") or ())

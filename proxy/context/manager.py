@@ -215,7 +215,7 @@ class ContextManager:
         if message.tokens and getattr(message, "tokenizer", None) == encoding:
             return message.tokens
         key = (encoding, message.chain)
-        count = self._counts.get_fresh(key)
+        count = self._counts.get(key)
         if count is None:
             count = tokens.count_message(message.body, encoding)
             self._counts.put(key, count)
@@ -223,7 +223,7 @@ class ContextManager:
 
     def _fresh_tokens(self, body: dict[str, Any], encoding: str) -> int:
         key = (encoding, message_hash(body))
-        count = self._counts.get_fresh(key)
+        count = self._counts.get(key)
         if count is None:
             count = tokens.count_message(body, encoding)
             self._counts.put(key, count)
@@ -341,7 +341,7 @@ class ContextManager:
         # view this request was shaped with (without it, every segment_turns turns' messages).
         cached = self._views.peek(_view_key(ref, last["encoding"]))
         newest = cached.view.segments[-1].key if cached is not None and cached.view.segments else None
-        previous = self._passes.get_fresh(ref.key)
+        previous = self._passes.get(ref.key)
         if previous and previous[0] == ref.created_at and (
                 previous[2] == newest if newest is not None else turn.session.next_seq - previous[1] < 2 * settings.segment_turns):
             return  # no new segment has closed since the last pass
@@ -418,8 +418,8 @@ class ContextManager:
         its views, summaries, tags and summarization marks are read again if it comes back."""
         key = (tenant, session_id)
         self._summaries.pop(key)
-        self.tags.cache.pop(key, None)
-        self._passes.pop(key, None)
+        self.tags.cache.pop(key)
+        self._passes.pop(key)
         for view_key in [k for k in self._views if k[:2] == key]:
             self._views.pop(view_key)
 
@@ -433,11 +433,6 @@ class ContextManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("context background task failed", exc_info=task.exception())
-
-    async def idle(self) -> None:
-        """Wait until no background task is running (tests and benchmarks)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self) -> None:
         """Cancel background work and wait for it to stop (the app's shutdown)."""

@@ -88,11 +88,7 @@ async def save(store: Store, tenant: str, session_id: str, *summaries: Summary) 
 
 async def put_derived(store: Store, tenant: str, records: Sequence[Record]) -> None:
     """Write records that can be recomputed: batched when the store batches, else at once."""
-    later = getattr(store, "apply_later", None)
-    if later is not None:
-        await later([Write(tenant, records=list(records))])
-    else:
-        await store.put_records(tenant, records)
+    await store.apply([Write(tenant, records=list(records))], durable=False)
 
 
 async def for_admin(store: Store, tenant: str, session_id: str) -> list[dict[str, Any]]:

@@ -49,13 +49,13 @@ class LLMTags:
             return
         records_out = [Record(TAGS_KIND, f"{seq:010d}", {"tags": tags, "model": settings.tagger_model}, ref.id) for seq, tags in found.items()]
         await summary_store.put_derived(self.store, ref.tenant.name, records_out)
-        cached = self.cache.get_fresh(ref.key)
+        cached = self.cache.get(ref.key)
         if cached is not None and cached[0] == ref.created_at:
             cached[1].update(found)
 
     async def of(self, ref: Incarnation) -> dict[int, list[str]]:
         """The session's LLM tags by seq (read back once, then kept)."""
-        cached = self.cache.get_fresh(ref.key)
+        cached = self.cache.get(ref.key)
         if cached is not None and cached[0] == ref.created_at:
             return cached[1]
         found: dict[int, list[str]] = {}

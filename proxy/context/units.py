@@ -72,8 +72,6 @@ class View:
     suffix: list[int] = field(default_factory=list)  # suffix[u] = tokens of units u..end
 
 
-def is_system(body: dict[str, Any]) -> bool:
-    return body.get("role") in _SYSTEM_ROLES
 
 
 def build_units(items: Sequence[Item], priorities: dict[str, int] | None = None,

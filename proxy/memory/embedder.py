@@ -26,7 +26,6 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from proxy.memory.word_table import WordTable
 
 __all__ = ["Embedder", "MiniLM", "MiniLMWeights", "LocalMiniLM", "EmbeddingBatcher", "default_model_dir"]
 
@@ -126,9 +125,10 @@ class _Layer:
                  "w_in", "b_in", "w_out", "b_out", "ln2_g", "ln2_b")
 
 
-def _word_table(file: Path, name: str) -> WordTable | None:
-    """The float32 tensor ``name`` of a safetensors file, read row by row (see
-    proxy/memory/word_table.py), or None (other dtype, unexpected layout: the caller copies it)."""
+def _word_table(file: Path, name: str) -> np.ndarray | None:
+    """The float32 tensor ``name`` of a safetensors file, mapped read-only (file pages the kernel
+    shares and reclaims, not the process's own memory), or None (other dtype, unexpected layout:
+    the caller copies it)."""
     import json
     import struct
 
@@ -142,7 +142,7 @@ def _word_table(file: Path, name: str) -> WordTable | None:
         shape = tuple(int(n) for n in entry["shape"])
         if len(shape) != 2 or end - start != 4 * math.prod(shape):
             return None
-        return WordTable(file, 8 + size + start, (shape[0], shape[1]))
+        return np.memmap(file, dtype="<f4", mode="r", offset=8 + size + start, shape=(shape[0], shape[1]))
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return None
 
@@ -155,7 +155,7 @@ def _ro(a: np.ndarray) -> np.ndarray:
 
 class MiniLMWeights:
     """The all-MiniLM-L6-v2 weights, laid out for inference: linear weights pre-transposed to
-    (in, out), Q/K/V fused into one (hidden, 3 * hidden) matrix, the word table read by row."""
+    (in, out), Q/K/V fused into one (hidden, 3 * hidden) matrix, the word table mapped."""
 
     def __init__(self, path: Path, n_layers: int) -> None:
         from safetensors import safe_open
@@ -167,9 +167,9 @@ class MiniLMWeights:
             def get(name: str) -> np.ndarray:
                 return f.get_tensor(prefix + name).astype(_F32, copy=False)
 
-            # The largest tensor (30522 × 384, 47 MB) is only ever gathered a few rows at a
-            # time: read the rows of the tokens seen from the file instead of copying it all.
-            self.word: WordTable | np.ndarray | None = _word_table(
+            # The largest tensor is only ever gathered a few rows at a time: mapped from the
+            # file, not copied into the process's own memory (docs/MEMORY.md).
+            self.word: np.ndarray | None = _word_table(
                 path / "model.safetensors", prefix + "embeddings.word_embeddings.weight")
             if self.word is None:
                 self.word = _ro(get("embeddings.word_embeddings.weight"))
@@ -207,7 +207,7 @@ class MiniLMWeights:
     def embeddings(self, ids: np.ndarray) -> np.ndarray:
         """Word + position + token-type embeddings of ``(B, T)`` ids, before the layer norm."""
         word = self.word
-        x = word.gather(ids) if isinstance(word, WordTable) else word[ids]  # (B, T, H), a copy
+        x = np.asarray(word[ids])  # (B, T, H), a copy
         x += self.pos[: ids.shape[1]]
         x += self.type0
         return x

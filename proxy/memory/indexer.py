@@ -186,12 +186,8 @@ class Indexer:
     async def _write(self, tenant: str, records: list[Record]) -> None:
         if not records:
             return
-        later = getattr(self.store, "apply_later", None)
-        write = Write(tenant, records=records)
-        if later is not None:
-            await later([write])  # a lost memory record is rebuilt from the transcript (the mark)
-        else:
-            await self.store.apply([write])
+        # Routine: a lost memory record is rebuilt from the transcript (the mark).
+        await self.store.apply([Write(tenant, records=records)], durable=False)
 
 
 def _alive(memories: list[Memory], gone: set[_Incarnation]) -> list[Memory]:

@@ -52,7 +52,6 @@ class Loader:
             await asyncio.sleep(0)  # LMDB reads do not suspend: let requests in between sessions
         manifest = await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
         mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))
-        self.store.release_mapped_pages()  # the LMDB pages the records were read from
         state.opening = True
         await state.ops.put(OpenIndex(tenant, manifest))
         log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
@@ -67,11 +66,9 @@ class Loader:
         while page := await self.store.scan_records(tenant, KIND, session_id, after=after, limit=_LOAD_PAGE):
             vectors = await self._vector_records(tenant, session_id, after, page)
             after = page[-1][0]
-            if len(page) == _LOAD_PAGE:  # a bulk read: its LMDB pages are not needed mapped
-                self.store.release_mapped_pages()
             rows = [(session_id, value, vectors.get(key)) for key, value in page]
             memories, writes = await asyncio.to_thread(decode_all, rows, sessions, state.model_name)
-            if writes:  # orphans of sessions replaced meanwhile or rolled back, erased; old records split
+            if writes:  # orphans of sessions replaced meanwhile or rolled back, erased
                 await self.store.apply([Write(tenant, records=writes)])
             for start in range(0, len(memories), _INSERT_CHUNK):
                 state.insert(memories[start:start + _INSERT_CHUNK], index=False)
@@ -95,8 +92,7 @@ class Loader:
 def decode_all(rows: list[tuple[str | None, dict[str, Any], dict[str, Any] | None]], sessions: dict[str, Any],
                model: str) -> tuple[list[Memory], list[Record]]:
     """Decode stored memories (worker thread): rows of (session, record, vector record). Also
-    returns the writes to make: erasing those that must not survive, and splitting records of
-    before 2026-11-26, which held their vector, into a record and a vector record."""
+    returns the writes to make: erasing those that must not survive."""
     memories, writes = [], []
     reverted_of: dict[str, set[int]] = {}
     for sid, value, vector in rows:
@@ -112,9 +108,6 @@ def decode_all(rows: list[tuple[str | None, dict[str, Any], dict[str, Any] | Non
             if session is None or session.created_at != memory.session_created or (memory.seq is not None and memory.seq in reverted_of.get(sid, set())):
                 writes += Memory.erasure(memory.id, sid)
                 continue
-        if vector is None and ("vec16" in value or "vec" in value):
-            writes.append(Record(KIND, memory.id, {k: v for k, v in value.items() if k not in ("vec16", "vec")}, sid))
-            writes.append(Record(VECTOR_KIND, memory.id, {k: value[k] for k in ("model", "vec16", "vec") if k in value}, sid))
         if memory.model != model:
             memory.vector, memory.model = None, None  # another embedder's vector: re-embedded later
         memories.append(memory)

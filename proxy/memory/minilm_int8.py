@@ -11,8 +11,8 @@ recall is unchanged (docs/MEMORY.md). ONNX Runtime holds no GIL while it runs, s
 embedding does not stall the event loop. It must be imported before usearch (see
 proxy/memory/vectors.py).
 
-The word table's rows are gathered in numpy, read from the weights file by token
-(proxy/memory/word_table.py); the graph takes the summed embeddings. The graph is built in a child process
+The word table's rows are gathered in numpy from the mapped weights file
+(proxy/memory/embedder.py); the graph takes the summed embeddings. The graph is built in a child process
 (``python -m proxy.memory.minilm_int8``): building it imports the ``onnx`` package, which would
 stay imported (8 MB), and unpacks the float32 layers (~90 MB for a moment), all of it memory the
 proxy would keep for nothing or fragment.

@@ -86,14 +86,13 @@ class Memory:
 
     @classmethod
     def from_record(cls, value: dict[str, Any], with_vector: bool = True, vector_value: dict[str, Any] | None = None) -> Memory:
-        """Decode a stored memory, with the value of its vector's record if given (records of
-        before 2026-11-26 carry their vector themselves); ValueError (or KeyError/TypeError)
-        when it is malformed."""
-        source = vector_value if vector_value is not None else value
+        """Decode a stored memory, with the value of its vector's record if given; ValueError
+        (or KeyError/TypeError) when it is malformed."""
+        source = vector_value or {}
         vector = None
-        encoded, dtype = (source.get("vec16"), "<f2") if source.get("vec16") else (source.get("vec"), "<f4")  # "vec": before 2026-11-25
+        encoded = source.get("vec16")
         if encoded and with_vector:
-            vector = np.frombuffer(base64.b64decode(encoded), dtype=dtype).astype(np.float32)
+            vector = np.frombuffer(base64.b64decode(encoded), dtype="<f2").astype(np.float32)
         if value["type"] not in TYPES or not isinstance(value["text"], str):
             raise ValueError("not a memory record")
         return cls(

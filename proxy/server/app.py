@@ -101,6 +101,7 @@ def _storage(given: Store | None):
                 tasks = await _integrity_checks(inner, config)
             store = WriteBehindStore(inner, batch_size=config.write_batch_size, flush_interval=config.flush_interval, queue_max=config.write_queue_max,
                                      cached_messages=config.transcript_cache_messages)
+            store.on_flush = app[METRICS].flushed  # each batch's size and time
             await store.start()
             app[keys.STORE] = store
             app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store)
@@ -200,18 +201,16 @@ async def _memory(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _metrics(app: web.Application) -> AsyncIterator[None]:
-    # The pipeline and the write-behind store report to the metrics; the loop-lag monitor
+    # The pipeline reports to the metrics, which read the store's stats; the loop-lag monitor
     # samples how late timers fire.
-    metrics, store = app[METRICS], app[keys.STORE]
-    metrics.store = store
-    store.on_flush = metrics.flushed
+    metrics = app[METRICS]
+    metrics.store = app[keys.STORE]
     app[keys.PIPELINE].observer = metrics
     monitor = asyncio.create_task(metrics.loop_lag.run(), name="loop-lag")
     yield
     monitor.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await monitor
-    store.on_flush = None
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

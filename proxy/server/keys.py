@@ -8,11 +8,11 @@ from proxy.config import Config
 from proxy.pipeline import Pipeline
 from proxy.quotas import Quotas
 from proxy.server.body_probe import BodyProbe
-from proxy.storage.write_behind import WriteBehindStore
+from proxy.storage.base import Store
 from proxy.upstream import Upstream
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", WriteBehindStore)
+STORE = web.AppKey("store", Store)
 UPSTREAM = web.AppKey("upstream", Upstream)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 QUOTAS = web.AppKey("quotas", Quotas)

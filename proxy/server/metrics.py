@@ -24,7 +24,7 @@ from proxy.observe import Observer
 from proxy.server import keys
 from proxy.server.outcome import Outcome, route_pattern
 from proxy.server.loop_lag import LoopLag
-from proxy.storage.write_behind import WriteBehindStore
+from proxy.storage.base import Store
 
 STAGES = ("identify", "load", "reconcile", "context", "recall", "upstream", "record")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -101,7 +101,7 @@ class Metrics(Observer):
         self.loop_lag_seconds = _Histogram("asp_event_loop_lag_seconds", "How late a 0.1 s timer fired: time the event loop was blocked",
                                            (), _LAG_BUCKETS)
         self.loop_lag = LoopLag(on_sample=lambda lag: self.loop_lag_seconds.observe((), lag))
-        self.store: WriteBehindStore | None = None  # set once the store is open
+        self.store: Store | None = None  # set once the store is open
         self._active: dict[tuple[str, str], float] = {}  # (tenant, session) -> last request (monotonic)
         self._prune_at = 4096
         registry.register(_Snapshot(self))
@@ -179,8 +179,9 @@ class _Snapshot:
         yield GaugeMetricFamily("asp_requests_in_flight", "HTTP requests being served", value=priority.activity.in_flight)
         store = metrics.store
         if store is not None:
-            yield GaugeMetricFamily("asp_write_queue_depth", "Routine writes queued for the next write-behind batch", value=store.pending)
-            stats = store.inner.stats()
+            stats = store.stats()
+            yield GaugeMetricFamily("asp_write_queue_depth", "Routine writes queued for the next write-behind batch",
+                                    value=stats.get("pending_writes", 0))
             for key, name, doc in (("map_size", "asp_lmdb_map_size_bytes", "LMDB map size (grows when full)"),
                                    ("used_bytes", "asp_lmdb_used_bytes", "LMDB pages in use"),
                                    ("entries", "asp_lmdb_entries", "LMDB records in the main database")):

@@ -19,7 +19,7 @@ from proxy.server.http import admin_tenant, authenticate, is_operator, json_resp
 from proxy.server.access_log import note_turn
 from proxy.server.relay import relay
 from proxy.storage.base import REPAIR_HINT, Record
-from proxy.transcript import active_path, walk
+from proxy.transcript import walk
 from proxy.pacing import Pace
 from proxy.validate import embeddings_body, idempotency_key
 

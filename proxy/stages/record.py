@@ -19,7 +19,7 @@ from proxy.turn import Turn
 
 if TYPE_CHECKING:
     from proxy.config import TenantConfig
-    from proxy.storage.write_behind import WriteBehindStore
+    from proxy.storage.base import Store
 
 log = logging.getLogger("agent_state_proxy.pipeline")
 
@@ -37,7 +37,7 @@ class Answer:
     chunks: list[dict[str, Any]] | None = None  # the streamed answer, kept for an idempotent replay
 
 
-async def record(store: WriteBehindStore, turn: Turn, answer: Answer, now: float) -> tuple[list[Message], dict[str, str]]:
+async def record(store: Store, turn: Turn, answer: Answer, now: float) -> tuple[list[Message], dict[str, str]]:
     """Append the new messages and the answer; durable now or batched, per the tenant's policy.
     Returns the messages recorded and the response headers the provider's usage gave."""
     session, plan = turn.session, turn.plan
@@ -109,7 +109,7 @@ async def record(store: WriteBehindStore, turn: Turn, answer: Answer, now: float
         if turn.tenant.persistence.durable(tags):
             await store.apply([write])
         else:
-            await store.apply_later([write])
+            await store.apply([write], durable=False)
     except StorageError as exc:
         log.critical("could not record turn %s of session %s: %s", turn.request_id, session.id, exc)
         raise ProxyError("the proxy could not persist this turn; it was not acknowledged", status=503, code="storage_error") from exc

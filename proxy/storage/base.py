@@ -48,15 +48,23 @@ class Record:
     session_id: str | None = None
 
 
+# A write's stored bytes: its session's, its messages', its records' (None: a deletion).
+Encoded = tuple[bytes | None, list[bytes], list[bytes | None]]
+
+
 @dataclass
 class Write:
-    """One unit of a transaction: a session upsert, its new or changed messages, records."""
+    """One unit of a transaction: a session upsert, its new or changed messages, records.
+
+    ``encoded``: its bytes, already made by ``Store.check`` for a copy that nothing changes
+    afterwards (write-behind's queued copies), so that committing it does not encode it again."""
 
     tenant: str
     session: Session | None = None
     messages: Sequence[Message] = ()
     records: Sequence[Record] = ()
     delete_session: str | None = None
+    encoded: Encoded | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -69,13 +77,35 @@ class Quarantined:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def encode(write: Write) -> Encoded:
+    """The stored bytes of a write's parts (made once: ``write.encoded`` when set); InvalidWrite,
+    naming the part, for a value no store can keep."""
+    if write.encoded is not None:
+        return write.encoded
+    session = _encode(write.session, "session") if write.session is not None else None
+    messages = [_encode(m, f"message {m.seq} ({m.role})") for m in write.messages]
+    records = [None if r.value is None else _encode(r.value, f"{r.kind} record") for r in write.records]
+    return session, messages, records
+
+
+def _encode(value: Any, part: str) -> bytes:
+    try:
+        return codec.encode(value)
+    except codec.Unstorable as exc:
+        raise InvalidWrite(f"{part} cannot be stored: {exc}") from None
+
+
 class Store(ABC):
     """Tenant-scoped storage of sessions, their messages and auxiliary records.
 
     Every method takes the tenant explicitly and never returns another tenant's data.
-    ``apply`` is one transaction: durable (or failed loudly with StorageError) when it returns.
-    A stored record that cannot be decoded is quarantined (moved aside and reported), never
-    returned and never allowed to crash a read.
+    ``apply`` is one transaction. A durable one is committed (or failed loudly with
+    StorageError) when it returns; a routine one (``durable=False``) may be committed later, in
+    order, before any write made after it, and every read of the same store sees it at once
+    (backends that buffer nothing commit it at once). A stored record that cannot be decoded is
+    quarantined (moved aside and reported), never returned and never allowed to crash a read.
+    Every backend (in-memory, LMDB, PostgreSQL) and the write-behind store over each answers
+    exactly this interface: tests/test_storage.py runs the same suite on all of them.
     """
 
     # True when other processes write the same sessions (PostgreSQL with replicas: many): the
@@ -88,7 +118,9 @@ class Store(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    async def apply(self, writes: Sequence[Write]) -> None: ...
+    async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
+        """Commit ``writes`` as one transaction; ``durable=False``: a routine write that may be
+        batched with later ones (InvalidWrite is still raised now, never later)."""
 
     @abstractmethod
     async def get_session(self, tenant: str, session_id: str) -> Session | None: ...
@@ -115,17 +147,11 @@ class Store(ABC):
     @abstractmethod
     async def quarantined(self, tenant: str | None = None) -> list[Quarantined]: ...
 
-    def check(self, writes: Sequence[Write]) -> None:
-        """Raise InvalidWrite, naming the part, if a write could never be committed."""
-        for write in writes:
-            parts: list[tuple[str, Any]] = [("session", write.session)] if write.session is not None else []
-            parts += [(f"message {m.seq} ({m.role})", m) for m in write.messages]
-            parts += [(f"{r.kind} record", r.value) for r in write.records if r.value is not None]
-            for name, value in parts:
-                try:
-                    codec.encode(value)
-                except codec.Unstorable as exc:
-                    raise InvalidWrite(f"{name} cannot be stored: {exc}") from None
+    def check(self, writes: Sequence[Write]) -> list[Encoded]:
+        """Raise InvalidWrite, naming the part, if a write could never be committed (``apply``
+        raises the same by itself: this is for a caller that commits later). Returns each
+        write's bytes, for a copy of it that ``apply`` then need not encode again."""
+        return [encode(write) for write in writes]
 
     @abstractmethod
     async def quarantine_messages(self, tenant: str, session_id: str, reasons: dict[int, str]) -> None:
@@ -134,6 +160,10 @@ class Store(ABC):
 
     def damage(self) -> str | None:
         """Why the store itself is damaged (reads or writes cannot be trusted), or None."""
+        return None
+
+    def health(self) -> str | None:
+        """Why the store cannot take writes now (readiness), or None when it can."""
         return None
 
     # Conveniences over apply -------------------------------------------------------------
@@ -153,11 +183,6 @@ class Store(ABC):
 
     async def close(self) -> None:
         return None
-
-    def release_mapped_pages(self) -> int:
-        """After a bulk read, let go of what it mapped into the process (LMDB: the pages of its
-        data file); 0 when there is nothing such."""
-        return 0
 
     def stats(self) -> dict[str, Any]:
         return {}

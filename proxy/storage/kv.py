@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
-from proxy.storage.base import InvalidWrite, Quarantined, Store, Write
+from proxy.storage.base import Encoded, InvalidWrite, Quarantined, Store, Write, encode
 
 log = logging.getLogger("agent_state_proxy.storage")
 T = TypeVar("T")
@@ -91,13 +91,10 @@ class KVStore(Store):
     @abstractmethod
     async def _write(self, fn: Callable[[Txn], T]) -> T: ...
 
-    def _read_rows(self, count: int) -> None:
-        """Told after a read of ``count`` rows (a transcript, a scan): nothing to do by default."""
-
     # -- writes ------------------------------------------------------------------------------
 
-    def check(self, writes: Sequence[Write]) -> None:
-        super().check(writes)
+    def check(self, writes: Sequence[Write]) -> list[Encoded]:
+        encoded = super().check(writes)
         for write in writes:
             try:
                 _tenant(write.tenant)
@@ -106,8 +103,10 @@ class KVStore(Store):
                 _check_session(write)
             except ValueError as exc:
                 raise InvalidWrite(str(exc)) from None
+        return encoded
 
-    async def apply(self, writes: Sequence[Write]) -> None:
+    async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
+        """One transaction, committed before it returns, whether ``durable`` or not."""
         try:
             encoded = [_encode_write(w) for w in writes]  # encode outside the writer thread
         except ValueError as exc:  # codec.Unstorable included
@@ -144,7 +143,6 @@ class KVStore(Store):
     async def get_messages(self, tenant: str, session_id: str) -> list[Message]:
         prefix = messages_prefix(tenant, session_id)
         rows = await self._read(lambda txn: list(txn.scan(prefix)))
-        self._read_rows(len(rows))
         return share_repeated_values(await self._decode_rows(tenant, rows, Message.from_dict))
 
     async def list_sessions(self, tenant: str) -> list[Session]:
@@ -180,7 +178,6 @@ class KVStore(Store):
         base = record_prefix(tenant, kind, session_id)
         start = base + after.encode() + b"\0" if after else None  # the first key past ``after``
         rows = await self._read(lambda txn: list(itertools.islice(txn.scan(base + prefix.encode(), start), limit or None)))
-        self._read_rows(len(rows))
         result, corrupt = [], []
         for key, raw in rows:
             try:
@@ -232,14 +229,14 @@ def _encode_write(write: Write) -> tuple[list[bytes], list[tuple[bytes, bytes | 
     if write.delete_session is not None:
         sid = write.delete_session
         deletes += [messages_prefix(tenant, sid), b"x" + _tenant(tenant) + session_digest(sid), session_key(tenant, sid)]
+    session, messages, records = encode(write)
     if write.session is not None:
-        puts.append((session_key(tenant, write.session.id), codec.encode(write.session)))
+        puts.append((session_key(tenant, write.session.id), session))
         prefix = messages_prefix(tenant, write.session.id)
-        for message in write.messages:
-            puts.append((prefix + message.seq.to_bytes(8, "big"), codec.encode(message)))
-    for record in write.records:
-        key = record_key(tenant, record.kind, record.key, record.session_id)
-        puts.append((key, None if record.value is None else codec.encode(record.value)))
+        for message, raw in zip(write.messages, messages):
+            puts.append((prefix + message.seq.to_bytes(8, "big"), raw))
+    for record, raw in zip(write.records, records):
+        puts.append((record_key(tenant, record.kind, record.key, record.session_id), raw))
     return deletes, puts
 
 

@@ -3,13 +3,9 @@
 Writes run on one dedicated thread (LMDB has a single writer anyway), so an fsync never
 blocks the event loop; reads run inline on the caller's thread, they take microseconds.
 
-LMDB copies on write: a commit writes each page it changed to a free place in the file, and
-the next read maps that copy. So the file's pages mapped in this process (its RSS) grow by
-about what it writes, nearly all of them copies that later commits have already replaced
-(measured in the benchmark's full mode: +4 MB/s at ~70 req/s, never levelling off). The
-writer thread therefore drops the mapping every ``release_interval`` seconds while it writes
-(see proxy/storage/mapped.py): the page cache keeps the pages, and the few still in use are
-mapped again by the next reads, a minor fault each.
+Reads go through a shared read-only mapping of the data file: the pages they touch count in
+the process's RSS as file pages (RssFile, page cache the kernel reclaims on its own), never in
+its own memory (RssAnon), which is what the proxy's memory goal bounds (docs/PERSISTENCE.md).
 """
 
 from __future__ import annotations
@@ -18,13 +14,11 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, TypeVar
 
 import lmdb
 
-from proxy.storage import mapped
 from proxy.storage.base import REPAIR_HINT, StorageError, StoreDamaged
 from proxy.storage.kv import KVStore
 
@@ -35,7 +29,7 @@ T = TypeVar("T")
 # beyond the file, not an LMDB file, a fatal environment error), as opposed to a failed write.
 DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError)
 # Keys read per transaction by the structural scan: each chunk holds the read lock (which every
-# read takes) for ~2 ms, so a request waits at most that long behind the background scan.
+# read takes), so a request waits at most one chunk behind the background scan.
 SCAN_CHUNK = 2_000
 
 _open_paths: set[str] = set()
@@ -66,36 +60,18 @@ class _LmdbTxn:
             yield bytes(key), bytes(value)
 
 
-# Seconds between two drops of the mapped pages by the writer thread. A drop costs ~25 us per MB
-# it drops, on that thread, without the GIL. Reads map more than they read (the kernel maps a
-# page's cached neighbours too, up to its whole folio of the page cache: 64 KB to 2 MB), and a
-# request's recall reads its memories from all over the file: sampled every 50 ms while serving
-# (bench/full_probe.py), at most 19.6 MB were mapped with a drop every second, 6.2 MB at 0.25 s.
-RELEASE_INTERVAL = 0.25
-# A read of this many rows or more (a transcript read back, a scan) has its pages dropped at once,
-# not at the next timed drop: the kernel maps each page's cached neighbours too, and a sweep over
-# sessions whose transcripts are not cached mapped ~30 MB between two drops (bench/run.py).
-BULK_READ_ROWS = 64
-
 
 class LmdbStore(KVStore):
     def __init__(self, env: lmdb.Environment, path: str) -> None:
         self._env = env
         self._path = path
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
-        self.release_interval = RELEASE_INTERVAL
-        self._released_at = time.monotonic()
-        self._release_queued = False
         # Growing the map (set_mapsize) is only safe while no transaction of this process is
-        # open, so reads share this lock with the resize; uncontended it costs ~100 ns.
+        # open, so reads share this lock with the resize (uncontended, a small fraction of a read).
         self._resize_lock = threading.Lock()
-        # Held while the map's address range is in use outside a transaction (dropping its
-        # pages), so it cannot move meanwhile; reads go on.
-        self._map_lock = threading.Lock()
         # Held by a backup copy (its own read transaction, for seconds): the map may not grow
-        # meanwhile, but reads, writes and page drops go on.
+        # meanwhile, but reads and writes go on.
         self._copy_lock = threading.Lock()
-        self._mapped: list[tuple[int, int]] | None = None  # the data file's address ranges
         self._closed = False
         self._damage: str | None = None  # set by the first structural error seen; never cleared
 
@@ -130,15 +106,7 @@ class LmdbStore(KVStore):
     async def _write(self, fn: Callable[[_LmdbTxn], T]) -> T:
         if self._closed:
             raise StorageError("store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write_on_writer, fn)
-
-    def _write_on_writer(self, fn: Callable[[_LmdbTxn], T]) -> T:
-        result = self._write_now(fn)
-        now = time.monotonic()
-        if now - self._released_at >= self.release_interval:
-            self._released_at = now
-            self._release()  # madvise, through ctypes, runs without the GIL
-        return result
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write_now, fn)
 
     def _write_now(self, fn: Callable[[_LmdbTxn], T]) -> T:
         while True:
@@ -146,10 +114,9 @@ class LmdbStore(KVStore):
                 with self._env.begin(write=True) as txn:
                     return fn(_LmdbTxn(txn))  # commits (and fsyncs) on leaving the block
             except lmdb.MapFullError:
-                with self._copy_lock, self._map_lock, self._resize_lock:
+                with self._copy_lock, self._resize_lock:
                     size = self._env.info()["map_size"] * 2
                     self._env.set_mapsize(size)
-                    self._mapped = None  # mapped again, elsewhere
                 log.info("LMDB map grown to %d MiB", size >> 20)
             except DAMAGE_ERRORS as exc:
                 raise self._damaged(exc) from exc
@@ -225,20 +192,6 @@ class LmdbStore(KVStore):
             except lmdb.Error as exc:
                 raise StorageError(f"backup copy failed: {exc}") from exc
 
-    def _read_rows(self, count: int) -> None:
-        if count >= BULK_READ_ROWS and not self._release_queued and not self._closed:
-            self._release_queued = True  # one queued drop covers every read before it runs
-            self._writer.submit(self._release_after_reads)
-
-    def _release_after_reads(self) -> None:
-        self._release_queued = False
-        self._released_at = time.monotonic()
-        self._release()
-
-    def sync_write(self, fn: Callable[[_LmdbTxn], T]) -> T:
-        """Run a write transaction on the calling thread (start-up and tools only)."""
-        return self._write_now(fn)
-
     async def close(self) -> None:
         if self._closed:
             return
@@ -247,23 +200,10 @@ class LmdbStore(KVStore):
 
     def _close_now(self) -> None:
         self._writer.shutdown(wait=True)
-        with self._copy_lock, self._map_lock, self._resize_lock:
+        with self._copy_lock, self._resize_lock:
             self._env.close()
         with _open_paths_lock:
             _open_paths.discard(self._path)
-
-    def release_mapped_pages(self) -> int:
-        """After a bulk read: drop the read pages from this process's mapping of the data file
-        (they stay in the page cache; see proxy/storage/mapped.py). Returns the bytes covered."""
-        if self._closed:
-            return 0
-        return self._release()
-
-    def _release(self) -> int:
-        with self._map_lock:
-            if self._mapped is None:
-                self._mapped = mapped.ranges(os.path.join(self._path, "data.mdb"))
-            return mapped.release_ranges(self._mapped)
 
     def stats(self) -> dict[str, Any]:
         if self._closed:

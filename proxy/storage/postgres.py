@@ -25,7 +25,7 @@ import asyncpg
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
-from proxy.storage.base import InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write
+from proxy.storage.base import Encoded, InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write, encode
 from proxy.storage.kv import MAX_RECORD_KEY, session_digest
 
 log = logging.getLogger("agent_state_proxy.storage")
@@ -124,9 +124,13 @@ class PostgresStore(Store):
     @contextlib.asynccontextmanager
     async def session_lock(self, tenant: str, session_id: str, refuse: bool) -> AsyncIterator[None]:
         """A session-level advisory lock on (tenant, session) for the block. PostgreSQL lets it go
-        when the connection ends, so a replica that dies (even SIGKILL) frees its sessions."""
-        if self._lock_pool is None or self._closed:
-            raise StorageError("store is closed" if self._closed else "session locks need replicas: many")
+        when the connection ends, so a replica that dies (even SIGKILL) frees its sessions. With
+        one replica (not ``shared``) there is no other process to hold anything against."""
+        if self._closed:
+            raise StorageError("store is closed")
+        if self._lock_pool is None:
+            yield
+            return
         key = session_lock_key(tenant, session_id)
         try:
             connection = await self._lock_pool.acquire(timeout=self._lock_wait)
@@ -180,20 +184,14 @@ class PostgresStore(Store):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def check(self, writes: Sequence[Write]) -> None:
-        super().check(writes)
-        for write in writes:
-            if write.session is not None and write.session.tenant != write.tenant:
-                raise InvalidWrite("session belongs to another tenant than the write")
-            if write.session is None and write.messages:
-                raise InvalidWrite("messages need their session in the same write")
-            for record in write.records:
-                if len(record.key.encode()) > MAX_RECORD_KEY or not record.kind or "\0" in record.kind:
-                    raise InvalidWrite(f"invalid record {record.kind!r}/{record.key[:40]!r}: keys are at most {MAX_RECORD_KEY} bytes")
+    def check(self, writes: Sequence[Write]) -> list[Encoded]:
+        _check_shape(writes)
+        return super().check(writes)
 
-    async def apply(self, writes: Sequence[Write]) -> None:
-        self.check(writes)
-        encoded = [_encode(w) for w in writes]
+    async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
+        """One transaction, committed before it returns, whether ``durable`` or not."""
+        _check_shape(writes)
+        encoded = [_encode(w) for w in writes]  # InvalidWrite, before anything is sent
         async with self._connection() as connection, connection.transaction():
             for tenant, deleted, session, messages, puts, removals in encoded:
                 if deleted is not None:
@@ -338,21 +336,34 @@ def session_lock_key(tenant: str, session_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def _check_shape(writes: Sequence[Write]) -> None:
+    """InvalidWrite for a write whose shape no transaction can take (checked before encoding)."""
+    for write in writes:
+        if write.session is not None and write.session.tenant != write.tenant:
+            raise InvalidWrite("session belongs to another tenant than the write")
+        if write.session is None and write.messages:
+            raise InvalidWrite("messages need their session in the same write")
+        for record in write.records:
+            if len(record.key.encode()) > MAX_RECORD_KEY or not record.kind or "\0" in record.kind:
+                raise InvalidWrite(f"invalid record {record.kind!r}/{record.key[:40]!r}: keys are at most {MAX_RECORD_KEY} bytes")
+
+
 def _encode(write: Write) -> tuple[str, bytes | None, tuple[bytes, bytes] | None, list[tuple], list[tuple], list[tuple]]:
     tenant = write.tenant
     deleted = session_digest(write.delete_session) if write.delete_session is not None else None
+    session_raw, messages_raw, records_raw = encode(write)
     session, messages = None, []
     if write.session is not None:
         sid = session_digest(write.session.id)
-        session = (sid, codec.encode(write.session))
-        messages = [(tenant, sid, m.seq, codec.encode(m)) for m in write.messages]
+        session = (sid, session_raw)
+        messages = [(tenant, sid, m.seq, raw) for m, raw in zip(write.messages, messages_raw)]
     puts, removals = [], []
-    for record in write.records:
+    for record, raw in zip(write.records, records_raw):
         sid = session_digest(record.session_id) if record.session_id is not None else _TENANT_WIDE
-        if record.value is None:
+        if raw is None:
             removals.append((tenant, sid, record.kind, record.key.encode()))
         else:
-            puts.append((tenant, sid, record.kind, record.key.encode(), codec.encode(record.value)))
+            puts.append((tenant, sid, record.kind, record.key.encode(), raw))
     return tenant, deleted, session, messages, puts, removals
 
 

@@ -15,9 +15,9 @@ import logging
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from proxy.cache import FrequencyCache
+from proxy.cache import LRU, FrequencyCache
 from proxy.records import Message, Session
-from proxy.storage.base import Quarantined, Store, StorageError, Write
+from proxy.storage.base import Encoded, InvalidWrite, Quarantined, Store, StorageError, Write
 
 log = logging.getLogger("agent_state_proxy.storage")
 STALLED_AFTER = 30.0  # seconds queued writes may wait without progress before readiness fails
@@ -29,7 +29,7 @@ _RecordKey = tuple[str, str, str | None, str]
 class _Transcript:
     """A cached transcript: its messages by seq, and in seq order. A request appends messages
     with new, higher seqs, so the order is kept by appending; any other change rebuilds it on
-    the next read (a sort of a 1,000-message session on every request was ~30 µs)."""
+    the next read (not a sort of the whole session on every request)."""
 
     __slots__ = ("by_seq", "_ordered")
 
@@ -72,19 +72,17 @@ class WriteBehindStore(Store):
         # Decoded transcripts of recently used sessions. This process is the only writer of its
         # LMDB environment and every write passes through here, so the cache stays exact; it
         # saves decoding a whole transcript on every request of a long session.
-        # Bounded by sessions and by messages (~0.9 KB each decoded, ~45 MB at the default bound,
-        # storage.transcript_cache_messages): 256 sessions of 5 000 messages would otherwise hold
-        # over 1 GB. A miss costs ~7 ms per 1 000 messages. Sessions used most often stay (see
-        # proxy/cache.py): under a plain LRU, the sessions a burst had touched pushed the hot ones
-        # out, which then read their transcripts from LMDB again (at a 20k bound, full mode's p50
-        # went from 14 to 30 ms after bench/full_probe.py --burst 1000).
+        # Bounded by sessions and by messages (storage.transcript_cache_messages), or a few long
+        # sessions would hold gigabytes. Sessions used most often stay (proxy/cache.py): under a
+        # plain LRU, the sessions a burst had touched pushed the hot ones out, which then read
+        # their transcripts from the store again (docs/PERSISTENCE.md: Caches).
         self.cached_sessions, self.cached_messages = cached_sessions, cached_messages
         self._transcripts: FrequencyCache[_SessionKey, _Transcript] = FrequencyCache(
             cached_messages, weigh=len, max_entries=cached_sessions)
         # Stored sessions of recently used ones, exact for the same reason: every request reads
         # its session, and an LMDB read lets go of the GIL, which the event loop then waits to
-        # get back (~0.3 ms a request in full mode, py-spy).
-        self._stored_sessions: collections.OrderedDict[_SessionKey, Session] = collections.OrderedDict()
+        # get back (docs/PERSISTENCE.md: Caches).
+        self._stored_sessions: LRU[_SessionKey, Session] = LRU(cached_sessions)
         self._writes_seen = 0  # bumped by every write, to detect one racing a cache fill
         self.batch_size, self.flush_interval, self.queue_max = batch_size, flush_interval, queue_max
         self._queue: collections.deque[Write] = collections.deque()
@@ -137,12 +135,15 @@ class WriteBehindStore(Store):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def check(self, writes: Sequence[Write]) -> None:
-        self.inner.check(writes)
+    def check(self, writes: Sequence[Write]) -> list[Encoded]:
+        return self.inner.check(writes)
 
-    async def apply(self, writes: Sequence[Write]) -> None:
-        """Durable: returns once these writes (and everything queued before) are committed."""
-        self.inner.check(writes)  # a bad write fails its own caller, before anything is committed
+    async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
+        """Durable: returns once these writes (and everything queued before) are committed.
+        Routine (``durable=False``): queued, visible to reads at once, committed by the next
+        batch; durable at once when the store is shared with other replicas."""
+        if not durable:
+            return await self._queue_writes(writes)
         async with self._lock:
             queued = len(self._queue)
             try:
@@ -150,6 +151,8 @@ class WriteBehindStore(Store):
             except StorageError:
                 raise
             except Exception as exc:  # a queued write the store refuses must not block this one
+                if isinstance(exc, InvalidWrite):
+                    self.inner.check(writes)  # a bad write fails its own caller; nothing was committed
                 log.error("a queued write failed to commit (%s); committing the queue one write at a time", exc)
                 await self._commit_singly(queued)
                 await self.inner.apply(list(writes))
@@ -163,12 +166,10 @@ class WriteBehindStore(Store):
     def session_lock(self, tenant: str, session_id: str, refuse: bool) -> Any:
         return self.inner.session_lock(tenant, session_id, refuse)
 
-    async def apply_later(self, writes: Sequence[Write]) -> None:
-        """Routine: queued (visible to reads at once), committed by the next batch; durable at
-        once when the store is shared with other replicas."""
+    async def _queue_writes(self, writes: Sequence[Write]) -> None:
         if self.shared and any(_touches_session(write) for write in writes):
             return await self.apply(writes)  # the next replica to hold the session must see it
-        self.inner.check(writes)  # refused now, not found unstorable by the flusher later
+        encoded = self.inner.check(writes)  # refused now, not found unstorable by the flusher later
         if len(self._queue) >= self.queue_max:
             # Backpressure instead of unbounded memory: wait for the flusher to make room.
             self._wakeup.set()
@@ -176,8 +177,8 @@ class WriteBehindStore(Store):
                 await self._drained.wait_for(lambda: len(self._queue) < self.queue_max)
         if not self._queue:
             self._progress_at = time.monotonic()
-        for write in writes:
-            write = _frozen_copy(write)
+        for write, raw in zip(writes, encoded):
+            write = _frozen_copy(write, raw)  # committed as these bytes: encoded once
             self._queue.append(write)
             self._overlay(write)
             self._remember(write)
@@ -235,7 +236,7 @@ class WriteBehindStore(Store):
                      write.tenant, type(exc).__name__, exc, summary)
         if session_id is not None:
             self._transcripts.pop((write.tenant, session_id))
-            self._stored_sessions.pop((write.tenant, session_id), None)
+            self._stored_sessions.pop((write.tenant, session_id))
 
     async def _flusher(self) -> None:
         while True:
@@ -284,7 +285,7 @@ class WriteBehindStore(Store):
         self._writes_seen += 1
         if write.delete_session is not None:
             self._transcripts.pop((write.tenant, write.delete_session))
-            self._stored_sessions.pop((write.tenant, write.delete_session), None)
+            self._stored_sessions.pop((write.tenant, write.delete_session))
         if write.session is not None:
             self._cache_session((write.tenant, write.session.id), write.session)
         if write.session is not None and write.messages:
@@ -322,7 +323,6 @@ class WriteBehindStore(Store):
             return dataclasses.replace(found, extra=dict(found.extra)) if found else None
         cached = self._stored_sessions.get(key)
         if cached is not None:
-            self._stored_sessions.move_to_end(key)
             return dataclasses.replace(cached, extra=dict(cached.extra))
         writes_before = self._writes_seen
         found = await self.inner.get_session(tenant, session_id)
@@ -332,10 +332,7 @@ class WriteBehindStore(Store):
 
     def _cache_session(self, key: _SessionKey, session: Session) -> None:
         """Keep ``session``, an object no caller holds (callers mutate the ones they hold)."""
-        self._stored_sessions[key] = session
-        self._stored_sessions.move_to_end(key)
-        while len(self._stored_sessions) > self.cached_sessions:
-            self._stored_sessions.popitem(last=False)
+        self._stored_sessions.put(key, session)
 
     async def get_messages(self, tenant: str, session_id: str) -> list[Message]:
         key = (tenant, session_id)
@@ -409,9 +406,6 @@ class WriteBehindStore(Store):
     def damage(self) -> str | None:
         return self.inner.damage()
 
-    def release_mapped_pages(self) -> int:
-        return self.inner.release_mapped_pages()
-
     def stats(self) -> dict[str, Any]:
         return self.inner.stats() | {"pending_writes": len(self._queue), "flushed_batches": self.flushed_batches,
                                      "flush_failure": str(self.failure) if self.failure else None,
@@ -424,7 +418,8 @@ def _touches_session(write: Write) -> bool:
             or any(record.session_id is not None for record in write.records))
 
 
-def _frozen_copy(write: Write) -> Write:
-    """Queue a snapshot: callers keep mutating their Session objects after handing them over."""
+def _frozen_copy(write: Write, encoded: Encoded | None = None) -> Write:
+    """Queue a snapshot: callers keep mutating their Session objects after handing them over
+    (and what is committed is ``encoded``, the bytes checked when it was queued, if given)."""
     session = dataclasses.replace(write.session, extra=dict(write.session.extra)) if write.session else None
-    return Write(write.tenant, session, list(write.messages), list(write.records), write.delete_session)
+    return Write(write.tenant, session, list(write.messages), list(write.records), write.delete_session, encoded)

@@ -289,77 +289,6 @@ def test_a_stale_index_is_reconciled_with_lmdb(config_path: Path, through_hnsw: 
         assert len(_hnsw_keys(proxy)) == len(current) + 1 and new
 
 
-def _rewrite_records(config_path: Path, change) -> dict[tuple[str | None, str], dict[str, dict]]:
-    """Apply ``change(records) -> writes`` to the stopped proxy's memory records, where
-    ``records`` maps (session, kind) to {key: value} for the tenant-wide scope and session s1;
-    returns the records as they were."""
-    from proxy.storage.base import Write
-    from proxy.storage.lmdb_store import LmdbStore
-
-    async def run() -> dict:
-        store = LmdbStore.open(str(config_path.parent / "data" / "lmdb"))
-        try:
-            found = {(sid, kind): dict(await store.scan_records("local", kind, sid))
-                     for sid in (None, "s1") for kind in ("memory", "memory_vector")}
-            writes = change(found)
-            if writes:
-                await store.apply([Write("local", records=writes)])
-            return found
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
-def test_memory_records_of_before_keep_their_vectors_and_are_split_at_load(config_path: Path, through_hnsw: None,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A store written before vectors had records of their own (each memory record held its
-    vector) loads with its vectors, so nothing is embedded again, and is rewritten in the
-    current layout: recalls then read records a quarter of the size."""
-    from proxy.memory import loader as service_module
-    from proxy.storage.base import Record
-
-    with _start(config_path) as proxy:
-        wait_for_embedder(proxy)  # so that every memory is stored with its vector
-        _add_facts(proxy, FACTS)
-        chat(proxy, "Remind me: the staging database host is pg-stage-3", user="ops", session="s1")
-        drain(proxy)
-        before = _alive_keys(proxy)
-
-    def to_old_layout(found: dict) -> list[Record]:
-        writes = []
-        for sid in (None, "s1"):
-            assert found[(sid, "memory")] and found[(sid, "memory")].keys() == found[(sid, "memory_vector")].keys()
-            for key, value in found[(sid, "memory")].items():
-                writes.append(Record("memory", key, value | found[(sid, "memory_vector")][key], sid))
-                writes.append(Record("memory_vector", key, None, sid))
-        return writes
-
-    split = _rewrite_records(config_path, to_old_layout)
-    old = _rewrite_records(config_path, lambda found: [])
-    assert all("vec16" in value for sid in (None, "s1") for value in old[(sid, "memory")].values())
-    assert not old[(None, "memory_vector")] and not old[("s1", "memory_vector")]
-    (config_path.parent / "data" / "index" / "local.usearch").unlink()  # rebuilt from the vectors LMDB holds
-
-    decoded = []
-    decode = service_module.decode_all
-
-    def counting_decode(rows, sessions, model):
-        memories, writes = decode(rows, sessions, model)
-        decoded.extend(m.vector is not None for m in memories)
-        return memories, writes
-
-    monkeypatch.setattr(service_module, "decode_all", counting_decode)
-    with _start(config_path) as proxy:
-        drain(proxy)
-        assert len(decoded) == len(before) and all(decoded)  # every vector came from LMDB
-        assert _hnsw_keys(proxy) == before and memory_stats(proxy)["counters"]["index_rebuilds"] == 1
-        assert _search_top(proxy, "Who approves large invoices?") == FACTS[3]
-        _, headers = chat(proxy, "which host runs the staging database?", user="ops", session="s2")
-        assert injected_ids(headers)
-    assert _rewrite_records(config_path, lambda found: []) == split  # the current layout, values unchanged
-
-
 def test_an_i8_index_round_trips_and_an_index_of_another_dtype_is_not_misread(tmp_path: Path) -> None:
     index = VectorIndex(32, "i8")
     vectors = _unit(200, seed=2)
@@ -378,11 +307,7 @@ def test_an_i8_index_round_trips_and_an_index_of_another_dtype_is_not_misread(tm
 def test_stored_vectors_are_half_precision_in_a_record_of_their_own() -> None:
     """A memory is stored as its record (text and metadata: what a recall reads back) and a
     vector record in float16, which must read back within float16 rounding (the indexes keep 8
-    bits a component) and stay under LMDB's ~2 KB node limit (no overflow page of its own).
-    Records of before, which held the vector themselves (float16 "vec16", or float32 "vec"),
-    must still read."""
-    import base64
-
+    bits a component) and stay under LMDB's ~2 KB node limit (no overflow page of its own)."""
     import orjson
 
     from proxy.memory.model import EPISODIC, KIND, VECTOR_KIND, Memory
@@ -403,13 +328,10 @@ def test_stored_vectors_are_half_precision_in_a_record_of_their_own() -> None:
     alone = Memory.from_record(text_record.value)  # what a recall reads: embedded, no vector decoded
     assert alone.vector is None and alone.embedded and alone.text == memory.text and alone.context == memory.context
 
-    inline = text_record.value | vector_record.value  # a record of before
-    assert np.array_equal(Memory.from_record(inline).vector, back.vector)
-    legacy = {k: v for k, v in inline.items() if k != "vec16"} | {"vec": base64.b64encode(vector.astype("<f4").tobytes()).decode()}
-    assert np.array_equal(Memory.from_record(legacy).vector, vector) and Memory.from_record(legacy).embedded
     unembedded = Memory(**{**memory.__dict__, "vector": None, "model": None})
     assert [r.kind for r in unembedded.records()] == [KIND] and not Memory.from_record(unembedded.to_record()).embedded
-    assert Memory.from_record(inline, with_vector=False).vector is None and Memory.from_record(inline, with_vector=False).embedded
+    unread = Memory.from_record(text_record.value, with_vector=False, vector_value=vector_record.value)
+    assert unread.vector is None and unread.embedded
 
 
 def test_periodic_saves_wait_for_a_moment_without_requests(config_path: Path, through_hnsw: None) -> None:
