@@ -1,4 +1,4 @@
-"""Background deletion of sessions whose time-to-live has run out."""
+"""Background deletion of sessions whose time-to-live has run out (once per fleet: proxy/jobs.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from typing import Awaitable, Callable, Iterable
 
 from proxy.config import TenantConfig
+from proxy.jobs import Claims
 from proxy.storage.base import Store
 
 log = logging.getLogger("agent_state_proxy.janitor")
@@ -23,20 +24,29 @@ async def sweep(store: Store, tenants: Iterable[TenantConfig], now: float, on_de
     """
     deleted = 0
     for tenant in tenants:
-        for session in await store.list_sessions(tenant.name):
-            if session.last_active + tenant.session_ttl < now:
-                deleted += await store.delete_session(tenant.name, session.id)
-                if on_delete is not None:
-                    await on_delete(tenant.name, session.id)
+        expired = [s for s in await store.list_sessions(tenant.name) if s.last_active + tenant.session_ttl < now]
+        if expired:
+            log.info("janitor: deleting %d expired sessions of tenant %s", len(expired), tenant.name)
+        for session in expired:
+            deleted += await store.delete_session(tenant.name, session.id)
+            if on_delete is not None:
+                await on_delete(tenant.name, session.id)
     return deleted
 
 
-async def run(store: Store, tenants: Iterable[TenantConfig], interval: float, clock: Callable[[], float] = time.time, *, on_delete: OnDelete | None = None) -> None:
+async def run(store: Store, tenants: Iterable[TenantConfig], interval: float, clock: Callable[[], float] = time.time, *,
+              on_delete: OnDelete | None = None, claims: Claims | None = None) -> None:
+    """Sweep every ``interval`` seconds; in a fleet, only while this replica holds the janitor's
+    claim (a replica that finds it held skips that sweep: the holder does the work)."""
     tenants = list(tenants)
+    claims = claims or Claims()
     while True:
         await asyncio.sleep(interval)
         try:
-            deleted = await sweep(store, tenants, clock(), on_delete)
+            async with claims.claim("janitor") as granted:
+                if not granted:
+                    continue
+                deleted = await sweep(store, tenants, clock(), on_delete)
             if deleted:
                 log.info("janitor deleted %d expired sessions", deleted)
         except Exception:  # the janitor must outlive a bad sweep; the next one retries

@@ -26,6 +26,7 @@ from proxy.context.settings import ContextSettings
 from proxy.context.summaries import Summary
 from proxy.context.units import Item, Segment, View, build_view, shared_prefix, text_of
 from proxy.errors import BadRequest, ProxyError
+from proxy.jobs import Claims
 from proxy.pacing import Pace
 from proxy.records import Message
 from proxy.storage.base import Record, Store
@@ -92,8 +93,9 @@ class _LRU(OrderedDict):
 class ContextManager:
     """Keeps requests within their token budget; owns the background summarization tasks."""
 
-    def __init__(self, store: Store, upstream: Upstream, retriever: Retriever | None = None) -> None:
+    def __init__(self, store: Store, upstream: Upstream, retriever: Retriever | None = None, claims: Claims | None = None) -> None:
         self.store = store
+        self.claims = claims or Claims()  # a session's background pass runs on one replica at a time
         self.upstream = upstream
         self.retriever: Retriever = retriever or LexicalRetriever()
         self._tasks: set[asyncio.Task] = set()
@@ -517,6 +519,11 @@ class ContextManager:
         task.add_done_callback(lambda _t: self._jobs.pop(ref.key, None))
 
     async def _summarize(self, ref: _Session, encoding: str, budget: int) -> None:
+        async with self.claims.claim(f"summaries:{ref.tenant.name}\0{ref.id}") as granted:
+            if granted:  # else another replica is summarizing this session: it does the work
+                await self._summarize_claimed(ref, encoding, budget)
+
+    async def _summarize_claimed(self, ref: _Session, encoding: str, budget: int) -> None:
         settings: ContextSettings = ref.tenant.context
         while True:
             self._again.discard(ref.key)

@@ -11,7 +11,7 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from proxy import idle_gc, janitor, priority, tokens
+from proxy import idle_gc, janitor, jobs, priority, tokens
 from proxy.config import Config
 from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
@@ -104,6 +104,7 @@ def _storage(given: Store | None):
                                      cached_messages=config.transcript_cache_messages)
             await store.start()
             app[keys.STORE] = store
+            app[keys.CLAIMS] = jobs.claims_for(inner)  # background jobs run once per fleet
             app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store)
             yield
             app[keys.READY] = False
@@ -162,7 +163,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     # The context manager owns background summarization tasks: stopped here, before the
     # upstream and the store they use are closed.
-    context = ContextManager(app[keys.STORE], app[keys.UPSTREAM])
+    context = ContextManager(app[keys.STORE], app[keys.UPSTREAM], claims=app[keys.CLAIMS])
     app[keys.PIPELINE] = Pipeline(app[keys.STORE], app[keys.UPSTREAM], context=context)
     app[keys.READY] = True
     yield
@@ -219,7 +220,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         if pipeline.memory is not None:
             await pipeline.memory.forget_session(tenant, session_id)
 
-    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=forget))]
+    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=forget,
+                                           claims=app[keys.CLAIMS]))]
     tasks.append(asyncio.create_task(idle_gc.IdleCollector(priority.activity).run()))
     # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
     tokens.begin_warming()

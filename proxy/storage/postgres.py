@@ -14,6 +14,7 @@ the fleet. The caller must then cache nothing across requests (proxy/server/app.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -89,6 +90,11 @@ class PostgresStore(Store):
         # statement timeout): a 503 rather than a hang when every one is held.
         self._lock_wait = lock_wait
         self._closed = False
+        # Background-job claims (proxy/jobs.py): one connection of their own, opened when first
+        # needed, holding every claim of this replica (see job_claim).
+        self._connect: Callable[[], Any] | None = None
+        self._jobs: asyncpg.Connection | None = None
+        self._jobs_turn: asyncio.Lock | None = None
 
     @classmethod
     async def open(cls, dsn: str, *, pool_size: int = 10, statement_timeout_ms: int = 30_000, replicas: str = "one") -> PostgresStore:
@@ -118,7 +124,9 @@ class PostgresStore(Store):
             raise
         if replicas == "many":
             await holder.close()  # it held nothing: a replica of a fleet excludes no other
-            return cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
+            store = cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
+            store._connect = lambda: asyncpg.connect(dsn, server_settings=settings | keepalive, timeout=10)
+            return store
         return cls(pool, holder)
 
     @contextlib.asynccontextmanager
@@ -310,12 +318,57 @@ class PostgresStore(Store):
                 await connection.execute("INSERT INTO asp_quarantine (tenant, key, reason, ts, size, raw) VALUES ($1, $2, $3, $4, $5, $6)",
                                          tenant, key, reason, time.time(), len(raw), raw)
 
+    # -- background jobs (fleet mode) ----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def job_claim(self, job: str) -> AsyncIterator[bool]:
+        """Try to claim a background job for the fleet (a session-level advisory lock): True for
+        the block when granted, False when another replica holds it or PostgreSQL cannot be
+        asked (the job is then skipped, as it would be by a replica that lost the race).
+
+        Claims are held on one connection of their own: the job's work uses the pool. When that
+        connection ends (this replica dies, PostgreSQL restarts), every claim it held is free."""
+        key = job_lock_key(job)
+        granted = False
+        try:
+            granted = bool(await self._on_jobs_connection("SELECT pg_try_advisory_lock($1)", key))
+        except StorageError as exc:
+            log.warning("cannot claim background job %s: %s", job.split(":", 1)[0], exc)
+        try:
+            yield granted
+        finally:
+            if granted:
+                with contextlib.suppress(StorageError):  # its connection is ended: the claim is gone with it
+                    await self._on_jobs_connection("SELECT pg_advisory_unlock($1)", key)
+
+    async def _on_jobs_connection(self, query: str, key: int) -> Any:
+        """One statement on the claims connection, (re)connected on demand; one whose outcome is
+        unknown (cut off, failed) ends the connection, which lets all its claims go."""
+        if self._connect is None or self._closed:
+            raise StorageError("store is closed" if self._closed else "job claims need replicas: many")
+        if self._jobs_turn is None:
+            self._jobs_turn = asyncio.Lock()
+        async with self._jobs_turn:
+            try:
+                if self._jobs is None or self._jobs.is_closed():
+                    self._jobs = await self._connect()
+                return await self._jobs.fetchval(query, key)
+            except BaseException as exc:
+                if self._jobs is not None:
+                    self._jobs.terminate()
+                    self._jobs = None
+                if isinstance(exc, (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)):
+                    raise StorageError(f"job claim failed: {type(exc).__name__}") from exc
+                raise
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._jobs is not None:
+            self._jobs.terminate()  # lets every job claim go
         await self._pool.close()
         if self._lock_pool is not None:
             await self._lock_pool.close()
@@ -335,6 +388,12 @@ def session_lock_key(tenant: str, session_id: str) -> int:
     bigint. Two sessions that collide only wait for each other; they never share state."""
     digest = hashlib.blake2b(tenant.encode("utf-8", "surrogatepass") + b"\0" + session_id.encode("utf-8", "surrogatepass"),
                              digest_size=8, person=b"asp-session").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def job_lock_key(job: str) -> int:
+    """The advisory lock key of a background job (hashed apart from session keys)."""
+    digest = hashlib.blake2b(job.encode("utf-8", "surrogatepass"), digest_size=8, person=b"asp-job").digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
