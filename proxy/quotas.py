@@ -2,20 +2,24 @@
 sessions and memories stored. Over a limit is a 429 with Retry-After; every refusal is counted.
 
 Counts live in this process (a proxy is one process per data directory); the day's tokens are
-also written to the store, so a restart does not hand a tenant a fresh daily budget.
+also written to the store, so a restart does not hand a tenant a fresh daily budget. In a fleet
+(PostgreSQL, replicas: many) the day's tokens are one counter in the database, added to
+atomically by every replica and read at each admission; rate and concurrency limits stay per
+replica (README: Running a fleet).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from proxy.errors import ProxyError
-from proxy.storage.base import Record, Write
+from proxy.storage.base import Record, StorageError, Write
 
 if TYPE_CHECKING:  # configuration imports this module's settings; it needs no store
     from proxy.storage.write_behind import WriteBehindStore
@@ -24,6 +28,10 @@ KEYS = ("requests_per_minute", "concurrent_requests", "tokens_per_day", "session
 USAGE_KIND = "usage"  # tenant-level record per UTC day: {"tokens": n}
 _DAY = 86400
 _STORED_RETRY_SECONDS = 60  # sessions and memories free up when they expire or are deleted
+log = logging.getLogger("agent_state_proxy.quotas")
+
+# (tenant, kind, key, field, amount) -> the field's new value, added atomically for the fleet
+SharedCounter = Callable[[str, str, str, str, int], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -63,10 +71,15 @@ def _refuse(message: str, code: str, retry_after: float) -> QuotaExceeded:
 class Quotas:
     """The running counts of every tenant, checked before work is done and updated after."""
 
-    def __init__(self, settings: Mapping[str, QuotaSettings], store: WriteBehindStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Mapping[str, QuotaSettings], store: WriteBehindStore, clock: Callable[[], float] = time.time,
+                 shared_counter: SharedCounter | None = None) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
+        self._shared = shared_counter
+        # Tokens a shared counter could not take yet (the database was unreachable), by (tenant,
+        # day): sent with the next addition that succeeds, and counted at admission meanwhile.
+        self._unsent: collections.Counter[tuple[str, int]] = collections.Counter()
         self._recent: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._tokens: dict[str, tuple[int, int]] = {}  # tenant -> (day number, tokens that day)
@@ -111,14 +124,35 @@ class Quotas:
                      if isinstance(v, int) and not isinstance(v, bool) and v > 0)
         if not tokens:
             return
+        if self._shared is not None:
+            return await self._add_shared(tenant, int(self.clock() // _DAY), tokens)
         total = await self._tokens_today(tenant) + tokens
         day = int(self.clock() // _DAY)
         self._tokens[tenant] = (day, total)
         # Batched with the routine writes: a crash loses at most the last flush interval's count.
         await self.store.apply_later([Write(tenant, records=[Record(USAGE_KIND, str(day), {"tokens": total})])])
 
+    async def _add_shared(self, tenant: str, day: int, tokens: int) -> None:
+        """Add to the fleet's counter; what the database cannot take now is kept for the next try
+        (never an error for an answer the client already has)."""
+        self._unsent[(tenant, day)] += tokens
+        for key in [k for k in self._unsent if k[0] == tenant]:
+            amount = self._unsent.pop(key)
+            try:
+                total = await self._shared(tenant, USAGE_KIND, str(key[1]), "tokens", amount)
+            except StorageError as exc:
+                self._unsent[key] += amount
+                log.warning("tokens of tenant %s not yet added to the fleet's daily count (%s); kept to add later", tenant, exc)
+                return
+            if key[1] == day:
+                self._tokens[tenant] = (day, total)
+
     async def _tokens_today(self, tenant: str) -> int:
         day = int(self.clock() // _DAY)
+        if self._shared is not None:  # the fleet's count: other replicas add to it too
+            stored = await self.store.get_record(tenant, USAGE_KIND, str(day))
+            tokens = stored.get("tokens") if isinstance(stored, dict) else 0
+            return (tokens if isinstance(tokens, int) else 0) + self._unsent[(tenant, day)]
         known = self._tokens.get(tenant)
         if known is None or known[0] != day:
             stored = await self.store.get_record(tenant, USAGE_KIND, str(day))

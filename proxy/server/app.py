@@ -105,7 +105,8 @@ def _storage(given: Store | None):
             await store.start()
             app[keys.STORE] = store
             app[keys.CLAIMS] = jobs.claims_for(inner)  # background jobs run once per fleet
-            app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store)
+            app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store,
+                                      shared_counter=getattr(inner, "add_to_record", None) if store.shared else None)
             yield
             app[keys.READY] = False
             for task in tasks:

@@ -318,6 +318,31 @@ class PostgresStore(Store):
                 await connection.execute("INSERT INTO asp_quarantine (tenant, key, reason, ts, size, raw) VALUES ($1, $2, $3, $4, $5, $6)",
                                          tenant, key, reason, time.time(), len(raw), raw)
 
+    # -- shared counters (fleet mode) ----------------------------------------------------------
+
+    async def add_to_record(self, tenant: str, kind: str, key: str, field: str, amount: int) -> int:
+        """Add ``amount`` to the integer ``field`` of a tenant-wide record, atomically across
+        replicas (a transaction-scoped advisory lock on the record, which also covers its first
+        insert); returns the new value. The record keeps the codec format every store reads."""
+        raw_key = key.encode()
+        async with self._connection() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", job_lock_key(f"counter:{tenant}\0{kind}\0{key}"))
+            raw = await connection.fetchval("SELECT record FROM asp_records WHERE tenant = $1 AND sid = $2 AND kind = $3 AND key = $4",
+                                            tenant, _TENANT_WIDE, kind, raw_key)
+            value: dict[str, Any] = {}
+            if raw is not None:
+                try:
+                    value = codec.decode(raw)
+                except CorruptRecord as exc:  # a count cannot be salvaged: start it again, say so
+                    log.error("counter %s/%s of tenant %s was unreadable (%s); counting again from 0", kind, key, tenant, exc)
+            current = value.get(field) if isinstance(value, dict) else None
+            total = (current if isinstance(current, int) and not isinstance(current, bool) else 0) + amount
+            await connection.execute(
+                "INSERT INTO asp_records (tenant, sid, kind, key, record) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (tenant, sid, kind, key) DO UPDATE SET record = EXCLUDED.record",
+                tenant, _TENANT_WIDE, kind, raw_key, codec.encode((value if isinstance(value, dict) else {}) | {field: total}))
+        return total
+
     # -- background jobs (fleet mode) ----------------------------------------------------------
 
     @contextlib.asynccontextmanager
