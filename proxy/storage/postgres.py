@@ -47,9 +47,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX asp_quarantine_tenant ON asp_quarantine (tenant);
     """,
 )
+# What a failed or vanished database raises through asyncpg. InternalClientError: a connection
+# the server dropped mid-operation can be left in a state where the next operation raises it.
+_FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, TimeoutError)
 _MIGRATION_LOCK = 0x6173_7001  # pg_advisory_xact_lock key: "asp" + 1
 _REPLICA_LOCK = 0x6173_7002  # held for the store's life: one replica per database
 _TENANT_WIDE = b""  # the sid of records that belong to no session
+_PROBE_SECONDS = 2.0  # a readiness probe PostgreSQL has not answered by then: not ready
 
 
 async def migrate(connection: asyncpg.Connection) -> int:
@@ -71,7 +75,7 @@ async def migrate_database(dsn: str) -> int:
     """``agent-state-proxy migrate``: connect, migrate, disconnect (safe while replicas run)."""
     try:
         connection = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+    except _FAILURES as exc:
         raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
     try:
         return await migrate(connection)
@@ -100,9 +104,10 @@ class PostgresStore(Store):
     async def open(cls, dsn: str, *, pool_size: int = 10, statement_timeout_ms: int = 30_000, replicas: str = "one") -> PostgresStore:
         """Connect, migrate, and (replicas: one) take the replica lock; StorageError (never the DSN) on failure."""
         settings = {"statement_timeout": str(statement_timeout_ms), "application_name": "agent-state-proxy"}
+        logging.getLogger("asyncpg.pool").addFilter(_TERSE)
         try:
             holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except _FAILURES as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
         lock_pool = None
         try:
@@ -127,7 +132,9 @@ class PostgresStore(Store):
             store = cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
             store._connect = lambda: asyncpg.connect(dsn, server_settings=settings | keepalive, timeout=10)
             return store
-        return cls(pool, holder)
+        store = cls(pool, holder)
+        store._connect = lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10)  # readiness probes
+        return store
 
     @contextlib.asynccontextmanager
     async def session_lock(self, tenant: str, session_id: str, refuse: bool) -> AsyncIterator[None]:
@@ -138,7 +145,7 @@ class PostgresStore(Store):
         key = session_lock_key(tenant, session_id)
         try:
             connection = await self._lock_pool.acquire(timeout=self._lock_wait)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except _FAILURES as exc:
             raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
         held = cut_off = False
         try:
@@ -149,7 +156,7 @@ class PostgresStore(Store):
                 else:
                     await connection.execute("SELECT pg_advisory_lock($1)", key)
                     held = True
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except _FAILURES as exc:
                 raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
             cut_off = False
             if not held:
@@ -163,14 +170,14 @@ class PostgresStore(Store):
         cancel or a broken connection, a failed unlock) is ended instead, which frees its locks."""
         try:
             if cut_off:
-                connection.terminate()
+                _end(connection)
             elif held:
                 await connection.execute("SELECT pg_advisory_unlock($1)", key)
         except Exception as exc:  # the block's outcome stands; ending the connection frees the lock
             log.warning("could not unlock a session lock (%s); its connection is closed instead", type(exc).__name__)
-            connection.terminate()
+            _end(connection)
         except BaseException:
-            connection.terminate()
+            _end(connection)
             raise
         finally:
             await self._lock_pool.release(connection)
@@ -182,7 +189,7 @@ class PostgresStore(Store):
         try:
             async with self._pool.acquire() as connection:
                 yield connection
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except _FAILURES as exc:
             log.critical("PostgreSQL operation failed: %s", exc)
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from exc
 
@@ -366,24 +373,37 @@ class PostgresStore(Store):
                 with contextlib.suppress(StorageError):  # its connection is ended: the claim is gone with it
                     await self._on_jobs_connection("SELECT pg_advisory_unlock($1)", key)
 
-    async def _on_jobs_connection(self, query: str, key: int) -> Any:
+    async def readiness(self) -> str | None:
+        """Why this replica must not take traffic now (PostgreSQL unreachable, or its schema not
+        the one this proxy migrates to), or None. On the claims connection, not the pool: a
+        pool busy with requests must not look like a database that is gone."""
+        try:
+            version = await asyncio.wait_for(self._on_jobs_connection("SELECT max(version) FROM asp_schema"), _PROBE_SECONDS)
+        except (StorageError, TimeoutError) as exc:
+            return f"PostgreSQL is unreachable: {str(exc) or 'no answer within %g s' % _PROBE_SECONDS}"
+        if version != len(MIGRATIONS):
+            return (f"the database schema is at version {version} but this proxy runs version {len(MIGRATIONS)}: "
+                    "run `agent-state-proxy migrate` with the newest proxy, then upgrade every replica to it")
+        return None
+
+    async def _on_jobs_connection(self, query: str, *args: Any) -> Any:
         """One statement on the claims connection, (re)connected on demand; one whose outcome is
         unknown (cut off, failed) ends the connection, which lets all its claims go."""
         if self._connect is None or self._closed:
-            raise StorageError("store is closed" if self._closed else "job claims need replicas: many")
+            raise StorageError("store is closed")
         if self._jobs_turn is None:
             self._jobs_turn = asyncio.Lock()
         async with self._jobs_turn:
             try:
                 if self._jobs is None or self._jobs.is_closed():
                     self._jobs = await self._connect()
-                return await self._jobs.fetchval(query, key)
+                return await self._jobs.fetchval(query, *args)
             except BaseException as exc:
                 if self._jobs is not None:
                     self._jobs.terminate()
                     self._jobs = None
-                if isinstance(exc, (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)):
-                    raise StorageError(f"job claim failed: {type(exc).__name__}") from exc
+                if isinstance(exc, _FAILURES):
+                    raise StorageError(f"PostgreSQL did not answer: {type(exc).__name__}") from exc
                 raise
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -414,6 +434,27 @@ def session_lock_key(tenant: str, session_id: str) -> int:
     digest = hashlib.blake2b(tenant.encode("utf-8", "surrogatepass") + b"\0" + session_id.encode("utf-8", "surrogatepass"),
                              digest_size=8, person=b"asp-session").digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+class _Terse(logging.Filter):
+    """While PostgreSQL is down asyncpg's pool logs a traceback at every reconnection attempt:
+    one line each is enough (readiness and the requests' 503s say the rest)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and isinstance(record.exc_info[1], _FAILURES):
+            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
+            record.exc_info = None
+        return True
+
+
+_TERSE = _Terse()
+
+
+def _end(connection: asyncpg.Connection) -> None:
+    """End a connection whose state is unknown (one the pool already took back after the server
+    dropped it is ended already)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        connection.terminate()
 
 
 def job_lock_key(job: str) -> int:
