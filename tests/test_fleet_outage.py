@@ -149,3 +149,37 @@ def test_postgresql_stopped_and_started_under_load(tmp_path: Path, upstream: Fak
     finally:
         for replica in replicas:
             replica.stop()
+
+
+async def test_a_write_after_the_session_lock_was_lost_is_refused(postgres_server) -> None:
+    """PostgreSQL dropped the lock's connection mid-request (a restart): another replica may hold
+    the session now, so this request's writes must not land (503, not acknowledged)."""
+    from proxy.records import Session
+    from proxy.storage.base import StorageError
+    from proxy.storage.postgres import PostgresStore
+
+    dsn = await postgres_server.new_database()
+    store = await PostgresStore.open(dsn, pool_size=2, replicas="many")
+    admin = await asyncpg.connect(dsn)
+    session = Session(tenant="t", id="s", created_at=1.0, last_active=1.0)
+    try:
+        async with store.session_lock("t", "s", refuse=False):
+            await store.commit(session, [])  # while held: written
+            ended = await admin.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' "
+                                         "AND granted AND pid <> pg_backend_pid()")
+            assert ended == 1
+            for _ in range(100):  # until asyncpg has read the server's goodbye
+                await asyncio.sleep(0.02)
+                try:
+                    await store.commit(session, [])
+                except StorageError as exc:
+                    assert "session lock was lost" in str(exc)
+                    break
+            else:
+                pytest.fail("a write went on after its session lock was lost")
+        await store.commit(session, [])  # a later request, with a lock of its own, writes again
+        async with store.session_lock("t", "s", refuse=True):
+            await store.commit(session, [])
+    finally:
+        await admin.close()
+        await store.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 import time
@@ -161,7 +162,13 @@ class PostgresStore(Store):
             cut_off = False
             if not held:
                 raise SessionBusy("another request of this session is in progress on another replica")
-            yield
+            hold = _Hold(connection)
+            _HELD.set(_HELD.get() + (hold,))
+            try:
+                yield
+            finally:
+                hold.active = False
+                _HELD.set(tuple(h for h in _HELD.get() if h is not hold))
         finally:
             await self._let_go(connection, key, held, cut_off)
 
@@ -208,6 +215,8 @@ class PostgresStore(Store):
 
     async def apply(self, writes: Sequence[Write]) -> None:
         self.check(writes)
+        if any(hold.lost() for hold in _HELD.get()):
+            raise StorageError("the session lock was lost with its connection (PostgreSQL restarted?); nothing was written")
         encoded = [_encode(w) for w in writes]
         async with self._connection() as connection, connection.transaction():
             for tenant, deleted, session, messages, puts, removals in encoded:
@@ -434,6 +443,24 @@ def session_lock_key(tenant: str, session_id: str) -> int:
     digest = hashlib.blake2b(tenant.encode("utf-8", "surrogatepass") + b"\0" + session_id.encode("utf-8", "surrogatepass"),
                              digest_size=8, person=b"asp-session").digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+class _Hold:
+    """A session lock held by the current task (``_HELD``): lost when its connection ended (the
+    server restarted or dropped it), since another replica may hold the session since then."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self.connection, self.active = connection, True
+
+    def lost(self) -> bool:
+        try:
+            return self.active and self.connection.is_closed()
+        except asyncpg.InterfaceError:  # the pool took the connection back: it was dropped
+            return True
+
+
+# The session locks the running task holds, so that apply refuses a write made after one was lost.
+_HELD: contextvars.ContextVar[tuple[_Hold, ...]] = contextvars.ContextVar("asp_session_locks", default=())
 
 
 class _Terse(logging.Filter):
