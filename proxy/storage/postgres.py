@@ -14,13 +14,12 @@ the fleet. The caller must then cache nothing across requests (proxy/server/app.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import hashlib
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+from typing import Any, AsyncContextManager, AsyncIterator, Callable, Sequence, TypeVar
 
 import asyncpg
 
@@ -29,6 +28,7 @@ from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
 from proxy.storage.base import InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write
 from proxy.storage.kv import MAX_RECORD_KEY, session_digest
+from proxy.storage.pg_claims import FAILURES, ClaimsConnection, job_lock_key
 
 log = logging.getLogger("agent_state_proxy.storage")
 T = TypeVar("T")
@@ -48,13 +48,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX asp_quarantine_tenant ON asp_quarantine (tenant);
     """,
 )
-# What a failed or vanished database raises through asyncpg. InternalClientError: a connection
-# the server dropped mid-operation can be left in a state where the next operation raises it.
-_FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, TimeoutError)
 _MIGRATION_LOCK = 0x6173_7001  # pg_advisory_xact_lock key: "asp" + 1
 _REPLICA_LOCK = 0x6173_7002  # held for the store's life: one replica per database
 _TENANT_WIDE = b""  # the sid of records that belong to no session
-_PROBE_SECONDS = 2.0  # a readiness probe PostgreSQL has not answered by then: not ready
 
 
 async def migrate(connection: asyncpg.Connection) -> int:
@@ -76,7 +72,7 @@ async def migrate_database(dsn: str) -> int:
     """``agent-state-proxy migrate``: connect, migrate, disconnect (safe while replicas run)."""
     try:
         connection = await asyncpg.connect(dsn, timeout=10)
-    except _FAILURES as exc:
+    except FAILURES as exc:
         raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
     try:
         return await migrate(connection)
@@ -95,11 +91,7 @@ class PostgresStore(Store):
         # statement timeout): a 503 rather than a hang when every one is held.
         self._lock_wait = lock_wait
         self._closed = False
-        # Background-job claims (proxy/jobs.py): one connection of their own, opened when first
-        # needed, holding every claim of this replica (see job_claim).
-        self._connect: Callable[[], Any] | None = None
-        self._jobs: asyncpg.Connection | None = None
-        self._jobs_turn: asyncio.Lock | None = None
+        self._claims: ClaimsConnection | None = None  # job claims and readiness probes
 
     @classmethod
     async def open(cls, dsn: str, *, pool_size: int = 10, statement_timeout_ms: int = 30_000, replicas: str = "one") -> PostgresStore:
@@ -108,7 +100,7 @@ class PostgresStore(Store):
         logging.getLogger("asyncpg.pool").addFilter(_TERSE)
         try:
             holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
         lock_pool = None
         try:
@@ -131,10 +123,10 @@ class PostgresStore(Store):
         if replicas == "many":
             await holder.close()  # it held nothing: a replica of a fleet excludes no other
             store = cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
-            store._connect = lambda: asyncpg.connect(dsn, server_settings=settings | keepalive, timeout=10)
+            store._claims = ClaimsConnection(lambda: asyncpg.connect(dsn, server_settings=settings | keepalive, timeout=10))
             return store
         store = cls(pool, holder)
-        store._connect = lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10)  # readiness probes
+        store._claims = ClaimsConnection(lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10))
         return store
 
     @contextlib.asynccontextmanager
@@ -146,7 +138,7 @@ class PostgresStore(Store):
         key = session_lock_key(tenant, session_id)
         try:
             connection = await self._lock_pool.acquire(timeout=self._lock_wait)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
         held = cut_off = False
         try:
@@ -157,7 +149,7 @@ class PostgresStore(Store):
                 else:
                     await connection.execute("SELECT pg_advisory_lock($1)", key)
                     held = True
-            except _FAILURES as exc:
+            except FAILURES as exc:
                 raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
             cut_off = False
             if not held:
@@ -196,7 +188,7 @@ class PostgresStore(Store):
         try:
             async with self._pool.acquire() as connection:
                 yield connection
-        except _FAILURES as exc:
+        except FAILURES as exc:
             log.critical("PostgreSQL operation failed: %s", exc)
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from exc
 
@@ -359,61 +351,17 @@ class PostgresStore(Store):
                 tenant, _TENANT_WIDE, kind, raw_key, codec.encode((value if isinstance(value, dict) else {}) | {field: total}))
         return total
 
-    # -- background jobs (fleet mode) ----------------------------------------------------------
+    # -- background jobs and readiness (fleet mode): proxy/storage/pg_claims.py ----------------
 
-    @contextlib.asynccontextmanager
-    async def job_claim(self, job: str) -> AsyncIterator[bool]:
-        """Try to claim a background job for the fleet (a session-level advisory lock): True for
-        the block when granted, False when another replica holds it or PostgreSQL cannot be
-        asked (the job is then skipped, as it would be by a replica that lost the race).
-
-        Claims are held on one connection of their own: the job's work uses the pool. When that
-        connection ends (this replica dies, PostgreSQL restarts), every claim it held is free."""
-        key = job_lock_key(job)
-        granted = False
-        try:
-            granted = bool(await self._on_jobs_connection("SELECT pg_try_advisory_lock($1)", key))
-        except StorageError as exc:
-            log.warning("cannot claim background job %s: %s", job.split(":", 1)[0], exc)
-        try:
-            yield granted
-        finally:
-            if granted:
-                with contextlib.suppress(StorageError):  # its connection is ended: the claim is gone with it
-                    await self._on_jobs_connection("SELECT pg_advisory_unlock($1)", key)
+    def job_claim(self, job: str) -> AsyncContextManager[bool]:
+        """Claim a background job for the fleet for the block (proxy/jobs.py); False: skip it."""
+        if self._claims is None:
+            raise StorageError("job claims need a store opened with PostgresStore.open")
+        return self._claims.claim(job)
 
     async def readiness(self) -> str | None:
-        """Why this replica must not take traffic now (PostgreSQL unreachable, or its schema not
-        the one this proxy migrates to), or None. On the claims connection, not the pool: a
-        pool busy with requests must not look like a database that is gone."""
-        try:
-            version = await asyncio.wait_for(self._on_jobs_connection("SELECT max(version) FROM asp_schema"), _PROBE_SECONDS)
-        except (StorageError, TimeoutError) as exc:
-            return f"PostgreSQL is unreachable: {str(exc) or 'no answer within %g s' % _PROBE_SECONDS}"
-        if version != len(MIGRATIONS):
-            return (f"the database schema is at version {version} but this proxy runs version {len(MIGRATIONS)}: "
-                    "run `agent-state-proxy migrate` with the newest proxy, then upgrade every replica to it")
-        return None
-
-    async def _on_jobs_connection(self, query: str, *args: Any) -> Any:
-        """One statement on the claims connection, (re)connected on demand; one whose outcome is
-        unknown (cut off, failed) ends the connection, which lets all its claims go."""
-        if self._connect is None or self._closed:
-            raise StorageError("store is closed")
-        if self._jobs_turn is None:
-            self._jobs_turn = asyncio.Lock()
-        async with self._jobs_turn:
-            try:
-                if self._jobs is None or self._jobs.is_closed():
-                    self._jobs = await self._connect()
-                return await self._jobs.fetchval(query, *args)
-            except BaseException as exc:
-                if self._jobs is not None:
-                    self._jobs.terminate()
-                    self._jobs = None
-                if isinstance(exc, _FAILURES):
-                    raise StorageError(f"PostgreSQL did not answer: {type(exc).__name__}") from exc
-                raise
+        """Why this replica must not take traffic now (PostgreSQL unreachable, schema not current)."""
+        return await self._claims.readiness(len(MIGRATIONS)) if self._claims is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -421,8 +369,8 @@ class PostgresStore(Store):
         if self._closed:
             return
         self._closed = True
-        if self._jobs is not None:
-            self._jobs.terminate()  # lets every job claim go
+        if self._claims is not None:
+            self._claims.close()  # lets every job claim go
         await self._pool.close()
         if self._lock_pool is not None:
             await self._lock_pool.close()
@@ -468,7 +416,7 @@ class _Terse(logging.Filter):
     one line each is enough (readiness and the requests' 503s say the rest)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and isinstance(record.exc_info[1], _FAILURES):
+        if record.exc_info and record.exc_info[1] is not None and isinstance(record.exc_info[1], FAILURES):
             record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
             record.exc_info = None
         return True
@@ -482,12 +430,6 @@ def _end(connection: asyncpg.Connection) -> None:
     dropped it is ended already)."""
     with contextlib.suppress(asyncpg.InterfaceError):
         connection.terminate()
-
-
-def job_lock_key(job: str) -> int:
-    """The advisory lock key of a background job (hashed apart from session keys)."""
-    digest = hashlib.blake2b(job.encode("utf-8", "surrogatepass"), digest_size=8, person=b"asp-job").digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 def _encode(write: Write) -> tuple[str, bytes | None, tuple[bytes, bytes] | None, list[tuple], list[tuple], list[tuple]]:
