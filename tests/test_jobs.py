@@ -96,6 +96,42 @@ async def test_a_claim_postgresql_cannot_answer_is_refused_not_raised(database: 
     assert claims.refused["janitor"] == 1
 
 
+async def test_a_sessions_background_summaries_run_on_one_replica_at_a_time(database: str, tmp_path: Path) -> None:
+    """Two replicas' context managers asked to summarize one session: the second skips the pass
+    while the first runs it (it would otherwise make the same summarizer calls again)."""
+    from proxy.config import load_config
+    from proxy.context import manager as context_manager
+
+    tenant = load_config(write_config(tmp_path, {"local": open_tenant("http://h/v1")})).tenants["local"]
+    ref = context_manager._Session(tenant, "long-session", 1.0)
+    a, b = await _fleet_store(database), await _fleet_store(database)
+    ran: list[str] = []
+    release = asyncio.Event()
+    try:
+        managers = {name: context_manager.ContextManager(store, None, claims=claims_for(store)) for name, store in (("a", a), ("b", b))}
+        for name, manager in managers.items():
+            async def pass_(ref: Any, encoding: str, budget: int, name: str = name) -> None:
+                ran.append(name)
+                await release.wait()
+
+            manager._summarize_claimed = pass_  # the pass itself: the summarizer calls and their records
+        first = asyncio.create_task(managers["a"]._summarize(ref, "o200k_base", 1000))
+        while not ran:
+            await asyncio.sleep(0.01)
+        await managers["b"]._summarize(ref, "o200k_base", 1000)  # returns at once: A is on it
+        other = context_manager._Session(tenant, "another-session", 1.0)
+        release.set()
+        await managers["b"]._summarize(other, "o200k_base", 1000)  # another session's pass is B's to run
+        await first
+        assert ran == ["a", "b"]
+        await managers["b"]._summarize(ref, "o200k_base", 1000)  # A is done: B may run the next pass
+        assert ran == ["a", "b", "b"]
+    finally:
+        release.set()
+        await a.close()
+        await b.close()
+
+
 # -- two real replicas ---------------------------------------------------------------------
 
 TTL = 60
