@@ -222,7 +222,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await pipeline.memory.forget_session(tenant, session_id)
 
     tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=forget,
-                                           claims=app[keys.CLAIMS]))]
+                                           claims=app[keys.CLAIMS], hold=pipeline.hold))]
     tasks.append(asyncio.create_task(idle_gc.IdleCollector(priority.activity).run()))
     # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
     tokens.begin_warming()
