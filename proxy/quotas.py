@@ -4,12 +4,13 @@ sessions and memories stored. Over a limit is a 429 with Retry-After; every refu
 Counts live in this process (a proxy is one process per data directory); the day's tokens are
 also written to the store, so a restart does not hand a tenant a fresh daily budget. In a fleet
 (PostgreSQL, replicas: many) the day's tokens are one counter in the database, added to
-atomically by every replica and read at each admission; rate and concurrency limits stay per
-replica (README: Running a fleet).
+atomically by every replica (just after each answer, off the request path) and read at each
+admission; rate and concurrency limits stay per replica (README: Running a fleet).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from proxy.errors import ProxyError
-from proxy.storage.base import Record, StorageError, Write
+from proxy.storage.base import Record, Write
 
 if TYPE_CHECKING:  # configuration imports this module's settings; it needs no store
     from proxy.storage.write_behind import WriteBehindStore
@@ -28,6 +29,7 @@ KEYS = ("requests_per_minute", "concurrent_requests", "tokens_per_day", "session
 USAGE_KIND = "usage"  # tenant-level record per UTC day: {"tokens": n}
 _DAY = 86400
 _STORED_RETRY_SECONDS = 60  # sessions and memories free up when they expire or are deleted
+_RESEND_SECONDS = 1.0  # between tries to add to a shared counter the database did not take
 log = logging.getLogger("agent_state_proxy.quotas")
 
 # (tenant, kind, key, field, amount) -> the field's new value, added atomically for the fleet
@@ -77,9 +79,12 @@ class Quotas:
         self.store = store
         self.clock = clock
         self._shared = shared_counter
-        # Tokens a shared counter could not take yet (the database was unreachable), by (tenant,
-        # day): sent with the next addition that succeeds, and counted at admission meanwhile.
+        # Tokens counted here and not yet added to the shared counter, by (tenant, day): sent by
+        # one task off the request path (retried while the database is unreachable), and counted
+        # at admission meanwhile.
         self._unsent: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._sending: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._sender: asyncio.Task[None] | None = None
         self._recent: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._tokens: dict[str, tuple[int, int]] = {}  # tenant -> (day number, tokens that day)
@@ -125,34 +130,53 @@ class Quotas:
         if not tokens:
             return
         if self._shared is not None:
-            return await self._add_shared(tenant, int(self.clock() // _DAY), tokens)
+            return self._add_shared(tenant, int(self.clock() // _DAY), tokens)
         total = await self._tokens_today(tenant) + tokens
         day = int(self.clock() // _DAY)
         self._tokens[tenant] = (day, total)
         # Batched with the routine writes: a crash loses at most the last flush interval's count.
         await self.store.apply_later([Write(tenant, records=[Record(USAGE_KIND, str(day), {"tokens": total})])])
 
-    async def _add_shared(self, tenant: str, day: int, tokens: int) -> None:
-        """Add to the fleet's counter; what the database cannot take now is kept for the next try
-        (never an error for an answer the client already has)."""
+    def _add_shared(self, tenant: str, day: int, tokens: int) -> None:
+        """Count tokens toward the fleet's counter: sent off the request path, by one task."""
         self._unsent[(tenant, day)] += tokens
-        for key in [k for k in self._unsent if k[0] == tenant]:
-            amount = self._unsent.pop(key)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send(), name="quota-counter")
+
+    async def _send(self) -> None:
+        """Add what this replica counted to the fleet's counters; what the database cannot take
+        now is kept and tried again (never an error for an answer the client already has)."""
+        while self._unsent:
+            key, amount = self._unsent.popitem()
+            self._sending[key] += amount  # still counted at admission while on its way
+            sent = False
             try:
-                total = await self._shared(tenant, USAGE_KIND, str(key[1]), "tokens", amount)
-            except StorageError as exc:
-                self._unsent[key] += amount
-                log.warning("tokens of tenant %s not yet added to the fleet's daily count (%s); kept to add later", tenant, exc)
-                return
-            if key[1] == day:
-                self._tokens[tenant] = (day, total)
+                await self._shared(key[0], USAGE_KIND, str(key[1]), "tokens", amount)
+                sent = True
+            except Exception as exc:  # StorageError, or a bug: either way the count is kept
+                log.warning("tokens of tenant %s not yet added to the fleet's daily count (%s); kept to add later", key[0], exc)
+            finally:
+                self._sending[key] -= amount
+                if not sent:
+                    self._unsent[key] += amount
+            if not sent:
+                await asyncio.sleep(_RESEND_SECONDS)
+
+    async def close(self) -> None:
+        """Send what is still unsent (the app's shutdown, before the store closes); bounded."""
+        if self._sender is not None and not self._sender.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._sender), _RESEND_SECONDS * 3)
+            except asyncio.TimeoutError:
+                log.error("closing with tokens not added to the fleet's daily count: %s", dict(self._unsent))
+            self._sender.cancel()
 
     async def _tokens_today(self, tenant: str) -> int:
         day = int(self.clock() // _DAY)
         if self._shared is not None:  # the fleet's count: other replicas add to it too
             stored = await self.store.get_record(tenant, USAGE_KIND, str(day))
             tokens = stored.get("tokens") if isinstance(stored, dict) else 0
-            return (tokens if isinstance(tokens, int) else 0) + self._unsent[(tenant, day)]
+            return (tokens if isinstance(tokens, int) else 0) + self._unsent[(tenant, day)] + self._sending[(tenant, day)]
         known = self._tokens.get(tenant)
         if known is None or known[0] != day:
             stored = await self.store.get_record(tenant, USAGE_KIND, str(day))

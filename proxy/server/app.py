@@ -109,6 +109,7 @@ def _storage(given: Store | None):
                                       shared_counter=getattr(inner, "add_to_record", None) if store.shared else None)
             yield
             app[keys.READY] = False
+            await app[keys.QUOTAS].close()  # the fleet's token counts this replica has not sent yet
             for task in tasks:
                 task.cancel()
             for task in tasks:
