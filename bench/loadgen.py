@@ -15,7 +15,8 @@ previous one finished) until ``duration`` has passed and at least ``min_requests
 sent (never more than ``max_requests``). Conversations (bench/workload.py)
 persist per target across steps, so sessions keep growing like a real agent's.
 
-Optional fields: ``"workload": "window"`` with ``"stored_turns": N`` plays
+Optional fields: ``"urls": [...]`` spreads the requests over several replicas, round-robin;
+``"workload": "window"`` with ``"stored_turns": N`` plays
 RotatingWindows clients (the full target: a few long seeded sessions per stream);
 ``"extra_headers"`` are added to this target's requests. Each answer also counts the
 requests whose response carried ``X-History-Restored`` (``"restored"``).
@@ -86,6 +87,7 @@ async def _one(http: aiohttp.ClientSession, url: str, conv: Conversation | Rotat
 
 async def run_step(cmd: dict[str, Any]) -> dict[str, Any]:
     target, url, stream = cmd["target"], cmd["url"], bool(cmd.get("stream"))
+    urls = list(cmd.get("urls") or [url])
     concurrency = int(cmd.get("concurrency", 1))
     duration = float(cmd.get("duration", 1.0))
     max_requests = int(cmd.get("max_requests", 10**9))
@@ -110,7 +112,8 @@ async def run_step(cmd: dict[str, Any]) -> dict[str, Any]:
         nonlocal issued, restored
         while issued < max_requests and (time.perf_counter() < deadline or issued < min_requests):
             issued += 1
-            result = await _one(http, url, conv, stream, headers)
+            # ``urls``: several replicas of one fleet, round-robin per request like a load balancer.
+            result = await _one(http, urls[issued % len(urls)], conv, stream, headers)
             if isinstance(result, str):
                 errors.append(result)
             else:

@@ -2,16 +2,21 @@
 sessions and memories stored. Over a limit is a 429 with Retry-After; every refusal is counted.
 
 Counts live in this process (a proxy is one process per data directory); the day's tokens are
-also written to the store, so a restart does not hand a tenant a fresh daily budget.
+also written to the store, so a restart does not hand a tenant a fresh daily budget. In a fleet
+(PostgreSQL, replicas: many) the day's tokens are one counter in the database, added to
+atomically by every replica (just after each answer, off the request path) and read at each
+admission; rate and concurrency limits stay per replica (README: Running a fleet).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from proxy.config.tenant import QuotaSettings
 from proxy.errors import ProxyError
@@ -24,6 +29,11 @@ KEYS = tuple(QuotaSettings.model_fields)
 USAGE_KIND = "usage"  # tenant-level record per UTC day: {"tokens": n}
 _DAY = 86400
 _STORED_RETRY_SECONDS = 60  # sessions and memories free up when they expire or are deleted
+_RESEND_SECONDS = 1.0  # between tries to add to a shared counter the database did not take
+log = logging.getLogger("agent_state_proxy.quotas")
+
+# (tenant, kind, key, field, amount) -> the field's new value, added atomically for the fleet
+SharedCounter = Callable[[str, str, str, str, int], Awaitable[int]]
 
 
 class QuotaExceeded(ProxyError):
@@ -39,10 +49,18 @@ def _refuse(message: str, code: str, retry_after: float) -> QuotaExceeded:
 class Quotas:
     """The running counts of every tenant, checked before work is done and updated after."""
 
-    def __init__(self, settings: Mapping[str, QuotaSettings], store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Mapping[str, QuotaSettings], store: Store, clock: Callable[[], float] = time.time,
+                 shared_counter: SharedCounter | None = None) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
+        self._shared = shared_counter
+        # Tokens counted here and not yet added to the shared counter, by (tenant, day): sent by
+        # one task off the request path (retried while the database is unreachable), and counted
+        # at admission meanwhile.
+        self._unsent: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._sending: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._sender: asyncio.Task[None] | None = None
         self._recent: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._tokens: dict[str, tuple[int, int]] = {}  # tenant -> (day number, tokens that day)
@@ -87,14 +105,54 @@ class Quotas:
                      if isinstance(v, int) and not isinstance(v, bool) and v > 0)
         if not tokens:
             return
+        if self._shared is not None:
+            return self._add_shared(tenant, int(self.clock() // _DAY), tokens)
         total = await self._tokens_today(tenant) + tokens
         day = int(self.clock() // _DAY)
         self._tokens[tenant] = (day, total)
         # Batched with the routine writes: a crash loses at most the last flush interval's count.
         await self.store.apply([Write(tenant, records=[Record(USAGE_KIND, str(day), {"tokens": total})])], durable=False)
 
+    def _add_shared(self, tenant: str, day: int, tokens: int) -> None:
+        """Count tokens toward the fleet's counter: sent off the request path, by one task."""
+        self._unsent[(tenant, day)] += tokens
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send(), name="quota-counter")
+
+    async def _send(self) -> None:
+        """Add what this replica counted to the fleet's counters; what the database cannot take
+        now is kept and tried again (never an error for an answer the client already has)."""
+        while self._unsent:
+            key, amount = self._unsent.popitem()
+            self._sending[key] += amount  # still counted at admission while on its way
+            sent = False
+            try:
+                await self._shared(key[0], USAGE_KIND, str(key[1]), "tokens", amount)
+                sent = True
+            except Exception as exc:  # StorageError, or a bug: either way the count is kept
+                log.warning("tokens of tenant %s not yet added to the fleet's daily count (%s); kept to add later", key[0], exc)
+            finally:
+                self._sending[key] -= amount
+                if not sent:
+                    self._unsent[key] += amount
+            if not sent:
+                await asyncio.sleep(_RESEND_SECONDS)
+
+    async def close(self) -> None:
+        """Send what is still unsent (the app's shutdown, before the store closes); bounded."""
+        if self._sender is not None and not self._sender.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._sender), _RESEND_SECONDS * 3)
+            except asyncio.TimeoutError:
+                log.error("closing with tokens not added to the fleet's daily count: %s", dict(self._unsent))
+            self._sender.cancel()
+
     async def _tokens_today(self, tenant: str) -> int:
         day = int(self.clock() // _DAY)
+        if self._shared is not None:  # the fleet's count: other replicas add to it too
+            stored = await self.store.get_record(tenant, USAGE_KIND, str(day))
+            tokens = stored.get("tokens") if isinstance(stored, dict) else 0
+            return (tokens if isinstance(tokens, int) else 0) + self._unsent[(tenant, day)] + self._sending[(tenant, day)]
         known = self._tokens.get(tenant)
         if known is None or known[0] != day:
             stored = await self.store.get_record(tenant, USAGE_KIND, str(day))

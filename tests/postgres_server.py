@@ -52,9 +52,18 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.directory, "postgres", "postgres")
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        return self.resume()
+
+    def resume(self) -> PostgresServer:
+        """Start the server on its cluster (again, after ``pause``), on the same port."""
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.directory / "server.log"), "-w", "start")
         return self
+
+    def pause(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its cluster: what an operator's restart or a failover does
+        (``fast`` ends every connection at once)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def stop(self) -> None:
         if self.bin is not None and (self.data / "postmaster.pid").exists():

@@ -29,6 +29,7 @@ from proxy.context.summary_maker import Incarnation, SummaryMaker, fold_threshol
 from proxy.context.tagging import LLMTags
 from proxy.context.units import Item, View, build_view, shared_prefix, text_of
 from proxy.errors import BadRequest
+from proxy.jobs import Claims
 from proxy.lifecycle import same_session
 from proxy.pacing import Pace
 from proxy.records import Message
@@ -74,8 +75,9 @@ class _CachedView:
 class ContextManager:
     """Keeps requests within their token budget; owns the background summarization tasks."""
 
-    def __init__(self, store: Store, upstream: Upstream, retriever: Retriever | None = None) -> None:
+    def __init__(self, store: Store, upstream: Upstream, retriever: Retriever | None = None, claims: Claims | None = None) -> None:
         self.store = store
+        self.claims = claims or Claims()  # a session's background pass runs on one replica at a time
         self.upstream = upstream
         self.retriever: Retriever = retriever or LexicalRetriever()
         self._tasks: set[asyncio.Task] = set()
@@ -359,6 +361,11 @@ class ContextManager:
         task.add_done_callback(lambda _t: self._jobs.pop(ref.key, None))
 
     async def _summarize(self, ref: _Session, encoding: str, budget: int) -> None:
+        async with self.claims.claim(f"summaries:{ref.tenant.name}\0{ref.id}") as granted:
+            if granted:  # else another replica is summarizing this session: it does the work
+                await self._summarize_claimed(ref, encoding, budget)
+
+    async def _summarize_claimed(self, ref: _Session, encoding: str, budget: int) -> None:
         settings: ContextSettings = ref.tenant.context
         while True:
             self._again.discard(ref.key)

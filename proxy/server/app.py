@@ -11,7 +11,7 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from proxy import idle_gc, janitor, priority, tokens
+from proxy import idle_gc, janitor, jobs, priority, tokens
 from proxy.config import Config
 from proxy.context.manager import ContextManager
 from proxy.pipeline import Pipeline
@@ -104,9 +104,12 @@ def _storage(given: Store | None):
             store.on_flush = app[METRICS].flushed  # each batch's size and time
             await store.start()
             app[keys.STORE] = store
-            app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store)
+            app[keys.CLAIMS] = jobs.claims_for(inner)  # background jobs run once per fleet
+            app[keys.QUOTAS] = Quotas({name: t.quotas for name, t in config.tenants.items()}, store,
+                                      shared_counter=getattr(inner, "add_to_record", None) if store.shared else None)
             yield
             app[keys.READY] = False
+            await app[keys.QUOTAS].close()  # the fleet's token counts this replica has not sent yet
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -162,7 +165,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     # The context manager owns background summarization tasks: stopped here, before the
     # upstream and the store they use are closed.
-    context = ContextManager(app[keys.STORE], app[keys.UPSTREAM])
+    context = ContextManager(app[keys.STORE], app[keys.UPSTREAM], claims=app[keys.CLAIMS])
     app[keys.PIPELINE] = Pipeline(app[keys.STORE], app[keys.UPSTREAM], context=context)
     app[keys.READY] = True
     yield
@@ -216,7 +219,8 @@ async def _metrics(app: web.Application) -> AsyncIterator[None]:
 async def _background(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
     lifecycle = app[keys.PIPELINE].lifecycle  # what a deleted session leaves (memories, caches) goes with it
-    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=lifecycle.forget))]
+    tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=lifecycle.forget,
+                                           claims=app[keys.CLAIMS], hold=lifecycle.hold))]
     tasks.append(asyncio.create_task(idle_gc.IdleCollector(priority.activity).run()))
     # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
     tokens.begin_warming()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.config import Config
+from proxy.jobs import Claims
 from proxy.pipeline import Pipeline
 from proxy.quotas import Quotas
 from proxy.server.body_probe import BodyProbe
@@ -19,3 +20,4 @@ QUOTAS = web.AppKey("quotas", Quotas)
 READY = web.AppKey("ready", bool)
 STARTED = web.AppKey("started", float)
 BODY_PROBE = web.AppKey("body_probe", BodyProbe)
+CLAIMS = web.AppKey("claims", Claims)

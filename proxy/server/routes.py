@@ -138,6 +138,9 @@ async def ready(request: web.Request) -> web.Response:
         # A replica that cannot read its store must leave the load balancer's rotation.
         return json_response({"status": "store_damaged", "reason": damage, "run": REPAIR_HINT}, status=503)
     problem = request.app[keys.STORE].health()
+    if problem is None:  # a database server (PostgreSQL) may go away while nothing is written
+        probe = getattr(request.app[keys.STORE].inner, "readiness", None)
+        problem = await probe() if probe is not None else None
     if problem is not None:  # a replica that cannot record turns must not take traffic
         return json_response({"status": "unavailable", "reason": problem}, status=503)
     return json_response({"status": "ready", "uptime_seconds": round(time.time() - request.app[keys.STARTED], 1)})

@@ -15,10 +15,11 @@ the fleet. The caller must then cache nothing across requests (proxy/server/app.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+from typing import Any, AsyncContextManager, AsyncIterator, Callable, Sequence, TypeVar
 
 import asyncpg
 
@@ -27,6 +28,7 @@ from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
 from proxy.storage.base import Encoded, InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write, encode
 from proxy.storage.kv import MAX_RECORD_KEY, session_digest
+from proxy.storage.pg_claims import FAILURES, ClaimsConnection, job_lock_key
 
 log = logging.getLogger("agent_state_proxy.storage")
 T = TypeVar("T")
@@ -70,7 +72,7 @@ async def migrate_database(dsn: str) -> int:
     """``agent-state-proxy migrate``: connect, migrate, disconnect (safe while replicas run)."""
     try:
         connection = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+    except FAILURES as exc:
         raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
     try:
         return await migrate(connection)
@@ -89,14 +91,16 @@ class PostgresStore(Store):
         # statement timeout): a 503 rather than a hang when every one is held.
         self._lock_wait = lock_wait
         self._closed = False
+        self._claims: ClaimsConnection | None = None  # job claims and readiness probes
 
     @classmethod
     async def open(cls, dsn: str, *, pool_size: int = 10, statement_timeout_ms: int = 30_000, replicas: str = "one") -> PostgresStore:
         """Connect, migrate, and (replicas: one) take the replica lock; StorageError (never the DSN) on failure."""
         settings = {"statement_timeout": str(statement_timeout_ms), "application_name": "agent-state-proxy"}
+        logging.getLogger("asyncpg.pool").addFilter(_TERSE)
         try:
             holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except FAILURES as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
         lock_pool = None
         try:
@@ -118,8 +122,12 @@ class PostgresStore(Store):
             raise
         if replicas == "many":
             await holder.close()  # it held nothing: a replica of a fleet excludes no other
-            return cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
-        return cls(pool, holder)
+            store = cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
+            store._claims = ClaimsConnection(lambda: asyncpg.connect(dsn, server_settings=settings | keepalive, timeout=10))
+            return store
+        store = cls(pool, holder)
+        store._claims = ClaimsConnection(lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10))
+        return store
 
     @contextlib.asynccontextmanager
     async def session_lock(self, tenant: str, session_id: str, refuse: bool) -> AsyncIterator[None]:
@@ -134,7 +142,7 @@ class PostgresStore(Store):
         key = session_lock_key(tenant, session_id)
         try:
             connection = await self._lock_pool.acquire(timeout=self._lock_wait)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except FAILURES as exc:
             raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
         held = cut_off = False
         try:
@@ -145,12 +153,18 @@ class PostgresStore(Store):
                 else:
                     await connection.execute("SELECT pg_advisory_lock($1)", key)
                     held = True
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except FAILURES as exc:
                 raise StorageError(f"cannot take the session lock: {type(exc).__name__}") from exc
             cut_off = False
             if not held:
                 raise SessionBusy("another request of this session is in progress on another replica")
-            yield
+            hold = _Hold(connection)
+            _HELD.set(_HELD.get() + (hold,))
+            try:
+                yield
+            finally:
+                hold.active = False
+                _HELD.set(tuple(h for h in _HELD.get() if h is not hold))
         finally:
             await self._let_go(connection, key, held, cut_off)
 
@@ -159,14 +173,14 @@ class PostgresStore(Store):
         cancel or a broken connection, a failed unlock) is ended instead, which frees its locks."""
         try:
             if cut_off:
-                connection.terminate()
+                _end(connection)
             elif held:
                 await connection.execute("SELECT pg_advisory_unlock($1)", key)
         except Exception as exc:  # the block's outcome stands; ending the connection frees the lock
             log.warning("could not unlock a session lock (%s); its connection is closed instead", type(exc).__name__)
-            connection.terminate()
+            _end(connection)
         except BaseException:
-            connection.terminate()
+            _end(connection)
             raise
         finally:
             await self._lock_pool.release(connection)
@@ -178,7 +192,7 @@ class PostgresStore(Store):
         try:
             async with self._pool.acquire() as connection:
                 yield connection
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except FAILURES as exc:
             log.critical("PostgreSQL operation failed: %s", exc)
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from exc
 
@@ -191,6 +205,8 @@ class PostgresStore(Store):
     async def apply(self, writes: Sequence[Write], durable: bool = True) -> None:
         """One transaction, committed before it returns, whether ``durable`` or not."""
         _check_shape(writes)
+        if any(hold.lost() for hold in _HELD.get()):
+            raise StorageError("the session lock was lost with its connection (PostgreSQL restarted?); nothing was written")
         encoded = [_encode(w) for w in writes]  # InvalidWrite, before anything is sent
         async with self._connection() as connection, connection.transaction():
             for tenant, deleted, session, messages, puts, removals in encoded:
@@ -308,12 +324,54 @@ class PostgresStore(Store):
                 await connection.execute("INSERT INTO asp_quarantine (tenant, key, reason, ts, size, raw) VALUES ($1, $2, $3, $4, $5, $6)",
                                          tenant, key, reason, time.time(), len(raw), raw)
 
+    # -- shared counters (fleet mode) ----------------------------------------------------------
+
+    async def add_to_record(self, tenant: str, kind: str, key: str, field: str, amount: int) -> int:
+        """Add ``amount`` to the integer ``field`` of a tenant-wide record, atomically across
+        replicas (a transaction-scoped advisory lock on the record, which also covers its first
+        insert); returns the new value. The record keeps the codec format every store reads."""
+        raw_key = key.encode()
+        async with self._connection() as connection, connection.transaction():
+            # A count, not a turn: its commit need not wait for the WAL flush (a server crash may
+            # lose the last fraction of a second of counting, as a batched write would).
+            await connection.execute("SET LOCAL synchronous_commit = off")
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", job_lock_key(f"counter:{tenant}\0{kind}\0{key}"))
+            raw = await connection.fetchval("SELECT record FROM asp_records WHERE tenant = $1 AND sid = $2 AND kind = $3 AND key = $4",
+                                            tenant, _TENANT_WIDE, kind, raw_key)
+            value: dict[str, Any] = {}
+            if raw is not None:
+                try:
+                    value = codec.decode(raw)
+                except CorruptRecord as exc:  # a count cannot be salvaged: start it again, say so
+                    log.error("counter %s/%s of tenant %s was unreadable (%s); counting again from 0", kind, key, tenant, exc)
+            current = value.get(field) if isinstance(value, dict) else None
+            total = (current if isinstance(current, int) and not isinstance(current, bool) else 0) + amount
+            await connection.execute(
+                "INSERT INTO asp_records (tenant, sid, kind, key, record) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (tenant, sid, kind, key) DO UPDATE SET record = EXCLUDED.record",
+                tenant, _TENANT_WIDE, kind, raw_key, codec.encode((value if isinstance(value, dict) else {}) | {field: total}))
+        return total
+
+    # -- background jobs and readiness (fleet mode): proxy/storage/pg_claims.py ----------------
+
+    def job_claim(self, job: str) -> AsyncContextManager[bool]:
+        """Claim a background job for the fleet for the block (proxy/jobs.py); False: skip it."""
+        if self._claims is None:
+            raise StorageError("job claims need a store opened with PostgresStore.open")
+        return self._claims.claim(job)
+
+    async def readiness(self) -> str | None:
+        """Why this replica must not take traffic now (PostgreSQL unreachable, schema not current)."""
+        return await self._claims.readiness(len(MIGRATIONS)) if self._claims is not None else None
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._claims is not None:
+            self._claims.close()  # lets every job claim go
         await self._pool.close()
         if self._lock_pool is not None:
             await self._lock_pool.close()
@@ -346,6 +404,45 @@ def _check_shape(writes: Sequence[Write]) -> None:
         for record in write.records:
             if len(record.key.encode()) > MAX_RECORD_KEY or not record.kind or "\0" in record.kind:
                 raise InvalidWrite(f"invalid record {record.kind!r}/{record.key[:40]!r}: keys are at most {MAX_RECORD_KEY} bytes")
+
+
+class _Hold:
+    """A session lock held by the current task (``_HELD``): lost when its connection ended (the
+    server restarted or dropped it), since another replica may hold the session since then."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self.connection, self.active = connection, True
+
+    def lost(self) -> bool:
+        try:
+            return self.active and self.connection.is_closed()
+        except asyncpg.InterfaceError:  # the pool took the connection back: it was dropped
+            return True
+
+
+# The session locks the running task holds, so that apply refuses a write made after one was lost.
+_HELD: contextvars.ContextVar[tuple[_Hold, ...]] = contextvars.ContextVar("asp_session_locks", default=())
+
+
+class _Terse(logging.Filter):
+    """While PostgreSQL is down asyncpg's pool logs a traceback at every reconnection attempt:
+    one line each is enough (readiness and the requests' 503s say the rest)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and isinstance(record.exc_info[1], FAILURES):
+            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
+            record.exc_info = None
+        return True
+
+
+_TERSE = _Terse()
+
+
+def _end(connection: asyncpg.Connection) -> None:
+    """End a connection whose state is unknown (one the pool already took back after the server
+    dropped it is ended already)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        connection.terminate()
 
 
 def _encode(write: Write) -> tuple[str, bytes | None, tuple[bytes, bytes] | None, list[tuple], list[tuple], list[tuple]]:
