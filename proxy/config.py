@@ -34,7 +34,9 @@ MEMORY_ANONYMOUS = ("session", "shared")
 # The bundled all-MiniLM-L6-v2: int8 on ONNX Runtime (fast, the default) or float32 numpy (exact).
 LOCAL_EMBEDDERS = ("local", "local-exact")
 MEMORY_KEYS = {"enabled", "embedder", "scope", "anonymous", "episodic", "inject", "top_k", "min_score",
-               "recency_half_life_days", "latency_budget_ms", "max_inject_tokens", "procedural"}
+               "recency_half_life_days", "latency_budget_ms", "max_inject_tokens", "procedural",
+               "extract", "extractor_model", "ttl"}
+MEMORY_TTL_TYPES = ("episodic", "semantic", "procedural")
 _TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -207,6 +209,15 @@ class MemorySettings:
     latency_budget_ms: int = 30  # retrieval slower than this is skipped (and counted)
     max_inject_tokens: int = 1200
     procedural: tuple[str, ...] = ()  # tenant-wide standing preferences, always injected
+    # Background extraction of facts, preferences and lessons (proxy/memory/extraction.py): by
+    # ``extractor_model`` (a model alias of the tenant) when set, else by rules.
+    extract: bool = False
+    extractor_model: str | None = None
+    ttl_days: tuple[tuple[str, float], ...] = ()  # (memory type, days): older memories of the type expire
+
+    def ttl(self, memory_type: str) -> float | None:
+        """Seconds a memory of ``memory_type`` lives (None: until its session is erased)."""
+        return next((days * 86400.0 for t, days in self.ttl_days if t == memory_type), None)
 
 
 @dataclass(frozen=True)
@@ -624,7 +635,26 @@ def _build_memory(file: str, defaults: Any, own: Any, routes: Mapping[str, Model
         latency_budget_ms=_int(spec.get("latency_budget_ms", default.latency_budget_ms), file, "memory.latency_budget_ms", 1, 60_000),
         max_inject_tokens=_int(spec.get("max_inject_tokens", default.max_inject_tokens), file, "memory.max_inject_tokens", 50, 100_000),
         procedural=tuple(procedural),
+        **_memory_extraction(file, spec, routes),
     )
+
+
+def _memory_extraction(file: str, spec: dict[str, Any], routes: Mapping[str, ModelRoute]) -> dict[str, Any]:
+    """memory.extract, memory.extractor_model and memory.ttl (days per memory type)."""
+    model = spec.get("extractor_model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise ConfigError(f"{file}: memory.extractor_model: must be null or a model alias of this tenant")
+    if model is not None and model not in routes and "*" not in routes:
+        raise ConfigError(f"{file}: memory.extractor_model: {model!r} is not a model alias of this tenant (models: {', '.join(routes)})")
+    ttl = spec.get("ttl") or {}
+    if not isinstance(ttl, dict) or set(ttl) - set(MEMORY_TTL_TYPES):
+        raise ConfigError(f"{file}: memory.ttl: must be a mapping of {', '.join(MEMORY_TTL_TYPES)} to days")
+    for kind, days in ttl.items():
+        if days is not None and (isinstance(days, bool) or not isinstance(days, (int, float)) or days <= 0):
+            raise ConfigError(f"{file}: memory.ttl.{kind}: must be null or a number of days above 0")
+    extract = _bool(spec.get("extract", model is not None), file, "memory.extract")
+    return {"extract": extract, "extractor_model": model,
+            "ttl_days": tuple((k, float(v)) for k, v in sorted(ttl.items()) if v is not None)}
 
 
 def _build_sessions(file: str, defaults: Any, own: Any) -> SessionSettings:

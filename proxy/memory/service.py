@@ -34,6 +34,7 @@ from proxy.errors import BadRequest, NotFound, NotReady
 from proxy.idle_gc import release_freed_memory
 from proxy.memory import inject, lexical
 from proxy.memory.embedder import EmbeddingBatcher
+from proxy.memory.learning import Learning
 from proxy.memory.model import (
     ANONYMOUS_USER, EPISODIC, KIND, PROCEDURAL, SEMANTIC, TYPES, VECTOR_KIND, Memory, Scope, episodic_id, message_text, new_id,
     text_hash,
@@ -171,6 +172,7 @@ class MemoryService:
         # SCHED_IDLE thread, which could be preempted holding it (proxy/priority.py).
         self._file_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index-file", initializer=priority.low_priority_thread)
         self._tasks: list[asyncio.Task[Any]] = []
+        self.learning = Learning(self)  # extraction, supersession, expiry (proxy/memory/learning.py)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -201,12 +203,14 @@ class MemoryService:
         self._tasks.append(asyncio.create_task(self._index_worker(), name="memory-index-worker"))
         self._tasks.append(asyncio.create_task(self._maintenance(), name="memory-maintenance"))
         self._tasks.append(asyncio.create_task(self._saver(), name="memory-saver"))
+        self.learning.start()
 
     async def close(self, drain_timeout: float = 3.0) -> None:
         """Finish queued indexing (briefly: what is left is caught up at the next start from the
         transcripts), save changed indexes, stop the workers."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.drain(), drain_timeout)
+        await self.learning.close()
         for name in list(self._dirty):
             await self._ops.put(("save", name))
         with contextlib.suppress(asyncio.TimeoutError):
@@ -226,6 +230,7 @@ class MemoryService:
         for name in self.settings:
             await self.ready[name].wait()
         await self._jobs.join()
+        await self.learning.drain()
         await self._ops.join()
 
     def enabled(self, tenant: str) -> bool:
@@ -315,7 +320,8 @@ class MemoryService:
             try:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + recall.remaining()):
                     mem = self.memories[name]
-                    lexical_part = mem.lexical(recall.query, recall.scope)  # while the embedding computes
+                    context |= {text_hash(text) for text in recall.procedural}  # in the system prompt already
+                    lexical_part = mem.lexical(recall.query, recall.scope, self.learning.recall_types(settings))  # while the embedding computes
                     vector, degraded = await self._query_vector(name, recall.vector, recall.degraded)
                     hits = mem.search(recall.query, vector, recall.scope, top_k=settings.top_k * 2 + 2,
                                       min_score=settings.min_score, half_life_days=settings.recency_half_life_days,
@@ -384,6 +390,8 @@ class MemoryService:
         """Queue the recorded user and assistant messages for indexing (the work is done later)."""
         name = turn.tenant.name
         settings = self.settings.get(name)
+        if settings is not None:
+            self.learning.after_record(turn, messages)  # extraction, later, in the background
         if settings is None or not settings.episodic or not messages:
             return
         if self._jobs.qsize() >= _QUEUE_MAX:
@@ -459,6 +467,8 @@ class MemoryService:
             if not _visible(scope, memory):
                 self.counters[name]["scope_rejections"] += 1
                 continue
+            if self.learning.expired(name, memory):
+                continue  # past its type's TTL: the expiry sweep erases it
             found.append(memory)
         if stale:
             self.counters[name]["stale_dropped"] += len(stale)

@@ -1,0 +1,79 @@
+"""Forgetting on purpose: per-type TTLs (``memory.ttl``) and the erasure of one user's memories.
+
+A memory older than its type's TTL (counted from when it was recorded, added, or for an
+extracted memory last stated again) is no longer recalled, and the sweep erases it from LMDB
+and the index. Erasing a user erases every memory of theirs (episodic, API-added, extracted)
+with the superseded ones kept for audit and their subject records; their transcripts stay
+(DELETE /admin/sessions/{id} erases those).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from proxy.config import MemorySettings
+from proxy.memory.model import TYPES, Memory
+from proxy.memory.supersede import SUBJECT_KIND, SUPERSEDED_KIND
+from proxy.storage.base import Record, Write
+
+if TYPE_CHECKING:
+    from proxy.memory.service import MemoryService
+
+_CHUNK = 512  # memories erased per transaction
+
+
+def expired(settings: MemorySettings, memory: Memory, now: float | None = None) -> bool:
+    ttl = settings.ttl(memory.type)
+    return ttl is not None and memory.ts < (time.time() if now is None else now) - ttl
+
+
+async def sweep(service: MemoryService, tenant: str, now: float | None = None) -> int:
+    """Erase the tenant's memories past their type's TTL; how many."""
+    settings = service.settings.get(tenant)
+    if settings is None or not settings.ttl_days or not service.ready[tenant].is_set():
+        return 0
+    mem = service.memories[tenant]
+    now = time.time() if now is None else now
+    count = len(mem.ids)
+    doomed = np.zeros(count, dtype=bool)
+    for memory_type, _ in settings.ttl_days:
+        ttl = settings.ttl(memory_type)
+        assert ttl is not None
+        doomed |= (mem.cols.kind[:count] == TYPES.index(memory_type)) & (mem.cols.ts[:count] < now - ttl)
+    doomed &= mem.cols.alive[:count]
+    return await erase_slots(service, tenant, np.flatnonzero(doomed).tolist(), "expired")
+
+
+async def erase_slots(service: MemoryService, tenant: str, slots: list[int], counter: str) -> int:
+    mem = service.memories[tenant]
+    pairs = [(mem.ids[s], mem.where[s][0]) for s in slots]
+    pairs = [(memory_id, session) for memory_id, session in pairs if memory_id]
+    for start in range(0, len(pairs), _CHUNK):
+        chunk = pairs[start:start + _CHUNK]
+        await service.store.apply([Write(tenant, records=[r for i, sid in chunk for r in Memory.erasure(i, sid)])])
+        service._forget(tenant, [i for i, _ in chunk])
+    service.counters[tenant][counter] += len(pairs)
+    return len(pairs)
+
+
+async def forget_user(service: MemoryService, tenant: str, user: str) -> dict[str, Any]:
+    """Erase every memory of ``user`` in ``tenant``, superseded ones and subject records included."""
+    mem = service.memories[tenant]
+    code = mem.user_code(user)
+    count = len(mem.ids)
+    slots = np.flatnonzero(mem.cols.alive[:count] & (mem.cols.user[:count] == code)).tolist() if code >= 0 else []
+    sessions = {mem.where[s][0] for s in slots} | {s.id for s in await service.store.list_sessions(tenant) if s.user_id == user}
+    sessions.discard(None)
+    erased = await erase_slots(service, tenant, slots, "users_erased_memories")
+    audit = []
+    for sid in sessions:
+        audit += [Record(SUPERSEDED_KIND, key, None, sid) for key, value in await service.store.scan_records(tenant, SUPERSEDED_KIND, sid)
+                  if value.get("user") == user]
+    audit += [Record(SUBJECT_KIND, key, None) for key, value in await service.store.scan_records(tenant, SUBJECT_KIND)
+              if value.get("user") == user]
+    if audit:
+        await service.store.apply([Write(tenant, records=audit)])
+    return {"user_id": user, "memories_erased": erased, "audit_records_erased": len(audit)}
