@@ -26,6 +26,8 @@ _MY_THING = re.compile(
     r"job|job title|title|role|employer|company|team|boss|manager|dog|cat|city|hometown|timezone|time zone|"
     r"fav(?:ou)?rite \w+)(?:'s name)? (?:is|are|was|has become)\b"
 )
+_SAME_THING = {"email address": "email", "phone number": "phone", "time zone": "timezone", "job title": "title",
+               "hometown": "city", "company": "employer"}
 _SUBJECTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bi (?:now )?(?:live|am living|'m living|reside) in\b|\bi(?:'ve| have)? (?:just )?moved to\b|"
                 r"\bi(?:'m| am) (?:now )?based in\b"), "user.home"),
@@ -67,7 +69,8 @@ def subject_of(sentence: str) -> str | None:
     lower = sentence.lower()
     found = _MY_THING.search(lower)
     if found:
-        return "user." + normal_subject(found.group(1).replace("favourite", "favorite").replace("e-mail", "email"))  # type: ignore[operator]
+        thing = found.group(1).replace("favourite", "favorite").replace("e-mail", "email")
+        return "user." + normal_subject(_SAME_THING.get(thing, thing))  # type: ignore[operator]
     for pattern, subject in _SUBJECTS:
         if pattern.search(lower):
             return subject
