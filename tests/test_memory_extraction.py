@@ -312,3 +312,35 @@ def test_the_audit_api_checks_its_arguments(rules_proxy: ProxyThread) -> None:
     both = httpx.get(f"{rules_proxy.url}/admin/memory/extractions", params={"user_id": "a", "session_id": "b"})
     assert both.status_code == 400 and both.json()["error"]["param"] == "session_id"
     assert httpx.get(f"{rules_proxy.url}/admin/memory/extractions").status_code == 400
+
+
+def test_after_a_restart_the_store_still_merges_supersedes_and_recalls_lessons_by_relevance(tmp_path: Path, upstream: FakeUpstream) -> None:
+    tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "extract": True})
+    path = write_config(tmp_path, {"local": tenant})
+    with running(path) as proxy:
+        _quiet(proxy)
+        chat(proxy, "Note: my email is alice@old.example. I am allergic to peanuts.", user="alice", session="s1")
+        drain(proxy)
+        before = {m["content"]: m["id"] for m in _live(proxy, "alice")}
+    assert set(before) == {"Note: my email is alice@old.example.", "I am allergic to peanuts."}
+    with running(path) as proxy:  # nothing of the first process's state but what LMDB holds
+        _quiet(proxy)
+        chat(proxy, "Reminder: I am allergic to peanuts. My email is alice@new.example.", user="alice", session="s2")
+        drain(proxy)
+        after = {m["content"]: m for m in _live(proxy, "alice")}
+        assert set(after) == {"I am allergic to peanuts.", "My email is alice@new.example."}
+        assert after["I am allergic to peanuts."]["id"] == before["I am allergic to peanuts."]  # merged, not stored twice
+        assert [s["session"] for s in after["I am allergic to peanuts."]["extracted"]["sources"]] == ["s1", "s2"]
+        assert after["My email is alice@new.example."]["extracted"]["supersedes"] == [before["Note: my email is alice@old.example."]]
+        assert len(_audit(proxy, session_id="s1")["extraction_runs"]) == 1  # the mark survived: s1 was not extracted again
+
+
+def test_a_rollback_takes_back_what_was_extracted_from_the_reverted_turns(rules_proxy: ProxyThread) -> None:
+    answer, _ = chat(rules_proxy, "I live in Berlin.", user="alice", session="trip")
+    history = [{"role": "user", "content": "I live in Berlin."}, {"role": "assistant", "content": answer}]
+    chat(rules_proxy, "My email is alice@example.com.", user="alice", session="trip", history=history)
+    drain(rules_proxy)
+    assert {m["content"] for m in _live(rules_proxy, "alice")} == {"I live in Berlin.", "My email is alice@example.com."}
+    rolled = httpx.post(f"{rules_proxy.url}/admin/sessions/trip/rollback", json={"turns": 1})
+    assert rolled.status_code == 200, rolled.text
+    assert [m["content"] for m in _live(rules_proxy, "alice")] == ["I live in Berlin."]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from proxy.config import MemorySettings
-from proxy.memory.model import TYPES, Memory
+from proxy.memory.model import KIND, TYPES, Memory
 from proxy.memory.supersede import SUBJECT_KIND, SUPERSEDED_KIND
 from proxy.storage.base import Record, Write
 
@@ -57,6 +57,22 @@ async def erase_slots(service: MemoryService, tenant: str, slots: list[int], cou
         service._forget(tenant, [i for i, _ in chunk])
     service.counters[tenant][counter] += len(pairs)
     return len(pairs)
+
+
+async def forget_reverted(service: MemoryService, tenant: str, session: str, seqs: set[int]) -> int:
+    """Erase the memories extracted in ``session`` from messages that were all rolled back."""
+    mem = service.memories.get(tenant)
+    if mem is None or not seqs:
+        return 0
+    slots = [s for code in mem.sessions_named(session) for s in mem.session_slots.get(code, ()) if int(mem.cols.seq[s]) < 0]
+    doomed = []
+    for slot in slots:
+        value = await service.store.get_record(tenant, KIND, mem.ids[slot] or "", session)
+        sources = (value or {}).get("sources") or []
+        own = [s for s in sources if isinstance(s, dict) and s.get("session") == session]
+        if value and value.get("extracted") and own and set(own[0].get("seqs") or []) <= seqs:
+            doomed.append(slot)
+    return await erase_slots(service, tenant, doomed, "reverted_extracted")
 
 
 async def forget_user(service: MemoryService, tenant: str, user: str) -> dict[str, Any]:

@@ -56,6 +56,9 @@ class Learning:
         settings = self.service.settings.get(tenant)
         return settings is not None and expiry.expired(settings, memory)
 
+    async def forget_reverted(self, tenant: str, session: str, seqs: set[int]) -> int:
+        return await expiry.forget_reverted(self.service, tenant, session, seqs)
+
     async def forget_user(self, tenant: str, user: str) -> dict[str, Any]:
         return await expiry.forget_user(self.service, tenant, user)
 

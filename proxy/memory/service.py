@@ -587,6 +587,7 @@ class MemoryService:
         wanted = set(seqs)
         if mem is None or not wanted:
             return 0
+        await self.learning.forget_reverted(tenant, session_id, wanted)  # what was extracted from them
         doomed = [(mem.ids[s], mem.where[s][0]) for code in mem.sessions_named(session_id)
                   for s in list(mem.session_slots.get(code, ())) if mem.ids[s] and int(mem.cols.seq[s]) in wanted]
         if doomed:
