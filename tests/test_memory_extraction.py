@@ -344,3 +344,18 @@ def test_a_rollback_takes_back_what_was_extracted_from_the_reverted_turns(rules_
     rolled = httpx.post(f"{rules_proxy.url}/admin/sessions/trip/rollback", json={"turns": 1})
     assert rolled.status_code == 200, rolled.text
     assert [m["content"] for m in _live(rules_proxy, "alice")] == ["I live in Berlin."]
+
+
+def test_without_a_user_id_a_session_learns_for_itself_only(rules_proxy: ProxyThread, upstream: FakeUpstream) -> None:
+    chat(rules_proxy, "Hello. My email is anna@example.com.", session="anon-a")
+    chat(rules_proxy, "Hello. My email is bert@example.com.", session="anon-b")
+    drain(rules_proxy)
+    a, b = (_audit(rules_proxy, session_id=s)["memories"] for s in ("anon-a", "anon-b"))
+    assert [(m["content"], m["status"], m["user_id"]) for m in a] == [("My email is anna@example.com.", "live", None)]
+    assert [(m["content"], m["status"]) for m in b] == [("My email is bert@example.com.", "live")]  # no supersession across sessions
+    chat(rules_proxy, "Hello. My email is anna@example.com.", session="anon-b")
+    drain(rules_proxy)
+    runs = _audit(rules_proxy, session_id="anon-b")["extraction_runs"]
+    assert runs[-1]["added"] and runs[-1]["merged"] == []  # not merged into anon-a's memory
+    chat(rules_proxy, "What is my email address?", session="anon-a")
+    assert "bert@" not in memory_text(upstream.chat_requests[-1])

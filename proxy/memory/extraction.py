@@ -40,6 +40,7 @@ LOG_KIND = "memory_extraction"  # session-scoped: one record per run
 RULES = "rules"
 _CONTEXT = 6  # messages before the new ones the extractor sees (a fix answers an earlier failure)
 _WINDOW = 200  # new messages handed to one run at most
+_KNOWN_READS = 200  # of the user's newest non-episodic memories read for the ones extracted
 
 
 @dataclass
@@ -228,7 +229,7 @@ class Extractor:
         cols = mem.cols
         slots = np.flatnonzero((cols.alive[: len(mem.ids)]) & (cols.user[: len(mem.ids)] == code) & (cols.seq[: len(mem.ids)] < 0))
         found: list[Memory] = []
-        for slot in slots[::-1].tolist():
+        for slot in slots[::-1][:_KNOWN_READS].tolist():
             read = await self.consolidator.read(tenant, mem.ids[slot] or "")
             if read is not None and read[0].extracted:
                 found.append(read[0])

@@ -57,14 +57,20 @@ class Outcome:
         return {"added": self.added, "merged": self.merged, "superseded": [list(p) for p in self.superseded]}
 
 
-def extracted_id(tenant: str, user: str | None, text: str) -> str:
+def owner(user: str | None, session: str) -> str:
+    """Whose extracted memories these are: the user's, or without a user id its session's only
+    (anonymous sessions share nothing, docs/MEMORY.md)."""
+    return f"user\0{user}" if user is not None else f"session\0{session}"
+
+
+def extracted_id(tenant: str, owner: str, text: str) -> str:
     normal = " ".join(text.lower().split())
-    seed = f"extracted\0{tenant}\0{user or ''}\0{normal}".encode("utf-8", "surrogatepass")
+    seed = f"extracted\0{tenant}\0{owner}\0{normal}".encode("utf-8", "surrogatepass")
     return "mem_" + hashlib.blake2b(seed, digest_size=10).hexdigest()
 
 
-def subject_key(user: str | None, subject: str) -> str:
-    return hashlib.blake2b(f"{user or ''}\0{subject}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+def subject_key(owner: str, subject: str) -> str:
+    return hashlib.blake2b(f"{owner}\0{subject}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 class Consolidator:
@@ -86,7 +92,8 @@ class Consolidator:
     async def _one(self, tenant: str, user: str | None, session: str, created: float, by: str,
                    candidate: Candidate, outcome: Outcome) -> None:
         host, mem = self.host, self.host.memory(tenant)
-        memory_id = extracted_id(tenant, user, candidate.text)
+        whose = owner(user, session)
+        memory_id = extracted_id(tenant, whose, candidate.text)
         source = {"session": session, "created": created, "seqs": candidate.seqs}
         if memory_id in mem.ids:
             if await self._merge(tenant, memory_id, source):
@@ -95,7 +102,7 @@ class Consolidator:
         if candidate.replaces and not candidate.replaces.startswith("mem_") and not candidate.subject:
             candidate.subject = normal_subject(candidate.replaces)  # the extractor named a subject
         vector, model = await host.embed(tenant, candidate.text)
-        old = await self._replaced(tenant, user, candidate, memory_id)
+        old = await self._replaced(tenant, user, session, candidate, memory_id)
         if old is None and vector is not None:
             twin = await self._near_duplicate(tenant, user, session, candidate, vector)
             if twin is not None:
@@ -110,7 +117,7 @@ class Consolidator:
         memory.vector, memory.model = vector, model
         records = memory.records()
         if subject:
-            records.append(Record(SUBJECT_KIND, subject_key(user, subject), {"id": memory_id, "session": session, "user": user}))
+            records.append(Record(SUBJECT_KIND, subject_key(whose, subject), {"id": memory_id, "session": session, "user": user}))
         if old is not None:
             previous, value = old
             records += Memory.erasure(previous.id, previous.session)
@@ -136,17 +143,18 @@ class Consolidator:
         except (ValueError, KeyError, TypeError):
             return None
 
-    async def _replaced(self, tenant: str, user: str | None, candidate: Candidate, memory_id: str) -> tuple[Memory, dict[str, Any]] | None:
+    async def _replaced(self, tenant: str, user: str | None, session: str, candidate: Candidate,
+                        memory_id: str) -> tuple[Memory, dict[str, Any]] | None:
         """The user's extracted memory this one supersedes: the one the extractor names, or the
         current one of its subject."""
         ids = [candidate.replaces] if candidate.replaces and candidate.replaces.startswith("mem_") else []
         if candidate.subject:
-            current = await self.host.store.get_record(tenant, SUBJECT_KIND, subject_key(user, candidate.subject))
+            current = await self.host.store.get_record(tenant, SUBJECT_KIND, subject_key(owner(user, session), candidate.subject))
             if current and isinstance(current.get("id"), str):
                 ids.append(current["id"])
         for old_id in ids:
             found = await self.read(tenant, old_id) if old_id != memory_id else None
-            if found is not None and found[0].extracted and found[0].user == user:
+            if found is not None and _same_owner(found[0], user, session):
                 return found
         return None
 
@@ -162,7 +170,7 @@ class Consolidator:
             if found is None:
                 continue
             other = found[0]
-            if other.extracted and other.user == user and (not other.subject or not candidate.subject or other.subject == candidate.subject):
+            if _same_owner(other, user, session) and (not other.subject or not candidate.subject or other.subject == candidate.subject):
                 return other.id
         return None
 
@@ -185,3 +193,8 @@ class Consolidator:
         if slot is not None:
             mem.cols.ts[slot] = now  # recency and expiry count from the latest statement
         return True
+
+
+def _same_owner(memory: Memory, user: str | None, session: str) -> bool:
+    """An extracted memory of the same user (without a user id: of the same session)."""
+    return bool(memory.extracted) and memory.user == user and (user is not None or memory.session == session)
