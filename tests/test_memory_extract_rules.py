@@ -31,6 +31,7 @@ def _message(seq: int, role: str, content: Any = None, **body: Any) -> Message:
     ("I'm 41 years old.", "user.age"),
     ("I am allergic to peanuts.", None),  # one more fact, never a replacement
     ("We decided to use Postgres.", None),
+    ("Losing my job was hard.", None),  # a past state names no new value
 ])
 def test_subjects_of_sentences(sentence: str, subject: str | None) -> None:
     assert subject_of(sentence) == subject
@@ -41,7 +42,7 @@ def test_rules_take_tagged_sentences_of_user_messages_only() -> None:
         _message(0, "user", "Hello! My email is a@b.example. Can you remind me what my email is?"),
         _message(1, "assistant", "I prefer to answer briefly. We decided to use Postgres."),
         _message(2, "user", [{"type": "text", "text": "We decided to use Postgres for billing."}]),
-        _message(3, "user", "I love it.", reverted=False),
+        _message(3, "user", "I love it. Yeah, I remember that!"),
     ]
     found = from_rules(messages)
     assert [(c.text, c.type, c.kind, c.seqs, c.subject) for c in found] == [

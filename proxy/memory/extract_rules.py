@@ -24,7 +24,7 @@ _SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
 _MY_THING = re.compile(
     r"\bmy (name|e-?mail(?: address)?|phone(?: number)?|address|birthday|age|wife|husband|partner|boyfriend|girlfriend|"
     r"job|job title|title|role|employer|company|team|boss|manager|dog|cat|city|hometown|timezone|time zone|"
-    r"fav(?:ou)?rite \w+)(?:'s name)? (?:is|are|was|has become)\b"
+    r"fav(?:ou)?rite \w+)(?:'s name)? (?:is|are|has become)\b"  # not "was": "my job was hard" states no new value
 )
 _SAME_THING = {"email address": "email", "phone number": "phone", "time zone": "timezone", "job title": "title",
                "hometown": "city", "company": "employer"}
@@ -36,6 +36,7 @@ _SUBJECTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bcall me\b"), "user.name"),
     (re.compile(r"\bi(?:'m| am) \d+ years old\b"), "user.age"),
 )
+_EMPTY_REMEMBER = re.compile(r"^[\w\s,']*\bremember (?:that|this)\W*$")  # "Yeah, I remember that!": nothing to keep
 _FAILURE = re.compile(
     r"\b(?:error|errors|exception|traceback|failed|failure|fails|not found|denied|invalid|no such|cannot|can't|unable|"
     r"refused|timed out|timeout|forbidden|unauthorized)\b|\b[45]\d\d\b"
@@ -89,7 +90,7 @@ def from_rules(messages: Sequence[Message], context: Sequence[Message] = ()) -> 
             if not _MIN_SENTENCE <= len(sentence) <= _MAX_SENTENCE or sentence.endswith("?"):
                 continue
             tags = tag_message({"role": "user", "content": sentence})
-            if not tags:
+            if not tags or (tags == ["fact"] and _EMPTY_REMEMBER.match(sentence.lower())):
                 continue
             kind = max(tags, key=lambda t: PRIORITY.get(t, 0))
             found.append(Candidate(sentence, SEMANTIC, kind, [message.seq], subject_of(sentence)))
