@@ -359,3 +359,20 @@ def test_without_a_user_id_a_session_learns_for_itself_only(rules_proxy: ProxyTh
     assert runs[-1]["added"] and runs[-1]["merged"] == []  # not merged into anon-a's memory
     chat(rules_proxy, "What is my email address?", session="anon-a")
     assert "bert@" not in memory_text(upstream.chat_requests[-1])
+
+
+def test_an_extractor_cannot_supersede_another_users_memory(model_proxy: ProxyThread, upstream: FakeUpstream) -> None:
+    extractor = Extractor(upstream)
+    extractor.replies.append({"memories": [{"kind": "fact", "text": "The user's PIN hint is a cat.", "subject": "user.pin_hint"}]})
+    chat(model_proxy, "My PIN hint is my cat.", user="alice", session="a1")
+    drain(model_proxy)
+    (alice,) = _live(model_proxy, "alice")
+    # Bob's extraction names Alice's memory (by id and by her subject): neither reaches it.
+    extractor.replies.append({"memories": [{"kind": "fact", "text": "Bob's PIN hint is a dog.", "replaces": alice["id"]},
+                                           {"kind": "fact", "text": "Bob likes dogs.", "subject": "user.pin_hint"}]})
+    chat(model_proxy, "My PIN hint is my dog.", user="bob", session="b1")
+    drain(model_proxy)
+    assert [m["id"] for m in _live(model_proxy, "alice")] == [alice["id"]]
+    assert _audit(model_proxy, user_id="alice")["superseded"] == []
+    assert {m["content"] for m in _live(model_proxy, "bob")} == {"Bob's PIN hint is a dog.", "Bob likes dogs."}
+    assert alice["id"] not in _known_ids(extractor.calls[-1])  # never shown another user's memories
