@@ -39,7 +39,7 @@ async def session_view(service: MemoryService, tenant: str, session: str) -> dic
 
 async def user_view(service: MemoryService, tenant: str, user: str) -> dict[str, Any]:
     """A user's extracted memories: the live ones, and the superseded ones kept for audit."""
-    mem = service.memories[tenant]
+    mem = service.tenants[tenant].memory
     code, count = mem.user_code(user), len(mem.ids)
     live = []
     if code >= 0:

@@ -54,35 +54,36 @@ class _Pending:
 
 
 class ServiceHost:
-    """The memory service as supersede.Host sees it (one place to adapt when the service moves)."""
+    """The memory service's tenants as supersede.Host sees them."""
 
     def __init__(self, service: MemoryService) -> None:
-        self.service = service
+        self.tenants = service.tenants
         self.store = service.store
 
     def memory(self, tenant: str) -> TenantMemory:
-        return self.service.memories[tenant]
+        return self.tenants[tenant].memory
 
     async def embed(self, tenant: str, text: str) -> tuple[np.ndarray | None, str | None]:
-        embedder = self.service._embedders[self.service._embedder_key(tenant)]
-        if embedder.index is None:
-            return None, None  # stored lexically; the service embeds it once the embedder is up
+        state = self.tenants[tenant]
+        batcher = state.embedder.index
+        if batcher is None:
+            return None, None  # stored lexically; the indexer embeds it once the embedder is up
         try:
             probe = Memory(id="", type="semantic", text=text, ts=0.0, key=-1)
-            return await asyncio.wait_for(embedder.index.embed(index_text(probe)[:4000]), 30), embedder.model_name
+            return await asyncio.wait_for(batcher.embed(index_text(probe)[:4000]), 30), state.model_name
         except Exception as exc:  # noqa: BLE001 - stored lexically, re-embedded later
-            self.service.counters[tenant]["embedder_errors"] += 1
+            state.counters["embedder_errors"] += 1
             log.warning("memory: embedding an extracted memory of tenant %s failed: %s", tenant, exc)
             return None, None
 
     def allocate_key(self, tenant: str) -> int:
-        return self.service._allocate_key(self.service.memories[tenant])
+        return self.tenants[tenant].allocate_key()
 
     def insert(self, tenant: str, memories: list[Memory]) -> None:
-        self.service._insert(tenant, memories)
+        self.tenants[tenant].insert(memories)
 
     def forget(self, tenant: str, ids: list[str]) -> None:
-        self.service._forget(tenant, ids)
+        self.tenants[tenant].forget(ids)
 
 
 class Extractor:
@@ -109,7 +110,7 @@ class Extractor:
         if not messages or not self.enabled(tenant):
             return
         session = turn.session
-        user = self.service._user(self.service.settings[tenant], turn.ref.user_id or session.user_id)
+        user = self.service.tenants[tenant].user(turn.ref.user_id or session.user_id)
         key = (tenant, session.id, session.created_at)
         pending = self._pending.get(key)
         due = time.monotonic() + self.delay
@@ -159,7 +160,7 @@ class Extractor:
                     done = await self._extract(pending)
                 except Exception:  # never kill the worker: log, count, move on
                     log.exception("memory: extraction for a session of tenant %s failed", pending.tenant)
-                    self.service.counters[pending.tenant]["extract_errors"] += 1
+                    self.service.tenants[pending.tenant].counters["extract_errors"] += 1
                     done = True
                 if done and self._pending.get(key) is pending and pending.due <= time.monotonic():
                     del self._pending[key]  # (rescheduled meanwhile: a newer turn runs again later)
@@ -169,7 +170,8 @@ class Extractor:
     async def _extract(self, pending: _Pending) -> bool:
         """One run for a session; False when it failed and will be retried."""
         service, tenant = self.service, pending.tenant
-        await service.ready[tenant].wait()
+        state = service.tenants[tenant]
+        await state.ready.wait()
         store = service.store
         session = await store.get_session(tenant, pending.session)
         if session is None or session.created_at != pending.created:
@@ -182,14 +184,14 @@ class Extractor:
             return True
         earlier = [m for m in messages if m.seq < new[0].seq][-_CONTEXT:]
         window, seqs = earlier + new, [m.seq for m in new]
-        settings = service.settings[tenant]
+        settings = state.settings
         by, error, attempts = settings.extractor_model or RULES, None, pending.attempts + 1
         if settings.extractor_model:
             try:
                 candidates = await self._ask_model(pending, settings.extractor_model, window, seqs)
             except Exception as exc:  # noqa: BLE001 - an upstream error or a bad reply: retry, then rules
                 error = f"{type(exc).__name__}: {str(exc)[:200]}"
-                service.counters[tenant]["extract_failures"] += 1
+                state.counters["extract_failures"] += 1
                 pending.attempts += 1
                 if pending.attempts < self.attempts:
                     pending.due = time.monotonic() + self.retry_base * 2 ** (pending.attempts - 1)
@@ -203,15 +205,15 @@ class Extractor:
         candidates = [_within(c, seqs) for c in candidates]
         outcome = await self.consolidator.apply(tenant, pending.user, pending.session, pending.created, by, candidates)
         await self._finish(pending, by, seqs, outcome, error, attempts)
-        service.counters[tenant]["extract_runs"] += 1
-        service.counters[tenant]["extracted"] += len(outcome.added)
-        service.counters[tenant]["extract_merged"] += len(outcome.merged)
-        service.counters[tenant]["superseded"] += len(outcome.superseded)
+        state.counters["extract_runs"] += 1
+        state.counters["extracted"] += len(outcome.added)
+        state.counters["extract_merged"] += len(outcome.merged)
+        state.counters["superseded"] += len(outcome.superseded)
         return True
 
     async def _ask_model(self, pending: _Pending, alias: str, window: list[Message], seqs: list[int]) -> list[Candidate]:
         service, tenant = self.service, pending.tenant
-        config = service.configs[tenant]
+        config = service.tenants[tenant].config
         route = config.route(alias)
         if route is None:
             raise extract_llm.BadReply(f"no route for the model alias {alias!r}")
@@ -222,7 +224,7 @@ class Extractor:
 
     async def _known(self, tenant: str, user: str | None) -> list[Memory]:
         """The user's current extracted memories, newest first (the model may say one is replaced)."""
-        mem = self.service.memories[tenant]
+        mem = self.service.tenants[tenant].memory
         if user is None:
             return []
         code = mem.user_code(user)

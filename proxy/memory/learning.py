@@ -1,6 +1,6 @@
 """What the memory service calls to learn and forget: background extraction (extraction.py,
-supersede.py), recall of extracted lessons and preferences by relevance, per-type expiry and
-user erasure (expiry.py). One object, so the service needs a few hook lines only."""
+supersede.py), per-type expiry, and erasure of a user or of rolled-back turns (expiry.py). One
+object, so the service needs a few hook lines only (recall's: validity.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from proxy.config import MemorySettings
 from proxy.memory import expiry
 from proxy.memory.extraction import Extractor
-from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, Memory
 from proxy.records import Message
 
 if TYPE_CHECKING:
@@ -46,24 +44,15 @@ class Learning:
     def after_record(self, turn: Any, messages: list[Message]) -> None:
         self.extractor.schedule(turn, messages)
 
-    @staticmethod
-    def recall_types(settings: MemorySettings) -> tuple[str, ...]:
-        """What a request recalls by relevance: with extraction on, the extracted lessons and
-        preferences too (the configured standing ones are in the system prompt already)."""
-        return (EPISODIC, SEMANTIC, PROCEDURAL) if settings.extract else (EPISODIC, SEMANTIC)
-
-    def expired(self, tenant: str, memory: Memory) -> bool:
-        settings = self.service.settings.get(tenant)
-        return settings is not None and expiry.expired(settings, memory)
-
     async def forget_reverted(self, tenant: str, session: str, seqs: set[int]) -> int:
-        return await expiry.forget_reverted(self.service, tenant, session, seqs)
+        state = self.service.tenants.get(tenant)
+        return await expiry.forget_reverted(state, self.service.store, session, seqs) if state is not None else 0
 
     async def forget_user(self, tenant: str, user: str) -> dict[str, Any]:
-        return await expiry.forget_user(self.service, tenant, user)
+        return await expiry.forget_user(self.service.tenants[tenant], self.service.store, user)
 
     async def sweep(self) -> int:
-        return sum([await expiry.sweep(self.service, tenant) for tenant in list(self.service.settings)])
+        return sum([await expiry.sweep(state, self.service.store) for state in list(self.service.tenants.values())])
 
     async def _sweep(self) -> None:
         while True:

@@ -22,7 +22,7 @@ def _service(request: web.Request) -> tuple[MemoryService, str]:
     service = request.app[keys.PIPELINE].memory
     if tenant.stateless or not tenant.memory.enabled:
         raise BadRequest("long-term memory is disabled for this tenant (memory.enabled, stateless)", code="memory_disabled")
-    if service is None or tenant.name not in service.settings or not service.ready[tenant.name].is_set():
+    if service is None or tenant.name not in service.tenants or not service.tenants[tenant.name].ready.is_set():
         raise NotReady("long-term memory is starting; retry shortly")
     return service, tenant.name
 

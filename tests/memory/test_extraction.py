@@ -283,7 +283,7 @@ def test_expired_memories_are_not_recalled_and_are_swept(tmp_path: Path, upstrea
         assert memory["id"] not in injected_ids(headers)
         assert proxy.call(service.learning.sweep()) >= 1
         assert httpx.get(f"{proxy.url}/v1/memories/{memory['id']}").status_code == 404
-        assert proxy.call(expiry.sweep(service, "local")) == 0
+        assert proxy.call(expiry.sweep(service.tenants["local"], service.store)) == 0
 
 
 def test_erasing_a_session_or_a_user_erases_what_was_extracted_from_it(rules_proxy: ProxyThread, upstream: FakeUpstream) -> None:
