@@ -203,7 +203,8 @@ class Extractor:
         else:
             candidates = from_rules(new, earlier)
         candidates = [_within(c, seqs) for c in candidates]
-        outcome = await self.consolidator.apply(tenant, pending.user, pending.session, pending.created, by, candidates)
+        outcome = await self.consolidator.apply(tenant, pending.user, pending.session, pending.created, by, candidates,
+                                                state.config.quotas.memories)
         await self._finish(pending, by, seqs, outcome, error, attempts)
         state.counters["extract_runs"] += 1
         state.counters["extracted"] += len(outcome.added)

@@ -52,9 +52,11 @@ class Outcome:
     added: list[str] = field(default_factory=list)
     merged: list[str] = field(default_factory=list)
     superseded: list[tuple[str, str]] = field(default_factory=list)  # (old id, new id)
+    over_quota: int = 0  # new memories not stored: the tenant's memory quota is used up
 
     def log(self) -> dict[str, Any]:
-        return {"added": self.added, "merged": self.merged, "superseded": [list(p) for p in self.superseded]}
+        return {"added": self.added, "merged": self.merged, "superseded": [list(p) for p in self.superseded],
+                "over_quota": self.over_quota}
 
 
 def owner(user: str | None, session: str) -> str:
@@ -81,16 +83,18 @@ class Consolidator:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def apply(self, tenant: str, user: str | None, session: str, created: float, by: str,
-                    candidates: list[Candidate]) -> Outcome:
+                    candidates: list[Candidate], quota: int | None = None) -> Outcome:
+        """Store ``candidates``; ``quota``: the most memories the tenant may hold (merging and
+        superseding never add one)."""
         outcome = Outcome()
         lock = self._locks.setdefault(tenant, asyncio.Lock())
         async with lock:
             for candidate in candidates:
-                await self._one(tenant, user, session, created, by, candidate, outcome)
+                await self._one(tenant, user, session, created, by, candidate, outcome, quota)
         return outcome
 
     async def _one(self, tenant: str, user: str | None, session: str, created: float, by: str,
-                   candidate: Candidate, outcome: Outcome) -> None:
+                   candidate: Candidate, outcome: Outcome, quota: int | None) -> None:
         host, mem = self.host, self.host.memory(tenant)
         whose = owner(user, session)
         memory_id = extracted_id(tenant, whose, candidate.text)
@@ -109,6 +113,9 @@ class Consolidator:
                 if await self._merge(tenant, twin, source):
                     outcome.merged.append(twin)
                 return
+        if old is None and quota is not None and mem.alive >= quota:
+            outcome.over_quota += 1
+            return
         now = time.time()
         subject = candidate.subject or (old[0].subject if old else None)
         memory = Memory(id=memory_id, type=candidate.type, text=candidate.text, ts=now, key=host.allocate_key(tenant),

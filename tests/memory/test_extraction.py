@@ -376,3 +376,18 @@ def test_an_extractor_cannot_supersede_another_users_memory(model_proxy: ProxyTh
     assert _audit(model_proxy, user_id="alice")["superseded"] == []
     assert {m["content"] for m in _live(model_proxy, "bob")} == {"Bob's PIN hint is a dog.", "Bob likes dogs."}
     assert alice["id"] not in _known_ids(extractor.calls[-1])  # never shown another user's memories
+
+
+def test_extraction_respects_the_memory_quota(tmp_path: Path, upstream: FakeUpstream) -> None:
+    tenant = open_tenant(upstream.base_url, quotas={"memories": 1},
+                         memory={"latency_budget_ms": SLOW_OK, "extract": True, "episodic": False})
+    with running(write_config(tmp_path, {"local": tenant})) as proxy:
+        _quiet(proxy)
+        chat(proxy, "My email is a@old.example. I am allergic to peanuts.", user="alice", session="s1")
+        drain(proxy)
+        (kept,) = _live(proxy, "alice")
+        (run,) = _audit(proxy, session_id="s1")["extraction_runs"]
+        assert run["over_quota"] == 1 and run["added"] == [kept["id"]]
+        chat(proxy, "My email is a@new.example.", user="alice", session="s2")  # superseding adds nothing: allowed
+        drain(proxy)
+        assert [m["content"] for m in _live(proxy, "alice")] == ["My email is a@new.example."]
