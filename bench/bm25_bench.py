@@ -33,7 +33,7 @@ sys.path.insert(0, str(BENCH))
 
 from memory_latency import locomo_sentences, percentile  # noqa: E402
 
-from proxy.memory import lexical  # noqa: E402
+from proxy import lexical  # noqa: E402
 from proxy.memory.model import EPISODIC, SEMANTIC, TYPES, Memory, Scope  # noqa: E402
 from proxy.memory.columns import NONE as _NONE  # noqa: E402
 from proxy.memory.tenant import _TYPE_CODE, CANDIDATES, TenantMemory  # noqa: E402

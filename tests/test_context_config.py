@@ -160,28 +160,29 @@ def test_a_candidate_made_from_message_bodies_reads_and_ranks_as_its_text() -> N
 _VOCABULARY = ["password", "rotation", "database", "oslo", "weather", "pasta", "lunch", "deploy", "friday", "budget", "the", "and"]
 
 
-def _rank_model(query: str, candidates: list[Candidate], limit: int, k1: float = 1.2) -> list[int]:
+def _rank_model(query: str, candidates: list[Candidate], limit: int, k1: float = 1.2, b: float = 0.75) -> list[int]:
     """BM25 with binary tf, one candidate at a time in plain Python: what rank_lexical computes.
 
-    The idf values come from numpy as rank_lexical's do (all query terms, in hash order):
-    np.log1p and math.log1p differ in the last bit for some inputs, and equal scores must tie
-    exactly, summed in hash order, for the later-candidate-first rule to be checked."""
+    Each term's part is computed in float32 as rank_lexical's are, and summed in term-id order:
+    equal scores must tie exactly for the later-candidate-first rule to be checked."""
     import numpy as np
 
-    from proxy.context.terms import term_hash, terms
+    from proxy.lexical import query_ids, term_weights
 
-    wanted = sorted(terms(query), key=term_hash)
-    docs = [terms(c.text) for c in candidates]
-    df = np.array([sum(t in d for d in docs) for t in wanted], dtype=np.int64)
-    idf = dict(zip(wanted, np.log1p((len(docs) - df + 0.5) / (df + 0.5)).tolist()))
+    wanted = query_ids(query).tolist()
+    docs = [set(query_ids(c.text).tolist()) for c in candidates]
+    weights = dict(zip(wanted, term_weights([sum(t in d for d in docs) for t in wanted], len(docs), k1)))
+    avg = np.float32(max(float(np.array([len(d) for d in docs], dtype=np.float32).mean()), 1e-6)) if docs else np.float32(1)
     scored = []
     for position, doc in enumerate(docs):
-        common = sorted(doc & set(wanted), key=term_hash)
+        common = sorted(doc & set(wanted))
         if common:
+            norm = np.float32(len(doc)) * np.float32(b) / avg + np.float32(1.0 - b)
+            norm = norm * np.float32(k1) + np.float32(1.0)
             total = 0.0
             for t in common:
-                total += idf[t]
-            scored.append((total * ((k1 + 1) / (1 + k1 * (1 + 0.5 * len(doc) / 40))), position))
+                total += float(np.float32(weights[t]) / norm)
+            scored.append((total, position))
     scored.sort(key=lambda s: (-s[0], -s[1]))
     return [position for _, position in scored[:limit]]
 

@@ -11,7 +11,7 @@ from typing import Any, Hashable, Protocol, Sequence
 
 import numpy as np
 
-from proxy.context.terms import hash_terms, query_hashes
+from proxy import lexical
 from proxy.context.units import text_of
 
 
@@ -21,9 +21,9 @@ class Candidate:
     Given ``bodies`` instead of ``text``, its text is made from them whenever it is read and
     never kept: a long session's cached view holds ~500 candidates, and their texts were ~1 KB
     each. ``key`` names the text for a retriever's own caches (it must change when the text
-    does). ``terms`` are its term hashes, set by the lexical retriever the first time it ranks
-    the candidate: the session's cached view lends its candidates to the next request, so a
-    stored exchange is hashed once while its session stays in use.
+    does). ``terms`` are its term ids (``lexical.term_ids``), set by the lexical retriever the
+    first time it ranks the candidate: the session's cached view lends its candidates to the
+    next request, so a stored exchange is tokenized once while its session stays in use.
     """
 
     __slots__ = ("unit", "seq", "key", "terms", "_text", "_bodies")
@@ -62,10 +62,11 @@ class LexicalRetriever:
         return rank_lexical(query, candidates, limit, self.k1)
 
 
-def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: float = 1.2) -> list[int]:
+def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: float = 1.2, b: float = 0.75) -> list[int]:
     """Positions of the best ``limit`` candidates for ``query``, best first (ties: the later
-    one). Binary term frequency with length normalisation: short, on-topic turns win."""
-    query = query_hashes(query)
+    one): BM25 (``proxy.lexical``, the weighting long-term memory uses) with binary term
+    frequency, a candidate's length being its number of distinct terms."""
+    query = lexical.query_ids(query)
     if not query.size or not candidates or limit <= 0:
         return []
     docs = _terms(candidates)
@@ -77,20 +78,23 @@ def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: fl
         return []
     owner, term = np.repeat(np.arange(len(docs)), sizes)[hit], term[hit]
     total = len(candidates)
-    df = np.bincount(term, minlength=len(query))
-    idf = np.log1p((total - df + 0.5) / (df + 0.5))
-    score = np.bincount(owner, weights=idf[term], minlength=total)
-    score *= (k1 + 1) / (1 + k1 * (1 + 0.5 * sizes / 40))
+    weight = np.array(lexical.term_weights(np.bincount(term, minlength=len(query)).tolist(), total, k1), dtype=np.float32)
+    lengths = sizes.astype(np.float32)
+    norm = lexical.length_norm(lengths[owner], max(float(lengths.mean()), 1e-6), k1, b)
+    norm += 1.0  # tf
+    part = weight[term]
+    part /= norm
+    score = np.bincount(owner, weights=part, minlength=total)  # each candidate's terms in id order
     matched = np.flatnonzero(np.bincount(owner, minlength=total))  # np.unique(owner), without its sort
     order = np.lexsort((-matched, -score[matched]))  # score, then the later position, descending
     return matched[order[:limit]].tolist()
 
 
 def _terms(candidates: Sequence[Candidate]) -> list[np.ndarray]:
-    """Each candidate's term hashes (``terms.hash_terms``), made for those without them."""
+    """Each candidate's term ids, made for those without them."""
     missing = [c for c in candidates if c.terms is None]
-    if missing:  # hashed together: one numpy pass, ~2× faster than one text at a time
-        flat, sizes = hash_terms([c.text for c in missing])
+    if missing:
+        flat, sizes = lexical.term_ids([c.text for c in missing])
         ends = np.cumsum(sizes).tolist()
         for candidate, start, end in zip(missing, [0, *ends], ends):  # views of one array (np.split is ~10× slower)
             candidate.terms = flat[start:end]

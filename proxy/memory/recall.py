@@ -17,8 +17,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from proxy import lexical
 from proxy.config import MemorySettings
-from proxy.memory import inject, lexical
+from proxy.memory import inject
 from proxy.memory.model import EPISODIC, KIND, SEMANTIC, Memory, Scope, message_text, text_hash
 from proxy.memory.state import TenantState, reverted
 from proxy.memory.tenant import Hit, TenantMemory

@@ -37,7 +37,7 @@ from proxy.memory.index_worker import SAVE_QUIET, IndexWorker
 from proxy.memory.indexer import Indexer
 from proxy.memory.learning import Learning
 from proxy.memory.loader import Loader
-from proxy.memory.model import Memory, Scope
+from proxy.memory.model import SEMANTIC, Memory, Scope
 from proxy.memory.ops import IndexOp, SaveIndex
 from proxy.memory.recall import QueryEmbedding, Recall, Recaller
 from proxy.memory.state import TenantState
@@ -169,7 +169,7 @@ class MemoryService:
 
     # -- the memories API --------------------------------------------------------------------
 
-    async def add(self, tenant: str, content: str, type: str = "semantic", user: str | None = None,
+    async def add(self, tenant: str, content: str, type: str = SEMANTIC, user: str | None = None,
                   session: str | None = None, metadata: dict[str, Any] | None = None) -> Memory:
         return await self.api.add(tenant, content, type, user, session, metadata)
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from proxy.memory import lexical
+from proxy import lexical
 from proxy.memory.columns import NONE, Columns, KeySlots
 from proxy.memory.ids import MemoryIds
 from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, TYPES, Memory, Scope, text_hash

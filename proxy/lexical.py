@@ -1,4 +1,8 @@
-"""Lexical retrieval: a tokenizer and an incremental in-memory BM25 index over memory slots.
+"""Lexical retrieval, one stack for the whole proxy: the tokenizer (words, stop words, a light
+stemmer), term ids, the BM25 weighting, and an incremental BM25 index over slots.
+
+Long-term memory keeps a ``BM25`` index per tenant; the context stage ranks a session's older
+turns with ``term_ids``/``query_ids`` and the same weighting (``term_weights``, ``length_norm``).
 
 Postings are growable numpy arrays per term, so a query costs a few dozen vectorised operations
 over the postings of all its terms at once, whatever the number of memories or terms. Removed
@@ -10,10 +14,11 @@ per-memory list of terms (15 MB at 100k memories).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 import sys
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -100,6 +105,56 @@ def _term(raw: str) -> str | None:
     if word in STOPWORDS:
         return None
     return sys.intern(stem(word))
+
+
+def term_weights(df: Iterable[int], docs: int, k1: float) -> list[float]:
+    """BM25's idf of each term times (k1 + 1), from its document frequency among ``docs``
+    documents (0 for a term no document has). Python floats, term by term: the same values
+    whatever the batch."""
+    return [math.log(1.0 + max(docs - d + 0.5, 0.5) / (d + 0.5)) * (k1 + 1.0) if d else 0.0 for d in df]
+
+
+def length_norm(lengths: np.ndarray, avg: float, k1: float, b: float) -> np.ndarray:
+    """``k1 * (1 - b + b * length / avg)`` of each entry, in place (float32): a term's score is
+    then ``weight * tf / (norm + tf)``."""
+    lengths *= b
+    lengths /= avg
+    lengths += 1.0 - b
+    lengths *= k1
+    return lengths
+
+
+def term_ids(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct terms of each text as int64 ids: (all of them, text after text, each text's
+    ascending; how many each text has). Ids are the terms' hashes: stable within the process,
+    which is as long as anything keeps them."""
+    rows = [sorted(_ids(text)) for text in texts]
+    sizes = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(sizes.sum())), sizes
+
+
+def query_ids(text: str) -> np.ndarray:
+    """``term_ids([text])[0]``: one text's distinct term ids, ascending."""
+    return np.array(sorted(_ids(text)), dtype=np.int64)
+
+
+_WORD_IDS: dict[str, int] = {}  # lower-cased word -> its term's id (0: a stop word)
+_WORD_IDS_MAX = 1 << 17
+
+
+def _ids(text: str) -> set[int]:
+    words = set(_WORD.findall(text.lower()))
+    missing = words.difference(_WORD_IDS)
+    if missing:
+        if len(_WORD_IDS) + len(missing) > _WORD_IDS_MAX:
+            _WORD_IDS.clear()
+            missing = words
+        for word in missing:
+            term = _term(word)
+            _WORD_IDS[word] = 0 if term is None else hash(term)
+    ids = set(map(_WORD_IDS.__getitem__, words))
+    ids.discard(0)
+    return ids
 
 
 class _Postings:
@@ -192,7 +247,7 @@ class BM25:
         df = np.add.reduceat(keep, np.cumsum([0] + counts[:-1]), dtype=np.int64)  # admitted entries per term
         total = max(docs if docs is not None else self.docs, 1)
         # Per term as term by term (0 for a term nothing admitted matches), so the same floats.
-        weight = [math.log(1.0 + max(total - d + 0.5, 0.5) / (d + 0.5)) * (self.k1 + 1.0) if d else 0.0 for d in df.tolist()]
+        weight = term_weights(df.tolist(), total, self.k1)
         ideal = 0.0
         for w in weight:
             ideal += w  # as term by term (sum() compensates rounding from Python 3.12 on)
@@ -205,11 +260,7 @@ class BM25:
             slots, tf, counts = slots[keep], tf[keep], df
         # The score of each entry, in the same float32 operations as term by term.
         avg = max(self._total / self.docs, 1e-6)
-        norm = self._length[slots]
-        norm *= self.b
-        norm /= avg
-        norm += 1.0 - self.b
-        norm *= self.k1
+        norm = length_norm(self._length[slots], avg, self.k1, self.b)
         norm += tf
         part = np.repeat(np.array(weight, dtype=np.float32), counts)
         part *= tf
