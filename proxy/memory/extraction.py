@@ -97,6 +97,7 @@ class Extractor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._catch_up: asyncio.Task[None] | None = None
 
     def enabled(self, tenant: str) -> bool:
         settings = self.service.settings.get(tenant)
@@ -124,12 +125,35 @@ class Extractor:
     def start(self) -> None:
         if self._task is None and any(s.extract for s in self.service.settings.values()):
             self._task = asyncio.create_task(self._run(), name="memory-extractor")
+            self._catch_up = asyncio.create_task(self.catch_up(), name="memory-extractor-catch-up")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._catch_up, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def catch_up(self) -> None:
+        """At start: schedule the sessions recorded past their extraction mark while the proxy
+        stopped (or crashed) before extracting. Sessions never extracted have no mark and are
+        left alone (no backfill of history when extraction is turned on)."""
+        for tenant, state in list(self.service.tenants.items()):
+            if not state.settings.extract:
+                continue
+            await state.ready.wait()
+            try:
+                for session in await self.service.store.list_sessions(tenant):
+                    mark = await self.service.store.get_record(tenant, MARK_KIND, MARK_KEY, session.id)
+                    if mark and mark.get("created") == session.created_at and int(mark.get("next", 0)) < session.next_seq:
+                        key = (tenant, session.id, session.created_at)
+                        self._pending.setdefault(key, _Pending(tenant, session.id, session.created_at,
+                                                               state.user(session.user_id), time.monotonic() + self.delay))
+                        self._idle.clear()
+                        self._wake.set()
+                    await asyncio.sleep(0)  # store reads do not suspend: let requests in
+            except Exception:
+                log.exception("memory: the extraction catch-up of tenant %s failed", tenant)
 
     async def drain(self) -> None:
         """Run every scheduled extraction now (tests, benchmarks) and wait until none is left."""

@@ -391,3 +391,29 @@ def test_extraction_respects_the_memory_quota(tmp_path: Path, upstream: FakeUpst
         chat(proxy, "My email is a@new.example.", user="alice", session="s2")  # superseding adds nothing: allowed
         drain(proxy)
         assert [m["content"] for m in _live(proxy, "alice")] == ["My email is a@new.example."]
+
+
+def test_turns_recorded_but_not_extracted_before_a_stop_are_extracted_after_the_restart(tmp_path: Path, upstream: FakeUpstream) -> None:
+    path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "extract": True})})
+    with running(path) as proxy:
+        service = _quiet(proxy)
+        answer, _ = chat(proxy, "My email is alice@example.com.", user="alice", session="s1")
+        drain(proxy)
+        history = [{"role": "user", "content": "My email is alice@example.com."}, {"role": "assistant", "content": answer}]
+        chat(proxy, "I am allergic to peanuts.", user="alice", session="s1", history=history)
+
+        async def crash() -> None:  # the process stops before the scheduled run
+            service.learning.extractor._pending.clear()
+
+        proxy.call(crash())
+    with running(path) as proxy:
+        _quiet(proxy)
+        async def caught_up() -> None:  # the start-up catch-up has scheduled s1
+            task = _service(proxy).learning.extractor._catch_up
+            assert task is not None
+            await task
+
+        proxy.call(caught_up())
+        drain(proxy)
+        assert {m["content"] for m in _live(proxy, "alice")} == {"My email is alice@example.com.", "I am allergic to peanuts."}
+        assert [r["seqs"] for r in _audit(proxy, session_id="s1")["extraction_runs"]] == [[0, 1], [2, 3]]
