@@ -74,6 +74,19 @@ class QuotaSettings(Section):
 
 
 _EMBEDDER_RULE = "must be 'local', 'local-exact' or a model alias of this tenant"
+_DAYS = Annotated[Annotated[float, Field(strict=True, gt=0)] | None, Rule("must be null or a number of days above 0")]
+
+
+class MemoryTTL(Section):
+    """Days a memory of each type lives; null: until its session or user is erased."""
+
+    episodic: _DAYS = None
+    semantic: _DAYS = None
+    procedural: _DAYS = None
+
+    def configured(self) -> list[tuple[str, float]]:
+        """(memory type, days) of the types that expire."""
+        return [(kind, days) for kind, days in self.model_dump().items() if days is not None]
 
 
 class MemorySettings(Section):
@@ -93,6 +106,25 @@ class MemorySettings(Section):
     max_inject_tokens: Int(50, 100_000) = 600
     procedural: Annotated[tuple[Annotated[str, Field(strict=True, min_length=1, max_length=4000)], ...], Field(max_length=100),
                           Rule("must be a list of at most 100 non-empty strings of at most 4000 characters")] = ()
+    # Background extraction of facts, preferences and lessons (proxy/memory/extraction.py): by
+    # ``extractor_model`` (a model alias of the tenant) when set, else by rules. Unset, ``extract``
+    # follows ``extractor_model``.
+    extract: Bool = False
+    extractor_model: Annotated[Annotated[str, Field(strict=True, min_length=1)] | None,
+                               Rule("must be null or a model alias of this tenant")] = None
+    ttl: Annotated[MemoryTTL, Rule("must be a mapping of episodic, semantic, procedural to days")] = MemoryTTL()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _extract_follows_the_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "extract" not in data and data.get("extractor_model") is not None:
+            return data | {"extract": True}
+        return data
+
+    def ttl_seconds(self, memory_type: str) -> float | None:
+        """Seconds a memory of ``memory_type`` lives (None: until its session is erased)."""
+        days = getattr(self.ttl, memory_type, None)
+        return None if days is None else days * 86400.0
 
 
 def _name(value: Any) -> Any:
@@ -179,6 +211,9 @@ class TenantConfig(Section):
             alias = getattr(self.context, key)
             if alias is not None and not self._has_alias(alias):
                 raise KeyedRule(f"context.{key}", f"{alias!r} is not a model alias of this tenant (models: {aliases})")
+        extractor = self.memory.extractor_model
+        if extractor is not None and not self._has_alias(extractor):
+            raise KeyedRule("memory.extractor_model", f"{extractor!r} is not a model alias of this tenant (models: {aliases})")
         if self.memory.embedder not in LOCAL_EMBEDDERS and not self._has_alias(self.memory.embedder):
             raise KeyedRule("memory.embedder", f"{_EMBEDDER_RULE} (models: {aliases})")
         return self

@@ -47,6 +47,11 @@ class Memory:
     model: str | None = None  # embedder that produced ``vector``
     vector: np.ndarray | None = field(default=None, repr=False)
     embedded: bool = False  # stored with a vector (even when ``vector`` was not decoded)
+    # Extracted memories (proxy/memory/extraction.py): how, from which turns, about what.
+    extracted: str | None = None  # "rules" or the extractor model's alias
+    sources: list[dict[str, Any]] | None = None  # [{"session", "created", "seqs"}], the first is where it is stored
+    subject: str | None = None  # what it is about ("user.city"): a newer fact on it supersedes this one
+    supersedes: list[str] | None = None  # ids of the memories this one replaced (kept for audit)
 
     def to_record(self) -> dict[str, Any]:
         """The memory's record, without its vector (see ``vector_record``)."""
@@ -61,6 +66,9 @@ class Memory:
             value["covers"] = [self.seq]  # lets a rollback find and drop what it reverts
         if self.vector is not None and self.model:
             value["model"] = self.model  # its vector is stored (VECTOR_KIND), by this embedder
+        if self.extracted:
+            value |= {"extracted": self.extracted, "sources": self.sources or [], "subject": self.subject,
+                      "supersedes": self.supersedes or []}
         return value
 
     def vector_record(self) -> dict[str, Any] | None:
@@ -102,6 +110,8 @@ class Memory:
             context=value.get("context"),
             model=source.get("model") if vector is not None else None, vector=vector,
             embedded=bool(encoded or value.get("model")),
+            extracted=value.get("extracted"), sources=value.get("sources"), subject=value.get("subject"),
+            supersedes=value.get("supersedes"),
         )
 
     def public(self) -> dict[str, Any]:
@@ -112,7 +122,8 @@ class Memory:
             "created_at": self.ts, "user_id": user, "session_id": self.session, "seq": self.seq,
             "role": self.role, "name": self.name, "metadata": self.metadata or {},
             "indexed": self.embedded or self.vector is not None,  # False: found by keywords only so far
-        }
+        } | ({"extracted": {"by": self.extracted, "sources": self.sources or [], "subject": self.subject,
+                            "supersedes": self.supersedes or []}} if self.extracted else {})
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from proxy.memory import inject
 from proxy.memory.model import EPISODIC, KIND, SEMANTIC, Memory, Scope, message_text, text_hash
 from proxy.memory.state import TenantState, reverted
 from proxy.memory.tenant import Hit, TenantMemory
+from proxy.memory.validity import expired, recall_types
 from proxy.storage.base import Store
 
 log = logging.getLogger("agent_state_proxy.memory")
@@ -143,7 +144,8 @@ class Recaller:
             try:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + recall.remaining()):
                     mem = state.memory
-                    lexical_part = mem.lexical(recall.query, recall.scope)  # while the embedding computes
+                    context |= {text_hash(text) for text in recall.procedural}  # in the system prompt already
+                    lexical_part = mem.lexical(recall.query, recall.scope, recall_types(settings))  # while the embedding computes
                     vector, degraded = await self.query_vector(state, recall.vector, recall.degraded)
                     hits = mem.search(recall.query, vector, recall.scope, top_k=settings.top_k * 2 + 2,
                                       min_score=settings.min_score, half_life_days=settings.recency_half_life_days,
@@ -247,6 +249,8 @@ class Recaller:
             if not visible(scope, memory):
                 state.counters["scope_rejections"] += 1
                 continue
+            if expired(state.settings, memory):
+                continue  # past its type's TTL: the expiry sweep erases it
             found.append(memory)
         if stale:
             state.counters["stale_dropped"] += len(stale)

@@ -35,6 +35,7 @@ from proxy.memory.api import MemoryApi
 from proxy.memory.embedder_slots import EmbedderSlot, embedder_key, init_embedder, model_name
 from proxy.memory.index_worker import SAVE_QUIET, IndexWorker
 from proxy.memory.indexer import Indexer
+from proxy.memory.learning import Learning
 from proxy.memory.loader import Loader
 from proxy.memory.model import SEMANTIC, Memory, Scope
 from proxy.memory.ops import IndexOp, SaveIndex
@@ -73,6 +74,7 @@ class MemoryService:
         self.loader = Loader(store, self.indexer)
         self.recaller = Recaller(self.tenants, store)
         self.api = MemoryApi(self.tenants, store, self.recaller, self.indexer, self.worker)
+        self.learning = Learning(self)  # extraction, supersession, expiry (docs/MEMORY_LEARNING.md)
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -93,6 +95,7 @@ class MemoryService:
         self._spawn(self.worker.run(), "memory-index-worker")
         self._spawn(self._maintenance(), "memory-maintenance")
         self._spawn(self._saver(), "memory-saver")
+        self.learning.start()
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
@@ -107,6 +110,7 @@ class MemoryService:
         transcripts), save changed indexes, stop the workers."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.drain(), drain_timeout)
+        await self.learning.close()
         for state in self.tenants.values():
             if state.dirty:
                 await self.ops.put(SaveIndex(state.name))
@@ -125,6 +129,7 @@ class MemoryService:
         """Wait until every queued memory is indexed and every index change applied (tests, benchmarks)."""
         await self.loaded()
         await self.indexer.jobs.join()
+        await self.learning.drain()
         await self.ops.join()
 
     # -- the request path --------------------------------------------------------------------
@@ -155,6 +160,8 @@ class MemoryService:
     async def after_record(self, turn: Any, messages: list[Message]) -> None:
         """Queue the recorded user and assistant messages for indexing (the work is done later)."""
         state = self.tenants.get(turn.tenant.name)
+        if state is not None:
+            self.learning.after_record(turn, messages)  # extraction, later, in the background
         if state is None or not state.settings.episodic or not messages:
             return
         user = state.user(turn.ref.user_id or turn.session.user_id)
@@ -184,6 +191,8 @@ class MemoryService:
         return await self.api.forget_session(tenant, session_id)
 
     async def forget_messages(self, tenant: str, session_id: str, seqs: Iterable[int]) -> int:
+        seqs = set(seqs)
+        await self.learning.forget_reverted(tenant, session_id, seqs)  # what was extracted from them
         return await self.api.forget_messages(tenant, session_id, seqs)
 
     async def vacuum(self, tenant: str) -> int:

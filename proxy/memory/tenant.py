@@ -189,7 +189,7 @@ class TenantMemory:
             self.sessionless.setdefault(user, SlotSet()).add(slot)
         else:
             self.tenant_wide.add(slot)
-        if memory.type == PROCEDURAL:
+        if memory.type == PROCEDURAL and not memory.extracted:  # extracted ones are recalled by relevance
             self.procedural.setdefault(user, SlotSet()).add(slot)
         self.bm25.add(slot, lexical.tokenize(index_text(memory)))
         if user != NONE:

@@ -20,6 +20,7 @@ from proxy.server import access_log, keys
 from proxy.server.body_probe import BodyProbe
 from proxy.server.http import errors_middleware
 from proxy.server.outcome import outcome_middleware
+from proxy.server.learning_routes import setup_learning_routes
 from proxy.server.memory_routes import setup_memory_routes
 from proxy.server.metrics import METRICS, Metrics, setup_metrics_routes
 from proxy.server.responses_routes import setup_responses_routes
@@ -55,6 +56,7 @@ def create_app(config: Config, store: Store | None = None, reload: Callable[[], 
         app.cleanup_ctx.append(reloading(reload))
     setup_routes(app)
     setup_memory_routes(app)
+    setup_learning_routes(app)
     setup_metrics_routes(app)
     setup_ui_routes(app)
     setup_responses_routes(app)

@@ -49,3 +49,29 @@ def test_embedder_must_be_local_or_a_model_alias(tmp_path: Path) -> None:
     for local in ("local", "local-exact"):
         tenant["memory"] = {"embedder": local}
         assert load_config(write_config(tmp_path, {"t": tenant})).tenants["t"].memory.embedder == local
+
+
+def test_extraction_and_ttl_keys(tmp_path: Path) -> None:
+    assert (MemorySettings().extract, MemorySettings().extractor_model, MemorySettings().ttl_seconds("semantic")) == (False, None, None)
+    ruled = _load(tmp_path, {"extract": True, "ttl": {"semantic": 30, "procedural": None}})
+    assert (ruled.extract, ruled.extractor_model, ruled.ttl_seconds("semantic"), ruled.ttl_seconds("procedural")) == (True, None, 30 * 86400.0, None)
+    modelled = _load(tmp_path, {"extractor_model": "small"})  # a model implies extraction
+    assert (modelled.extract, modelled.extractor_model) == (True, "small")
+    assert _load(tmp_path, {"extractor_model": "small", "extract": False}).extract is False
+    tenant = open_tenant(BASE, memory={"extractor_model": "small"})
+    tenant["models"] = {"chat": {"model": "openai/gpt-4o-mini", "api_base": BASE}}
+    with pytest.raises(ConfigError, match=r"t\.yaml: memory\.extractor_model: 'small' is not a model alias of this tenant"):
+        load_config(write_config(tmp_path, {"t": tenant}))
+
+
+@pytest.mark.parametrize(("memory", "message"), [
+    ({"ttl": {"facts": 3}}, r"memory\.ttl\.facts: unknown key \(allowed: episodic, procedural, semantic\)"),
+    ({"ttl": [3]}, r"memory\.ttl: must be a mapping"),
+    ({"ttl": {"semantic": 0}}, r"memory\.ttl\.semantic: must be null or a number of days above 0"),
+    ({"ttl": {"semantic": True}}, r"memory\.ttl\.semantic: must be null or a number of days above 0"),
+    ({"extractor_model": ""}, r"memory\.extractor_model: must be null or a model alias"),
+    ({"extract": "yes"}, r"memory\.extract: must be true or false"),
+])
+def test_invalid_extraction_values(tmp_path: Path, memory: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, memory)
