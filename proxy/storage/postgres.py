@@ -27,6 +27,7 @@ from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
 from proxy.storage.base import InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write
 from proxy.storage.kv import MAX_RECORD_KEY, session_digest
+from proxy.storage import postgres_changes
 
 log = logging.getLogger("agent_state_proxy.storage")
 T = TypeVar("T")
@@ -45,6 +46,7 @@ MIGRATIONS: tuple[str, ...] = (
                                  reason text NOT NULL, ts double precision NOT NULL, size integer NOT NULL, raw bytea NOT NULL);
     CREATE INDEX asp_quarantine_tenant ON asp_quarantine (tenant);
     """,
+    postgres_changes.MIGRATION,  # 2: the memory change log and the episodic indexing owed (fleet mode)
 )
 _MIGRATION_LOCK = 0x6173_7001  # pg_advisory_xact_lock key: "asp" + 1
 _REPLICA_LOCK = 0x6173_7002  # held for the store's life: one replica per database
@@ -94,6 +96,8 @@ class PostgresStore(Store):
     async def open(cls, dsn: str, *, pool_size: int = 10, statement_timeout_ms: int = 30_000, replicas: str = "one") -> PostgresStore:
         """Connect, migrate, and (replicas: one) take the replica lock; StorageError (never the DSN) on failure."""
         settings = {"statement_timeout": str(statement_timeout_ms), "application_name": "agent-state-proxy"}
+        if replicas == "many":  # the memory triggers log for fleet replicas only (proxy/storage/postgres_changes.py)
+            settings[postgres_changes.FLEET_SETTING] = "on"
         try:
             holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
@@ -118,7 +122,9 @@ class PostgresStore(Store):
             raise
         if replicas == "many":
             await holder.close()  # it held nothing: a replica of a fleet excludes no other
-            return cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
+            store = cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
+            store._connect_listener = lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10)
+            return store
         return cls(pool, holder)
 
     @contextlib.asynccontextmanager
@@ -309,6 +315,11 @@ class PostgresStore(Store):
                 log.error("quarantined corrupt record %s of tenant %s: %s", key, tenant, reason)
                 await connection.execute("INSERT INTO asp_quarantine (tenant, key, reason, ts, size, raw) VALUES ($1, $2, $3, $4, $5, $6)",
                                          tenant, key, reason, time.time(), len(raw), raw)
+
+    def memory_feed(self) -> postgres_changes.MemoryFeed | None:
+        """The fleet's memory change log (replicas: many), or None: one replica needs none."""
+        connect = getattr(self, "_connect_listener", None)
+        return postgres_changes.MemoryFeed(self._pool, connect) if connect is not None and not self._closed else None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
