@@ -34,6 +34,7 @@ from proxy.errors import BadRequest, NotFound, NotReady
 from proxy.idle_gc import release_freed_memory
 from proxy.memory import inject, lexical
 from proxy.memory.embedder import EmbeddingBatcher
+from proxy.memory.fleet_sync import FleetSync
 from proxy.memory.model import (
     ANONYMOUS_USER, EPISODIC, KIND, PROCEDURAL, SEMANTIC, TYPES, VECTOR_KIND, Memory, Scope, episodic_id, message_text, new_id,
     text_hash,
@@ -184,6 +185,7 @@ class MemoryService:
             key = self._embedder_key(name)
             if key not in self._embedders:
                 self._embedders[key] = _Embedder(key, self._model_name(name))
+        self.fleet = FleetSync.of(self, (MARK_KIND, MARK_KEY))  # fleet mode: the index follows PostgreSQL
 
     async def start(self) -> None:
         """Schedule loading in the background and return at once (start-up stays fast)."""
@@ -201,6 +203,8 @@ class MemoryService:
         self._tasks.append(asyncio.create_task(self._index_worker(), name="memory-index-worker"))
         self._tasks.append(asyncio.create_task(self._maintenance(), name="memory-maintenance"))
         self._tasks.append(asyncio.create_task(self._saver(), name="memory-saver"))
+        if self.fleet is not None:
+            self._tasks += self.fleet.start()
 
     async def close(self, drain_timeout: float = 3.0) -> None:
         """Finish queued indexing (briefly: what is left is caught up at the next start from the
@@ -216,6 +220,8 @@ class MemoryService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.fleet is not None:
+            await self.fleet.close()
         for embedder in self._embedders.values():
             await embedder.close()
         self._executor.shutdown(wait=True)
@@ -613,6 +619,8 @@ class MemoryService:
         mem = self.memories[tenant]
         keys, vectors = [], []
         for memory in memories:
+            if self.fleet is not None and memory.id in mem.ids:
+                continue  # the fleet's change log brought it first
             mem.insert(memory)
             if memory.type == PROCEDURAL:
                 self._procedural[tenant][memory.id] = memory.text
@@ -709,6 +717,8 @@ class MemoryService:
         started = time.perf_counter()
         mem = self.memories[tenant]
         model = self._model_name(tenant)
+        if self.fleet is not None:
+            await self.fleet.before_load(tenant)
         sessions = {s.id: s for s in await self.store.list_sessions(tenant)}
         await self._load_records(tenant, None, sessions, model)
         catch_up: list[tuple[Any, int]] = []
@@ -719,7 +729,8 @@ class MemoryService:
             if session.next_seq > indexed and self.settings[tenant].episodic:
                 catch_up.append((session, indexed))
             await asyncio.sleep(0)  # LMDB reads do not suspend: let requests in between sessions
-        manifest = await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
+        # In fleet mode the index is this replica's cache, never saved: built from the vectors.
+        manifest = (await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}) if self.fleet is None else {}
         mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))
         _settle_heap()  # the decoded pages are gone: free them, and keep the index out of GC scans
         self.store.release_mapped_pages()  # and the LMDB pages they were read from
@@ -727,6 +738,9 @@ class MemoryService:
         await self._ops.put(("open", tenant, manifest))
         log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
         self._queue_reembedding(tenant)
+        if self.fleet is not None:  # owed to the fleet: indexed once, by whichever replica claims it
+            await self.fleet.owe(tenant, catch_up)
+            catch_up = []
         for session, indexed in catch_up:
             await self._catch_up(tenant, session, indexed)
 
@@ -764,6 +778,8 @@ class MemoryService:
     def _insert_loaded(self, tenant: str, memories: list[Memory]) -> None:
         mem = self.memories[tenant]
         for memory in memories:
+            if self.fleet is not None:
+                memory.key = self._allocate_key(mem)  # keys are per replica in a fleet
             mem.insert(memory)
             if memory.type == PROCEDURAL:
                 self._procedural[tenant][memory.id] = memory.text
@@ -819,6 +835,7 @@ class MemoryService:
             value = await self.store.get_record(tenant, KIND, memory_id, mem.where[slot][0]) if slot is not None else None
             if value is not None:
                 memories.append(Memory.from_record(value, with_vector=False))
+                memories[-1].key = int(mem.cols.ukey[slot])  # this index's key (a fleet's replicas each number their own)
         # Sessions must still exist (and be the same incarnation) before and after the write.
         sessions = {(j.session, j.created) for j in jobs if j.session is not None}
         gone = await self._gone(tenant, sessions)
@@ -844,6 +861,8 @@ class MemoryService:
                 marks[(job.session, job.created)] = max(marks.get((job.session, job.created), 0), job.mark)
         records += [Record(MARK_KIND, MARK_KEY, {"next": mark, "created": created}, sid) for (sid, created), mark in marks.items()]
         await self._write(tenant, records)
+        if self.fleet is not None and marks:
+            await self.fleet.indexed(tenant, {sid: mark for (sid, _), mark in marks.items()})
         gone = await self._gone(tenant, sessions)
         if gone:  # deleted while we embedded: take back what we wrote for it
             await self.store.apply([Write(tenant, records=[Record(r.kind, r.key, None, r.session_id) for r in records
@@ -1004,6 +1023,9 @@ class MemoryService:
 
     async def _save(self, loop: asyncio.AbstractEventLoop, tenant: str) -> None:
         mem = self.memories[tenant]
+        if self.fleet is not None:  # a fleet's index is a cache, rebuilt at start (fleet_sync.py)
+            self._dirty.discard(tenant)
+            return
         if mem.vectors is None or not mem.hnsw_ready:
             return
         self._dirty.discard(tenant)
