@@ -33,7 +33,7 @@ import numpy as np
 
 from proxy.memory.model import Memory
 from proxy.storage.base import StorageError
-from proxy.storage.postgres_changes import MemoryFeed, close_quietly
+from proxy.storage.postgres_changes import Change, MemoryFeed, close_quietly
 
 log = logging.getLogger("agent_state_proxy.memory")
 
@@ -146,7 +146,7 @@ class FleetSync:
                             tenant, cursor + 1, changes[0][0] - 1)
                 await self._reconcile(tenant)
                 continue
-            await self._apply(tenant, [memory_id for _, memory_id in changes])
+            await self._apply(tenant, [change for _, change in changes])
             self.cursors[tenant] = changes[-1][0]
             applied += len(changes)
             if len(changes) < _PAGE:
@@ -155,24 +155,24 @@ class FleetSync:
     async def _reconcile(self, tenant: str) -> None:
         """Make the cache hold what PostgreSQL holds, without the log: a full comparison of ids."""
         head = await self.feed.head(tenant)
-        stored = await self.feed.memory_ids(tenant)
+        stored = await self.feed.stored(tenant)
         mem = self.service.memories[tenant]
         held = {mem.ids[slot] for slot in mem.key_slot.values() if mem.ids[slot]}
-        gone = held - stored
+        gone = held - {change.memory_id for change in stored}
         if gone:
             self.service._forget(tenant, gone)
-        await self._apply(tenant, sorted(stored - held))
+        await self._apply(tenant, sorted(change for change in stored if change.memory_id not in held))
         self.cursors[tenant] = head
         self.service.counters[tenant]["fleet_reconciled"] += 1
 
-    async def _apply(self, tenant: str, ids: list[str]) -> None:
+    async def _apply(self, tenant: str, changes: list[Change]) -> None:
         service = self.service
         mem, model = service.memories[tenant], service._model_name(tenant)
-        unique = list(dict.fromkeys(ids))
+        unique = list(dict.fromkeys(changes))
         for start in range(0, len(unique), _FETCH):
             chunk = unique[start:start + _FETCH]
             stored = await self.feed.memories(tenant, chunk)
-            for number, memory_id in enumerate(chunk):
+            for number, (_, memory_id) in enumerate(chunk):
                 if number % _SLICE == _SLICE - 1:
                     await asyncio.sleep(0)
                 found = stored.get(memory_id)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
 
 import asyncpg
 
@@ -89,6 +89,14 @@ _TENANT_WIDE = b""
 _ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
+class Change(NamedTuple):
+    """A memory record that changed: where it is stored (its session's digest, or b"" for a
+    memory of no session) and its id."""
+
+    sid: bytes
+    memory_id: str
+
+
 class MemoryFeed:
     """The memory change log and the episodic indexing owed, of one fleet database.
 
@@ -119,23 +127,23 @@ class MemoryFeed:
         async with self._connection() as connection:
             return await connection.fetchval("SELECT min(seq) FROM asp_memory_changes WHERE tenant = $1", tenant)
 
-    async def changes(self, tenant: str, after: int, limit: int = 1000) -> list[tuple[int, str]]:
-        """(seq, memory id) of the tenant's changes after ``after``, oldest first."""
+    async def changes(self, tenant: str, after: int, limit: int = 1000) -> list[tuple[int, Change]]:
+        """(seq, change) of the tenant's changes after ``after``, oldest first."""
         async with self._connection() as connection:
-            rows = await connection.fetch("SELECT seq, key FROM asp_memory_changes WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            rows = await connection.fetch("SELECT seq, sid, key FROM asp_memory_changes WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                                           tenant, after, limit)
-        return [(int(r["seq"]), _text(r["key"])) for r in rows]
+        return [(int(r["seq"]), Change(bytes(r["sid"]), _text(r["key"]))) for r in rows]
 
-    async def memories(self, tenant: str, ids: Sequence[str]) -> dict[str, tuple[dict[str, Any], dict[str, Any] | None]]:
-        """The current records (memory, vector or None) of these memory ids, wherever they are
-        scoped; an id without a record (erased) is absent. An undecodable record is left out
-        (its reader of record, the store, quarantines it)."""
+    async def memories(self, tenant: str, changed: Sequence[Change]) -> dict[str, tuple[dict[str, Any], dict[str, Any] | None]]:
+        """The current records (memory, vector or None) of these changed memories, by id; one
+        without a record (erased) is absent. An undecodable record is left out (the store's
+        reads quarantine it)."""
         async with self._connection() as connection:
             rows = await connection.fetch(
-                "SELECT m.key, m.record, v.record AS vector FROM asp_records m LEFT JOIN asp_records v "
-                "ON v.tenant = m.tenant AND v.sid = m.sid AND v.kind = $3 AND v.key = m.key "
-                "WHERE m.tenant = $1 AND m.kind = $2 AND m.key = ANY($4::bytea[])",
-                tenant, _MEMORY, _VECTOR, [i.encode() for i in ids])
+                "SELECT m.key, m.record, v.record AS vector FROM unnest($4::bytea[], $5::bytea[]) AS c(sid, key) "
+                "JOIN asp_records m ON m.tenant = $1 AND m.sid = c.sid AND m.kind = $2 AND m.key = c.key "
+                "LEFT JOIN asp_records v ON v.tenant = $1 AND v.sid = c.sid AND v.kind = $3 AND v.key = c.key",
+                tenant, _MEMORY, _VECTOR, [c.sid for c in changed], [c.memory_id.encode() for c in changed])
         found = {}
         for row in rows:
             try:
@@ -144,11 +152,11 @@ class MemoryFeed:
                 log.error("memory feed: undecodable memory record of tenant %s skipped: %s", tenant, exc)
         return found
 
-    async def memory_ids(self, tenant: str) -> set[str]:
-        """Every memory id the tenant has (a cache that missed changes reconciles with it)."""
+    async def stored(self, tenant: str) -> set[Change]:
+        """Every memory the tenant has (a cache that missed changes reconciles with it)."""
         async with self._connection() as connection:
-            rows = await connection.fetch("SELECT key FROM asp_records WHERE tenant = $1 AND kind = $2", tenant, _MEMORY)
-        return {_text(r["key"]) for r in rows}
+            rows = await connection.fetch("SELECT sid, key FROM asp_records WHERE tenant = $1 AND kind = $2", tenant, _MEMORY)
+        return {Change(bytes(r["sid"]), _text(r["key"])) for r in rows}
 
     async def prune(self, older_than_s: float) -> int:
         """Drop changes older than this (every replica has read them long ago)."""
