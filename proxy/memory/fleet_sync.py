@@ -206,11 +206,11 @@ class FleetSync:
         registered = False
         pruned = 0.0
         while True:
-            await asyncio.sleep(self.sweep_s)
             try:
-                if not registered:
+                if not registered:  # first: from now on the tenants' recorded messages are owed
                     await self.feed.register(episodic)
                     registered = True
+                await asyncio.sleep(self.sweep_s)
                 ready = [tenant for tenant in episodic if service.ready[tenant].is_set()]
                 for tenant, session, sid, upto in await self.feed.claim(ready, self.grace_s) if ready else ():
                     await self._pay(tenant, session, sid, upto)
@@ -219,6 +219,7 @@ class FleetSync:
                     await self.feed.prune(self.retention_s)
             except Exception as exc:
                 log.warning("memory: the fleet's indexing sweep failed (%s); retrying", exc)
+                await asyncio.sleep(self.sweep_s)
 
     async def _pay(self, tenant: str, session: Any, sid: bytes, upto: int) -> None:
         """Index what a claimed session still owes (another replica recorded it, then stopped)."""
