@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.memory.model import Scope
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyProcess, open_tenant, write_config
 from tests.memory_helpers import SLOW_OK, recalled_block
@@ -151,3 +152,60 @@ def test_a_turn_left_unindexed_by_a_replica_that_died_is_indexed_by_another(tmp_
         wait_for("the debt settled", lambda: asyncio.run(owed()) == 0)
     finally:
         stop([b])
+
+
+# -- one replica's sync in process, against writes made as another replica makes them --------
+
+async def until(what: str, check: Callable[[], Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_replica_whose_changes_were_pruned_before_it_read_them_reconciles(tmp_path: Path, upstream: FakeUpstream,
+                                                                                 database: str) -> None:
+    """Changes are pruned after a day; a replica stalled that long must not keep a stale index:
+    it notices the gap in the tenant's numbering and compares its index with PostgreSQL."""
+    import asyncpg
+
+    from proxy import codec
+    from proxy.config import load_config
+    from proxy.memory.model import SEMANTIC, Memory
+    from proxy.memory.service import MemoryService
+    from proxy.storage.postgres import PostgresStore
+    from proxy.storage.postgres_changes import FLEET_SETTING
+
+    config = load_config(write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"episodic": False})}))
+    store = await PostgresStore.open(database, replicas="many")
+    other = await asyncpg.connect(database, server_settings={FLEET_SETTING: "on"})  # as another replica writes
+
+    def row(memory_id: str, text: str) -> tuple[str, bytes, str, bytes, bytes]:
+        memory = Memory(id=memory_id, type=SEMANTIC, text=text, ts=time.time(), key=7)  # its writer's key: never used here
+        return ("local", b"", "memory", memory_id.encode(), codec.encode(memory.to_record()))
+
+    insert = "INSERT INTO asp_records (tenant, sid, kind, key, record) VALUES ($1, $2, $3, $4, $5)"
+    service = MemoryService(store, None, config.tenants.values(), tmp_path / "index")
+    assert service.fleet is not None
+    try:
+        await service.start()
+        await asyncio.wait_for(service.ready["local"].wait(), 30)
+        ids = service.memories["local"].ids
+        await other.execute(insert, *row("mem_kept", "the kept one"))
+        await other.execute(insert, *row("mem_doomed", "the doomed one"))
+        await until("the notified changes applied", lambda: "mem_kept" in ids and "mem_doomed" in ids)
+
+        async with other.transaction():  # changes this replica never gets to read
+            await other.execute(insert, *row("mem_unseen", "the unseen one"))
+            await other.execute("DELETE FROM asp_records WHERE key = $1", b"mem_doomed")
+            await other.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the log written now, not at commit...
+            await other.execute("DELETE FROM asp_memory_changes")  # ...and pruned before anyone read it
+        await until("reconciled", lambda: service.counters["local"]["fleet_reconciled"] == 1)
+        assert "mem_unseen" in ids and "mem_doomed" not in ids and "mem_kept" in ids
+        assert service.memories["local"].alive == 2
+        found, _ = await service.search("local", "unseen", Scope("tenant", None, None), top_k=3, types=[SEMANTIC])
+        assert [m.id for m, _ in found] == ["mem_unseen"]
+    finally:
+        await service.close()
+        await other.close()
+        await store.close()

@@ -138,14 +138,14 @@ class FleetSync:
             if cursor is None:
                 await self._reconcile(tenant)  # the load could not read the head
                 continue
-            changes = await self.feed.changes(tenant, cursor, _PAGE)
-            if not changes:
-                return applied
-            if changes[0][0] != cursor + 1:  # pruned before this replica read them
-                log.warning("memory: tenant %s missed fleet changes %d-%d (pruned); reconciling with PostgreSQL",
-                            tenant, cursor + 1, changes[0][0] - 1)
+            head = await self.feed.head(tenant)  # first: every change up to it is committed, so readable
+            changes = await self.feed.changes(tenant, cursor, _PAGE) if head > cursor else []
+            if head > cursor and (not changes or changes[0][0] != cursor + 1):  # pruned before this replica read them
+                log.warning("memory: tenant %s missed fleet changes after %d (pruned); reconciling with PostgreSQL", tenant, cursor)
                 await self._reconcile(tenant)
                 continue
+            if not changes:
+                return applied
             await self._apply(tenant, [change for _, change in changes])
             self.cursors[tenant] = changes[-1][0]
             applied += len(changes)
