@@ -61,7 +61,7 @@ def ready(proxy: ProxyProcess) -> bool:
 def test_a_memory_added_on_one_replica_is_recalled_by_meaning_on_the_other_and_its_delete_too(
         tmp_path: Path, upstream: FakeUpstream, database: str) -> None:
     a = replica(tmp_path, upstream, database, "a")
-    b = None
+    b = c = None
     try:
         b = replica(tmp_path, upstream, database, "b")
         wait_for("both replicas' memory ready", lambda: ready(a) and ready(b))
@@ -77,12 +77,18 @@ def test_a_memory_added_on_one_replica_is_recalled_by_meaning_on_the_other_and_i
         assert hit["similarity"] is not None and hit["similarity"] > 0.2 and hit["lexical"] == 0  # by meaning: no shared word
         assert httpx.get(f"{b.url}/v1/memories/{memory_id}", timeout=30).json()["content"].startswith("The user's dog")
 
+        c = replica(tmp_path, upstream, database, "c")  # a replica started later builds its index from PostgreSQL
+        wait_for("C's memory ready", lambda: ready(c))
+        assert [m["id"] for m in search(c, "puppy at the seaside")["data"]] == [memory_id]
+        assert httpx.get(f"{c.url}/admin/memory", timeout=30).json()["index"]["unembedded"] == 0  # its vector came from PostgreSQL
+
         assert httpx.delete(f"{a.url}/v1/memories/{memory_id}", timeout=30).status_code == 200
         wait_for("the delete on A seen on B", lambda: found_on_b() is None)
         assert httpx.get(f"{b.url}/v1/memories/{memory_id}", timeout=30).status_code == 404
         assert httpx.get(f"{b.url}/admin/memory", timeout=30).json()["index"]["memories"] == 0
+        wait_for("the delete on A seen on C", lambda: httpx.get(f"{c.url}/v1/memories/{memory_id}", timeout=30).status_code == 404)
     finally:
-        stop([r for r in (a, b) if r is not None])
+        stop([r for r in (a, b, c) if r is not None])
 
 
 def test_a_turn_recorded_through_one_replica_is_recalled_through_the_other_in_a_new_session(

@@ -2,10 +2,11 @@
 memories in PostgreSQL, in step with what the other replicas write, and index each recorded
 message once per fleet.
 
-* At start-up the loader reads the tenant's change-log head before it reads the memories
-  (``before_load``); afterwards every change after it is applied, in order, so nothing committed
-  meanwhile is missed (applying one twice is harmless: a change names a memory, and applying
-  it makes the cache hold what PostgreSQL holds now).
+* At start-up the cache is built from one snapshot of the tenant (``load``): the change-log
+  head, sessions, marks and memories as of one moment; afterwards every change after that head
+  is applied, in order, so nothing committed meanwhile is missed (applying one twice is
+  harmless: a change names a memory, and applying it makes the cache hold what PostgreSQL
+  holds now).
 * A ``LISTEN`` connection wakes the tenant's follower at each commit that changed its memories;
   a poll every ``poll_s`` covers a lost connection or notification.
 * Index keys (usearch labels) are this replica's own: each replica numbers the memories it
@@ -27,12 +28,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from proxy.memory.model import Memory
-from proxy.storage.base import StorageError
+from proxy.storage.base import Record, StorageError, Write
+from proxy.storage.kv import session_digest
 from proxy.storage.postgres_changes import Change, MemoryFeed, close_quietly
 
 log = logging.getLogger("agent_state_proxy.memory")
@@ -40,6 +42,7 @@ log = logging.getLogger("agent_state_proxy.memory")
 _PAGE = 500  # changes read at a time
 _FETCH = 200  # memory records read back at a time
 _SLICE = 64  # memories applied between two yields to the event loop
+_LOAD_PAGE = 1024  # memories decoded at a time at start-up
 
 
 class FleetSync:
@@ -74,8 +77,33 @@ class FleetSync:
 
     # -- start-up hooks (the loader) ---------------------------------------------------------
 
-    async def before_load(self, tenant: str) -> None:
-        self.cursors[tenant] = await self.feed.head(tenant)
+    async def load(self, tenant: str, model: str, decode: Callable[..., tuple[list[Memory], list[Record]]],
+                   episodic: bool) -> list[tuple[Any, int]]:
+        """Build the tenant's cache from one snapshot of PostgreSQL (one streamed query, not a
+        few per session); returns the sessions with messages not indexed yet, with how far
+        they are. ``decode`` turns stored rows into memories and the writes that erase orphans."""
+        service = self.service
+        writes: list[Record] = []
+        async with self.feed.snapshot(tenant) as snapshot:
+            self.cursors[tenant] = await snapshot.head()  # changes after it are applied after the load
+            sessions = {session.id: session for session in await snapshot.sessions()}
+            marks = await snapshot.records(self.mark[0])
+            async for page in snapshot.memories(_LOAD_PAGE):
+                rows = [(value.get("session") if sid else None, value, vector) for sid, value, vector in page]
+                memories, erase = await asyncio.to_thread(decode, rows, sessions, model)
+                writes += erase
+                for start in range(0, len(memories), _SLICE * 16):
+                    service._insert_loaded(tenant, memories[start:start + _SLICE * 16])
+                    await asyncio.sleep(0)
+        for start in range(0, len(writes), 1000):  # orphans of sessions gone in the snapshot; old records split
+            await service.store.apply([Write(tenant, records=writes[start:start + 1000])])
+        behind = []
+        for session in sessions.values() if episodic else ():
+            mark = marks.get(session_digest(session.id))
+            indexed = int(mark["next"]) if mark and mark.get("created") == session.created_at else 0
+            if session.next_seq > indexed:
+                behind.append((session, indexed))
+        return behind
 
     async def owe(self, tenant: str, sessions: list[tuple[Any, int]]) -> None:
         """Sessions found at start-up with messages not indexed yet: owed to the fleet (another

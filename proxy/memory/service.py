@@ -717,18 +717,19 @@ class MemoryService:
         started = time.perf_counter()
         mem = self.memories[tenant]
         model = self._model_name(tenant)
-        if self.fleet is not None:
-            await self.fleet.before_load(tenant)
-        sessions = {s.id: s for s in await self.store.list_sessions(tenant)}
-        await self._load_records(tenant, None, sessions, model)
         catch_up: list[tuple[Any, int]] = []
-        for sid, session in sessions.items():
-            await self._load_records(tenant, sid, sessions, model)
-            mark = await self.store.get_record(tenant, MARK_KIND, MARK_KEY, sid)
-            indexed = int(mark["next"]) if mark and mark.get("created") == session.created_at else 0
-            if session.next_seq > indexed and self.settings[tenant].episodic:
-                catch_up.append((session, indexed))
-            await asyncio.sleep(0)  # LMDB reads do not suspend: let requests in between sessions
+        if self.fleet is not None:  # from one snapshot of PostgreSQL, in one streamed query
+            catch_up = await self.fleet.load(tenant, model, _decode_all, self.settings[tenant].episodic)
+        else:
+            sessions = {s.id: s for s in await self.store.list_sessions(tenant)}
+            await self._load_records(tenant, None, sessions, model)
+            for sid, session in sessions.items():
+                await self._load_records(tenant, sid, sessions, model)
+                mark = await self.store.get_record(tenant, MARK_KIND, MARK_KEY, sid)
+                indexed = int(mark["next"]) if mark and mark.get("created") == session.created_at else 0
+                if session.next_seq > indexed and self.settings[tenant].episodic:
+                    catch_up.append((session, indexed))
+                await asyncio.sleep(0)  # LMDB reads do not suspend: let requests in between sessions
         # In fleet mode the index is this replica's cache, never saved: built from the vectors.
         manifest = (await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}) if self.fleet is None else {}
         mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 import asyncpg
 
@@ -41,6 +41,7 @@ from proxy.storage.base import StorageError
 from proxy.storage.kv import session_digest
 
 log = logging.getLogger("agent_state_proxy.storage")
+T = TypeVar("T")
 
 CHANNEL = "asp_memory"
 FLEET_SETTING = "asp.fleet"  # set to "on" on every connection of a replica in fleet mode
@@ -158,6 +159,13 @@ class MemoryFeed:
             rows = await connection.fetch("SELECT sid, key FROM asp_records WHERE tenant = $1 AND kind = $2", tenant, _MEMORY)
         return {Change(bytes(r["sid"]), _text(r["key"])) for r in rows}
 
+    @contextlib.asynccontextmanager
+    async def snapshot(self, tenant: str) -> AsyncIterator[Snapshot]:
+        """One consistent, read-only view of the tenant (REPEATABLE READ) to build a cache from:
+        the change-log head, sessions, marks and memories all as of one moment."""
+        async with self._connection() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
+            yield Snapshot(connection, tenant)
+
     async def prune(self, older_than_s: float) -> int:
         """Drop changes older than this (every replica has read them long ago)."""
         async with self._connection() as connection:
@@ -233,6 +241,49 @@ class MemoryFeed:
         """Sessions of the tenant with messages still owed to indexing (stats, tests)."""
         async with self._connection() as connection:
             return int(await connection.fetchval("SELECT count(*) FROM asp_memory_pending WHERE tenant = $1", tenant))
+
+
+class Snapshot:
+    """What a replica builds its memory cache from (MemoryFeed.snapshot). Undecodable records
+    are skipped here (the view is read-only); the store's own reads quarantine them."""
+
+    def __init__(self, connection: asyncpg.Connection, tenant: str) -> None:
+        self._connection, self.tenant = connection, tenant
+
+    async def head(self) -> int:
+        return int(await self._connection.fetchval("SELECT seq FROM asp_memory_heads WHERE tenant = $1", self.tenant) or 0)
+
+    async def sessions(self) -> list[Session]:
+        rows = await self._connection.fetch("SELECT record FROM asp_sessions WHERE tenant = $1", self.tenant)
+        return [session for row in rows if (session := _decoded(row["record"], Session.from_dict)) is not None]
+
+    async def records(self, kind: str) -> dict[bytes, dict[str, Any]]:
+        """Every record of this kind (one per session, such as marks), by session digest."""
+        rows = await self._connection.fetch("SELECT sid, record FROM asp_records WHERE tenant = $1 AND kind = $2", self.tenant, kind)
+        return {bytes(row["sid"]): value for row in rows if (value := _decoded(row["record"], dict)) is not None}
+
+    async def memories(self, page: int = 1024) -> AsyncIterator[list[tuple[bytes, dict[str, Any], dict[str, Any] | None]]]:
+        """Every memory of the tenant with its vector record (or None), ``page`` at a time, as
+        (session digest or b"", memory record, vector record): one query, streamed."""
+        query = ("SELECT m.sid, m.record, v.record AS vector FROM asp_records m LEFT JOIN asp_records v "
+                 "ON v.tenant = m.tenant AND v.sid = m.sid AND v.kind = $3 AND v.key = m.key WHERE m.tenant = $1 AND m.kind = $2")
+        rows: list[tuple[bytes, dict[str, Any], dict[str, Any] | None]] = []
+        async for row in self._connection.cursor(query, self.tenant, _MEMORY, _VECTOR, prefetch=page):
+            value = _decoded(row["record"], dict)
+            if value is not None:
+                rows.append((bytes(row["sid"]), value, _decoded(row["vector"], dict) if row["vector"] is not None else None))
+            if len(rows) >= page:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
+
+
+def _decoded(raw: bytes, build: Callable[[Any], T]) -> T | None:
+    try:
+        return build(codec.decode(raw))
+    except (CorruptRecord, TypeError, KeyError, ValueError):
+        return None
 
 
 def _text(raw: bytes) -> str:
