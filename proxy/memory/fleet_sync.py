@@ -18,8 +18,8 @@ message once per fleet.
   debt without progress for ``grace_s`` (the replica died, or fell far behind) is claimed by one
   replica, which indexes what the session's mark does not cover yet.
 
-A deployment with pgvector would replace the follower and the local index with queries (the
-seam is ``MemoryFeed``: the same change log, read by no one); see docs/MEMORY.md (Fleet mode).
+A deployment with pgvector would search PostgreSQL instead of holding this cache: docs/MEMORY.md
+(Fleet mode) says where it would plug in and whether it is worth it.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ _LOAD_PAGE = 1024  # memories decoded at a time at start-up
 
 
 class FleetSync:
-    def __init__(self, service: Any, feed: MemoryFeed, mark: tuple[str, str], *, poll_s: float = 2.0, grace_s: float = 30.0, sweep_s: float = 5.0,
-                 retention_s: float = 86_400.0) -> None:
+    def __init__(self, service: Any, feed: MemoryFeed, mark: tuple[str, str], *, poll_s: float = 2.0, grace_s: float = 30.0,
+                 sweep_s: float = 5.0, retention_s: float = 86_400.0) -> None:
         self.service, self.feed = service, feed
         self.mark = mark  # (kind, key) of a session's record "messages below this seq are indexed"
         self.poll_s, self.grace_s, self.sweep_s, self.retention_s = poll_s, grace_s, sweep_s, retention_s
@@ -85,7 +85,7 @@ class FleetSync:
         service = self.service
         writes: list[Record] = []
         async with self.feed.snapshot(tenant) as snapshot:
-            self.cursors[tenant] = await snapshot.head()  # changes after it are applied after the load
+            head = await snapshot.head()  # changes after it are applied once the load is done
             sessions = {session.id: session for session in await snapshot.sessions()}
             marks = await snapshot.records(self.mark[0])
             async for page in snapshot.memories(_LOAD_PAGE):
@@ -95,6 +95,7 @@ class FleetSync:
                 for start in range(0, len(memories), _SLICE * 16):
                     service._insert_loaded(tenant, memories[start:start + _SLICE * 16])
                     await asyncio.sleep(0)
+        self.cursors[tenant] = head  # not before: a load that failed half-way is reconciled in full instead
         for start in range(0, len(writes), 1000):  # orphans of sessions gone in the snapshot; old records split
             await service.store.apply([Write(tenant, records=writes[start:start + 1000])])
         behind = []
