@@ -191,12 +191,13 @@ def _startup(server: PostgresServer, upstream: FakeUpstream, args: argparse.Name
             memory = serving + _until(lambda: _stats(client, replica)["ready"], 0.05, timeout=1800)
             rss_ready = _rss_anon(replica.process.pid)
             stats = _stats(client, replica)
-            built = memory + _until(lambda: _stats(client, replica)["index"]["hnsw_ready"], 0.2, timeout=1800)
+            print(f"/ready after {serving:.2f} s; memory ready ({stats['index']['memories']} memories searchable) after {memory:.1f} s "
+                  f"(RssAnon {rss_ready / 2**20:.0f} MiB)", flush=True)
+            built = memory + _until(lambda: _stats(client, replica)["index"]["hnsw_ready"], 0.2, timeout=3600)
             rss_built = _rss_anon(replica.process.pid)
             found = client.post(f"{replica.url}/v1/memories/search", json={"query": "message 3 of session 42", "scope": "tenant", "min_score": -1})
-            print(f"/ready after {serving:.2f} s; memory ready ({stats['index']['memories']} memories) after {memory:.1f} s "
-                  f"(RssAnon {rss_ready / 2**20:.0f} MiB); HNSW built after {built:.1f} s (RssAnon {rss_built / 2**20:.0f} MiB); "
-                  f"a search then: {found.status_code}, {len(found.json().get('data', []))} hits")
+            print(f"HNSW index built after {built:.1f} s (RssAnon {rss_built / 2**20:.0f} MiB); "
+                  f"a search then: {found.status_code}, {len(found.json().get('data', []))} hits", flush=True)
         finally:
             replica.stop()
 

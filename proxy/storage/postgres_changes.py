@@ -262,21 +262,30 @@ class Snapshot:
         rows = await self._connection.fetch("SELECT sid, record FROM asp_records WHERE tenant = $1 AND kind = $2", self.tenant, kind)
         return {bytes(row["sid"]): value for row in rows if (value := _decoded(row["record"], dict)) is not None}
 
-    async def memories(self, page: int = 1024) -> AsyncIterator[list[tuple[bytes, dict[str, Any], dict[str, Any] | None]]]:
-        """Every memory of the tenant with its vector record (or None), ``page`` at a time, as
-        (session digest or b"", memory record, vector record): one query, streamed."""
+    async def memories(self, page: int = 1024) -> AsyncIterator[list[tuple[bytes, bytes, bytes | None]]]:
+        """Every memory of the tenant with its vector record, ``page`` at a time, still encoded
+        (decode them off the event loop with ``decode_memories``): one query, streamed."""
         query = ("SELECT m.sid, m.record, v.record AS vector FROM asp_records m LEFT JOIN asp_records v "
                  "ON v.tenant = m.tenant AND v.sid = m.sid AND v.kind = $3 AND v.key = m.key WHERE m.tenant = $1 AND m.kind = $2")
-        rows: list[tuple[bytes, dict[str, Any], dict[str, Any] | None]] = []
+        rows: list[tuple[bytes, bytes, bytes | None]] = []
         async for row in self._connection.cursor(query, self.tenant, _MEMORY, _VECTOR, prefetch=page):
-            value = _decoded(row["record"], dict)
-            if value is not None:
-                rows.append((bytes(row["sid"]), value, _decoded(row["vector"], dict) if row["vector"] is not None else None))
+            rows.append((bytes(row["sid"]), row["record"], row["vector"]))
             if len(rows) >= page:
                 yield rows
                 rows = []
         if rows:
             yield rows
+
+
+def decode_memories(rows: list[tuple[bytes, bytes, bytes | None]]) -> list[tuple[bytes, dict[str, Any], dict[str, Any] | None]]:
+    """(session digest or b"", memory record, vector record or None) of ``Snapshot.memories``
+    rows; an undecodable memory is left out (the store's reads quarantine it)."""
+    decoded = []
+    for sid, raw, vector in rows:
+        value = _decoded(raw, dict)
+        if value is not None:
+            decoded.append((sid, value, _decoded(vector, dict) if vector is not None else None))
+    return decoded
 
 
 def _decoded(raw: bytes, build: Callable[[Any], T]) -> T | None:
