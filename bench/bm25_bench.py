@@ -35,7 +35,8 @@ from memory_latency import locomo_sentences, percentile  # noqa: E402
 
 from proxy.memory import lexical  # noqa: E402
 from proxy.memory.model import EPISODIC, SEMANTIC, TYPES, Memory, Scope  # noqa: E402
-from proxy.memory.tenant import _NONE, _TYPE_CODE, CANDIDATES, TenantMemory  # noqa: E402
+from proxy.memory.columns import NONE as _NONE  # noqa: E402
+from proxy.memory.tenant import _TYPE_CODE, CANDIDATES, TenantMemory  # noqa: E402
 
 USER = "bench-user"
 

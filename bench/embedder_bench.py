@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from proxy.memory.remote import local_model  # noqa: E402
-from proxy.memory.service import _shorten  # noqa: E402
+from proxy.memory.recall import shorten as _shorten  # noqa: E402
 
 ENGINES = ("local-exact", "local")
 SHORT_QUERY = "What did Caroline say about the adoption agency?"

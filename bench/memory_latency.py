@@ -126,7 +126,6 @@ def main() -> None:
     seconds = time.perf_counter() - started
     results["hnsw_build_per_s"] = round(args.memories / seconds)
     results["hnsw_build_s"] = round(seconds, 1)
-    results["hnsw_bytes_per_100k_mb"] = round(index.memory_usage() / args.memories * 100_000 / 2**20, 1)
     results["mirror_bytes_per_100k_mb"] = round(single.mirror.nbytes() / args.memories * 100_000 / 2**20, 1)
     results["rss_total_per_100k_mb"] = round((rss_bytes() - base) / 2**20 * 100_000 / args.memories, 1)
     with tempfile.TemporaryDirectory() as tmp:

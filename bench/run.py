@@ -559,7 +559,7 @@ def query_embedding_floor(seed: FullSeed, repeats: int = 40) -> float:
     from threadpoolctl import threadpool_limits
 
     from proxy.memory.remote import local_model
-    from proxy.memory.service import _shorten
+    from proxy.memory.recall import shorten as _shorten
     from workload import WindowConversation
 
     conversation = WindowConversation(seed.sessions()[0], seed.turns)

@@ -43,7 +43,7 @@ from proxy.config import load_config  # noqa: E402
 from proxy.context.importance import tag_message  # noqa: E402
 from proxy.memory.remote import LOCAL_ENGINES  # noqa: E402
 from proxy.memory.model import SEMANTIC, Memory  # noqa: E402
-from proxy.memory.service import MARK_KEY, MARK_KIND  # noqa: E402
+from proxy.memory.indexer import MARK_KEY, MARK_KIND  # noqa: E402
 from proxy.records import Message, Session  # noqa: E402
 from proxy.storage.base import Record, Write  # noqa: E402
 from proxy.storage.lmdb_store import LmdbStore  # noqa: E402

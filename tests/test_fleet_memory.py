@@ -195,8 +195,9 @@ async def test_a_replica_whose_changes_were_pruned_before_it_read_them_reconcile
     assert service.fleet is not None
     try:
         await service.start()
-        await asyncio.wait_for(service.ready["local"].wait(), 30)
-        ids = service.memories["local"].ids
+        state = service.tenants["local"]
+        await asyncio.wait_for(state.ready.wait(), 30)
+        ids = state.memory.ids
         await other.execute(insert, *row("mem_kept", "the kept one"))
         await other.execute(insert, *row("mem_doomed", "the doomed one"))
         await until("the notified changes applied", lambda: "mem_kept" in ids and "mem_doomed" in ids)
@@ -206,9 +207,9 @@ async def test_a_replica_whose_changes_were_pruned_before_it_read_them_reconcile
             await other.execute("DELETE FROM asp_records WHERE key = $1", b"mem_doomed")
             await other.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the log written now, not at commit...
             await other.execute("DELETE FROM asp_memory_changes")  # ...and pruned before anyone read it
-        await until("reconciled", lambda: service.counters["local"]["fleet_reconciled"] == 1)
+        await until("reconciled", lambda: state.counters["fleet_reconciled"] == 1)
         assert "mem_unseen" in ids and "mem_doomed" not in ids and "mem_kept" in ids
-        assert service.memories["local"].alive == 2
+        assert state.memory.alive == 2
         found, _ = await service.search("local", "unseen", Scope("tenant", None, None), top_k=3, types=[SEMANTIC])
         assert [m.id for m, _ in found] == ["mem_unseen"]
     finally:

@@ -126,7 +126,7 @@ def test_a_memory_added_while_the_embedder_loads_is_embedded_once_it_is_up(tmp_p
     """Accepted before the embedder was ready, it must still be found by meaning (no shared words)."""
     import threading
 
-    import proxy.memory.service as service_module
+    import proxy.memory.embedder_slots as service_module
     from tests.harness import open_tenant, start_thread, write_config
 
     gate = threading.Event()

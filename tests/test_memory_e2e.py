@@ -199,7 +199,7 @@ def test_the_query_embedding_starts_before_the_session_loads_and_is_not_repeated
     it up."""
     import openai
 
-    from proxy.memory import service as service_module
+    from proxy.memory import recall as service_module
 
     chat(memory_proxy, HOTEL, user="alice", session="planning")
     drain(memory_proxy)
@@ -207,7 +207,7 @@ def test_the_query_embedding_starts_before_the_session_loads_and_is_not_repeated
     pipeline = memory_proxy.app[keys.PIPELINE]
     memory = pipeline.memory
     events: list[str] = []
-    start, load, cancel = memory._start_query_embedding, pipeline._load, service_module.QueryEmbedding.cancel
+    start, load, cancel = memory.recaller.start_query_embedding, pipeline._load, service_module.QueryEmbedding.cancel
 
     def started(*args, **kwargs):
         events.append("embedding")
@@ -221,7 +221,7 @@ def test_the_query_embedding_starts_before_the_session_loads_and_is_not_repeated
         events.append("cancelled")
         cancel(self)
 
-    monkeypatch.setattr(memory, "_start_query_embedding", started)
+    monkeypatch.setattr(memory.recaller, "start_query_embedding", started)
     monkeypatch.setattr(pipeline, "_load", loaded)
     monkeypatch.setattr(service_module.QueryEmbedding, "cancel", cancelled)
     _, headers = chat(memory_proxy, "Which hotel did we pick for the offsite?", user="alice", session="later")

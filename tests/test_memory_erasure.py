@@ -114,17 +114,18 @@ def test_a_session_deleted_while_its_memories_are_being_indexed_leaves_none_behi
     made to complete within the first pause, so the test does not depend on timing.)"""
     import asyncio
 
-    from proxy.memory import service as service_module
+    from proxy.memory import indexer as service_module
 
     monkeypatch.setattr(service_module, "_INSERT_SLICE", 1)
     path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory=MEMORY)})
     with running(path) as proxy:
         drain(proxy)
         memory = proxy.app[keys.PIPELINE].memory
-        insert, erased = memory._insert, []
+        state = memory.tenants["local"]
+        insert, erased = state.insert, []
 
-        def insert_then_erase(tenant: str, memories: list) -> None:
-            insert(tenant, memories)
+        def insert_then_erase(memories: list) -> None:
+            insert(memories)
             if memories and not erased:  # the admin API's deletion, in the first pause
                 async def delete() -> None:  # as admin_delete_session does
                     async with proxy.app[keys.PIPELINE].locks.hold("local", "travel", refuse_when_busy=False):
@@ -142,7 +143,7 @@ def test_a_session_deleted_while_its_memories_are_being_indexed_leaves_none_behi
                     await asyncio.shield(erased[0])
                 return await asyncio.sleep(delay, result)
 
-        monkeypatch.setattr(memory, "_insert", insert_then_erase)
+        monkeypatch.setattr(state, "insert", insert_then_erase)
         monkeypatch.setattr(service_module, "asyncio", PauseUntilErased())
         earlier = [{"role": role, "content": f"Packing list item {i}: socks number {i}."}
                    for i in range(12) for role in ("user", "assistant")]

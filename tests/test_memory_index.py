@@ -104,13 +104,13 @@ def _memory(proxy: ProxyThread):
 
 
 def _hnsw_keys(proxy: ProxyThread, tenant: str = "local") -> set[int]:
-    mem = _memory(proxy).memories[tenant]
+    mem = _memory(proxy).tenants[tenant].memory
     assert mem.vectors is not None and mem.hnsw_ready
     return {int(k) for k in mem.vectors.keys()}
 
 
 def _alive_keys(proxy: ProxyThread, tenant: str = "local") -> set[int]:
-    mem = _memory(proxy).memories[tenant]
+    mem = _memory(proxy).tenants[tenant].memory
     return {int(mem.cols.ukey[slot]) for slot in mem.key_slot.values()}
 
 
@@ -219,7 +219,7 @@ def test_index_is_rebuilt_from_lmdb_when_the_file_is_missing_or_corrupt(config_p
 def test_an_index_saved_with_another_dtype_is_rebuilt_once_in_the_current_one(config_path: Path, through_hnsw: None, monkeypatch: pytest.MonkeyPatch) -> None:
     # An index file from a release that saved f16 is refused by the i8 release (never misread),
     # rebuilt from LMDB once, and saved again as i8.
-    from proxy.memory import service as service_module
+    from proxy.memory import index_worker as service_module
 
     monkeypatch.setattr(service_module, "INDEX_DTYPE", "f16")
     with _start(config_path) as proxy:
@@ -316,7 +316,7 @@ def test_memory_records_of_before_keep_their_vectors_and_are_split_at_load(confi
     """A store written before vectors had records of their own (each memory record held its
     vector) loads with its vectors, so nothing is embedded again, and is rewritten in the
     current layout: recalls then read records a quarter of the size."""
-    from proxy.memory import service as service_module
+    from proxy.memory import loader as service_module
     from proxy.storage.base import Record
 
     with _start(config_path) as proxy:
@@ -342,14 +342,14 @@ def test_memory_records_of_before_keep_their_vectors_and_are_split_at_load(confi
     (config_path.parent / "data" / "index" / "local.usearch").unlink()  # rebuilt from the vectors LMDB holds
 
     decoded = []
-    decode = service_module._decode_all
+    decode = service_module.decode_all
 
     def counting_decode(rows, sessions, model):
         memories, writes = decode(rows, sessions, model)
         decoded.extend(m.vector is not None for m in memories)
         return memories, writes
 
-    monkeypatch.setattr(service_module, "_decode_all", counting_decode)
+    monkeypatch.setattr(service_module, "decode_all", counting_decode)
     with _start(config_path) as proxy:
         drain(proxy)
         assert len(decoded) == len(before) and all(decoded)  # every vector came from LMDB
@@ -422,7 +422,7 @@ def test_periodic_saves_wait_for_a_moment_without_requests(config_path: Path, th
         service = _memory(proxy)
         _add_facts(proxy, FACTS)
         drain(proxy)
-        assert not index_file.exists() and service._dirty
+        assert not index_file.exists() and service.tenants["local"].dirty
 
         async def save_during_a_request() -> tuple[bool, bool]:
             activity.started()  # a request in flight
@@ -433,12 +433,12 @@ def test_periodic_saves_wait_for_a_moment_without_requests(config_path: Path, th
             finally:
                 activity.ended()
             await asyncio.wait_for(saving, 5)
-            await service._ops.join()
+            await service.ops.join()
             return held, index_file.exists()
 
         held, saved = proxy.call(save_during_a_request())
         assert held and saved  # not while the request was in flight; soon after it ended
-        assert not service._dirty
+        assert not service.tenants["local"].dirty
         _add_facts(proxy, ["The build cache lives on host cache-2."])
         drain(proxy)
         before = index_file.stat().st_mtime_ns
@@ -447,7 +447,7 @@ def test_periodic_saves_wait_for_a_moment_without_requests(config_path: Path, th
             activity.started()
             try:
                 await service.save_when_quiet(within=0.3)  # waited long enough: saves regardless
-                await service._ops.join()
+                await service.ops.join()
             finally:
                 activity.ended()
             return index_file.stat().st_mtime_ns != before

@@ -284,9 +284,9 @@ def test_a_large_group_drops_its_exact_copies_once_indexed_and_is_still_searched
 
 
 def test_key_slots_map_near_and_far_keys_and_forget_removed_ones() -> None:
-    from proxy.memory.tenant import _KeySlots
+    from proxy.memory.columns import KeySlots
 
-    mapping = _KeySlots()
+    mapping = KeySlots()
     mapping[5], mapping[2**40], mapping[0] = 50, 60, 70
     assert len(mapping) == 3 and mapping.get(5) == 50 and 2**40 in mapping and 6 not in mapping
     assert mapping.lookup(np.array([0, 5, 6, 2**40, 2**41], dtype=np.uint64)).tolist() == [70, 50, -1, 60, -1]

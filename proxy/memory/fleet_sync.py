@@ -28,12 +28,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Mapping
 
-import numpy as np
-
+from proxy.memory.indexer import MARK_KEY, MARK_KIND, Indexer
+from proxy.memory.loader import decode_all
 from proxy.memory.model import Memory
-from proxy.storage.base import Record, StorageError, Write
+from proxy.memory.state import TenantState
+from proxy.storage.base import Record, StorageError, Store, Write
 from proxy.storage.kv import session_digest
 from proxy.storage.postgres_changes import Change, MemoryFeed, close_quietly, decode_memories
 
@@ -46,77 +47,76 @@ _LOAD_PAGE = 1024  # memories decoded at a time at start-up
 
 
 class FleetSync:
-    def __init__(self, service: Any, feed: MemoryFeed, mark: tuple[str, str], *, poll_s: float = 2.0, grace_s: float = 30.0,
-                 sweep_s: float = 5.0, retention_s: float = 86_400.0) -> None:
-        self.service, self.feed = service, feed
-        self.mark = mark  # (kind, key) of a session's record "messages below this seq are indexed"
+    def __init__(self, tenants: Mapping[str, TenantState], store: Store, indexer: Indexer, feed: MemoryFeed, *, poll_s: float = 2.0,
+                 grace_s: float = 30.0, sweep_s: float = 5.0, retention_s: float = 86_400.0) -> None:
+        self.tenants, self.store, self.indexer, self.feed = tenants, store, indexer, feed
         self.poll_s, self.grace_s, self.sweep_s, self.retention_s = poll_s, grace_s, sweep_s, retention_s
         self.cursors: dict[str, int] = {}  # tenant -> newest change applied
-        self._wake = {tenant: asyncio.Event() for tenant in service.settings}
+        self._wake = {tenant: asyncio.Event() for tenant in tenants}
         self._listener: Any = None
 
     @classmethod
-    def of(cls, service: Any, mark: tuple[str, str], **timing: float) -> FleetSync | None:
-        """The sync for the service's store, or None when the store is not a fleet's."""
-        store = service.store
+    def of(cls, tenants: Mapping[str, TenantState], store: Store, indexer: Indexer, **timing: float) -> FleetSync | None:
+        """The sync for this store, or None when the store is not a fleet's."""
         if not getattr(store, "shared", False):
             return None
         feed_of = getattr(getattr(store, "inner", store), "memory_feed", None)
         feed = feed_of() if feed_of is not None else None
-        return cls(service, feed, mark, **timing) if feed is not None else None
+        return cls(tenants, store, indexer, feed, **timing) if feed is not None else None
 
     def start(self) -> list[asyncio.Task[Any]]:
         tasks = [asyncio.create_task(self._listen(), name="memory-fleet-listen"),
                  asyncio.create_task(self._sweep(), name="memory-fleet-sweep")]
-        tasks += [asyncio.create_task(self._follow(tenant), name=f"memory-fleet-{tenant}") for tenant in self._wake]
+        tasks += [asyncio.create_task(self._follow(state), name=f"memory-fleet-{tenant}") for tenant, state in self.tenants.items()]
         return tasks
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
         await close_quietly(listener)
 
-    # -- start-up hooks (the loader) ---------------------------------------------------------
+    # -- start-up (the loader) ---------------------------------------------------------------
 
-    async def load(self, tenant: str, model: str, decode: Callable[..., tuple[list[Memory], list[Record]]],
-                   episodic: bool) -> list[tuple[Any, int]]:
+    async def load(self, state: TenantState) -> list[tuple[Any, int]]:
         """Build the tenant's cache from one snapshot of PostgreSQL (one streamed query, not a
         few per session); returns the sessions with messages not indexed yet, with how far
-        they are. ``decode`` turns stored rows into memories and the writes that erase orphans."""
-        service = self.service
+        they are."""
         writes: list[Record] = []
-        async with self.feed.snapshot(tenant) as snapshot:
+        async with self.feed.snapshot(state.name) as snapshot:
             head = await snapshot.head()  # changes after it are applied once the load is done
             sessions = {session.id: session for session in await snapshot.sessions()}
-            marks = await snapshot.records(self.mark[0])
+            marks = await snapshot.records(MARK_KIND)
             async for page in snapshot.memories(_LOAD_PAGE):
-                memories, erase = await asyncio.to_thread(_decode_page, page, decode, sessions, model)
+                memories, erase = await asyncio.to_thread(_decode_page, page, sessions, state.model_name)
                 writes += erase
                 for start in range(0, len(memories), _SLICE * 16):
-                    service._insert_loaded(tenant, memories[start:start + _SLICE * 16])
+                    chunk = memories[start:start + _SLICE * 16]
+                    for memory in chunk:
+                        memory.key = state.allocate_key()  # keys are per replica
+                    state.insert(chunk, index=False)  # the index is built from the copies once loaded
                     await asyncio.sleep(0)
-        self.cursors[tenant] = head  # not before: a load that failed half-way is reconciled in full instead
+        self.cursors[state.name] = head  # not before: a load that failed half-way is reconciled in full instead
         for start in range(0, len(writes), 1000):  # orphans of sessions gone in the snapshot; old records split
-            await service.store.apply([Write(tenant, records=writes[start:start + 1000])])
+            await self.store.apply([Write(state.name, records=writes[start:start + 1000])])
         behind = []
-        for session in sessions.values() if episodic else ():
+        for session in sessions.values() if state.settings.episodic else ():
             mark = marks.get(session_digest(session.id))
             indexed = int(mark["next"]) if mark and mark.get("created") == session.created_at else 0
             if session.next_seq > indexed:
                 behind.append((session, indexed))
         return behind
 
-    async def owe(self, tenant: str, sessions: list[tuple[Any, int]]) -> None:
+    async def owe(self, state: TenantState, sessions: list[tuple[Any, int]]) -> None:
         """Sessions found at start-up with messages not indexed yet: owed to the fleet (another
         replica may be indexing them right now), not indexed here at once."""
         if sessions:
-            await self.feed.owe(tenant, [(session.id, session.next_seq - 1) for session, _ in sessions])
+            await self.feed.owe(state.name, [(session.id, session.next_seq - 1) for session, _ in sessions])
 
-    async def indexed(self, tenant: str, marks: dict[str, int]) -> None:
+    async def indexed(self, state: TenantState, marks: dict[str, int]) -> None:
         """The indexer committed these sessions' marks: their debts are paid up to them."""
         try:
-            await self.feed.indexed(tenant, marks)
+            await self.feed.indexed(state.name, marks)
         except StorageError as exc:  # the debt stays; whoever claims it finds the mark and settles it
-            log.warning("memory: could not settle indexed sessions of tenant %s: %s", tenant, exc)
+            log.warning("memory: could not settle indexed sessions of tenant %s: %s", state.name, exc)
 
     # -- following the change log ------------------------------------------------------------
 
@@ -144,91 +144,89 @@ class FleetSync:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
-    async def _follow(self, tenant: str) -> None:
-        await self.service.ready[tenant].wait()
-        wake = self._wake[tenant]
+    async def _follow(self, state: TenantState) -> None:
+        await state.ready.wait()
+        wake = self._wake[state.name]
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.poll_s)
             wake.clear()
             try:
-                await self.catch_up(tenant)
+                await self.catch_up(state)
             except Exception as exc:  # PostgreSQL away: the next round retries from the same cursor
-                self.service.counters[tenant]["fleet_sync_errors"] += 1
-                log.warning("memory: following the fleet's changes of tenant %s failed: %s", tenant, exc)
+                state.counters["fleet_sync_errors"] += 1
+                log.warning("memory: following the fleet's changes of tenant %s failed: %s", state.name, exc)
                 await asyncio.sleep(self.poll_s)
 
-    async def catch_up(self, tenant: str) -> int:
+    async def catch_up(self, state: TenantState) -> int:
         """Apply every change of the tenant committed since the last call; how many."""
         applied = 0
         while True:
-            cursor = self.cursors.get(tenant)
+            cursor = self.cursors.get(state.name)
             if cursor is None:
-                await self._reconcile(tenant)  # the load could not read the head
+                await self._reconcile(state)  # the load could not read the head
                 continue
-            head = await self.feed.head(tenant)  # first: every change up to it is committed, so readable
-            changes = await self.feed.changes(tenant, cursor, _PAGE) if head > cursor else []
+            head = await self.feed.head(state.name)  # first: every change up to it is committed, so readable
+            changes = await self.feed.changes(state.name, cursor, _PAGE) if head > cursor else []
             if head > cursor and (not changes or changes[0][0] != cursor + 1):  # pruned before this replica read them
-                log.warning("memory: tenant %s missed fleet changes after %d (pruned); reconciling with PostgreSQL", tenant, cursor)
-                await self._reconcile(tenant)
+                log.warning("memory: tenant %s missed fleet changes after %d (pruned); reconciling with PostgreSQL", state.name, cursor)
+                await self._reconcile(state)
                 continue
             if not changes:
                 return applied
-            await self._apply(tenant, [change for _, change in changes])
-            self.cursors[tenant] = changes[-1][0]
+            await self._apply(state, [change for _, change in changes])
+            self.cursors[state.name] = changes[-1][0]
             applied += len(changes)
             if len(changes) < _PAGE:
                 return applied
 
-    async def _reconcile(self, tenant: str) -> None:
+    async def _reconcile(self, state: TenantState) -> None:
         """Make the cache hold what PostgreSQL holds, without the log: a full comparison of ids."""
-        head = await self.feed.head(tenant)
-        stored = await self.feed.stored(tenant)
-        mem = self.service.memories[tenant]
+        head = await self.feed.head(state.name)
+        stored = await self.feed.stored(state.name)
+        mem = state.memory
         held = {mem.ids[slot] for slot in mem.key_slot.values() if mem.ids[slot]}
         gone = held - {change.memory_id for change in stored}
         if gone:
-            self.service._forget(tenant, gone)
-        await self._apply(tenant, sorted(change for change in stored if change.memory_id not in held))
-        self.cursors[tenant] = head
-        self.service.counters[tenant]["fleet_reconciled"] += 1
+            state.forget(gone)
+        await self._apply(state, sorted(change for change in stored if change.memory_id not in held))
+        self.cursors[state.name] = head
+        state.counters["fleet_reconciled"] += 1
 
-    async def _apply(self, tenant: str, changes: list[Change]) -> None:
-        service = self.service
-        mem, model = service.memories[tenant], service._model_name(tenant)
+    async def _apply(self, state: TenantState, changes: list[Change]) -> None:
+        mem = state.memory
         unique = list(dict.fromkeys(changes))
         for start in range(0, len(unique), _FETCH):
             chunk = unique[start:start + _FETCH]
-            stored = await self.feed.memories(tenant, chunk)
+            stored = await self.feed.memories(state.name, chunk)
             for number, (_, memory_id) in enumerate(chunk):
                 if number % _SLICE == _SLICE - 1:
                     await asyncio.sleep(0)
                 found = stored.get(memory_id)
                 if found is None:
                     if memory_id in mem.ids:
-                        service._forget(tenant, [memory_id])
+                        state.forget([memory_id])
                     continue
                 try:
                     memory = Memory.from_record(found[0], vector_value=found[1])
                 except (ValueError, KeyError, TypeError):
-                    log.error("memory: undecodable memory %r of tenant %s in the fleet's changes skipped", memory_id, tenant)
+                    log.error("memory: undecodable memory %r of tenant %s in the fleet's changes skipped", memory_id, state.name)
                     continue
-                if memory.model != model:
+                if memory.model != state.model_name:
                     memory.vector, memory.model = None, None  # another embedder's: this replica's indexer re-embeds it
-                if memory_id not in mem.ids:
-                    memory.key = service._allocate_key(mem)
-                    service._insert(tenant, [memory])
+                slot = mem.ids.slot(memory_id)
+                if slot is None:
+                    memory.key = state.allocate_key()
+                    state.insert([memory])
                 elif memory.vector is not None and memory_id in mem.unembedded:
-                    slot = mem.attach_vector(memory_id, memory.vector)
-                    if slot is not None:
-                        service._ops.put_nowait(("add", tenant, np.array([mem.cols.ukey[slot]], dtype=np.uint64), memory.vector[None, :]))
-            service.counters[tenant]["fleet_changes_applied"] += len(chunk)
+                    memory.key = int(mem.cols.ukey[slot])  # this replica's key for it
+                    state.attach_vectors([memory])
+            state.counters["fleet_changes_applied"] += len(chunk)
 
     # -- episodic indexing owed by replicas that died ----------------------------------------
 
     async def _sweep(self) -> None:
-        service = self.service
-        episodic = [tenant for tenant, settings in service.settings.items() if settings.episodic]
+        episodic = [tenant for tenant, state in self.tenants.items() if state.settings.episodic]
         if not episodic:
             return
         registered = False
@@ -239,9 +237,9 @@ class FleetSync:
                     await self.feed.register(episodic)
                     registered = True
                 await asyncio.sleep(self.sweep_s)
-                ready = [tenant for tenant in episodic if service.ready[tenant].is_set()]
+                ready = [tenant for tenant in episodic if self.tenants[tenant].ready.is_set()]
                 for tenant, session, sid, upto in await self.feed.claim(ready, self.grace_s) if ready else ():
-                    await self._pay(tenant, session, sid, upto)
+                    await self._pay(self.tenants[tenant], session, sid, upto)
                 if time.monotonic() - pruned > 600:
                     pruned = time.monotonic()
                     await self.feed.prune(self.retention_s)
@@ -249,23 +247,22 @@ class FleetSync:
                 log.warning("memory: the fleet's indexing sweep failed (%s); retrying", exc)
                 await asyncio.sleep(self.sweep_s)
 
-    async def _pay(self, tenant: str, session: Any, sid: bytes, upto: int) -> None:
+    async def _pay(self, state: TenantState, session: Any, sid: bytes, upto: int) -> None:
         """Index what a claimed session still owes (another replica recorded it, then stopped)."""
         if session is None:
-            await self.feed.settle(tenant, sid, upto)  # deleted: nothing to index
+            await self.feed.settle(state.name, sid, upto)  # deleted: nothing to index
             return
-        mark = await self.service.store.get_record(tenant, *self.mark, session.id)
+        mark = await self.store.get_record(state.name, MARK_KIND, MARK_KEY, session.id)
         indexed = int(mark["next"]) if mark and mark.get("created") == session.created_at else 0
         if indexed > upto or session.next_seq <= indexed:
-            await self.feed.settle(tenant, sid, upto)  # paid meanwhile
+            await self.feed.settle(state.name, sid, upto)  # paid meanwhile
             return
-        self.service.counters[tenant]["fleet_claimed"] += 1
-        log.info("memory: indexing session messages %d-%d of tenant %s left unindexed by another replica", indexed, upto, tenant)
-        await self.service._catch_up(tenant, session, indexed)  # its mark pays the debt (indexed())
+        state.counters["fleet_claimed"] += 1
+        log.info("memory: indexing session messages %d-%d of tenant %s left unindexed by another replica", indexed, upto, state.name)
+        await self.indexer.catch_up(state, session, indexed)  # its mark pays the debt (indexed())
 
 
-def _decode_page(page: list[tuple[bytes, bytes, bytes | None]], decode: Callable[..., tuple[list[Memory], list[Record]]],
-                 sessions: dict[str, Any], model: str) -> tuple[list[Memory], list[Record]]:
+def _decode_page(page: list[tuple[bytes, bytes, bytes | None]], sessions: dict[str, Any], model: str) -> tuple[list[Memory], list[Record]]:
     """A page of stored memories decoded (on a worker thread: ~0.1 ms a memory)."""
     rows = [(value.get("session") if sid else None, value, vector) for sid, value, vector in decode_memories(page)]
-    return decode(rows, sessions, model)
+    return decode_all(rows, sessions, model)

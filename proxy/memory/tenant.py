@@ -16,13 +16,13 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 
 from proxy.memory import lexical
+from proxy.memory.columns import NONE, Columns, KeySlots
 from proxy.memory.ids import MemoryIds
 from proxy.memory.model import EPISODIC, PROCEDURAL, SEMANTIC, TYPES, Memory, Scope, text_hash
 from proxy.memory.slots import EMPTY as NO_SLOTS, SlotSet, union as union_of
 from proxy.memory.vectors import EXACT_MAX, Mirror, VectorIndex
 
 _TYPE_CODE = {t: i for i, t in enumerate(TYPES)}
-_NONE = -1
 _TENANT_GROUP = -1
 # Fusion constants, chosen on LoCoMo (docs/MEMORY.md): a small RRF k favours the top of each
 # list, the lexical list weighs twice the dense one (MiniLM misses names and rare words BM25
@@ -54,90 +54,6 @@ class Hit:
     lexical: float  # BM25 score normalised to [0, 1] by the query's best possible score
 
 
-class _Columns:
-    """Per-slot metadata as growable numpy arrays (vectorised scope checks)."""
-
-    def __init__(self) -> None:
-        self.capacity = 0
-        self.user = np.empty(0, dtype=np.int32)
-        self.session = np.empty(0, dtype=np.int32)
-        self.kind = np.empty(0, dtype=np.int8)
-        self.ts = np.empty(0, dtype=np.float64)
-        self.alive = np.empty(0, dtype=bool)
-        self.texthash = np.empty(0, dtype=np.int64)
-        self.ukey = np.empty(0, dtype=np.uint64)
-        self.seq = np.empty(0, dtype=np.int64)
-
-    def ensure(self, slot: int) -> None:
-        if slot < self.capacity:
-            return
-        size = max(1024, self.capacity * 2, slot + 1)
-        for name, fill in (("user", _NONE), ("session", _NONE), ("kind", 0), ("ts", 0.0), ("alive", False), ("texthash", 0), ("ukey", 0), ("seq", -1)):
-            old = getattr(self, name)
-            new = np.full(size, fill, dtype=old.dtype)
-            new[: len(old)] = old
-            setattr(self, name, new)
-        self.capacity = size
-
-
-class _KeySlots:
-    """usearch key -> slot, for live memories: an int32 array indexed by key (keys are handed
-    out in sequence), not a dict of 100k ints (6.4 MB). A key far beyond the others (a record
-    written elsewhere) goes to a dict instead of stretching the array."""
-
-    def __init__(self) -> None:
-        self._slots = np.full(0, -1, dtype=np.int32)
-        self._far: dict[int, int] = {}
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __contains__(self, key: int) -> bool:
-        return self.get(key) is not None
-
-    def get(self, key: int, default: int | None = None) -> int | None:
-        if 0 <= key < len(self._slots):
-            slot = int(self._slots[key])
-            return default if slot < 0 else slot
-        return self._far.get(key, default)
-
-    def __setitem__(self, key: int, slot: int) -> None:
-        self.pop(key)
-        if 0 <= key < max(1 << 20, 4 * self._count):
-            if key >= len(self._slots):
-                size = min(max(key + 1, 2 * len(self._slots), 1024), max(1 << 20, 4 * self._count))
-                self._slots = np.concatenate([self._slots, np.full(size - len(self._slots), -1, dtype=np.int32)])
-            self._slots[key] = slot
-        else:
-            self._far[key] = slot
-        self._count += 1
-
-    def pop(self, key: int, default: int | None = None) -> int | None:
-        slot = self.get(key)
-        if slot is None:
-            return default
-        if 0 <= key < len(self._slots):
-            self._slots[key] = -1
-        else:
-            del self._far[key]
-        self._count -= 1
-        return slot
-
-    def values(self) -> list[int]:
-        return self._slots[self._slots >= 0].tolist() + list(self._far.values())
-
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Slots of ``keys`` (-1 for a key without a live memory), vectorised."""
-        keys = np.asarray(keys, dtype=np.uint64)
-        near = keys < len(self._slots)
-        found = np.full(len(keys), -1, dtype=np.int64)
-        found[near] = self._slots[keys[near].astype(np.int64)]
-        for i in np.flatnonzero(~near).tolist():
-            found[i] = self._far.get(int(keys[i]), -1)
-        return found
-
-
 class _Where:
     """slot -> (session id, type), read from the columns: a tuple per memory cost 6 MB at 100k."""
 
@@ -156,13 +72,13 @@ class _Where:
 class TenantMemory:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.cols = _Columns()
+        self.cols = Columns()
         self.bm25 = lexical.BM25()
         self.mirror: Mirror | None = None  # created with the first vector (its size is the dim)
         self._vectors: VectorIndex | None = None
         self.hnsw_ready = False  # the index holds every vector (loaded or rebuilt)
         self.ids = MemoryIds()  # slot -> id and back
-        self.key_slot = _KeySlots()
+        self.key_slot = KeySlots()
         self.where = _Where(self)  # slot -> (session id, type)
         self._users: dict[str, int] = {}
         self._sessions: dict[tuple[str, float | None], int] = {}
@@ -218,20 +134,20 @@ class TenantMemory:
 
     def user_code(self, user: str | None, create: bool = False) -> int:
         if user is None:
-            return _NONE
+            return NONE
         code = self._users.get(user)
         if code is None and create:
             code = self._users[user] = len(self._users)
-        return _NONE - 1 if code is None else code  # -2 matches nothing
+        return NONE - 1 if code is None else code  # -2 matches nothing
 
     def session_code(self, session: str | None, created: float | None, create: bool = False) -> int:
         if session is None:
-            return _NONE
+            return NONE
         code = self._sessions.get((session, created))
         if code is None and create:
             code = self._sessions[(session, created)] = len(self.session_ids)
             self.session_ids.append((session, created))
-        return _NONE - 1 if code is None else code
+        return NONE - 1 if code is None else code
 
     def sessions_named(self, session: str) -> list[int]:
         return [code for (sid, _), code in self._sessions.items() if sid == session]
@@ -255,18 +171,18 @@ class TenantMemory:
         self.ids.append(memory.id)
         self.key_slot[memory.key] = slot
         self.next_key = max(self.next_key, memory.key + 1)
-        if session != _NONE:
+        if session != NONE:
             self.session_slots.setdefault(session, SlotSet()).add(slot)
             if memory.seq is not None:
                 self.by_position[(session, memory.seq)] = slot
-        elif user != _NONE:
+        elif user != NONE:
             self.sessionless.setdefault(user, SlotSet()).add(slot)
         else:
             self.tenant_wide.add(slot)
         if memory.type == PROCEDURAL:
             self.procedural.setdefault(user, SlotSet()).add(slot)
         self.bm25.add(slot, lexical.tokenize(index_text(memory)))
-        if user != _NONE:
+        if user != NONE:
             self.group_sizes[user] = self.group_sizes.get(user, 0) + 1
         if memory.vector is not None:
             self._add_vector(slot, self.group_of(user, session), memory.vector)
@@ -290,9 +206,9 @@ class TenantMemory:
 
     @staticmethod
     def group_of(user: int, session: int) -> int:
-        if user != _NONE:
+        if user != NONE:
             return user
-        if session != _NONE:
+        if session != NONE:
             return -2 - session  # an anonymous session is its own group
         return _TENANT_GROUP
 
@@ -312,7 +228,7 @@ class TenantMemory:
         self.sessionless.get(user, NO_SLOTS).discard(slot)
         self.procedural.get(user, NO_SLOTS).discard(slot)
         self.tenant_wide.discard(slot)
-        if user != _NONE:
+        if user != NONE:
             self.group_sizes[user] -= 1
         self.bm25.remove(slot)
         if self.mirror is not None:
@@ -360,15 +276,15 @@ class TenantMemory:
             if scope.kind == "user":
                 visible = owner == user
                 # Or tenant-wide (no user, no session): only the user-less slots' sessions are read.
-                anonymous = np.flatnonzero(owner == _NONE)
+                anonymous = np.flatnonzero(owner == NONE)
                 if len(anonymous):
-                    visible[anonymous] |= cols.session[slots[anonymous]] == _NONE
+                    visible[anonymous] |= cols.session[slots[anonymous]] == NONE
             else:
                 session = cols.session[slots]
-                visible = (owner == _NONE) & (session == _NONE)  # tenant-wide
+                visible = (owner == NONE) & (session == NONE)  # tenant-wide
                 visible |= (session == sessions[0]) if len(sessions) == 1 else np.isin(session, sessions)
                 if scope.user is not None:
-                    visible |= (owner == user) & (session == _NONE)
+                    visible |= (owner == user) & (session == NONE)
             ok &= visible
             return ok
 
@@ -501,7 +417,7 @@ class TenantMemory:
         pairs: list[tuple[int, int, float]] = []  # (neighbour, hit, hit's score)
         for slot, score in best:
             session, seq = int(cols.session[slot]), int(cols.seq[slot])
-            if session == _NONE or seq < 0:
+            if session == NONE or seq < 0:
                 continue
             for other in (seq - 1, seq + 1):
                 neighbour = self.by_position.get((session, other))

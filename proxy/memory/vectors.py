@@ -119,10 +119,6 @@ class VectorIndex:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return np.divide(out, norms, out=out, where=norms > 0)
 
-    def memory_usage(self) -> int:
-        with self.lock:
-            return int(self._index.memory_usage)
-
     def save(self, path: Path) -> str:
         """Write the index atomically (writer thread only); returns the file's digest for the
         manifest. usearch writes the file itself: no copy of the whole index passes through

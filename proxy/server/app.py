@@ -183,9 +183,13 @@ async def _memory(app: web.Application) -> AsyncIterator[None]:
         service = module.MemoryService(app[keys.STORE], app[keys.UPSTREAM], config.tenants.values(), config.data_dir / "index")
         pipeline.memory = service  # from now on every recorded message is queued; earlier ones are caught up
         await service.start()
+        await service.loaded()
+        idle_gc.settle_heap()  # the memory structures live as long as the process: out of the collector's scans
 
     starting = asyncio.create_task(start(), name="memory-start")
     yield
+    if pipeline.memory is not None:
+        starting.cancel()  # started; only the wait for loading is left
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await starting
     if pipeline.memory is not None:

@@ -170,7 +170,7 @@ async def _injected_memories(request: web.Request, tenant: TenantConfig, message
     """The memories the session's requests were given, by id (None: erased since); None when
     long-term memory is off."""
     service = request.app[keys.PIPELINE].memory
-    if service is None or not service.enabled(tenant.name):
+    if service is None or tenant.name not in service.settings:
         return None
     found: dict[str, dict | None] = {}
     for message in messages:
