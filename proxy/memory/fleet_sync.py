@@ -136,7 +136,7 @@ class FleetSync:
                 while self._listener is not None and not self._listener.is_closed():
                     await asyncio.sleep(self.poll_s)
                 log.warning("memory: the fleet's change notifications stopped; polling every %.0f s until they are back", self.poll_s)
-            except StorageError as exc:
+            except Exception as exc:  # never ends: the poll covers meanwhile
                 log.warning("memory: cannot listen for the fleet's changes (%s); polling every %.0f s", exc, self.poll_s)
             finally:
                 listener, self._listener = self._listener, None

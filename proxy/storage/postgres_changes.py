@@ -181,8 +181,10 @@ class MemoryFeed:
             raise StorageError(f"memory feed: cannot listen: {type(exc).__name__}") from exc
         try:
             await connection.add_listener(CHANNEL, lambda _c, _pid, _channel, payload: on_change(payload))
-        except BaseException:
-            await connection.close()
+        except BaseException as exc:
+            await close_quietly(connection)
+            if isinstance(exc, _ERRORS):
+                raise StorageError(f"memory feed: cannot listen: {type(exc).__name__}") from exc
             raise
         return connection
 
