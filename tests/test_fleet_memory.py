@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from proxy.memory.model import Scope
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyProcess, open_tenant, write_config
 from tests.memory_helpers import SLOW_OK, recalled_block
@@ -177,6 +176,7 @@ async def test_a_replica_whose_changes_were_pruned_before_it_read_them_reconcile
 
     from proxy import codec
     from proxy.config import load_config
+    from proxy.errors import NotFound
     from proxy.memory.model import SEMANTIC, Memory
     from proxy.memory.service import MemoryService
     from proxy.storage.postgres import PostgresStore
@@ -210,8 +210,9 @@ async def test_a_replica_whose_changes_were_pruned_before_it_read_them_reconcile
         await until("reconciled", lambda: state.counters["fleet_reconciled"] == 1)
         assert "mem_unseen" in ids and "mem_doomed" not in ids and "mem_kept" in ids
         assert state.memory.alive == 2
-        found, _ = await service.search("local", "unseen", Scope("tenant", None, None), top_k=3, types=[SEMANTIC])
-        assert [m.id for m, _ in found] == ["mem_unseen"]
+        assert (await service.get("local", "mem_unseen")).text == "the unseen one"
+        with pytest.raises(NotFound):
+            await service.get("local", "mem_doomed")
     finally:
         await service.close()
         await other.close()
