@@ -35,6 +35,7 @@ class IndexWorker:
     def __init__(self, tenants: Mapping[str, TenantState], ops: asyncio.Queue[IndexOp], store: Store, index_dir: Path) -> None:
         self.tenants, self.ops, self.store, self.index_dir = tenants, ops, store, Path(index_dir)
         self.dtype = INDEX_DTYPE
+        self.saves = True  # False in fleet mode: the index is a cache, rebuilt from PostgreSQL at start
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index", initializer=priority.background_thread)
         # usearch holds the GIL for a whole save or load (63 ms to ~350 ms at 100k): not on a
         # SCHED_IDLE thread, which could be preempted holding it (proxy/priority.py).
@@ -162,6 +163,9 @@ class IndexWorker:
 
     async def save(self, state: TenantState) -> None:
         mem = state.memory
+        if not self.saves:
+            state.dirty = False
+            return
         if mem.vectors is None or not mem.hnsw_ready:
             return
         state.dirty = False

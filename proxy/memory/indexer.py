@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from proxy.memory.model import EPISODIC, KIND, Memory, episodic_id, message_text
 from proxy.memory.state import TenantState
@@ -47,6 +47,9 @@ class Indexer:
         self.tenants, self.store = tenants, store
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self._reembedding: set[str] = set()  # ids queued for a vector they are missing
+        # Told the sessions whose marks were committed (session id -> mark): fleet mode settles
+        # what they owed (proxy/memory/fleet_sync.py).
+        self.on_marked: Callable[[TenantState, dict[str, int]], Awaitable[None]] | None = None
 
     # -- queueing ----------------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class Indexer:
             value = await self.store.get_record(tenant, KIND, memory_id, mem.where[slot][0]) if slot is not None else None
             if value is not None:
                 memories.append(Memory.from_record(value, with_vector=False))
+                memories[-1].key = int(mem.cols.ukey[slot])  # this index's key (in a fleet each replica numbers its own)
         # Sessions must still exist (and be the same incarnation) before and after the write.
         sessions = {(j.session, j.created) for j in jobs if j.session is not None}
         gone = await self._gone(tenant, sessions)
@@ -151,6 +155,8 @@ class Indexer:
                 marks[(job.session, job.created)] = max(marks.get((job.session, job.created), 0), job.mark)
         records += [Record(MARK_KIND, MARK_KEY, {"next": mark, "created": created}, sid) for (sid, created), mark in marks.items()]
         await self._write(tenant, records)
+        if self.on_marked is not None and marks:
+            await self.on_marked(state, {sid: mark for (sid, _), mark in marks.items() if sid is not None})
         gone = await self._gone(tenant, sessions)
         if gone:  # deleted while we embedded: take back what we wrote for it
             await self.store.apply([Write(tenant, records=[Record(r.kind, r.key, None, r.session_id) for r in records

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.memory.indexer import MARK_KEY, MARK_KIND, Indexer
 from proxy.memory.index_worker import MANIFEST_KEY, MANIFEST_KIND
@@ -16,6 +16,9 @@ from proxy.memory.ops import OpenIndex
 from proxy.memory.state import TenantState, reverted
 from proxy.storage.base import Record, Store, Write
 
+if TYPE_CHECKING:
+    from proxy.memory.fleet_sync import FleetSync
+
 log = logging.getLogger("agent_state_proxy.memory")
 
 _LOAD_PAGE = 1024  # memory records decoded at a time at start-up
@@ -23,8 +26,9 @@ _INSERT_CHUNK = 1000  # loaded memories made searchable between two yields to th
 
 
 class Loader:
-    def __init__(self, store: Store, indexer: Indexer) -> None:
+    def __init__(self, store: Store, indexer: Indexer, fleet: FleetSync | None = None) -> None:
         self.store, self.indexer = store, indexer
+        self.fleet = fleet  # fleet mode: loaded from one snapshot of PostgreSQL, never from a saved index
 
     async def load(self, state: TenantState) -> None:
         """Load one tenant; whatever fails, it is marked ready (its memory starts empty)."""
@@ -40,6 +44,25 @@ class Loader:
     async def _load(self, state: TenantState) -> None:
         started = time.perf_counter()
         tenant, mem = state.name, state.memory
+        if self.fleet is not None:
+            catch_up, manifest = await self.fleet.load(state), {}  # no manifest: the index is built from the vectors
+        else:
+            catch_up, manifest = await self._load_all(state), await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
+        mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))
+        state.opening = True
+        await state.ops.put(OpenIndex(tenant, manifest))
+        log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
+        self.indexer.queue_reembedding(state)
+        if self.fleet is not None:  # owed to the fleet: indexed once, by whichever replica claims it
+            await self.fleet.owe(state, catch_up)
+            return
+        for session, indexed in catch_up:
+            await self.indexer.catch_up(state, session, indexed)
+
+    async def _load_all(self, state: TenantState) -> list[tuple[Any, int]]:
+        """Every memory of the tenant, session by session; returns the sessions with messages
+        not indexed yet, with how far they are."""
+        tenant = state.name
         sessions = {s.id: s for s in await self.store.list_sessions(tenant)}
         await self._load_records(state, None, sessions)
         catch_up: list[tuple[Any, int]] = []
@@ -50,14 +73,7 @@ class Loader:
             if session.next_seq > indexed and state.settings.episodic:
                 catch_up.append((session, indexed))
             await asyncio.sleep(0)  # LMDB reads do not suspend: let requests in between sessions
-        manifest = await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
-        mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))
-        state.opening = True
-        await state.ops.put(OpenIndex(tenant, manifest))
-        log.info("memory: tenant %s: %d memories loaded from LMDB in %.0f ms", tenant, mem.alive, (time.perf_counter() - started) * 1000)
-        self.indexer.queue_reembedding(state)
-        for session, indexed in catch_up:
-            await self.indexer.catch_up(state, session, indexed)
+        return catch_up
 
     async def _load_records(self, state: TenantState, session_id: str | None, sessions: dict[str, Any]) -> None:
         """Load the memory records of a tenant (session_id None) or of one session, with their

@@ -33,6 +33,7 @@ from proxy import priority
 from proxy.config import MemorySettings, TenantConfig
 from proxy.memory.api import MemoryApi
 from proxy.memory.embedder_slots import EmbedderSlot, embedder_key, init_embedder, model_name
+from proxy.memory.fleet_sync import FleetSync
 from proxy.memory.index_worker import SAVE_QUIET, IndexWorker
 from proxy.memory.indexer import Indexer
 from proxy.memory.learning import Learning
@@ -71,7 +72,14 @@ class MemoryService:
         self.settings: dict[str, MemorySettings] = {name: state.settings for name, state in self.tenants.items()}
         self.worker = IndexWorker(self.tenants, self.ops, store, index_dir)
         self.indexer = Indexer(self.tenants, store)
-        self.loader = Loader(store, self.indexer)
+        # Fleet mode (PostgreSQL, replicas: many): the indexes are caches that follow PostgreSQL.
+        self.fleet = FleetSync.of(self.tenants, store, self.indexer)
+        if self.fleet is not None:
+            self.worker.saves = False  # rebuilt from PostgreSQL at start instead
+            self.indexer.on_marked = self.fleet.indexed
+            for state in self.tenants.values():
+                state.fleet = True
+        self.loader = Loader(store, self.indexer, self.fleet)
         self.recaller = Recaller(self.tenants, store)
         self.api = MemoryApi(self.tenants, store, self.recaller, self.indexer, self.worker)
         self.learning = Learning(self)  # extraction, supersession, expiry (docs/MEMORY_LEARNING.md)
@@ -96,6 +104,8 @@ class MemoryService:
         self._spawn(self._maintenance(), "memory-maintenance")
         self._spawn(self._saver(), "memory-saver")
         self.learning.start()
+        if self.fleet is not None:
+            self._tasks += self.fleet.start()
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
@@ -121,6 +131,8 @@ class MemoryService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.fleet is not None:
+            await self.fleet.close()
         for embedder in self.embedders.values():
             await embedder.close()
         self.worker.shutdown()

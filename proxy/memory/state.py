@@ -40,6 +40,7 @@ class TenantState:
     dirty: bool = False  # the index changed since it was last saved
     opening: bool = False  # the saved index is not opened yet: the open takes every vector from the copies
     sessions_forgotten: int = 0  # forget_session calls so far (an indexing batch checks it)
+    fleet: bool = False  # a cache of PostgreSQL that other replicas write too (proxy/memory/fleet_sync.py)
 
     def __post_init__(self) -> None:
         self.memory = TenantMemory(self.name)
@@ -72,6 +73,8 @@ class TenantState:
         mem = self.memory
         keys, vectors = [], []
         for memory in memories:
+            if self.fleet and memory.id in mem.ids:
+                continue  # the fleet's change log brought it before its writer got here
             mem.insert(memory)
             if memory.type == PROCEDURAL:
                 self.procedural[memory.id] = memory.text

@@ -181,10 +181,6 @@ async def _memory(app: web.Application) -> AsyncIterator[None]:
     if not any(t.memory.enabled and not t.stateless for t in config.tenants.values()):
         yield
         return
-    if config.postgres is not None and config.postgres.replicas == "many":
-        log.warning("fleet mode: long-term memory indexes are per replica and not kept in step with the other replicas "
-                    "(README: Running a fleet); consider memory: {enabled: false} for these tenants: %s",
-                    ", ".join(sorted(t.name for t in config.tenants.values() if t.memory.enabled and not t.stateless)))
 
     async def start() -> None:
         # numpy and usearch take ~0.3 s to import: off the loop, after the proxy serves.

@@ -186,3 +186,7 @@ class Store(ABC):
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+    def memory_feed(self) -> Any:
+        """The fleet's memory change log (PostgreSQL with replicas: many), or None."""
+        return None

@@ -26,6 +26,7 @@ import asyncpg
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
+from proxy.storage import postgres_changes
 from proxy.storage.base import Encoded, InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write, encode
 from proxy.storage.kv import MAX_RECORD_KEY, session_digest
 from proxy.storage.pg_claims import FAILURES, ClaimsConnection, job_lock_key
@@ -47,6 +48,7 @@ MIGRATIONS: tuple[str, ...] = (
                                  reason text NOT NULL, ts double precision NOT NULL, size integer NOT NULL, raw bytea NOT NULL);
     CREATE INDEX asp_quarantine_tenant ON asp_quarantine (tenant);
     """,
+    postgres_changes.MIGRATION,  # 2: the memory change log and the episodic indexing owed (fleet mode)
 )
 _MIGRATION_LOCK = 0x6173_7001  # pg_advisory_xact_lock key: "asp" + 1
 _REPLICA_LOCK = 0x6173_7002  # held for the store's life: one replica per database
@@ -98,6 +100,8 @@ class PostgresStore(Store):
         """Connect, migrate, and (replicas: one) take the replica lock; StorageError (never the DSN) on failure."""
         settings = {"statement_timeout": str(statement_timeout_ms), "application_name": "agent-state-proxy"}
         logging.getLogger("asyncpg.pool").addFilter(_TERSE)
+        if replicas == "many":  # the memory triggers log for fleet replicas only (proxy/storage/postgres_changes.py)
+            settings[postgres_changes.FLEET_SETTING] = "on"
         try:
             holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
         except FAILURES as exc:
@@ -124,6 +128,7 @@ class PostgresStore(Store):
             await holder.close()  # it held nothing: a replica of a fleet excludes no other
             store = cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
             store._claims = ClaimsConnection(lambda: asyncpg.connect(dsn, server_settings=settings | keepalive, timeout=10))
+            store._connect_listener = lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10)
             return store
         store = cls(pool, holder)
         store._claims = ClaimsConnection(lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10))
@@ -363,6 +368,11 @@ class PostgresStore(Store):
     async def readiness(self) -> str | None:
         """Why this replica must not take traffic now (PostgreSQL unreachable, schema not current)."""
         return await self._claims.readiness(len(MIGRATIONS)) if self._claims is not None else None
+
+    def memory_feed(self) -> postgres_changes.MemoryFeed | None:
+        """The fleet's memory change log (replicas: many), or None: one replica needs none."""
+        connect = getattr(self, "_connect_listener", None)
+        return postgres_changes.MemoryFeed(self._pool, connect) if connect is not None and not self._closed else None
 
     # -- lifecycle ---------------------------------------------------------------------------
 

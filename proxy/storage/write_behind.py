@@ -406,6 +406,9 @@ class WriteBehindStore(Store):
     def damage(self) -> str | None:
         return self.inner.damage()
 
+    def memory_feed(self) -> Any:
+        return self.inner.memory_feed()
+
     def stats(self) -> dict[str, Any]:
         return self.inner.stats() | {"pending_writes": len(self._queue), "flushed_batches": self.flushed_batches,
                                      "flush_failure": str(self.failure) if self.failure else None,
