@@ -188,7 +188,11 @@ class PostgresStore(Store):
             _end(connection)
             raise
         finally:
-            await self._lock_pool.release(connection)
+            try:
+                await self._lock_pool.release(connection)
+            except Exception as exc:  # broken meanwhile (PostgreSQL went away): the block's outcome stands
+                log.warning("could not return a session lock's connection (%s); it is closed instead", type(exc).__name__)
+                _end(connection)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
