@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.memory.embedder import MiniLMWeights, default_model_dir  # noqa: E402
+from proxy.memory.minilm_model import MiniLMWeights, default_model_dir  # noqa: E402
 
 
 def main() -> None:

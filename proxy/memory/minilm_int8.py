@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 with int8 weights on ONNX Runtime: the default local embedder.
 
 The graph is built at start-up from the same safetensors weights as the numpy engine
-(proxy/memory/embedder.py), so nothing is downloaded or cached. Every linear layer is
+(proxy/memory/minilm_model.py), so nothing is downloaded or cached. Every linear layer is
 dynamically quantised the way ``onnxruntime.quantization.quantize_dynamic`` does it (int8
 weights with a scale per output channel, uint8 activations with a scale per call); attention,
 layer norms and pooling stay float32. On a 2-core AMD EPYC (AVX-512 VNNI) a 22-word-piece query
@@ -12,7 +12,7 @@ embedding does not stall the event loop. It must be imported before usearch (see
 proxy/memory/vectors.py).
 
 The word table's rows are gathered in numpy from the mapped weights file
-(proxy/memory/embedder.py); the graph takes the summed embeddings. The graph is built in a child process
+(proxy/memory/minilm_model.py); the graph takes the summed embeddings. The graph is built in a child process
 (``python -m proxy.memory.minilm_int8``): building it imports the ``onnx`` package, which would
 stay imported (8 MB), and unpacks the float32 layers (~90 MB for a moment), all of it memory the
 proxy would keep for nothing or fragment.
@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from proxy.memory.embedder import MiniLM, MiniLMWeights
+from proxy.memory.minilm_model import MiniLM, MiniLMWeights
 
 __all__ = ["QuantizedMiniLM"]
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from proxy.config import ResolvedModel
-from proxy.memory.embedder import LocalMiniLM, MiniLM
+from proxy.memory.minilm_model import LocalMiniLM, MiniLM
 from proxy.memory.minilm_int8 import QuantizedMiniLM
 from proxy.upstream import Upstream
 
