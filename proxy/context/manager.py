@@ -22,7 +22,7 @@ from proxy.cache import LRU, FrequencyCache
 from proxy.context import caching, importance, summary_maker
 from proxy.context.assemble import Assembly, ContextTooLarge, Policy, assemble, window_start
 from proxy.context.budget import Budget, budget_for, request_overhead
-from proxy.context.retrieval import Candidate, LexicalRetriever, Retriever
+from proxy.context.retrieval import Candidate, rank_lexical
 from proxy.context.settings import ContextSettings
 from proxy.context.summaries import Summary
 from proxy.context.summary_maker import Incarnation, SummaryMaker, fold_threshold, segment_size
@@ -75,11 +75,10 @@ class _CachedView:
 class ContextManager:
     """Keeps requests within their token budget; owns the background summarization tasks."""
 
-    def __init__(self, store: Store, upstream: Upstream, retriever: Retriever | None = None, claims: Claims | None = None) -> None:
+    def __init__(self, store: Store, upstream: Upstream, claims: Claims | None = None) -> None:
         self.store = store
         self.claims = claims or Claims()  # a session's background pass runs on one replica at a time
         self.upstream = upstream
-        self.retriever: Retriever = retriever or LexicalRetriever()
         self._tasks: set[asyncio.Task] = set()
         self._jobs: dict[tuple[str, str], asyncio.Task] = {}
         self._again: set[tuple[str, str]] = set()
@@ -272,11 +271,7 @@ class ContextManager:
                 exchanges.append((u, v, candidate))
         if not candidates:
             return [], exchanges
-        try:
-            order = await self.retriever.rank(turn.tenant.name, turn.ref.id, query, candidates, _RETRIEVE_LIMIT)
-        except Exception:  # a plugged-in retriever must never fail the request
-            log.exception("retriever failed; continuing without retrieval")
-            return [], exchanges
+        order = rank_lexical(query, candidates, _RETRIEVE_LIMIT)
         return [candidates[i].unit for i in order if 0 <= i < len(candidates)], exchanges
 
     # -- summaries -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ default ``LexicalRetriever`` scores the session's own older messages with BM25 o
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Protocol, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 
@@ -45,21 +45,6 @@ class Candidate:
 
     def __repr__(self) -> str:
         return f"Candidate(unit={self.unit}, seq={self.seq}, key={self.key!r})"
-
-
-class Retriever(Protocol):
-    async def rank(self, tenant: str, session_id: str, query: str, candidates: Sequence[Candidate], limit: int) -> list[int]:
-        """Positions in ``candidates`` of the most relevant ones, best first, at most ``limit``."""
-        ...
-
-
-class LexicalRetriever:
-    """BM25 over the candidates' words (no index to keep: candidates are the session's own turns)."""
-
-    k1 = 1.2
-
-    async def rank(self, tenant: str, session_id: str, query: str, candidates: Sequence[Candidate], limit: int) -> list[int]:
-        return rank_lexical(query, candidates, limit, self.k1)
 
 
 def rank_lexical(query: str, candidates: Sequence[Candidate], limit: int, k1: float = 1.2, b: float = 0.75) -> list[int]:
