@@ -148,6 +148,12 @@ def test_overwritten_pages_flip_ready_and_salvage_recovers_every_intact_session(
         with pytest.raises(openai.APIStatusError) as refused:
             sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Session-ID": "new-one"})
         assert refused.value.status_code == 503 and refused.value.body["code"] == "store_damaged"
+        with pytest.raises(openai.APIStatusError) as refused:  # every protocol's route refuses alike
+            sdk.responses.create(model="fake-model", input="hi", extra_headers={"X-Session-ID": "new-two"})
+        assert refused.value.status_code == 503 and refused.value.body["code"] == "store_damaged"
+        anthropic = httpx.post(proxy.url + "/v1/messages", headers={"X-Session-ID": "new-three"},
+                               json={"model": "fake-model", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+        assert anthropic.status_code == 503 and anthropic.json()["type"] == "error"
     finally:
         assert proxy.stop() == 0, proxy.log()
     assert "agent-state-proxy verify" in proxy.log()  # the log says what to run

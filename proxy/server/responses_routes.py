@@ -26,12 +26,13 @@ from proxy.turn import Turn
 from proxy.protocols import responses, responses_compact, responses_render as render
 from proxy.records import Message
 from proxy.server import keys
-from proxy.server.http import authenticate, json_response, read_json
+from proxy.server.access_log import note_turn
+from proxy.server.http import authenticate, json_response, read_json, store_damaged
 from proxy.server.relay import relay
 from proxy.sessions import SessionRef, user_id_of
 from proxy.storage.base import Record
 from proxy.transcript import active_path
-from proxy.validate import chat_body
+from proxy.validate import chat_body, idempotency_key
 
 log = logging.getLogger("agent_state_proxy.server")
 KIND = "response"  # tenant-scoped record: response id → (session, seq) and what the object repeats
@@ -49,6 +50,8 @@ def setup_responses_routes(app: web.Application) -> None:
 async def create_response(request: web.Request) -> web.StreamResponse:
     config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
+    if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
+        raise store_damaged(damage)  # like chat and Messages: nothing is written to a damaged store
     async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
         return await _create_response(request, tenant)
 
@@ -78,7 +81,8 @@ async def _create_response(request: web.Request, tenant) -> web.StreamResponse:
         if pointer is not None:
             history = await _history(pipeline, tenant, parsed.previous_response_id, pointer)
             chat = chat_body(chat | {"messages": _continue(history, parsed)})
-        turn = await pipeline.prepare(tenant, ref, chat, route, request.headers.get("Idempotency-Key"))
+        turn = await pipeline.prepare(tenant, ref, chat, route, idempotency_key(request.headers.get("Idempotency-Key")))
+        note_turn(request, turn)
         turn.headers |= headers
         turn.protocol = "responses"
         response_id = "resp_" + uuid.uuid4().hex
