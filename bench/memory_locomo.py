@@ -246,10 +246,10 @@ def run_leave_one_out(samples: list[dict[str, Any]], args: argparse.Namespace) -
 
     from proxy.memory.tenant import FUSION
 
-    built = built_all = build_offline(samples, args)
+    built = build_offline(samples, args)
     candidates = [FUSION._replace(**dict(zip(GRID, values))) for values in itertools.product(*GRID.values())]
     # rows[c][i]: conversation i's rows under candidate c (searched once, reused by every fold)
-    rows = [[search_offline(conversation, args, candidate) for conversation in built_all] for candidate in candidates]
+    rows = [[search_offline(conversation, args, candidate) for conversation in built] for candidate in candidates]
     held_out: list[dict[str, Any]] = []
     chosen = []
     for fold, conversation in enumerate(built):

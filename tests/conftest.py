@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -44,15 +43,6 @@ def keyed_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator["PostgresServer"]:
     """One private PostgreSQL server for the whole run (started only if a test asks for it)."""
-    from tests.postgres_server import PostgresServer, required
+    from tests.postgres_server import serving
 
-    server = PostgresServer()
-    try:
-        server.start()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        server.stop()
-        if required():
-            pytest.fail(f"PostgreSQL is required (ASP_TEST_POSTGRES=required) but did not start: {exc}")
-        pytest.skip(f"PostgreSQL cannot be started here: {exc}")
-    yield server
-    server.stop()
+    yield from serving()

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from tests.harness import free_port
 
@@ -88,3 +89,20 @@ class PostgresServer:
 
 def required() -> bool:
     return os.environ.get("ASP_TEST_POSTGRES") == "required"
+
+
+def serving() -> Iterator[PostgresServer]:
+    """For a fixture (``yield from serving()``): a started server, stopped afterwards; the test is
+    skipped (failed with ASP_TEST_POSTGRES=required) when PostgreSQL cannot start here."""
+    import pytest
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        server.stop()
+        if required():
+            pytest.fail(f"PostgreSQL is required (ASP_TEST_POSTGRES=required) but did not start: {exc}")
+        pytest.skip(f"PostgreSQL cannot be started here: {exc}")
+    yield server
+    server.stop()

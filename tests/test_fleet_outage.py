@@ -17,22 +17,13 @@ import pytest
 
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyProcess, open_tenant, write_config
-from tests.postgres_server import PostgresServer, required
+from tests.postgres_server import PostgresServer, serving
 
 
 @pytest.fixture
 def own_server() -> Iterator[PostgresServer]:
     """A cluster of this test's own: stopping it must not disturb the other tests' server."""
-    server = PostgresServer()
-    try:
-        server.start()
-    except (RuntimeError, OSError) as exc:
-        server.stop()
-        if required():
-            pytest.fail(f"PostgreSQL is required (ASP_TEST_POSTGRES=required) but did not start: {exc}")
-        pytest.skip(f"PostgreSQL cannot be started here: {exc}")
-    yield server
-    server.stop()
+    yield from serving()
 
 
 async def test_a_replica_is_not_ready_when_the_schema_is_not_the_one_it_runs(postgres_server) -> None:

@@ -61,6 +61,12 @@ def store_damaged(reason: str) -> StoreUnusable:
     return StoreUnusable(f"the proxy's state store is damaged and it cannot serve until an operator repairs it ({reason})")
 
 
+def refuse_if_damaged(request: web.Request, tenant: TenantConfig) -> None:
+    """A turn of a stateful tenant is never written to a damaged store (every protocol's route)."""
+    if not tenant.stateless and (damage := request.app[keys.STORE].damage()) is not None:
+        raise store_damaged(damage)
+
+
 async def read_json(request: web.Request, limit: int, max_messages: int | None = None) -> Any:
     """The body as JSON (400/413 otherwise). With ``max_messages`` (a chat body), more messages
     than that are a 413, decided without parsing on this process's event loop: a large body is

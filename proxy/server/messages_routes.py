@@ -24,7 +24,7 @@ from proxy.protocols import anthropic, anthropic_chat
 from proxy.protocols.anthropic_exchange import MessagesExchange, forwarded_headers
 from proxy.server import keys
 from proxy.server.access_log import note_turn
-from proxy.server.http import authenticate, json_response, read_json, store_damaged
+from proxy.server.http import authenticate, json_response, read_json, refuse_if_damaged
 from proxy.server.relay import relay
 from proxy.validate import idempotency_key, request_limits
 from proxy.sessions import identify
@@ -78,8 +78,7 @@ async def _alive(request: web.Request) -> web.Response:
 async def messages(request: web.Request) -> web.StreamResponse:
     config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
-    if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
-        raise store_damaged(damage)
+    refuse_if_damaged(request, tenant)
     async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
         raw = await read_json(request, config.max_body_bytes)
         body = anthropic.parse_request(raw)

@@ -27,7 +27,7 @@ from proxy.protocols import responses, responses_compact, responses_render as re
 from proxy.records import Message
 from proxy.server import keys
 from proxy.server.access_log import note_turn
-from proxy.server.http import authenticate, json_response, read_json, store_damaged
+from proxy.server.http import authenticate, json_response, read_json, refuse_if_damaged
 from proxy.server.relay import relay
 from proxy.sessions import SessionRef, user_id_of
 from proxy.storage.base import Record
@@ -50,8 +50,7 @@ def setup_responses_routes(app: web.Application) -> None:
 async def create_response(request: web.Request) -> web.StreamResponse:
     config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
-    if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
-        raise store_damaged(damage)  # like chat and Messages: nothing is written to a damaged store
+    refuse_if_damaged(request, tenant)
     async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
         return await _create_response(request, tenant)
 

@@ -15,7 +15,7 @@ from proxy.context import caching, summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.protocols.anthropic_chat import chat_messages
 from proxy.server import keys, pages
-from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json, store_damaged
+from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json, refuse_if_damaged
 from proxy.server.access_log import note_turn
 from proxy.server.relay import relay
 from proxy.storage.base import REPAIR_HINT, Record
@@ -47,8 +47,7 @@ def setup_routes(app: web.Application) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
     tenant = authenticate(config, request)
-    if (damage := request.app[keys.STORE].damage()) is not None and not tenant.stateless:
-        raise store_damaged(damage)
+    refuse_if_damaged(request, tenant)
     async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
         body = await read_json(request, config.max_body_bytes, tenant.limits.max_messages)
         ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)

@@ -21,6 +21,16 @@ async def _worker(tmp_path: Path):
     return state, store, worker
 
 
+async def _run_until_applied(state, worker) -> None:
+    """Run the worker until every queued op was applied, then stop it."""
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(state.ops.join(), 10)
+    finally:
+        task.cancel()
+        worker.shutdown()
+
+
 async def test_ops_are_applied_in_queue_order(tmp_path: Path) -> None:
     state, _, worker = await _worker(tmp_path)
     vectors = unit_vectors(4)
@@ -28,12 +38,7 @@ async def test_ops_are_applied_in_queue_order(tmp_path: Path) -> None:
     state.insert(memories)  # AddVectors for all four
     state.forget([memories[1].id])  # then RemoveVectors for one
     state.ops.put_nowait(AddVectors(state.name, np.array([memories[1].key], dtype=np.uint64), vectors[1:2]))  # stale: forgotten
-    task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(state.ops.join(), 10)
-    finally:
-        task.cancel()
-        worker.shutdown()
+    await _run_until_applied(state, worker)
     index = state.memory.vectors
     assert index is not None and state.memory.hnsw_ready and state.dirty
     # Added, then removed: the removal came after the add. The later add of a forgotten
@@ -49,12 +54,7 @@ async def test_a_failed_op_is_logged_and_the_next_one_still_runs(tmp_path: Path,
     vectors = unit_vectors(1)
     good = memory(state, "still indexed", vectors[0])
     state.insert([good])
-    task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(state.ops.join(), 10)
-    finally:
-        task.cancel()
-        worker.shutdown()
+    await _run_until_applied(state, worker)
     assert "index operation RemoveVectors for tenant gone failed" in caplog.text
     assert state.memory.vectors is not None and [int(k) for k in state.memory.vectors.keys()] == [good.key]
 
