@@ -238,7 +238,8 @@ def run_offline(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict
 # Leave-one-conversation-out: every constant is chosen on four conversations and the figure is
 # read on the fifth, so it predicts conversations the constants never saw. The grid spans the
 # usual range of each constant (RRF's k from a top-heavy 2 to the customary 60).
-GRID = {"rrf_k": (2, 5, 10, 20, 60), "lexical_weight": (1.0, 2.0, 3.0, 4.0), "neighbour_share": (0.0, 0.25, 0.5, 0.75)}
+GRID = {"rrf_k": (2, 5, 10, 20, 60), "lexical_weight": (1.0, 2.0, 3.0, 4.0), "neighbour_share": (0.0, 0.25, 0.5, 0.75),
+        "by_score": (False, True)}
 
 
 def run_leave_one_out(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:

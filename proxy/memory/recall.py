@@ -163,7 +163,7 @@ class Recaller:
                 turn.headers["X-Memory-Degraded"] = degraded
         if not memories and not recall.procedural:
             return
-        standing, recalled, kept, tokens = inject.render_parts(memories, recall.procedural, recall.room)
+        standing, recalled, kept, tokens = inject.render_parts(memories, recall.procedural, recall.room, recall.query or "")
         if not standing and not recalled:
             return
         turn.body = inject.inject(turn.body, standing, recalled)

@@ -33,12 +33,15 @@ class Fusion(NamedTuple):
     favours the top of each list, the lexical list outweighs the dense one (MiniLM misses names
     and rare words BM25 nails), and the neighbours (previous and next message of the same
     session) of the best hits share their score, since a conversation spreads one topic over
-    adjacent turns."""
+    adjacent turns. With ``by_score`` each ranker's reciprocal rank is scaled by the hit's score
+    relative to that ranker's best: rank alone gives a match on one common word (a name said in
+    every other message) the same weight as a full match at the same rank."""
 
     rrf_k: float = 10
     lexical_weight: float = 2.0
     neighbour_share: float = 0.5
     neighbour_sources: int = 10
+    by_score: bool = True
 
 
 FUSION = Fusion()
@@ -370,13 +373,15 @@ class TenantMemory:
         fused: dict[int, float] = {}
         cosine: dict[int, float] = {}
         lexical_score: dict[int, float] = {}
+        lex_shares = _shares(lex_scores, fusion)
         for rank, (slot, score) in enumerate(zip(lex_slots.tolist(), lex_scores.tolist())):
-            fused[slot] = fusion.lexical_weight / (fusion.rrf_k + rank)
+            fused[slot] = fusion.lexical_weight * lex_shares[rank] / (fusion.rrf_k + rank)
             lexical_score[slot] = score / best_lexical if best_lexical > 0 else 0.0
         if query is not None:
             dense_slots, dense_sims = self.dense(query, scope, admit, CANDIDATES)
+            dense_shares = _shares(dense_sims, fusion)
             for rank, (slot, sim) in enumerate(zip(dense_slots.tolist(), dense_sims.tolist())):
-                fused[slot] = fused.get(slot, 0.0) + 1.0 / (fusion.rrf_k + rank)
+                fused[slot] = fused.get(slot, 0.0) + dense_shares[rank] / (fusion.rrf_k + rank)
                 cosine[slot] = sim
         via = self._share_with_neighbours(fused, admit, fusion)
         if query is not None:
@@ -463,6 +468,15 @@ class TenantMemory:
             "hnsw_entries": len(self.vectors) if self.vectors is not None else 0,
             "mirror_bytes": self.mirror.nbytes() if self.mirror is not None else 0,
         }
+
+
+def _shares(scores: np.ndarray, fusion: Fusion) -> list[float]:
+    """Each hit's share of its reciprocal rank: its score as a fraction of the ranker's best (ranked
+    best first), or 1 without ``by_score`` or a positive best."""
+    best = float(scores[0]) if len(scores) else 0.0
+    if not fusion.by_score or best <= 0:
+        return [1.0] * len(scores)
+    return np.clip(scores / best, 0.0, 1.0).tolist()
 
 
 def index_text(memory: Memory) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy import tokens
-from proxy.memory import inject
+from proxy.memory import inject, snippet
 from proxy.memory.model import EPISODIC, Memory
 
 
@@ -49,3 +49,47 @@ def test_memories_of_one_session_share_its_heading_and_carry_no_id() -> None:
         heading = a if i % 2 else b
         other = b if i % 2 else a
         assert heading < at and not (heading < other < at)
+
+
+def test_a_long_memory_is_cut_to_its_sentences_about_the_query_so_all_ten_fit() -> None:
+    tokens.warm()
+    page = " ".join(f"Log line {i}: the nightly build of module {i} finished without warnings." for i in range(60))
+    page += " The staging database password rotation failed because the vault token had expired."
+    page += " " + " ".join(f"Trailing note {i} about lunch plans and the weather." for i in range(40))
+    memories = [_memory(0, page)] + [_memory(i, f"Memory {i}: we agreed to ship release {i} on Friday.") for i in range(1, 10)]
+    room = 600
+    assert tokens.count_text(page) > room  # alone it would not fit: before, it was left out
+    block, kept, counted = inject.render(memories, [], room, query="why did the vault password rotation fail?")
+    assert [m.id for m in kept] == [m.id for m in memories]
+    assert counted <= room and tokens.count_text(block) <= room
+    assert "password rotation failed because the vault token had expired" in block
+    assert "…" in block and "Log line 59" not in block and "Trailing note 39" not in block
+    for i in range(1, 10):  # the short ones are whole
+        assert f"Memory {i}: we agreed to ship release {i} on Friday." in block
+
+
+def test_when_even_cut_memories_cannot_all_fit_the_lowest_ranked_are_left_out() -> None:
+    tokens.warm()
+    memories = [_memory(i, f"Memory {i}: " + "we discussed the quarterly roadmap and its many open risks. " * 8) for i in range(10)]
+    block, kept, counted = inject.render(memories, [], 250, query="roadmap risks")
+    assert 0 < len(kept) < 10
+    assert [m.id for m in kept] == [m.id for m in memories[: len(kept)]]  # rank order: a prefix
+    assert counted <= 250 and tokens.count_text(block) <= 250
+    for memory in kept:  # each still says something: at least a sentence of it
+        assert f"Memory {memory.key}: we discussed the quarterly roadmap" in block
+
+
+def test_snippet_keeps_the_matching_sentences_in_order_within_the_allowance() -> None:
+    tokens.warm()
+    text = ("We met on Monday. The cat is called Miso and she is four. Lunch was pasta. "
+            "Miso hates the vet, so bring treats. The weather was grey.")
+    assert snippet.cut(text, "anything", 500) == text  # fits: unchanged
+    cut = snippet.cut(text, "what does Miso the cat hate?", 28)
+    assert tokens.count_text(cut) <= 28
+    assert "The cat is called Miso" in cut and "Miso hates the vet" in cut
+    assert cut.index("The cat is called Miso") < cut.index("Miso hates the vet")
+    assert "Lunch was pasta" not in cut and cut.startswith("…")
+    # No sentence fits: the opening words of the best one.
+    long_sentence = "Miso " + "purrs loudly and " * 40 + "sleeps."
+    cut = snippet.cut(long_sentence, "Miso", 10)
+    assert cut.startswith("Miso purrs") and cut.endswith("…") and tokens.count_text(cut) <= 10
