@@ -35,7 +35,12 @@ def _session_href(session_id: str, seq: int | None = None) -> str:
 # -- a session's page ----------------------------------------------------------------------------
 
 
-def session_section(view: dict[str, Any] | None, note: str | None, s: Session) -> str:
+def linker(view: dict[str, Any] | None, user_id: str | None) -> Linker:
+    """Where a session page links a memory id: its card on the page, else the user's page."""
+    return _linker({m["id"] for m in [*view["memories"], *view["superseded"]]} if view else set(), user_id)
+
+
+def session_section(view: dict[str, Any] | None, note: str | None, s: Session, link: Linker) -> str:
     """The session's extraction runs and the memories they extracted (``view`` is
     audit.session_view; ``note`` says why there is none)."""
     head = '<section id="learned"><h2>Learned memories</h2>'
@@ -47,8 +52,6 @@ def session_section(view: dict[str, Any] | None, note: str | None, s: Session) -
     if not runs:
         return (f'{head}{user}<p class="empty">No extraction has run on this session (extraction is off, the session has '
                 'not been quiet for 2 s yet, or it was recorded before extraction was turned on).</p></section>')
-    shown = {m["id"] for m in [*memories, *view["superseded"]]}
-    link = _linker(shown, s.user_id)
     rows = "".join(_run_row(run, s.id, link) for run in runs)
     table = ('<table class="runs"><thead><tr><th>when</th><th>by</th><th>turns read</th><th>added</th><th>merged</th>'
              f'<th>superseded</th><th>attempts</th></tr></thead><tbody>{rows}</tbody></table>')
@@ -78,7 +81,7 @@ def _run_row(run: dict[str, Any], session_id: str, link: Linker) -> str:
             f'<td>{_refs(run.get("added"), link)}</td><td>{_refs(run.get("merged"), link)}</td><td>{superseded}</td><td>{attempts}</td></tr>')
 
 
-def injected(entry: dict[str, Any] | None, memory_ids: list[str], note: str | None, session_id: str) -> str:
+def injected(entry: dict[str, Any] | None, memory_ids: list[str], note: str | None, session_id: str, link: Linker) -> str:
     """The memories injected into one request, under the answer that recorded them (``entry``:
     one of audit.session_view's ``injected``; None with ``note`` when memory is off or loading)."""
     items = []
@@ -100,8 +103,9 @@ def injected(entry: dict[str, Any] | None, memory_ids: list[str], note: str | No
             origin = " extracted" + _sources(found["extracted"].get("sources") or [], session_id)
         elif found.get("session_id"):
             origin = f' of session {esc(found["session_id"])}'
-        items.append(f'<li class="injected-memory"><code>{esc(memory_id)}</code> <span class="badge type">{esc(found.get("type"))}</span>'
-                     f'{_badge(status, found.get("superseded_by"))}{origin}, {when(found.get("created_at"))}: '
+        ref = _ref(memory_id, link) if "extracted" in found else f"<code>{esc(memory_id)}</code>"  # only extracted ones have cards
+        items.append(f'<li class="injected-memory">{ref} <span class="badge type">{esc(found.get("type"))}</span>'
+                     f'{_badge(status, found.get("superseded_by"), link)}{origin}, {when(found.get("created_at"))}: '
                      f'<span class="memory-text">{esc(short(str(found.get("content")), 300))}</span></li>')
     return (f'<details class="injected" open><summary>{len(memory_ids)} memories injected into this request</summary>'
             '<p class="hint">Relevance scores are not recorded; status is as of now.</p>'
@@ -198,10 +202,9 @@ def _card(m: dict[str, Any], session_id: str | None, link: Linker) -> str:
     status, extracted = m.get("status"), m.get("extracted") or {}
     if m.get("content") is None:  # erased: only its id is left
         return f'<li id="mem-{esc(m["id"])}" class="memory status-{esc(status)}"><code>{esc(m["id"])}</code>{_badge(status)}</li>'
-    meta = [f'<code>{esc(m["id"])}</code> <span class="badge type">{esc(m.get("type"))}</span>{_badge(status, m.get("superseded_by"), link)}']
     kind = (m.get("metadata") or {}).get("kind")
-    if kind:
-        meta.append(f'<span class="badge tag">{esc(kind)}</span>')
+    meta = [f'<code>{esc(m["id"])}</code> <span class="badge type">{esc(m.get("type"))}</span>{_badge(status, m.get("superseded_by"), link)}'
+            + (f' <span class="badge tag">{esc(kind)}</span>' if kind else "")]
     if extracted.get("by"):
         meta.append(f'by {esc(extracted["by"])}')
     meta.append(when(m.get("created_at")))

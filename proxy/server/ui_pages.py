@@ -82,9 +82,10 @@ def session(tenant: TenantConfig, s: Session, messages: list[Message], active: s
     body.append(_summaries(summaries))
     body.append(_pinned(messages, active))
     body.append(_rollbacks(s))
-    body.append(ui_learning.session_section(learned, memory_note, s))
+    link = ui_learning.linker(learned, s.user_id)
+    body.append(ui_learning.session_section(learned, memory_note, s, link))
     injected = {entry["seq"]: entry for entry in (learned or {}).get("injected", [])}
-    body.append(_timeline(messages, active, lambda m: ui_learning.injected(injected.get(m.seq), m.injected, memory_note, s.id)
+    body.append(_timeline(messages, active, lambda m: ui_learning.injected(injected.get(m.seq), m.injected, memory_note, s.id, link)
                           if m.injected else "", newest_requests, s.id))
     return frame(f"Session {s.id}", "".join(body), tenant)
 
