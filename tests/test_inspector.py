@@ -20,6 +20,7 @@ from tests.harness import ProxyThread, keyed_tenant, open_tenant, start_thread, 
 from tests.memory_helpers import SLOW_OK, Extractor, chat, drain, injected_ids, known_ids, quiet, running
 
 SCRIPT = "<script>alert('owned')</script>"
+HOSTILE_ID = '"><img src=x onerror=alert(1)>'
 
 
 def record(base_url: str, key: str, session: str, questions: list[str]) -> list[dict]:
@@ -97,11 +98,10 @@ def test_sessions_are_listed_newest_first_searched_and_paginated(proxy: ProxyThr
 
 
 def test_recorded_content_and_session_ids_are_shown_as_text_never_markup(proxy: ProxyThread) -> None:
-    hostile_id = '"><img src=x onerror=alert(1)>'
-    record(proxy.base_url, "x", hostile_id, [SCRIPT, "second <b>bold</b> & more"])
+    record(proxy.base_url, "x", HOSTILE_ID, [SCRIPT, "second <b>bold</b> & more"])
     listing = httpx.get(f"{proxy.url}/ui").text
     assert "<img src=x" not in listing and "&lt;img src=x onerror=alert(1)&gt;" in listing
-    page = httpx.get(f"{proxy.url}/ui/sessions/{httpx.URL(path=hostile_id).raw_path.decode()}")
+    page = httpx.get(f"{proxy.url}/ui/sessions/{httpx.URL(path=HOSTILE_ID).raw_path.decode()}")
     assert page.status_code == 200
     assert SCRIPT not in page.text and "<img src=x" not in page.text and "<b>bold</b>" not in page.text
     assert "&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt;" in page.text
@@ -242,16 +242,18 @@ def test_pages_show_what_was_learned_from_which_turns_what_it_superseded_and_wha
         assert "green tea" in theirs and "Porto" not in theirs and "Lisbon" not in theirs and new["id"] not in theirs
         assert httpx.get(f"{proxy.url}/ui/sessions/s2", headers=beta).status_code == 404
         assert httpx.get(f"{proxy.url}/ui/users/nobody", headers=alpha).status_code == 404
+        hostile = httpx.get(f"{proxy.url}/ui/users/{httpx.URL(path=HOSTILE_ID).raw_path.decode()}", headers=alpha)
+        assert hostile.status_code == 404 and "<img src=x" not in hostile.text and "&lt;img src=x onerror=alert(1)&gt;" in hostile.text
 
 
 def test_an_expired_memory_is_marked_until_the_sweep_erases_it(tmp_path: Path, upstream: FakeUpstream) -> None:
-    tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "extract": True, "ttl": {"semantic": 1 / 86400}})
+    tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "extract": True, "ttl": {"semantic": 2 / 86400}})
     with running(write_config(tmp_path, {"local": tenant})) as proxy:
         service = quiet(proxy)
         chat(proxy, "My favourite colour is teal.", user="alice", session="s1")
         drain(proxy)
         assert 'class="memory status-live"' in _get(proxy, "/ui/sessions/s1", {})
-        time.sleep(1.2)
+        time.sleep(2.2)
         assert 'class="memory status-expired"' in _get(proxy, "/ui/sessions/s1", {})
         assert 'class="memory status-expired"' in _get(proxy, "/ui/users/alice", {})
         assert proxy.call(service.learning.sweep()) >= 1
