@@ -52,10 +52,10 @@ def session_section(view: dict[str, Any] | None, note: str | None, s: Session, l
     if not runs:
         return (f'{head}{user}<p class="empty">No extraction has run on this session (extraction is off, the session has '
                 'not been quiet for 2 s yet, or it was recorded before extraction was turned on).</p></section>')
-    rows = "".join(_run_row(run, s.id, link) for run in runs)
+    rows = "".join(_run_row(run, link) for run in runs)
     table = ('<table class="runs"><thead><tr><th>when</th><th>by</th><th>turns read</th><th>added</th><th>merged</th>'
              f'<th>superseded</th><th>attempts</th></tr></thead><tbody>{rows}</tbody></table>')
-    cards = "".join(_card(m, s.id, link) for m in memories)
+    cards = "".join(_card(m, s.id, link) for m in memories) or '<li class="empty">None: the runs found nothing to keep.</li>'
     replaced = [m for m in view["superseded"] if m["id"] not in {x["id"] for x in memories}]
     older = ('<h3>What they superseded</h3><ul class="memories">' + "".join(_card(m, s.id, link) for m in replaced) + '</ul>'
              if replaced else "")
@@ -64,7 +64,7 @@ def session_section(view: dict[str, Any] | None, note: str | None, s: Session, l
             f'<h3>Extraction runs</h3>{table}<h3>Memories extracted here</h3><ul class="memories">{cards}</ul>{older}</section>')
 
 
-def _run_row(run: dict[str, Any], session_id: str, link: Linker) -> str:
+def _run_row(run: dict[str, Any], link: Linker) -> str:
     seqs = [s for s in run.get("seqs") or [] if isinstance(s, int)]
     if len(seqs) > 20:  # a long run: its ranges, linked to its first turn
         turns = f'<a class="turn-link" href="#m{seqs[0]}">{esc(seq_list(seqs))}</a>'
