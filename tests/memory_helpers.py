@@ -1,18 +1,26 @@
-"""Helpers shared by the memory tests: wait for background indexing, read headers and stats."""
+"""Helpers shared by the memory tests: wait for background indexing, read headers and stats,
+script the fake upstream as the extractor model."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import openai
 
+from proxy.memory import extract_llm
 from proxy.memory.inject import HEADER
+from proxy.memory.service import MemoryService
 from proxy.server import keys
+from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, start_thread
+
+Reply = dict[str, Any] | str | Callable[[dict[str, Any]], Any]
 
 SLOW_OK = 5000  # ms: a generous latency budget so a busy test machine never skips retrieval
 
@@ -94,3 +102,36 @@ def running(config_path: Path) -> Iterator[ProxyThread]:
         if any(t.memory.enabled and not t.stateless for t in proxy.config.tenants.values()):
             drain(proxy)
         yield proxy
+
+
+def quiet(proxy: ProxyThread, *, attempts: int = 3) -> MemoryService:
+    """Extraction runs only when the test drains (no run of its own after 2 quiet seconds)."""
+    assert proxy.app is not None and proxy.app[keys.PIPELINE].memory is not None
+    service = proxy.app[keys.PIPELINE].memory
+    extractor = service.learning.extractor
+    extractor.delay, extractor.retry_base, extractor.attempts = 3600.0, 0.05, attempts
+    return service
+
+
+class Extractor:
+    """The fake upstream answering extractor calls (recognised by their system prompt) with
+    scripted replies, and everything else with its default echo."""
+
+    def __init__(self, upstream: FakeUpstream) -> None:
+        self.replies: list[Reply] = []
+        self.calls: list[dict[str, Any]] = []
+        upstream.responder = self._respond
+
+    def _respond(self, body: dict[str, Any]) -> str | None:
+        if body["messages"][0].get("content") != extract_llm.PROMPT:
+            return None
+        self.calls.append(body)
+        reply = self.replies.pop(0) if self.replies else {"memories": []}
+        if callable(reply):
+            reply = reply(body)
+        return reply if isinstance(reply, str) else json.dumps(reply)
+
+
+def known_ids(body: dict[str, Any]) -> list[str]:
+    """The memory ids an extractor call was shown (the user's current extracted memories)."""
+    return re.findall(r"^\[(mem_[0-9a-f]+)\]", body["messages"][1]["content"], flags=re.M)

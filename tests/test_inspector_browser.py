@@ -1,6 +1,7 @@
 """The session inspector in a real browser: Debian's chromium driven by Playwright opens /ui,
 logs in with the tenant key, opens a session recorded through the OpenAI SDK and checks what a
-person sees; the screenshot is saved under the test's temp dir."""
+person sees, then what long-term memory learned from a user's sessions (the fake upstream acting
+as the extractor model); screenshots are saved under the test's temp dir."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from tests.conftest import ALPHA_KEY
 from tests.fake_upstream import FakeUpstream
 from tests.harness import keyed_tenant, write_config
-from tests.memory_helpers import SLOW_OK, drain, running
+from tests.memory_helpers import SLOW_OK, Extractor, chat, drain, known_ids, quiet, running
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -c constraints.txt -e '.[test]')")
 
@@ -103,4 +104,75 @@ def test_a_person_logs_in_and_reads_a_recorded_session(tmp_path: Path, upstream:
             finally:
                 browser.close()
         assert dialogs == []  # the hostile content never ran
+        print(f"screenshots: {tmp_path}")
+
+
+def _log_in(page, url: str) -> None:
+    page.goto(f"{url}/ui")
+    page.fill("#key", ALPHA_KEY)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{url}/ui")
+
+
+def test_a_person_sees_what_was_learned_from_which_turn_and_what_it_replaced(tmp_path: Path, upstream: FakeUpstream) -> None:
+    executable = _chromium()
+    extractor = Extractor(upstream)
+    tenant = keyed_tenant(upstream.base_url, ALPHA_KEY, memory={"latency_budget_ms": SLOW_OK, "extractor_model": "extractor"})
+    with running(write_config(tmp_path / "proxy", {"alpha": tenant})) as proxy:
+        quiet(proxy)
+        extractor.replies.append({"memories": [{"kind": "fact", "text": "The user lives in Lisbon.", "subject": "user.home_city", "seqs": [0]}]})
+        chat(proxy, "I live in Lisbon.", user="ada", session="lisbon-days", key=ALPHA_KEY)
+        drain(proxy)
+        extractor.replies.append(lambda body: {"memories": [
+            {"kind": "fact", "text": "The user lives in Porto now.", "replaces": known_ids(body)[0], "seqs": [0]},
+            {"type": "procedural", "kind": "preference", "text": f"The user writes {HOSTILE}", "seqs": [0]}]})
+        chat(proxy, "I have moved to Porto since.", user="ada", session="porto-move", key=ALPHA_KEY)
+        drain(proxy)
+        chat(proxy, "Which city does the user live in these days?", user="ada", session="city-question", key=ALPHA_KEY)
+        drain(proxy)
+
+        dialogs: list[str] = []
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 900})
+                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+                _log_in(page, proxy.url)
+                page.click("text=porto-move")
+                page.wait_for_url("**/ui/sessions/porto-move")
+
+                learned = page.locator("section#learned")
+                assert learned.locator("tr.run").count() == 1
+                live = learned.locator("li.memory.status-live", has_text="The user lives in Porto now.")
+                assert live.is_visible() and live.locator(".badge.type").inner_text() == "semantic"
+                old = learned.locator("li.memory.status-superseded", has_text="The user lives in Lisbon.")
+                assert old.is_visible() and "superseded by" in old.locator(".badge.status-superseded").inner_text()
+                assert live.locator(".supersedes").is_visible()
+                lesson = learned.locator("li.memory.status-live", has_text="The user writes")
+                assert lesson.locator(".badge.type").inner_text() == "procedural"
+                assert lesson.get_by_text(f"The user writes {HOSTILE}", exact=True).is_visible()  # text, never run
+
+                live.locator("a.source-turn").click()  # the turn it was extracted from
+                page.wait_for_url("**/ui/sessions/porto-move#m0")
+                turn = page.locator("li.msg:target")
+                assert turn.is_visible() and "I have moved to Porto since." in turn.inner_text()
+                page.screenshot(path=str(tmp_path / "inspector-learned.png"), full_page=True)
+
+                page.locator("section#learned a.user-link").click()
+                page.wait_for_url("**/ui/users/ada")
+                steps = page.locator("ol.chain > li")
+                assert steps.count() == 2
+                assert "The user lives in Porto now." in steps.nth(0).inner_text()
+                assert "The user lives in Lisbon." in steps.nth(1).inner_text() and "superseded by" in steps.nth(1).inner_text()
+                page.screenshot(path=str(tmp_path / "inspector-user.png"), full_page=True)
+                page.locator("#superseded a.source-session", has_text="lisbon-days").click()  # back to where the old fact was said
+                page.wait_for_url("**/ui/sessions/lisbon-days")
+                assert page.locator("li.memory.status-superseded", has_text="The user lives in Lisbon.").is_visible()
+
+                page.goto(f"{proxy.url}/ui/sessions/city-question")
+                injected = page.locator("details.injected", has_text="The user lives in Porto now.")
+                assert injected.is_visible() and injected.locator(".badge.status-live").first.is_visible()
+            finally:
+                browser.close()
+        assert dialogs == []
         print(f"screenshots: {tmp_path}")

@@ -1,9 +1,11 @@
-"""The session inspector's routes (/ui): login by tenant key, the sessions list, one session.
+"""The session inspector's routes (/ui): login by tenant key, the sessions list, one session,
+one user's learned memories.
 
 The key is exchanged once for a random token held server-side; the cookie carries only the
 token (HttpOnly, SameSite=Strict), never the key, and the key travels in a POST body, never
 in a URL that could be logged. The open local tenant needs no key from the clients it admits.
-Pages are rendered on the server (proxy/server/ui_pages.py); no JavaScript runs.
+Pages are rendered on the server (proxy/server/ui_pages.py, ui_learning.py); no JavaScript runs.
+What was learned comes from proxy/memory/audit.py, like the JSON route /admin/memory/extractions.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from aiohttp import web
 
 from proxy.config import TenantConfig
 from proxy.context import summaries as context_summaries
-from proxy.errors import ProxyError
-from proxy.server import keys, ui_pages
+from proxy.memory import audit
+from proxy.memory.service import MemoryService
+from proxy.server import keys, ui_learning, ui_pages
 from proxy.server.access_log import note_tenant
 from proxy.transcript import active_path
 
@@ -26,7 +29,6 @@ COOKIE = "asp_inspector"
 LOGIN_TTL = 12 * 3600.0  # seconds a login lasts
 MAX_LOGINS = 10_000  # tokens kept at most; the oldest go first
 PAGE_SIZE = 25
-MAX_MEMORIES = 100  # injected memories fetched for one session page
 TIMELINE_REQUESTS = 200  # requests on a session page's timeline unless ?all=1 (a long session's page stays small)
 STATIC = Path(__file__).parent / "ui_static"
 # No script may run at all, so content that slipped past escaping still could not act.
@@ -76,6 +78,7 @@ def setup_ui_routes(app: web.Application) -> None:
     app.router.add_post("/ui/login", login)
     app.router.add_post("/ui/logout", logout)
     app.router.add_get("/ui/sessions/{session_id}", session_page)
+    app.router.add_get("/ui/users/{user_id}", user_page)
     app.router.add_static("/ui/static", STATIC)
 
 
@@ -161,26 +164,31 @@ async def session_page(request: web.Request) -> web.Response:
     summaries = await context_summaries.for_admin(store, tenant.name, session_id)
     forks = sorted((s.id for s in await store.list_sessions(tenant.name)
                     if (s.extra.get("forked_from") or {}).get("session") == session_id))
-    memories = await _injected_memories(request, tenant, messages)
+    service, note = _memory(request, tenant)
+    learned = await audit.session_view(service, tenant.name, session_id) if service is not None else None
     newest = None if request.query.get("all") == "1" else TIMELINE_REQUESTS
-    return _html(ui_pages.session(tenant, session, messages, active, summaries, forks, memories, newest))
+    return _html(ui_pages.session(tenant, session, messages, active, summaries, forks, learned, note, newest))
 
 
-async def _injected_memories(request: web.Request, tenant: TenantConfig, messages) -> dict[str, dict | None] | None:
-    """The memories the session's requests were given, by id (None: erased since); None when
-    long-term memory is off."""
+async def user_page(request: web.Request) -> web.Response:
+    tenant = _viewer(request)
+    if tenant is None:
+        return _redirect("/ui/login")
+    user_id = request.match_info["user_id"]
+    sessions = [s for s in await request.app[keys.STORE].list_sessions(tenant.name) if s.user_id == user_id]
+    service, note = _memory(request, tenant)
+    view = await audit.user_view(service, tenant.name, user_id) if service is not None else None
+    if not sessions and not (view and (view["memories"] or view["superseded"])):
+        return _html(ui_learning.user_not_found(tenant, user_id), status=404)
+    return _html(ui_learning.user_page(tenant, user_id, view, note, sessions))
+
+
+def _memory(request: web.Request, tenant: TenantConfig) -> tuple[MemoryService | None, str | None]:
+    """The memory service when the tenant's long-term memory is on and loaded; else None and
+    what the page says instead."""
     service = request.app[keys.PIPELINE].memory
-    if service is None or tenant.name not in service.settings:
-        return None
-    found: dict[str, dict | None] = {}
-    for message in messages:
-        for memory_id in message.injected or ():
-            if memory_id in found or len(found) >= MAX_MEMORIES:
-                continue
-            try:
-                memory = await service.get(tenant.name, memory_id)
-            except ProxyError:  # erased since (or the tenant's memory is still loading)
-                found[memory_id] = None
-                continue
-            found[memory_id] = {"type": memory.type, "text": memory.text, "ts": memory.ts, "session": memory.session, "role": memory.role}
-    return found
+    if tenant.stateless or not tenant.memory.enabled or service is None or tenant.name not in service.tenants:
+        return None, "Long-term memory is off for this tenant."
+    if not service.tenants[tenant.name].ready.is_set():
+        return None, "Long-term memory is still loading; reload the page shortly."
+    return service, None

@@ -1,51 +1,26 @@
 """The session inspector's HTML: plain server-rendered pages, every recorded value escaped.
 
-Message contents are whatever clients and models sent: they pass through ``_e`` (html.escape)
-on their way into any page, attribute values included.
+Message contents are whatever clients and models sent: they pass through ``esc`` (html.escape,
+proxy/server/ui_html.py) on their way into any page, attribute values included.
 """
 
 from __future__ import annotations
 
-import datetime
-import html
-from typing import Any, Callable, Iterable
-from urllib.parse import quote
+from typing import Any, Callable
 
 import orjson
 
 from proxy.config import TenantConfig
 from proxy.records import Message, Session
+from proxy.server import ui_learning
+from proxy.server.ui_html import esc, frame, quoted, seq_list, short, when
 
 _TAGS_PINNED = ("decision", "commitment", "preference", "fact")
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _when(ts: float | None) -> str:
-    if not ts:
-        return "—"
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _page(title: str, body: str, tenant: TenantConfig | None) -> str:
-    who = ""
-    if tenant is not None:
-        who = (f'<span class="who">tenant <b>{_e(tenant.name)}</b></span>'
-               '<form method="post" action="/ui/logout" class="inline"><button type="submit">log out</button></form>')
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<title>{_e(title)} · agent-state-proxy</title><link rel="stylesheet" href="/ui/static/inspector.css"></head>'
-        f'<body><header><a href="/ui" class="brand">agent-state-proxy · inspector</a>{who}</header>'
-        f'<main>{body}</main></body></html>'
-    )
-
-
 def login(error: str | None, tenant: TenantConfig | None) -> str:
-    note = f'<p class="error" role="alert">{_e(error)}</p>' if error else ""
-    current = (f'<p>This browser can already inspect tenant <b>{_e(tenant.name)}</b> without a key '
+    note = f'<p class="error" role="alert">{esc(error)}</p>' if error else ""
+    current = (f'<p>This browser can already inspect tenant <b>{esc(tenant.name)}</b> without a key '
                '(<a href="/ui">sessions</a>).</p>') if tenant is not None else ""
     body = (
         '<h1>Log in</h1>' + current + note +
@@ -55,11 +30,11 @@ def login(error: str | None, tenant: TenantConfig | None) -> str:
         '<button type="submit">Log in</button></form>'
         '<p class="hint">The key is exchanged for a login cookie; the cookie never holds the key.</p>'
     )
-    return _page("Log in", body, None)
+    return frame("Log in", body, None)
 
 
 def not_found(tenant: TenantConfig, session_id: str) -> str:
-    return _page("Not found", f'<h1>No session “{_e(session_id)}”</h1><p><a href="/ui">All sessions</a></p>', tenant)
+    return frame("Not found", f'<h1>No session “{esc(session_id)}”</h1><p><a href="/ui">All sessions</a></p>', tenant)
 
 
 # -- the sessions list ---------------------------------------------------------------------------
@@ -69,68 +44,70 @@ def sessions(tenant: TenantConfig, shown: list[Session], query: str, page: int, 
              link: Callable[[int], str]) -> str:
     rows = "".join(
         '<tr class="session-row">'
-        f'<td><a href="/ui/sessions/{_e(_path(s.id))}">{_e(s.id)}</a>{" <span class=badge>fork</span>" if s.extra.get("forked_from") else ""}</td>'
-        f'<td>{_e(s.user_id or "—")}</td><td>{_when(s.last_active)}</td><td>{_when(s.created_at)}</td>'
+        f'<td><a href="/ui/sessions/{esc(quoted(s.id))}">{esc(s.id)}</a>{" <span class=badge>fork</span>" if s.extra.get("forked_from") else ""}</td>'
+        f'<td>{esc(s.user_id or "—")}</td><td>{when(s.last_active)}</td><td>{when(s.created_at)}</td>'
         f'<td class="num">{s.turns}</td><td class="num">{s.next_seq}</td><td class="num">{s.branches + 1}</td>'
         f'<td class="num">{s.prompt_tokens:,} / {s.completion_tokens:,}</td></tr>'
         for s in shown
     ) or '<tr><td colspan="8" class="empty">No sessions' + (" match this search" if query else " yet") + '.</td></tr>'
     nav = []
     if page > 1:
-        nav.append(f'<a href="{_e(link(page - 1))}" rel="prev">← newer</a>')
+        nav.append(f'<a href="{esc(link(page - 1))}" rel="prev">← newer</a>')
     nav.append(f'<span>page {page} of {pages}</span>')
     if page < pages:
-        nav.append(f'<a href="{_e(link(page + 1))}" rel="next">older →</a>')
+        nav.append(f'<a href="{esc(link(page + 1))}" rel="next">older →</a>')
     body = (
         f'<h1>Sessions <small>{total} {"matching" if query else "in all"}, newest first</small></h1>'
         '<form method="get" action="/ui" class="search" role="search">'
-        f'<input name="q" value="{_e(query)}" placeholder="session or user id" aria-label="search sessions">'
+        f'<input name="q" value="{esc(query)}" placeholder="session or user id" aria-label="search sessions">'
         '<button type="submit">Search</button></form>'
         '<table class="sessions"><thead><tr><th>session</th><th>user</th><th>last active</th><th>created</th>'
         '<th>requests</th><th>messages</th><th>branches</th><th>tokens (prompt / completion)</th></tr></thead>'
         f'<tbody>{rows}</tbody></table><nav class="pages">{" ".join(nav)}</nav>'
     )
-    return _page("Sessions", body, tenant)
-
-
-def _path(session_id: str) -> str:
-    return quote(session_id, safe="")
+    return frame("Sessions", body, tenant)
 
 
 # -- one session ---------------------------------------------------------------------------------
 
 
 def session(tenant: TenantConfig, s: Session, messages: list[Message], active: set[int], summaries: list[dict[str, Any]],
-            forks: list[str], memories: dict[str, dict | None] | None, newest_requests: int | None = None) -> str:
-    """The session's page; the timeline holds only its ``newest_requests`` latest requests when given."""
-    body = [f'<p><a href="/ui">← all sessions</a></p><h1>Session <span class="sid">{_e(s.id)}</span></h1>']
+            forks: list[str], learned: dict[str, Any] | None, memory_note: str | None, newest_requests: int | None = None) -> str:
+    """The session's page; ``learned`` is proxy/memory/audit.py's session view (None, and
+    ``memory_note`` says why, when long-term memory is off or loading); the timeline holds only
+    its ``newest_requests`` latest requests when given."""
+    body = [f'<p><a href="/ui">← all sessions</a></p><h1>Session <span class="sid">{esc(s.id)}</span></h1>']
     body.append(_facts(s, messages, forks))
     body.append('<section><h2>Tokens per request</h2>' + _chart(messages) + '</section>')
     body.append(_summaries(summaries))
     body.append(_pinned(messages, active))
     body.append(_rollbacks(s))
-    body.append(_timeline(messages, active, memories, newest_requests, s.id))
-    return _page(f"Session {s.id}", "".join(body), tenant)
+    link = ui_learning.linker(learned, s.user_id)
+    body.append(ui_learning.session_section(learned, memory_note, s, link))
+    injected = {entry["seq"]: entry for entry in (learned or {}).get("injected", [])}
+    body.append(_timeline(messages, active, lambda m: ui_learning.injected(injected.get(m.seq), m.injected, memory_note, s.id, link)
+                          if m.injected else "", newest_requests, s.id))
+    return frame(f"Session {s.id}", "".join(body), tenant)
 
 
 def _facts(s: Session, messages: list[Message], forks: list[str]) -> str:
     items = [
-        ("user", _e(s.user_id or "—")), ("created", _when(s.created_at)), ("last active", _when(s.last_active)),
+        ("user", f'<a class="user-link" href="{esc(ui_learning.user_href(s.user_id))}">{esc(s.user_id)}</a>' if s.user_id else "—"), ("created", when(s.created_at)), ("last active", when(s.last_active)),
         ("requests", str(s.turns)), ("messages", f"{len(messages)} ({sum(m.reverted for m in messages)} rolled back)"),
         ("branches", str(s.branches + 1)), ("tokens", f"{s.prompt_tokens:,} prompt / {s.completion_tokens:,} completion"),
         ("identified", "implicitly (from the conversation)" if s.implicit else "by the client"),
     ]
     source = s.extra.get("forked_from")
     if isinstance(source, dict):
-        items.append(("forked from", f'<a href="/ui/sessions/{_e(_path(str(source.get("session"))))}">{_e(source.get("session"))}</a>'
-                                     f' at message #{_e(source.get("seq"))}'))
+        items.append(("forked from", f'<a href="/ui/sessions/{esc(quoted(str(source.get("session"))))}">{esc(source.get("session"))}</a>'
+                                     f' at message #{esc(source.get("seq"))}'))
     if forks:
-        items.append(("forks", ", ".join(f'<a href="/ui/sessions/{_e(_path(f))}">{_e(f)}</a>' for f in forks)))
+        items.append(("forks", ", ".join(f'<a href="/ui/sessions/{esc(quoted(f))}">{esc(f)}</a>' for f in forks)))
     context = s.extra.get("context")
     if isinstance(context, dict) and context.get("requests"):
         items.append(("context", f'{context.get("tokens_sent", 0):,} tokens sent of {context.get("tokens_full", 0):,} '
                                  f'({context.get("compressed", 0)} of {context.get("requests")} requests compacted)'))
-    rows = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items)
+    rows = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in items)
     return f'<dl class="facts">{rows}</dl>'
 
 
@@ -164,8 +141,8 @@ def _chart(messages: list[Message]) -> str:
                 continue
             h = max(1, round(value / top * (height - 14))) if value else 0
             parts.append(f'<rect class="{css}" x="{x + j * 15}" y="{height + 2 - h}" width="13" height="{h}">'
-                         f'<title>request #{_e(message.seq)}: {_e(label)} {value:,} tokens</title></rect>')
-        parts.append(f'<text x="{x}" y="{height + base}" class="axis">#{_e(message.seq)}</text>')
+                         f'<title>request #{esc(message.seq)}: {esc(label)} {value:,} tokens</title></rect>')
+        parts.append(f'<text x="{x}" y="{height + base}" class="axis">#{esc(message.seq)}</text>')
     parts.append("</svg>")
     legend = ('<p class="legend"><span class="key bar-full"></span>full history <span class="key bar-sent"></span>sent upstream '
               '<span class="key bar-cached"></span>cached by the provider · prompt tokens of each answer\'s request, as the provider '
@@ -187,23 +164,12 @@ def _summaries(summaries: list[dict[str, Any]]) -> str:
     if not summaries:
         return '<section><h2>Summaries</h2><p class="empty">No summaries: the history has fit the budget so far.</p></section>'
     items = "".join(
-        f'<li class="summary"><div class="meta">{_e(s.get("level"))} summary of messages #{_e(s.get("first"))}–#{_e(s.get("last"))}'
-        f' ({len(s.get("seqs") or [])} messages: {_e(_seq_list(s.get("seqs") or []))}) · {_e(s.get("method"))}'
-        f'{" by " + _e(s.get("model")) if s.get("model") else ""} · {_e(s.get("tokens"))} tokens</div>'
-        f'<pre class="content">{_e(s.get("text"))}</pre></li>'
+        f'<li class="summary"><div class="meta">{esc(s.get("level"))} summary of messages #{esc(s.get("first"))}–#{esc(s.get("last"))}'
+        f' ({len(s.get("seqs") or [])} messages: {esc(seq_list(s.get("seqs") or []))}) · {esc(s.get("method"))}'
+        f'{" by " + esc(s.get("model")) if s.get("model") else ""} · {esc(s.get("tokens"))} tokens</div>'
+        f'<pre class="content">{esc(s.get("text"))}</pre></li>'
         for s in summaries)
     return f'<section><h2>Summaries</h2><ul class="summaries">{items}</ul></section>'
-
-
-def _seq_list(seqs: Iterable[int]) -> str:
-    """1,2,3,5 -> '#1–#3, #5'."""
-    ordered, spans = sorted(seqs), []
-    for seq in ordered:
-        if spans and seq == spans[-1][1] + 1:
-            spans[-1][1] = seq
-        else:
-            spans.append([seq, seq])
-    return ", ".join(f"#{a}" if a == b else f"#{a}–#{b}" for a, b in spans)
 
 
 def _pinned(messages: list[Message], active: set[int]) -> str:
@@ -211,8 +177,8 @@ def _pinned(messages: list[Message], active: set[int]) -> str:
     if not pinned:
         return '<section><h2>Pinned messages</h2><p class="empty">None: no message was tagged as a decision, commitment, preference or fact.</p></section>'
     items = "".join(
-        f'<li><a href="#m{m.seq}">#{m.seq}</a> {_e(m.role)} <span class="tags">{_e(", ".join(m.tags or ()))}</span>'
-        f'{"" if m.seq in active else " <span class=badge>other branch</span>"}: {_e(_short(_text(m.body), 160))}</li>'
+        f'<li><a href="#m{m.seq}">#{m.seq}</a> {esc(m.role)} <span class="tags">{esc(", ".join(m.tags or ()))}</span>'
+        f'{"" if m.seq in active else " <span class=badge>other branch</span>"}: {esc(short(_text(m.body), 160))}</li>'
         for m in pinned)
     return f'<section><h2>Pinned messages</h2><p class="hint">Kept verbatim when older turns are summarized.</p><ul>{items}</ul></section>'
 
@@ -222,20 +188,20 @@ def _rollbacks(s: Session) -> str:
     if not history:
         return ""
     items = "".join(
-        f'<li>{_when(r.get("ts"))}: rolled back {_e(_seq_list(r.get("reverted") or []) or "nothing")}'
-        f'{", to checkpoint " + _e(r.get("checkpoint")) if r.get("checkpoint") else ""}; head now #{_e(r.get("head"))}</li>'
+        f'<li>{when(r.get("ts"))}: rolled back {esc(seq_list(r.get("reverted") or []) or "nothing")}'
+        f'{", to checkpoint " + esc(r.get("checkpoint")) if r.get("checkpoint") else ""}; head now #{esc(r.get("head"))}</li>'
         for r in history if isinstance(r, dict))
     return f'<section><h2>Rollbacks</h2><ul class="rollbacks">{items}</ul></section>'
 
 
-def _timeline(messages: list[Message], active: set[int], memories: dict[str, dict | None] | None,
+def _timeline(messages: list[Message], active: set[int], injected: Callable[[Message], str],
               newest_requests: int | None, session_id: str) -> str:
     starts = [i for i, m in enumerate(messages) if i == 0 or m.request_id != messages[i - 1].request_id]
     note = ""
     if newest_requests is not None and len(starts) > newest_requests:
         first = starts[-newest_requests]
         note = (f'<p class="hint">The newest {newest_requests} of {len(starts)} requests ({len(messages) - first} of '
-                f'{len(messages)} messages). <a href="/ui/sessions/{_e(_path(session_id))}?all=1">Show all</a></p>')
+                f'{len(messages)} messages). <a href="/ui/sessions/{esc(quoted(session_id))}?all=1">Show all</a></p>')
         messages = messages[first:]
     out = [note, '<section><h2>Timeline</h2><p class="hint">Every recorded message in order. '
            '<span class="marker-active">●</span> marks the active path; other branches are dimmed; rolled-back messages are struck through. '
@@ -250,9 +216,9 @@ def _timeline(messages: list[Message], active: set[int], memories: dict[str, dic
                 out.append(_request_bodies(request_group))
                 out.append("</ol></li>")
             request_id, request_group = m.request_id, []
-            out.append(f'<li class="request"><div class="request-head">request <code>{_e(m.request_id or "—")}</code> · {_when(m.ts)}</div><ol class="messages">')
+            out.append(f'<li class="request"><div class="request-head">request <code>{esc(m.request_id or "—")}</code> · {when(m.ts)}</div><ol class="messages">')
         request_group.append(m)
-        out.append(_message(m, previous, m.seq in active, memories))
+        out.append(_message(m, previous, m.seq in active, injected))
         previous = m
     if request_id is not None:
         out.append(_request_bodies(request_group))
@@ -261,8 +227,8 @@ def _timeline(messages: list[Message], active: set[int], memories: dict[str, dic
     return "".join(out)
 
 
-def _message(m: Message, previous: Message | None, on_path: bool, memories: dict[str, dict | None] | None) -> str:
-    classes = ["msg", f"role-{_e(m.role)}", "active" if on_path else "inactive"]
+def _message(m: Message, previous: Message | None, on_path: bool, injected: Callable[[Message], str]) -> str:
+    classes = ["msg", f"role-{esc(m.role)}", "active" if on_path else "inactive"]
     if m.reverted:
         classes.append("reverted")
     badges = ['<span class="badge marker-active" title="on the active path">● active</span>' if on_path
@@ -274,37 +240,21 @@ def _message(m: Message, previous: Message | None, on_path: bool, memories: dict
     if m.reverted:
         badges.append('<span class="badge rolled-back">rolled back</span>')
     if m.outcome != "ok":
-        badges.append(f'<span class="badge outcome">{_e(m.outcome)}</span>')
+        badges.append(f'<span class="badge outcome">{esc(m.outcome)}</span>')
     for tag in m.tags or ():
-        badges.append(f'<span class="badge tag">{_e(tag)}</span>')
-    meta = [f"#{m.seq}", _e(m.role), _when(m.ts), f"{m.tokens} tokens"]
+        badges.append(f'<span class="badge tag">{esc(tag)}</span>')
+    meta = [f"#{m.seq}", esc(m.role), when(m.ts), f"{m.tokens} tokens"]
     if m.model:
-        meta.append(_e(m.model))
+        meta.append(esc(m.model))
     if m.latency_ms is not None:
         meta.append(f"{m.latency_ms:.0f} ms")
     if m.finish_reason:
-        meta.append(f"finish: {_e(m.finish_reason)}")
-    extra = _memories(m, memories) + _tool_calls(m.body)
+        meta.append(f"finish: {esc(m.finish_reason)}")
+    extra = injected(m) + _tool_calls(m.body)
     return (f'<li id="m{m.seq}" class="{" ".join(classes)}"><div class="meta">{" · ".join(meta)} {" ".join(badges)}</div>'
-            f'<pre class="content">{_e(_text(m.body))}</pre>{extra}</li>')
+            f'<pre class="content">{esc(_text(m.body))}</pre>{extra}</li>')
 
 
-def _memories(m: Message, memories: dict[str, dict | None] | None) -> str:
-    if not m.injected:
-        return ""
-    items = []
-    for memory_id in m.injected:
-        found = (memories or {}).get(memory_id)
-        if found is None:
-            what = "erased since, or long-term memory is not loaded" if memories is not None else "long-term memory is off"
-            items.append(f'<li><code>{_e(memory_id)}</code>: <i>{what}</i></li>')
-        else:
-            source = f' from session {_e(found.get("session"))}' if found.get("session") else ""
-            items.append(f'<li><code>{_e(memory_id)}</code> {_e(found.get("type"))}{source}, {_when(found.get("ts"))}: '
-                         f'{_e(_short(found.get("text") or "", 300))}</li>')
-    return (f'<details class="injected" open><summary>{len(m.injected)} memories injected into this request</summary>'
-            '<p class="hint">Relevance scores are not recorded.</p>'
-            f'<ul>{"".join(items)}</ul></details>')
 
 
 def _tool_calls(body: dict[str, Any]) -> str:
@@ -312,7 +262,7 @@ def _tool_calls(body: dict[str, Any]) -> str:
     if not isinstance(calls, list) or not calls:
         return ""
     items = "".join(
-        f'<li><code>{_e((c.get("function") or {}).get("name"))}</code>({_e(_short(str((c.get("function") or {}).get("arguments", "")), 400))})</li>'
+        f'<li><code>{esc((c.get("function") or {}).get("name"))}</code>({esc(short(str((c.get("function") or {}).get("arguments", "")), 400))})</li>'
         for c in calls if isinstance(c, dict))
     return f'<div class="tools">tool calls: <ul>{items}</ul></div>'
 
@@ -320,7 +270,7 @@ def _tool_calls(body: dict[str, Any]) -> str:
 def _request_bodies(group: list[Message]) -> str:
     raw = orjson.dumps([m.body for m in group], option=orjson.OPT_INDENT_2).decode()
     return (f'<li class="raw"><details><summary>recorded bodies of this request ({len(group)} messages; '
-            f'the forwarded request itself is not recorded)</summary><pre class="json">{_e(raw)}</pre></details></li>')
+            f'the forwarded request itself is not recorded)</summary><pre class="json">{esc(raw)}</pre></details></li>')
 
 
 def _text(body: dict[str, Any]) -> str:
@@ -337,6 +287,3 @@ def _text(body: dict[str, Any]) -> str:
         return ""
     return "" if content is None else str(content)
 
-
-def _short(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -7,25 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import httpx
 import openai
 import pytest
 
-from proxy.memory import expiry, extract_llm
+from proxy.memory import expiry
 from proxy.memory.extract_rules import Candidate
 from proxy.memory.model import SEMANTIC
 from proxy.memory.service import MemoryService
 from proxy.server import keys
 from tests.fake_upstream import FakeUpstream
 from tests.harness import ProxyThread, open_tenant, write_config
-from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_text, recalled_block, running, system_prompt
-
-Reply = dict[str, Any] | str | Callable[[dict[str, Any]], Any]
+from tests.memory_helpers import (SLOW_OK, Extractor, chat, drain, injected_ids, known_ids, memory_text, quiet, recalled_block, running,
+                                  system_prompt)
 
 
 def _service(proxy: ProxyThread) -> MemoryService:
@@ -40,33 +38,6 @@ def _start(tmp_path: Path, upstream: FakeUpstream, **memory: Any) -> Any:
     return running(write_config(tmp_path, {"local": tenant}))
 
 
-def _quiet(proxy: ProxyThread, *, attempts: int = 3) -> MemoryService:
-    """Extraction runs only when the test drains (no run of its own after 2 quiet seconds)."""
-    service = _service(proxy)
-    extractor = service.learning.extractor
-    extractor.delay, extractor.retry_base, extractor.attempts = 3600.0, 0.05, attempts
-    return service
-
-
-class Extractor:
-    """The fake upstream answering extractor calls (recognised by their system prompt) with
-    scripted replies, and everything else with its default echo."""
-
-    def __init__(self, upstream: FakeUpstream) -> None:
-        self.replies: list[Reply] = []
-        self.calls: list[dict[str, Any]] = []
-        upstream.responder = self._respond
-
-    def _respond(self, body: dict[str, Any]) -> str | None:
-        if body["messages"][0].get("content") != extract_llm.PROMPT:
-            return None
-        self.calls.append(body)
-        reply = self.replies.pop(0) if self.replies else {"memories": []}
-        if callable(reply):
-            reply = reply(body)
-        return reply if isinstance(reply, str) else json.dumps(reply)
-
-
 def _audit(proxy: ProxyThread, **query: str) -> dict[str, Any]:
     response = httpx.get(f"{proxy.url}/admin/memory/extractions", params=query)
     assert response.status_code == 200, response.text
@@ -77,21 +48,17 @@ def _live(proxy: ProxyThread, user: str) -> list[dict[str, Any]]:
     return _audit(proxy, user_id=user)["memories"]
 
 
-def _known_ids(body: dict[str, Any]) -> list[str]:
-    return re.findall(r"^\[(mem_[0-9a-f]+)\]", body["messages"][1]["content"], flags=re.M)
-
-
 @pytest.fixture
 def model_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
     with _start(tmp_path, upstream, extractor_model="extractor") as proxy:
-        _quiet(proxy)
+        quiet(proxy)
         yield proxy
 
 
 @pytest.fixture
 def rules_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyThread]:
     with _start(tmp_path, upstream, extract=True) as proxy:
-        _quiet(proxy)
+        quiet(proxy)
         yield proxy
 
 
@@ -127,7 +94,7 @@ def test_the_extractor_model_turns_turns_into_memories_with_provenance(model_pro
     drain(model_proxy)
     assert "[2] user: Thanks" in extractor.calls[1]["messages"][1]["content"]
     assert "[0] user: I moved" in extractor.calls[1]["messages"][1]["content"]  # as context only
-    assert _known_ids(extractor.calls[1]) and set(_known_ids(extractor.calls[1])) == {m["id"] for m in live.values()}
+    assert known_ids(extractor.calls[1]) and set(known_ids(extractor.calls[1])) == {m["id"] for m in live.values()}
     assert len(_audit(model_proxy, session_id="s1")["extraction_runs"]) == 2
 
 
@@ -140,7 +107,7 @@ def test_a_contradicting_fact_supersedes_the_older_one(model_proxy: ProxyThread,
 
     # The model names the memory it replaces by the id it was shown.
     extractor.replies.append(lambda body: {"memories": [{"kind": "fact", "text": "The user lives in Porto now.",
-                                                          "replaces": _known_ids(body)[0]}]})
+                                                          "replaces": known_ids(body)[0]}]})
     chat(model_proxy, "I have moved to Porto since.", user="alice", session="s2")
     drain(model_proxy)
     (new,) = _live(model_proxy, "alice")
@@ -272,7 +239,7 @@ def test_a_lesson_from_a_failed_then_fixed_tool_call_is_recalled_in_a_later_sess
 
 def test_expired_memories_are_not_recalled_and_are_swept(tmp_path: Path, upstream: FakeUpstream) -> None:
     with _start(tmp_path, upstream, extract=True, ttl={"semantic": 2 / 86400, "procedural": None}) as proxy:
-        service = _quiet(proxy)
+        service = quiet(proxy)
         chat(proxy, "Hello again! My favourite color is teal.", user="alice", session="s1")
         drain(proxy)
         (memory,) = _live(proxy, "alice")
@@ -318,13 +285,13 @@ def test_after_a_restart_the_store_still_merges_supersedes_and_recalls_lessons_b
     tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "extract": True})
     path = write_config(tmp_path, {"local": tenant})
     with running(path) as proxy:
-        _quiet(proxy)
+        quiet(proxy)
         chat(proxy, "Note: my email is alice@old.example. I am allergic to peanuts.", user="alice", session="s1")
         drain(proxy)
         before = {m["content"]: m["id"] for m in _live(proxy, "alice")}
     assert set(before) == {"Note: my email is alice@old.example.", "I am allergic to peanuts."}
     with running(path) as proxy:  # nothing of the first process's state but what LMDB holds
-        _quiet(proxy)
+        quiet(proxy)
         chat(proxy, "Reminder: I am allergic to peanuts. My email is alice@new.example.", user="alice", session="s2")
         drain(proxy)
         after = {m["content"]: m for m in _live(proxy, "alice")}
@@ -375,14 +342,14 @@ def test_an_extractor_cannot_supersede_another_users_memory(model_proxy: ProxyTh
     assert [m["id"] for m in _live(model_proxy, "alice")] == [alice["id"]]
     assert _audit(model_proxy, user_id="alice")["superseded"] == []
     assert {m["content"] for m in _live(model_proxy, "bob")} == {"Bob's PIN hint is a dog.", "Bob likes dogs."}
-    assert alice["id"] not in _known_ids(extractor.calls[-1])  # never shown another user's memories
+    assert alice["id"] not in known_ids(extractor.calls[-1])  # never shown another user's memories
 
 
 def test_extraction_respects_the_memory_quota(tmp_path: Path, upstream: FakeUpstream) -> None:
     tenant = open_tenant(upstream.base_url, quotas={"memories": 1},
                          memory={"latency_budget_ms": SLOW_OK, "extract": True, "episodic": False})
     with running(write_config(tmp_path, {"local": tenant})) as proxy:
-        _quiet(proxy)
+        quiet(proxy)
         chat(proxy, "My email is a@old.example. I am allergic to peanuts.", user="alice", session="s1")
         drain(proxy)
         (kept,) = _live(proxy, "alice")
@@ -396,7 +363,7 @@ def test_extraction_respects_the_memory_quota(tmp_path: Path, upstream: FakeUpst
 def test_turns_recorded_but_not_extracted_before_a_stop_are_extracted_after_the_restart(tmp_path: Path, upstream: FakeUpstream) -> None:
     path = write_config(tmp_path, {"local": open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "extract": True})})
     with running(path) as proxy:
-        service = _quiet(proxy)
+        service = quiet(proxy)
         answer, _ = chat(proxy, "My email is alice@example.com.", user="alice", session="s1")
         drain(proxy)
         history = [{"role": "user", "content": "My email is alice@example.com."}, {"role": "assistant", "content": answer}]
@@ -407,7 +374,7 @@ def test_turns_recorded_but_not_extracted_before_a_stop_are_extracted_after_the_
 
         proxy.call(crash())
     with running(path) as proxy:
-        _quiet(proxy)
+        quiet(proxy)
         async def caught_up() -> None:  # the start-up catch-up has scheduled s1
             task = _service(proxy).learning.extractor._catch_up
             assert task is not None
