@@ -6,7 +6,7 @@ are stored as their 16-byte digest (like LMDB's keys: any id, NUL bytes included
 record keys as bytes, so a scan is in the same order on every backend.
 
 By default one replica at a time: the store holds a database-wide advisory lock while open, and a
-second replica refuses to start. With ``replicas="many"`` (fleet mode) there is no such lock;
+second replica refuses to start (proxy/storage/pg_replica.py, which also watches the lock). With ``replicas="many"`` (fleet mode) there is no such lock;
 instead a request holds a session-level advisory lock keyed by (tenant, session) on a connection
 of a second small pool for its duration (``session_lock``), so one session has one writer across
 the fleet. The caller must then cache nothing across requests (proxy/server/app.py).
@@ -26,7 +26,7 @@ import asyncpg
 from proxy import codec
 from proxy.codec import CorruptRecord
 from proxy.records import Message, Session, share_repeated_values
-from proxy.storage import postgres_changes
+from proxy.storage import pg_replica, postgres_changes
 from proxy.storage.base import Encoded, InvalidWrite, Quarantined, SessionBusy, Store, StorageError, Write, encode
 from proxy.storage.kv import MAX_RECORD_KEY, session_digest
 from proxy.storage.pg_claims import FAILURES, ClaimsConnection, job_lock_key
@@ -49,9 +49,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX asp_quarantine_tenant ON asp_quarantine (tenant);
     """,
     postgres_changes.MIGRATION,  # 2: the memory change log and the episodic indexing owed (fleet mode)
+    pg_replica.MIGRATION,  # 3: the token of the replica holding the replica lock (replicas: one)
 )
 _MIGRATION_LOCK = 0x6173_7001  # pg_advisory_xact_lock key: "asp" + 1
-_REPLICA_LOCK = 0x6173_7002  # held for the store's life: one replica per database
 _TENANT_WIDE = b""  # the sid of records that belong to no session
 
 
@@ -83,10 +83,10 @@ async def migrate_database(dsn: str) -> int:
 
 
 class PostgresStore(Store):
-    def __init__(self, pool: asyncpg.Pool, holder: asyncpg.Connection | None, lock_pool: asyncpg.Pool | None = None,
+    def __init__(self, pool: asyncpg.Pool, replica: pg_replica.ReplicaLock | None, lock_pool: asyncpg.Pool | None = None,
                  lock_wait: float = 30.0) -> None:
         self._pool = pool
-        self._holder = holder  # holds the replica lock (replicas: one)
+        self._replica = replica  # the replica lock (replicas: one)
         self._lock_pool = lock_pool  # connections holding session locks (replicas: many)
         self.shared = lock_pool is not None
         # How long a request waits for a lock connection (like the lock itself, bounded by the
@@ -102,35 +102,40 @@ class PostgresStore(Store):
         logging.getLogger("asyncpg.pool").addFilter(_TERSE)
         if replicas == "many":  # the memory triggers log for fleet replicas only (proxy/storage/postgres_changes.py)
             settings[postgres_changes.FLEET_SETTING] = "on"
+        # TCP keepalives: a peer whose host vanished (no FIN, no RST) is noticed, and its locks
+        # freed, in ~25 s instead of the kernel's default two hours.
+        keepalive = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
+        replica = None
         try:
-            holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
+            if replicas == "one":
+                replica = pg_replica.ReplicaLock(lambda: asyncpg.connect(dsn, server_settings=settings | keepalive, timeout=10))
+                await replica.take()
+                holder = replica.connection
+            else:  # migrations only
+                holder = await asyncpg.connect(dsn, server_settings=settings, timeout=10)
         except FAILURES as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {_safe(exc, dsn)}") from None
         lock_pool = None
         try:
-            if replicas == "one" and not await holder.fetchval("SELECT pg_try_advisory_lock($1)", _REPLICA_LOCK):
-                raise StorageError("another agent-state-proxy replica is using this database; "
-                                   "set storage.postgres.replicas: many on every replica to run a fleet (README: Running a fleet)")
             await migrate(holder)
+            if replica is not None:
+                await replica.stamp()
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, server_settings=settings, timeout=10)
             if replicas == "many":
                 # A session lock holds its connection for the whole request (upstream call
                 # included): a pool of its own, so waiting requests never starve the reads and
                 # writes of the requests that hold theirs. A wait is bounded by statement_timeout.
-                # TCP keepalives: a replica whose host vanished (no FIN, no RST) frees its locks in
-                # ~25 s instead of the kernel's default two hours.
-                keepalive = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"}
                 lock_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, server_settings=settings | keepalive, timeout=10)
         except BaseException:
-            await holder.close()
+            await (replica.close() if replica is not None else holder.close())
             raise
-        if replicas == "many":
+        if replica is None:
             await holder.close()  # it held nothing: a replica of a fleet excludes no other
             store = cls(pool, None, lock_pool, lock_wait=statement_timeout_ms / 1000)
             store._claims = ClaimsConnection(lambda: asyncpg.connect(dsn, server_settings=settings | keepalive, timeout=10))
             store._connect_listener = lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10)
             return store
-        store = cls(pool, holder)
+        store = cls(pool, replica)
         store._claims = ClaimsConnection(lambda: asyncpg.connect(dsn, server_settings=settings, timeout=10))
         return store
 
@@ -142,6 +147,8 @@ class PostgresStore(Store):
         if self._closed:
             raise StorageError("store is closed")
         if self._lock_pool is None:
+            if self._replica is not None:
+                self._replica.check()  # refused before the provider is called, not after
             yield
             return
         key = session_lock_key(tenant, session_id)
@@ -216,6 +223,8 @@ class PostgresStore(Store):
         _check_shape(writes)
         if any(hold.lost() for hold in _HELD.get()):
             raise StorageError("the session lock was lost with its connection (PostgreSQL restarted?); nothing was written")
+        if self._replica is not None:
+            self._replica.check()
         encoded = [_encode(w) for w in writes]  # InvalidWrite, before anything is sent
         async with self._connection() as connection, connection.transaction():
             for tenant, deleted, session, messages, puts, removals in encoded:
@@ -370,7 +379,10 @@ class PostgresStore(Store):
         return self._claims.claim(job)
 
     async def readiness(self) -> str | None:
-        """Why this replica must not take traffic now (PostgreSQL unreachable, schema not current)."""
+        """Why this replica must not take traffic now (PostgreSQL unreachable, schema not current,
+        the replica lock not held)."""
+        if self._replica is not None and (problem := self._replica.problem()) is not None:
+            return problem
         return await self._claims.readiness(len(MIGRATIONS)) if self._claims is not None else None
 
     def memory_feed(self) -> postgres_changes.MemoryFeed | None:
@@ -389,8 +401,8 @@ class PostgresStore(Store):
         await self._pool.close()
         if self._lock_pool is not None:
             await self._lock_pool.close()
-        if self._holder is not None:
-            await self._holder.close()  # lets the replica lock go
+        if self._replica is not None:
+            await self._replica.close()  # lets the replica lock go
 
     def stats(self) -> dict[str, Any]:
         stats = {"backend": "postgres", "replicas": "many" if self.shared else "one",
