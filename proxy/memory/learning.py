@@ -52,8 +52,7 @@ class Learning:
                 await self._sweeper
 
     async def drain(self) -> None:
-        await self.backfill.drain()
-        await self.extractor.drain()
+        await self.extractor.drain()  # (not the backfill: it may take hours; backfill.drain waits for it)
 
     def after_record(self, turn: Any, messages: list[Message]) -> None:
         self.extractor.schedule(turn, messages)
