@@ -152,15 +152,17 @@ class Backfill:
             now = await store.get_session(state.name, session.id)
             if not same_session(now, session.created_at) or is_expired(state.config, now, time.time()):
                 return False  # erased or expired meanwhile
+            read = pending.read
             ended = await self.extractor.run_claimed(pending)
             if ended == BUSY:
                 return False  # the live worker or another replica has it (and reads the mark afresh)
-            progress.runs += 1
-            state.counters["backfill_runs"] += 1
+            if pending.read > read:
+                progress.runs += 1
+                state.counters["backfill_runs"] += 1
             if ended == RETRY:
                 await asyncio.sleep(max(0.0, pending.due - time.monotonic()))
             elif not pending.more:
-                return True
+                return pending.read > 0  # 0: extracted meanwhile by a runner that had claimed it first
 
 
 class _Pace:

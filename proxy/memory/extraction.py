@@ -61,6 +61,7 @@ class Pending:
     due: float  # time.monotonic() when it may run
     attempts: int = 0
     more: bool = False  # the last run stopped at _WINDOW messages: more are waiting
+    read: int = 0  # messages the runs so far read past the mark (0: another runner had read them)
 
 
 class ServiceHost:
@@ -236,6 +237,7 @@ class Extractor:
         messages = [m for m in await store.get_messages(tenant, pending.session) if not m.reverted]
         rest = [m for m in messages if m.seq >= start]
         new, pending.more = rest[:_WINDOW], len(rest) > _WINDOW
+        pending.read += len(new)
         if not new:
             if not marked:  # nothing to read (all rolled back): marked, so the backfill does not come back
                 await store.apply([Write(tenant, records=[Record(MARK_KIND, MARK_KEY, {"next": session.next_seq, "created": pending.created},
