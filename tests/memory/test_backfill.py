@@ -27,8 +27,11 @@ from tests.memory_helpers import SLOW_OK, chat, drain, injected_ids, memory_text
 FAST = 6000  # backfill_per_minute for tests that wait for the whole backfill
 
 
-def _config(tmp_path: Path, upstream: FakeUpstream, extractor: FakeUpstream | None = None, **memory: Any) -> Path:
-    tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK} | memory)
+def _config(tmp_path: Path, upstream: FakeUpstream, extractor: FakeUpstream | dict[str, Any] | None = None, **memory: Any) -> Path:
+    """The config file; ``extractor``: the fake upstream of the "extractor" alias, or other tenant keys."""
+    extra = extractor if isinstance(extractor, dict) else {}
+    tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK} | memory, **extra)
+    extractor = extractor if isinstance(extractor, FakeUpstream) else None
     if extractor is not None:
         tenant["models"] = {"*": route(upstream.base_url), "extractor": route(extractor.base_url, "openai/extractor")}
     return write_config(tmp_path, {"local": tenant})
@@ -241,3 +244,29 @@ def test_a_request_answers_while_a_backfill_run_waits_on_the_extractor(
         _settled(proxy)
         assert _backfill(proxy)["state"] == "done"
         assert "Stated: Hello! My email is alice@old.example." in _live(proxy, "alice")
+
+
+def test_a_long_session_is_backfilled_run_after_run_to_its_end(tmp_path: Path, upstream: FakeUpstream) -> None:
+    history = []
+    for i in range(125):
+        history += [{"role": "user", "content": f"Line {i}: I decided to use tool number {i} for the job."},
+                    {"role": "assistant", "content": f"Noted {i}."}]
+    with running(_config(tmp_path, upstream, episodic=False)) as proxy:
+        chat(proxy, "That is all.", user="alice", session="long", history=history)
+    with running(_config(tmp_path, upstream, episodic=False, extract=True, backfill_per_minute=FAST)) as proxy:
+        _settled(proxy)
+        runs = _audit(proxy, session_id="long")["extraction_runs"]
+        assert [(r["seqs"][0], r["seqs"][-1]) for r in runs] == [(0, 199), (200, 251)]  # 200 messages a run at most
+        assert _backfill(proxy)["done"] == 1 and _backfill(proxy)["runs"] == 2
+        # (near-identical lines merge into a few memories; the last line's turn is among their sources)
+        assert any(248 in source["seqs"] for m in _live(proxy, "alice").values() for source in m["extracted"]["sources"])
+
+
+def test_expired_sessions_are_not_backfilled(tmp_path: Path, upstream: FakeUpstream) -> None:
+    with running(_config(tmp_path, upstream)) as proxy:
+        _history(proxy)
+    time.sleep(1.2)
+    with running(_config(tmp_path, upstream, {"session_ttl_seconds": 1}, extract=True, backfill_per_minute=FAST)) as proxy:
+        _settled(proxy)  # (the janitor may delete them first: either way nothing is learned from them)
+        assert _live(proxy, "alice") == {} and _live(proxy, "bob") == {}
+        assert _backfill(proxy)["done"] == 0
