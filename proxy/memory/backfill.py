@@ -42,6 +42,7 @@ log = logging.getLogger("agent_state_proxy.memory.backfill")
 
 QUIET_SECONDS = 0.2  # a run starts once no request has been in flight this long...
 QUIET_WITHIN = 5.0  # ...or after this long regardless (a proxy that is never quiet still backfills)
+STOP_WAIT = 10.0  # at shutdown, seconds a run in progress has to finish (then it is cancelled: repeated at the next start)
 
 
 @dataclass
@@ -63,20 +64,30 @@ class Backfill:
         self.service = extractor.service
         self.progress: dict[str, Progress] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._in_run: set[str] = set()  # tenants whose backfill is in a run (not waiting for its turn)
+        self._stopping = False
 
     def start(self, tenant: str) -> None:
         """Backfill the tenant's sessions without a mark, unless that runs already or is off."""
         state = self.service.tenants.get(tenant)
-        if state is None or not _on(state):
+        if state is None or not _on(state) or self._stopping:
             return
         task = self._tasks.get(tenant)
         if task is None or task.done():
             self._tasks[tenant] = asyncio.create_task(self._tenant(state), name=f"memory-backfill-{tenant}")
 
     async def close(self) -> None:
+        """Stop: a backfill waiting for its next run stops at once, one in a run finishes it
+        (within STOP_WAIT), so a shutdown rarely leaves a run's memories without its mark."""
+        self._stopping = True
+        for tenant, task in self._tasks.items():
+            if tenant not in self._in_run:
+                task.cancel()
+        running = [task for task in self._tasks.values() if not task.done()]
+        if running:
+            await asyncio.wait(running, timeout=STOP_WAIT)
         for task in self._tasks.values():
             task.cancel()
-        for task in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -96,22 +107,23 @@ class Backfill:
     # -- one tenant ----------------------------------------------------------------------------
 
     async def _tenant(self, state: TenantState) -> None:
-        await state.ready.wait()
         progress = self.progress[state.name] = Progress(started_at=time.time())
         try:
+            await state.ready.wait()
             sessions = await self._unmarked(state)
             progress.state, progress.pending = "running", len(sessions)
             pace = _Pace()
             for session in sessions:
-                if not _on(state):
-                    progress.state = "stopped"
-                    return
+                if not _on(state) or self._stopping:
+                    return  # (stopped: turned off by a reload, or shutting down)
                 try:
                     extracted = await self._session(state, session, pace, progress)
                 except Exception:  # one session's failure does not stop the rest
                     log.exception("memory: backfilling a session of tenant %s failed", state.name)
                     state.counters["extract_errors"] += 1
                     extracted = False
+                if self._stopping:
+                    return
                 progress.pending -= 1
                 if extracted:
                     progress.done += 1
@@ -145,15 +157,19 @@ class Backfill:
         store = self.service.store
         pending = Pending(state.name, session.id, session.created_at, state.user(session.user_id), 0.0)
         while True:
-            if not _on(state):
+            if not _on(state) or self._stopping:
                 return False
             await pace.wait(60.0 / state.settings.backfill_per_minute)
             await priority.activity.quiet(QUIET_SECONDS, within=QUIET_WITHIN)
-            now = await store.get_session(state.name, session.id)
-            if not same_session(now, session.created_at) or is_expired(state.config, now, time.time()):
+            current = await store.get_session(state.name, session.id)
+            if not same_session(current, session.created_at) or is_expired(state.config, current, time.time()):
                 return False  # erased or expired meanwhile
             read = pending.read
-            ended = await self.extractor.run_claimed(pending)
+            self._in_run.add(state.name)
+            try:
+                ended = await self.extractor.run_claimed(pending)
+            finally:
+                self._in_run.discard(state.name)
             if ended == BUSY:
                 return False  # the live worker or another replica has it (and reads the mark afresh)
             if pending.read > read:

@@ -122,6 +122,7 @@ class MemoryService:
     async def close(self, drain_timeout: float = 3.0) -> None:
         """Finish queued indexing (briefly: what is left is caught up at the next start from the
         transcripts), save changed indexes, stop the workers."""
+        await self.learning.backfill.close()  # first: no new run starts while the rest drains
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.drain(), drain_timeout)
         await self.learning.close()
