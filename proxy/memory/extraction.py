@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from proxy.jobs import Claims
+from proxy.lifecycle import same_session
 from proxy.memory import expiry, extract_llm
 from proxy.memory.extract_rules import Candidate, from_rules
 from proxy.memory.model import Memory
 from proxy.memory.supersede import Consolidator, Outcome
-from proxy.lifecycle import same_session
 from proxy.memory.tenant import TenantMemory, index_text
 from proxy.records import Message
 from proxy.storage.base import Record, Write

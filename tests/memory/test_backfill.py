@@ -270,3 +270,30 @@ def test_expired_sessions_are_not_backfilled(tmp_path: Path, upstream: FakeUpstr
         _settled(proxy)  # (the janitor may delete them first: either way nothing is learned from them)
         assert _live(proxy, "alice") == {} and _live(proxy, "bob") == {}
         assert _backfill(proxy)["done"] == 0
+
+
+def test_an_old_session_backfilled_after_a_newer_fact_was_learned_does_not_supersede_it(tmp_path: Path, upstream: FakeUpstream) -> None:
+    path = _config(tmp_path, upstream, episodic=False)
+    with running(path) as proxy:
+        chat(proxy, "My email is alice@old.example.", user="alice", session="old")
+    # Extraction on, backfill off: only the new turn is learned.
+    with running(_config(tmp_path, upstream, episodic=False, extract=True, backfill_per_minute=0)) as proxy:
+        chat(proxy, "My email is alice@new.example.", user="alice", session="new")
+        _service(proxy).learning.extractor.delay = 0.0
+        drain(proxy)
+        (new,) = _live(proxy, "alice").values()
+        assert new["content"] == "My email is alice@new.example." and _backfill(proxy) is None
+        # A reload turns the backfill on: the older statement arrives after the newer one.
+        _config(tmp_path, upstream, episodic=False, extract=True, backfill_per_minute=FAST)
+
+        async def reload() -> bool:
+            assert proxy.app is not None
+            return Reloader(proxy.app, lambda: load_config(path)).reload("test")
+
+        assert proxy.call(reload())
+        _settled(proxy)
+        assert _backfill(proxy)["done"] == 1
+        (run,) = _audit(proxy, session_id="old")["extraction_runs"]
+        assert run["outdated"] == 1 and run["added"] == [] and run["superseded"] == []
+        assert [m["id"] for m in _live(proxy, "alice").values()] == [new["id"]]  # the later statement stays current
+        assert _audit(proxy, user_id="alice")["superseded"] == []
