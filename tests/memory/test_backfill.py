@@ -90,7 +90,7 @@ class Scripted:
         lines = re.findall(r"^\[(\d+)\] user: (.+)$", body["messages"][1]["content"], flags=re.M)
         return json.dumps({"memories": [{"kind": "fact", "text": f"Stated: {text}", "seqs": [int(seq)]} for seq, text in lines]})
 
-    def seqs_read(self) -> list[str]:
+    def turns_read(self) -> list[str]:
         """Every user turn the extractor was asked about, as text (repeats would show twice)."""
         return [text for body in self.calls for text in re.findall(r"^\[\d+\] user: (.+)$", body["messages"][1]["content"], flags=re.M)]
 
@@ -152,7 +152,7 @@ def test_the_extractor_model_backfills_with_provenance_and_a_restart_half_way_re
     with running(_config(tmp_path, upstream, extractor, extractor_model="extractor", backfill_per_minute=FAST)) as proxy:
         _settled(proxy)
         assert _backfill(proxy)["done"] == 3 and len(scripted.calls) == 4
-        read = scripted.seqs_read()
+        read = scripted.turns_read()
         assert sorted(read) == sorted(set(read)) and len(read) == 5  # each recorded user turn asked about once
         alice = _live(proxy, "alice")
         assert len(alice) == 4 and alice["Stated: Hello! My email is alice@old.example."]["id"] == \
