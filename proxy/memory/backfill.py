@@ -112,6 +112,9 @@ class Backfill:
             await state.ready.wait()
             sessions = await self._unmarked(state)
             progress.state, progress.pending = "running", len(sessions)
+            if sessions:
+                log.info("memory: backfilling %d sessions of tenant %s recorded before extraction was on, oldest first, "
+                         "at most %d runs a minute", len(sessions), state.name, state.settings.backfill_per_minute)
             pace = _Pace()
             for session in sessions:
                 if not _on(state) or self._stopping:
