@@ -4,6 +4,7 @@ with its own index, kept in step through the database's change log (proxy/memory
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -217,3 +218,59 @@ async def test_a_replica_whose_changes_were_pruned_before_it_read_them_reconcile
         await service.close()
         await other.close()
         await store.close()
+
+
+def test_two_replicas_backfill_each_session_once(tmp_path: Path, upstream: FakeUpstream, database: str) -> None:
+    """Sessions recorded while extraction was off; then two replicas start with it on: each
+    session is extracted by one of them, each turn read by the extractor model once."""
+    from proxy.memory import extract_llm
+
+    storage = {"backend": "postgres", "postgres": {"dsn": "${TEST_DATABASE_URL}", "replicas": "many"}}
+
+    def configured(name: str, **memory: Any) -> ProxyProcess:
+        directory = tmp_path / name
+        tenant = open_tenant(upstream.base_url, memory={"latency_budget_ms": SLOW_OK, "episodic": False} | memory)
+        return ProxyProcess(write_config(directory, {"local": tenant}, storage=storage | {"data_dir": str(directory / "data")}),
+                            env={"TEST_DATABASE_URL": database})
+
+    asked: list[str] = []
+
+    def extractor(body: dict[str, Any]) -> str | None:
+        if body["messages"][0].get("content") != extract_llm.PROMPT:
+            return None  # a chat turn: the echo
+        turns = [line for line in body["messages"][1]["content"].splitlines() if " user: " in line]
+        asked.extend(turns)
+        return '{"memories": [%s]}' % ", ".join('{"kind": "fact", "text": "Stated: %s"}' % t.split(" user: ", 1)[1] for t in turns)
+
+    upstream.responder = extractor
+    sessions = [f"s{i:02d}" for i in range(12)]
+    recorder = configured("recorder").start()
+    try:
+        sdk = openai.OpenAI(base_url=recorder.base_url, api_key="x", max_retries=0, timeout=60)
+        for i, session in enumerate(sessions):
+            sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"Fact number {i} is true."}],
+                                        extra_headers={"X-User-ID": f"user{i}", "X-Session-ID": session})
+    finally:
+        stop([recorder])
+    assert asked == []
+    upstream.latency = 0.5  # each extractor call takes a while: the replicas' runs overlap
+    replicas = [configured(name, extractor_model="fake-model", backfill_per_minute=6000) for name in ("a", "b")]
+    try:
+        starting = [threading.Thread(target=r.start) for r in replicas]  # at once: both find every session unextracted
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+
+        def backfilled() -> list[dict[str, Any]] | None:
+            progress = [httpx.get(f"{r.url}/admin/memory", timeout=30).json().get("backfill") for r in replicas]
+            return progress if all(p and p["state"] == "done" for p in progress) else None
+
+        progress = wait_for("both replicas' backfill done", backfilled)
+        assert sorted(asked) == sorted(set(asked)) and len(asked) == len(sessions)  # each turn asked about once
+        assert sum(p["done"] for p in progress) == len(sessions) and all(p["done"] for p in progress), progress
+        for i, session in enumerate(sessions):
+            view = httpx.get(f"{replicas[i % 2].url}/admin/memory/extractions", params={"session_id": session}, timeout=30).json()
+            assert len(view["extraction_runs"]) == 1 and view["memories"][0]["content"] == f"Stated: Fact number {i} is true."
+    finally:
+        stop([r for r in replicas if r.process is not None])

@@ -112,6 +112,9 @@ class MemorySettings(Section):
     extract: Bool = False
     extractor_model: Annotated[Annotated[str, Field(strict=True, min_length=1)] | None,
                                Rule("must be null or a model alias of this tenant")] = None
+    # Sessions recorded before extraction was on are extracted too (proxy/memory/backfill.py), at
+    # most this many runs (extractor calls: they cost) per minute; 0: no backfill.
+    backfill_per_minute: Int(0, 6000) = 10
     ttl: Annotated[MemoryTTL, Rule("must be a mapping of episodic, semantic, procedural to days")] = MemoryTTL()
 
     @model_validator(mode="before")

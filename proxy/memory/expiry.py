@@ -5,11 +5,14 @@ A memory older than its type's TTL (counted from when it was recorded, added, or
 extracted memory last stated again) is no longer recalled (validity.py), and the sweep erases it
 from LMDB and the index. Erasing a user erases every memory of theirs (episodic, API-added,
 extracted) with the superseded ones kept for audit and their subject records; their transcripts
-stay (DELETE /admin/sessions/{id} erases those).
+stay (DELETE /admin/sessions/{id} erases those), and the time of the erasure is kept (a
+tenant-wide ``memory_user_erased`` record): extraction never learns from the user's turns
+recorded before it (the backfill of their older sessions would bring the memories back).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -21,6 +24,7 @@ from proxy.memory.supersede import SUBJECT_KIND, SUPERSEDED_KIND
 from proxy.storage.base import Record, Store, Write
 
 _CHUNK = 512  # memories erased per transaction
+USER_ERASED_KIND = "memory_user_erased"  # tenant-wide, key: hash of the user id -> {"at": time of the erasure}
 
 
 async def sweep(state: TenantState, store: Store, now: float | None = None) -> int:
@@ -70,6 +74,8 @@ async def forget_reverted(state: TenantState, store: Store, session: str, seqs: 
 async def forget_user(state: TenantState, store: Store, user: str) -> dict[str, Any]:
     """Erase every memory of ``user``, superseded ones and subject records included."""
     mem, tenant = state.memory, state.name
+    # First: an extraction that reads it from now on leaves the user's older turns alone.
+    await store.apply([Write(tenant, records=[Record(USER_ERASED_KIND, _user_key(user), {"at": time.time()})])])
     code = mem.user_code(user)
     count = len(mem.ids)
     slots = np.flatnonzero(mem.cols.alive[:count] & (mem.cols.user[:count] == code)).tolist() if code >= 0 else []
@@ -85,3 +91,16 @@ async def forget_user(state: TenantState, store: Store, user: str) -> dict[str, 
     if audit:
         await store.apply([Write(tenant, records=audit)])
     return {"user_id": user, "memories_erased": erased, "audit_records_erased": len(audit)}
+
+
+async def user_erased_at(store: Store, tenant: str, user: str | None) -> float:
+    """When the user's memories were last erased (0.0: never; users without an id never are)."""
+    if user is None:
+        return 0.0
+    value = await store.get_record(tenant, USER_ERASED_KIND, _user_key(user))
+    at = (value or {}).get("at")
+    return float(at) if isinstance(at, (int, float)) else 0.0
+
+
+def _user_key(user: str) -> str:
+    return hashlib.blake2b(f"user\0{user}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()

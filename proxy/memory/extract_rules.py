@@ -55,6 +55,7 @@ class Candidate:
     seqs: list[int] = field(default_factory=list)  # the messages it comes from
     subject: str | None = None  # what it is about: a newer memory on it supersedes the older
     replaces: str | None = None  # the extractor's word: a memory id or a subject key
+    stated: float | None = None  # when its newest message was recorded (None: now)
 
 
 def normal_subject(value: Any) -> str | None:

@@ -9,6 +9,11 @@ the rules (proxy/memory/extract_rules.py), and hands the candidates to the store
 asked for) is logged and retried with backoff up to ``attempts`` times, then the rules stand in.
 Each run leaves a ``memory_extraction`` record in the session (what it produced, merged and
 superseded) and advances the session's ``memory_extract_mark``: both are erased with the session.
+
+A run holds the session's extraction claim (proxy/jobs.py): the live worker here and the
+backfill of older sessions (proxy/memory/backfill.py) never run one session at once, in this
+process or, in fleet mode, across replicas; each reads the mark afresh once it holds the claim.
+Turns of a user recorded before that user's memories were erased are never learned from.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from proxy.memory import extract_llm
+from proxy.jobs import Claims
+from proxy.lifecycle import same_session
+from proxy.memory import expiry, extract_llm
 from proxy.memory.extract_rules import Candidate, from_rules
 from proxy.memory.model import Memory
 from proxy.memory.supersede import Consolidator, Outcome
@@ -41,16 +48,20 @@ RULES = "rules"
 _CONTEXT = 6  # messages before the new ones the extractor sees (a fix answers an earlier failure)
 _WINDOW = 200  # new messages handed to one run at most
 _KNOWN_READS = 200  # of the user's newest non-episodic memories read for the ones extracted
+_BUSY_RETRY = 1.0  # seconds before a session another runner is extracting is tried again
+DONE, RETRY, BUSY = "done", "retry", "busy"  # how a claimed run ended (busy: another runner has the session)
 
 
 @dataclass
-class _Pending:
+class Pending:
     tenant: str
     session: str
     created: float
     user: str | None
     due: float  # time.monotonic() when it may run
     attempts: int = 0
+    more: bool = False  # the last run stopped at _WINDOW messages: more are waiting
+    read: int = 0  # messages the runs so far read past the mark (0: another runner had read them)
 
 
 class ServiceHost:
@@ -87,12 +98,14 @@ class ServiceHost:
 
 
 class Extractor:
-    def __init__(self, service: MemoryService, *, delay: float = 2.0, retry_base: float = 2.0, attempts: int = 3) -> None:
+    def __init__(self, service: MemoryService, claims: Claims, *, delay: float = 2.0, retry_base: float = 2.0,
+                 attempts: int = 3) -> None:
         self.service = service
+        self.claims = claims
         self.host = ServiceHost(service)
         self.consolidator = Consolidator(self.host)
         self.delay, self.retry_base, self.attempts = delay, retry_base, attempts
-        self._pending: dict[tuple[str, str, float], _Pending] = {}
+        self._pending: dict[tuple[str, str, float], Pending] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -116,7 +129,7 @@ class Extractor:
         pending = self._pending.get(key)
         due = time.monotonic() + self.delay
         if pending is None:
-            self._pending[key] = _Pending(tenant, session.id, session.created_at, user, due)
+            self._pending[key] = Pending(tenant, session.id, session.created_at, user, due)
         elif pending.attempts == 0:
             pending.due = due  # debounce: one run for a burst of turns
         self._idle.clear()
@@ -136,8 +149,8 @@ class Extractor:
 
     async def catch_up(self) -> None:
         """At start: schedule the sessions recorded past their extraction mark while the proxy
-        stopped (or crashed) before extracting. Sessions never extracted have no mark and are
-        left alone (no backfill of history when extraction is turned on)."""
+        stopped (or crashed) before extracting. Sessions never extracted have no mark: the
+        backfill (proxy/memory/backfill.py) takes those."""
         for tenant, state in list(self.service.tenants.items()):
             if not state.settings.extract:
                 continue
@@ -147,13 +160,17 @@ class Extractor:
                     mark = await self.service.store.get_record(tenant, MARK_KIND, MARK_KEY, session.id)
                     if mark and mark.get("created") == session.created_at and int(mark.get("next", 0)) < session.next_seq:
                         key = (tenant, session.id, session.created_at)
-                        self._pending.setdefault(key, _Pending(tenant, session.id, session.created_at,
+                        self._pending.setdefault(key, Pending(tenant, session.id, session.created_at,
                                                                state.user(session.user_id), time.monotonic() + self.delay))
                         self._idle.clear()
                         self._wake.set()
                     await asyncio.sleep(0)  # store reads do not suspend: let requests in
             except Exception:
                 log.exception("memory: the extraction catch-up of tenant %s failed", tenant)
+
+    def scheduled(self, tenant: str, session: str, created: float) -> bool:
+        """Whether the live worker will extract this session (the backfill leaves it alone)."""
+        return (tenant, session, created) in self._pending
 
     async def drain(self) -> None:
         """Run every scheduled extraction now (tests, benchmarks) and wait until none is left."""
@@ -181,38 +198,65 @@ class Extractor:
             for pending in due:
                 key = (pending.tenant, pending.session, pending.created)
                 try:
-                    done = await self._extract(pending)
+                    ended = await self.run_claimed(pending)
                 except Exception:  # never kill the worker: log, count, move on
                     log.exception("memory: extraction for a session of tenant %s failed", pending.tenant)
                     self.service.tenants[pending.tenant].counters["extract_errors"] += 1
-                    done = True
+                    ended, pending.more = DONE, False
+                if ended == BUSY or (ended == DONE and pending.more):  # another runner has it, or more to read
+                    pending.due = time.monotonic() + (_BUSY_RETRY if ended == BUSY else 0.0)
+                    pending.attempts = 0 if ended == DONE else pending.attempts
+                    continue
+                done = ended == DONE
                 if done and self._pending.get(key) is pending and pending.due <= time.monotonic():
                     del self._pending[key]  # (rescheduled meanwhile: a newer turn runs again later)
                 elif done and self._pending.get(key) is pending:
                     pending.attempts = 0
 
-    async def _extract(self, pending: _Pending) -> bool:
+    async def run_claimed(self, pending: Pending) -> str:
+        """One run for a session while holding its extraction claim: DONE, RETRY (failed, retry
+        at ``pending.due``) or BUSY (another runner holds the session: nothing was done)."""
+        async with self.claims.claim(f"memory-extract:{pending.tenant}\0{pending.session}") as granted:
+            if not granted:
+                return BUSY
+            return DONE if await self._extract(pending) else RETRY
+
+    async def _extract(self, pending: Pending) -> bool:
         """One run for a session; False when it failed and will be retried."""
         service, tenant = self.service, pending.tenant
         state = service.tenants[tenant]
         await state.ready.wait()
         store = service.store
+        pending.more = False
         session = await store.get_session(tenant, pending.session)
         if session is None or session.created_at != pending.created:
             return True  # erased meanwhile: nothing to extract from
         mark = await store.get_record(tenant, MARK_KIND, MARK_KEY, pending.session)
-        start = int(mark["next"]) if mark and mark.get("created") == pending.created else 0
+        marked = bool(mark) and mark.get("created") == pending.created
+        start = int(mark["next"]) if marked else 0
         messages = [m for m in await store.get_messages(tenant, pending.session) if not m.reverted]
-        new = [m for m in messages if m.seq >= start][:_WINDOW]
+        rest = [m for m in messages if m.seq >= start]
+        new, pending.more = rest[:_WINDOW], len(rest) > _WINDOW
+        pending.read += len(new)
         if not new:
+            if not marked:  # nothing to read (all rolled back): marked, so the backfill does not come back
+                await store.apply([Write(tenant, records=[Record(MARK_KIND, MARK_KEY, {"next": session.next_seq, "created": pending.created},
+                                                                 pending.session)])])
             return True
-        earlier = [m for m in messages if m.seq < new[0].seq][-_CONTEXT:]
-        window, seqs = earlier + new, [m.seq for m in new]
+        seqs = [m.seq for m in new]  # what the run reads: the mark moves past them
+        # Turns recorded before their user's memories were erased are not learned from (the
+        # backfill of old sessions would bring back what the erasure took).
+        erased = await expiry.user_erased_at(store, tenant, pending.user)
+        new = [m for m in new if m.ts > erased]
+        earlier = [m for m in messages if m.seq < seqs[0] and m.ts > erased][-_CONTEXT:]
+        window, learned = earlier + new, [m.seq for m in new]
         settings = state.settings
         by, error, attempts = settings.extractor_model or RULES, None, pending.attempts + 1
-        if settings.extractor_model:
+        if not new:
+            by, candidates = RULES, []  # nothing to learn from: no call
+        elif settings.extractor_model:
             try:
-                candidates = await self._ask_model(pending, settings.extractor_model, window, seqs)
+                candidates = await self._ask_model(pending, settings.extractor_model, window, learned)
             except Exception as exc:  # noqa: BLE001 - an upstream error or a bad reply: retry, then rules
                 error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 state.counters["extract_failures"] += 1
@@ -226,17 +270,23 @@ class Extractor:
                 by, candidates, attempts = RULES, from_rules(new, earlier), pending.attempts
         else:
             candidates = from_rules(new, earlier)
-        candidates = [_within(c, seqs) for c in candidates]
+        stated = {m.seq: m.ts for m in new}
+        candidates = [_within(c, learned, stated) for c in candidates]
+        # Checked again after the model call: an erasure meanwhile leaves nothing to write.
+        if not same_session(await store.get_session(tenant, pending.session), pending.created):
+            return True
+        erased = await expiry.user_erased_at(store, tenant, pending.user)
+        candidates = [c for c in candidates if c.stated is None or c.stated > erased]
         outcome = await self.consolidator.apply(tenant, pending.user, pending.session, pending.created, by, candidates,
                                                 state.config.quotas.memories)
-        await self._finish(pending, by, seqs, outcome, error, attempts)
+        await self._finish(pending, by, seqs, outcome, error, attempts, erased)
         state.counters["extract_runs"] += 1
         state.counters["extracted"] += len(outcome.added)
         state.counters["extract_merged"] += len(outcome.merged)
         state.counters["superseded"] += len(outcome.superseded)
         return True
 
-    async def _ask_model(self, pending: _Pending, alias: str, window: list[Message], seqs: list[int]) -> list[Candidate]:
+    async def _ask_model(self, pending: Pending, alias: str, window: list[Message], seqs: list[int]) -> list[Candidate]:
         service, tenant = self.service, pending.tenant
         config = service.tenants[tenant].config
         route = config.route(alias)
@@ -264,9 +314,10 @@ class Extractor:
                 break
         return found
 
-    async def _finish(self, pending: _Pending, by: str, seqs: list[int], outcome: Outcome, error: str | None, attempts: int) -> None:
+    async def _finish(self, pending: Pending, by: str, seqs: list[int], outcome: Outcome, error: str | None, attempts: int,
+                      erased: float) -> None:
         """The run's log and the session's new mark, in one transaction; taken back when the
-        session was erased meanwhile."""
+        session was erased meanwhile (what was added, when its user was)."""
         tenant, sid = pending.tenant, pending.session
         entry = {"by": by, "seqs": seqs, "at": time.time(), "attempts": attempts, "error": error} | outcome.log()
         records = [Record(LOG_KIND, f"{seqs[0]:010d}-{seqs[-1]:010d}-{int(time.time() * 1000):013d}", entry, sid),
@@ -279,10 +330,15 @@ class Extractor:
             undo = [Record(r.kind, r.key, None, sid) for r in records]
             undo += [r for memory_id in outcome.added for r in Memory.erasure(memory_id, sid)]
             await store.apply([Write(tenant, records=undo)])
+        elif outcome.added and await expiry.user_erased_at(store, tenant, pending.user) > erased:
+            await store.apply([Write(tenant, records=[r for memory_id in outcome.added for r in Memory.erasure(memory_id, sid)])])
+            self.host.forget(tenant, outcome.added)
 
 
-def _within(candidate: Candidate, seqs: list[int]) -> Candidate:
-    """Provenance only from this run's messages (context messages were extracted before)."""
+def _within(candidate: Candidate, seqs: list[int], stated: dict[int, float]) -> Candidate:
+    """Provenance only from this run's messages (context messages were extracted before), and
+    the time it was stated: that of its newest message (of the run's newest without any)."""
     kept = [s for s in candidate.seqs if s in seqs] or candidate.seqs
     candidate.seqs = kept
+    candidate.stated = max((stated[s] for s in kept if s in stated), default=stated[seqs[-1]])
     return candidate

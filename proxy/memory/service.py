@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 from proxy import priority
 from proxy.config import MemorySettings, TenantConfig
+from proxy.jobs import Claims
 from proxy.memory.api import MemoryApi
 from proxy.memory.embedder_slots import EmbedderSlot, embedder_key, init_embedder, model_name
 from proxy.memory.fleet_sync import FleetSync
@@ -52,11 +53,12 @@ __all__ = ["MemoryService", "QueryEmbedding", "Recall"]
 log = logging.getLogger("agent_state_proxy.memory")
 
 _SAVE_MAX_WAIT = 600.0  # a never-quiet proxy still saves after this long
+_RELOADED = ("extract", "extractor_model", "backfill_per_minute")  # memory settings a reload applies at once
 
 
 class MemoryService:
     def __init__(self, store: Store, upstream: Upstream, tenants: Iterable[TenantConfig], index_dir: Path, *,
-                 save_interval: float = 60.0, vacuum_interval: float = 120.0) -> None:
+                 save_interval: float = 60.0, vacuum_interval: float = 120.0, claims: Claims | None = None) -> None:
         self.store, self.upstream = store, upstream
         self.save_interval, self.vacuum_interval = save_interval, vacuum_interval
         self.ops: asyncio.Queue[IndexOp] = asyncio.Queue()
@@ -82,7 +84,9 @@ class MemoryService:
         self.loader = Loader(store, self.indexer, self.fleet)
         self.recaller = Recaller(self.tenants, store)
         self.api = MemoryApi(self.tenants, store, self.recaller, self.indexer, self.worker)
-        self.learning = Learning(self)  # extraction, supersession, expiry (docs/MEMORY_LEARNING.md)
+        # extraction, supersession, expiry (docs/MEMORY_LEARNING.md); claims: each session's
+        # extraction runs on one replica at a time
+        self.learning = Learning(self, claims or Claims())
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -118,6 +122,7 @@ class MemoryService:
     async def close(self, drain_timeout: float = 3.0) -> None:
         """Finish queued indexing (briefly: what is left is caught up at the next start from the
         transcripts), save changed indexes, stop the workers."""
+        await self.learning.backfill.close()  # first: no new run starts while the rest drains
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.drain(), drain_timeout)
         await self.learning.close()
@@ -211,7 +216,27 @@ class MemoryService:
         return await self.api.vacuum(tenant)
 
     def stats(self, tenant: str) -> dict[str, Any]:
-        return self.api.stats(tenant)
+        stats = self.api.stats(tenant)
+        if tenant in self.tenants:
+            stats["backfill"] = self.learning.backfill.stats(tenant)  # null: none has run since start
+        return stats
+
+    def reconfigure(self, tenants: Iterable[TenantConfig]) -> None:
+        """After a configuration reload: the tenants whose memory runs take the new extraction
+        settings (and the new routes of their extractor model); the rest of the memory settings
+        change at the next restart."""
+        turned_on = []
+        for config in tenants:
+            state = self.tenants.get(config.name)
+            if state is None or not config.memory.enabled or config.stateless:
+                continue
+            was = state.settings.extract and state.settings.backfill_per_minute > 0
+            state.settings = state.settings.model_copy(update={key: getattr(config.memory, key) for key in _RELOADED})
+            state.config = config
+            self.settings[config.name] = state.settings
+            if not was and state.settings.extract and state.settings.backfill_per_minute > 0:
+                turned_on.append(config.name)
+        self.learning.turned_on(turned_on)
 
     # -- background --------------------------------------------------------------------------
 

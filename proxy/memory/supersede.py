@@ -8,7 +8,10 @@ superseding an older memory about the same subject. Enforced through the store:
 * a memory that ``replaces`` another (the extractor says which, by id or subject key) or fills
   the same subject (a ``memory_subject`` record names the subject's current memory) supersedes
   it: in one transaction the new memory is written, the old one leaves the recallable memories
-  and is kept as a ``memory_superseded`` record with ``superseded_by`` and ``valid_to``.
+  and is kept as a ``memory_superseded`` record with ``superseded_by`` and ``valid_to``;
+* time is when a memory was stated (the time of its messages), not when it was extracted: a
+  statement older than the current memory it would replace (a backfilled session's, extracted
+  after newer ones) does not supersede it and is not stored (``outdated``).
 
 Extracted memories are records of the session they were first extracted from: whatever erases
 that session erases them (and their superseded predecessors) in the same transaction.
@@ -53,10 +56,11 @@ class Outcome:
     merged: list[str] = field(default_factory=list)
     superseded: list[tuple[str, str]] = field(default_factory=list)  # (old id, new id)
     over_quota: int = 0  # new memories not stored: the tenant's memory quota is used up
+    outdated: int = 0  # not stored: older than the memory they would have superseded
 
     def log(self) -> dict[str, Any]:
         return {"added": self.added, "merged": self.merged, "superseded": [list(p) for p in self.superseded],
-                "over_quota": self.over_quota}
+                "over_quota": self.over_quota, "outdated": self.outdated}
 
 
 def owner(user: str | None, session: str) -> str:
@@ -99,8 +103,9 @@ class Consolidator:
         whose = owner(user, session)
         memory_id = extracted_id(tenant, whose, candidate.text)
         source = {"session": session, "created": created, "seqs": candidate.seqs}
+        stated = candidate.stated if candidate.stated is not None else time.time()
         if memory_id in mem.ids:
-            if await self._merge(tenant, memory_id, source):
+            if await self._merge(tenant, memory_id, source, stated):
                 outcome.merged.append(memory_id)
             return
         if candidate.replaces and not candidate.replaces.startswith("mem_") and not candidate.subject:
@@ -110,13 +115,16 @@ class Consolidator:
         if old is None and vector is not None:
             twin = await self._near_duplicate(tenant, user, session, candidate, vector)
             if twin is not None:
-                if await self._merge(tenant, twin, source):
+                if await self._merge(tenant, twin, source, stated):
                     outcome.merged.append(twin)
                 return
+        if old is not None and stated < old[0].ts:
+            outcome.outdated += 1  # the memory it would replace was stated later: it stays current
+            return
         if old is None and quota is not None and mem.alive >= quota:
             outcome.over_quota += 1
             return
-        now = time.time()
+        now = stated
         subject = candidate.subject or (old[0].subject if old else None)
         memory = Memory(id=memory_id, type=candidate.type, text=candidate.text, ts=now, key=host.allocate_key(tenant),
                         user=user, session=session, session_created=created, metadata={"kind": candidate.kind},
@@ -181,8 +189,8 @@ class Consolidator:
                 return other.id
         return None
 
-    async def _merge(self, tenant: str, memory_id: str, source: dict[str, Any]) -> bool:
-        """Add ``source`` to a stored memory and refresh its time (it was stated again)."""
+    async def _merge(self, tenant: str, memory_id: str, source: dict[str, Any], stated: float) -> bool:
+        """Add ``source`` to a stored memory and refresh its time (it was stated again, at ``stated``)."""
         found = await self.read(tenant, memory_id)
         if found is None:
             return False
@@ -193,7 +201,7 @@ class Consolidator:
             same["seqs"] = sorted(set(same.get("seqs") or []) | set(source["seqs"]))
         elif len(sources) < _MAX_SOURCES:
             sources.append(source)
-        now = time.time()
+        now = max(stated, memory.ts)
         await self.host.store.apply([Write(tenant, records=[Record(KIND, memory_id, value | {"sources": sources, "ts": now}, memory.session)])])
         mem = self.host.memory(tenant)
         slot = mem.ids.slot(memory_id)

@@ -185,7 +185,9 @@ async def _memory(app: web.Application) -> AsyncIterator[None]:
     async def start() -> None:
         # numpy and usearch take ~0.3 s to import: off the loop, after the proxy serves.
         module = await asyncio.to_thread(importlib.import_module, "proxy.memory.service")
-        service = module.MemoryService(app[keys.STORE], app[keys.UPSTREAM], config.tenants.values(), config.data_dir / "index")
+        service = module.MemoryService(app[keys.STORE], app[keys.UPSTREAM], config.tenants.values(), config.data_dir / "index",
+                                       claims=app[keys.CLAIMS])
+        app[METRICS].backfill = service.learning.backfill.sessions
         pipeline.memory = service  # from now on every recorded message is queued; earlier ones are caught up
         await service.start()
         await service.loaded()

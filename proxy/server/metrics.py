@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -102,6 +102,8 @@ class Metrics(Observer):
                                            (), _LAG_BUCKETS)
         self.loop_lag = LoopLag(on_sample=lambda lag: self.loop_lag_seconds.observe((), lag))
         self.store: Store | None = None  # set once the store is open
+        # set once long-term memory starts: each tenant's backfill (pending, done, skipped) sessions
+        self.backfill: Callable[[], Mapping[str, tuple[int, int, int]]] | None = None
         self._active: dict[tuple[str, str], float] = {}  # (tenant, session) -> last request (monotonic)
         self._prune_at = 4096
         registry.register(_Snapshot(self))
@@ -190,6 +192,13 @@ class _Snapshot:
         lag = metrics.loop_lag
         yield GaugeMetricFamily("asp_event_loop_lag_last_seconds", "The latest event-loop lag sample", value=lag.last)
         yield GaugeMetricFamily("asp_event_loop_lag_max_seconds", "The largest event-loop lag since start", value=lag.max)
+        if metrics.backfill is not None:
+            backfill = GaugeMetricFamily("asp_memory_backfill_sessions", "Sessions recorded before extraction was on, by "
+                                         "tenant and state: pending, done (extracted here), skipped", labels=["tenant", "state"])
+            for tenant, counts in sorted(metrics.backfill().items()):
+                for state, count in zip(("pending", "done", "skipped"), counts):
+                    backfill.add_metric([tenant, state], count)
+            yield backfill
         active = GaugeMetricFamily("asp_sessions_active", f"Sessions with a request in the last {ACTIVE_WINDOW:g} s", labels=["tenant"])
         for tenant, count in sorted(metrics.active_sessions().items()):
             active.add_metric([tenant], count)

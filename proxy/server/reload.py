@@ -6,7 +6,9 @@ new frozen Config: a request reads the configuration once, when it starts, and f
 one it started with. Server and storage settings (address, port, data directory, LMDB and the
 write queue) are fixed for the life of the process: a change to them is logged as needing a
 restart and not applied. Tenants' memory settings and the janitor's tenant list, which
-background services took at start-up, also change at the next restart.
+background services took at start-up, also change at the next restart, except extraction's
+(``memory.extract``, ``extractor_model``, ``backfill_per_minute``): turned on, it starts at once,
+with the backfill of the sessions recorded before.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Reloader:
         self.app[keys.UPSTREAM].set_secrets(secrets)
         self.app[keys.CONFIG] = new  # the swap: one assignment of a frozen value
         self.app[keys.QUOTAS].settings = {name: tenant.quotas for name, tenant in new.tenants.items()}
+        memory = self.app[keys.PIPELINE].memory if keys.PIPELINE in self.app else None
+        if memory is not None:
+            memory.reconfigure(new.tenants.values())  # extraction on or off, its backfill, its model
         log.info("configuration reloaded (%s): %s; tenants: %s", reason, new.source, ", ".join(new.tenants),
                  extra={"fields": {"event": "reloaded"}})
         return True

@@ -58,6 +58,7 @@ def test_extraction_and_ttl_keys(tmp_path: Path) -> None:
     modelled = _load(tmp_path, {"extractor_model": "small"})  # a model implies extraction
     assert (modelled.extract, modelled.extractor_model) == (True, "small")
     assert _load(tmp_path, {"extractor_model": "small", "extract": False}).extract is False
+    assert MemorySettings().backfill_per_minute == 10 and _load(tmp_path, {"backfill_per_minute": 0}).backfill_per_minute == 0
     tenant = open_tenant(BASE, memory={"extractor_model": "small"})
     tenant["models"] = {"chat": {"model": "openai/gpt-4o-mini", "api_base": BASE}}
     with pytest.raises(ConfigError, match=r"t\.yaml: memory\.extractor_model: 'small' is not a model alias of this tenant"):
@@ -71,6 +72,9 @@ def test_extraction_and_ttl_keys(tmp_path: Path) -> None:
     ({"ttl": {"semantic": True}}, r"memory\.ttl\.semantic: must be null or a number of days above 0"),
     ({"extractor_model": ""}, r"memory\.extractor_model: must be null or a model alias"),
     ({"extract": "yes"}, r"memory\.extract: must be true or false"),
+    ({"backfill_per_minute": -1}, r"memory\.backfill_per_minute: must be an integer between 0 and 6000"),
+    ({"backfill_per_minute": 6001}, r"memory\.backfill_per_minute: must be an integer between 0 and 6000"),
+    ({"backfill_per_minute": 2.5}, r"memory\.backfill_per_minute: must be an integer between 0 and 6000"),
 ])
 def test_invalid_extraction_values(tmp_path: Path, memory: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
