@@ -22,11 +22,9 @@ from proxy.errors import NotFound, PayloadTooLarge, ProxyError
 from proxy.turn import Turn
 from proxy.protocols import anthropic, anthropic_chat
 from proxy.protocols.anthropic_exchange import MessagesExchange, forwarded_headers
-from proxy.server import keys
-from proxy.server.access_log import note_turn
-from proxy.server.http import authenticate, json_response, read_json, refuse_if_damaged
-from proxy.server.relay import relay
-from proxy.validate import idempotency_key, request_limits
+from proxy.server import keys, turns
+from proxy.server.http import authenticate, json_response, read_json
+from proxy.validate import request_limits
 from proxy.sessions import identify
 from proxy.storage.base import StorageError
 from proxy.upstream import speaks_anthropic
@@ -76,29 +74,18 @@ async def _alive(request: web.Request) -> web.Response:
 
 @_anthropic_errors
 async def messages(request: web.Request) -> web.StreamResponse:
-    config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
-    tenant = authenticate(config, request)
-    refuse_if_damaged(request, tenant)
-    async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
-        raw = await read_json(request, config.max_body_bytes)
+    async with turns.admitted(request) as tenant:
+        raw = await read_json(request, request.app[keys.CONFIG].max_body_bytes)
         body = anthropic.parse_request(raw)
         request_limits(body, tenant.limits)  # as for chat: one request cannot hold the proxy
         route = _route(tenant, body["model"])
         # Sessions are identified on the client's own view: its messages and its metadata.
         ref = identify(tenant.name, request.headers, request.match_info.get("session_id"), {"messages": body["messages"], "metadata": raw.get("metadata")})
-        async with pipeline.session_lock(tenant, ref):
-            if not tenant.stateless:
-                await quotas.check_new_session(tenant.name, ref.id)
-            turn = await pipeline.prepare(tenant, ref, body, route, idempotency_key(request.headers.get("Idempotency-Key")),
-                                          exchange=MessagesExchange(route, request.headers))
-            note_turn(request, turn)
+        async with turns.held(request, tenant, ref):
+            turn = await turns.prepare(request, tenant, ref, body, route, MessagesExchange(route, request.headers))
             if turn.replay is not None:
                 return await _replay(request, turn)
-            if not body["stream"]:
-                answer = await pipeline.complete(turn)
-                await quotas.add_tokens(tenant.name, turn.usage)
-                return json_response(answer, headers=turn.headers)
-            return await relay(request, pipeline, turn, _MessagesFrames())
+            return await turns.answer(request, turn, body["stream"], lambda answer: answer, _MessagesFrames())
 
 
 def _route(tenant, model: str) -> ResolvedModel:

@@ -25,14 +25,12 @@ from proxy.pipeline import Pipeline
 from proxy.turn import Turn
 from proxy.protocols import responses, responses_compact, responses_render as render
 from proxy.records import Message
-from proxy.server import keys
-from proxy.server.access_log import note_turn
-from proxy.server.http import authenticate, json_response, read_json, refuse_if_damaged
-from proxy.server.relay import relay
+from proxy.server import keys, turns
+from proxy.server.http import authenticate, json_response, read_json
 from proxy.sessions import SessionRef, user_id_of
 from proxy.storage.base import Record
 from proxy.transcript import active_path
-from proxy.validate import chat_body, idempotency_key
+from proxy.validate import chat_body
 
 log = logging.getLogger("agent_state_proxy.server")
 KIND = "response"  # tenant-scoped record: response id → (session, seq) and what the object repeats
@@ -48,15 +46,12 @@ def setup_responses_routes(app: web.Application) -> None:
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
-    config, quotas = request.app[keys.CONFIG], request.app[keys.QUOTAS]
-    tenant = authenticate(config, request)
-    refuse_if_damaged(request, tenant)
-    async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
+    async with turns.admitted(request) as tenant:
         return await _create_response(request, tenant)
 
 
-async def _create_response(request: web.Request, tenant) -> web.StreamResponse:
-    config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
+async def _create_response(request: web.Request, tenant: TenantConfig) -> web.StreamResponse:
+    config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
     parsed = responses.parse(await read_json(request, config.max_body_bytes), tenant.hosted_tools)
     headers: dict[str, str] = {}
     if parsed.dropped_tools:
@@ -74,14 +69,11 @@ async def _create_response(request: web.Request, tenant) -> web.StreamResponse:
         route = tenant.route(parsed.chat["model"])
         if route is None:
             raise NotFound(f"model '{parsed.chat['model']}' is not configured for this tenant", code="model_not_found")
-    async with pipeline.session_lock(tenant, ref):
-        if not tenant.stateless:
-            await quotas.check_new_session(tenant.name, ref.id)
+    async with turns.held(request, tenant, ref):
         if pointer is not None:
             history = await _history(pipeline, tenant, parsed.previous_response_id, pointer)
             chat = chat_body(chat | {"messages": _continue(history, parsed)})
-        turn = await pipeline.prepare(tenant, ref, chat, route, idempotency_key(request.headers.get("Idempotency-Key")))
-        note_turn(request, turn)
+        turn = await turns.prepare(request, tenant, ref, chat, route)
         turn.headers |= headers
         turn.protocol = "responses"
         response_id = "resp_" + uuid.uuid4().hex
@@ -90,13 +82,10 @@ async def _create_response(request: web.Request, tenant) -> web.StreamResponse:
             return await _replay(request, turn, parsed, response_id, created)
         if parsed.store and not tenant.stateless:
             turn.on_record = _pointer_writer(turn, parsed, response_id, created, route.requested)
-        if not parsed.stream:
-            completion = await pipeline.complete(turn)
-            await quotas.add_tokens(tenant.name, completion.get("usage"))
-            result = render.render(response_id, parsed.echo, completion, created, parsed.namespaces)
-            return json_response(result, headers=turn.headers)
         renderer = render.StreamRenderer(response_id, parsed.echo, route.requested, created, parsed.namespaces)
-        return await relay(request, pipeline, turn, _ResponsesFrames(renderer))
+        return await turns.answer(request, turn, parsed.stream,
+                                  lambda completion: render.render(response_id, parsed.echo, completion, created, parsed.namespaces),
+                                  _ResponsesFrames(renderer))
 
 
 class _ResponsesFrames:

@@ -14,14 +14,12 @@ from proxy import checkpoints
 from proxy.context import caching, summaries as context_summaries
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
 from proxy.protocols.anthropic_chat import chat_messages
-from proxy.server import keys, pages
-from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json, refuse_if_damaged
-from proxy.server.access_log import note_turn
-from proxy.server.relay import relay
+from proxy.server import keys, pages, turns
+from proxy.server.http import admin_tenant, authenticate, is_operator, json_response, read_json
 from proxy.storage.base import REPAIR_HINT, Record
 from proxy.transcript import walk
 from proxy.pacing import Pace
-from proxy.validate import embeddings_body, idempotency_key
+from proxy.validate import embeddings_body
 
 log = logging.getLogger("agent_state_proxy.server")
 
@@ -45,27 +43,18 @@ def setup_routes(app: web.Application) -> None:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    config, pipeline, quotas = request.app[keys.CONFIG], request.app[keys.PIPELINE], request.app[keys.QUOTAS]
-    tenant = authenticate(config, request)
-    refuse_if_damaged(request, tenant)
-    async with quotas.request(tenant.name):  # rate, concurrency and daily tokens: refused before any work
+    async with turns.admitted(request) as tenant:
+        config, pipeline = request.app[keys.CONFIG], request.app[keys.PIPELINE]
         body = await read_json(request, config.max_body_bytes, tenant.limits.max_messages)
         ref, body, route = pipeline.identify(tenant, request.headers, request.match_info.get("session_id"), body)
         ref = await pipeline.resume(tenant, ref, body)
-        async with pipeline.session_lock(tenant, ref):
-            if not tenant.stateless:
-                await quotas.check_new_session(tenant.name, ref.id)
-            turn = await pipeline.prepare(tenant, ref, body, route, idempotency_key(request.headers.get("Idempotency-Key")))
-            note_turn(request, turn)
+        async with turns.held(request, tenant, ref):
+            turn = await turns.prepare(request, tenant, ref, body, route)
             if turn.replay is not None:
                 return await _replay(request, turn)
             if turn.plan.restored:  # restored turns may have been recorded through another protocol
                 turn.body = turn.body | {"messages": chat_messages(turn.body["messages"])}
-            if not body.get("stream"):
-                response = await pipeline.complete(turn)
-                await quotas.add_tokens(tenant.name, response.get("usage"))
-                return json_response(response, headers=turn.headers)
-            return await relay(request, pipeline, turn, _ChatFrames())
+            return await turns.answer(request, turn, bool(body.get("stream")), lambda response: response, _ChatFrames())
 
 
 class _ChatFrames:
