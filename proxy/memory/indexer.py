@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
+from proxy.jobs import Claims
 from proxy.memory.model import EPISODIC, KIND, Memory, episodic_id, message_text
 from proxy.memory.state import TenantState
 from proxy.memory.tenant import index_text
@@ -43,8 +44,9 @@ class Job:
 
 
 class Indexer:
-    def __init__(self, tenants: Mapping[str, TenantState], store: Store) -> None:
+    def __init__(self, tenants: Mapping[str, TenantState], store: Store, claims: Claims | None = None) -> None:
         self.tenants, self.store = tenants, store
+        self.claims = claims or Claims()
         self.jobs: asyncio.Queue[Job] = asyncio.Queue()
         self._reembedding: set[str] = set()  # ids queued for a vector they are missing
         # Told the sessions whose marks were committed (session id -> mark): fleet mode settles
@@ -115,13 +117,23 @@ class Indexer:
                     self.jobs.task_done()
 
     async def index(self, state: TenantState, jobs: list[Job]) -> None:
+        reembed = [j.reembed for j in jobs if j.reembed]
+        for memory_id in reembed:
+            self._reembedding.discard(memory_id)
+        if not reembed:
+            await self._index(state, jobs, [])
+            return
+        # In a fleet every replica notices a memory stored without a vector; one re-embeds the
+        # tenant's (a remote embedder bills each call) and the others receive the vectors through
+        # the change feed (proxy/memory/fleet_sync.py). Refused: the next round asks again.
+        async with self.claims.claim(f"reembed:{state.name}") as granted:
+            await self._index(state, jobs, reembed if granted else [])
+
+    async def _index(self, state: TenantState, jobs: list[Job], reembed: list[str]) -> None:
         tenant, mem, embedder = state.name, state.memory, state.embedder
         if embedder.local and embedder.index is None and embedder.error is None:
             with contextlib.suppress(asyncio.TimeoutError):  # the local model is still loading (~0.3 s)
                 await asyncio.wait_for(embedder.ready.wait(), 30)
-        reembed = [j.reembed for j in jobs if j.reembed]
-        for memory_id in reembed:
-            self._reembedding.discard(memory_id)
         fresh = {j.memory.id: j.memory for j in jobs if j.memory is not None and j.memory.id not in mem.ids}
         memories = list(fresh.values())  # a message queued twice (recorded during start-up) counts once
         for memory_id in reembed:

@@ -61,6 +61,7 @@ class MemoryService:
                  save_interval: float = 60.0, vacuum_interval: float = 120.0, claims: Claims | None = None) -> None:
         self.store, self.upstream = store, upstream
         self.save_interval, self.vacuum_interval = save_interval, vacuum_interval
+        claims = claims or Claims()  # background work that runs on one replica at a time
         self.ops: asyncio.Queue[IndexOp] = asyncio.Queue()
         self.embedders: dict[str, EmbedderSlot] = {}
         self.tenants: dict[str, TenantState] = {}
@@ -73,7 +74,7 @@ class MemoryService:
         # The tenants whose memory runs (a reload that enables it for another waits for a restart).
         self.settings: dict[str, MemorySettings] = {name: state.settings for name, state in self.tenants.items()}
         self.worker = IndexWorker(self.tenants, self.ops, store, index_dir)
-        self.indexer = Indexer(self.tenants, store)
+        self.indexer = Indexer(self.tenants, store, claims)
         # Fleet mode (PostgreSQL, replicas: many): the indexes are caches that follow PostgreSQL.
         self.fleet = FleetSync.of(self.tenants, store, self.indexer)
         if self.fleet is not None:
@@ -86,7 +87,7 @@ class MemoryService:
         self.api = MemoryApi(self.tenants, store, self.recaller, self.indexer, self.worker)
         # extraction, supersession, expiry (docs/MEMORY_LEARNING.md); claims: each session's
         # extraction runs on one replica at a time
-        self.learning = Learning(self, claims or Claims())
+        self.learning = Learning(self, claims)
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -3,11 +3,16 @@ made searchable; nothing is kept for a session erased meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
+
+from proxy.jobs import Claims
 from proxy.memory.indexer import MARK_KEY, MARK_KIND, Indexer, episodic
 from proxy.memory.model import KIND
 from proxy.records import Message, Session
 from proxy.storage.memory import InMemoryStore
-from tests.memory.units import tenant_state
+from tests.memory.units import DIM, tenant_state, unit_vectors
 
 
 def _messages(*texts: tuple[str, str]) -> list[Message]:
@@ -65,3 +70,49 @@ def test_an_episodic_memory_carries_the_end_of_the_message_it_answers() -> None:
     errored = Message(seq=2, parent=1, chain="c2", role="assistant", body={"role": "assistant", "content": "oops"}, ts=2.0, outcome="error")
     system = Message(seq=3, parent=None, chain="c3", role="system", body={"role": "system", "content": "be nice"}, ts=3.0)
     assert episodic("t", "s", 1.0, "u", errored) is None and episodic("t", "s", 1.0, "u", system) is None
+
+
+class _CountingEmbedder:
+    dim = DIM
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.texts += texts
+        return unit_vectors(len(texts), seed=len(self.texts))
+
+
+@contextlib.asynccontextmanager
+async def _claimed_elsewhere(job: str):
+    yield False  # another replica holds the job
+
+
+@contextlib.asynccontextmanager
+async def _granted(job: str):
+    yield True
+
+
+async def test_in_a_fleet_one_replica_reembeds_a_memory_stored_without_a_vector() -> None:
+    state, store, indexer, session, messages = await _setup(("user", "Book the hotel in Lisbon for May"))
+    state.embedder.error = "down"
+    await indexer.queue_messages(state, session, "u", messages, None)
+    await _index_queued(indexer, state)
+    assert len(state.memory.unembedded) == 1
+    embedder = _CountingEmbedder()
+    state.embedder.set(embedder)  # the embedder is back
+    try:
+        # Another replica is re-embedding this tenant's memories: this one leaves them to it
+        # (their vectors arrive through the fleet's change feed) and asks again next round.
+        other = Indexer({"t": state}, store, Claims(_claimed_elsewhere))
+        other.queue_reembedding(state)
+        await _index_queued(other, state)
+        assert embedder.texts == [] and len(state.memory.unembedded) == 1
+        granted = Indexer({"t": state}, store, Claims(_granted))
+        granted.queue_reembedding(state)
+        await _index_queued(granted, state)
+        assert len(embedder.texts) == 1 and not state.memory.unembedded
+        stored = await store.scan_records("t", KIND, "s")
+        assert len(stored) == 1
+    finally:
+        await state.embedder.close()
