@@ -77,20 +77,22 @@ def test_the_proxy_collects_only_between_requests(proxy, upstream) -> None:
 
 def _requests_then_quiet(proxy, upstream, collector: IdleCollector) -> None:
     client = openai.OpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
-    upstream.latency = 1.5
+    upstream.latency = 3.0
     done = threading.Event()
 
     def slow() -> None:
         client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "take your time"}])
         done.set()
 
-    before = collector.collections
     threading.Thread(target=slow, daemon=True).start()
-    arrived = time.monotonic() + 1.0  # the upstream holds the request 1.5 s once it arrives
+    arrived = time.monotonic() + 2.5  # the upstream holds the request 3 s once it arrives
     while activity.in_flight == 0 and time.monotonic() < arrived:
         time.sleep(0.01)
     assert activity.in_flight == 1
-    assert done.wait(10)
+    # Counted from the moment it is in flight: before that the proxy was idle and may collect
+    # (on a loaded machine the request can take a while to arrive).
+    before = collector.collections
+    assert done.wait(15)
     during = collector.collections
     assert during == before  # nothing ran while the request was in flight
     upstream.latency = 0
