@@ -194,7 +194,7 @@ class BM25:
             raise ValueError(f"slot {slot} is already indexed")
         counts: dict[str, int] = {}
         for term in terms:
-            term = sys.intern(term)  # one string per distinct term, not per occurrence (~25 MB at 100k)
+            term = sys.intern(term)  # one string per distinct term, not per occurrence
             counts[term] = counts.get(term, 0) + 1
         if slot >= len(self._length):
             size = max(slot + 1, len(self._length) * 2)

@@ -47,7 +47,7 @@ class Message:
     def from_dict(cls, data: dict[str, Any]) -> Message:
         values = {name: data[name] for name in _MESSAGE_FIELDS if name in data}
         # Decoded transcripts stay cached (storage/write_behind.py): one string per distinct
-        # role, model, tokenizer... instead of one per message (~350 bytes a message, measured).
+        # role, model, tokenizer... instead of one per message (saving: docs/BENCHMARKS.md).
         for name in _INTERNED:
             if isinstance(value := values.get(name), str):
                 values[name] = sys.intern(value)

@@ -103,7 +103,7 @@ def count_text(text: str, encoding_name: str = DEFAULT_ENCODING) -> int:
     encoding = _encoding(encoding_name)
     if encoding is None or encoding is _ESTIMATE:
         # Without the tokenizer (or while it loads): half the UTF-8 bytes, which over-counts
-        # English about 2× and CJK a little, so budgets err on the safe side.
+        # English and CJK alike, so budgets err on the safe side (docs/CONTEXT.md).
         return len(text.encode("utf-8", "replace")) // 2 + 1 if text else 0
     return len(encoding.encode(text, disallowed_special=()))
 

@@ -34,7 +34,7 @@ from proxy import tokens
 from proxy.context.summaries import Summary
 from proxy.context.units import View, text_of
 
-_MESSAGE_OVERHEAD = tokens.MESSAGE_OVERHEAD  # a constant: loading the tokenizer at import cost 0.3 s of start-up
+_MESSAGE_OVERHEAD = tokens.MESSAGE_OVERHEAD  # a constant: counting at import would load the tokenizer before serving
 _JOINT = 2  # tokens allowed per joint between concatenated parts (an upper bound)
 
 

@@ -19,8 +19,8 @@ TAGS = ("decision", "commitment", "preference", "fact")
 # Pin priority per tag (higher is kept first); a mid-conversation system message is an instruction.
 PRIORITY = {"instruction": 5, "decision": 4, "commitment": 4, "preference": 3, "fact": 2}
 
-# Patterns are lowercase and matched against lowercased text: 2× faster than re.I, and this
-# runs on every recorded message.
+# Patterns are lowercase and matched against lowercased text: faster than re.I, and this runs
+# on every recorded message.
 _RULES: dict[str, re.Pattern[str]] = {
     "decision": re.compile(
         r"\b(we|i)(?:'ve| have)? decided\b|\blet'?s go with\b|\bwe(?:'ll| will) (?:go with|use)\b|\bdecision\s*:|"
@@ -46,8 +46,8 @@ _RULES: dict[str, re.Pattern[str]] = {
 }
 # Substrings every match of a rule contains (at least one of them). A message containing none
 # of a rule's triggers cannot match it, so the regex runs only when one is present: a C-speed
-# substring scan instead of trying each alternation at every position (~60 → ~5 µs a message
-# for text that matches nothing). tests/test_importance.py checks the triggers stay necessary.
+# substring scan instead of trying each alternation at every position (docs/BENCHMARKS.md).
+# tests/test_importance.py checks the triggers stay necessary.
 _TRIGGERS: dict[str, tuple[str, ...]] = {
     "decision": ("decided", "go with", "we'll", "we will", "decision", "agreed", "settled", "plan is", "chose", "final"),
     "commitment": ("promise", "commit", "remind me", "deadline", "due ", "action item", "to-do", "todo", "'ll", "will",

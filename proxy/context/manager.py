@@ -44,11 +44,11 @@ log = logging.getLogger("agent_state_proxy.context")
 
 _HOT_LLM_SEGMENTS = 4  # a request waits for the summarizer on at most this many segments
 _RETRIEVE_LIMIT = 16
-# The latest context view of the sessions used most (proxy/cache.py), by their messages: a view
-# holds ~0.35 KB a message beyond the messages themselves, plus its exchanges' term hashes.
+# The latest context view of the sessions used most (proxy/cache.py), by their messages: a view's
+# size (beyond the messages themselves, plus its exchanges' term hashes) grows with them.
 _CACHED_VIEW_MESSAGES = 40_000
 _CACHED_VIEW_SESSIONS = 256
-_CACHED_SUMMARIES = 6_000  # the sessions used most keep their summaries in memory: ~9 MB
+_CACHED_SUMMARIES = 6_000  # the sessions used most keep their summaries in memory (size: docs/BENCHMARKS.md)
 _Session = Incarnation  # which session, and which incarnation of it, a background task works for
 
 
@@ -87,8 +87,8 @@ class ContextManager:
         self.tags = LLMTags(store, upstream)
         self._counts = LRU(100_000)  # (encoding, chain or hash) → tokens
         # (tenant, session, created_at, encoding, segment turns, importance) → the view of its
-        # latest request. A miss rebuilds it (a 1,000-message session: ~10 ms, half of it hashing
-        # its exchanges' terms), so a burst of other sessions must not push out the ones in use.
+        # latest request. A miss rebuilds it, hashing its exchanges' terms again (docs/PERSISTENCE.md,
+        # Caches), so a burst of other sessions must not push out the ones in use.
         self._views: FrequencyCache[tuple[Any, ...], _CachedView] = FrequencyCache(
             _CACHED_VIEW_MESSAGES, weigh=lambda cached: len(cached.view.items), max_entries=_CACHED_VIEW_SESSIONS)
         self._passes = LRU(10_000)  # (tenant, session) → (created_at, next_seq, newest closed segment) at the last pass
@@ -297,12 +297,12 @@ class ContextManager:
             else:  # not storable (unrecorded messages) or too many to wait for: made here, extractive
                 size = segment_size(settings, budget.prompt)
                 # Without a summarizer model this is the very summary the background pass would
-                # make: kept, so the pass skips it (a restored 1,000-message session has ~80).
+                # make: kept, so the pass skips it (a restored long session has dozens).
                 keep = bool(segment.seqs) and not settings.summarizer_model
                 summary = merged[segment.key] = summary_maker.extractive_segment(segment, view, size, encoding, stored=keep)
                 if keep:
                     final.append(summary)
-                await pace.tick()  # a restored long session needs hundreds, ~2.5 ms each
+                await pace.tick()  # a restored long session needs many: not all in one stall
         if final:
             await self.summaries.save(ref, *final)
         for summary in await asyncio.gather(*waits):
@@ -379,7 +379,7 @@ class ContextManager:
             # when a session nears its budget, so a summary made early is one needed soon.
             todo = [s for s in view.segments[folded:] if s.seqs and s.key not in available]
             # A few at a time (as many as summarizer calls may be in flight): hundreds started at
-            # once all resumed in one turn of the event loop and held it for ~100 ms.
+            # once all resumed in one turn of the event loop and stalled it (docs/SECURITY.md).
             for start in range(0, len(todo), summary_maker.CONCURRENT_SUMMARIES):
                 batch = todo[start:start + summary_maker.CONCURRENT_SUMMARIES]
                 await asyncio.gather(*(self.summaries.segment(ref, s, view, encoding, budget) for s in batch))

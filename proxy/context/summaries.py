@@ -72,8 +72,7 @@ def make(key: str, level: str, text: str, encoding: str, seqs: Sequence[int], me
 async def load(store: Store, tenant: str, session_id: str) -> dict[str, Summary]:
     found = {}
     # A session summary covers every seq of the segments it folds, and the context manager
-    # keeps a session's summaries cached: one int object per seq, not one per summary
-    # (~250 KB less for a 1,300-message session with 8 session summaries).
+    # keeps a session's summaries cached: one int object per seq, not one per summary.
     seq_objects: dict[int, int] = {}
     for key, value in await store.scan_records(tenant, KIND, session_id):
         summary = Summary.from_value(key, value, seq_objects)

@@ -51,9 +51,9 @@ class SummaryMaker:
         self.upstream = upstream
         self._spawn = spawn  # the context manager's tracked background tasks
         self._inflight: dict[tuple[str, str, str], asyncio.Task] = {}
-        # (tenant, session) → (created_at, {key: Summary}), by summaries (proxy/cache.py): a
-        # 1,000-message session has ~85 (~1.5 KB each), and the benchmark's 142 sessions held
-        # ~20 MB of them under a bound of 1,024 sessions. A miss reads them back (~1-2 ms).
+        # (tenant, session) → (created_at, {key: Summary}), bounded by summaries (proxy/cache.py):
+        # a long session has many, so a bound by sessions let them grow with session length. A
+        # miss reads them back from the store (docs/BENCHMARKS.md, tenth round).
         self.cache: FrequencyCache[tuple[str, str], tuple[float, dict[str, Summary]]] = FrequencyCache(
             capacity, weigh=lambda cached: len(cached[1]) + 1, max_entries=1024)
         self._limit: asyncio.Semaphore | None = None
@@ -95,7 +95,7 @@ class SummaryMaker:
             text = await self.llm(ref.tenant, settings, request)
             if text is not None:
                 text, method, model = summarizer.fit(text, size * 3 // 2, encoding), "llm", settings.summarizer_model
-        if not text:  # ~2.5 ms: on the loop (a worker thread would slow requests in flight through the GIL)
+        if not text:  # on the loop: a worker thread would slow requests in flight through the GIL
             summary = extractive_segment(segment, view, size, encoding, stored=True)
         else:
             summary = summary_store.make(segment.key, "segment", text, encoding, segment.seqs, method, model=model)

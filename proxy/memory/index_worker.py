@@ -37,7 +37,7 @@ class IndexWorker:
         self.dtype = INDEX_DTYPE
         self.saves = True  # False in fleet mode: the index is a cache, rebuilt from PostgreSQL at start
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index", initializer=priority.background_thread)
-        # usearch holds the GIL for a whole save or load (63 ms to ~350 ms at 100k): not on a
+        # usearch holds the GIL for a whole save or load (docs/MEMORY.md): not on a
         # SCHED_IDLE thread, which could be preempted holding it (proxy/priority.py).
         self._file_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-index-file", initializer=priority.low_priority_thread)
 

@@ -24,11 +24,11 @@ MARK_KIND, MARK_KEY = "memory_mark", "next"  # session-scoped: messages below th
 MAX_TEXT = 8000
 QUEUE_MAX = 100_000
 _CONTEXT_CHARS = 500  # of the previous message, indexed with each message
-_INDEX_CHUNK = 8  # texts per background embedding call (~0.25 s of CPU)
+_INDEX_CHUNK = 8  # texts per background embedding call: small, so a call is short
 # Jobs indexed together: their memories become searchable together once all are embedded, so
-# a small batch keeps them searchable soon after they are recorded (~0.3 s of embedding).
+# a small batch keeps them searchable soon after they are recorded (docs/BENCHMARKS.md).
 _INDEX_BATCH = 32
-_INSERT_SLICE = 8  # memories made searchable between two yields to the event loop (~1 ms)
+_INSERT_SLICE = 8  # memories made searchable between two yields to the event loop: a short slice
 
 _Incarnation = tuple[str | None, float | None]  # (session id, created_at)
 
@@ -132,7 +132,7 @@ class Indexer:
     async def _index(self, state: TenantState, jobs: list[Job], reembed: list[str]) -> None:
         tenant, mem, embedder = state.name, state.memory, state.embedder
         if embedder.local and embedder.index is None and embedder.error is None:
-            with contextlib.suppress(asyncio.TimeoutError):  # the local model is still loading (~0.3 s)
+            with contextlib.suppress(asyncio.TimeoutError):  # the local model is still loading
                 await asyncio.wait_for(embedder.ready.wait(), 30)
         fresh = {j.memory.id: j.memory for j in jobs if j.memory is not None and j.memory.id not in mem.ids}
         memories = list(fresh.values())  # a message queued twice (recorded during start-up) counts once
@@ -182,8 +182,8 @@ class Indexer:
                 gone = await self._gone(tenant, sessions)
                 new = new[:start] + _alive(new[start:], gone)
                 memories = _alive(memories, gone)
-            # Tokenizing and indexing take ~0.1 ms a memory: in slices, never one long stall
-            # for the requests.
+            # Tokenizing and indexing run on the loop: in slices, never one long stall for the
+            # requests.
             state.insert(new[start:start + _INSERT_SLICE])
             await asyncio.sleep(0)
         state.attach_vectors(memories)  # re-embedded ones (new ones were inserted with their vectors)

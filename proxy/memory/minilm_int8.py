@@ -49,9 +49,8 @@ class QuantizedMiniLM(MiniLM):
 
         super().__init__(model_dir, **kwargs)
         # One text per run. Activations are quantised with one scale per run, so a batch would
-        # make a text's vector depend on its batch companions (cosine down to 0.97 measured);
-        # alone it is deterministic, needs no padding, and costs the same (within ±10 % per text
-        # from 10 to 120 words).
+        # make a text's vector depend on its batch companions; alone it is deterministic, needs
+        # no padding, and costs about the same per text (docs/MEMORY.md, Embedders).
         self.max_batch = 1
         graph = _graph_from_child(self.model_dir, self.n_layers, self.n_heads, self.eps)
         if graph is None:
@@ -67,12 +66,12 @@ class QuantizedMiniLM(MiniLM):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        # No memory arena: it kept ~15 MB of activation buffers for a model whose runs allocate
-        # little, and plain allocations cost nothing measurable per query (bench notes in
-        # docs/BENCHMARKS.md, seventh round).
+        # No memory arena: it kept activation buffers for a model whose runs allocate little,
+        # and plain allocations cost nothing measurable per query (docs/BENCHMARKS.md, seventh
+        # round).
         options.enable_cpu_mem_arena = False
         self._session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        # The session keeps the serialized model (10 MB) only to rebuild itself after a failed
+        # The session keeps a copy of the serialized model only to rebuild itself after a failed
         # hardware provider, which a CPU-only session never does.
         self._session._model_bytes = None
 

@@ -20,8 +20,8 @@ _F32 = np.float32
 # One thread per tokenizer call (each embedder has its own thread already); without it,
 # tokenizers' encode_batch runs on a rayon pool with a thread per core.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tokens per forward pass of background (pausable) embedding: a 256-token layer is ~10 ms on one
-# core, a 4096-token one (the default bucket) ~150 ms, too long for a request to wait behind.
+# Tokens per forward pass of background (pausable) embedding: a layer of the default bucket
+# (4096 tokens) is too long for a request to wait behind (docs/BENCHMARKS.md).
 _BACKGROUND_BUCKET_TOKENS = 256
 
 
@@ -239,8 +239,8 @@ class MiniLM:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Word-piece ids (with [CLS]/[SEP]), truncated to ``max_seq_length``."""
-        # encode_batch, unlike encode, lets go of the GIL while it works (~0.25 ms for 800
-        # characters). Indexing threads run under SCHED_IDLE (proxy/priority.py): one
+        # encode_batch, unlike encode, lets go of the GIL while it works (docs/BENCHMARKS.md,
+        # fifth round). Indexing threads run under SCHED_IDLE (proxy/priority.py): one
         # preempted while holding the GIL would stall the event loop until a core idles.
         # TOKENIZERS_PARALLELISM (set at import) keeps it on the calling thread.
         return [e.ids for e in self._tok.encode_batch(list(texts))]
@@ -364,7 +364,7 @@ class LocalMiniLM(MiniLM):
             attn += x
             x = _layer_norm(attn, L.ln1_g, L.ln1_b, self.eps)
             if between_layers is not None:
-                between_layers()  # and between attention and feed-forward: ~2-5 ms apart
+                between_layers()  # and between attention and feed-forward: a request waits behind less
             h = x @ L.w_in
             h += L.b_in
             _gelu_(h)

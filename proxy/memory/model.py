@@ -16,8 +16,8 @@ from proxy.storage.base import Record
 
 KIND = "memory"  # Record kind of every memory; session-scoped for memories of a session
 # Its vector is a record of its own (same key, same scope): a recall reads back the text of a
-# handful of memories, and with the vector beside it (1 KB) a record took a third of an LMDB
-# page instead of a tenth, so recalls mapped 3-4x more of the file (the process's RSS).
+# handful of memories, and with the vector beside it an LMDB page held far fewer records, so
+# recalls mapped more of the file (the process's RSS; docs/MEMORY.md, Storage).
 VECTOR_KIND = "memory_vector"
 EPISODIC, SEMANTIC, PROCEDURAL = "episodic", "semantic", "procedural"
 TYPES = (EPISODIC, SEMANTIC, PROCEDURAL)

@@ -17,8 +17,8 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("agent_state_proxy.memory")
 
-# The bundled all-MiniLM-L6-v2 by engine: ``local`` (int8 on ONNX Runtime, the default: ~3.5x
-# faster) and ``local-exact`` (float32 numpy, exactly sentence-transformers' vectors).
+# The bundled all-MiniLM-L6-v2 by engine: ``local`` (int8 on ONNX Runtime, the default: faster)
+# and ``local-exact`` (float32 numpy, exactly sentence-transformers' vectors).
 LOCAL_ENGINES: dict[str, type[MiniLM]] = {"local": QuantizedMiniLM, "local-exact": LocalMiniLM}
 
 _local: dict[str, MiniLM] = {}
@@ -37,7 +37,7 @@ def local_model(engine: str = "local") -> MiniLM:
 
 def _limit_blas_threads() -> None:
     # A one-query embedding is a chain of small matmuls: BLAS threads only contend with the
-    # event loop and each other on a small machine (measured: 11 ms single-threaded vs 60+ ms).
+    # event loop and each other on a small machine (docs/MEMORY.md, Embedders).
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

@@ -22,8 +22,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 # "i8" stores the int8 codes of ``quantize`` (a scale per vector, cosine is blind to it): half
-# of f16's memory; top-10 recall on 100k LoCoMo MiniLM-like vectors 0.984 either way. usearch's own
-# float-to-i8 cast (x * 127, no scale) would lose more: 0.95.
+# of f16's memory at the same recall. usearch's own float-to-i8 cast (x * 127, no scale) would
+# lose recall (docs/MEMORY.md).
 DTYPES = ("i8", "f16", "f32")
 EXACT_MAX = 8192  # scopes up to this many vectors are scored exactly from the copies
 
@@ -127,7 +127,7 @@ class VectorIndex:
         temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
         # Without the lock: every change to the index runs on the writer thread, as this does,
         # so nothing changes while it writes, and searches only read. usearch still holds the
-        # GIL while it writes (0.06-0.35 s for 100k i8 vectors), so the service saves in quiet
+        # GIL for the whole write (docs/MEMORY.md), so the service saves in quiet
         # moments (MemoryService.save_when_quiet).
         self._index.save(str(temporary))
         with open(temporary, "rb+") as file:

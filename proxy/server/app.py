@@ -183,7 +183,7 @@ async def _memory(app: web.Application) -> AsyncIterator[None]:
         return
 
     async def start() -> None:
-        # numpy and usearch take ~0.3 s to import: off the loop, after the proxy serves.
+        # Importing numpy and usearch would hold the loop: off it, after the proxy serves.
         module = await asyncio.to_thread(importlib.import_module, "proxy.memory.service")
         service = module.MemoryService(app[keys.STORE], app[keys.UPSTREAM], config.tenants.values(), config.data_dir / "index",
                                        claims=app[keys.CLAIMS])
@@ -222,7 +222,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(janitor.run(app[keys.STORE], config.tenants.values(), config.janitor_interval, on_delete=lifecycle.forget,
                                            claims=app[keys.CLAIMS], hold=lifecycle.hold))]
     tasks.append(asyncio.create_task(idle_gc.IdleCollector(priority.activity).run()))
-    # The tokenizer's tables take ~0.2 s to load: warm them now rather than on the first request.
+    # Loading the tokenizer's tables would delay the first request: warm them now instead.
     tokens.begin_warming()
     tasks.append(asyncio.create_task(asyncio.to_thread(tokens.warm)))
     needs_litellm = any(

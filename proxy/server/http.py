@@ -83,16 +83,17 @@ async def read_json(request: web.Request, limit: int, max_messages: int | None =
         count = await request.app[keys.BODY_PROBE].message_count(raw)
         if count is not None and count > max_messages:
             raise too_many_messages(count, max_messages)
-    if len(raw) > _PARSE_INLINE_BYTES:  # parsing megabytes holds the loop for tens of ms: elsewhere
+    if len(raw) > _PARSE_INLINE_BYTES:  # a parse of megabytes would stall the loop: elsewhere
         return await asyncio.to_thread(parse_json, raw, max_messages)
     return parse_json(raw, max_messages)
 
 
-# Bodies up to this size are parsed on the event loop (a typical chat request: ~0.1 ms).
+# Bodies up to this size are parsed on the event loop: a typical chat request is far smaller and
+# parses faster than a hand-off to a thread (docs/SECURITY.md, Measurements).
 _PARSE_INLINE_BYTES = 256 * 1024
-# Chat bodies over this size are counted in the probe process before they are parsed here (the
-# parse of 1 MiB holds the GIL ~10 ms on an idle core). A valid body this large is rare; it pays
-# the probe's parse on top of its own.
+# Chat bodies over this size are counted in the probe process before they are parsed here (orjson
+# holds the GIL for the whole parse, even on a worker thread). A valid body this large is rare; it
+# pays the probe's parse on top of its own.
 _PROBE_BYTES = 1024 * 1024
 
 

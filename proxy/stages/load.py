@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from proxy.config import TenantConfig
 
 log = logging.getLogger("agent_state_proxy.pipeline")
-VERIFIED_SESSIONS = 100_000  # sessions remembered as chain-checked (~150 bytes each)
+VERIFIED_SESSIONS = 100_000  # sessions remembered as chain-checked (bounded: each entry costs memory)
 REPAIRS_KEPT = 1_000  # the newest repairs the admin API lists (each is also logged)
 
 
@@ -29,8 +29,8 @@ class SessionLoader:
         # Sessions repaired at load since start, newest last, for the admin API (bounded: a
         # store with many damaged sessions must not grow this without end).
         self.repaired: collections.deque[dict[str, Any]] = collections.deque(maxlen=REPAIRS_KEPT)
-        # Sessions whose chain hashes this process has checked (once each: 3-15 µs a message),
-        # the most recent ones: one forgotten is checked again on its next load.
+        # Sessions whose chain hashes this process has checked (once each: the check walks every
+        # message), the most recent ones: one forgotten is checked again on its next load.
         self._verified: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
     async def load(self, tenant: TenantConfig, ref: SessionRef, now: float) -> tuple[Session, list[Message]]:
