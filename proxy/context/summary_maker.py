@@ -52,7 +52,7 @@ class SummaryMaker:
         self._spawn = spawn  # the context manager's tracked background tasks
         self._inflight: dict[tuple[str, str, str], asyncio.Task] = {}
         # (tenant, session) → (created_at, {key: Summary}), bounded by summaries (proxy/cache.py):
-        # a long session has many, so a bound by sessions let them grow with session length. A
+        # a long session has many, so a bound by sessions would let memory grow with their length. A
         # miss reads them back from the store (docs/BENCHMARKS.md, tenth round).
         self.cache: FrequencyCache[tuple[str, str], tuple[float, dict[str, Summary]]] = FrequencyCache(
             capacity, weigh=lambda cached: len(cached[1]) + 1, max_entries=1024)

@@ -364,7 +364,7 @@ class LocalMiniLM(MiniLM):
             attn += x
             x = _layer_norm(attn, L.ln1_g, L.ln1_b, self.eps)
             if between_layers is not None:
-                between_layers()  # and between attention and feed-forward: a request waits behind less
+                between_layers()  # and between attention and feed-forward: shorter waits for a request
             h = x @ L.w_in
             h += L.b_in
             _gelu_(h)

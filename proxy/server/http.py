@@ -89,7 +89,7 @@ async def read_json(request: web.Request, limit: int, max_messages: int | None =
 
 
 # Bodies up to this size are parsed on the event loop: a typical chat request is far smaller and
-# parses faster than a hand-off to a thread (docs/SECURITY.md, Measurements).
+# cheap to parse (docs/SECURITY.md, Measurements).
 _PARSE_INLINE_BYTES = 256 * 1024
 # Chat bodies over this size are counted in the probe process before they are parsed here (orjson
 # holds the GIL for the whole parse, even on a worker thread). A valid body this large is rare; it
