@@ -56,8 +56,9 @@ def evidence_of(qa: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def recall_at(ranked: list[str], evidence: list[str], k: int) -> float:
-    top = set(ranked[:k])
+def recall_at(ranked: list[Any], evidence: list[str], k: int) -> float:
+    """``ranked``: dialogue turn ids, or lists of them (an extracted fact and the turns it came from)."""
+    top = {turn for entry in ranked[:k] for turn in ([entry] if isinstance(entry, str) else entry)}
     return sum(1 for e in evidence if e in top) / len(evidence)
 
 
@@ -94,7 +95,8 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="asp-locomo-") as tmp, FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key") as fake:
-        memory = {"top_k": args.top_k, "max_inject_tokens": args.max_inject_tokens, "latency_budget_ms": args.budget_ms}
+        memory = {"top_k": args.top_k, "max_inject_tokens": args.max_inject_tokens, "latency_budget_ms": args.budget_ms,
+                  "extract": args.extract}
         if args.min_score is not None:
             memory["min_score"] = args.min_score
         path = write_config(Path(tmp), {"bench": open_tenant(fake.base_url, memory=memory)})
@@ -105,7 +107,7 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
             service = proxy.app[keys.PIPELINE].memory
             started = time.perf_counter()
             turns = 0
-            id_to_dia: dict[str, str] = {}
+            id_to_dia: dict[str, Any] = {}  # memory id -> its dialogue turn (an extracted fact: its source turns)
             for sample in samples:
                 user = f"locomo-{sample['sample_id']}"
                 for number, _, session in sessions_of(sample):
@@ -140,6 +142,9 @@ def run_proxy(samples: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
                     for item in listed:
                         if item["seq"] is not None and item["seq"] < len(sent) and sent[item["seq"]]:
                             id_to_dia[item["id"]] = sent[item["seq"]]
+                        elif "extracted" in item:
+                            id_to_dia[item["id"]] = [sent[seq] for source in item["extracted"]["sources"]
+                                                     for seq in source.get("seqs") or () if seq < len(sent)]
                 print(f"  replayed {sample['sample_id']}: {len(id_to_dia)} memories so far", file=sys.stderr)
             timings["replay_s"] = round(time.perf_counter() - started, 1)
             timings["turns"] = turns
@@ -279,6 +284,8 @@ def main() -> None:
     parser.add_argument("--min-score", type=float, default=None, help="memory.min_score (default: the product default)")
     parser.add_argument("--top-k", type=int, default=max(KS), help="memory.top_k (default 25: rank quality; the product default injects fewer)")
     parser.add_argument("--max-inject-tokens", type=int, default=8000, help="memory.max_inject_tokens (default 8000: no cap)")
+    parser.add_argument("--extract", action="store_true",
+                        help="memory.extract: true (rules; an extracted fact counts for the turns it came from)")
     parser.add_argument("--json", type=Path, help="write per-question rows and the summary here")
     args = parser.parse_args()
     samples = json.loads(args.data.read_text())
