@@ -20,6 +20,7 @@ import numpy as np
 from proxy import priority
 from proxy.idle_gc import release_freed_memory
 from proxy.memory.fleet_index import ReplicaFiles, SavedIndex
+from proxy.memory.ids import MemoryIds
 from proxy.memory.ops import AddVectors, IndexOp, OpenIndex, RebuildIndex, RemoveVectors, SaveIndex
 from proxy.memory.state import TenantState
 from proxy.memory.vectors import IndexFileError, VectorIndex
@@ -219,11 +220,15 @@ class IndexWorker:
         if cursor is None or mem.vectors is None or mem.mirror is None:
             return  # not loaded from the change log (yet): nothing this file could be matched with
         state.dirty = False
-        slots = mem.key_slot.values()
-        keys = dict(zip([mem.ids[slot] for slot in slots], mem.cols.ukey[slots].tolist()))
-        index, next_key, dim = mem.vectors, mem.next_key, mem.mirror.dim
+        slots = mem.key_slot.array()
+        ids, labels = mem.ids.column(slots), mem.cols.ukey[slots]  # copies: decoded off the loop
+        index, next_key, dim, model = mem.vectors, mem.next_key, mem.mirror.dim, state.model_name
+
+        def write(digest: str) -> None:
+            keys = dict(zip(MemoryIds.decoded(ids), labels.tolist()))
+            files.write(state.name, SavedIndex(digest, model, dim, index.dtype, cursor, next_key, keys))
+
         loop = asyncio.get_running_loop()
         digest = await loop.run_in_executor(self._file_executor, index.save, files.index_path(state.name))
-        saved = SavedIndex(digest, state.model_name, dim, index.dtype, cursor, next_key, keys)
-        await loop.run_in_executor(self._file_executor, files.write, state.name, saved)
+        await loop.run_in_executor(self._file_executor, write, digest)
         state.counters["index_saved"] += 1
