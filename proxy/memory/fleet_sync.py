@@ -106,7 +106,10 @@ class FleetSync:
                 for start in range(0, len(memories), _SLICE * 16):
                     chunk = memories[start:start + _SLICE * 16]
                     for memory in chunk:  # keys are per replica: the saved one, or a fresh one
-                        key = saved.keys.get(memory.id) if saved is not None and memory.id not in changed else None
+                        # (a memory without a vector takes a fresh one too: the saved key, if the
+                        # file holds it, is removed and must never be added again)
+                        reuse = saved is not None and memory.vector is not None and memory.id not in changed
+                        key = saved.keys.get(memory.id) if reuse else None
                         memory.key = state.allocate_key() if key is None else key
                     state.insert(chunk, index=False)  # the index is built from the copies once loaded
                     await asyncio.sleep(0)

@@ -105,7 +105,8 @@ class IndexWorker:
         return self.files.index_path(tenant) if self.files is not None else self.index_dir / f"{tenant}.usearch"
 
     async def open(self, state: TenantState, manifest: dict[str, Any]) -> None:
-        """Use the saved index if it is intact and fits; reconcile it with LMDB; else rebuild."""
+        """Use the saved index if it is intact and fits; reconcile it with the loaded memories
+        (from LMDB, or a fleet replica's from PostgreSQL); else rebuild."""
         tenant, mem = state.name, state.memory
         if mem.mirror is None:
             mem.hnsw_ready = True  # nothing to index yet; the first vectors create the index
@@ -119,8 +120,8 @@ class IndexWorker:
             except IndexFileError as exc:
                 log.warning("memory: index of tenant %s unusable (%s); rebuilding it", tenant, exc)
                 state.counters["index_rebuilds"] += 1
-        elif path.exists() and self.files is None:  # a fleet replica's loader said why already
-            log.warning("memory: index of tenant %s does not match its manifest; rebuilding from LMDB", tenant)
+        elif path.exists() and (self.files is None or manifest.get("digest")):  # else a fleet replica's loader said why
+            log.warning("memory: index of tenant %s does not match its manifest; rebuilding it", tenant)
             state.counters["index_rebuilds"] += 1
         if index is None:
             await self.rebuild(state)
