@@ -1,5 +1,5 @@
 """Fleet mode: one replica's saved index, in its own ``index_dir``, so a restart reuses the HNSW
-graph instead of rebuilding it from PostgreSQL (~66 s of one core at 100k memories).
+graph instead of rebuilding it from PostgreSQL's vectors (docs/BENCHMARKS.md, Fleet mode).
 
 In fleet mode the usearch labels are the replica's own numbering of the memories it holds
 (proxy/memory/fleet_sync.py), so the index file is useless without the key map that goes with
@@ -93,7 +93,7 @@ class ReplicaFiles:
         return _decode(raw, path)
 
     def write(self, tenant: str, saved: SavedIndex) -> None:
-        """Write the manifest atomically (a file thread: ~4 MB of JSON at 100k memories)."""
+        """Write the manifest atomically (on a file thread: the key map makes it large)."""
         ids = list(saved.keys)
         body = {"format": FORMAT, "digest": saved.digest, "model": saved.model, "dim": saved.dim, "dtype": saved.dtype,
                 "cursor": saved.cursor, "next_key": saved.next_key, "ids": ids, "keys": [saved.keys[i] for i in ids]}

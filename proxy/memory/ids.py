@@ -41,8 +41,8 @@ class MemoryIds:
 
     def column(self, slots: np.ndarray | list[int]) -> tuple[np.ndarray, dict[int, str]]:
         """The ids at ``slots``, cheaply (a copy of their packed bytes, and the ids the packed
-        column cannot hold by position): a saved key map takes 100k of them on the event loop
-        and decodes them elsewhere (``decoded``)."""
+        column cannot hold by position): a saved key map takes every id on the event loop and
+        decodes them elsewhere (``decoded``)."""
         slots = np.asarray(slots, dtype=np.int64)
         packed = self._packed[slots]
         others = {int(i): self._other[int(slots[i])] for i in np.flatnonzero(packed == b"").tolist() if int(slots[i]) in self._other}
