@@ -33,7 +33,7 @@ INDEX_DTYPE = "i8"
 SAVE_QUIET = 0.5  # seconds without requests a save waits for (usearch holds the GIL while it writes)
 _REBUILD_CHUNK = 512
 _VERIFY_CHUNK = 4096  # vectors compared at a time when a fleet replica reuses its saved index
-_SAME_VECTOR = 0.95  # cosine between the file's and PostgreSQL's vector of one key (both int8: a match is far above)
+_SAME_VECTOR = 0.95  # cosine between the file's and PostgreSQL's vector of one key (the same int8 codes when they match)
 
 
 class IndexWorker:
