@@ -252,6 +252,23 @@ async def test_a_vector_changed_without_a_logged_change_is_caught_and_rebuilt(tm
         assert a.nearest(moved_vector) == saved["ids"][2]
 
 
+async def test_a_second_replica_on_the_same_index_dir_neither_loads_nor_saves_there(tmp_path: Path, upstream: FakeUpstream, database: str,
+                                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    config = configured(tmp_path, upstream)
+    caplog.set_level(logging.WARNING, "agent_state_proxy.memory")
+    async with Replica(config, database, tmp_path / "shared") as first:
+        assert first.service.worker.files is not None and first.service.fleet.files is not None
+        second = MemoryService(first.store, None, config.tenants.values(), tmp_path / "shared")
+        try:
+            assert not second.worker.saves and second.worker.files is None and second.fleet.files is None
+            assert "is used by another process" in caplog.text
+        finally:
+            await second.close()
+    after = ReplicaFiles(tmp_path / "shared")
+    assert after.claim()  # the first one released it when it stopped
+    after.release()
+
+
 def test_an_index_dir_is_claimed_by_one_process_at_a_time(tmp_path: Path) -> None:
     first, second = ReplicaFiles(tmp_path / "index"), ReplicaFiles(tmp_path / "index")
     assert first.claim()
