@@ -22,6 +22,7 @@ from proxy.memory.fleet_index import ReplicaFiles, SavedIndex, SavedIndexError
 from proxy.memory.model import SEMANTIC, Scope
 from proxy.memory.service import MemoryService
 from proxy.records import Message, Session
+from proxy.storage.base import Write
 from proxy.storage.postgres import PostgresStore
 from tests.fake_upstream import FakeUpstream
 from tests.harness import open_tenant, write_config
@@ -144,8 +145,6 @@ async def test_a_restarted_replica_reuses_its_saved_index_and_applies_only_what_
         await supersede(b, "My email is alice@new.example.")
         moved = await b.service.get("local", ids[2])  # the same memory, stored again with another vector
         moved.vector, moved.model = await b.embed(MOVED), b.state.model_name
-        from proxy.storage.base import Write
-
         await b.store.apply([Write("local", records=moved.records())])
         added_vector, moved_vector = await b.embed(ADDED), moved.vector
 
