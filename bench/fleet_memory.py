@@ -16,6 +16,13 @@ process's RssAnon then.
 
     PYTHONPATH=. python bench/fleet_memory.py delay [--samples 50] [--poll-ms 5]
     PYTHONPATH=. python bench/fleet_memory.py startup [--sessions 10000] [--messages 100] [--memories 100000]
+    PYTHONPATH=. python bench/fleet_memory.py restart [--memories 20000] [--rounds 3] [--changed 500]
+
+``restart``: the same seeding, then one replica restarted ``--rounds`` times with its saved
+index and as many times without it (its files removed: a full rebuild), alternately. Before
+each start ``--changed`` memories are rewritten through a fleet connection (logged changes:
+re-keyed and re-added from the change log). Per start: seconds until the HNSW index is ready,
+and the process's CPU seconds (user + system) by then.
 """
 
 from __future__ import annotations
@@ -207,6 +214,73 @@ def _startup(server: PostgresServer, upstream: FakeUpstream, args: argparse.Name
             replica.stop()
 
 
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _rewrite(dsn: str, count: int) -> None:
+    """Rewrite ``count`` memory records unchanged, as a fleet replica writes: logged changes."""
+    import asyncpg
+
+    from proxy.storage.postgres_changes import FLEET_SETTING
+
+    connection = await asyncpg.connect(dsn, server_settings={FLEET_SETTING: "on"})
+    try:
+        await connection.execute("UPDATE asp_records SET record = record WHERE (tenant, sid, kind, key) IN "
+                                 "(SELECT tenant, sid, kind, key FROM asp_records WHERE kind = 'memory' ORDER BY random() LIMIT $1)", count)
+    finally:
+        await connection.close()
+
+
+def restart(args: argparse.Namespace) -> None:
+    server = PostgresServer().start()
+    try:
+        with FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key") as upstream:
+            _restart(server, upstream, args)
+    finally:
+        server.stop()
+
+
+def _restart(server: PostgresServer, upstream: FakeUpstream, args: argparse.Namespace) -> None:
+    from proxy.memory.remote import LOCAL_ENGINES
+
+    dsn = asyncio.run(server.new_database())
+    asyncio.run(_seed(dsn, args.sessions, args.messages, args.memories, f"local/{LOCAL_ENGINES['local'].name}"))
+    results: dict[str, list[tuple[float, float, float, float]]] = {"saved": [], "rebuilt": []}
+    with tempfile.TemporaryDirectory() as directory, httpx.Client(timeout=60) as client:
+        index_dir = Path(directory) / "r" / "data" / "index"
+        plan = ["first"] + ["saved", "rebuilt"] * args.rounds
+        for kind in plan:
+            if kind == "rebuilt":
+                for path in index_dir.glob(f"{TENANT}.fleet.*"):
+                    path.unlink()
+            if kind != "first" and args.changed:
+                asyncio.run(_rewrite(dsn, args.changed))
+            began = time.perf_counter()
+            replica = _replica(Path(directory), upstream, dsn, "r")
+            try:
+                _until(lambda: _stats(client, replica)["ready"], 0.05, timeout=args.index_timeout)
+                loaded, loaded_cpu = time.perf_counter() - began, _cpu_seconds(replica.process.pid)
+                _until(lambda: _stats(client, replica)["index"]["hnsw_ready"], 0.05, timeout=args.index_timeout)
+                seconds, cpu = time.perf_counter() - began, _cpu_seconds(replica.process.pid)
+                counters = _stats(client, replica)["counters"]
+                print(f"{kind:8s} memory ready after {loaded:6.1f} s (CPU {loaded_cpu:6.1f} s), HNSW ready after {seconds:6.1f} s "
+                      f"(CPU {cpu:6.1f} s); index_loaded {counters.get('index_loaded', 0)}, "
+                      f"index_rebuilds {counters.get('index_rebuilds', 0)}", flush=True)
+                if kind in results:
+                    results[kind].append((seconds, cpu, loaded, loaded_cpu))
+            finally:
+                replica.stop()
+    for kind, rows in results.items():
+        if rows:
+            medians = [statistics.median(r[i] for r in rows) for i in range(4)]
+            print(f"{kind}: medians over {len(rows)} starts: memory ready {medians[2]:.1f} s (CPU {medians[3]:.1f} s), "
+                  f"HNSW ready {medians[0]:.1f} s (CPU {medians[1]:.1f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -218,8 +292,15 @@ def main() -> None:
     seeded.add_argument("--messages", type=int, default=100)
     seeded.add_argument("--memories", type=int, default=100_000)
     seeded.add_argument("--index-timeout", type=float, default=1800.0, help="seconds to wait for the HNSW build after memory is ready")
+    again = commands.add_parser("restart")
+    again.add_argument("--sessions", type=int, default=2_000)
+    again.add_argument("--messages", type=int, default=10)
+    again.add_argument("--memories", type=int, default=20_000)
+    again.add_argument("--rounds", type=int, default=3)
+    again.add_argument("--changed", type=int, default=500, help="memories changed (logged) before each start")
+    again.add_argument("--index-timeout", type=float, default=1800.0)
     args = parser.parse_args()
-    delay(args) if args.command == "delay" else startup(args)
+    {"delay": delay, "startup": startup, "restart": restart}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,11 @@ class KeySlots:
     def values(self) -> list[int]:
         return self._slots[self._slots >= 0].tolist() + list(self._far.values())
 
+    def array(self) -> np.ndarray:
+        """The live slots as an int64 array (``values`` without a Python int per slot)."""
+        far = np.fromiter(self._far.values(), dtype=np.int64, count=len(self._far))
+        return np.concatenate([self._slots[self._slots >= 0].astype(np.int64), far])
+
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Slots of ``keys`` (-1 for a key without a live memory), vectorised."""
         keys = np.asarray(keys, dtype=np.uint64)

@@ -11,8 +11,11 @@ message once per fleet.
   a poll every ``poll_s`` covers a lost connection or notification.
 * Index keys (usearch labels) are this replica's own: each replica numbers the memories it
   holds, whoever wrote them, so two replicas never hand out the same number to two memories of
-  one index. For the same reason the index is never saved: it is rebuilt from PostgreSQL at
-  start-up (exact search over the vectors meanwhile).
+  one index. The index is saved in the replica's own directory with its key map and the
+  change-log number it corresponds to (proxy/memory/fleet_index.py); at start-up a memory keeps
+  its saved key unless a change after that number names it, and the saved graph is reused if
+  the log still holds every change since (else it is rebuilt from the snapshot's vectors, exact
+  search meanwhile).
 * Episodic indexing is owed per session in PostgreSQL (proxy/storage/postgres_changes.py): the
   replica that records a turn indexes it as before and pays the debt with the session's mark; a
   debt without progress for ``grace_s`` (the replica died, or fell far behind) is claimed by one
@@ -30,6 +33,7 @@ import logging
 import time
 from typing import Any, Mapping
 
+from proxy.memory.fleet_index import ReplicaFiles, SavedIndex, SavedIndexError
 from proxy.memory.indexer import MARK_KEY, MARK_KIND, Indexer
 from proxy.memory.loader import decode_all
 from proxy.memory.model import Memory
@@ -52,6 +56,7 @@ class FleetSync:
         self.tenants, self.store, self.indexer, self.feed = tenants, store, indexer, feed
         self.poll_s, self.grace_s, self.sweep_s, self.retention_s = poll_s, grace_s, sweep_s, retention_s
         self.cursors: dict[str, int] = {}  # tenant -> newest change applied
+        self.files: ReplicaFiles | None = None  # this replica's saved indexes (None: always rebuilt)
         self._wake = {tenant: asyncio.Event() for tenant in tenants}
         self._listener: Any = None
 
@@ -73,13 +78,26 @@ class FleetSync:
 
     # -- start-up (the loader) ---------------------------------------------------------------
 
-    async def load(self, state: TenantState) -> list[tuple[Any, int]]:
+    async def load(self, state: TenantState) -> tuple[list[tuple[Any, int]], dict[str, Any]]:
         """Build the tenant's cache from one snapshot of PostgreSQL (one streamed query, not a
         few per session); returns the sessions with messages not indexed yet, with how far
-        they are."""
+        they are, and the manifest to open the index with: the saved index's when it still
+        fits, else empty (rebuilt from the vectors)."""
         writes: list[Record] = []
+        saved = await self._saved(state)
+        changed: set[str] = set()
         async with self.feed.snapshot(state.name) as snapshot:
             head = await snapshot.head()  # changes after it are applied once the load is done
+            if saved is not None:
+                found = await snapshot.changed(saved.cursor, head)
+                if found is None:
+                    log.warning("memory: the saved index of tenant %s is at change %d, but the fleet's change log (head %d) no longer holds "
+                                "every change since; rebuilding it from PostgreSQL", state.name, saved.cursor, head)
+                    state.counters["index_rebuilds"] += 1
+                    saved = None
+                else:
+                    changed = found  # changed while this replica was away: their saved vectors are not trusted
+                    state.memory.next_key = max(state.memory.next_key, saved.next_key)  # fresh keys above the file's
             sessions = {session.id: session for session in await snapshot.sessions()}
             marks = await snapshot.records(MARK_KIND)
             async for page in snapshot.memories(_LOAD_PAGE):
@@ -87,8 +105,12 @@ class FleetSync:
                 writes += erase
                 for start in range(0, len(memories), _SLICE * 16):
                     chunk = memories[start:start + _SLICE * 16]
-                    for memory in chunk:
-                        memory.key = state.allocate_key()  # keys are per replica
+                    for memory in chunk:  # keys are per replica: the saved one, or a fresh one
+                        # (a memory without a vector takes a fresh one too: the saved key, if the
+                        # file holds it, is removed and must never be added again)
+                        reuse = saved is not None and memory.vector is not None and memory.id not in changed
+                        key = saved.keys.get(memory.id) if reuse else None
+                        memory.key = state.allocate_key() if key is None else key
                     state.insert(chunk, index=False)  # the index is built from the copies once loaded
                     await asyncio.sleep(0)
         self.cursors[state.name] = head  # not before: a load that failed half-way is reconciled in full instead
@@ -100,7 +122,27 @@ class FleetSync:
             indexed = int(mark["next"]) if mark and mark.get("created") == session.created_at else 0
             if session.next_seq > indexed:
                 behind.append((session, indexed))
-        return behind
+        if saved is None:
+            return behind, {}
+        log.info("memory: tenant %s: %d memories changed since the saved index (change %d of %d)", state.name, len(changed), saved.cursor, head)
+        return behind, {"digest": saved.digest, "model": saved.model, "dim": saved.dim, "next_key": saved.next_key, "verify": True}
+
+    async def _saved(self, state: TenantState) -> SavedIndex | None:
+        """This replica's saved manifest of the tenant, if there is one it can use."""
+        if self.files is None:
+            return None
+        try:
+            saved = await asyncio.to_thread(self.files.read, state.name)
+        except SavedIndexError as exc:
+            log.warning("memory: saved index of tenant %s unusable (%s); rebuilding it from PostgreSQL", state.name, exc)
+            state.counters["index_rebuilds"] += 1
+            return None
+        if saved is not None and saved.model != state.model_name:
+            log.warning("memory: saved index of tenant %s holds vectors of %s, the tenant now embeds with %s; rebuilding it",
+                        state.name, saved.model, state.model_name)
+            state.counters["index_rebuilds"] += 1
+            return None
+        return saved
 
     async def owe(self, state: TenantState, sessions: list[tuple[Any, int]]) -> None:
         """Sessions found at start-up with messages not indexed yet: owed to the fleet (another

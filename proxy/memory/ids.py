@@ -39,6 +39,24 @@ class MemoryIds:
             return packed.decode("ascii")
         return self._other.get(slot)
 
+    def column(self, slots: np.ndarray | list[int]) -> tuple[np.ndarray, dict[int, str]]:
+        """The ids at ``slots``, cheaply (a copy of their packed bytes, and the ids the packed
+        column cannot hold by position): a saved key map takes every id on the event loop and
+        decodes them elsewhere (``decoded``)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        packed = self._packed[slots]
+        others = {int(i): self._other[int(slots[i])] for i in np.flatnonzero(packed == b"").tolist() if int(slots[i]) in self._other}
+        return packed, others
+
+    @staticmethod
+    def decoded(column: tuple[np.ndarray, dict[int, str]]) -> list[str | None]:
+        """The ids of a ``column`` (None for a removed slot)."""
+        packed, others = column
+        found: list[str | None] = packed.astype(f"U{_WIDTH}").tolist()
+        for i in np.flatnonzero(packed == b"").tolist():
+            found[i] = others.get(i)
+        return found
+
     def __contains__(self, memory_id: object) -> bool:
         return isinstance(memory_id, str) and self._find(memory_id)[1] is not None
 

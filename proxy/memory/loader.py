@@ -28,7 +28,7 @@ _INSERT_CHUNK = 1000  # loaded memories made searchable between two yields to th
 class Loader:
     def __init__(self, store: Store, indexer: Indexer, fleet: FleetSync | None = None) -> None:
         self.store, self.indexer = store, indexer
-        self.fleet = fleet  # fleet mode: loaded from one snapshot of PostgreSQL, never from a saved index
+        self.fleet = fleet  # fleet mode: loaded from one snapshot of PostgreSQL
 
     async def load(self, state: TenantState) -> None:
         """Load one tenant; whatever fails, it is marked ready (its memory starts empty)."""
@@ -45,7 +45,7 @@ class Loader:
         started = time.perf_counter()
         tenant, mem = state.name, state.memory
         if self.fleet is not None:
-            catch_up, manifest = await self.fleet.load(state), {}  # no manifest: the index is built from the vectors
+            catch_up, manifest = await self.fleet.load(state)  # the replica's own saved index, if it still fits
         else:
             catch_up, manifest = await self._load_all(state), await self.store.get_record(tenant, MANIFEST_KIND, MANIFEST_KEY) or {}
         mem.next_key = max(mem.next_key, int(manifest.get("next_key", 0)))

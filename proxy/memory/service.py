@@ -34,6 +34,7 @@ from proxy.config import MemorySettings, TenantConfig
 from proxy.jobs import Claims
 from proxy.memory.api import MemoryApi
 from proxy.memory.embedder_slots import EmbedderSlot, embedder_key, init_embedder, model_name
+from proxy.memory.fleet_index import ReplicaFiles
 from proxy.memory.fleet_sync import FleetSync
 from proxy.memory.index_worker import SAVE_QUIET, IndexWorker
 from proxy.memory.indexer import Indexer
@@ -78,7 +79,7 @@ class MemoryService:
         # Fleet mode (PostgreSQL, replicas: many): the indexes are caches that follow PostgreSQL.
         self.fleet = FleetSync.of(self.tenants, store, self.indexer)
         if self.fleet is not None:
-            self.worker.saves = False  # rebuilt from PostgreSQL at start instead
+            self._replica_files(ReplicaFiles(index_dir))
             self.indexer.on_marked = self.fleet.indexed
             for state in self.tenants.values():
                 state.fleet = True
@@ -89,6 +90,18 @@ class MemoryService:
         # extraction runs on one replica at a time
         self.learning = Learning(self, claims)
         self._tasks: list[asyncio.Task[Any]] = []
+
+    def _replica_files(self, files: ReplicaFiles) -> None:
+        """Fleet mode: the index is saved in this replica's own index_dir with its key map and
+        change-log cursor (proxy/memory/fleet_index.py), unless another process holds it."""
+        assert self.fleet is not None
+        if not files.claim():
+            log.warning("memory: %s is used by another process (two replicas with one data_dir?): this replica neither loads nor "
+                        "saves its index there and rebuilds it at every start; give each replica its own data_dir", files.index_dir)
+            self.worker.saves = False
+            return
+        self.worker.files = self.fleet.files = files
+        self.worker.cursor = self.fleet.cursors.get
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -142,6 +155,8 @@ class MemoryService:
         for embedder in self.embedders.values():
             await embedder.close()
         self.worker.shutdown()
+        if self.worker.files is not None:
+            self.worker.files.release()
 
     async def drain(self) -> None:
         """Wait until every queued memory is indexed and every index change applied (tests, benchmarks)."""

@@ -255,6 +255,18 @@ class Snapshot:
     async def head(self) -> int:
         return int(await self._connection.fetchval("SELECT seq FROM asp_memory_heads WHERE tenant = $1", self.tenant) or 0)
 
+    async def changed(self, after: int, head: int) -> set[str] | None:
+        """The ids of the memories changed after change ``after`` up to ``head``; None when the
+        log no longer holds every one of those changes (pruned, or numbered anew: ``after`` is
+        past the head). The numbering has no gaps, so counting them is the check."""
+        if after > head:
+            return None
+        if after == head:
+            return set()
+        rows = await self._connection.fetch("SELECT key FROM asp_memory_changes WHERE tenant = $1 AND seq > $2 AND seq <= $3",
+                                            self.tenant, after, head)
+        return {_text(row["key"]) for row in rows} if len(rows) == head - after else None
+
     async def sessions(self) -> list[Session]:
         rows = await self._connection.fetch("SELECT record FROM asp_sessions WHERE tenant = $1", self.tenant)
         return [session for row in rows if (session := _decoded(row["record"], Session.from_dict)) is not None]

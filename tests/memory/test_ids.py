@@ -32,6 +32,7 @@ def test_it_answers_as_a_list_and_a_dict_would(operations: list[tuple[str, str, 
             seen.append(memory_id)
     assert len(ids) == len(by_slot) and ids.live == len(slot_of)
     assert [ids[slot] for slot in range(len(ids))] == by_slot
+    assert MemoryIds.decoded(ids.column(list(range(len(ids)))[::-1])) == by_slot[::-1]  # at once, as a saved key map takes them
     for memory_id in seen + ["never added"]:
         assert ids.slot(memory_id) == slot_of.get(memory_id)
         assert (memory_id in ids) == (memory_id in slot_of)

@@ -292,3 +292,4 @@ def test_key_slots_map_near_and_far_keys_and_forget_removed_ones() -> None:
     assert mapping.lookup(np.array([0, 5, 6, 2**40, 2**41], dtype=np.uint64)).tolist() == [70, 50, -1, 60, -1]
     assert mapping.pop(5) == 50 and mapping.pop(5) is None and 5 not in mapping
     assert sorted(mapping.values()) == [60, 70] and len(mapping) == 2
+    assert sorted(mapping.array().tolist()) == [60, 70]
