@@ -104,15 +104,18 @@ def test_a_turn_recorded_through_one_replica_is_recalled_through_the_other_in_a_
                                       extra_headers=headers | {"X-Session-ID": "planning"})
         wait_for("the turn indexed on A seen on B",
                  lambda: any("Alfama" in m["content"] for m in search(b, "offsite hotel", scope="user", user_id="alice")["data"]))
+        # Indexed once for the fleet: by A, which recorded it; B only followed A's writes. (Read
+        # before B records a turn of its own, which B indexes.)
+        wait_for("A counting what it indexed",  # B may see it a moment before A's indexer counts it
+                 lambda: httpx.get(f"{a.url}/admin/memory", timeout=30).json()["counters"].get("indexed", 0) >= 1, timeout=10)
+        counters = [httpx.get(f"{r.url}/admin/memory", timeout=30).json()["counters"] for r in (a, b)]
+        assert counters[0].get("indexed", 0) >= 1 and counters[1].get("indexed", 0) == 0, counters
+        assert counters[1].get("fleet_changes_applied", 0) >= 1, counters
         raw = sdk_b.chat.completions.with_raw_response.create(
             model="fake-model", messages=[{"role": "user", "content": "Remember when we discussed the offsite hotel? Which one did we pick?"}],
             extra_headers=headers | {"X-Session-ID": "later"})
         assert raw.headers.get("x-memory-ids"), dict(raw.headers)
         assert "Alfama Lighthouse" in recalled_block(upstream.chat_requests[-1])
-        # Indexed once for the fleet: by A, which recorded it; B only followed A's writes.
-        counters = [httpx.get(f"{r.url}/admin/memory", timeout=30).json()["counters"] for r in (a, b)]
-        assert counters[0].get("indexed", 0) >= 1 and counters[1].get("indexed", 0) == 0, counters
-        assert counters[1].get("fleet_changes_applied", 0) >= 1, counters
     finally:
         stop([r for r in (a, b) if r is not None])
 
@@ -145,8 +148,10 @@ def test_a_turn_left_unindexed_by_a_replica_that_died_is_indexed_by_another(tmp_
     try:
         wait_for("the orphaned turn indexed by B",
                  lambda: any("Alfama" in m["content"] for m in search(b, "offsite hotel", scope="user", user_id="alice")["data"]))
-        counters = httpx.get(f"{b.url}/admin/memory", timeout=30).json()["counters"]
-        assert counters.get("fleet_claimed", 0) == 1 and counters.get("indexed", 0) >= 1, counters
+        # The memory is searchable a moment before the indexer counts it.
+        counters = wait_for("B's counters", lambda: (c := httpx.get(f"{b.url}/admin/memory", timeout=30).json()["counters"])
+                            .get("indexed", 0) >= 1 and c, timeout=10)
+        assert counters.get("fleet_claimed", 0) == 1, counters
 
         async def owed() -> int:
             store = await PostgresStore.open(database, replicas="many")
