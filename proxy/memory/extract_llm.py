@@ -2,15 +2,16 @@
 
 The model sees the new turns of a session (numbered by seq) and the user's current extracted
 memories (by id, so it can say which one a new fact replaces), and answers with JSON. Anything
-else (not JSON, the wrong shape) raises ``BadReply``: the caller logs it and retries; single
-malformed items are dropped.
+else (not JSON, the wrong shape, a reply cut off at the token limit) raises ``BadReply``: the
+caller logs it and retries; single malformed items are dropped, and so are the placeholders of
+the prompt's answer format that a small model copies back ("...", "<id>", "null").
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Sequence
-
-import orjson
 
 from proxy.memory.extract_rules import KINDS, MAX_TEXT, Candidate, normal_subject
 from proxy.memory.model import PROCEDURAL, SEMANTIC, Memory, message_text
@@ -19,6 +20,13 @@ from proxy.records import Message
 MAX_ITEMS = 50  # memories taken from one reply
 _MESSAGE_CHARS = 2000
 _KNOWN = 30  # current memories shown to the model
+# The reply's length limit: a real answer takes a few hundred tokens; a small model that loops
+# (Gemma 3 270M repeats JSON keys until its context is full: 7,800 tokens, 5 minutes on 2 cores)
+# is cut here instead (docs/MEMORY_LEARNING.md, "Tried against a real local model").
+MAX_REPLY_TOKENS = 2048
+_WORD = re.compile(r"\w")
+_KEY = re.compile(r"[\w .:/-]+")  # a subject key or a memory id as the prompt shows them
+_NO_KEY = {"null", "none", "n/a"}  # JSON null written as a string
 
 PROMPT = (
     "You extract long-term memories from a conversation between a user and an AI assistant (with its tool "
@@ -53,6 +61,7 @@ def request(model: str, window: Sequence[Message], known: Sequence[Memory]) -> d
         "model": model,
         "messages": [{"role": "system", "content": PROMPT}, {"role": "user", "content": content}],
         "temperature": 0,
+        "max_tokens": MAX_REPLY_TOKENS,
         "response_format": {"type": "json_object"},
     }
 
@@ -68,21 +77,21 @@ def _line(message: Message) -> str:
 def parse(response: Any, seqs: Sequence[int]) -> list[Candidate]:
     """The candidates in the model's reply; BadReply when it is not the JSON asked for."""
     try:
-        content = response["choices"][0]["message"]["content"]
+        choice = response["choices"][0]
+        content = choice["message"]["content"]
     except (KeyError, IndexError, TypeError) as exc:
         raise BadReply(f"no message content in the reply ({type(exc).__name__})") from None
     if not isinstance(content, str):
         raise BadReply("the reply's content is not text")
-    start, end = content.find("{"), content.rfind("}")
-    list_start = content.find("[")
-    if list_start != -1 and (start == -1 or list_start < start):  # a bare list of memories
-        start, end = list_start, content.rfind("]")
-    if start == -1 or end <= start:
+    if choice.get("finish_reason") == "length":  # a model that ran on is not trusted, even where it parses
+        raise BadReply("the reply was cut off at the token limit (finish_reason 'length')")
+    starts = [i for i in (content.find("{"), content.find("[")) if i != -1]
+    if not starts:
         raise BadReply("the reply holds no JSON")
-    try:
-        data = orjson.loads(content[start:end + 1])
-    except orjson.JSONDecodeError as exc:
-        raise BadReply(f"the reply is not valid JSON ({exc})") from None
+    try:  # one JSON document, from its first bracket: code fences before it and prose after it are not part of it
+        data, _ = json.JSONDecoder().raw_decode(content, min(starts))
+    except (ValueError, RecursionError) as exc:
+        raise BadReply(f"the reply is not valid JSON ({str(exc)[:100]})") from None
     items = data.get("memories") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise BadReply("the reply has no 'memories' list")
@@ -94,13 +103,23 @@ def _candidate(item: Any, seqs: set[int]) -> Candidate | None:
     if not isinstance(item, dict):
         return None
     text = item.get("text")
-    if not isinstance(text, str) or not 3 <= len(text.strip()) <= MAX_TEXT:
-        return None
+    if not isinstance(text, str) or not 3 <= len(text.strip()) <= MAX_TEXT or not _WORD.search(text):
+        return None  # (no word in it: the format's "..." copied back)
     kind = item.get("kind") if item.get("kind") in KINDS else "fact"
     kind_type = PROCEDURAL if kind in ("preference", "lesson") else SEMANTIC
     memory_type = item.get("type") if item.get("type") in (SEMANTIC, PROCEDURAL) else kind_type
     cited = item.get("seqs")
     found = sorted({s for s in cited if isinstance(s, int) and not isinstance(s, bool) and s in seqs}) if isinstance(cited, list) else []
-    replaces = item.get("replaces")
-    replaces = replaces.strip()[:100] if isinstance(replaces, str) and replaces.strip() else None
-    return Candidate(" ".join(text.split()), memory_type, kind, found or sorted(seqs), normal_subject(item.get("subject")), replaces)
+    replaces = _key(item.get("replaces"))
+    subject = _key(item.get("subject"))
+    return Candidate(" ".join(text.split()), memory_type, kind, found or sorted(seqs), normal_subject(subject), replaces and replaces[:100])
+
+
+def _key(value: Any) -> str | None:
+    """A subject key or memory id as given, or None for what names none: null spelled as a
+    string, or a placeholder of the answer format ("<id>" would otherwise become the subject
+    "id", and every memory copying it would replace the one before)."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return value if value.lower() not in _NO_KEY and _KEY.fullmatch(value) else None

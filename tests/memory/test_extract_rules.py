@@ -96,9 +96,40 @@ def test_the_model_reply_is_validated_item_by_item() -> None:
     assert extract_llm.parse(_reply('{"memories": []}'), [1]) == []
 
 
+def test_prose_after_the_json_is_not_part_of_it() -> None:
+    content = '```json\n{"memories": [{"kind": "fact", "text": "The user lives in Porto."}]}\n```\nI found {1} memory: [Porto].'
+    assert [c.text for c in extract_llm.parse(_reply(content), [0])] == ["The user lives in Porto."]
+
+
+# What Gemma 3 270M (the base model, with the reply held to this JSON shape) answered to a
+# conversation about Dana in Lisbon: the answer format's placeholders, copied back.
+_COPIED_FORMAT = {"type": "semantic", "kind": "fact", "text": "...", "subject": "...", "replaces": "<id>", "seqs": [1, 2, 3, 4]}
+
+
+def test_placeholders_of_the_answer_format_name_nothing() -> None:
+    assert extract_llm.parse(_reply(json.dumps({"memories": [_COPIED_FORMAT] * 3})), [0, 1]) == []
+    found = extract_llm.parse(_reply(json.dumps({"memories": [
+        _COPIED_FORMAT | {"text": "The user lives in Porto."},
+        {"text": "The user drinks tea.", "subject": "null", "replaces": "None"},
+        {"text": "Atlas runs on CockroachDB.", "subject": "Project Database", "replaces": " mem_0123 "},
+    ]})), [0, 1])
+    # "<id>" would become the subject "id": every memory copying it would replace the one before.
+    assert [(c.text, c.subject, c.replaces) for c in found] == [
+        ("The user lives in Porto.", None, None), ("The user drinks tea.", None, None),
+        ("Atlas runs on CockroachDB.", "project_database", "mem_0123")]
+
+
+def test_a_reply_cut_off_at_the_token_limit_is_a_bad_reply() -> None:
+    whole = '{"memories": [{"kind": "fact", "text": "The user lives in Porto."}]}'
+    cut = {"choices": [{"message": {"role": "assistant", "content": whole}, "finish_reason": "length"}]}
+    with pytest.raises(extract_llm.BadReply, match="cut off at the token limit"):
+        extract_llm.parse(cut, [0])
+    assert extract_llm.request("small", [_message(0, "user", "hi")], [])["max_tokens"] == extract_llm.MAX_REPLY_TOKENS
+
+
 @pytest.mark.parametrize("response", [
     _reply("I could not find anything."), _reply('{"memories": {"text": "x"}}'), _reply("{not json}"), _reply(None),
-    {"choices": []}, {"error": "overloaded"}, "text",
+    {"choices": []}, {"error": "overloaded"}, "text", _reply("[" * 100_000), _reply('{\n    "user": "Dana",\n    "role_id": "us'),
 ])
 def test_a_reply_that_is_not_the_json_asked_for_is_a_bad_reply(response: Any) -> None:
     with pytest.raises(extract_llm.BadReply):
