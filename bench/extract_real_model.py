@@ -20,6 +20,7 @@ and superseded memories and what the last request was given.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import sys
@@ -90,9 +91,14 @@ def relay(target: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
         started = time.monotonic()
-        async with ClientSession(timeout=ClientTimeout(total=600)) as client:
-            async with client.post(f"{target}/chat/completions", data=body, headers={"Content-Type": "application/json"}) as reply:
-                answer, status = await reply.read(), reply.status
+        try:
+            async with ClientSession(timeout=ClientTimeout(total=600)) as client:
+                async with client.post(f"{target}/chat/completions", data=body, headers={"Content-Type": "application/json"}) as reply:
+                    answer, status = await reply.read(), reply.status
+        except asyncio.CancelledError:  # the proxy gave up (its extractor timeout): the llama server stops too
+            calls.append({"seconds": round(time.monotonic() - started, 2), "status": None, "request": json.loads(body),
+                          "content": None, "finish_reason": "cancelled by the proxy"})
+            raise
         call: dict[str, Any] = {"seconds": round(time.monotonic() - started, 2), "status": status,
                                 "request": json.loads(body)}
         try:

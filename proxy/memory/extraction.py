@@ -294,7 +294,10 @@ class Extractor:
             raise extract_llm.BadReply(f"no route for the model alias {alias!r}")
         known = await self._known(tenant, pending.user)
         timeout = min(config.upstream_timeout, 120.0)
-        response = await asyncio.wait_for(service.upstream.complete(route, extract_llm.request(alias, window, known), timeout), timeout)
+        try:
+            response = await asyncio.wait_for(service.upstream.complete(route, extract_llm.request(alias, window, known), timeout), timeout)
+        except asyncio.TimeoutError:  # (its message is empty: the run's error would say only "TimeoutError: ")
+            raise extract_llm.BadReply(f"no reply within {timeout:.0f} s") from None
         return extract_llm.parse(response, seqs)
 
     async def _known(self, tenant: str, user: str | None) -> list[Memory]:

@@ -384,3 +384,19 @@ def test_turns_recorded_but_not_extracted_before_a_stop_are_extracted_after_the_
         drain(proxy)
         assert {m["content"] for m in _live(proxy, "alice")} == {"My email is alice@example.com.", "I am allergic to peanuts."}
         assert [r["seqs"] for r in _audit(proxy, session_id="s1")["extraction_runs"]] == [[0, 1], [2, 3]]
+
+
+def test_an_extractor_that_never_answers_is_retried_then_the_rules_stand_in(tmp_path: Path, upstream: FakeUpstream) -> None:
+    tenant = open_tenant(upstream.base_url, upstream_timeout_seconds=1,
+                         memory={"latency_budget_ms": SLOW_OK, "extractor_model": "extractor"})
+    with running(write_config(tmp_path, {"local": tenant})) as proxy:
+        _quiet(proxy, attempts=2)
+        chat(proxy, "My email is alice@example.com.", user="alice", session="s1")
+        upstream.hang_next(2)  # both extractor calls
+        drain(proxy)
+        (run,) = _audit(proxy, session_id="s1")["extraction_runs"]
+        assert run["by"] == "rules" and run["attempts"] == 2
+        # The run says what happened (the upstream client's timeout or the worker's, whichever fires first),
+        # never a bare "TimeoutError: " as the worker's said against the real model.
+        assert re.search(r"no reply within 1 s|timed out after 1s", run["error"]), run["error"]
+        assert [m["content"] for m in _live(proxy, "alice")] == ["My email is alice@example.com."]
