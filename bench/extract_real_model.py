@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import sys
 import tempfile
@@ -112,7 +113,10 @@ def relay(target: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", forward)
-    with in_thread(lambda: serve(app), "llama-relay") as port:
+    # A call the proxy gives up on is cancelled here too, so the llama server (one slot) stops
+    # generating instead of making the retry wait behind it.
+    runner = functools.partial(web.AppRunner, handler_cancellation=True)
+    with in_thread(lambda: serve(app, runner=runner, shutdown_timeout=2.0), "llama-relay") as port:
         yield f"http://127.0.0.1:{port}/v1", calls
 
 
@@ -143,7 +147,7 @@ def _wait_for_run(proxy: ProxyProcess, session: str, last_seq: int, timeout: flo
     raise TimeoutError(f"no extraction run of {session} covered seq {last_seq} within {timeout:.0f} s")
 
 
-def run(llama: str, timeout: float) -> dict[str, Any]:
+def run(llama: str, timeout: float, out: Path | None) -> dict[str, Any]:
     replies: list[str] = []
     with FakeUpstream.run_in_thread() as fake, relay(llama) as (relay_base, calls), tempfile.TemporaryDirectory() as tmp:
         fake.responder = lambda body: replies.pop(0) if replies else None
@@ -162,6 +166,8 @@ def run(llama: str, timeout: float) -> dict[str, Any]:
                     messages.append({"role": "user", "content": text})
                     messages.append({k: v for k, v in _turn(proxy, session, messages, tools).items() if k in ("role", "content", "tool_calls")})
                 runs[session] = _wait_for_run(proxy, session, len(messages) - 1, timeout)
+                if out:  # what is known so far, in case a later session never finishes
+                    out.write_text(json.dumps({"calls": calls, "runs": runs}, indent=1))
             probe_session, probe_text = PROBE
             replies.append("- Deploying Atlas to production.")
             _turn(proxy, probe_session, [{"role": "user", "content": probe_text}], [DEPLOY_TOOL])
@@ -173,9 +179,11 @@ def run(llama: str, timeout: float) -> dict[str, Any]:
         finally:
             proxy.stop()
             log = proxy.log()
+            if out:
+                out.with_suffix(".proxy.log").write_text(proxy.log_path.read_text(errors="replace"))
     return {"calls": calls, "runs": runs, "audit": audit, "extracted": [m for m in listed if m.get("extracted")],
             "probe": {"request": probe_text, "recalled_block": given}, "counters": stats.get("counters", stats),
-            "proxy_log_tail": [line for line in log.splitlines() if "extract" in line][-20:]}
+            "proxy_log_tail": [line for line in log.splitlines() if "memory.extraction" in line][-30:]}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -203,7 +211,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for one session's extraction")
     parser.add_argument("--out", type=Path, help="write the whole report (every call's request and reply) as JSON")
     args = parser.parse_args()
-    report = run(args.llama.rstrip("/"), args.timeout)
+    report = run(args.llama.rstrip("/"), args.timeout, args.out)
     print_report(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
