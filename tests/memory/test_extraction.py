@@ -390,7 +390,7 @@ def test_an_extractor_that_never_answers_is_retried_then_the_rules_stand_in(tmp_
     tenant = open_tenant(upstream.base_url, upstream_timeout_seconds=1,
                          memory={"latency_budget_ms": SLOW_OK, "extractor_model": "extractor"})
     with running(write_config(tmp_path, {"local": tenant})) as proxy:
-        _quiet(proxy, attempts=2)
+        quiet(proxy, attempts=2)
         chat(proxy, "My email is alice@example.com.", user="alice", session="s1")
         upstream.hang_next(2)  # both extractor calls
         drain(proxy)
@@ -398,5 +398,5 @@ def test_an_extractor_that_never_answers_is_retried_then_the_rules_stand_in(tmp_
         assert run["by"] == "rules" and run["attempts"] == 2
         # The run says what happened (the upstream client's timeout or the worker's, whichever fires first),
         # never a bare "TimeoutError: " as the worker's said against the real model.
-        assert re.search(r"no reply within 1 s|timed out after 1s", run["error"]), run["error"]
+        assert "no reply within 1 s" in run["error"] or "timed out after 1s" in run["error"], run["error"]
         assert [m["content"] for m in _live(proxy, "alice")] == ["My email is alice@example.com."]
