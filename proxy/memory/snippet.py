@@ -9,7 +9,8 @@ import re
 from proxy import lexical, tokens
 
 ELLIPSIS = " … "
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
+# After . ! ? and a space, after the CJK full stops (which take no space), or at a line break.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*|\s*\n+\s*")
 
 
 def cut(text: str, query: str, max_tokens: int) -> str:
@@ -31,7 +32,7 @@ def cut(text: str, query: str, max_tokens: int) -> str:
             chosen.add(i)
             room -= cost
     if not chosen:  # even the best sentence is too long: its opening words
-        return _words(sentences[order[0]], max_tokens - joiner) + ELLIPSIS.rstrip()
+        return _opening(sentences[order[0]], max_tokens - joiner) + ELLIPSIS.rstrip()
     parts: list[str] = []
     for i in range(len(sentences)):
         if i in chosen:
@@ -41,13 +42,22 @@ def cut(text: str, query: str, max_tokens: int) -> str:
     return " ".join(parts)
 
 
-def _words(text: str, max_tokens: int) -> str:
+def _opening(text: str, max_tokens: int) -> str:
+    """The most opening words of ``text`` that fit; by characters when not even one word does
+    (a script written without spaces)."""
     words = text.split()
-    low, high = 0, len(words)
-    while low < high:  # the most opening words that fit
+    fitting = _longest(len(words), lambda n: " ".join(words[:n]), max_tokens)
+    if fitting:
+        return " ".join(words[:fitting])
+    return text[:_longest(len(text), lambda n: text[:n], max_tokens)]
+
+
+def _longest(count: int, prefix, max_tokens: int) -> int:
+    low, high = 0, count
+    while low < high:  # the longest prefix that fits
         middle = (low + high + 1) // 2
-        if tokens.count_text(" ".join(words[:middle])) <= max_tokens:
+        if tokens.count_text(prefix(middle)) <= max_tokens:
             low = middle
         else:
             high = middle - 1
-    return " ".join(words[:low])
+    return low

@@ -93,3 +93,15 @@ def test_snippet_keeps_the_matching_sentences_in_order_within_the_allowance() ->
     long_sentence = "Miso " + "purrs loudly and " * 40 + "sleeps."
     cut = snippet.cut(long_sentence, "Miso", 10)
     assert cut.startswith("Miso purrs") and cut.endswith("…") and tokens.count_text(cut) <= 10
+
+
+def test_a_long_memory_without_spaces_is_cut_by_its_sentences_or_characters() -> None:
+    tokens.warm()
+    # Chinese: sentences end with 。 and take no space. The lexical stack has no terms for
+    # Chinese, so no sentence matches the query better: the opening sentences are kept, whole.
+    text = "我们讨论了很多事情。" * 30 + "猫的名字叫味噌。" + "天气很好。" * 30
+    cut = snippet.cut(text, "猫的名字叫味噌", 40)
+    assert tokens.count_text(cut) <= 40 and cut.startswith("我们讨论了很多事情。 我们讨论了很多事情。") and cut.endswith("…")
+    unbroken = "味" * 400  # one "word", no sentence end: its opening characters
+    cut = snippet.cut(unbroken, "味", 20)
+    assert cut.startswith("味味") and cut.endswith("…") and tokens.count_text(cut) <= 20
