@@ -108,6 +108,19 @@ def count_text(text: str, encoding_name: str = DEFAULT_ENCODING) -> int:
     return len(encoding.encode(text, disallowed_special=()))
 
 
+def prefix_within(text: str, max_tokens: int, encoding_name: str = DEFAULT_ENCODING, after: str = "") -> str:
+    """The longest prefix of ``text`` that, followed by ``after`` (an ellipsis, say), counts at
+    most ``max_tokens`` tokens ("" when none does)."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_text(text[:middle] + after, encoding_name) <= max_tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
 def count_recurring(text: str, encoding_name: str = DEFAULT_ENCODING) -> int:
     """``count_text`` for texts that come back request after request (a recalled memory's line,
     a fixed header): cached once the tokenizer is loaded, never the estimate."""

@@ -105,18 +105,8 @@ def fit(text: str, max_tokens: int, encoding: str) -> str:
         used += cost
     if kept:
         return "\n".join(kept)
-    return _cut(text, max_tokens, encoding)
-
-
-def _cut(text: str, max_tokens: int, encoding: str) -> str:
-    low, high = 0, len(text)
-    while low < high:  # longest prefix within max_tokens
-        mid = (low + high + 1) // 2
-        if tokens.count_text(text[:mid] + "…", encoding) <= max_tokens:
-            low = mid
-        else:
-            high = mid - 1
-    return text[:low] + "…" if low else ""
+    cut = tokens.prefix_within(text, max_tokens, encoding, after="…")
+    return cut + "…" if cut else ""
 
 
 def extractive(lines: Sequence[tuple[str, str]], max_tokens: int, encoding: str) -> str:

@@ -32,7 +32,7 @@ def cut(text: str, query: str, max_tokens: int) -> str:
             chosen.add(i)
             room -= cost
     if not chosen:  # even the best sentence is too long: its opening words
-        return _opening(sentences[order[0]], max_tokens - joiner) + ELLIPSIS.rstrip()
+        return _opening(sentences[order[0]], max_tokens)
     parts: list[str] = []
     for i in range(len(sentences)):
         if i in chosen:
@@ -43,21 +43,9 @@ def cut(text: str, query: str, max_tokens: int) -> str:
 
 
 def _opening(text: str, max_tokens: int) -> str:
-    """The most opening words of ``text`` that fit; by characters when not even one word does
-    (a script written without spaces)."""
-    words = text.split()
-    fitting = _longest(len(words), lambda n: " ".join(words[:n]), max_tokens)
-    if fitting:
-        return " ".join(words[:fitting])
-    return text[:_longest(len(text), lambda n: text[:n], max_tokens)]
-
-
-def _longest(count: int, prefix, max_tokens: int) -> int:
-    low, high = 0, count
-    while low < high:  # the longest prefix that fits
-        middle = (low + high + 1) // 2
-        if tokens.count_text(prefix(middle)) <= max_tokens:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    """The opening words of ``text`` that fit, with " …"; by characters when not even one word
+    does (a script written without spaces)."""
+    cut = tokens.prefix_within(text, max_tokens, after=ELLIPSIS.rstrip())
+    if len(cut) < len(text) and not text[len(cut)].isspace() and " " in cut.strip():
+        cut = cut.rstrip().rsplit(" ", 1)[0]  # not in the middle of a word
+    return cut.rstrip() + ELLIPSIS.rstrip()
