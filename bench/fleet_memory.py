@@ -174,22 +174,27 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
-def startup(args: argparse.Namespace) -> None:
+def _on_a_seeded_database(args: argparse.Namespace, run: Callable[[str, FakeUpstream, argparse.Namespace], None]) -> None:
+    """A private PostgreSQL server seeded as ``args`` say, and a fake upstream, for ``run``."""
+    from proxy.memory.remote import LOCAL_ENGINES
+
     server = PostgresServer().start()
     try:
         with FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key") as upstream:
-            _startup(server, upstream, args)
+            dsn = asyncio.run(server.new_database())
+            began = time.perf_counter()
+            asyncio.run(_seed(dsn, args.sessions, args.messages, args.memories, f"local/{LOCAL_ENGINES['local'].name}"))
+            print(f"seeding took {time.perf_counter() - began:.0f} s", flush=True)
+            run(dsn, upstream, args)
     finally:
         server.stop()
 
 
-def _startup(server: PostgresServer, upstream: FakeUpstream, args: argparse.Namespace) -> None:
-    from proxy.memory.remote import LOCAL_ENGINES
+def startup(args: argparse.Namespace) -> None:
+    _on_a_seeded_database(args, _startup)
 
-    dsn = asyncio.run(server.new_database())
-    began = time.perf_counter()
-    asyncio.run(_seed(dsn, args.sessions, args.messages, args.memories, f"local/{LOCAL_ENGINES['local'].name}"))
-    print(f"seeding took {time.perf_counter() - began:.0f} s", flush=True)
+
+def _startup(dsn: str, upstream: FakeUpstream, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as directory, httpx.Client(timeout=60) as client:
         began = time.perf_counter()
         replica = _replica(Path(directory), upstream, dsn, "r")
@@ -236,19 +241,10 @@ async def _rewrite(dsn: str, count: int) -> None:
 
 
 def restart(args: argparse.Namespace) -> None:
-    server = PostgresServer().start()
-    try:
-        with FakeUpstream.run_in_thread(expected_api_key="upstream-secret-key") as upstream:
-            _restart(server, upstream, args)
-    finally:
-        server.stop()
+    _on_a_seeded_database(args, _restart)
 
 
-def _restart(server: PostgresServer, upstream: FakeUpstream, args: argparse.Namespace) -> None:
-    from proxy.memory.remote import LOCAL_ENGINES
-
-    dsn = asyncio.run(server.new_database())
-    asyncio.run(_seed(dsn, args.sessions, args.messages, args.memories, f"local/{LOCAL_ENGINES['local'].name}"))
+def _restart(dsn: str, upstream: FakeUpstream, args: argparse.Namespace) -> None:
     results: dict[str, list[tuple[float, float, float, float]]] = {"saved": [], "rebuilt": []}
     with tempfile.TemporaryDirectory() as directory, httpx.Client(timeout=60) as client:
         index_dir = Path(directory) / "r" / "data" / "index"

@@ -5,10 +5,11 @@ as the extractor model); screenshots are saved under the test's temp dir."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import openai
 import pytest
@@ -33,6 +34,19 @@ def _chromium() -> str:
     if os.environ.get("ASP_REQUIRE_CHROMIUM"):  # set by .ci/run: CI never skips this test
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def _browser_page(executable: str, dialogs: list[str]) -> Iterator[Any]:
+    """A page of a fresh headless chromium; any dialog (a script that ran) is noted and dismissed."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            yield page
+        finally:
+            browser.close()
 
 
 def _asker(base_url: str) -> Callable[[str, list[dict], str], list[dict]]:
@@ -61,48 +75,42 @@ def test_a_person_logs_in_and_reads_a_recorded_session(tmp_path: Path, upstream:
         ask("hotel-review", history[:-2], "Actually, cancel the extra rooms.")  # an edit: a branch
 
         dialogs: list[str] = []
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-            try:
-                page = browser.new_page(viewport={"width": 1200, "height": 900})
-                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-                page.goto(f"{proxy.url}/ui")
-                assert page.url.endswith("/ui/login")  # a keyed tenant: the key first
-                page.fill("#key", ALPHA_KEY)
-                page.click("button[type=submit]")
-                page.wait_for_url(f"{proxy.url}/ui")
-                cookies = {c["name"]: c for c in page.context.cookies()}
-                assert cookies["asp_inspector"]["httpOnly"] and ALPHA_KEY not in cookies["asp_inspector"]["value"]
+        with _browser_page(executable, dialogs) as page:
+            page.goto(f"{proxy.url}/ui")
+            assert page.url.endswith("/ui/login")  # a keyed tenant: the key first
+            page.fill("#key", ALPHA_KEY)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{proxy.url}/ui")
+            cookies = {c["name"]: c for c in page.context.cookies()}
+            assert cookies["asp_inspector"]["httpOnly"] and ALPHA_KEY not in cookies["asp_inspector"]["value"]
 
-                assert page.locator("tr.session-row").count() == 2
-                page.fill("input[name=q]", "hotel")
-                page.click("form.search button")
-                assert page.locator("tr.session-row").count() == 1
-                page.click("text=hotel-review")
-                page.wait_for_url("**/ui/sessions/hotel-review")
+            assert page.locator("tr.session-row").count() == 2
+            page.fill("input[name=q]", "hotel")
+            page.click("form.search button")
+            assert page.locator("tr.session-row").count() == 1
+            page.click("text=hotel-review")
+            page.wait_for_url("**/ui/sessions/hotel-review")
 
-                assert page.locator("h1").inner_text() == "Session hotel-review"
-                timeline = page.locator("ol.timeline")
-                for text in ("Which hotel did we pick for the offsite?", "We decided to book two extra rooms.", "Actually, cancel the extra rooms."):
-                    assert timeline.get_by_text(text, exact=True).is_visible(), text
-                assert timeline.get_by_text(HOSTILE, exact=True).is_visible()  # shown as text, never run
-                assert page.locator(".branch-marker", has_text="branch 1").first.is_visible()
-                assert page.locator("li.msg.role-user.inactive", has_text="We decided to book two extra rooms.").is_visible()
-                assert page.locator("li.msg.role-user.active", has_text="Actually, cancel the extra rooms.").is_visible()
-                memories = page.locator("details.injected", has_text="Alfama Lighthouse")  # recalled from the other session
-                assert memories.count() >= 1 and memories.first.is_visible()
-                chart = page.locator("#token-chart")
-                assert chart.is_visible() and page.locator("#token-chart rect.bar-sent").count() == 5
-                assert page.locator("#token-chart rect.bar-cached").count() >= 1
-                assert "decision" in page.locator("section", has_text="Pinned messages").inner_text()
+            assert page.locator("h1").inner_text() == "Session hotel-review"
+            timeline = page.locator("ol.timeline")
+            for text in ("Which hotel did we pick for the offsite?", "We decided to book two extra rooms.", "Actually, cancel the extra rooms."):
+                assert timeline.get_by_text(text, exact=True).is_visible(), text
+            assert timeline.get_by_text(HOSTILE, exact=True).is_visible()  # shown as text, never run
+            assert page.locator(".branch-marker", has_text="branch 1").first.is_visible()
+            assert page.locator("li.msg.role-user.inactive", has_text="We decided to book two extra rooms.").is_visible()
+            assert page.locator("li.msg.role-user.active", has_text="Actually, cancel the extra rooms.").is_visible()
+            memories = page.locator("details.injected", has_text="Alfama Lighthouse")  # recalled from the other session
+            assert memories.count() >= 1 and memories.first.is_visible()
+            chart = page.locator("#token-chart")
+            assert chart.is_visible() and page.locator("#token-chart rect.bar-sent").count() == 5
+            assert page.locator("#token-chart rect.bar-cached").count() >= 1
+            assert "decision" in page.locator("section", has_text="Pinned messages").inner_text()
 
-                shot = tmp_path / "inspector-session.png"
-                page.screenshot(path=str(shot), full_page=True)
-                assert shot.stat().st_size > 10_000
-                page.goto(f"{proxy.url}/ui")
-                page.screenshot(path=str(tmp_path / "inspector-sessions.png"), full_page=True)
-            finally:
-                browser.close()
+            shot = tmp_path / "inspector-session.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            page.goto(f"{proxy.url}/ui")
+            page.screenshot(path=str(tmp_path / "inspector-sessions.png"), full_page=True)
         assert dialogs == []  # the hostile content never ran
         print(f"screenshots: {tmp_path}")
 
@@ -132,47 +140,41 @@ def test_a_person_sees_what_was_learned_from_which_turn_and_what_it_replaced(tmp
         drain(proxy)
 
         dialogs: list[str] = []
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-            try:
-                page = browser.new_page(viewport={"width": 1200, "height": 900})
-                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-                _log_in(page, proxy.url)
-                page.click("text=porto-move")
-                page.wait_for_url("**/ui/sessions/porto-move")
+        with _browser_page(executable, dialogs) as page:
+            _log_in(page, proxy.url)
+            page.click("text=porto-move")
+            page.wait_for_url("**/ui/sessions/porto-move")
 
-                learned = page.locator("section#learned")
-                assert learned.locator("tr.run").count() == 1
-                live = learned.locator("li.memory.status-live", has_text="The user lives in Porto now.")
-                assert live.is_visible() and live.locator(".badge.type").inner_text() == "semantic"
-                old = learned.locator("li.memory.status-superseded", has_text="The user lives in Lisbon.")
-                assert old.is_visible() and "superseded by" in old.locator(".badge.status-superseded").inner_text()
-                assert live.locator(".supersedes").is_visible()
-                lesson = learned.locator("li.memory.status-live", has_text="The user writes")
-                assert lesson.locator(".badge.type").inner_text() == "procedural"
-                assert lesson.get_by_text(f"The user writes {HOSTILE}", exact=True).is_visible()  # text, never run
+            learned = page.locator("section#learned")
+            assert learned.locator("tr.run").count() == 1
+            live = learned.locator("li.memory.status-live", has_text="The user lives in Porto now.")
+            assert live.is_visible() and live.locator(".badge.type").inner_text() == "semantic"
+            old = learned.locator("li.memory.status-superseded", has_text="The user lives in Lisbon.")
+            assert old.is_visible() and "superseded by" in old.locator(".badge.status-superseded").inner_text()
+            assert live.locator(".supersedes").is_visible()
+            lesson = learned.locator("li.memory.status-live", has_text="The user writes")
+            assert lesson.locator(".badge.type").inner_text() == "procedural"
+            assert lesson.get_by_text(f"The user writes {HOSTILE}", exact=True).is_visible()  # text, never run
 
-                live.locator("a.source-turn").click()  # the turn it was extracted from
-                page.wait_for_url("**/ui/sessions/porto-move#m0")
-                turn = page.locator("li.msg:target")
-                assert turn.is_visible() and "I have moved to Porto since." in turn.inner_text()
-                page.screenshot(path=str(tmp_path / "inspector-learned.png"), full_page=True)
+            live.locator("a.source-turn").click()  # the turn it was extracted from
+            page.wait_for_url("**/ui/sessions/porto-move#m0")
+            turn = page.locator("li.msg:target")
+            assert turn.is_visible() and "I have moved to Porto since." in turn.inner_text()
+            page.screenshot(path=str(tmp_path / "inspector-learned.png"), full_page=True)
 
-                page.locator("section#learned a.user-link").click()
-                page.wait_for_url("**/ui/users/ada")
-                steps = page.locator("ol.chain > li")
-                assert steps.count() == 2
-                assert "The user lives in Porto now." in steps.nth(0).inner_text()
-                assert "The user lives in Lisbon." in steps.nth(1).inner_text() and "superseded by" in steps.nth(1).inner_text()
-                page.screenshot(path=str(tmp_path / "inspector-user.png"), full_page=True)
-                page.locator("#superseded a.source-session", has_text="lisbon-days").click()  # back to where the old fact was said
-                page.wait_for_url("**/ui/sessions/lisbon-days")
-                assert page.locator("li.memory.status-superseded", has_text="The user lives in Lisbon.").is_visible()
+            page.locator("section#learned a.user-link").click()
+            page.wait_for_url("**/ui/users/ada")
+            steps = page.locator("ol.chain > li")
+            assert steps.count() == 2
+            assert "The user lives in Porto now." in steps.nth(0).inner_text()
+            assert "The user lives in Lisbon." in steps.nth(1).inner_text() and "superseded by" in steps.nth(1).inner_text()
+            page.screenshot(path=str(tmp_path / "inspector-user.png"), full_page=True)
+            page.locator("#superseded a.source-session", has_text="lisbon-days").click()  # back to where the old fact was said
+            page.wait_for_url("**/ui/sessions/lisbon-days")
+            assert page.locator("li.memory.status-superseded", has_text="The user lives in Lisbon.").is_visible()
 
-                page.goto(f"{proxy.url}/ui/sessions/city-question")
-                injected = page.locator("details.injected", has_text="The user lives in Porto now.")
-                assert injected.is_visible() and injected.locator(".badge.status-live").first.is_visible()
-            finally:
-                browser.close()
+            page.goto(f"{proxy.url}/ui/sessions/city-question")
+            injected = page.locator("details.injected", has_text="The user lives in Porto now.")
+            assert injected.is_visible() and injected.locator(".badge.status-live").first.is_visible()
         assert dialogs == []
         print(f"screenshots: {tmp_path}")
